@@ -1,0 +1,230 @@
+"""Attach: the guest side hands its userfaultfd, RAM file and regions to the
+destination agent over a UNIX socket (docs/attach-protocol.md).
+
+Guest side: `attach_guest()`. Agent side: `AttachListener.accept()` returns an
+`AttachedGuest` holding the received descriptors; the agent registers the
+ranges, then `ack()`s (or `nack()`s with a reason the guest prints).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from migrate._binding import ffi, lib
+from migrate.errors import AttachError
+
+ATTACH_VERSION = 1
+_MAX_HELLO = 1 << 20
+
+
+@dataclass(frozen=True)
+class Region:
+    guest_addr: int   # host virtual address in the guest process
+    length: int
+    offset: int       # offset in the RAM file
+
+
+def _send_msg(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+    body = json.dumps(obj).encode()
+    data = struct.pack(">I", len(body)) + body
+    if fds:
+        c_fds = ffi.new("int[]", list(fds))
+        while True:
+            select.select([], [sock], [], sock.gettimeout())
+            n = lib.mg_send_fds(sock.fileno(), data, len(data), c_fds, len(fds))
+            if n != -errno.EAGAIN:
+                break
+        if n < 0:
+            raise AttachError(f"send attach message with {len(fds)} descriptors: {os.strerror(-n)}")
+        if n < len(data):
+            sock.sendall(data[n:])
+    else:
+        sock.sendall(data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise AttachError(f"attach socket closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return buf
+
+
+def _recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
+    fds: list[int] = []
+    head = b""
+    if want_fds:
+        buf = ffi.new("char[]", 65536)
+        c_fds = ffi.new("int[]", 8)
+        nfds = ffi.new("int *")
+        while True:
+            # A socket with a Python timeout is non-blocking underneath: wait here.
+            ready, _, _ = select.select([sock], [], [], sock.gettimeout())
+            if not ready:
+                raise AttachError(f"no attach message within {sock.gettimeout()} s")
+            n = lib.mg_recv_fds(sock.fileno(), buf, 65536, c_fds, 8, nfds)
+            if n != -errno.EAGAIN:
+                break
+        if n < 0:
+            raise AttachError(f"receive attach message: {os.strerror(-n)}")
+        if n == 0:
+            raise AttachError("attach socket closed before the hello")
+        fds = [c_fds[i] for i in range(nfds[0])]
+        head = ffi.buffer(buf, n)[:]
+    try:
+        if len(head) < 4:
+            head += _recv_exact(sock, 4 - len(head))
+        (length,) = struct.unpack(">I", head[:4])
+        if length > _MAX_HELLO:
+            raise AttachError(f"attach message of {length} bytes is larger than the limit {_MAX_HELLO}")
+        body = head[4:]
+        if len(body) < length:
+            body += _recv_exact(sock, length - len(body))
+        try:
+            return json.loads(body[:length]), fds
+        except ValueError as e:
+            raise AttachError(f"attach message is not JSON: {e}") from None
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+
+
+def attach_guest(path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_size: int,
+                 regions: list[Region], backing: str = "", name: str = "",
+                 timeout: float | None = None) -> socket.socket:
+    """Guest side. Returns the connected socket after a good ack; keep it open for
+    the guest's life. The caller keeps its own uffd_fd and ram_fd."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError as e:
+        sock.close()
+        raise AttachError(f"connect to the agent's attach socket {path}: {e.strerror}; "
+                          "is `migrate dest --attach` running?") from None
+    hello = {"version": ATTACH_VERSION, "pid": os.getpid(), "page_size": page_size, "ram_size": ram_size,
+             "regions": [r.__dict__ for r in regions], "backing": backing, "name": name}
+    try:
+        _send_msg(sock, hello, [uffd_fd, ram_fd])
+        ack, _ = _recv_msg(sock)
+    except BaseException:
+        sock.close()
+        raise
+    if not ack.get("ok"):
+        sock.close()
+        raise AttachError(f"the agent refused the attach: {ack.get('error', 'no reason given')}")
+    sock.settimeout(None)
+    return sock
+
+
+@dataclass
+class AttachedGuest:
+    """What the agent received. Owns uffd_fd, ram_fd and the socket until close()."""
+    sock: socket.socket
+    uffd_fd: int
+    ram_fd: int
+    pid: int
+    page_size: int
+    ram_size: int
+    regions: list[Region]
+    backing: str = ""
+    name: str = ""
+    acked: bool = field(default=False)
+
+    def ack(self) -> None:
+        _send_msg(self.sock, {"ok": True})
+        self.acked = True
+
+    def nack(self, error: str) -> None:
+        try:
+            _send_msg(self.sock, {"ok": False, "error": error})
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.uffd_fd, self.ram_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.uffd_fd = self.ram_fd = -1
+        self.sock.close()
+
+
+def _parse_hello(hello: dict, fds: list[int]) -> dict:
+    if len(fds) != 2:
+        raise AttachError(f"attach hello carried {len(fds)} descriptors, expected 2 (userfaultfd, RAM file)")
+    if hello.get("version") != ATTACH_VERSION:
+        raise AttachError(f"attach protocol version {hello.get('version')!r}, this agent speaks {ATTACH_VERSION}")
+    try:
+        ps = int(hello["page_size"])
+        size = int(hello["ram_size"])
+        regions = [Region(int(r["guest_addr"]), int(r["length"]), int(r["offset"])) for r in hello["regions"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise AttachError(f"attach hello is missing or has a bad field: {e}") from None
+    if ps <= 0 or ps & (ps - 1):
+        raise AttachError(f"attach hello page_size {ps} is not a power of two")
+    if not regions:
+        raise AttachError("attach hello lists no regions")
+    for r in regions:
+        if r.guest_addr % ps or r.length % ps or r.offset % ps or r.length <= 0:
+            raise AttachError(f"region {r} is not aligned to the page size {ps}")
+        if r.offset + r.length > size:
+            raise AttachError(f"region {r} ends past the RAM size {size}")
+    return {"pid": int(hello.get("pid", 0)), "page_size": ps, "ram_size": size, "regions": regions,
+            "backing": str(hello.get("backing", "")), "name": str(hello.get("name", ""))}
+
+
+class AttachListener:
+    """The agent's UNIX socket. Owns the socket file and removes it on close()."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.exists(path):
+            # a stale socket from a dead agent: only replace a socket, never a file
+            import stat
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise AttachError(f"{path} exists and is not a socket: choose another --attach path")
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(16)
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self, timeout: float | None = None) -> AttachedGuest:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.settimeout(30)
+        try:
+            hello, fds = _recv_msg(conn, want_fds=2)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            h = _parse_hello(hello, fds)
+        except AttachError as e:
+            for fd in fds:
+                os.close(fd)
+            try:
+                _send_msg(conn, {"ok": False, "error": str(e)})
+            finally:
+                conn.close()
+            raise
+        conn.settimeout(None)
+        return AttachedGuest(conn, fds[0], fds[1], **h)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

@@ -1,0 +1,64 @@
+"""Typed exceptions. Each message names the operation, the range and the errno,
+so a person can act on it (`register 0x7f..+1 GiB MINOR: EINVAL`)."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+def fmt_size(n: int) -> str:
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} B"
+
+
+def fmt_range(start: int, length: int) -> str:
+    return f"{start:#x}+{fmt_size(length)}"
+
+
+class MigrateError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+class UnsupportedError(MigrateError):
+    """The host lacks a feature (ENOSYS/EPERM from the kernel, or a probe said no)."""
+
+
+class UffdError(MigrateError):
+    """A userfaultfd operation failed."""
+
+    def __init__(self, op: str, errno: int, start: int | None = None,
+                 length: int | None = None, detail: str = ""):
+        self.op = op
+        self.errno = errno
+        self.start = start
+        self.length = length
+        where = f" {fmt_range(start, length)}" if start is not None and length is not None else ""
+        name = _errno.errorcode.get(errno, str(errno))
+        extra = f" ({detail})" if detail else ""
+        super().__init__(f"{op}{where}: {name}: {os.strerror(errno)}{extra}")
+
+
+class AlignmentError(UffdError):
+    """Refused before the ioctl: the range does not fit the page size or mapping."""
+
+    def __init__(self, op: str, start: int, length: int, detail: str):
+        super().__init__(op, _errno.EINVAL, start, length, detail)
+
+
+class MemoryBackendError(MigrateError):
+    """Guest memory could not be created or mapped."""
+
+
+class AttachError(MigrateError):
+    """The guest side and the agent could not agree on an attach."""
+
+
+class ProtocolError(MigrateError):
+    """The peer sent something that breaks the wire contract."""
+
+
+class LayoutMismatch(ProtocolError):
+    """Source and destination disagree on RAM size or page size."""

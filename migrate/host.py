@@ -1,0 +1,118 @@
+"""What this host can do, probed once into a frozen HostFeatures.
+
+Runtime refusals and test skips both read it. ENOSYS and EPERM mean "not
+supported here"; any other failure while probing is a bug and raises.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import os
+import shutil
+from dataclasses import dataclass, field
+
+from migrate._binding import lib
+
+HUGE_2M = 2 << 20
+HUGE_1G = 1 << 30
+
+_UNSUPPORTED = (errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EOPNOTSUPP)
+
+
+@dataclass(frozen=True)
+class HostFeatures:
+    uffd_syscall: bool
+    uffd_dev: bool
+    features: int                 # UFFDIO_API features the kernel offers
+    minor_shmem: bool
+    minor_hugetlbfs: bool
+    huge_free: dict = field(default_factory=dict)    # page size -> free pages
+    huge_total: dict = field(default_factory=dict)   # page size -> reserved pages
+    qemu: str | None = None
+
+    @property
+    def uffd(self) -> bool:
+        return self.uffd_syscall or self.uffd_dev
+
+    def free_huge_pages(self, page_size: int) -> int:
+        return self.huge_free.get(page_size, 0)
+
+    def why_not(self, need: str) -> str | None:
+        """None if `need` is available, else the reason (used by skips and refusals)."""
+        if not self.uffd:
+            return "userfaultfd is not available (neither the syscall nor /dev/userfaultfd)"
+        if need == "minor_shmem" and not self.minor_shmem:
+            return "kernel lacks UFFD_FEATURE_MINOR_SHMEM"
+        if need == "minor_hugetlbfs" and not self.minor_hugetlbfs:
+            return "kernel lacks UFFD_FEATURE_MINOR_HUGETLBFS"
+        return None
+
+
+def _huge_pages() -> tuple[dict, dict]:
+    free, total = {}, {}
+    base = "/sys/kernel/mm/hugepages"
+    if not os.path.isdir(base):
+        return free, total
+    for name in os.listdir(base):
+        # hugepages-2048kB
+        size = int(name.split("-")[1].rstrip("kB")) * 1024
+        with open(f"{base}/{name}/free_hugepages") as f:
+            free[size] = int(f.read())
+        with open(f"{base}/{name}/nr_hugepages") as f:
+            total[size] = int(f.read())
+    return free, total
+
+
+def _try_create(create) -> int | None:
+    fd = create(os.O_CLOEXEC | os.O_NONBLOCK)
+    if fd >= 0:
+        return fd
+    if -fd in _UNSUPPORTED:
+        return None
+    raise OSError(-fd, f"probing userfaultfd: {os.strerror(-fd)}")
+
+
+def probe() -> HostFeatures:
+    """Probe the host now (uncached). Prefer `features()`."""
+    from migrate._binding import ffi
+
+    fds = {}
+    for name, create in (("syscall", lib.mg_uffd_create_syscall), ("dev", lib.mg_uffd_create_dev)):
+        fds[name] = _try_create(create)
+    offered = 0
+    probe_fd = fds["syscall"] if fds["syscall"] is not None else fds["dev"]
+    if probe_fd is not None:
+        feats = ffi.new("uint64_t *", 0)
+        ioctls = ffi.new("uint64_t *", 0)
+        rc = lib.mg_uffd_api(probe_fd, feats, ioctls)
+        if rc < 0:
+            raise OSError(-rc, f"probing UFFDIO_API: {os.strerror(-rc)}")
+        offered = feats[0]
+    for fd in fds.values():
+        if fd is not None:
+            os.close(fd)
+    free, total = _huge_pages()
+    return HostFeatures(
+        uffd_syscall=fds["syscall"] is not None,
+        uffd_dev=fds["dev"] is not None,
+        features=offered,
+        minor_shmem=bool(offered & lib.MG_UFFD_FEATURE_MINOR_SHMEM),
+        minor_hugetlbfs=bool(offered & lib.MG_UFFD_FEATURE_MINOR_HUGETLBFS),
+        huge_free=free,
+        huge_total=total,
+        qemu=shutil.which("qemu-system-x86_64"),
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def features() -> HostFeatures:
+    """The host's features, probed once per process."""
+    return probe()
+
+
+def refresh_huge_pages(hf: HostFeatures) -> HostFeatures:
+    """Huge page counts change at run time (tests reserve them): re-read only those."""
+    free, total = _huge_pages()
+    return HostFeatures(hf.uffd_syscall, hf.uffd_dev, hf.features, hf.minor_shmem,
+                        hf.minor_hugetlbfs, free, total, hf.qemu)

@@ -1,0 +1,82 @@
+#define _GNU_SOURCE
+#include "mem.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/statfs.h>
+#include <unistd.h>
+
+int mg_memfd_create(const char *name, unsigned int flags)
+{
+    int fd = memfd_create(name, flags);
+    return fd < 0 ? -errno : fd;
+}
+
+int mg_mmap(uint64_t hint, uint64_t len, int prot, int flags, int fd, uint64_t offset, uint64_t *addr)
+{
+    void *p = mmap((void *)(uintptr_t)hint, len, prot, flags, fd, (off_t)offset);
+    if (p == MAP_FAILED)
+        return -errno;
+    *addr = (uint64_t)(uintptr_t)p;
+    return 0;
+}
+
+int mg_munmap(uint64_t addr, uint64_t len)
+{
+    return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;
+}
+
+int mg_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
+{
+    return fallocate(fd, mode, (off_t)offset, (off_t)len) < 0 ? -errno : 0;
+}
+
+int mg_ftruncate(int fd, uint64_t len)
+{
+    return ftruncate(fd, (off_t)len) < 0 ? -errno : 0;
+}
+
+int mg_fstatfs(int fd, uint64_t *fs_type, uint64_t *block_size)
+{
+    struct statfs st;
+    if (fstatfs(fd, &st) < 0)
+        return -errno;
+    *fs_type = (uint64_t)st.f_type;
+    *block_size = (uint64_t)st.f_bsize;
+    return 0;
+}
+
+void mg_memcpy(uint64_t dst, const void *src, uint64_t len)
+{
+    memcpy((void *)(uintptr_t)dst, src, len);
+}
+
+void mg_memset(uint64_t dst, int c, uint64_t len)
+{
+    memset((void *)(uintptr_t)dst, c, len);
+}
+
+void mg_read_bytes(uint64_t src, void *dst, uint64_t len)
+{
+    memcpy(dst, (const void *)(uintptr_t)src, len);
+}
+
+int mg_is_zero(const void *addr, uint64_t len)
+{
+    const uint64_t *w = addr;
+    uint64_t n = len / 8, acc = 0;
+    for (uint64_t i = 0; i < n; i += 8) {
+        uint64_t end = i + 8 < n ? i + 8 : n;
+        for (uint64_t j = i; j < end; j++)
+            acc |= w[j];
+        if (acc)
+            return 0;
+    }
+    const uint8_t *b = (const uint8_t *)addr + n * 8;
+    for (uint64_t i = 0; i < len % 8; i++)
+        if (b[i])
+            return 0;
+    return 1;
+}
