@@ -1,0 +1,218 @@
+"""The `migrate` command: dest, source, guestsim, mkram, demo (and bench,
+shim-path where those parts are built). Parsing and wiring only: each command
+delegates to its module."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+
+from migrate.errors import MigrateError
+from migrate.events import Reporter
+from migrate.memory import parse_size
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _fraction(text: str) -> float:
+    try:
+        f = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return f
+
+
+def _add_image_args(p):
+    from migrate.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION
+    p.add_argument("--seed", type=int, required=True, help="the image is reproducible from this alone")
+    p.add_argument("--zero-fraction", type=_fraction, default=DEFAULT_ZERO_FRACTION,
+                   help=f"share of zero pages (default {DEFAULT_ZERO_FRACTION})")
+    p.add_argument("--random-fraction", type=_fraction, default=DEFAULT_RANDOM_FRACTION,
+                   help=f"share of incompressible pages (default {DEFAULT_RANDOM_FRACTION})")
+
+
+def _spec(args):
+    from migrate.ramimage import ImageSpec
+    return ImageSpec(args.seed, args.zero_fraction, args.random_fraction)
+
+
+# -- dest ---------------------------------------------------------------------
+def cmd_dest(args) -> int:
+    from migrate import service
+    from migrate.destination import Destination
+
+    rep = Reporter(args.json, "dest")
+    agent = Destination(args.attach, rep, serve_forever=args.serve_forever, mode=args.placement)
+    try:
+        server, addr = service.serve(agent, args.listen)
+    except (OSError, ValueError) as e:
+        agent.close()
+        rep.event("error", str(e))
+        return 2
+    rep.event("listening", f"gRPC on {addr}, attach socket {args.attach}", address=addr, attach=args.attach)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    reported = set()
+    status = 0
+    try:
+        while not stop.is_set():
+            for m in list(agent.migrations.values()):
+                if m.done.is_set() and m.id not in reported:
+                    reported.add(m.id)
+                    s = m.summary()
+                    if args.serve_forever:
+                        rep.event("migration", f"session {m.id} {s['state']}", **s)
+                        agent.migrations.pop(m.id, None)
+                        m.close()
+                        continue
+                    stop.wait(0.5)  # let the source's Finish call be answered
+                    rep.summary(s, _dest_text(s))
+                    status = 0 if s["state"] == "complete" else 1
+                    stop.set()
+            stop.wait(0.05)
+    finally:
+        server.stop(grace=1).wait(3)
+        agent.close()
+    return status
+
+
+def _dest_text(s: dict) -> str:
+    return (f"session {s['session']}: {s['state']}\n"
+            f"  pages: {s['pages_total']} total = {s['pages_demand']} demand + {s['pages_pushed']} pushed + "
+            f"{s['pages_zero']} zero ({s['pages_duplicate']} duplicates dropped)\n"
+            f"  demand fault service p50 {s['fault_p50_us']} us, p99 {s['fault_p99_us']} us\n"
+            f"  {s['seconds']} s from source connect to the last page" +
+            (f"\n  error: {s['error']}" if s.get("error") else ""))
+
+
+# -- source -------------------------------------------------------------------
+def cmd_source(args) -> int:
+    from migrate.source import RamImage, Source
+
+    rep = Reporter(args.json, "source")
+    try:
+        ram = RamImage(args.ram, page_size=args.page_size, size=args.size)
+    except MigrateError as e:
+        rep.event("error", str(e))
+        return 2
+    try:
+        res = Source(ram, args.to, rep, push_streams=args.push_streams, batch_bytes=args.batch_bytes,
+                     compress=not args.no_compress, resume_session=args.resume or "").run()
+    except MigrateError as e:
+        rep.event("error", str(e))
+        return 1
+    finally:
+        ram.close()
+    f = res.finish
+    s = {"session": res.session, "pages_total": res.pages_total, "pages_demand": f.pages_demand,
+         "pages_pushed": f.pages_pushed, "pages_zero": f.pages_zero, "pages_sent_push": res.pages_sent_push,
+         "pages_sent_demand": res.pages_sent_demand, "demand_requests": res.demand_requests,
+         "wire_bytes": res.wire_bytes, "seconds": round(res.seconds, 3),
+         "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0}
+    rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
+                   f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "
+                   f"{f.pages_pushed} pushed, {f.pages_zero} zero")
+    return 0
+
+
+# -- guestsim / mkram -----------------------------------------------------------
+def cmd_guestsim(args) -> int:
+    from migrate import guestsim
+
+    rep = Reporter(args.json, "guestsim")
+    try:
+        s = guestsim.run(args.attach, args.size, args.backing, _spec(args), args.pattern, args.vcpus, rep)
+    except (MigrateError, OSError, ValueError) as e:
+        rep.event("error", str(e))
+        return 2
+    rep.summary(s, f"{'verified' if s['verified'] else 'MISMATCH'}: {s['pages_total']} pages, "
+                   f"first access p50 {s['access_p50_us']} us p99 {s['access_p99_us']} us, "
+                   f"{s['seconds']} s" + ("" if s["verified"] else f", first bad 4 KiB unit {s['first_bad_unit']}"))
+    return 0 if s["verified"] else 1
+
+
+def cmd_mkram(args) -> int:
+    from migrate.ramimage import write_image
+
+    try:
+        write_image(args.path, args.size, _spec(args))
+    except (MigrateError, OSError, ValueError) as e:
+        print(f"mkram: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.path}: {args.size} bytes, seed {args.seed}", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from migrate import demo
+    return demo.run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="migrate", description="VM live-migration post-copy engine "
+                                "on userfaultfd MINOR faults")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("dest", help="destination agent: adopt a guest, take pages from a source")
+    d.add_argument("--listen", required=True, help="HOST:PORT for gRPC (port 0 picks a free one)")
+    d.add_argument("--attach", required=True, help="UNIX socket path guests attach on")
+    d.add_argument("--serve-forever", action="store_true", help="serve one migration after another")
+    d.add_argument("--placement", choices=["continue", "copy"], default="continue",
+                   help="continue: MINOR faults + UFFDIO_CONTINUE (default); copy: MISSING + UFFDIO_COPY")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(fn=cmd_dest)
+
+    s = sub.add_parser("source", help="serve a paused VM's RAM file to a destination")
+    s.add_argument("--ram", required=True, help="RAM file (tmpfs, hugetlbfs or a plain file)")
+    s.add_argument("--to", required=True, help="destination HOST:PORT")
+    s.add_argument("--page-size", type=_size, default=None, help="default: the RAM file system's page size")
+    s.add_argument("--size", type=_size, default=None, help="bytes to serve (default: the file's size)")
+    s.add_argument("--push-streams", type=int, default=2, help="parallel background streams (default 2)")
+    s.add_argument("--batch-bytes", type=_size, default=1 << 20, help="background batch size (default 1M)")
+    s.add_argument("--no-compress", action="store_true", help="send pages without zstd")
+    s.add_argument("--resume", metavar="SESSION", help="resume this session after a failure")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_source)
+
+    g = sub.add_parser("guestsim", help="the simulated VM")
+    g.add_argument("--attach", required=True)
+    g.add_argument("--size", type=_size, required=True)
+    g.add_argument("--backing", choices=["tmpfs", "tmpfs-file", "hugetlbfs", "hugetlbfs-file", "hugetlbfs-1g"],
+                   default="tmpfs")
+    g.add_argument("--pattern", choices=["seq", "random", "hotset"], default="seq")
+    g.add_argument("--vcpus", type=int, default=1)
+    _add_image_args(g)
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(fn=cmd_guestsim)
+
+    m = sub.add_parser("mkram", help="write the deterministic RAM image")
+    m.add_argument("path")
+    m.add_argument("--size", type=_size, required=True)
+    _add_image_args(m)
+    m.set_defaults(fn=cmd_mkram)
+
+    de = sub.add_parser("demo", help="mkram + dest + guestsim + source on loopback, then a summary")
+    de.add_argument("--size", type=_size, default=1 << 30)
+    de.add_argument("--backing", choices=["tmpfs", "hugetlbfs"], default="tmpfs")
+    de.add_argument("--pattern", choices=["seq", "random", "hotset"], default="random")
+    de.add_argument("--vcpus", type=int, default=2)
+    de.add_argument("--placement", choices=["continue", "copy"], default="continue")
+    de.add_argument("--seed", type=int, default=42)
+    de.add_argument("--json", action="store_true")
+    de.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)

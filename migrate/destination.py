@@ -1,0 +1,397 @@
+"""The destination agent: adopts attached guests, serves their faults, places
+pages from the source, and ends each migration when every page is mapped.
+
+One `Migration` per guest, with an explicit state machine. The gRPC servicer
+(migrate.service) is thin and delegates here.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+
+from migrate import faultpath
+from migrate.attach import AttachedGuest, AttachListener
+from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
+from migrate.events import Reporter, percentile
+from migrate.faultpath import FaultSpace, SpaceRegion
+from migrate.memory import GuestMemory
+from migrate.pagestate import PageBitmap
+from migrate.proto import migration_pb2 as pb
+from migrate.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchDecoder
+from migrate.uffd import Mode, Userfaultfd
+
+
+class BusyError(MigrateError):
+    """A source tried to join a migration that already has one."""
+
+
+class NoGuestError(MigrateError):
+    """A source connected but no guest is attached to take its RAM."""
+
+
+class State(enum.Enum):
+    ATTACHED = "attached"          # guest registered, waiting for a source
+    CONNECTED = "connected"        # a source is serving pages
+    DISCONNECTED = "disconnected"  # the source went away; waiting for another
+    COMPLETE = "complete"          # every page received and mapped; unregistered
+    FAILED = "failed"              # the guest went away or a kernel call failed
+
+
+# Who moves the state: the attach thread creates ATTACHED; gRPC Open moves to
+# CONNECTED; a stream ending early moves to DISCONNECTED; placement (any stream
+# thread) moves to COMPLETE; the guest monitor or a kernel failure to FAILED.
+TRANSITIONS = {
+    State.ATTACHED: {State.CONNECTED, State.FAILED},
+    State.CONNECTED: {State.DISCONNECTED, State.COMPLETE, State.FAILED},
+    State.DISCONNECTED: {State.CONNECTED, State.FAILED},
+    State.COMPLETE: set(),
+    State.FAILED: set(),
+}
+
+
+class Migration:
+    """One guest being filled. Owns the guest's descriptors, the alias mapping,
+    the fault space and the fault thread."""
+
+    def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultpath.MODE_CONTINUE):
+        self.id = uuid.uuid4().hex[:12]
+        self.guest = guest
+        self.reporter = reporter
+        self.mode = mode
+        self.state = State.ATTACHED
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+        self.error: str | None = None
+        self.source_gen = 0              # bumps when a source is replaced
+        self.requested: dict[int, float] = {}  # page -> when first requested
+        self.demand_q: queue.Queue[list[int]] = queue.Queue()
+        self.latencies_us: list[float] = []
+        self.counts = {"demand": 0, "pushed": 0, "zero": 0, "duplicate": 0}
+        self.received_count = 0
+        self.t_connect: float | None = None
+        self.t_complete: float | None = None
+        self.stop_fd = -1
+        self.mem = None
+        self.uffd = None
+        try:
+            self._setup()
+        except BaseException as e:
+            guest.nack(str(e))
+            self._teardown()
+            raise
+        guest.ack()
+
+    # -- setup ------------------------------------------------------------
+    def _setup(self):
+        g = self.guest
+        self.page_size = g.page_size
+        self.npages = g.ram_size // g.page_size
+        if g.ram_size % g.page_size:
+            raise AttachError(f"RAM size {g.ram_size} is not a multiple of the page size {g.page_size}")
+        self.uffd = Userfaultfd(g.uffd_fd, owned=False)
+        self.uffd.api()
+        self.mem = GuestMemory.from_fd(os.dup(g.ram_fd), g.ram_size, g.page_size)
+        mode = Mode.MISSING if self.mode == faultpath.MODE_COPY else Mode.MISSING | Mode.MINOR
+        regions = []
+        for r in g.regions:
+            self.uffd.register(r.guest_addr, r.length, mode, g.page_size)
+            regions.append(SpaceRegion(r.guest_addr, r.offset // g.page_size, r.length // g.page_size))
+        self.space = FaultSpace(self.uffd, g.page_size, self.npages, regions,
+                                0 if self.mode == faultpath.MODE_COPY else self.mem.alias_addr, self.mode)
+        # file pages no region maps can never fault: nothing to map for them
+        covered = PageBitmap(self.npages)
+        for r in regions:
+            covered.set(r.first_page, r.npages)
+        for first, count in covered.runs(set_bits=False):
+            self.space.mapped.set(first, count)
+        self.decoder = BatchDecoder(self.npages, g.page_size)
+        self.stop_fd = faultpath.make_stop_fd()
+        self.fault_thread = threading.Thread(target=self._fault_loop, name=f"faults-{self.id}", daemon=True)
+        self.fault_thread.start()
+        self.monitor = threading.Thread(target=self._watch_guest, name=f"guest-{self.id}", daemon=True)
+        self.monitor.start()
+
+    def _teardown(self):
+        if self.stop_fd >= 0:
+            os.eventfd_write(self.stop_fd, 1)
+            t = getattr(self, "fault_thread", None)
+            if t and t is not threading.current_thread():
+                t.join(5)
+            os.close(self.stop_fd)
+            self.stop_fd = -1
+        if self.mem is not None:
+            self.mem.close()
+            self.mem = None
+        self.guest.close()
+
+    def close(self):
+        self._teardown()
+
+    # -- state ------------------------------------------------------------
+    def _move(self, new: State, why: str = "") -> bool:
+        """Caller holds self.lock. False if the transition is not allowed."""
+        if new not in TRANSITIONS[self.state]:
+            return False
+        self.state = new
+        return True
+
+    def fail(self, why: str) -> None:
+        with self.lock:
+            if not self._move(State.FAILED):
+                return
+            self.error = why
+        self.reporter.event("error", why, session=self.id)
+        self.done.set()
+
+    def connect(self, hello: pb.Hello) -> pb.Welcome:
+        if hello.version != PROTOCOL_VERSION:
+            raise ProtocolError(f"source speaks protocol version {hello.version}, this destination speaks "
+                                f"{PROTOCOL_VERSION}: run the same migrate release on both hosts")
+        if hello.ram_size != self.guest.ram_size or hello.page_size != self.page_size:
+            raise LayoutMismatch(
+                f"source RAM is {fmt_size(hello.ram_size)} in pages of {fmt_size(hello.page_size)}, but the guest "
+                f"attached here has {fmt_size(self.guest.ram_size)} in pages of {fmt_size(self.page_size)}: "
+                "start the destination guest with the source's RAM size and backing")
+        with self.lock:
+            if self.state is State.CONNECTED:
+                raise BusyError(f"migration {self.id} already has a source connected: "
+                                "one source per guest (start another guest to run a second migration)")
+            if not self._move(State.CONNECTED):
+                raise BusyError(f"migration {self.id} is {self.state.value}: it takes no source")
+            self.source_gen += 1
+            if self.t_connect is None:
+                self.t_connect = time.monotonic()
+        comp = pb.COMPRESSION_ZSTD if pb.COMPRESSION_ZSTD in hello.compression else pb.COMPRESSION_NONE
+        self.reporter.event("connected", f"source {hello.source_name or '?'} joined session {self.id}",
+                            session=self.id, source=hello.source_name, resumed=self.received_count > 0)
+        return pb.Welcome(version=PROTOCOL_VERSION, session_id=self.id, compression=comp,
+                          received_bitmap=self.space.received.to_bytes() if self.received_count else b"",
+                          batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4)
+
+    def source_lost(self, gen: int, why: str) -> None:
+        with self.lock:
+            if gen != self.source_gen or not self._move(State.DISCONNECTED):
+                return
+        self.reporter.event("disconnected", f"source left before the end ({why}); waiting for another",
+                            session=self.id, received=self.received_count, total=self.npages)
+
+    # -- faults -----------------------------------------------------------
+    def _fault_loop(self):
+        try:
+            while True:
+                pages = self.space.serve(self.stop_fd, 64, 1000)
+                if pages is None:
+                    return
+                if pages:
+                    self._request(pages)
+        except MigrateError as e:
+            self.fail(f"fault loop: {e}")
+
+    def _request(self, pages: list[int]) -> None:
+        now = time.monotonic()
+        new = []
+        with self.lock:
+            for p in pages:
+                if p in self.space.received or p in self.requested:
+                    continue  # placed meanwhile (its CONTINUE woke the vCPU), or already asked
+                self.requested[p] = now
+                new.append(p)
+        if new:
+            self.demand_q.put(new)
+
+    def demand_requests(self, gen: int, is_active):
+        """Yields PageRequest messages for the source of generation `gen`."""
+        with self.lock:
+            outstanding = [p for p in self.requested if p not in self.space.received]
+        if outstanding:
+            yield pb.PageRequest(pages=sorted(outstanding))
+        while not self.done.is_set() and gen == self.source_gen and is_active():
+            try:
+                pages = self.demand_q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            while True:  # merge whatever else is waiting into one request
+                try:
+                    pages += self.demand_q.get_nowait()
+                except queue.Empty:
+                    break
+            yield pb.PageRequest(pages=pages)
+
+    # -- placement --------------------------------------------------------
+    def receive(self, batch: pb.PageBatch, demand: bool) -> int:
+        if self.done.is_set():
+            return 0
+        dec = self.decoder.decode(batch)  # checks everything before any byte is written
+        if not dec.pages:
+            return 0
+        placed = self.space.place(dec.pages, dec.data, dec.offsets, dec.zero)
+        self.space.map(dec.pages[0], dec.pages[-1] - dec.pages[0] + 1)
+        now = time.monotonic()
+        n = 0
+        with self.lock:
+            for p, z, ok in zip(dec.pages, dec.zero, placed):
+                if not ok:
+                    self.counts["duplicate"] += 1
+                    continue
+                n += 1
+                t = self.requested.pop(p, None)
+                if t is not None:
+                    self.latencies_us.append((now - t) * 1e6)
+                if z:
+                    self.counts["zero"] += 1
+                elif demand:
+                    self.counts["demand"] += 1
+                else:
+                    self.counts["pushed"] += 1
+            self.received_count += n
+            finished = self.received_count == self.npages
+        if finished:
+            self._complete()
+        return n
+
+    def _complete(self):
+        self.space.map(0, self.npages)  # anything a race left unmapped
+        if not self.space.complete():
+            self.fail(f"all {self.npages} pages received but only {self.space.mapped.count()} mapped")
+            return
+        for r in self.guest.regions:
+            self.uffd.unregister(r.guest_addr, r.length)
+        with self.lock:
+            if not self._move(State.COMPLETE):
+                return
+            self.t_complete = time.monotonic()
+        os.eventfd_write(self.stop_fd, 1)
+        try:  # tells the guest side the migration is over
+            self.guest.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        self.reporter.event("completed", f"session {self.id}: {self.npages} pages received and mapped, unregistered",
+                            session=self.id, pages_total=self.npages)
+        self.done.set()
+
+    # -- guest ------------------------------------------------------------
+    def _watch_guest(self):
+        try:
+            while self.guest.sock.recv(4096):
+                pass
+        except OSError:
+            pass
+        if not self.done.is_set():
+            self.fail(f"guest process {self.guest.pid} went away before the migration ended")
+
+    # -- results ----------------------------------------------------------
+    def summary(self) -> dict:
+        lat = sorted(self.latencies_us)
+        end = self.t_complete or time.monotonic()
+        return {
+            "session": self.id,
+            "state": self.state.value,
+            "pages_total": self.npages,
+            "pages_demand": self.counts["demand"],
+            "pages_pushed": self.counts["pushed"],
+            "pages_zero": self.counts["zero"],
+            "pages_duplicate": self.counts["duplicate"],
+            "page_size": self.page_size,
+            "fault_p50_us": round(percentile(lat, 50), 1),
+            "fault_p99_us": round(percentile(lat, 99), 1),
+            "faults": self.space.stats["faults"],
+            "faults_fast": self.space.stats["fast"],
+            "seconds": round(end - (self.t_connect or end), 3),
+            "error": self.error,
+        }
+
+    def finish_reply(self) -> pb.FinishReply:
+        s = self.summary()
+        return pb.FinishReply(complete=self.state is State.COMPLETE, pages_total=s["pages_total"],
+                              pages_demand=s["pages_demand"], pages_pushed=s["pages_pushed"],
+                              pages_zero=s["pages_zero"], error=self.error or "")
+
+
+class Destination:
+    """The agent: an attach listener plus the migrations it adopted."""
+
+    def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
+                 mode: str = faultpath.MODE_CONTINUE):
+        self.reporter = reporter
+        self.serve_forever = serve_forever
+        self.mode = mode
+        self.listener = AttachListener(attach_path)
+        self.migrations: dict[str, Migration] = {}
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.closing = False
+        self.accept_thread = threading.Thread(target=self._accept_loop, name="attach", daemon=True)
+        self.accept_thread.start()
+
+    def _accept_loop(self):
+        while not self.closing:
+            try:
+                guest = self.listener.accept(timeout=0.5)
+            except TimeoutError:
+                continue
+            except AttachError as e:
+                self.reporter.event("error", f"attach refused: {e}")
+                continue
+            except OSError:
+                if self.closing:
+                    return
+                raise
+            with self.lock:
+                busy = not self.serve_forever and self.migrations
+            if busy:
+                guest.nack("this destination serves one migration (start it with --serve-forever for more)")
+                guest.close()
+                continue
+            try:
+                m = Migration(guest, self.reporter, self.mode)
+            except MigrateError as e:
+                self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
+                continue
+            with self.changed:
+                self.migrations[m.id] = m
+                self.changed.notify_all()
+            self.reporter.event("attached", f"guest pid {guest.pid}: {fmt_size(guest.ram_size)} in "
+                                f"{m.npages} pages of {fmt_size(guest.page_size)}, session {m.id}",
+                                session=m.id, pid=guest.pid, ram_size=guest.ram_size, page_size=guest.page_size)
+
+    # -- called by the gRPC service ---------------------------------------
+    def open(self, hello: pb.Hello, wait: float = 30.0) -> pb.Welcome:
+        deadline = time.monotonic() + wait
+        with self.changed:
+            while True:
+                if hello.resume_session:
+                    m = self.migrations.get(hello.resume_session)
+                    if m is None:
+                        raise NoGuestError(f"no session {hello.resume_session} here to resume")
+                    break
+                free = [m for m in self.migrations.values() if m.state in (State.ATTACHED, State.DISCONNECTED)]
+                if free:
+                    m = free[0]
+                    break
+                live = [m for m in self.migrations.values() if m.state is State.CONNECTED]
+                if live and not self.serve_forever:
+                    raise BusyError(f"destination is busy: migration {live[0].id} already has a source")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise NoGuestError(f"no guest attached to {self.listener.path} within {wait:.0f} s: "
+                                       "start the guest (migrate guestsim or QEMU with the shim) first")
+                self.changed.wait(left)
+        return m.connect(hello)
+
+    def migration(self, session_id: str) -> Migration:
+        m = self.migrations.get(session_id)
+        if m is None:
+            raise NoGuestError(f"unknown session {session_id!r}: call Open first")
+        return m
+
+    def close(self):
+        self.closing = True
+        self.listener.close()
+        for m in list(self.migrations.values()):
+            m.close()

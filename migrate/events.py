@@ -1,0 +1,51 @@
+"""What a command tells the person or program running it.
+
+With --json every event is one JSON line on stdout; otherwise a line of human
+text on stderr. The last line of a summary-producing command is its summary.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+
+
+class Reporter:
+    def __init__(self, as_json: bool = False, name: str = "migrate", quiet: bool = False):
+        self.as_json = as_json
+        self.name = name
+        self.quiet = quiet
+        self._lock = threading.Lock()
+        self.t0 = time.monotonic()
+
+    def event(self, event: str, message: str = "", **fields) -> None:
+        with self._lock:
+            if self.as_json:
+                rec = {"event": event, **fields}
+                if message:
+                    rec["message"] = message
+                sys.stdout.write(json.dumps(rec) + "\n")
+                sys.stdout.flush()
+            elif not self.quiet:
+                text = message or " ".join(f"{k}={v}" for k, v in fields.items())
+                sys.stderr.write(f"[{self.name} {time.monotonic() - self.t0:7.3f}s] {event}: {text}\n")
+                sys.stderr.flush()
+
+    def summary(self, fields: dict, human: str) -> None:
+        with self._lock:
+            if self.as_json:
+                sys.stdout.write(json.dumps({"event": "summary", **fields}) + "\n")
+                sys.stdout.flush()
+            else:
+                sys.stdout.write(human.rstrip("\n") + "\n")
+                sys.stdout.flush()
+
+
+def percentile(sorted_values, q: float) -> float:
+    """q in [0, 100]; nearest-rank on an already sorted sequence."""
+    if not len(sorted_values):
+        return 0.0
+    k = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
+    return float(sorted_values[k])

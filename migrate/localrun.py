@@ -1,0 +1,193 @@
+"""Running the agents as separate local processes and reading their JSON events.
+
+Used by `migrate demo`, the end-to-end tests and the benchmark: one place that
+starts dest, guestsim and source and cleans up after them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+
+
+class Proc:
+    """A `python -m migrate ...` child whose stdout is JSON lines. Owns the child."""
+
+    def __init__(self, name: str, args: list[str], env: dict | None = None):
+        self.name = name
+        self.args = args
+        self.events: queue.Queue = queue.Queue()
+        self.lines: list[dict] = []
+        self.stderr_lines: list[str] = []
+        self.p = subprocess.Popen([sys.executable, "-m", "migrate", *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env)
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"event": "text", "message": line}
+            self.lines.append(ev)
+            self.events.put(ev)
+        self.events.put(None)
+
+    def _read_err(self):
+        for line in self.p.stderr:
+            self.stderr_lines.append(line.rstrip("\n"))
+
+    def wait_event(self, name: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"{self.name}: no {name!r} event within {timeout} s; stderr: "
+                                   + " | ".join(self.stderr_lines[-5:]))
+            try:
+                ev = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            if ev is None:
+                self.events.put(None)
+                raise RuntimeError(f"{self.name} exited ({self.p.poll()}) before {name!r}; stderr: "
+                                   + " | ".join(self.stderr_lines[-8:]))
+            if ev.get("event") == name:
+                return ev
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"{self.name} did not exit within {timeout} s") from None
+
+    def summary(self) -> dict | None:
+        for ev in reversed(self.lines):
+            if ev.get("event") == "summary":
+                return ev
+        return None
+
+    def errors(self) -> list[str]:
+        return [ev.get("message", "") for ev in self.lines if ev.get("event") == "error"]
+
+    def kill(self):
+        if self.p.poll() is None:
+            self.p.kill()
+            self.p.wait(10)
+
+
+class LocalMigration:
+    """mkram'd image + dest + guestsim + source, all local. A context manager that
+    kills what it started and removes its files."""
+
+    def __init__(self, workdir: str, size: int, *, backing: str = "tmpfs", seed: int = 1,
+                 pattern: str = "seq", vcpus: int = 1, zero_fraction: float | None = None,
+                 random_fraction: float | None = None, placement: str = "continue",
+                 source_args: tuple = (), image: str | None = None):
+        self.workdir = workdir
+        self.size = size
+        self.backing = backing
+        self.seed = seed
+        self.pattern = pattern
+        self.vcpus = vcpus
+        self.placement = placement
+        self.source_args = list(source_args)
+        self.zero_fraction = zero_fraction
+        self.random_fraction = random_fraction
+        self.image_args = []
+        if zero_fraction is not None:
+            self.image_args += ["--zero-fraction", str(zero_fraction)]
+        if random_fraction is not None:
+            self.image_args += ["--random-fraction", str(random_fraction)]
+        tag = f"{os.getpid()}-{id(self) & 0xffff:x}"
+        self.image = image or f"/dev/shm/migrate-img-{tag}"
+        self.sock = os.path.join(workdir, f"attach-{tag}.sock")
+        self.procs: list[Proc] = []
+        self.dest = self.guest = self.source = None
+        self.address = None
+
+    @property
+    def page_size(self) -> int:
+        return 2 << 20 if self.backing.startswith("hugetlbfs") else 4096
+
+    def make_image(self):
+        from migrate.ramimage import ImageSpec, write_image
+        kw = {}
+        if self.zero_fraction is not None:
+            kw["zero_fraction"] = self.zero_fraction
+        if self.random_fraction is not None:
+            kw["random_fraction"] = self.random_fraction
+        write_image(self.image, self.size, ImageSpec(self.seed, **kw))
+
+    def start_dest(self, extra: tuple = ()) -> dict:
+        self.dest = self._spawn("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", self.sock,
+                                         "--placement", self.placement, "--json", *extra])
+        ev = self.dest.wait_event("listening", 30)
+        self.address = ev["address"]
+        return ev
+
+    def start_guest(self, extra: tuple = ()) -> None:
+        self.guest = self._spawn("guestsim", ["guestsim", "--attach", self.sock, "--size", str(self.size),
+                                              "--backing", self.backing, "--seed", str(self.seed),
+                                              "--pattern", self.pattern, "--vcpus", str(self.vcpus),
+                                              *self.image_args, "--json", *extra])
+        self.guest.wait_event("attached", 60)
+
+    def start_source(self, extra: tuple = ()) -> Proc:
+        args = ["source", "--ram", self.image, "--to", self.address, "--json", *self.source_args, *extra]
+        if self.page_size != 4096 and "--page-size" not in args:
+            args += ["--page-size", str(self.page_size)]
+        self.source = self._spawn("source", args)
+        return self.source
+
+    def _spawn(self, name, args) -> Proc:
+        p = Proc(name, args)
+        self.procs.append(p)
+        return p
+
+    def run(self, timeout: float = 300) -> dict:
+        """The whole flow; returns the three summaries."""
+        if not os.path.exists(self.image):
+            self.make_image()
+        self.start_dest()
+        # The source's Open waits for a guest: starting it first means the guest
+        # begins running as the source starts serving, as at a real switchover.
+        self.start_source()
+        self.start_guest()
+        out = {}
+        for name, p in (("source", self.source), ("guest", self.guest), ("dest", self.dest)):
+            try:
+                rc = p.wait(timeout)
+            except TimeoutError:
+                rc = None
+            out[name] = p.summary()
+            out[name + "_rc"] = rc
+            if rc != 0:
+                # one side failed: the others would wait for it forever
+                out["failed"] = f"{name} exited {rc}: " + " | ".join(p.errors() or p.stderr_lines[-5:])
+                timeout = 5
+        return out
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+        for path in (self.image, self.sock):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

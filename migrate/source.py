@@ -1,0 +1,279 @@
+"""The source agent: serves a paused VM's RAM file to the destination.
+
+The RAM file is mapped read-only and never copied whole. A scheduler decides
+what goes next: demand requests first (on their own stream and connection),
+then the pages after the most recent demand (locality), then a linear scan
+that skips whatever was already sent.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from migrate._binding import ffi
+from migrate.errors import MigrateError, ProtocolError, fmt_size
+from migrate.events import Reporter
+from migrate.memory import fs_page_size
+from migrate.pagestate import PageBitmap
+from migrate.proto import migration_pb2 as pb
+from migrate.proto import migration_pb2_grpc as pbg
+from migrate.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchEncoder, channel
+
+LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
+
+
+class SourceError(MigrateError):
+    """The migration could not be served; the message says why."""
+
+
+def rpc_error(e: grpc.RpcError, what: str) -> SourceError:
+    code = e.code().name if hasattr(e, "code") else "?"
+    details = e.details() if hasattr(e, "details") else str(e)
+    return SourceError(f"{what}: destination said {code}: {details}")
+
+
+class RamImage:
+    """A RAM file mapped read-only. Owns the fd and the mapping."""
+
+    def __init__(self, path: str, page_size: int | None = None, size: int | None = None):
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            raise SourceError(f"open RAM file {path}: {e.strerror}") from None
+        actual = os.fstat(self.fd).st_size
+        self.size = actual if size is None else size
+        if size is not None and actual < size:
+            os.close(self.fd)
+            raise SourceError(f"RAM file {path} is {fmt_size(actual)}, shorter than the declared {fmt_size(size)}")
+        self.page_size = page_size or fs_page_size(self.fd)
+        if self.size == 0 or self.size % self.page_size:
+            os.close(self.fd)
+            raise SourceError(f"RAM file {path} is {fmt_size(self.size)}: not a positive multiple of the page "
+                              f"size {fmt_size(self.page_size)} (pass --page-size or --size)")
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self.view = memoryview(self.map)
+        self.addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.view)))
+        self.path = path
+
+    @property
+    def npages(self) -> int:
+        return self.size // self.page_size
+
+    def close(self):
+        self.view.release()
+        self.map.close()
+        os.close(self.fd)
+
+
+class Scheduler:
+    """What to push next. Thread-safe: demand notes arrive from the demand
+    thread while push streams take batches."""
+
+    def __init__(self, npages: int, pages_per_batch: int, already: PageBitmap | None = None):
+        self.npages = npages
+        self.per_batch = max(1, pages_per_batch)
+        self.sent = already or PageBitmap(npages)
+        self.lock = threading.Lock()
+        self.cursor = 0
+        self.near: tuple[int, int] | None = None  # (next page, end) after the last demand
+
+    def note_demand(self, pages: list[int]) -> None:
+        with self.lock:
+            for p in pages:
+                if p < self.npages:
+                    self.sent.set(p)
+            last = max(pages)
+            self.near = (last + 1, min(self.npages, last + 1 + LOCALITY_PAGES))
+
+    def next_batch(self) -> list[int]:
+        with self.lock:
+            out: list[int] = []
+            if self.near:
+                start, end = self.near
+                self._take(start, end, out)
+                self.near = (out[-1] + 1, end) if out and out[-1] + 1 < end else None
+            if len(out) < self.per_batch:
+                before = len(out)
+                self._take(self.cursor, self.npages, out)
+                if len(out) > before:
+                    self.cursor = out[-1] + 1
+            return sorted(out)
+
+    def _take(self, start: int, end: int, out: list[int]) -> None:
+        """Appends unsent pages from [start, end) to out, marking them sent."""
+        p = start
+        while len(out) < self.per_batch and p < end:
+            p = self.sent.next_clear(p, end)
+            if p >= end:
+                break
+            q = min(self.sent.next_set(p, end), p + self.per_batch - len(out))
+            self.sent.set(p, q - p)
+            out.extend(range(p, q))
+            p = q
+
+    def remaining(self) -> int:
+        with self.lock:
+            return self.npages - self.sent.count()
+
+
+@dataclass
+class SourceResult:
+    session: str
+    pages_total: int
+    pages_sent_push: int
+    pages_sent_demand: int
+    demand_requests: int
+    wire_bytes: int
+    seconds: float
+    finish: pb.FinishReply
+
+
+class Source:
+    def __init__(self, ram: RamImage, target: str, reporter: Reporter, *, push_streams: int = 2,
+                 batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
+                 resume_session: str = "", connect_timeout: float = 30.0):
+        self.ram = ram
+        self.target = target
+        self.reporter = reporter
+        self.push_streams = max(1, push_streams)
+        self.batch_bytes = batch_bytes
+        self.compress = compress
+        self.name = name
+        self.resume_session = resume_session
+        self.connect_timeout = connect_timeout
+        self.errors: list[BaseException] = []
+        self.wire_bytes = 0
+        self.sent_push = 0
+        self.sent_demand = 0
+        self.demand_requests = 0
+        self.count_lock = threading.Lock()
+        self.stop = threading.Event()
+
+    def run(self) -> SourceResult:
+        t0 = time.monotonic()
+        ram = self.ram
+        ctl = channel(self.target, "control")
+        try:
+            grpc.channel_ready_future(ctl).result(timeout=self.connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise SourceError(f"cannot reach the destination at {self.target} within "
+                              f"{self.connect_timeout:.0f} s: is `migrate dest --listen` running there?") from None
+        stub = pbg.MigrationStub(ctl)
+        hello = pb.Hello(version=PROTOCOL_VERSION, ram_size=ram.size, page_size=ram.page_size,
+                         compression=[pb.COMPRESSION_ZSTD, pb.COMPRESSION_NONE] if self.compress
+                         else [pb.COMPRESSION_NONE],
+                         resume_session=self.resume_session, source_name=self.name)
+        try:
+            welcome = stub.Open(hello, timeout=60)
+        except grpc.RpcError as e:
+            raise rpc_error(e, "open session") from None
+        if welcome.version != PROTOCOL_VERSION:
+            raise ProtocolError(f"destination speaks protocol version {welcome.version}, this source "
+                                f"{PROTOCOL_VERSION}: run the same migrate release on both hosts")
+        sid = welcome.session_id
+        already = PageBitmap(ram.npages)
+        if welcome.received_bitmap:
+            already.load_bytes(welcome.received_bitmap)
+        compress = self.compress and welcome.compression == pb.COMPRESSION_ZSTD
+        per_batch = max(1, self.batch_bytes // ram.page_size)
+        self.sched = Scheduler(ram.npages, per_batch, already)
+        self.reporter.event("connected", f"session {sid} at {self.target}: {fmt_size(ram.size)} in "
+                            f"{ram.npages} pages, {already.count()} already there", session=sid,
+                            target=self.target)
+        channels = [ctl]
+        demand_ch = channel(self.target, "demand")
+        channels.append(demand_ch)
+        threads = [threading.Thread(target=self._demand, args=(demand_ch, sid, compress), name="demand", daemon=True)]
+        n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
+        for i in range(n_push):
+            ch = channel(self.target, f"push-{i}")
+            channels.append(ch)
+            threads.append(threading.Thread(target=self._push, args=(ch, sid, compress), name=f"push-{i}",
+                                            daemon=True))
+        for t in threads:
+            t.start()
+        try:
+            for t in threads[1:]:
+                t.join()
+            if self.errors:
+                raise self.errors[0]
+            try:
+                fin = stub.Finish(pb.FinishRequest(session_id=sid, timeout_seconds=120), timeout=150)
+            except grpc.RpcError as e:
+                raise rpc_error(e, "finish") from None
+            if not fin.complete:
+                raise SourceError(f"destination did not complete session {sid}: {fin.error or 'no reason given'}")
+        finally:
+            self.stop.set()
+            threads[0].join(5)
+            for ch in channels:
+                ch.close()
+        return SourceResult(sid, ram.npages, self.sent_push, self.sent_demand, self.demand_requests,
+                            self.wire_bytes, time.monotonic() - t0, fin)
+
+    # -- streams ----------------------------------------------------------
+    def _push(self, ch: grpc.Channel, sid: str, compress: bool):
+        enc = BatchEncoder(self.ram.view, self.ram.addr, self.ram.page_size, compress)
+
+        def batches():
+            yield pb.PageBatch(session_id=sid)
+            while not self.stop.is_set():
+                pages = self.sched.next_batch()
+                if not pages:
+                    return
+                b = enc.encode(pages)
+                with self.count_lock:
+                    self.sent_push += len(pages)
+                    self.wire_bytes += len(b.data)
+                yield b
+
+        try:
+            pbg.MigrationStub(ch).Push(batches())
+        except grpc.RpcError as e:
+            self.errors.append(rpc_error(e, "push"))
+            self.stop.set()
+
+    def _demand(self, ch: grpc.Channel, sid: str, compress: bool):
+        enc = BatchEncoder(self.ram.view, self.ram.addr, self.ram.page_size, compress=False)
+        replies: queue.Queue = queue.Queue()
+        npages = self.ram.npages
+
+        def outgoing():
+            yield pb.PageBatch(session_id=sid)
+            while True:
+                b = replies.get()
+                if b is None:
+                    return
+                yield b
+
+        call = pbg.MigrationStub(ch).Demand(outgoing())
+        try:
+            for req in call:
+                pages = sorted(set(req.pages))
+                bad = [p for p in pages if p >= npages]
+                if bad:
+                    raise ProtocolError(f"destination asked for page {bad[0]}, outside the {npages} pages "
+                                        "of this RAM image")
+                self.sched.note_demand(pages)
+                b = enc.encode(pages)
+                with self.count_lock:
+                    self.demand_requests += 1
+                    self.sent_demand += len(pages)
+                    self.wire_bytes += len(b.data)
+                replies.put(b)
+        except grpc.RpcError as e:
+            if not self.stop.is_set() and e.code() != grpc.StatusCode.CANCELLED:
+                self.errors.append(rpc_error(e, "demand"))
+        except MigrateError as e:
+            self.errors.append(e)
+            self.stop.set()
+            call.cancel()
+        finally:
+            replies.put(None)
