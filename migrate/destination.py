@@ -250,7 +250,7 @@ class Migration:
                 else:
                     self.counts["pushed"] += 1
             self.received_count += n
-            finished = self.received_count == self.npages
+            finished = n > 0 and self.received_count == self.npages  # only the crossing thread
         if finished:
             self._complete()
         return n

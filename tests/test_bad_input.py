@@ -1,0 +1,216 @@
+"""Each bad input gets a clear error and loses nothing: after it, a good source
+still completes the migration and the guest verifies every byte (so nothing the
+bad peer sent was ever mapped). The broken peers here are deliberate
+(Firecracker's malicious_handler in spirit): a source that lies or sends garbage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+
+from migrate.localrun import LocalMigration
+from migrate.proto import migration_pb2 as pb
+from migrate.proto import migration_pb2_grpc as pbg
+from migrate.protocol import PROTOCOL_VERSION, channel
+
+M = 1 << 20
+SIZE = 16 * M
+NPAGES = SIZE // 4096
+
+
+@pytest.fixture
+def waiting(tmp_path, host):
+    """dest + an attached guest, no source yet."""
+    lm = LocalMigration(str(tmp_path), SIZE, seed=11, pattern="random", vcpus=2)
+    lm.make_image()
+    lm.start_dest()
+    lm.start_guest()
+    yield lm
+    lm.close()
+
+
+def finish_with_good_source(lm: LocalMigration):
+    src = lm.start_source()
+    assert src.wait(60) == 0, src.errors() or src.stderr_lines[-5:]
+    assert lm.guest.wait(60) == 0
+    g = lm.guest.summary()
+    assert g["verified"] is True and g["mismatches"] == 0
+    assert lm.dest.wait(30) == 0
+    d = lm.dest.summary()
+    assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == NPAGES
+
+
+def open_session(lm, **hello_fields) -> tuple[grpc.Channel, pbg.MigrationStub, pb.Welcome]:
+    ch = channel(lm.address, "test")
+    stub = pbg.MigrationStub(ch)
+    fields = dict(version=PROTOCOL_VERSION, ram_size=SIZE, page_size=4096, source_name="liar",
+                  compression=[pb.COMPRESSION_ZSTD, pb.COMPRESSION_NONE])
+    fields.update(hello_fields)
+    return ch, stub, stub.Open(pb.Hello(**fields), timeout=30)
+
+
+def push(stub, sid, *batches):
+    return stub.Push(iter([pb.PageBatch(session_id=sid), *batches]), timeout=30)
+
+
+def source_error(lm, *extra) -> str:
+    src = lm.start_source(extra)
+    rc = src.wait(60)
+    assert rc != 0
+    return " ".join(src.errors())
+
+
+@pytest.mark.timeout(120)
+def test_guest_size_differs_from_source(tmp_path, host):
+    with LocalMigration(str(tmp_path), SIZE, seed=1) as lm:
+        lm.make_image()
+        lm.size = SIZE // 2            # the destination guest gets half the RAM
+        lm.start_dest()
+        lm.start_guest()
+        err = source_error(lm)
+    assert err == ("open session: destination said FAILED_PRECONDITION: source RAM is 16 MiB in pages of 4 KiB, "
+                   "but the guest attached here has 8 MiB in pages of 4 KiB: start the destination guest "
+                   "with the source's RAM size and backing")
+
+
+@pytest.mark.timeout(120)
+def test_page_size_differs_from_source(waiting):
+    err = source_error(waiting, "--page-size", "2M")
+    assert err == ("open session: destination said FAILED_PRECONDITION: source RAM is 16 MiB in pages of 2 MiB, "
+                   "but the guest attached here has 16 MiB in pages of 4 KiB: start the destination guest "
+                   "with the source's RAM size and backing")
+    finish_with_good_source(waiting)
+
+
+@pytest.mark.timeout(120)
+def test_protocol_version_mismatch(waiting):
+    with pytest.raises(grpc.RpcError) as ei:
+        open_session(waiting, version=PROTOCOL_VERSION + 98)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.details() == (f"source speaks protocol version {PROTOCOL_VERSION + 98}, this destination "
+                                  f"speaks {PROTOCOL_VERSION}: run the same migrate release on both hosts")
+    finish_with_good_source(waiting)
+
+
+@pytest.mark.timeout(120)
+def test_second_source_is_refused_while_busy_then_a_new_one_resumes(waiting):
+    ch, stub, welcome = open_session(waiting)      # a source that connects, then stalls
+    hold = threading.Event()
+
+    def silence():
+        yield pb.PageBatch(session_id=welcome.session_id)
+        hold.wait(60)
+
+    call = stub.Demand(silence())
+    err = source_error(waiting)
+    assert err == (f"open session: destination said RESOURCE_EXHAUSTED: destination is busy: migration "
+                   f"{welcome.session_id} already has a source")
+    hold.set()
+    call.cancel()
+    ch.close()          # the stalled source goes away; the next one resumes the session
+    waiting.dest.wait_event("disconnected", 30)
+    finish_with_good_source(waiting)
+
+
+def bad_batch_case(waiting, batch: pb.PageBatch, message: str):
+    ch, stub, welcome = open_session(waiting)
+    batch.session_id = ""
+    with pytest.raises(grpc.RpcError) as ei:
+        push(stub, welcome.session_id, batch)
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ei.value.details() == message
+    ch.close()
+    waiting.dest.wait_event("disconnected", 30)
+    finish_with_good_source(waiting)
+
+
+PAGE = bytes(range(256)) * 16
+
+
+@pytest.mark.timeout(120)
+def test_page_outside_the_layout(waiting):
+    bad_batch_case(waiting, pb.PageBatch(pages=[3, NPAGES + 5], zero=b"\x00", data=PAGE * 2, raw_length=8192),
+                   f"batch names page {NPAGES + 5}, outside the layout of {NPAGES} pages of 4096 bytes")
+
+
+@pytest.mark.timeout(120)
+def test_truncated_batch(waiting):
+    bad_batch_case(waiting, pb.PageBatch(pages=[3, 4], zero=b"\x00", data=PAGE + PAGE[:100], raw_length=8192),
+                   "batch of 2 non-zero pages carries 4196 bytes after decompression, expected 8192: "
+                   "truncated or corrupt")
+
+
+@pytest.mark.timeout(120)
+def test_declared_length_lies(waiting):
+    bad_batch_case(waiting, pb.PageBatch(pages=[3, 4], zero=b"\x00", data=PAGE * 2, raw_length=4096),
+                   "batch declares 4096 bytes for 2 non-zero pages of 4096 bytes (expected 8192): "
+                   "truncated or corrupt")
+
+
+@pytest.mark.timeout(120)
+def test_garbage_zstd(waiting):
+    bad_batch_case(waiting, pb.PageBatch(pages=[3], zero=b"\x00", compression=pb.COMPRESSION_ZSTD,
+                                         data=b"not zstd at all", raw_length=4096),
+                   "batch of 1 pages: zstd data does not decompress: error determining content size from "
+                   "frame header")
+
+
+@pytest.mark.timeout(120)
+def test_zero_bitmap_of_wrong_length(waiting):
+    bad_batch_case(waiting, pb.PageBatch(pages=[1, 2, 3], zero=b"", data=PAGE * 3, raw_length=3 * 4096),
+                   "batch of 3 pages carries a zero bitmap of 0 bytes, expected 1")
+
+
+@pytest.mark.timeout(120)
+def test_garbage_bytes_on_the_wire(waiting):
+    """Not even a protobuf: the server can't parse it; nothing is placed."""
+    ch = channel(waiting.address, "garbage")
+    raw = ch.stream_unary("/migrate.v1.Migration/Push", request_serializer=lambda b: b,
+                          response_deserializer=lambda b: b)
+    with pytest.raises(grpc.RpcError) as ei:
+        raw(iter([b"\xff\xff\xff\xff\x0f garbage", os.urandom(64)]), timeout=30)
+    assert ei.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+    ch.close()
+    finish_with_good_source(waiting)
+
+
+@pytest.mark.timeout(60)
+def test_ram_file_shorter_than_declared(tmp_path, host):
+    img = f"/dev/shm/migrate-short-{os.getpid()}"
+    with open(img, "wb") as f:
+        f.truncate(SIZE // 2)
+    try:
+        r = subprocess.run([sys.executable, "-m", "migrate", "source", "--ram", img, "--size", "16M",
+                            "--to", "127.0.0.1:1", "--json"], capture_output=True, text=True, timeout=30)
+    finally:
+        os.unlink(img)
+    assert r.returncode == 2
+    assert f'"message": "RAM file {img} is 8 MiB, shorter than the declared 16 MiB"' in r.stdout
+
+
+@pytest.mark.timeout(60)
+def test_guest_ram_file_shorter_than_its_hello(tmp_path, host):
+    """The agent refuses an attach whose RAM file is shorter than the declared size."""
+    from migrate.attach import AttachError, Region, attach_guest
+    from migrate.memory import GuestMemory
+    from migrate.uffd import Userfaultfd
+
+    lm = LocalMigration(str(tmp_path), SIZE)
+    try:
+        lm.start_dest()
+        mem = GuestMemory.create("tmpfs", SIZE // 2, map_alias=False)
+        uffd = Userfaultfd.create()
+        with pytest.raises(AttachError) as ei:
+            attach_guest(lm.sock, uffd.fd, mem.fd, page_size=4096, ram_size=SIZE,
+                         regions=[Region(mem.guest_addr, SIZE // 2, 0)], timeout=30)
+        assert str(ei.value) == ("the agent refused the attach: RAM file is 8 MiB, shorter than the "
+                                 "declared 16 MiB")
+        uffd.close()
+        mem.close()
+    finally:
+        lm.close()
