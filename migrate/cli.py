@@ -1,4 +1,4 @@
-"""The `migrate` command: dest, source, guestsim, mkram, demo (and bench,
+"""The `migrate` command: dest, source, guestsim, mkram, demo, bench (and
 shim-path where those parts are built). Parsing and wiring only: each command
 delegates to its module."""
 
@@ -51,9 +51,19 @@ def cmd_dest(args) -> int:
     from migrate.destination import Destination
 
     rep = Reporter(args.json, "dest")
-    agent = Destination(args.attach, rep, serve_forever=args.serve_forever, mode=args.placement)
+    host = args.listen.rpartition(":")[0] or "127.0.0.1"
     try:
-        server, addr = service.serve(agent, args.listen)
+        agent = Destination(args.attach, rep, serve_forever=args.serve_forever, mode=args.placement,
+                            demand_host=host)
+    except (OSError, MigrateError) as e:
+        rep.event("error", f"cannot start the destination: {e}")
+        return 2
+    feeder = None
+    if args.qmp:
+        from migrate.qemu import DeviceStateFeeder
+        feeder = DeviceStateFeeder(args.qmp, rep)
+    try:
+        server, addr = service.serve(agent, args.listen, device_state=feeder)
     except (OSError, ValueError) as e:
         agent.close()
         rep.event("error", str(e))
@@ -63,13 +73,20 @@ def cmd_dest(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     reported = set()
+    settle: dict = {}
     status = 0
     try:
         while not stop.is_set():
             for m in list(agent.migrations.values()):
                 if m.done.is_set() and m.id not in reported:
+                    if feeder is not None and not _device_state_settled(feeder, m, settle):
+                        continue  # every page is here, but QEMU is still being resumed
                     reported.add(m.id)
                     s = m.summary()
+                    if feeder is not None and m.id in feeder.feeds:
+                        f = feeder.feeds[m.id]
+                        s.update(guest_running=f.running, device_state_bytes=f.bytes,
+                                 device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
                     if args.serve_forever:
                         rep.event("migration", f"session {m.id} {s['state']}", **s)
                         agent.migrations.pop(m.id, None)
@@ -84,6 +101,15 @@ def cmd_dest(args) -> int:
         server.stop(grace=1).wait(3)
         agent.close()
     return status
+
+
+def _device_state_settled(feeder, m, deadlines: dict, wait: float = 60.0) -> bool:
+    """With --qmp a migration is reported once its device state was fed too (or
+    never came within `wait` s of the last page)."""
+    if feeder.settled(m.id):
+        return True
+    import time
+    return time.monotonic() > deadlines.setdefault(m.id, time.monotonic() + wait)
 
 
 def _dest_text(s: dict) -> str:
@@ -105,9 +131,15 @@ def cmd_source(args) -> int:
     except MigrateError as e:
         rep.event("error", str(e))
         return 2
+    kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
+              resume_session=args.resume or "")
+    vm = {}
     try:
-        res = Source(ram, args.to, rep, push_streams=args.push_streams, batch_bytes=args.batch_bytes,
-                     compress=not args.no_compress, resume_session=args.resume or "").run()
+        if args.qmp and not args.resume:
+            from migrate import qemu
+            res, vm = qemu.migrate_vm(args.qmp, ram, args.to, rep, **kw)
+        else:  # (with --resume the device state was delivered already)
+            res = Source(ram, args.to, rep, **kw).run()
     except MigrateError as e:
         rep.event("error", str(e))
         return 1
@@ -118,10 +150,20 @@ def cmd_source(args) -> int:
          "pages_pushed": f.pages_pushed, "pages_zero": f.pages_zero, "pages_sent_push": res.pages_sent_push,
          "pages_sent_demand": res.pages_sent_demand, "demand_requests": res.demand_requests,
          "wire_bytes": res.wire_bytes, "seconds": round(res.seconds, 3),
-         "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0}
+         "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "
                    f"{f.pages_pushed} pushed, {f.pages_zero} zero")
+    return 0
+
+
+def cmd_shim_path(args) -> int:
+    from migrate.qemu import shim_path
+    try:
+        print(shim_path())
+    except MigrateError as e:
+        print(f"shim-path: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -158,6 +200,22 @@ def cmd_demo(args) -> int:
     return demo.run(args)
 
 
+def cmd_bench(args) -> int:
+    # benchmarks/ lives beside the package in a source tree and is not part of
+    # the wheel: find it there, import it only when asked.
+    import os
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "benchmarks", "run.py")) and root not in sys.path:
+        sys.path.insert(0, root)
+    try:
+        from benchmarks import run as bench
+    except ImportError as e:
+        print(f"bench: the benchmark harness is not available ({e}): it lives in benchmarks/ of a source "
+              "checkout; run `migrate bench` from there (pip install -e '.[bench]')", file=sys.stderr)
+        return 2
+    return bench.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="migrate", description="VM live-migration post-copy engine "
                                 "on userfaultfd MINOR faults")
@@ -169,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve-forever", action="store_true", help="serve one migration after another")
     d.add_argument("--placement", choices=["continue", "copy"], default="continue",
                    help="continue: MINOR faults + UFFDIO_CONTINUE (default); copy: MISSING + UFFDIO_COPY")
+    d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
+                   "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dest)
 
@@ -181,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-bytes", type=_size, default=1 << 20, help="background batch size (default 1M)")
     s.add_argument("--no-compress", action="store_true", help="send pages without zstd")
     s.add_argument("--resume", metavar="SESSION", help="resume this session after a failure")
+    s.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the source QEMU: pause it, send its device "
+                   "state (x-ignore-shared), then serve --ram; it stays paused once the destination runs")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_source)
 
@@ -201,6 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_image_args(m)
     m.set_defaults(fn=cmd_mkram)
 
+    sp = sub.add_parser("shim-path", help="print the path of the LD_PRELOAD shim for QEMU")
+    sp.set_defaults(fn=cmd_shim_path)
+
     de = sub.add_parser("demo", help="mkram + dest + guestsim + source on loopback, then a summary")
     de.add_argument("--size", type=_size, default=1 << 30)
     de.add_argument("--backing", choices=["tmpfs", "hugetlbfs"], default="tmpfs")
@@ -210,6 +275,20 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--seed", type=int, default=42)
     de.add_argument("--json", action="store_true")
     de.set_defaults(fn=cmd_demo)
+
+    b = sub.add_parser("bench", help="floors and migrations on loopback, compared in one run (source tree only)")
+    b.add_argument("--quick", action="store_true", help="the ratio set only, under 3 minutes")
+    b.add_argument("--matrix", action="store_true", help="every combination of the scenario factors (long)")
+    b.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the ratios")
+    b.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")
+    b.add_argument("--name", help="results file name (default quick or full)")
+    b.add_argument("--scenario", action="append", metavar="PATTERN",
+                   help="run only scenarios whose name contains PATTERN (or matches it as a glob); repeatable")
+    b.add_argument("--profile", action="append", metavar="PATTERN",
+                   help="py-spy the agents of matching scenarios (needs py-spy on PATH or PY_SPY)")
+    b.add_argument("--no-floors", action="store_true", help="skip the floors (ratios that need them are empty)")
+    b.add_argument("--no-plots", action="store_true")
+    b.set_defaults(fn=cmd_bench)
     return p
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import enum
 import os
-import queue
+import secrets
 import socket
 import threading
 import time
@@ -23,7 +23,9 @@ from migrate.faultpath import FaultSpace, SpaceRegion
 from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
-from migrate.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchDecoder
+from migrate._binding import lib
+from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PROTOCOL_VERSION,
+                              BatchDecoder)
 from migrate.uffd import Mode, Userfaultfd
 
 
@@ -33,6 +35,9 @@ class BusyError(MigrateError):
 
 class NoGuestError(MigrateError):
     """A source connected but no guest is attached to take its RAM."""
+
+
+DEMAND_CONNECT_TIMEOUT = 15.0
 
 
 class State(enum.Enum):
@@ -69,11 +74,9 @@ class Migration:
         self.done = threading.Event()
         self.error: str | None = None
         self.source_gen = 0              # bumps when a source is replaced
-        self.requested: dict[int, float] = {}  # page -> when first requested
-        self.demand_q: queue.Queue[list[int]] = queue.Queue()
-        self.latencies_us: list[float] = []
-        self.counts = {"demand": 0, "pushed": 0, "zero": 0, "duplicate": 0}
-        self.received_count = 0
+        self.demand_token = b""          # what the current source sends to open its demand channel
+        self.demand_sock: socket.socket | None = None
+        self.completing = False
         self.t_connect: float | None = None
         self.t_complete: float | None = None
         self.stop_fd = -1
@@ -125,6 +128,9 @@ class Migration:
                 t.join(5)
             os.close(self.stop_fd)
             self.stop_fd = -1
+        if self.demand_sock is not None:
+            self.demand_sock.close()
+            self.demand_sock = None
         if self.mem is not None:
             self.mem.close()
             self.mem = None
@@ -149,7 +155,7 @@ class Migration:
         self.reporter.event("error", why, session=self.id)
         self.done.set()
 
-    def connect(self, hello: pb.Hello) -> pb.Welcome:
+    def connect(self, hello: pb.Hello, demand_port: int) -> pb.Welcome:
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolError(f"source speaks protocol version {hello.version}, this destination speaks "
                                 f"{PROTOCOL_VERSION}: run the same migrate release on both hosts")
@@ -165,97 +171,98 @@ class Migration:
             if not self._move(State.CONNECTED):
                 raise BusyError(f"migration {self.id} is {self.state.value}: it takes no source")
             self.source_gen += 1
+            gen = self.source_gen
+            self.demand_token = secrets.token_bytes(DEMAND_TOKEN_BYTES)
             if self.t_connect is None:
                 self.t_connect = time.monotonic()
+        received = self.space.received_count
         comp = pb.COMPRESSION_ZSTD if pb.COMPRESSION_ZSTD in hello.compression else pb.COMPRESSION_NONE
         self.reporter.event("connected", f"source {hello.source_name or '?'} joined session {self.id}",
-                            session=self.id, source=hello.source_name, resumed=self.received_count > 0)
+                            session=self.id, source=hello.source_name, resumed=received > 0)
+        # a source that never opens its demand channel is not serving this guest
+        timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen,))
+        timer.daemon = True
+        timer.start()
         return pb.Welcome(version=PROTOCOL_VERSION, session_id=self.id, compression=comp,
-                          received_bitmap=self.space.received.to_bytes() if self.received_count else b"",
-                          batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4)
+                          received_bitmap=self.space.received.to_bytes() if received else b"",
+                          batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
+                          demand_port=demand_port, demand_token=self.demand_token)
+
+    def _demand_deadline(self, gen: int) -> None:
+        if self.demand_sock is None and gen == self.source_gen:
+            self.source_lost(gen, f"no demand channel within {DEMAND_CONNECT_TIMEOUT:.0f} s of Open")
+
+    def attach_demand(self, sock: socket.socket) -> None:
+        """The current source's demand channel: requests go out on it from the
+        fault loop (C), replies are placed by a C receiver thread."""
+        with self.lock:
+            gen = self.source_gen
+            old, self.demand_sock = self.demand_sock, sock
+        if old is not None:
+            old.close()
+        resent = self.space.set_demand_fd(sock.fileno())
+        self.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
+                            session=self.id, resent=resent)
+        threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{self.id}",
+                         daemon=True).start()
+
+    def _demand_rx(self, sock: socket.socket, gen: int) -> None:
+        why = "demand channel closed"
+        try:
+            rc = self.space.demand_receive(sock.fileno(), self.stop_fd)
+            if rc == lib.MG_DEMAND_COMPLETE:
+                self._complete()
+        except ProtocolError as e:
+            why = str(e)
+            self.reporter.event("error", f"bad demand reply: {e}", session=self.id)
+        except MigrateError as e:
+            self.fail(f"placing a demand reply: {e}")
+        with self.lock:
+            mine = self.demand_sock is sock
+            if mine:
+                self.demand_sock = None
+        if mine:
+            self.space.set_demand_fd(-1)
+            sock.close()
+        if not self.done.is_set():
+            self.source_lost(gen, why)
 
     def source_lost(self, gen: int, why: str) -> None:
         with self.lock:
             if gen != self.source_gen or not self._move(State.DISCONNECTED):
                 return
         self.reporter.event("disconnected", f"source left before the end ({why}); waiting for another",
-                            session=self.id, received=self.received_count, total=self.npages)
+                            session=self.id, received=self.space.received_count, total=self.npages)
 
     # -- faults -----------------------------------------------------------
     def _fault_loop(self):
+        """Runs in C with the GIL released: the fast path maps received pages, the
+        rest go to the source as demand requests straight from C."""
         try:
-            while True:
-                pages = self.space.serve(self.stop_fd, 64, 1000)
-                if pages is None:
-                    return
-                if pages:
-                    self._request(pages)
+            while self.space.serve(self.stop_fd, 0, 1000) is not None:
+                pass
         except MigrateError as e:
             self.fail(f"fault loop: {e}")
 
-    def _request(self, pages: list[int]) -> None:
-        now = time.monotonic()
-        new = []
-        with self.lock:
-            for p in pages:
-                if p in self.space.received or p in self.requested:
-                    continue  # placed meanwhile (its CONTINUE woke the vCPU), or already asked
-                self.requested[p] = now
-                new.append(p)
-        if new:
-            self.demand_q.put(new)
-
-    def demand_requests(self, gen: int, is_active):
-        """Yields PageRequest messages for the source of generation `gen`."""
-        with self.lock:
-            outstanding = [p for p in self.requested if p not in self.space.received]
-        if outstanding:
-            yield pb.PageRequest(pages=sorted(outstanding))
-        while not self.done.is_set() and gen == self.source_gen and is_active():
-            try:
-                pages = self.demand_q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            while True:  # merge whatever else is waiting into one request
-                try:
-                    pages += self.demand_q.get_nowait()
-                except queue.Empty:
-                    break
-            yield pb.PageRequest(pages=pages)
-
     # -- placement --------------------------------------------------------
-    def receive(self, batch: pb.PageBatch, demand: bool) -> int:
+    def receive(self, batch: pb.PageBatch) -> int:
+        """A background batch: checked in full before any byte is written."""
         if self.done.is_set():
             return 0
-        dec = self.decoder.decode(batch)  # checks everything before any byte is written
+        dec = self.decoder.decode(batch)
         if not dec.pages:
             return 0
-        placed = self.space.place(dec.pages, dec.data, dec.offsets, dec.zero)
-        self.space.map(dec.pages[0], dec.pages[-1] - dec.pages[0] + 1)
-        now = time.monotonic()
-        n = 0
-        with self.lock:
-            for p, z, ok in zip(dec.pages, dec.zero, placed):
-                if not ok:
-                    self.counts["duplicate"] += 1
-                    continue
-                n += 1
-                t = self.requested.pop(p, None)
-                if t is not None:
-                    self.latencies_us.append((now - t) * 1e6)
-                if z:
-                    self.counts["zero"] += 1
-                elif demand:
-                    self.counts["demand"] += 1
-                else:
-                    self.counts["pushed"] += 1
-            self.received_count += n
-            finished = n > 0 and self.received_count == self.npages  # only the crossing thread
-        if finished:
+        n = self.space.place_batch(dec.pages, dec.zero, dec.data)
+        self.space.map(min(dec.pages), max(dec.pages) - min(dec.pages) + 1)   # eager: the guest needn't fault
+        if n and self.space.received_count == self.npages:
             self._complete()
         return n
 
     def _complete(self):
+        with self.lock:
+            if self.completing:
+                return
+            self.completing = True
         self.space.map(0, self.npages)  # anything a race left unmapped
         if not self.space.complete():
             self.fail(f"all {self.npages} pages received but only {self.space.mapped.count()} mapped")
@@ -287,21 +294,26 @@ class Migration:
 
     # -- results ----------------------------------------------------------
     def summary(self) -> dict:
-        lat = sorted(self.latencies_us)
+        lat = sorted(self.space.latencies_us())
+        st = self.space.stats
         end = self.t_complete or time.monotonic()
         return {
             "session": self.id,
             "state": self.state.value,
             "pages_total": self.npages,
-            "pages_demand": self.counts["demand"],
-            "pages_pushed": self.counts["pushed"],
-            "pages_zero": self.counts["zero"],
-            "pages_duplicate": self.counts["duplicate"],
+            "pages_demand": st["placed_demand"],
+            "pages_pushed": st["placed_push"],
+            "pages_zero": st["placed_zero"],
+            "pages_duplicate": st["duplicates"],
             "page_size": self.page_size,
             "fault_p50_us": round(percentile(lat, 50), 1),
             "fault_p99_us": round(percentile(lat, 99), 1),
-            "faults": self.space.stats["faults"],
-            "faults_fast": self.space.stats["fast"],
+            "fault_p999_us": round(percentile(lat, 99.9), 1),
+            "faults": st["faults"],
+            "faults_fast": st["fast"],
+            "faults_minor": st["minor"],
+            "demand_requests": st["requests_sent"],
+            "map_calls": st["map_calls"],
             "seconds": round(end - (self.t_connect or end), 3),
             "error": self.error,
         }
@@ -317,7 +329,7 @@ class Destination:
     """The agent: an attach listener plus the migrations it adopted."""
 
     def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
-                 mode: str = faultpath.MODE_CONTINUE):
+                 mode: str = faultpath.MODE_CONTINUE, demand_host: str = "127.0.0.1"):
         self.reporter = reporter
         self.serve_forever = serve_forever
         self.mode = mode
@@ -328,6 +340,48 @@ class Destination:
         self.closing = False
         self.accept_thread = threading.Thread(target=self._accept_loop, name="attach", daemon=True)
         self.accept_thread.start()
+        # The demand channel: plain TCP, one connection per source, opened with
+        # the token its Welcome carried.
+        family = socket.AF_INET6 if ":" in demand_host.strip("[]") else socket.AF_INET
+        self.demand_listener = socket.socket(family, socket.SOCK_STREAM)
+        self.demand_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.demand_listener.bind((demand_host.strip("[]"), 0))
+        self.demand_listener.listen(16)
+        self.demand_port = self.demand_listener.getsockname()[1]
+        threading.Thread(target=self._demand_accept_loop, name="demand-accept", daemon=True).start()
+
+    def _demand_accept_loop(self):
+        while not self.closing:
+            try:
+                conn, peer = self.demand_listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._demand_hello, args=(conn, peer), daemon=True).start()
+
+    def _demand_hello(self, conn: socket.socket, peer) -> None:
+        conn.settimeout(10)
+        try:
+            hello = b""
+            want = len(DEMAND_MAGIC) + DEMAND_TOKEN_BYTES
+            while len(hello) < want:
+                chunk = conn.recv(want - len(hello))
+                if not chunk:
+                    raise OSError("closed during the demand hello")
+                hello += chunk
+        except OSError as e:
+            self.reporter.event("error", f"demand channel from {peer}: {e}")
+            conn.close()
+            return
+        token = hello[len(DEMAND_MAGIC):]
+        m = next((m for m in list(self.migrations.values())
+                  if m.demand_token and secrets.compare_digest(m.demand_token, token)), None)
+        if hello[:len(DEMAND_MAGIC)] != DEMAND_MAGIC or m is None:
+            self.reporter.event("error", f"demand channel from {peer} with an unknown token: closed")
+            conn.close()
+            return
+        conn.settimeout(None)
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        m.attach_demand(conn)
 
     def _accept_loop(self):
         while not self.closing:
@@ -382,7 +436,7 @@ class Destination:
                     raise NoGuestError(f"no guest attached to {self.listener.path} within {wait:.0f} s: "
                                        "start the guest (migrate guestsim or QEMU with the shim) first")
                 self.changed.wait(left)
-        return m.connect(hello)
+        return m.connect(hello, self.demand_port)
 
     def migration(self, session_id: str) -> Migration:
         m = self.migrations.get(session_id)
@@ -393,5 +447,6 @@ class Destination:
     def close(self):
         self.closing = True
         self.listener.close()
+        self.demand_listener.close()
         for m in list(self.migrations.values()):
             m.close()

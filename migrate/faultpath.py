@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
-from migrate.errors import UffdError
+from migrate.errors import ProtocolError, UffdError
 from migrate.pagestate import PageBitmap
 from migrate.uffd import Userfaultfd
 
@@ -47,6 +47,10 @@ class FaultSpace:
         self.received = PageBitmap(npages)
         self.mapped = PageBitmap(npages)
         self.claimed = PageBitmap(npages)
+        self.requested = PageBitmap(npages)
+        self._inflight = ffi.new("struct mg_inflight[]", lib.MG_INFLIGHT)
+        ffi.memmove(self._inflight, b"\xff" * ffi.sizeof(self._inflight), ffi.sizeof(self._inflight))
+        self._lat = ffi.new("uint32_t[]", lib.MG_LAT_RING)
         s = ffi.new("struct mg_space *")
         s.uffd = uffd.fd
         s.mode = lib.MG_PLACE_COPY if mode == MODE_COPY else lib.MG_PLACE_CONTINUE
@@ -56,6 +60,10 @@ class FaultSpace:
         s.received = self.received.words
         s.mapped = self.mapped.words
         s.claimed = self.claimed.words
+        s.requested = self.requested.words
+        s.demand_fd = -1
+        s.inflight = self._inflight
+        s.lat_us = self._lat
         s.nregions = len(regions)
         for i, r in enumerate(regions):
             s.regions[i].guest_addr = r.guest_addr
@@ -63,6 +71,7 @@ class FaultSpace:
             s.regions[i].npages = r.npages
         self._s = s
         self._bad = ffi.new("uint64_t *")
+        self._scratch = ffi.new("uint8_t[]", page_size)
 
     # -- addresses --------------------------------------------------------
     def page_of(self, guest_addr: int) -> int | None:
@@ -73,30 +82,20 @@ class FaultSpace:
         return lib.mg_space_addr_of(self._s, page)
 
     # -- placement --------------------------------------------------------
-    def place(self, pages, data: bytes | memoryview, offsets, zero) -> list[int]:
-        """Places pages[i] from data[offsets[i]:] (or zeros where zero[i]).
-        Returns a flag per page: 1 if this call placed it, 0 for a duplicate
-        (dropped: the first copy won and may already be the guest's)."""
+    def place_batch(self, pages, zero_bits: bytes, data: bytes, *, demand: bool = False) -> int:
+        """Places pages (zero where the bit in zero_bits is set, else the next
+        page_size bytes of data). Returns how many were placed; duplicates are
+        dropped (the first copy won and may already be the guest's)."""
         n = len(pages)
         if n == 0:
-            return []
+            return 0
         c_pages = ffi.new("uint64_t[]", pages)
-        c_offs = ffi.new("uint64_t[]", offsets)
-        c_zero = ffi.new("uint8_t[]", zero)
-        placed = ffi.new("uint8_t[]", n)
         buf = ffi.from_buffer(data) if len(data) else ffi.NULL
-        rc = lib.mg_place_pages(self._s, c_pages, n, buf, c_offs, c_zero, placed, self._bad)
+        rc = lib.mg_place_batch(self._s, c_pages, n, zero_bits, buf, len(data),
+                                lib.MG_VIA_DEMAND if demand else lib.MG_VIA_PUSH, self._bad)
         if rc < 0:
             self._raise("place" if self.mode == MODE_CONTINUE else "copy", rc, self._bad[0])
-        return list(ffi.unpack(placed, n))
-
-    def claim_run(self, first: int, count: int) -> bool:
-        """Claims [first, first+count) for a caller that writes the alias itself."""
-        return bool(lib.mg_claim_run(self._s, first, count))
-
-    def mark_received(self, first: int, count: int) -> None:
-        """After the caller wrote a claimed run through the alias."""
-        self.received.set(first, count)
+        return rc
 
     def map(self, first: int = 0, count: int | None = None) -> int:
         """Maps received, unmapped pages of the range. Returns pages newly mapped."""
@@ -106,23 +105,60 @@ class FaultSpace:
             self._raise("continue", rc, self._bad[0])
         return rc
 
+    @property
+    def received_count(self) -> int:
+        return self._s.stats.received
+
     # -- faults -----------------------------------------------------------
-    def serve(self, stop_fd: int, max_pages: int = 64, timeout_ms: int = 1000) -> list[int] | None:
-        """Blocks (GIL released) until faults need the source. Returns their pages,
-        [] on timeout, None when stop_fd fired."""
-        need = ffi.new("uint64_t[]", max_pages)
+    def serve(self, stop_fd: int, max_pages: int = 0, timeout_ms: int = 1000) -> list[int] | None:
+        """Blocks (GIL released) serving faults: the fast path maps received pages,
+        the rest are requested over the demand channel. Returns the pages that
+        needed the source (only when max_pages > 0), [] on timeout, None when
+        stop_fd fired."""
+        need = ffi.new("uint64_t[]", max(1, max_pages))
         rc = lib.mg_fault_serve(self._s, stop_fd, need, max_pages, timeout_ms)
         if rc == -errno.ESHUTDOWN:
             return None
         if rc < 0:
-            raise UffdError("serve faults", -rc, detail="reading the userfaultfd failed")
+            raise UffdError("serve faults", -rc, detail="reading or answering the userfaultfd failed")
         return [need[i] for i in range(rc)]
+
+    # -- demand channel ---------------------------------------------------
+    def set_demand_fd(self, fd: int) -> int:
+        """Points demand requests at a connected source (-1: none). Returns how
+        many outstanding requests were sent again."""
+        self._s.demand_fd = fd
+        if fd < 0:
+            return 0
+        return lib.mg_demand_resend(self._s)
+
+    def demand_receive(self, fd: int, stop_fd: int) -> int:
+        """Reads demand replies (GIL released) until EOF (0), every page received
+        (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad replies raise."""
+        rc = lib.mg_demand_receive(self._s, fd, stop_fd, self._scratch)
+        if rc == -errno.EPROTO:
+            p, length = self._s.error_page, self._s.error_value
+            if p >= self.npages:
+                raise ProtocolError(f"demand reply names page {p}, outside the layout of {self.npages} pages "
+                                    f"of {self.page_size} bytes")
+            raise ProtocolError(f"demand reply for page {p} carries {length} bytes, expected "
+                                f"{self.page_size} (or 0 for a zero page)")
+        if rc in (-errno.EPIPE, -errno.ECONNRESET):
+            return 0
+        if rc < 0 and rc != -errno.ESHUTDOWN:
+            self._raise("continue", rc, self._s.error_page)
+        return rc
+
+    def latencies_us(self) -> list[int]:
+        n = min(self._s.stats.lat_count, lib.MG_LAT_RING)
+        return list(ffi.unpack(self._lat, n))
 
     @property
     def stats(self) -> dict:
         st = self._s.stats
-        return {k: getattr(st, k) for k in ("faults", "minor", "fast", "requested", "outside",
-                                            "eexist", "mapped_pages", "map_calls")}
+        return {k: getattr(st, k) for k in (
+            "faults", "minor", "fast", "requested", "requests_sent", "outside", "eexist", "mapped_pages",
+            "map_calls", "received", "placed_demand", "placed_push", "placed_zero", "duplicates")}
 
     def complete(self) -> bool:
         return self.received.full() and self.mapped.full()

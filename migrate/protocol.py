@@ -21,7 +21,7 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 << 20
 DEFAULT_BATCH_BYTES = 1 << 20
 MIN_BATCH_BYTES = 256 << 10
-ZSTD_LEVEL = 1
+ZSTD_LEVEL = -3   # zstd's fast levels: same ratio on guest pages here, ~3x the speed of level 1
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -41,50 +41,43 @@ def channel(target: str, purpose: str) -> grpc.Channel:
 
 
 class BatchEncoder:
-    """Builds PageBatch messages from a read-only RAM mapping (source side)."""
+    """Builds PageBatch messages from a read-only RAM mapping (source side).
+    One per stream thread: it reuses its gather buffer and zstd context."""
 
-    def __init__(self, ram_view: memoryview, base_addr: int, page_size: int, compress: bool = True):
-        self.ram = ram_view
+    def __init__(self, base_addr: int, page_size: int, max_pages: int, compress: bool = True):
         self.base = base_addr
         self.ps = page_size
+        self.max_pages = max_pages
+        self.buf = bytearray(max_pages * page_size)
+        self.cbuf = ffi.from_buffer(self.buf)
+        self.view = memoryview(self.buf)
         self.cctx = zstandard.ZstdCompressor(level=ZSTD_LEVEL) if compress else None
 
-    def encode(self, pages: list[int], session_id: str = "", compress: bool = True) -> pb.PageBatch:
-        ps = self.ps
-        flags = bytearray((len(pages) + 7) // 8)
-        parts = []
-        # consecutive non-zero pages are sent as one slice: no per-page copy
-        run_start = run_end = None
-        for i, p in enumerate(pages):
-            if lib.mg_is_zero(ffi.cast("void *", self.base + p * ps), ps):
-                flags[i >> 3] |= 1 << (i & 7)
-                continue
-            if run_end == p:
-                run_end = p + 1
-            else:
-                if run_start is not None:
-                    parts.append(self.ram[run_start * ps:run_end * ps])
-                run_start, run_end = p, p + 1
-        if run_start is not None:
-            parts.append(self.ram[run_start * ps:run_end * ps])
-        raw = parts[0] if len(parts) == 1 else b"".join(parts)
-        raw_len = len(raw)
+    def encode(self, pages: list[int], session_id: str = "") -> pb.PageBatch:
+        n = len(pages)
+        if n > self.max_pages:
+            raise ValueError(f"batch of {n} pages exceeds the encoder's {self.max_pages}")
+        zero = bytearray((n + 7) // 8)
+        raw_len = lib.mg_gather_pages(self.base, self.ps, ffi.new("uint64_t[]", pages), n, self.cbuf,
+                                      ffi.from_buffer(zero))
+        raw = self.view[:raw_len]
         comp = pb.COMPRESSION_NONE
-        data = bytes(raw) if raw_len else b""
-        if compress and self.cctx is not None and raw_len:
+        data = None
+        if self.cctx is not None and raw_len:
             z = self.cctx.compress(raw)
             if len(z) < raw_len * 0.95:  # not worth the receiver's time otherwise
                 data, comp = z, pb.COMPRESSION_ZSTD
-        return pb.PageBatch(session_id=session_id, pages=pages, zero=bytes(flags),
+        if data is None:
+            data = bytes(raw)
+        return pb.PageBatch(session_id=session_id, pages=pages, zero=bytes(zero),
                             compression=comp, data=data, raw_length=raw_len)
 
 
 @dataclass
 class DecodedBatch:
     pages: list[int]
-    zero: list[int]         # 1 = zero page
-    offsets: list[int]      # offset of each page's bytes in data (0 for zero pages)
-    data: bytes
+    zero: bytes             # bit i (LSB first) set: pages[i] is a zero page
+    data: bytes             # the non-zero pages, in order
     nonzero: int
 
 
@@ -104,18 +97,17 @@ class BatchDecoder:
         return d
 
     def decode(self, b: pb.PageBatch) -> DecodedBatch:
-        pages = list(b.pages)
+        pages = b.pages
         n = len(pages)
         if len(b.zero) != (n + 7) // 8:
             raise ProtocolError(f"batch of {n} pages carries a zero bitmap of {len(b.zero)} bytes, "
                                 f"expected {(n + 7) // 8}")
-        for p in pages:
-            if p >= self.npages:
-                raise ProtocolError(f"batch names page {p}, outside the layout of {self.npages} pages "
-                                    f"of {self.ps} bytes")
-        zf = b.zero
-        zero = [(zf[i >> 3] >> (i & 7)) & 1 for i in range(n)]
-        nonzero = n - sum(zero)
+        if n and max(pages) >= self.npages:
+            bad = next(p for p in pages if p >= self.npages)
+            raise ProtocolError(f"batch names page {bad}, outside the layout of {self.npages} pages "
+                                f"of {self.ps} bytes")
+        zero_bits = int.from_bytes(b.zero, "little") & ((1 << n) - 1)
+        nonzero = n - zero_bits.bit_count()
         want = nonzero * self.ps
         if b.raw_length != want:
             raise ProtocolError(f"batch declares {b.raw_length} bytes for {nonzero} non-zero pages of "
@@ -132,10 +124,8 @@ class BatchDecoder:
         if len(data) != want:
             raise ProtocolError(f"batch of {nonzero} non-zero pages carries {len(data)} bytes after "
                                 f"decompression, expected {want}: truncated or corrupt")
-        offsets = []
-        off = 0
-        for z in zero:
-            offsets.append(0 if z else off)
-            if not z:
-                off += self.ps
-        return DecodedBatch(pages, zero, offsets, data, nonzero)
+        return DecodedBatch(list(pages), zero_bits.to_bytes((n + 7) // 8, "little"), data, nonzero)
+
+
+DEMAND_MAGIC = b"MGDEMAND"
+DEMAND_TOKEN_BYTES = 16

@@ -4,7 +4,6 @@ migrate.destination, and one interceptor that turns exceptions into status codes
 
 from __future__ import annotations
 
-import threading
 from concurrent import futures
 
 import grpc
@@ -80,32 +79,18 @@ def _first(request_iterator, what: str) -> pb.PageBatch:
 
 
 class MigrationService(pbg.MigrationServicer):
-    def __init__(self, agent: dst.Destination):
+    def __init__(self, agent: dst.Destination, device_state=None):
         self.agent = agent
+        self.device_state = device_state   # migrate.qemu.DeviceStateFeeder with --qmp
 
     def Open(self, request, context):
+        if request.has_device_state and self.device_state is None:
+            raise ProtocolError("the source sends QEMU device state but this destination was started "
+                                "without --qmp: start `migrate dest` with --qmp SOCKET of the destination QEMU")
+        if self.device_state is not None and not request.has_device_state:
+            raise ProtocolError("this destination feeds a QEMU (--qmp) but the source sends no device state: "
+                                "start `migrate source` with --qmp SOCKET of the source QEMU")
         return self.agent.open(request)
-
-    def Demand(self, request_iterator, context):
-        m = self.agent.migration(_first(request_iterator, "Demand").session_id)
-        gen = m.source_gen
-
-        def replies():
-            why = "demand stream ended"
-            try:
-                for batch in request_iterator:
-                    m.receive(batch, demand=True)
-            except MigrateError as e:
-                why = str(e)
-                m.reporter.event("error", f"bad demand reply: {e}", session=m.id)
-                context.cancel()
-            except grpc.RpcError:
-                why = "source connection lost"
-            if not m.done.is_set():
-                m.source_lost(gen, why)
-
-        threading.Thread(target=replies, name=f"demand-rx-{m.id}", daemon=True).start()
-        yield from m.demand_requests(gen, context.is_active)
 
     def Push(self, request_iterator, context):
         m = self.agent.migration(_first(request_iterator, "Push").session_id)
@@ -113,7 +98,7 @@ class MigrationService(pbg.MigrationServicer):
         n = 0
         try:
             for batch in request_iterator:
-                n += m.receive(batch, demand=False)
+                n += m.receive(batch)
         except MigrateError as e:
             m.reporter.event("error", f"bad push batch: {e}", session=m.id)
             m.source_lost(gen, str(e))
@@ -126,14 +111,26 @@ class MigrationService(pbg.MigrationServicer):
         return m.finish_reply()
 
     def DeviceState(self, request_iterator, context):
-        raise MigrateError("this destination was started without --qmp: it takes no device state")
+        if self.device_state is None:
+            raise MigrateError("this destination was started without --qmp: it takes no device state")
+        first = next(request_iterator, None)
+        if first is None or not first.session_id:
+            raise ProtocolError("first DeviceState chunk must name the session")
+        m = self.agent.migration(first.session_id)
+        return self.device_state.feed(m, _chain(first, request_iterator))
 
 
-def serve(agent: dst.Destination, listen: str, workers: int = 32) -> tuple[grpc.Server, str]:
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def serve(agent: dst.Destination, listen: str, workers: int = 32,
+          device_state=None) -> tuple[grpc.Server, str]:
     """Starts the gRPC server; returns it and the real address (port 0 resolved)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
-    pbg.add_MigrationServicer_to_server(MigrationService(agent), server)
+    pbg.add_MigrationServicer_to_server(MigrationService(agent, device_state), server)
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:0")

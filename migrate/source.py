@@ -8,23 +8,24 @@ that skips whatever was already sent.
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
-import queue
+import socket
 import threading
 import time
 from dataclasses import dataclass
 
 import grpc
 
-from migrate._binding import ffi
+from migrate._binding import ffi, lib
 from migrate.errors import MigrateError, ProtocolError, fmt_size
 from migrate.events import Reporter
 from migrate.memory import fs_page_size
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchEncoder, channel
+from migrate.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, BatchEncoder, channel
 
 LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
 
@@ -83,6 +84,8 @@ class Scheduler:
         self.lock = threading.Lock()
         self.cursor = 0
         self.near: tuple[int, int] | None = None  # (next page, end) after the last demand
+        self.demand = None      # the C demand server's struct: its last page, read for locality
+        self.demand_seq = 0
 
     def note_demand(self, pages: list[int]) -> None:
         with self.lock:
@@ -93,6 +96,10 @@ class Scheduler:
             self.near = (last + 1, min(self.npages, last + 1 + LOCALITY_PAGES))
 
     def next_batch(self) -> list[int]:
+        d = self.demand
+        if d is not None and d.seq != self.demand_seq:
+            self.demand_seq = d.seq
+            self.note_demand([d.last_page])
         with self.lock:
             out: list[int] = []
             if self.near:
@@ -138,7 +145,8 @@ class SourceResult:
 class Source:
     def __init__(self, ram: RamImage, target: str, reporter: Reporter, *, push_streams: int = 2,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
-                 resume_session: str = "", connect_timeout: float = 30.0):
+                 resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
+                 on_session=None):
         self.ram = ram
         self.target = target
         self.reporter = reporter
@@ -148,11 +156,13 @@ class Source:
         self.name = name
         self.resume_session = resume_session
         self.connect_timeout = connect_timeout
+        # QEMU (migrate.qemu): Hello says a device-state stream follows, and
+        # on_session(stub, session_id) sends it once the demand stream is served.
+        self.device_state = device_state
+        self.on_session = on_session
         self.errors: list[BaseException] = []
         self.wire_bytes = 0
         self.sent_push = 0
-        self.sent_demand = 0
-        self.demand_requests = 0
         self.count_lock = threading.Lock()
         self.stop = threading.Event()
 
@@ -169,7 +179,8 @@ class Source:
         hello = pb.Hello(version=PROTOCOL_VERSION, ram_size=ram.size, page_size=ram.page_size,
                          compression=[pb.COMPRESSION_ZSTD, pb.COMPRESSION_NONE] if self.compress
                          else [pb.COMPRESSION_NONE],
-                         resume_session=self.resume_session, source_name=self.name)
+                         resume_session=self.resume_session, source_name=self.name,
+                         has_device_state=self.device_state)
         try:
             welcome = stub.Open(hello, timeout=60)
         except grpc.RpcError as e:
@@ -188,9 +199,16 @@ class Source:
                             f"{ram.npages} pages, {already.count()} already there", session=sid,
                             target=self.target)
         channels = [ctl]
-        demand_ch = channel(self.target, "demand")
-        channels.append(demand_ch)
-        threads = [threading.Thread(target=self._demand, args=(demand_ch, sid, compress), name="demand", daemon=True)]
+        sock = self._open_demand(welcome)
+        d = ffi.new("struct mg_demand_src *")
+        d.fd = sock.fileno()
+        d.base = ram.addr
+        d.page_size = ram.page_size
+        d.npages = ram.npages
+        d.sent = self.sched.sent.words
+        self.sched.demand = d
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        threads = [threading.Thread(target=self._demand, args=(sock, d), name="demand", daemon=True)]
         n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
         for i in range(n_push):
             ch = channel(self.target, f"push-{i}")
@@ -200,6 +218,8 @@ class Source:
         for t in threads:
             t.start()
         try:
+            if self.on_session is not None:
+                self.on_session(stub, sid)
             for t in threads[1:]:
                 t.join()
             if self.errors:
@@ -212,15 +232,18 @@ class Source:
                 raise SourceError(f"destination did not complete session {sid}: {fin.error or 'no reason given'}")
         finally:
             self.stop.set()
+            os.eventfd_write(self.stop_fd, 1)
             threads[0].join(5)
+            sock.close()
+            os.close(self.stop_fd)
             for ch in channels:
                 ch.close()
-        return SourceResult(sid, ram.npages, self.sent_push, self.sent_demand, self.demand_requests,
-                            self.wire_bytes, time.monotonic() - t0, fin)
+        return SourceResult(sid, ram.npages, self.sent_push, d.seq, d.seq,
+                            self.wire_bytes + d.bytes, time.monotonic() - t0, fin)
 
     # -- streams ----------------------------------------------------------
     def _push(self, ch: grpc.Channel, sid: str, compress: bool):
-        enc = BatchEncoder(self.ram.view, self.ram.addr, self.ram.page_size, compress)
+        enc = BatchEncoder(self.ram.addr, self.ram.page_size, self.sched.per_batch, compress)
 
         def batches():
             yield pb.PageBatch(session_id=sid)
@@ -240,40 +263,25 @@ class Source:
             self.errors.append(rpc_error(e, "push"))
             self.stop.set()
 
-    def _demand(self, ch: grpc.Channel, sid: str, compress: bool):
-        enc = BatchEncoder(self.ram.view, self.ram.addr, self.ram.page_size, compress=False)
-        replies: queue.Queue = queue.Queue()
-        npages = self.ram.npages
-
-        def outgoing():
-            yield pb.PageBatch(session_id=sid)
-            while True:
-                b = replies.get()
-                if b is None:
-                    return
-                yield b
-
-        call = pbg.MigrationStub(ch).Demand(outgoing())
+    def _open_demand(self, welcome: pb.Welcome) -> socket.socket:
+        host = self.target.rpartition(":")[0].strip("[]")
         try:
-            for req in call:
-                pages = sorted(set(req.pages))
-                bad = [p for p in pages if p >= npages]
-                if bad:
-                    raise ProtocolError(f"destination asked for page {bad[0]}, outside the {npages} pages "
-                                        "of this RAM image")
-                self.sched.note_demand(pages)
-                b = enc.encode(pages)
-                with self.count_lock:
-                    self.demand_requests += 1
-                    self.sent_demand += len(pages)
-                    self.wire_bytes += len(b.data)
-                replies.put(b)
-        except grpc.RpcError as e:
-            if not self.stop.is_set() and e.code() != grpc.StatusCode.CANCELLED:
-                self.errors.append(rpc_error(e, "demand"))
-        except MigrateError as e:
-            self.errors.append(e)
+            sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
+        except OSError as e:
+            raise SourceError(f"cannot open the demand channel to {host}:{welcome.demand_port}: {e}") from None
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(DEMAND_MAGIC + welcome.demand_token)
+        sock.settimeout(None)
+        return sock
+
+    def _demand(self, sock: socket.socket, d) -> None:
+        """Answers demand requests in C (GIL released) until the destination
+        closes the channel at the end of the migration."""
+        rc = lib.mg_demand_serve(d, self.stop_fd)
+        if rc == -errno.EPROTO:
+            self.errors.append(ProtocolError(f"destination asked for page {d.bad_page}, outside the "
+                                             f"{self.ram.npages} pages of this RAM image"))
             self.stop.set()
-            call.cancel()
-        finally:
-            replies.put(None)
+        elif rc < 0 and rc not in (-errno.ESHUTDOWN, -errno.ECONNRESET, -errno.EPIPE):
+            self.errors.append(SourceError(f"demand channel: {os.strerror(-rc)}"))
+            self.stop.set()

@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "fault.h"
 #include "uffd.h"
+#include "mem.h"
 
 /* Counters are bumped from the fault loop and from placement at once. */
 #define STAT_ADD(s, field, n) __atomic_fetch_add(&(s)->stats.field, (n), __ATOMIC_RELAXED)
@@ -8,6 +9,10 @@
 #include <errno.h>
 #include <linux/userfaultfd.h>
 #include <poll.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -203,18 +208,65 @@ int64_t mg_map_pages(struct mg_space *s, uint64_t first, uint64_t count, uint64_
     return (int64_t)total;
 }
 
-int mg_claim_run(struct mg_space *s, uint64_t first, uint64_t count)
+static uint64_t now_ns(void)
 {
-    if (first + count > s->npages)
-        return 0;
-    for (uint64_t i = 0; i < count; i++) {
-        if (test_and_set_bit(s->claimed, first + i)) {
-            mg_bitmap_clear_range(s->claimed, first, i);
-            return 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- demand bookkeeping: in-flight requests and their latencies ---- */
+
+static void inflight_add(struct mg_space *s, uint64_t page)
+{
+    if (!s->inflight)
+        return;
+    uint64_t t = now_ns();
+    for (uint64_t i = 0; i < MG_INFLIGHT; i++) {
+        struct mg_inflight *e = &s->inflight[(page + i) % MG_INFLIGHT];
+        uint64_t free_slot = UINT64_MAX;
+        if (__atomic_compare_exchange_n(&e->page, &free_slot, page, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+            __atomic_store_n(&e->t_ns, t, __ATOMIC_RELEASE);
+            return;
         }
     }
-    return 1;
+    /* table full: this request goes untimed */
 }
+
+static void inflight_done(struct mg_space *s, uint64_t page)
+{
+    if (!s->inflight)
+        return;
+    for (uint64_t i = 0; i < MG_INFLIGHT; i++) {
+        struct mg_inflight *e = &s->inflight[(page + i) % MG_INFLIGHT];
+        uint64_t cur = __atomic_load_n(&e->page, __ATOMIC_ACQUIRE);
+        if (cur == page) {
+            uint64_t t0 = __atomic_load_n(&e->t_ns, __ATOMIC_ACQUIRE);
+            __atomic_store_n(&e->page, UINT64_MAX, __ATOMIC_RELEASE);
+            if (t0 && s->lat_us) {
+                uint64_t us = (now_ns() - t0) / 1000;
+                uint64_t k = __atomic_fetch_add(&s->stats.lat_count, 1, __ATOMIC_RELAXED);
+                s->lat_us[k % MG_LAT_RING] = us > UINT32_MAX ? UINT32_MAX : (uint32_t)us;
+            }
+            return;
+        }
+        if (cur == UINT64_MAX)
+            continue; /* removed entries leave holes: keep probing */
+    }
+}
+
+static void send_request(struct mg_space *s, uint64_t page)
+{
+    int fd = __atomic_load_n(&s->demand_fd, __ATOMIC_ACQUIRE);
+    if (fd < 0)
+        return; /* no source yet: mg_demand_resend sends it when one connects */
+    /* One 8-byte send is atomic on a stream socket: the fault loop and a
+     * resend may write concurrently without interleaving. */
+    if (send(fd, &page, sizeof(page), MSG_NOSIGNAL) == (ssize_t)sizeof(page))
+        STAT_ADD(s, requests_sent, 1);
+}
+
+/* ---- placement ---- */
 
 static int copy_page(struct mg_space *s, uint64_t page, const uint8_t *src, int zero)
 {
@@ -249,43 +301,78 @@ static int copy_page(struct mg_space *s, uint64_t page, const uint8_t *src, int 
     return rc;
 }
 
-int64_t mg_place_pages(struct mg_space *s, const uint64_t *pages, uint64_t n,
-                       const uint8_t *data, const uint64_t *data_off,
-                       const uint8_t *is_zero, uint8_t *placed_out, uint64_t *bad_page)
+/* Claims page; returns 0 if it was placed already (a duplicate). */
+static int claim(struct mg_space *s, uint64_t page)
 {
-    uint64_t placed = 0, ps = s->page_size;
+    if (test_and_set_bit(s->claimed, page)) {
+        STAT_ADD(s, duplicates, 1);
+        return 0;
+    }
+    return 1;
+}
+
+/* The claimed page's bytes are in the alias (or src for COPY): make it received. */
+static int finish_place(struct mg_space *s, uint64_t page, const uint8_t *src, int zero, int via)
+{
+    if (s->mode == MG_PLACE_COPY) {
+        int rc;
+        do
+            rc = copy_page(s, page, src, zero);
+        while (rc == -EAGAIN);
+        if (rc < 0)
+            return rc;
+        set_bit(s->received, page);
+        set_bit(s->mapped, page);
+    } else {
+        /* received only after every byte is in the page cache (invariant 4) */
+        set_bit(s->received, page);
+    }
+    if (zero)
+        STAT_ADD(s, placed_zero, 1);
+    else if (via == MG_VIA_DEMAND)
+        STAT_ADD(s, placed_demand, 1);
+    else
+        STAT_ADD(s, placed_push, 1);
+    if (test_bit(s->requested, page))
+        inflight_done(s, page);
+    STAT_ADD(s, received, 1);
+    return 0;
+}
+
+int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
+                       const uint8_t *zero_bits, const uint8_t *data, uint64_t data_len,
+                       int via, uint64_t *bad_page)
+{
+    uint64_t placed = 0, ps = s->page_size, off = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t page = pages[i];
+        int zero = (zero_bits[i >> 3] >> (i & 7)) & 1;
+        const uint8_t *src = zero ? NULL : data + off;
+        if (!zero) {
+            if (off + ps > data_len) {
+                *bad_page = page;
+                return -EPROTO;
+            }
+            off += ps;
+        }
         if (page >= s->npages) {
             *bad_page = page;
             return -ERANGE;
         }
-        if (placed_out)
-            placed_out[i] = 0;
-        if (test_and_set_bit(s->claimed, page))
+        if (!claim(s, page))
             continue; /* duplicate: the first copy won and may be the guest's now */
-        if (s->mode == MG_PLACE_COPY) {
-            int rc;
-            do
-                rc = copy_page(s, page, data + data_off[i], is_zero[i]);
-            while (rc == -EAGAIN);
-            if (rc < 0) {
-                *bad_page = page;
-                return rc;
-            }
-            set_bit(s->received, page);
-            set_bit(s->mapped, page);
-        } else {
+        if (s->mode == MG_PLACE_CONTINUE) {
             uint8_t *dst = (uint8_t *)(uintptr_t)(s->alias_base + page * ps);
-            if (is_zero[i])
+            if (zero)
                 memset(dst, 0, ps);
             else
-                memcpy(dst, data + data_off[i], ps);
-            /* received only after every byte is in the page cache (invariant 4) */
-            set_bit(s->received, page);
+                memcpy(dst, src, ps);
         }
-        if (placed_out)
-            placed_out[i] = 1;
+        int rc = finish_place(s, page, src, zero, via);
+        if (rc < 0) {
+            *bad_page = page;
+            return rc;
+        }
         placed++;
     }
     return (int64_t)placed;
@@ -308,8 +395,7 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
             return -ESHUTDOWN;
         if (mask == 0)
             return 0;
-        int want = max < 64 ? max : 64;
-        int n = mg_uffd_read(s->uffd, ev, want);
+        int n = mg_uffd_read(s->uffd, ev, 64);
         if (n == -EAGAIN || n == -EINTR)
             continue;
         if (n < 0)
@@ -338,14 +424,189 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
                     continue;
                 }
                 int64_t rc = mg_map_pages(s, (uint64_t)page, 1, &bad);
-                if (rc < 0)
+                if (rc < 0) {
+                    s->error_page = bad;
                     return (int)rc;
+                }
                 continue;
             }
             STAT_ADD(s, requested, 1);
-            need[k++] = (uint64_t)page;
+            if (!test_and_set_bit(s->requested, (uint64_t)page)) {
+                inflight_add(s, (uint64_t)page);
+                send_request(s, (uint64_t)page);
+            }
+            if (k < max)
+                need[k++] = (uint64_t)page;
         }
         if (k > 0)
             return k;
+    }
+}
+
+int64_t mg_demand_resend(struct mg_space *s)
+{
+    int64_t count = 0;
+    uint64_t p = 0;
+    while ((p = mg_bitmap_next_set(s->requested, p, s->npages)) < s->npages) {
+        if (!test_bit(s->received, p)) {
+            send_request(s, p);
+            count++;
+        }
+        p++;
+    }
+    return count;
+}
+
+/* ---- demand channel, destination side ---- */
+
+/* Reads exactly len bytes, watching stop_fd. 1 = done, 0 = EOF at start, <0 error. */
+static int read_full(int fd, int stop_fd, uint8_t *buf, uint64_t len)
+{
+    uint64_t got = 0;
+    while (got < len) {
+        ssize_t n = recv(fd, buf + got, len - got, MSG_DONTWAIT);
+        if (n > 0) {
+            got += (uint64_t)n;
+            continue;
+        }
+        if (n == 0)
+            return got == 0 ? 0 : -EPIPE;
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN && errno != EWOULDBLOCK)
+            return -errno;
+        int fds[2] = { fd, stop_fd };
+        int mask = mg_poll_in(fds, stop_fd >= 0 ? 2 : 1, -1);
+        if (mask < 0 && mask != -EINTR)
+            return mask;
+        if (mask & 2)
+            return -ESHUTDOWN;
+    }
+    return 1;
+}
+
+struct reply_header {
+    uint64_t page;
+    uint32_t flags;
+    uint32_t length;
+};
+
+int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
+{
+    uint64_t ps = s->page_size;
+    for (;;) {
+        struct reply_header h;
+        int rc = read_full(fd, stop_fd, (uint8_t *)&h, sizeof(h));
+        if (rc <= 0)
+            return rc;
+        int zero = h.flags & 1;
+        if (h.page >= s->npages || (h.flags & ~1u) || h.length != (zero ? 0 : ps)) {
+            s->error_page = h.page;
+            s->error_value = h.length;
+            return -EPROTO;
+        }
+        int mine = claim(s, h.page);
+        uint8_t *dst = scratch;
+        if (mine && s->mode == MG_PLACE_CONTINUE)
+            dst = (uint8_t *)(uintptr_t)(s->alias_base + h.page * ps);
+        if (!zero) {
+            rc = read_full(fd, stop_fd, dst, ps);
+            if (rc <= 0) {
+                /* a claimed page half-written: unclaim so a later copy places it */
+                if (mine)
+                    mg_bitmap_clear_range(s->claimed, h.page, 1);
+                return rc == 0 ? -EPIPE : rc;
+            }
+        } else if (mine && s->mode == MG_PLACE_CONTINUE)
+            memset(dst, 0, ps);
+        if (!mine)
+            continue;
+        rc = finish_place(s, h.page, dst, zero, MG_VIA_DEMAND);
+        if (rc < 0) {
+            s->error_page = h.page;
+            return rc;
+        }
+        uint64_t bad;
+        int64_t m = mg_map_pages(s, h.page, 1, &bad);
+        if (m < 0) {
+            s->error_page = bad;
+            return (int)m;
+        }
+        if (__atomic_load_n(&s->stats.received, __ATOMIC_ACQUIRE) == s->npages)
+            return MG_DEMAND_COMPLETE;
+    }
+}
+
+/* ---- demand channel, source side ---- */
+
+static int write_full(int fd, struct iovec *iov, int iovcnt)
+{
+    while (iovcnt > 0) {
+        ssize_t n = writev(fd, iov, iovcnt);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            iovcnt--;
+        }
+        if (iovcnt > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 0;
+}
+
+int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
+{
+    uint64_t req[64];
+    uint64_t have = 0; /* bytes of req filled */
+    for (;;) {
+        ssize_t n = recv(d->fd, (uint8_t *)req + have, sizeof(req) - have, MSG_DONTWAIT);
+        if (n == 0)
+            return 0;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return -errno;
+            int fds[2] = { d->fd, stop_fd };
+            int mask = mg_poll_in(fds, stop_fd >= 0 ? 2 : 1, -1);
+            if (mask < 0 && mask != -EINTR)
+                return mask;
+            if (mask & 2)
+                return -ESHUTDOWN;
+            continue;
+        }
+        have += (uint64_t)n;
+        uint64_t count = have / 8;
+        for (uint64_t i = 0; i < count; i++) {
+            uint64_t page = req[i];
+            if (page >= d->npages) {
+                d->bad_page = page;
+                return -EPROTO;
+            }
+            const uint8_t *src = (const uint8_t *)(uintptr_t)(d->base + page * d->page_size);
+            int zero = mg_is_zero(src, d->page_size);
+            struct reply_header h = { page, zero ? 1u : 0u, zero ? 0u : (uint32_t)d->page_size };
+            struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)src, zero ? 0 : d->page_size } };
+            int rc = write_full(d->fd, iov, zero ? 1 : 2);
+            if (rc < 0)
+                return rc;
+            set_bit(d->sent, page);
+            __atomic_store_n(&d->last_page, page, __ATOMIC_RELEASE);
+            __atomic_fetch_add(&d->seq, 1, __ATOMIC_RELEASE);
+            if (zero)
+                d->zero++;
+            else
+                d->bytes += d->page_size;
+        }
+        uint64_t rest = have - count * 8;
+        memmove(req, (uint8_t *)req + count * 8, rest);
+        have = rest;
     }
 }

@@ -9,6 +9,11 @@
 #define MG_MAX_REGIONS 16
 #define MG_PLACE_CONTINUE 0
 #define MG_PLACE_COPY 1
+#define MG_VIA_PUSH 0
+#define MG_VIA_DEMAND 1
+#define MG_INFLIGHT 8192
+#define MG_LAT_RING 1048576
+#define MG_DEMAND_COMPLETE 1
 
 /* Bitmaps: arrays of uint64_t words, bit i = page i. Set/claim are atomic so the
  * fault loop may read while placement writes. */
@@ -27,18 +32,31 @@ struct mg_region {
 };
 
 struct mg_fault_stats {
-    uint64_t faults;       /* page-fault events read */
-    uint64_t minor;        /* of which MINOR (page in cache, not mapped) */
-    uint64_t fast;         /* answered at once: page was already received */
-    uint64_t requested;    /* handed back as needing the source */
-    uint64_t outside;      /* address outside every region (woken, counted) */
-    uint64_t eexist;       /* CONTINUE found the page mapped: woken instead */
-    uint64_t mapped_pages; /* pages mapped by mg_map_pages */
-    uint64_t map_calls;    /* UFFDIO_CONTINUE/COPY ioctls issued */
+    uint64_t faults;        /* page-fault events read */
+    uint64_t minor;         /* of which MINOR (page in cache, not mapped) */
+    uint64_t fast;          /* answered at once: page was already received */
+    uint64_t requested;     /* faults on pages not received yet */
+    uint64_t requests_sent; /* demand requests written to the source */
+    uint64_t outside;       /* address outside every region (counted, not served) */
+    uint64_t eexist;        /* CONTINUE found the page mapped: woken instead */
+    uint64_t mapped_pages;  /* pages mapped by mg_map_pages */
+    uint64_t map_calls;     /* UFFDIO_CONTINUE/COPY ioctls issued */
+    uint64_t received;      /* pages placed, all ways */
+    uint64_t placed_demand; /* non-zero pages placed from demand replies */
+    uint64_t placed_push;   /* non-zero pages placed from background batches */
+    uint64_t placed_zero;   /* zero pages placed (either way) */
+    uint64_t duplicates;    /* pages dropped because already placed */
+    uint64_t lat_count;     /* demand latencies recorded in lat_us (ring) */
 };
 
-/* The guest page space: who owns what. The uffd and the alias mapping belong to
- * the Python GuestSpace object and outlive every call that uses this struct. */
+/* A demand request in flight: when it was asked for (CLOCK_MONOTONIC ns). */
+struct mg_inflight {
+    uint64_t page;          /* UINT64_MAX: free slot */
+    uint64_t t_ns;
+};
+
+/* The guest page space. The uffd, the alias mapping and every array here belong
+ * to the Python FaultSpace object and outlive every call that uses this struct. */
 struct mg_space {
     int uffd;
     int mode;               /* MG_PLACE_CONTINUE or MG_PLACE_COPY */
@@ -48,6 +66,12 @@ struct mg_space {
     uint64_t *received;
     uint64_t *mapped;
     uint64_t *claimed;      /* placement claims a page before writing it */
+    uint64_t *requested;    /* asked of the source (cleared never: resend filters on received) */
+    int demand_fd;          /* socket to the source's demand server, -1 when none */
+    struct mg_inflight *inflight;   /* MG_INFLIGHT slots */
+    uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
+    uint64_t error_page;    /* what a failed call was looking at */
+    uint64_t error_value;
     int nregions;
     struct mg_region regions[16];
     struct mg_fault_stats stats;
@@ -65,27 +89,57 @@ uint64_t mg_space_addr_of(const struct mg_space *s, uint64_t page);
  * failing page in *bad_page. */
 int64_t mg_map_pages(struct mg_space *s, uint64_t first, uint64_t count, uint64_t *bad_page);
 
-/* Places n pages from a batch: pages[i] gets data at data + data_off[i]
- * (page_size bytes) or zeros if is_zero[i]. A page already claimed is dropped
+/* Places n pages from a batch: pages[i] is a zero page if bit i of zero_bits
+ * (LSB first) is set, else its bytes are the next page_size bytes of data
+ * (data_len must be exactly that many). A page already claimed is dropped
  * (invariant 2). CONTINUE mode writes through the alias, then records
  * received; COPY mode places with UFFDIO_COPY (or ZEROPAGE) directly and
- * records received and mapped. placed[i] (if not NULL) is set to 1 for each
- * page this call placed. Returns pages placed or -errno (*bad_page). */
-int64_t mg_place_pages(struct mg_space *s, const uint64_t *pages, uint64_t n,
-                       const uint8_t *data, const uint64_t *data_off,
-                       const uint8_t *is_zero, uint8_t *placed, uint64_t *bad_page);
+ * records received and mapped. via: MG_VIA_PUSH or MG_VIA_DEMAND, for the
+ * counters. Returns pages placed or -errno (*bad_page). Pages must have been
+ * checked against npages by the caller. */
+int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
+                       const uint8_t *zero_bits, const uint8_t *data, uint64_t data_len,
+                       int via, uint64_t *bad_page);
 
-/* Claims a contiguous run for writing by a caller that fills the alias itself
- * (decompressing straight into it). Returns 1 if every page of the run was
- * unclaimed and is now claimed by the caller, 0 if any page was already
- * claimed (then nothing is claimed). */
-int mg_claim_run(struct mg_space *s, uint64_t first, uint64_t count);
-
-/* Serves faults until some need the source. Reads events from the uffd; a fault
- * on a received page is mapped at once; the others are returned in need[]
- * (page indexes, at most max). Returns the count (> 0), 0 on timeout,
- * -ESHUTDOWN when stop_fd became readable, -errno on failure. */
+/* Serves faults. A fault on a received page is mapped at once (the fast path).
+ * A fault on any other page is requested once from the source over demand_fd
+ * (if connected) and also returned in need[] when max > 0. Returns the count
+ * of needed pages (> 0), 0 on timeout, -ESHUTDOWN when stop_fd became
+ * readable, -errno on failure. With max == 0 it returns only on stop, timeout
+ * or failure. */
 int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int timeout_ms);
+
+/* Writes a request for every page requested but not received (after a source
+ * reconnects). Returns how many, or -errno. */
+int64_t mg_demand_resend(struct mg_space *s);
+
+/* Reads demand replies from fd until EOF: a 16-byte header (u64 page, u32
+ * flags: bit 0 zero page, u32 length) then length bytes, which land straight
+ * in the alias mapping once the page is claimed. Each page is mapped (and its
+ * waiters woken) as soon as it is placed. Returns MG_DEMAND_COMPLETE when every
+ * page has been received, 0 on EOF, -ESHUTDOWN on stop_fd, -EPROTO for a reply
+ * that breaks the protocol (error_page/error_value say what), -errno. scratch
+ * holds page_size bytes for duplicates and COPY mode. */
+int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch);
+
+/* Source side of the demand channel: answers requests (u64 page) with replies,
+ * straight from the read-only RAM mapping. Marks each page in sent (atomic),
+ * and publishes the last demanded page for the push scheduler's locality. */
+struct mg_demand_src {
+    int fd;
+    uint64_t base;          /* the RAM file's read-only mapping */
+    uint64_t page_size;
+    uint64_t npages;
+    uint64_t *sent;         /* the push scheduler's bitmap */
+    uint64_t last_page;     /* written atomically; read by the scheduler */
+    uint64_t seq;           /* bumps with every request served */
+    uint64_t bytes;         /* payload bytes sent */
+    uint64_t zero;          /* zero pages answered with a flag */
+    uint64_t bad_page;      /* an out-of-layout request, when -EPROTO */
+};
+/* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
+ * -EPROTO for a request outside the layout, -errno. */
+int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
 /* cdef-end */
 
 #endif

@@ -80,3 +80,20 @@ int mg_is_zero(const void *addr, uint64_t len)
             return 0;
     return 1;
 }
+
+uint64_t mg_gather_pages(uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n,
+                         uint8_t *out, uint8_t *zero_bits)
+{
+    uint64_t off = 0;
+    memset(zero_bits, 0, (n + 7) / 8);
+    for (uint64_t i = 0; i < n; i++) {
+        const uint8_t *src = (const uint8_t *)(uintptr_t)(base + pages[i] * page_size);
+        if (mg_is_zero(src, page_size)) {
+            zero_bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+            continue;
+        }
+        memcpy(out + off, src, page_size);
+        off += page_size;
+    }
+    return off;
+}

@@ -34,6 +34,12 @@ void mg_memset(uint64_t dst, int c, uint64_t len);
 void mg_read_bytes(uint64_t src, void *dst, uint64_t len);
 /* 1 if [addr, addr+len) is all zero bytes. */
 int mg_is_zero(const void *addr, uint64_t len);
+/* Gathers pages (indexes) of the mapping at base into out: zero pages only set
+ * their bit in zero_bits (LSB first, (n+7)/8 bytes, cleared here), the others
+ * are copied one after another. Returns the bytes written to out, which must
+ * hold n * page_size. */
+uint64_t mg_gather_pages(uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n,
+                         uint8_t *out, uint8_t *zero_bits);
 /* cdef-end */
 
 #endif

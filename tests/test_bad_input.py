@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
+import socket
+import struct
 
 import grpc
 import pytest
@@ -16,7 +17,7 @@ import pytest
 from migrate.localrun import LocalMigration
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import PROTOCOL_VERSION, channel
+from migrate.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, channel
 
 M = 1 << 20
 SIZE = 16 * M
@@ -100,18 +101,15 @@ def test_protocol_version_mismatch(waiting):
 @pytest.mark.timeout(120)
 def test_second_source_is_refused_while_busy_then_a_new_one_resumes(waiting):
     ch, stub, welcome = open_session(waiting)      # a source that connects, then stalls
-    hold = threading.Event()
-
-    def silence():
-        yield pb.PageBatch(session_id=welcome.session_id)
-        hold.wait(60)
-
-    call = stub.Demand(silence())
+    host = waiting.address.rpartition(":")[0]
+    demand = socket.create_connection((host, welcome.demand_port), timeout=10)
+    demand.sendall(DEMAND_MAGIC + welcome.demand_token)
+    waiting.dest.wait_event("demand", 30)
+    assert len(demand.recv(8)) == 8, "the guest's first fault arrives as a demand request"
     err = source_error(waiting)
     assert err == (f"open session: destination said RESOURCE_EXHAUSTED: destination is busy: migration "
                    f"{welcome.session_id} already has a source")
-    hold.set()
-    call.cancel()
+    demand.close()
     ch.close()          # the stalled source goes away; the next one resumes the session
     waiting.dest.wait_event("disconnected", 30)
     finish_with_good_source(waiting)
@@ -125,7 +123,7 @@ def bad_batch_case(waiting, batch: pb.PageBatch, message: str):
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert ei.value.details() == message
     ch.close()
-    waiting.dest.wait_event("disconnected", 30)
+    waiting.dest.wait_event("disconnected", 30)   # no demand channel came: the source is gone
     finish_with_good_source(waiting)
 
 
@@ -214,3 +212,27 @@ def test_guest_ram_file_shorter_than_its_hello(tmp_path, host):
         mem.close()
     finally:
         lm.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("header,message", [
+    (lambda page: struct.pack("<QII", NPAGES + 7, 0, 4096),
+     f"bad demand reply: demand reply names page {NPAGES + 7}, outside the layout of {NPAGES} pages of 4096 bytes"),
+    (lambda page: struct.pack("<QII", page, 0, 100),
+     "bad demand reply: demand reply for page {page} carries 100 bytes, expected 4096 (or 0 for a zero page)"),
+], ids=["page-outside-layout", "short-page"])
+def test_lying_demand_reply(waiting, header, message):
+    """A source that answers a vCPU's request with a malformed reply: refused,
+    nothing mapped, and a good source finishes the job."""
+    ch, stub, welcome = open_session(waiting)
+    host = waiting.address.rpartition(":")[0]
+    demand = socket.create_connection((host, welcome.demand_port), timeout=10)
+    demand.sendall(DEMAND_MAGIC + welcome.demand_token)
+    (page,) = struct.unpack("<Q", demand.recv(8, socket.MSG_WAITALL))
+    demand.sendall(header(page) + PAGE)
+    ev = waiting.dest.wait_event("error", 30)
+    assert ev["message"] == message.format(page=page)
+    waiting.dest.wait_event("disconnected", 30)
+    demand.close()
+    ch.close()
+    finish_with_good_source(waiting)

@@ -39,11 +39,6 @@ class MigrationStub:
                 request_serializer=migration__pb2.Hello.SerializeToString,
                 response_deserializer=migration__pb2.Welcome.FromString,
                 _registered_method=True)
-        self.Demand = channel.stream_stream(
-                '/migrate.v1.Migration/Demand',
-                request_serializer=migration__pb2.PageBatch.SerializeToString,
-                response_deserializer=migration__pb2.PageRequest.FromString,
-                _registered_method=True)
         self.Push = channel.stream_unary(
                 '/migrate.v1.Migration/Push',
                 request_serializer=migration__pb2.PageBatch.SerializeToString,
@@ -70,15 +65,10 @@ class MigrationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Demand(self, request_iterator, context):
-        """Source calls; it sends PageBatch replies, the destination streams requests.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Push(self, request_iterator, context):
-        """Missing associated documentation comment in .proto file."""
+        """Demand requests and replies travel on the demand channel (proto/README.md),
+        a plain TCP connection served in C on both sides, never through gRPC.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -103,11 +93,6 @@ def add_MigrationServicer_to_server(servicer, server):
                     servicer.Open,
                     request_deserializer=migration__pb2.Hello.FromString,
                     response_serializer=migration__pb2.Welcome.SerializeToString,
-            ),
-            'Demand': grpc.stream_stream_rpc_method_handler(
-                    servicer.Demand,
-                    request_deserializer=migration__pb2.PageBatch.FromString,
-                    response_serializer=migration__pb2.PageRequest.SerializeToString,
             ),
             'Push': grpc.stream_unary_rpc_method_handler(
                     servicer.Push,
@@ -152,33 +137,6 @@ class Migration:
             '/migrate.v1.Migration/Open',
             migration__pb2.Hello.SerializeToString,
             migration__pb2.Welcome.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Demand(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_stream(
-            request_iterator,
-            target,
-            '/migrate.v1.Migration/Demand',
-            migration__pb2.PageBatch.SerializeToString,
-            migration__pb2.PageRequest.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,142 @@
+"""A real, unmodified QEMU 7.2 guest (TCG) migrated post-copy by this engine.
+
+The flow is examples/qemu/migrate_qemu.py (what run.sh runs): source QEMU on a
+share=on RAM file, `migrate dest --qmp` + destination QEMU under the shim,
+`migrate source --qmp`. The guest's own memfill checks every page and prints
+VERIFY OK. Each QEMU also has a watching QMP monitor whose STOP/RESUME events
+(QEMU's own timestamps) prove the source was paused before the destination ran.
+Everything started is stopped by pid; files, sockets, mounts and huge pages are
+given back by qemu_lab.Lab.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from migrate.host import features
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLES = os.path.join(ROOT, "examples", "qemu")
+sys.path.insert(0, EXAMPLES)
+
+MEM_MB = 384
+
+
+def _why_not_qemu() -> str | None:
+    if not shutil.which("qemu-system-x86_64"):
+        return "qemu-system-x86_64 is missing (apt-get install qemu-system-x86)"
+    if not glob.glob("/boot/vmlinuz-*"):
+        return "no guest kernel in /boot (apt-get install linux-image-amd64)"
+    for tool, pkg in (("busybox", "busybox-static"), ("cpio", "cpio"), ("gcc", "gcc")):
+        if not shutil.which(tool):
+            return f"{tool} is missing (apt-get install {pkg})"
+    if os.geteuid() != 0:
+        return "needs root: the agent registers another process's memory, and hugetlbfs needs mounts"
+    why = features().why_not("minor_shmem")
+    if why:
+        return why
+    return None
+
+
+pytestmark = pytest.mark.skipif(_why_not_qemu() is not None, reason=_why_not_qemu() or "")
+
+
+@pytest.fixture(scope="module")
+def guest(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qemu-guest")
+    r = subprocess.run([os.path.join(EXAMPLES, "build-guest.sh"), str(out)], capture_output=True, text=True,
+                       timeout=180)
+    if r.returncode != 0:
+        pytest.skip(f"cannot build the guest: {r.stderr.strip()[-500:]}")
+    return str(out)
+
+
+def _check_migrated(res: dict):
+    assert res["verify"] is not None and res["verify"].startswith("VERIFY OK"), res
+    assert int(res["verify"].split()[2]) == res["pages"] > 0
+    assert res["source_rc"] == 0 and res["dest_rc"] == 0, res.get("errors")
+    assert res["dest"]["state"] == "complete" and res["dest"]["guest_running"] is True
+    # never two running copies: the source was stopped (QEMU's STOP event) before the
+    # destination resumed (its RESUME event), was still paused when the destination
+    # reported running, and never resumed afterwards
+    assert res["src_stop_time"] is not None and res["dst_resume_time"] is not None
+    assert res["src_stop_time"] < res["dst_resume_time"]
+    assert res["src_status_at_dst_running"] in ("paused", "postmigrate")
+    assert not res["src_resumed"]
+    assert res["src_status_after"] in ("paused", "postmigrate")
+    assert res["dst_status_after"] == "running"
+
+
+@pytest.mark.timeout(300)
+def test_qemu_guest_postcopy_tmpfs(guest):
+    import migrate_qemu
+    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True))
+    print({k: res.get(k) for k in ("downtime_ms", "total_ms", "guest_verify_ms")})
+    _check_migrated(res)
+    assert not glob.glob(f"/dev/shm/migrate-*-{os.getpid()}")
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.huge
+def test_qemu_guest_postcopy_hugetlbfs(guest):
+    why = features().why_not("minor_hugetlbfs")
+    if why:
+        pytest.skip(why)
+    import migrate_qemu
+    before = open("/proc/sys/vm/nr_hugepages").read()
+    try:
+        res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=True, log=lambda m: print(m, flush=True))
+    except RuntimeError as e:
+        if "could not reserve" in str(e):
+            pytest.skip(f"not enough 2 MiB huge pages for two {MEM_MB} MiB guests: {e}")
+        raise
+    _check_migrated(res)
+    assert res["dest"]["page_size"] == 2 << 20
+    assert open("/proc/sys/vm/nr_hugepages").read() == before
+
+
+@pytest.mark.timeout(120)
+def test_source_qemu_resumed_when_destination_refuses(guest, tmp_path):
+    """A destination that cannot take device state (no --qmp) refuses the session:
+    the source agent exits 1 and the source QEMU runs again where it was."""
+    from qemu_lab import Lab
+
+    from migrate.localrun import Proc
+    from migrate.qemu import QMP
+
+    with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
+        ram = lab.shm_path("migrate-refused")
+        agent_qmp = str(tmp_path / "src.agent.qmp")
+        src, qs, ss = lab.start("src", mem_mb=256, backend="file", mem_path=ram,
+                                extra_args=["-qmp", f"unix:{agent_qmp},server=on,wait=off"])
+        procs = []
+        try:
+            dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", str(tmp_path / "a.sock"), "--json"])
+            procs.append(dest)
+            addr = dest.wait_event("listening", 30)["address"]
+            source = Proc("source", ["source", "--qmp", agent_qmp, "--ram", ram, "--to", addr, "--json"])
+            procs.append(source)
+            assert source.wait(60) == 1
+            errors = " ".join(source.errors())
+            assert "started without --qmp" in errors and "the source QEMU was resumed" in errors, errors
+            assert [e["event"] for e in source.lines if e["event"] in ("paused", "resumed")] == ["paused", "resumed"]
+            q = QMP(agent_qmp)
+            try:
+                assert q.status() == "running"
+            finally:
+                q.close()
+            qs.cmd("query-status")
+            seen = [e["event"] for e in qs.events if e["event"] in ("STOP", "RESUME")]
+            assert seen == ["STOP", "RESUME"]
+            # the guest goes on where it was: memfill still finishes its fill
+            ss.wait_for(r"FILLED \d+", timeout=90)
+        finally:
+            for p in procs:
+                p.kill()
+    assert not os.path.exists(ram)
