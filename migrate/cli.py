@@ -132,7 +132,7 @@ def cmd_source(args) -> int:
         rep.event("error", str(e))
         return 2
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
-              resume_session=args.resume or "")
+              resume_session=args.resume or "", transport=args.transport)
     vm = {}
     try:
         if args.qmp and not args.resume:
@@ -239,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=_size, default=None, help="bytes to serve (default: the file's size)")
     s.add_argument("--push-streams", type=int, default=2, help="parallel background streams (default 2)")
     s.add_argument("--batch-bytes", type=_size, default=1 << 20, help="background batch size (default 1M)")
-    s.add_argument("--no-compress", action="store_true", help="send pages without zstd")
+    s.add_argument("--no-compress", action="store_true", help="with --transport grpc: send pages without zstd")
+    s.add_argument("--transport", choices=["raw", "grpc"], default="raw",
+                   help="background pages: raw = plain TCP from the RAM mapping, uncompressed (default, for "
+                        "fast links); grpc = gRPC streams with zstd (for slow links)")
     s.add_argument("--resume", metavar="SESSION", help="resume this session after a failure")
     s.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the source QEMU: pause it, send its device "
                    "state (x-ignore-shared), then serve --ram; it stays paused once the destination runs")

@@ -24,7 +24,7 @@ from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate._binding import lib
-from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PROTOCOL_VERSION,
+from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PROTOCOL_VERSION, PUSH_MAGIC,
                               BatchDecoder)
 from migrate.uffd import Mode, Userfaultfd
 
@@ -76,6 +76,7 @@ class Migration:
         self.source_gen = 0              # bumps when a source is replaced
         self.demand_token = b""          # what the current source sends to open its demand channel
         self.demand_sock: socket.socket | None = None
+        self.push_socks: list[socket.socket] = []
         self.completing = False
         self.t_connect: float | None = None
         self.t_complete: float | None = None
@@ -131,6 +132,9 @@ class Migration:
         if self.demand_sock is not None:
             self.demand_sock.close()
             self.demand_sock = None
+        for sock in self.push_socks:
+            sock.close()
+        self.push_socks = []
         if self.mem is not None:
             self.mem.close()
             self.mem = None
@@ -205,6 +209,28 @@ class Migration:
                             session=self.id, resent=resent)
         threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{self.id}",
                          daemon=True).start()
+
+    def attach_push(self, sock: socket.socket) -> None:
+        """A raw push channel of the current source: runs land in the alias from C."""
+        with self.lock:
+            gen = self.source_gen
+            self.push_socks.append(sock)
+        threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.id}", daemon=True).start()
+
+    def _push_rx(self, sock: socket.socket, gen: int) -> None:
+        try:
+            rc = self.space.push_receive(sock.fileno(), self.stop_fd)
+            if rc == lib.MG_DEMAND_COMPLETE:
+                self._complete()
+        except ProtocolError as e:
+            self.reporter.event("error", f"bad push run: {e}", session=self.id)
+            self.source_lost(gen, str(e))
+        except MigrateError as e:
+            self.fail(f"placing pushed pages: {e}")
+        with self.lock:
+            if sock in self.push_socks:
+                self.push_socks.remove(sock)
+        sock.close()
 
     def _demand_rx(self, sock: socket.socket, gen: int) -> None:
         why = "demand channel closed"
@@ -372,16 +398,19 @@ class Destination:
             self.reporter.event("error", f"demand channel from {peer}: {e}")
             conn.close()
             return
-        token = hello[len(DEMAND_MAGIC):]
+        magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
         m = next((m for m in list(self.migrations.values())
                   if m.demand_token and secrets.compare_digest(m.demand_token, token)), None)
-        if hello[:len(DEMAND_MAGIC)] != DEMAND_MAGIC or m is None:
-            self.reporter.event("error", f"demand channel from {peer} with an unknown token: closed")
+        if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
+            self.reporter.event("error", f"channel from {peer} with an unknown magic or token: closed")
             conn.close()
             return
         conn.settimeout(None)
-        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        m.attach_demand(conn)
+        if magic == DEMAND_MAGIC:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            m.attach_demand(conn)
+        else:
+            m.attach_push(conn)
 
     def _accept_loop(self):
         while not self.closing:

@@ -149,6 +149,20 @@ class FaultSpace:
             self._raise("continue", rc, self._s.error_page)
         return rc
 
+    def push_receive(self, fd: int, stop_fd: int) -> int:
+        """Reads raw push runs (GIL released) until EOF (0), every page received
+        (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad runs raise."""
+        rc = lib.mg_push_receive(self._s, fd, stop_fd, self._scratch)
+        if rc == -errno.EPROTO:
+            first, count = self._s.error_page, self._s.error_value
+            raise ProtocolError(f"push run of {count} pages at page {first} does not fit the layout of "
+                                f"{self.npages} pages (at most {lib.MG_PUSH_MAX_RUN} pages a run)")
+        if rc in (-errno.EPIPE, -errno.ECONNRESET):
+            return 0
+        if rc < 0 and rc != -errno.ESHUTDOWN:
+            self._raise("continue", rc, self._s.error_page)
+        return rc
+
     def latencies_us(self) -> list[int]:
         n = min(self._s.stats.lat_count, lib.MG_LAT_RING)
         return list(ffi.unpack(self._lat, n))

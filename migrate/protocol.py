@@ -127,5 +127,6 @@ class BatchDecoder:
         return DecodedBatch(list(pages), zero_bits.to_bytes((n + 7) // 8, "little"), data, nonzero)
 
 
-DEMAND_MAGIC = b"MGDEMAND"
+DEMAND_MAGIC = b"MGDEMAND"   # opens the demand channel
+PUSH_MAGIC = b"MGPUSH\0\0"   # opens a raw push channel
 DEMAND_TOKEN_BYTES = 16

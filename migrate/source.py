@@ -25,7 +25,8 @@ from migrate.memory import fs_page_size
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, BatchEncoder, channel
+from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, BatchEncoder,
+                              channel)
 
 LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
 
@@ -146,7 +147,7 @@ class Source:
     def __init__(self, ram: RamImage, target: str, reporter: Reporter, *, push_streams: int = 2,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
-                 on_session=None):
+                 on_session=None, transport: str = "raw"):
         self.ram = ram
         self.target = target
         self.reporter = reporter
@@ -156,6 +157,9 @@ class Source:
         self.name = name
         self.resume_session = resume_session
         self.connect_timeout = connect_timeout
+        if transport not in ("raw", "grpc"):
+            raise ValueError(f"push transport {transport!r}: use raw or grpc")
+        self.transport = transport
         # QEMU (migrate.qemu): Hello says a device-state stream follows, and
         # on_session(stub, session_id) sends it once the demand stream is served.
         self.device_state = device_state
@@ -199,7 +203,7 @@ class Source:
                             f"{ram.npages} pages, {already.count()} already there", session=sid,
                             target=self.target)
         channels = [ctl]
-        sock = self._open_demand(welcome)
+        sock = self._open_channel(welcome, DEMAND_MAGIC)
         d = ffi.new("struct mg_demand_src *")
         d.fd = sock.fileno()
         d.base = ram.addr
@@ -210,7 +214,13 @@ class Source:
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         threads = [threading.Thread(target=self._demand, args=(sock, d), name="demand", daemon=True)]
         n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
+        push_socks = []
         for i in range(n_push):
+            if self.transport == "raw":
+                ps = self._open_channel(welcome, PUSH_MAGIC)
+                push_socks.append(ps)
+                threads.append(threading.Thread(target=self._push_raw, args=(ps,), name=f"push-{i}", daemon=True))
+                continue
             ch = channel(self.target, f"push-{i}")
             channels.append(ch)
             threads.append(threading.Thread(target=self._push, args=(ch, sid, compress), name=f"push-{i}",
@@ -222,19 +232,24 @@ class Source:
                 self.on_session(stub, sid)
             for t in threads[1:]:
                 t.join()
-            if self.errors:
-                raise self.errors[0]
+            # A push channel the destination closed because every page had
+            # arrived is not a failure: Finish says which it was.
             try:
-                fin = stub.Finish(pb.FinishRequest(session_id=sid, timeout_seconds=120), timeout=150)
+                fin = stub.Finish(pb.FinishRequest(session_id=sid, timeout_seconds=5 if self.errors else 120),
+                                  timeout=150)
             except grpc.RpcError as e:
-                raise rpc_error(e, "finish") from None
+                raise (self.errors[0] if self.errors else rpc_error(e, "finish")) from None
             if not fin.complete:
+                if self.errors:
+                    raise self.errors[0]
                 raise SourceError(f"destination did not complete session {sid}: {fin.error or 'no reason given'}")
         finally:
             self.stop.set()
             os.eventfd_write(self.stop_fd, 1)
             threads[0].join(5)
             sock.close()
+            for ps in push_socks:
+                ps.close()
             os.close(self.stop_fd)
             for ch in channels:
                 ch.close()
@@ -263,16 +278,42 @@ class Source:
             self.errors.append(rpc_error(e, "push"))
             self.stop.set()
 
-    def _open_demand(self, welcome: pb.Welcome) -> socket.socket:
+    def _open_channel(self, welcome: pb.Welcome, magic: bytes) -> socket.socket:
+        """A plain TCP channel beside gRPC (demand or raw push), opened with the
+        session's token."""
         host = self.target.rpartition(":")[0].strip("[]")
+        what = "demand" if magic == DEMAND_MAGIC else "push"
         try:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
-            raise SourceError(f"cannot open the demand channel to {host}:{welcome.demand_port}: {e}") from None
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.sendall(DEMAND_MAGIC + welcome.demand_token)
+            raise SourceError(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
+        if magic == DEMAND_MAGIC:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(magic + welcome.demand_token)
         sock.settimeout(None)
         return sock
+
+    def _push_raw(self, sock: socket.socket):
+        """Background pages over a raw channel: C writes runs straight from the
+        RAM mapping (GIL released); the scheduler is shared with the others."""
+        try:
+            while not self.stop.is_set():
+                pages = self.sched.next_batch()
+                if not pages:
+                    break
+                rc = lib.mg_push_pages(sock.fileno(), self.ram.addr, self.ram.page_size,
+                                       ffi.new("uint64_t[]", pages), len(pages))
+                if rc < 0:
+                    raise SourceError(f"push channel: {os.strerror(-rc)}")
+                with self.count_lock:
+                    self.sent_push += len(pages)
+                    self.wire_bytes += rc
+            sock.shutdown(socket.SHUT_WR)   # end of stream: the destination sees EOF
+        except (SourceError, OSError) as e:
+            if self.stop.is_set():
+                return
+            self.errors.append(e if isinstance(e, SourceError) else SourceError(f"push channel: {e}"))
+            self.stop.set()
 
     def _demand(self, sock: socket.socket, d) -> None:
         """Answers demand requests in C (GIL released) until the destination

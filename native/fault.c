@@ -8,6 +8,7 @@
 
 #include <errno.h>
 #include <linux/userfaultfd.h>
+#include <limits.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -609,4 +610,195 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
         memmove(req, (uint8_t *)req + count * 8, rest);
         have = rest;
     }
+}
+
+/* ---- raw push channel ---- */
+
+struct run_header {
+    uint64_t first;
+    uint32_t count;
+    uint32_t flags;
+};
+
+static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t count, int64_t *payload)
+{
+    struct run_header h = { first, count, 0 };
+    uint8_t bits[MG_PUSH_MAX_RUN / 8];
+    struct iovec iov[2 + MG_PUSH_MAX_RUN];
+    int niov = 2;
+    memset(bits, 0, sizeof(bits));
+    iov[0].iov_base = &h;
+    iov[0].iov_len = sizeof(h);
+    iov[1].iov_base = bits;
+    iov[1].iov_len = (count + 7) / 8;
+    for (uint32_t i = 0; i < count; i++) {
+        uint8_t *src = (uint8_t *)(uintptr_t)(base + (first + i) * ps);
+        if (mg_is_zero(src, ps)) {
+            bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+            continue;
+        }
+        /* consecutive non-zero pages are one iovec */
+        if (niov > 2 && (uint8_t *)iov[niov - 1].iov_base + iov[niov - 1].iov_len == src)
+            iov[niov - 1].iov_len += ps;
+        else {
+            iov[niov].iov_base = src;
+            iov[niov].iov_len = ps;
+            niov++;
+        }
+        *payload += (int64_t)ps;
+    }
+    struct iovec *v = iov;
+    while (niov > 0) {
+        int chunk = niov < IOV_MAX ? niov : IOV_MAX;
+        int rc = write_full(fd, v, chunk);
+        if (rc < 0)
+            return rc;
+        v += chunk;
+        niov -= chunk;
+    }
+    return 0;
+}
+
+int64_t mg_push_pages(int fd, uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n)
+{
+    int64_t payload = 0;
+    uint64_t i = 0;
+    while (i < n) {
+        uint64_t j = i + 1;
+        while (j < n && pages[j] == pages[j - 1] + 1 && j - i < MG_PUSH_MAX_RUN)
+            j++;
+        int rc = send_run(fd, base, page_size, pages[i], (uint32_t)(j - i), &payload);
+        if (rc < 0)
+            return rc;
+        i = j;
+    }
+    return payload;
+}
+
+/* Reads into an iovec array until all of it is filled, watching stop_fd. */
+static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov)
+{
+    while (niov > 0) {
+        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)(niov < IOV_MAX ? niov : IOV_MAX) };
+        ssize_t n = recvmsg(fd, &msg, MSG_DONTWAIT);
+        if (n == 0)
+            return -EPIPE;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return -errno;
+            int fds[2] = { fd, stop_fd };
+            int mask = mg_poll_in(fds, stop_fd >= 0 ? 2 : 1, -1);
+            if (mask < 0 && mask != -EINTR)
+                return mask;
+            if (mask & 2)
+                return -ESHUTDOWN;
+            continue;
+        }
+        while (niov > 0 && (size_t)n >= iov->iov_len) {
+            n -= (ssize_t)iov->iov_len;
+            iov++;
+            niov--;
+        }
+        if (niov > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + n;
+            iov->iov_len -= (size_t)n;
+        }
+    }
+    return 1;
+}
+
+int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
+{
+    uint64_t ps = s->page_size;
+    uint8_t bits[MG_PUSH_MAX_RUN / 8];
+    uint8_t mine[MG_PUSH_MAX_RUN];
+    struct iovec iov[MG_PUSH_MAX_RUN];
+    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY */
+    uint8_t *staging = NULL;
+    if (s->mode == MG_PLACE_COPY) {
+        staging = malloc(ps * MG_PUSH_MAX_RUN);
+        if (!staging)
+            return -ENOMEM;
+    }
+    int result;
+    for (;;) {
+        struct run_header h;
+        int rc = read_full(fd, stop_fd, (uint8_t *)&h, sizeof(h));
+        if (rc <= 0) {
+            result = rc;
+            break;
+        }
+        if (h.count == 0 || h.count > MG_PUSH_MAX_RUN || h.flags || h.first >= s->npages ||
+            h.count > s->npages - h.first) {
+            s->error_page = h.first;
+            s->error_value = h.count;
+            result = -EPROTO;
+            break;
+        }
+        rc = read_full(fd, stop_fd, bits, (h.count + 7) / 8);
+        if (rc <= 0) {
+            result = rc == 0 ? -EPIPE : rc;
+            break;
+        }
+        int niov = 0;
+        for (uint32_t i = 0; i < h.count; i++) {
+            uint64_t page = h.first + i;
+            int zero = (bits[i >> 3] >> (i & 7)) & 1;
+            mine[i] = (uint8_t)claim(s, page);
+            if (zero)
+                continue;
+            uint8_t *dst = scratch;
+            if (mine[i])
+                dst = staging ? staging + (uint64_t)i * ps : (uint8_t *)(uintptr_t)(s->alias_base + page * ps);
+            if (niov > 0 && (uint8_t *)iov[niov - 1].iov_base + iov[niov - 1].iov_len == dst)
+                iov[niov - 1].iov_len += ps;
+            else {
+                iov[niov].iov_base = dst;
+                iov[niov].iov_len = ps;
+                niov++;
+            }
+        }
+        rc = readv_full(fd, stop_fd, iov, niov);
+        if (rc < 0) {
+            /* claimed pages that did not arrive whole: give them back */
+            for (uint32_t i = 0; i < h.count; i++)
+                if (mine[i])
+                    mg_bitmap_clear_range(s->claimed, h.first + i, 1);
+            result = rc;
+            break;
+        }
+        result = 0;
+        for (uint32_t i = 0; i < h.count; i++) {
+            if (!mine[i])
+                continue;
+            uint64_t page = h.first + i;
+            int zero = (bits[i >> 3] >> (i & 7)) & 1;
+            const uint8_t *src = staging ? staging + (uint64_t)i * ps : NULL;
+            if (zero && s->mode == MG_PLACE_CONTINUE)
+                memset((uint8_t *)(uintptr_t)(s->alias_base + page * ps), 0, ps);
+            rc = finish_place(s, page, src, zero, MG_VIA_PUSH);
+            if (rc < 0) {
+                s->error_page = page;
+                result = rc;
+                break;
+            }
+        }
+        if (result < 0)
+            break;
+        uint64_t bad;
+        int64_t m = mg_map_pages(s, h.first, h.count, &bad);
+        if (m < 0) {
+            s->error_page = bad;
+            result = (int)m;
+            break;
+        }
+        if (__atomic_load_n(&s->stats.received, __ATOMIC_ACQUIRE) == s->npages) {
+            result = MG_DEMAND_COMPLETE;
+            break;
+        }
+    }
+    free(staging);
+    return result;
 }

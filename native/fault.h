@@ -140,6 +140,26 @@ struct mg_demand_src {
 /* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
  * -EPROTO for a request outside the layout, -errno. */
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
+
+/* The raw push channel (background pages over plain TCP, no compression: on
+ * a fast link the copy is cheaper than zstd). A run is a 16-byte header
+ * (u64 first page, u32 count <= MG_PUSH_MAX_RUN, u32 flags = 0), a zero bitmap
+ * of (count+7)/8 bytes (bit i LSB first: page first+i is zero, no data), then
+ * the non-zero pages' bytes in order. */
+#define MG_PUSH_MAX_RUN 1024
+
+/* Source: sends pages (ascending indexes) of the mapping at base as runs of
+ * consecutive pages, straight from the mapping (writev, no gather copy).
+ * Returns payload bytes sent (zero pages excluded) or -errno. */
+int64_t mg_push_pages(int fd, uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n);
+
+/* Destination: reads runs until EOF and places them: each non-zero page is
+ * received straight into the alias mapping when this call claims it (into
+ * scratch when it is a duplicate), zero pages are zeroed, then the run is
+ * mapped with one CONTINUE. Returns MG_DEMAND_COMPLETE when every page has
+ * been received, 0 on EOF, -ESHUTDOWN, -EPROTO (error_page = first page,
+ * error_value = count), -errno. scratch holds page_size bytes. */
+int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch);
 /* cdef-end */
 
 #endif
