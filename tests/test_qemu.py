@@ -140,3 +140,44 @@ def test_source_qemu_resumed_when_destination_refuses(guest, tmp_path):
             for p in procs:
                 p.kill()
     assert not os.path.exists(ram)
+
+
+@pytest.mark.timeout(180)
+def test_source_qemu_resumed_when_destination_cannot_load(guest, tmp_path):
+    """A destination QEMU of another machine type fails to load the device state:
+    the destination answers guest_running=false, the source QEMU runs again and
+    its guest is intact."""
+    from qemu_lab import Lab
+
+    from migrate.localrun import Proc
+    from migrate.qemu import shim_path
+
+    with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
+        src_ram, dst_ram = lab.shm_path("migrate-src-bad"), lab.shm_path("migrate-dst-bad")
+        src_qmp, dst_qmp = str(tmp_path / "src.agent.qmp"), str(tmp_path / "dst.agent.qmp")
+        src, qs, ss = lab.start("src", mem_mb=256, backend="file", mem_path=src_ram,
+                                extra_args=["-qmp", f"unix:{src_qmp},server=on,wait=off"])
+        ss.wait_for(r"FILLED \d+", timeout=90)
+        procs = []
+        try:
+            attach = str(tmp_path / "a.sock")
+            dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", dst_qmp, "--json"])
+            procs.append(dest)
+            addr = dest.wait_event("listening", 30)["address"]
+            lab.start("dst", env={"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}, mem_mb=256,
+                      backend="file", mem_path=dst_ram, incoming="defer",
+                      extra_args=["-machine", "q35", "-qmp", f"unix:{dst_qmp},server=on,wait=off"])
+            dest.wait_event("attached", 30)
+            source = Proc("source", ["source", "--qmp", src_qmp, "--ram", src_ram, "--to", addr, "--json"])
+            procs.append(source)
+            assert source.wait(90) == 1
+            errors = " ".join(source.errors())
+            assert "the destination did not resume the guest" in errors and "source QEMU was resumed" in errors, errors
+            qs.cmd("query-status")
+            assert [e["event"] for e in qs.events if e["event"] in ("STOP", "RESUME")] == ["STOP", "RESUME"]
+            assert qs.cmd("query-status")["status"] == "running"
+            ss.send("\n")
+            assert ss.wait_for(r"VERIFY (OK|BAD)[^\n]*", timeout=60).group(0).startswith("VERIFY OK")
+        finally:
+            for p in procs:
+                p.kill()

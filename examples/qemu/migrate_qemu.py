@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Post-copy migration of a real QEMU guest with this engine, on one machine.
+
+    examples/qemu/migrate_qemu.py --guest GUESTDIR [--mem 512] [--hugetlbfs] [--json-out FILE]
+
+(run.sh builds the guest and calls this.) Steps, each logged with the command line:
+  1. boot the source QEMU under TCG on a share=on RAM file (/dev/shm, or a
+     hugetlbfs mount with --hugetlbfs) and wait for memfill's "FILLED <pages>"
+  2. start `migrate dest --listen --attach --qmp` (the agent)
+  3. start the destination QEMU with LD_PRELOAD=$(migrate shim-path),
+     MIGRATE_ATTACH=<attach socket>, its own empty RAM file, -incoming defer;
+     the shim hands its RAM to the agent before QEMU goes on
+  4. run `migrate source --qmp --ram --to`: it pauses the source QEMU, sends the
+     device state, the agent feeds it to the destination QEMU and resumes it,
+     RAM follows post-copy (demand faults + background push)
+  5. as soon as the destination guest runs, write a line on its serial console:
+     memfill reads every page and prints "VERIFY OK <pages> <ms>"
+
+Each QEMU has a second QMP monitor (NAME.watch.qmp) on which this script watches
+STOP/RESUME events with QEMU's own timestamps: the source must be stopped before
+the destination resumes (never two running copies).
+
+Exit status 0 only when the destination guest printed VERIFY OK; the last line
+of output repeats the guest's VERIFY line. --json-out writes every measurement.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..")))
+from qemu_lab import Lab  # noqa: E402
+
+from migrate.localrun import Proc  # noqa: E402
+from migrate.qemu import shim_path  # noqa: E402
+
+
+class StampedProc(Proc):
+    """A `migrate` child whose JSON events carry the wall-clock time they were read."""
+
+    def _read(self):
+        for line in self.p.stdout:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                ev = {"event": "text", "message": line}
+            ev["_t"] = time.time()
+            self.lines.append(ev)
+            self.events.put(ev)
+        self.events.put(None)
+
+
+def events(q, name):
+    q.cmd("query-status")   # pumps pending events into q.events
+    return [e for e in q.events if e["event"] == name]
+
+
+def ts(e):
+    return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
+
+
+def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240):
+    """The whole flow. Returns a dict of results (res["verify"] is the guest's
+    line); cleans up every process, socket, file, mount and huge page it made."""
+    res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
+    agents = []
+    with Lab(guest, verbose=False) as lab:
+        lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
+        w = lab.workdir
+        if hugetlbfs:
+            d = lab.hugetlbfs_dir(2 * mem_mb)   # both QEMUs on this machine
+            src_ram, dst_ram = (os.path.join(d, f"migrate-{n}-{os.getpid()}") for n in ("src", "dst"))
+            lab.files += [src_ram, dst_ram]
+            kind = "hugetlbfs"
+        else:
+            src_ram, dst_ram = lab.shm_path("migrate-src"), lab.shm_path("migrate-dst")
+            kind = "file"
+        try:
+            # 1. source QEMU
+            src_agent_qmp = os.path.join(w, "src.agent.qmp")
+            t = time.monotonic()
+            src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=kind, mem_path=src_ram, extra_args=[
+                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off"])
+            res["src_pid"] = src.pid
+            m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=timeout)
+            res["pages"] = int(m.group(1))
+            res["boot_to_filled_s"] = round(time.monotonic() - t, 2)
+            lab.log(f"src guest: {m.group(0).strip()}")
+
+            # 2. destination agent
+            attach = os.path.join(w, "attach.sock")
+            dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
+            dest_args = ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", dst_agent_qmp, "--json"]
+            lab.log("migrate " + " ".join(dest_args))
+            dest = StampedProc("dest", dest_args)
+            agents.append(dest)
+            addr = dest.wait_event("listening", 30)["address"]
+
+            # 3. destination QEMU under the shim
+            env = {"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}
+            dst, qd, sd = lab.start("dst", env=env, mem_mb=mem_mb, backend=kind, mem_path=dst_ram,
+                                    incoming="defer", extra_args=[
+                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off"])
+            res["dst_pid"] = dst.pid
+            att = dest.wait_event("attached", 30)
+            lab.log(f"dest agent: {att.get('message')}")
+
+            # 4. source agent
+            src_args = ["source", "--qmp", src_agent_qmp, "--ram", src_ram, "--to", addr, "--json"]
+            lab.log("migrate " + " ".join(src_args))
+            t_src = time.time()
+            source = StampedProc("source", src_args)
+            agents.append(source)
+            run_ev = dest.wait_event("guest-running", 60)
+            # right now, as the destination reports its guest running: the source must be paused
+            res["src_status_at_dst_running"] = qs.cmd("query-status")["status"]
+            # 5. the guest touches all of its memory while pages still arrive
+            sd.send("\n")
+            t_trigger = time.time()
+            lab.log(f"dest agent: {run_ev.get('message')}; source QEMU is {res['src_status_at_dst_running']}")
+            v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
+            res["verify"] = v.group(0).strip()
+            res["guest_verify_ms"] = int(v.group(2)) if v.group(2) else None
+            res["guest_verify_wall_ms"] = round((time.time() - t_trigger) * 1e3, 1)
+            lab.log(f"dst guest: {res['verify']}")
+
+            for p in (source, dest):
+                rc = p.wait(timeout)
+                res[f"{p.name}_rc"] = rc
+                res[p.name] = {k: v for k, v in (p.summary() or {}).items() if k != "_t"}
+                if rc != 0:
+                    res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
+                                                        + " | ".join(p.errors() or p.stderr_lines[-5:]))
+            done = [e for e in dest.lines if e.get("event") == "completed"]
+
+            # QEMU's own clocks, from the watching monitors
+            src_stop = events(qs, "STOP")
+            src_resume = events(qs, "RESUME")
+            dst_resume = events(qd, "RESUME")
+            res["src_stop_time"] = ts(src_stop[0]) if src_stop else None
+            res["src_resumed"] = bool(src_resume)
+            res["dst_resume_time"] = ts(dst_resume[0]) if dst_resume else None
+            res["src_status_after"] = qs.cmd("query-status")["status"]
+            res["dst_status_after"] = qd.cmd("query-status")["status"]
+            if res["src_stop_time"] and res["dst_resume_time"]:
+                res["downtime_ms"] = round((res["dst_resume_time"] - res["src_stop_time"]) * 1e3, 1)
+            if done and res["src_stop_time"]:
+                res["total_ms"] = round((done[0]["_t"] - res["src_stop_time"]) * 1e3, 1)
+            res["source_start_to_dst_running_ms"] = round((run_ev["_t"] - t_src) * 1e3, 1)
+            # agents' events, ms after the source QEMU's STOP (when each line was read here)
+            t0 = res["src_stop_time"] or t_src
+            res["timeline"] = sorted(
+                [(round((e["_t"] - t0) * 1e3, 1), p.name, e["event"]) for p in (source, dest) for e in p.lines
+                 if e.get("event") not in ("summary", "text")] +
+                [(0.0, "src-qemu", "STOP")] +
+                ([(round((res["dst_resume_time"] - t0) * 1e3, 1), "dst-qemu", "RESUME")]
+                 if res["dst_resume_time"] else []))
+        finally:
+            for p in agents:
+                p.kill()
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--guest", required=True, help="directory made by build-guest.sh")
+    ap.add_argument("--mem", type=int, default=512, help="guest RAM in MiB (default 512)")
+    ap.add_argument("--hugetlbfs", action="store_true", help="RAM on a hugetlbfs mount (2 MiB pages)")
+    ap.add_argument("--json-out", help="write the measurements here")
+    a = ap.parse_args()
+    try:
+        res = run(a.guest, a.mem, a.hugetlbfs)
+    except Exception as e:  # noqa: BLE001 - the last line says what failed
+        print(f"FAILED: {type(e).__name__}: {e}", flush=True)
+        return 1
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump(res, f, indent=2)
+    keys = ["backing", "mem_mb", "pages", "downtime_ms", "total_ms", "guest_verify_ms", "guest_verify_wall_ms",
+            "src_status_at_dst_running", "src_resumed", "src_status_after", "dst_status_after"]
+    print(json.dumps({k: res.get(k) for k in keys}), flush=True)
+    for e in res.get("errors", []):
+        print(f"error: {e}", flush=True)
+    ok = (res["verify"] or "").startswith("VERIFY OK") and not res.get("errors")
+    print(res["verify"] or "VERIFY missing: the destination guest printed no VERIFY line", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
