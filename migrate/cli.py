@@ -10,7 +10,7 @@ import sys
 import threading
 
 from migrate.errors import MigrateError
-from migrate.events import Reporter
+from migrate.events import Reporter, process_usage
 from migrate.memory import parse_size
 
 
@@ -150,7 +150,7 @@ def cmd_source(args) -> int:
          "pages_pushed": f.pages_pushed, "pages_zero": f.pages_zero, "pages_sent_push": res.pages_sent_push,
          "pages_sent_demand": res.pages_sent_demand, "demand_requests": res.demand_requests,
          "wire_bytes": res.wire_bytes, "seconds": round(res.seconds, 3),
-         "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm}
+         "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage()}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "
                    f"{f.pages_pushed} pushed, {f.pages_zero} zero")

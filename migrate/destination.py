@@ -18,7 +18,7 @@ import uuid
 from migrate import faultpath
 from migrate.attach import AttachedGuest, AttachListener
 from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
-from migrate.events import Reporter, percentile
+from migrate.events import Reporter, percentile, process_usage
 from migrate.faultpath import FaultSpace, SpaceRegion
 from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
@@ -341,6 +341,7 @@ class Migration:
             "demand_requests": st["requests_sent"],
             "map_calls": st["map_calls"],
             "seconds": round(end - (self.t_connect or end), 3),
+            **process_usage(),
             "error": self.error,
         }
 

@@ -7,6 +7,7 @@ text on stderr. The last line of a summary-producing command is its summary.
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import threading
 import time
@@ -49,3 +50,10 @@ def percentile(sorted_values, q: float) -> float:
         return 0.0
     k = min(len(sorted_values) - 1, max(0, int(round(q / 100.0 * (len(sorted_values) - 1)))))
     return float(sorted_values[k])
+
+
+def process_usage() -> dict:
+    """CPU seconds and peak RSS of this process so far (the agent's own cost)."""
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return {"cpu_user_s": round(ru.ru_utime, 3), "cpu_sys_s": round(ru.ru_stime, 3),
+            "peak_rss_mib": round(ru.ru_maxrss / 1024, 1)}

@@ -58,3 +58,32 @@ def test_all_random_content_without_compression(tmp_path, host):
     s = out["source"]
     assert s["pages_sent_push"] + s["pages_sent_demand"] >= 32 * M // 4096
     assert s["wire_bytes"] == (s["pages_sent_push"] + s["pages_sent_demand"]) * 4096   # raw, no zstd
+
+
+@pytest.mark.timeout(180)
+def test_serve_forever_runs_two_migrations_at_once(tmp_path, host):
+    """One agent, two guests, two sources at the same time, each to its own guest."""
+    a = LocalMigration(str(tmp_path), 32 * M, seed=21, pattern="random", vcpus=2)
+    b = LocalMigration(str(tmp_path), 32 * M, seed=22, pattern="seq", vcpus=1)
+    try:
+        a.make_image()
+        b.make_image()
+        a.start_dest(("--serve-forever",))
+        b.dest, b.address, b.sock = a.dest, a.address, a.sock
+        a.start_guest()
+        a.dest.wait_event("attached", 30)
+        b.start_guest()
+        a.dest.wait_event("attached", 30)
+        sa, sb = a.start_source(), b.start_source()
+        assert sa.wait(120) == 0, sa.errors()
+        assert sb.wait(120) == 0, sb.errors()
+        assert a.guest.wait(60) == 0 and b.guest.wait(60) == 0
+        assert a.guest.summary()["verified"] and b.guest.summary()["verified"]
+        done = [a.dest.wait_event("migration", 30), a.dest.wait_event("migration", 30)]
+        assert sorted(d["state"] for d in done) == ["complete", "complete"]
+        assert sorted(d["session"] for d in done) == sorted([sa.summary()["session"], sb.summary()["session"]])
+        assert a.dest.p.poll() is None, "--serve-forever keeps serving after both"
+    finally:
+        b.dest = None
+        b.close()
+        a.close()
