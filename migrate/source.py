@@ -29,6 +29,7 @@ from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSIO
                               channel)
 
 LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
+READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
 
 
 class SourceError(MigrateError):
@@ -210,6 +211,7 @@ class Source:
         d.page_size = ram.page_size
         d.npages = ram.npages
         d.sent = self.sched.sent.words
+        d.max_window = max(2, READAHEAD_BYTES // ram.page_size)
         self.sched.demand = d
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         threads = [threading.Thread(target=self._demand, args=(sock, d), name="demand", daemon=True)]
@@ -253,7 +255,7 @@ class Source:
             os.close(self.stop_fd)
             for ch in channels:
                 ch.close()
-        return SourceResult(sid, ram.npages, self.sent_push, d.seq, d.seq,
+        return SourceResult(sid, ram.npages, self.sent_push + d.readahead, d.seq, d.seq,
                             self.wire_bytes + d.bytes, time.monotonic() - t0, fin)
 
     # -- streams ----------------------------------------------------------

@@ -522,7 +522,8 @@ int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             memset(dst, 0, ps);
         if (!mine)
             continue;
-        rc = finish_place(s, h.page, dst, zero, MG_VIA_DEMAND);
+        /* a page nobody asked for was read ahead by the source: a push */
+        rc = finish_place(s, h.page, dst, zero, test_bit(s->requested, h.page) ? MG_VIA_DEMAND : MG_VIA_PUSH);
         if (rc < 0) {
             s->error_page = h.page;
             return rc;
@@ -562,10 +563,28 @@ static int write_full(int fd, struct iovec *iov, int iovcnt)
     return 0;
 }
 
+static int send_reply(struct mg_demand_src *d, uint64_t page)
+{
+    const uint8_t *src = (const uint8_t *)(uintptr_t)(d->base + page * d->page_size);
+    int zero = mg_is_zero(src, d->page_size);
+    struct reply_header h = { page, zero ? 1u : 0u, zero ? 0u : (uint32_t)d->page_size };
+    struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)src, zero ? 0 : d->page_size } };
+    int rc = write_full(d->fd, iov, zero ? 1 : 2);
+    if (rc < 0)
+        return rc;
+    set_bit(d->sent, page);
+    if (zero)
+        d->zero++;
+    else
+        d->bytes += d->page_size;
+    return 0;
+}
+
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
 {
     uint64_t req[64];
-    uint64_t have = 0; /* bytes of req filled */
+    uint64_t have = 0;     /* bytes of req filled */
+    uint64_t ahead_end = 0; /* pages before this were read ahead after the last request */
     for (;;) {
         ssize_t n = recv(d->fd, (uint8_t *)req + have, sizeof(req) - have, MSG_DONTWAIT);
         if (n == 0)
@@ -591,20 +610,33 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
                 d->bad_page = page;
                 return -EPROTO;
             }
-            const uint8_t *src = (const uint8_t *)(uintptr_t)(d->base + page * d->page_size);
-            int zero = mg_is_zero(src, d->page_size);
-            struct reply_header h = { page, zero ? 1u : 0u, zero ? 0u : (uint32_t)d->page_size };
-            struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)src, zero ? 0 : d->page_size } };
-            int rc = write_full(d->fd, iov, zero ? 1 : 2);
+            int rc = send_reply(d, page);
             if (rc < 0)
                 return rc;
-            set_bit(d->sent, page);
             __atomic_store_n(&d->last_page, page, __ATOMIC_RELEASE);
             __atomic_fetch_add(&d->seq, 1, __ATOMIC_RELEASE);
-            if (zero)
-                d->zero++;
+            /* Readahead, as the kernel does for files: a fault just past the
+             * last one (or past what we read ahead) means a sequential scan, and
+             * the window doubles; any other fault resets it. The demanded page
+             * always goes first, so the waiting vCPU never waits for these. */
+            if (page >= ahead_end && page <= ahead_end + 1 + d->window)
+                d->window = d->window ? (d->window * 2 < d->max_window ? d->window * 2 : d->max_window) : 4;
             else
-                d->bytes += d->page_size;
+                d->window = 0;
+            if (d->window > d->max_window)
+                d->window = d->max_window;
+            uint64_t end = page + 1 + d->window;
+            if (end > d->npages)
+                end = d->npages;
+            for (uint64_t p = page + 1; p < end && have - (i + 1) * 8 < 8; p++) {
+                if (test_bit(d->sent, p))
+                    continue;
+                rc = send_reply(d, p);
+                if (rc < 0)
+                    return rc;
+                d->readahead++;
+            }
+            ahead_end = end;
         }
         uint64_t rest = have - count * 8;
         memmove(req, (uint8_t *)req + count * 8, rest);

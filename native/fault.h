@@ -136,6 +136,9 @@ struct mg_demand_src {
     uint64_t bytes;         /* payload bytes sent */
     uint64_t zero;          /* zero pages answered with a flag */
     uint64_t bad_page;      /* an out-of-layout request, when -EPROTO */
+    uint64_t readahead;     /* pages sent after a request because the faults look sequential */
+    uint64_t window;        /* current readahead window (pages), grows on sequential faults */
+    uint64_t max_window;    /* at most this many pages read ahead (0: no readahead) */
 };
 /* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
  * -EPROTO for a request outside the layout, -errno. */
