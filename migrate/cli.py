@@ -132,7 +132,7 @@ def cmd_source(args) -> int:
         rep.event("error", str(e))
         return 2
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
-              resume_session=args.resume or "", transport=args.transport)
+              resume_session=args.resume or "", transport=args.transport, guest=args.guest)
     vm = {}
     try:
         if args.qmp and not args.resume:
@@ -173,7 +173,8 @@ def cmd_guestsim(args) -> int:
 
     rep = Reporter(args.json, "guestsim")
     try:
-        s = guestsim.run(args.attach, args.size, args.backing, _spec(args), args.pattern, args.vcpus, rep)
+        s = guestsim.run(args.attach, args.size, args.backing, _spec(args), args.pattern, args.vcpus, rep,
+                         name=args.name)
     except (MigrateError, OSError, ValueError) as e:
         rep.event("error", str(e))
         return 2
@@ -244,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="background pages: raw = plain TCP from the RAM mapping, uncompressed (default, for "
                         "fast links); grpc = gRPC streams with zstd (for slow links)")
     s.add_argument("--resume", metavar="SESSION", help="resume this session after a failure")
+    s.add_argument("--guest", default="", help="serve the destination guest attached with this name "
+                   "(default: the first one waiting)")
     s.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the source QEMU: pause it, send its device "
                    "state (x-ignore-shared), then serve --ram; it stays paused once the destination runs")
     s.add_argument("--json", action="store_true")
@@ -256,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                    default="tmpfs")
     g.add_argument("--pattern", choices=["seq", "random", "hotset"], default="seq")
     g.add_argument("--vcpus", type=int, default=1)
+    g.add_argument("--name", default="guestsim", help="the name it attaches with (source --guest picks it)")
     _add_image_args(g)
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_guestsim)

@@ -454,16 +454,19 @@ class Destination:
                     if m is None:
                         raise NoGuestError(f"no session {hello.resume_session} here to resume")
                     break
-                free = [m for m in self.migrations.values() if m.state in (State.ATTACHED, State.DISCONNECTED)]
+                free = [m for m in self.migrations.values() if m.state in (State.ATTACHED, State.DISCONNECTED)
+                        and (not hello.guest or m.guest.name == hello.guest)]
                 if free:
                     m = free[0]
                     break
-                live = [m for m in self.migrations.values() if m.state is State.CONNECTED]
+                live = [m for m in self.migrations.values() if m.state is State.CONNECTED
+                        and (not hello.guest or m.guest.name == hello.guest)]
                 if live and not self.serve_forever:
                     raise BusyError(f"destination is busy: migration {live[0].id} already has a source")
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise NoGuestError(f"no guest attached to {self.listener.path} within {wait:.0f} s: "
+                    which = f"named {hello.guest!r} " if hello.guest else ""
+                    raise NoGuestError(f"no guest {which}attached to {self.listener.path} within {wait:.0f} s: "
                                        "start the guest (migrate guestsim or QEMU with the shim) first")
                 self.changed.wait(left)
         return m.connect(hello, self.demand_port)

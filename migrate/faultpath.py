@@ -64,6 +64,8 @@ class FaultSpace:
         s.demand_fd = -1
         s.inflight = self._inflight
         s.lat_us = self._lat
+        self._zero_page = ffi.new("uint8_t[]", page_size)
+        s.zero_page = self._zero_page
         s.nregions = len(regions)
         for i, r in enumerate(regions):
             s.regions[i].guest_addr = r.guest_addr
@@ -71,7 +73,6 @@ class FaultSpace:
             s.regions[i].npages = r.npages
         self._s = s
         self._bad = ffi.new("uint64_t *")
-        self._scratch = ffi.new("uint8_t[]", page_size)
 
     # -- addresses --------------------------------------------------------
     def page_of(self, guest_addr: int) -> int | None:
@@ -135,7 +136,8 @@ class FaultSpace:
     def demand_receive(self, fd: int, stop_fd: int) -> int:
         """Reads demand replies (GIL released) until EOF (0), every page received
         (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad replies raise."""
-        rc = lib.mg_demand_receive(self._s, fd, stop_fd, self._scratch)
+        # each receiver has its own scratch page: COPY mode copies out of it
+        rc = lib.mg_demand_receive(self._s, fd, stop_fd, ffi.new("uint8_t[]", self.page_size))
         if rc == -errno.EPROTO:
             p, length = self._s.error_page, self._s.error_value
             if p >= self.npages:
@@ -152,7 +154,7 @@ class FaultSpace:
     def push_receive(self, fd: int, stop_fd: int) -> int:
         """Reads raw push runs (GIL released) until EOF (0), every page received
         (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad runs raise."""
-        rc = lib.mg_push_receive(self._s, fd, stop_fd, self._scratch)
+        rc = lib.mg_push_receive(self._s, fd, stop_fd, ffi.new("uint8_t[]", self.page_size))
         if rc == -errno.EPROTO:
             first, count = self._s.error_page, self._s.error_value
             raise ProtocolError(f"push run of {count} pages at page {first} does not fit the layout of "

@@ -148,7 +148,7 @@ class Source:
     def __init__(self, ram: RamImage, target: str, reporter: Reporter, *, push_streams: int = 2,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
-                 on_session=None, transport: str = "raw"):
+                 on_session=None, transport: str = "raw", guest: str = ""):
         self.ram = ram
         self.target = target
         self.reporter = reporter
@@ -161,6 +161,7 @@ class Source:
         if transport not in ("raw", "grpc"):
             raise ValueError(f"push transport {transport!r}: use raw or grpc")
         self.transport = transport
+        self.guest = guest
         # QEMU (migrate.qemu): Hello says a device-state stream follows, and
         # on_session(stub, session_id) sends it once the demand stream is served.
         self.device_state = device_state
@@ -184,7 +185,7 @@ class Source:
         hello = pb.Hello(version=PROTOCOL_VERSION, ram_size=ram.size, page_size=ram.page_size,
                          compression=[pb.COMPRESSION_ZSTD, pb.COMPRESSION_NONE] if self.compress
                          else [pb.COMPRESSION_NONE],
-                         resume_session=self.resume_session, source_name=self.name,
+                         resume_session=self.resume_session, source_name=self.name, guest=self.guest,
                          has_device_state=self.device_state)
         try:
             welcome = stub.Open(hello, timeout=60)

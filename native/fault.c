@@ -281,17 +281,8 @@ static int copy_page(struct mg_space *s, uint64_t page, const uint8_t *src, int 
     if (zero && s->page_size == 4096)
         rc = mg_uffd_zeropage(s->uffd, addr, s->page_size, 0, &done);
     else if (zero) {
-        /* ZEROPAGE is not supported on hugetlbfs: copy from a zero buffer. */
-        static uint8_t *zeros;
-        static uint64_t zeros_len;
-        if (zeros_len < s->page_size) {
-            uint8_t *z = calloc(1, s->page_size);
-            if (!z)
-                return -ENOMEM;
-            zeros = z;
-            zeros_len = s->page_size;
-        }
-        rc = mg_uffd_copy(s->uffd, addr, (uint64_t)(uintptr_t)zeros, s->page_size, 0, &done);
+        /* ZEROPAGE is not supported on hugetlbfs: copy from a zero page. */
+        rc = mg_uffd_copy(s->uffd, addr, (uint64_t)(uintptr_t)s->zero_page, s->page_size, 0, &done);
     } else
         rc = mg_uffd_copy(s->uffd, addr, (uint64_t)(uintptr_t)src, s->page_size, 0, &done);
     if (rc == -EEXIST) {

@@ -70,6 +70,7 @@ struct mg_space {
     int demand_fd;          /* socket to the source's demand server, -1 when none */
     struct mg_inflight *inflight;   /* MG_INFLIGHT slots */
     uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
+    const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
     uint64_t error_page;    /* what a failed call was looking at */
     uint64_t error_value;
     int nregions;

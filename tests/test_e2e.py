@@ -70,11 +70,11 @@ def test_serve_forever_runs_two_migrations_at_once(tmp_path, host):
         b.make_image()
         a.start_dest(("--serve-forever",))
         b.dest, b.address, b.sock = a.dest, a.address, a.sock
-        a.start_guest()
+        a.start_guest(("--name", "a"))
         a.dest.wait_event("attached", 30)
-        b.start_guest()
+        b.start_guest(("--name", "b"))
         a.dest.wait_event("attached", 30)
-        sa, sb = a.start_source(), b.start_source()
+        sa, sb = a.start_source(("--guest", "a")), b.start_source(("--guest", "b"))
         assert sa.wait(120) == 0, sa.errors()
         assert sb.wait(120) == 0, sb.errors()
         assert a.guest.wait(60) == 0 and b.guest.wait(60) == 0
