@@ -107,7 +107,8 @@ class Migration:
             self.uffd.register(r.guest_addr, r.length, mode, g.page_size)
             regions.append(SpaceRegion(r.guest_addr, r.offset // g.page_size, r.length // g.page_size))
         self.space = FaultSpace(self.uffd, g.page_size, self.npages, regions,
-                                0 if self.mode == faultpath.MODE_COPY else self.mem.alias_addr, self.mode)
+                                0 if self.mode == faultpath.MODE_COPY else self.mem.alias_addr, self.mode,
+                                ram_fd=self.mem.fd)
         # file pages no region maps can never fault: nothing to map for them
         covered = PageBitmap(self.npages)
         for r in regions:

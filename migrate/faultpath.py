@@ -34,7 +34,7 @@ class FaultSpace:
     alias mapping are borrowed: they must outlive this object."""
 
     def __init__(self, uffd: Userfaultfd, page_size: int, npages: int, regions: list[SpaceRegion],
-                 alias_addr: int, mode: str = MODE_CONTINUE):
+                 alias_addr: int, mode: str = MODE_CONTINUE, ram_fd: int = -1):
         if len(regions) > lib.MG_MAX_REGIONS:
             raise ValueError(f"{len(regions)} regions: at most {lib.MG_MAX_REGIONS} are supported")
         if mode not in (MODE_CONTINUE, MODE_COPY):
@@ -66,6 +66,7 @@ class FaultSpace:
         s.lat_us = self._lat
         self._zero_page = ffi.new("uint8_t[]", page_size)
         s.zero_page = self._zero_page
+        s.ram_fd = ram_fd   # borrowed, like the alias: the owner keeps it open
         s.nregions = len(regions)
         for i, r in enumerate(regions):
             s.regions[i].guest_addr = r.guest_addr

@@ -732,15 +732,68 @@ static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov)
     return 1;
 }
 
+/* pwritev()s the claimed pages of a run into the RAM file: staged bytes for
+ * non-zero pages, the zero page for zero pages; consecutive pages in one call. */
+static int write_claimed(struct mg_space *s, uint64_t first, uint32_t count, const uint8_t *bits,
+                         const uint8_t *mine, const uint8_t *staging)
+{
+    uint64_t ps = s->page_size;
+    struct iovec iov[IOV_MAX];
+    uint32_t i = 0;
+    while (i < count) {
+        if (!mine[i]) {
+            i++;
+            continue;
+        }
+        uint32_t j = i;
+        int niov = 0;
+        while (j < count && mine[j] && niov < IOV_MAX) {
+            int zero = (bits[j >> 3] >> (j & 7)) & 1;
+            iov[niov].iov_base = zero ? (void *)s->zero_page : (void *)(staging + (uint64_t)j * ps);
+            iov[niov].iov_len = ps;
+            niov++;
+            j++;
+        }
+        uint64_t off = (first + i) * ps, left = (uint64_t)niov * ps;
+        struct iovec *v = iov;
+        while (left) {
+            ssize_t n = pwritev(s->ram_fd, v, niov, (off_t)off);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            off += (uint64_t)n;
+            left -= (uint64_t)n;
+            while (niov > 0 && (size_t)n >= v->iov_len) {
+                n -= (ssize_t)v->iov_len;
+                v++;
+                niov--;
+            }
+            if (niov > 0 && n) {
+                v->iov_base = (uint8_t *)v->iov_base + n;
+                v->iov_len -= (size_t)n;
+            }
+        }
+        i = j;
+    }
+    return 0;
+}
+
 int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
     uint64_t ps = s->page_size;
     uint8_t bits[MG_PUSH_MAX_RUN / 8];
     uint8_t mine[MG_PUSH_MAX_RUN];
     struct iovec iov[MG_PUSH_MAX_RUN];
-    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY */
+    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY. On
+     * shmem, CONTINUE mode stages too and then pwritev()s into the RAM file: a
+     * full-page write allocates the page-cache page without zeroing it and
+     * without a fault on the alias, which is most of the cost of writing
+     * through the mapping. */
     uint8_t *staging = NULL;
-    if (s->mode == MG_PLACE_COPY) {
+    int via_write = s->mode == MG_PLACE_CONTINUE && s->ram_fd >= 0 && ps == 4096;
+    if (s->mode == MG_PLACE_COPY || via_write) {
         staging = malloc(ps * MG_PUSH_MAX_RUN);
         if (!staging)
             return -ENOMEM;
@@ -793,13 +846,21 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             break;
         }
         result = 0;
+        if (via_write) {
+            rc = write_claimed(s, h.first, h.count, bits, mine, staging);
+            if (rc < 0) {
+                s->error_page = h.first;
+                result = rc;
+                break;
+            }
+        }
         for (uint32_t i = 0; i < h.count; i++) {
             if (!mine[i])
                 continue;
             uint64_t page = h.first + i;
             int zero = (bits[i >> 3] >> (i & 7)) & 1;
             const uint8_t *src = staging ? staging + (uint64_t)i * ps : NULL;
-            if (zero && s->mode == MG_PLACE_CONTINUE)
+            if (zero && s->mode == MG_PLACE_CONTINUE && !via_write)
                 memset((uint8_t *)(uintptr_t)(s->alias_base + page * ps), 0, ps);
             rc = finish_place(s, page, src, zero, MG_VIA_PUSH);
             if (rc < 0) {

@@ -71,6 +71,7 @@ struct mg_space {
     struct mg_inflight *inflight;   /* MG_INFLIGHT slots */
     uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
     const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
+    int ram_fd;             /* the RAM file, for pwritev on shmem (-1: write through the alias) */
     uint64_t error_page;    /* what a failed call was looking at */
     uint64_t error_value;
     int nregions;
