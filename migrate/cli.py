@@ -8,6 +8,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 
 from migrate.errors import MigrateError
 from migrate.events import Reporter, process_usage
@@ -73,6 +74,7 @@ def cmd_dest(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     reported = set()
+    next_progress = 0.0
     settle: dict = {}
     status = 0
     try:
@@ -96,6 +98,12 @@ def cmd_dest(args) -> int:
                     rep.summary(s, _dest_text(s))
                     status = 0 if s["state"] == "complete" else 1
                     stop.set()
+            now = time.monotonic()
+            if now >= next_progress:
+                next_progress = now + PROGRESS_EVERY
+                for m in list(agent.migrations.values()):
+                    if m.t_connect is not None and not m.done.is_set():
+                        rep.event("progress", **m.progress())
             stop.wait(0.05)
     finally:
         server.stop(grace=1).wait(3)
@@ -110,6 +118,9 @@ def _device_state_settled(feeder, m, deadlines: dict, wait: float = 60.0) -> boo
         return True
     import time
     return time.monotonic() > deadlines.setdefault(m.id, time.monotonic() + wait)
+
+
+PROGRESS_EVERY = 0.2  # seconds between `progress` events of a running migration
 
 
 def _dest_text(s: dict) -> str:

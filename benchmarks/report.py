@@ -1,0 +1,267 @@
+"""From measurements to the numbers issue 4 asks for: ratios against the
+floors of the same run, the targets they are held to, a Markdown table and
+PNG plots."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+HUGE = 2 << 20
+
+# key: (comparison, bound, what it means)
+TARGETS = {
+    "fast_path_p50_ratio": ("<=", 2.0, "fast-path fault p50 / C handler CONTINUE p50 (4 KiB)"),
+    "demand_p50_ratio": ("<=", 2.5, "4 KiB demand fault p50 (dest, push running) / raw TCP ping-pong p50"),
+    "demand_p99_ratio": ("<=", 10.0, "4 KiB demand fault p99 (dest, push running) / raw TCP ping-pong p50"),
+    "push_incompressible_ratio": (">=", 0.5, "background GB/s of guest RAM, all-random content / raw TCP GB/s"),
+    "push_typical_ratio": (">=", 1.0, "background GB/s of guest RAM, typical content / raw TCP GB/s"),
+    "huge_continue_vs_copy": (">=", 50.0, "2 MiB handler placement (ioctl) p50, lowest of the reps: COPY / CONTINUE, C floor"),
+    "huge_demand_vs_wire": ("<=", 1.2, "2 MiB demand fault p50 / (TCP ping-pong p50 + 2 MiB at raw TCP GB/s)"),
+    "seq_fault_fraction": ("<=", 0.05, "faults / pages, sequential scan after switchover"),
+    "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
+}
+
+
+def _pick(results: list[dict], **want) -> dict | None:
+    """The largest successful scenario with these fields."""
+    hits = [r for r in results if r.get("ok") and all(r.get(k) == v for k, v in want.items())]
+    return max(hits, key=lambda r: r["size"]) if hits else None
+
+
+def _div(a, b, nd=3):
+    if a is None or not b:
+        return None
+    return round(a / b, nd)
+
+
+def ratios(floors: dict, results: list[dict]) -> tuple[dict, dict]:
+    """Returns (ratios, provenance: which measurement each came from)."""
+    f = floors
+    r: dict = {}
+    src: dict = {}
+    c4 = f.get("c_continue_4k", {}).get("p50_us")
+    ping = f.get("tcp_pingpong", {}).get("p50_us")
+    tcp = f.get("tcp_bandwidth", {}).get("gbps")
+    r["fast_path_p50_ratio"] = _div(f.get("fast_4k", {}).get("p50_us"), c4)
+    src["fast_path_p50_ratio"] = "floors.fast_4k / floors.c_continue_4k"
+
+    dem = _pick(results, backing="tmpfs", pattern="random", vcpus=1, content="typical", placement="continue")
+    if dem:
+        r["demand_p50_ratio"] = _div(dem["dest"].get("fault_p50_us"), ping)
+        r["demand_p99_ratio"] = _div(dem["dest"].get("fault_p99_us"), ping)
+        r["guest_demand_p50_ratio"] = _div(dem.get("guest_fault_p50_us"), ping)
+        r["guest_demand_p99_ratio"] = _div(dem.get("guest_fault_p99_us"), ping)
+        src["demand_p50_ratio"] = src["demand_p99_ratio"] = dem["scenario"] + " dest fault_p50/p99_us / tcp_pingpong p50"
+    for key, content in (("push_incompressible_ratio", "random"), ("push_typical_ratio", "typical")):
+        run = _pick(results, backing="tmpfs", pattern="idle", vcpus=1, content=content, placement="continue")
+        if run:
+            r[key] = _div(run["ram_gbps"], tcp)
+            src[key] = run["scenario"] + " source seconds"
+    c2, p2 = f.get("c_continue_2m"), f.get("c_copy_2m")
+    if c2 and p2:
+        r["huge_continue_vs_copy"] = _div(p2.get("ioctl_p50_us_min", p2["ioctl_p50_us"]),
+                                          c2.get("ioctl_p50_us_min", c2["ioctl_p50_us"]), 1)
+        r["huge_continue_vs_copy_roundtrip"] = _div(p2["p50_us"], c2["p50_us"], 1)
+        src["huge_continue_vs_copy"] = "floors.c_copy_2m / c_continue_2m, handler ioctl p50 (lowest rep)"
+    hd = _pick(results, backing="hugetlbfs", pattern="random", vcpus=1, content="typical", placement="continue")
+    if hd and ping and tcp:
+        wire_us = ping + HUGE / (tcp * 1e9) * 1e6
+        r["huge_demand_vs_wire"] = _div(hd["dest"].get("fault_p50_us"), wire_us)
+        src["huge_demand_vs_wire"] = hd["scenario"] + f" dest fault_p50_us / {wire_us:.0f} us"
+    seq = _pick(results, backing="tmpfs", pattern="seq", vcpus=1, content="typical", placement="continue")
+    if seq:
+        r["seq_fault_fraction"] = seq["fault_fraction"]
+        src["seq_fault_fraction"] = seq["scenario"] + " dest faults / pages_total"
+    ok = [x for x in results if x.get("ok") and x.get("peak_rss_mib", {}).get("dest") is not None]
+    if ok:
+        biggest = max(x["size"] for x in ok)
+        at = [x for x in ok if x["size"] == biggest]
+        worst = max(at, key=lambda x: x["peak_rss_mib"]["dest"])
+        r["dest_rss_mib"] = worst["peak_rss_mib"]["dest"]
+        r["dest_hwm_mib"] = worst.get("peak_hwm_mib", {}).get("dest")
+        r["guest_gib"] = round(biggest / (1 << 30), 3)
+        src["dest_rss_mib"] = worst["scenario"] + " peak RssAnon+RssFile of dest"
+    return r, src
+
+
+def verdicts(r: dict) -> dict:
+    out = {}
+    for key, (op, bound, _) in TARGETS.items():
+        v = r.get(key)
+        if key == "dest_rss_mib" and r.get("guest_gib") is not None:
+            bound = 100 + r["guest_gib"]
+        if v is None or bound is None:
+            out[key] = {"value": v, "target": None, "met": None}
+            continue
+        out[key] = {"value": v, "target": f"{op} {bound:g}", "met": v <= bound if op == "<=" else v >= bound}
+    return out
+
+
+# -- files ----------------------------------------------------------------------
+def public(obj):
+    """Drops the raw samples (keys starting with _) for the JSON."""
+    if isinstance(obj, dict):
+        return {k: public(v) for k, v in obj.items() if not k.startswith("_")}
+    if isinstance(obj, list):
+        return [public(v) for v in obj]
+    return obj
+
+
+def _f(v, nd=2):
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}" if abs(v) < 1000 else f"{v:.0f}"
+    return str(v)
+
+
+def markdown(doc: dict) -> str:
+    lines = [f"# migrate bench: {doc['name']}", "",
+             f"{doc['host']['when']}, {doc['host']['cpus']} CPUs, kernel {doc['host']['kernel']}, "
+             f"{'quick' if doc['quick'] else 'full'} run, {doc['seconds']:.0f} s, load average "
+             f"{doc['host']['loadavg_start'][0]:.2f} at start, {doc['host']['loadavg_end'][0]:.2f} at end "
+             "(anything else running on the host shows up in every number)", "",
+             f"Code: git {doc.get('git_head')}, engine sources {doc.get('code_start')} at start, "
+             f"{doc.get('code_end')} at end" + (" (**the tree changed during the run**: see each row's code)"
+                                                if doc.get('code_start') != doc.get('code_end') else ""), "",
+             "## Ratios (issue 4 targets)", "", "| key | value | target | met | from |", "|---|---|---|---|---|"]
+    for key, v in doc["targets"].items():
+        met = {True: "yes", False: "**no**", None: "-"}[v["met"]]
+        lines.append(f"| {key} | {_f(v['value'], 3)} | {v['target'] or '-'} | {met} | {doc['provenance'].get(key, '')} |")
+    extra = [k for k in doc["ratios"] if k not in doc["targets"]]
+    for k in extra:
+        lines.append(f"| {k} | {_f(doc['ratios'][k], 3)} | - | - | |")
+    lines += ["", "## Floors", "",
+              "Each floor is the best of its repetitions, alternating unpinned and pinned to one CPU (on this VM a "
+              "wake-up across CPUs can cost ~30-40 us more than on the same CPU).", "",
+              "| floor | p50 us | p99 us | p99.9 us | handler ioctl p50 us | reps p50 us |",
+              "|---|---|---|---|---|---|"]
+    for k, v in doc["floors"].items():
+        if "p50_us" in v:
+            lines.append(f"| {k} | {_f(v['p50_us'])} | {_f(v.get('p99_us'))} | {_f(v.get('p999_us'))} | "
+                         f"{_f(v.get('ioctl_p50_us'))} | {', '.join(_f(x) + (' (1 CPU)' if c and c.startswith('CPU') else '') for x, c in zip(v.get('reps_p50_us', []), v.get('reps_cpus') or [None] * 99))} |")
+        elif "error" in v:
+            lines.append(f"| {k} | error: {v['error']} | | | | |")
+    bw = doc["floors"].get("tcp_bandwidth")
+    if bw and "gbps" in bw:
+        lines.append(f"| tcp_bandwidth | {bw['gbps']} GB/s | | | | {', '.join(str(x) + (' (1 CPU)' if c and c.startswith('CPU') else '') for x, c in zip(bw['reps_gbps'], bw.get('reps_cpus') or [None] * 99))} GB/s |")
+    lines += ["", "## Scenarios", "",
+              "Times in seconds (source connect to Finish); fault latencies in us. `dest` = the agent's request-to-"
+              "placement time of demand faults; `guest` = first-access latency of pages the guest waited on "
+              f"(> 3 us). CPU in s per GiB of guest RAM; RSS = peak RssAnon+RssFile in MiB (guest RAM in the "
+              "shared file not counted; VmHWM in the JSON).", "",
+              "| scenario | ok | s | RAM GB/s | wire GB/s | wire/RAM | faults/GiB | fast | dest p50 | dest p99 | dest p99.9 | "
+              "guest p50 | guest p99 | guest p99.9 | demand/pushed/zero | CPU dest | CPU src | RSS dest | RSS src |",
+              "|" + "---|" * 19]
+    for r in doc["scenarios"]:
+        if not r.get("dest"):
+            lines.append(f"| {r['scenario']} | **no** | {r.get('error') or r.get('skipped', '')} |" + " |" * 16)
+            continue
+        d = r["dest"]
+        lines.append(
+            f"| {r['scenario']} | {'yes' if r['ok'] else '**no**'} | {_f(r['seconds'])} | {_f(r['ram_gbps'], 3)} | "
+            f"{_f(r['wire_gbps'], 3)} | {_f(r['wire_ratio'])} | {_f(r['faults_per_gib'], 0)} | {d.get('faults_fast')} | "
+            f"{_f(d.get('fault_p50_us'), 0)} | {_f(d.get('fault_p99_us'), 0)} | {_f(d.get('fault_p999_us'), 0)} | "
+            f"{_f(r['guest_fault_p50_us'], 1)} | "
+            f"{_f(r['guest_fault_p99_us'], 0)} | {_f(r['guest_fault_p999_us'], 0)} | "
+            f"{d.get('pages_demand')}/{d.get('pages_pushed')}/{d.get('pages_zero')} | "
+            f"{_f(r['cpu_s_per_gib'].get('dest'))} | {_f(r['cpu_s_per_gib'].get('source'))} | "
+            f"{_f(r['peak_rss_mib'].get('dest'), 0)} | {_f(r['peak_rss_mib'].get('source'), 0)} |"
+            + (f" code {r.get('code')}" if doc.get('code_start') != doc.get('code_end') else ""))
+    if doc.get("profiles"):
+        lines += ["", "## Where the agents spend time (py-spy, top frames by samples)", ""]
+        for name, prof in doc["profiles"].items():
+            lines.append(f"### {name}")
+            for who, rows in prof.items():
+                lines.append(f"- {who}:")
+                lines += [f"  - {pct:.1f}% {frame}" for frame, pct in rows]
+    return "\n".join(lines) + "\n"
+
+
+def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+
+    def cdf(ax, samples_ns, label):
+        a = np.sort(np.asarray(samples_ns, dtype=np.float64)) / 1000.0
+        if len(a) == 0:
+            return
+        ax.plot(a, np.arange(1, len(a) + 1) / len(a), label=f"{label} (n={len(a)})", drawstyle="steps-post")
+
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for ax, ps, tag in ((axes[0], 4096, "4k"), (axes[1], HUGE, "2m")):
+        for key, label in ((f"c_continue_{tag}", "C handler MINOR+CONTINUE"), (f"c_copy_{tag}", "C handler MISSING+COPY"),
+                           (f"py_continue_{tag}", "Python layer CONTINUE"), (f"py_copy_{tag}", "Python layer COPY"),
+                           (f"fast_{tag}", "engine fast path (received, unmapped)")):
+            if floors.get(key, {}).get("_samples_ns") is not None:
+                cdf(ax, floors[key]["_samples_ns"], label)
+        if ps == 4096 and floors.get("tcp_pingpong", {}).get("_samples_ns") is not None:
+            cdf(ax, floors["tcp_pingpong"]["_samples_ns"], "raw TCP 4 KiB ping-pong")
+        for r in results:
+            if r.get("ok") and r["page_size"] == ps and r["pattern"] == "random" and r["vcpus"] == 1 \
+                    and r["content"] == "typical" and r.get("_lat_ns") is not None:
+                lat = r["_lat_ns"]
+                cdf(ax, lat[lat >= 3000], f"engine demand, {r['placement']}, {r['size'] >> 20} MiB (guest)")
+        ax.set_xscale("log")
+        ax.set_xlabel("fault round trip / first access (us)")
+        ax.set_ylabel("fraction of faults")
+        ax.set_title(f"Fault latency CDF, {'4 KiB shmem' if ps == 4096 else '2 MiB hugetlbfs'}")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path = os.path.join(outdir, f"{name}-fault-cdf.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    files.append(path)
+
+    shown = [r for r in results if r.get("ok") and r.get("_timeline")]
+    shown = sorted(shown, key=lambda r: (r["backing"], -r["size"]))[:8]
+    if shown:
+        cols = 2
+        rows = (len(shown) + 1) // 2
+        fig, axes = plt.subplots(rows, cols, figsize=(14, 3.2 * rows), squeeze=False)
+        for ax, r in zip(axes.flat, shown):
+            tl = r["_timeline"]
+            t0 = tl["t_attach"]
+            s = np.asarray(tl["samples"], dtype=np.float64)
+            gib = float(1 << 30)
+            ax.plot(s[:, 0] - t0, s[:, 1] / gib, label="in page cache (received)")
+            ax.plot(s[:, 0] - t0, s[:, 2] / gib, label="mapped in the guest", linestyle="--")
+            prog = [e for e in r.get("_dest_events", []) if e.get("event") == "progress"]
+            if prog and "t" in prog[0]:
+                ps = r["page_size"]
+                for kind in ("pages_demand", "pages_pushed", "pages_zero"):
+                    if kind in prog[0]:
+                        ax.plot([e["t"] - t0 for e in prog], [e[kind] * ps / gib for e in prog], label=kind)
+            d = r["dest"]
+            ax.set_title(f"{r['scenario']}: {d['pages_demand']} demand, {d['pages_pushed']} pushed, "
+                         f"{d['pages_zero']} zero", fontsize=8)
+            ax.set_xlabel("s since guest attach")
+            ax.set_ylabel("GiB")
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+        for ax in list(axes.flat)[len(shown):]:
+            ax.axis("off")
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{name}-arrival.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def write(outdir: str, name: str, doc: dict) -> tuple[str, str]:
+    os.makedirs(outdir, exist_ok=True)
+    jpath = os.path.join(outdir, f"{name}.json")
+    with open(jpath, "w") as f:
+        json.dump(public(doc), f, indent=1)
+    mpath = os.path.join(outdir, f"{name}.md")
+    with open(mpath, "w") as f:
+        f.write(markdown(public(doc)))
+    return jpath, mpath

@@ -1,0 +1,145 @@
+"""`migrate bench`: floors, then scenarios, then ratios, files and plots.
+
+Called by migrate.cli (which finds this package beside the `migrate` package).
+With --json the last stdout line is one JSON object: the ratio keys of issue 4
+plus where the files went. Progress goes to stderr.
+"""
+
+from __future__ import annotations
+
+import collections
+import datetime
+import json
+import os
+import platform
+import shutil
+import sys
+import time
+
+from benchmarks import floors, report, scenarios
+
+DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _profile_summary(path: str, top: int = 12) -> list[tuple[str, float]]:
+    """py-spy raw (collapsed) stacks -> the frames with the most self samples."""
+    self_n: collections.Counter = collections.Counter()
+    total = 0
+    try:
+        with open(path) as f:
+            for line in f:
+                stack, _, n = line.rstrip("\n").rpartition(" ")
+                if not stack:
+                    continue
+                n = int(n)
+                frames = stack.split(";")
+                # "thread (TID): NAME", names like faults-<session>: drop the session
+                thread = frames[0].split(": ", 1)[-1].split("-")[0]
+                self_n[f"{frames[-1]}  [{thread}]"] += n
+                total += n
+    except (OSError, ValueError):
+        return []
+    return [(k, 100.0 * v / total) for k, v in self_n.most_common(top)] if total else []
+
+
+def _perf_summary(path: str, top: int = 15) -> list[tuple[str, float]]:
+    """perf.data -> the symbols with the most self samples, with their thread."""
+    import subprocess
+    try:
+        out = subprocess.run(["perf", "report", "-i", path, "--no-children", "--sort", "comm,sym", "--stdio",
+                              "-g", "none", "--percent-limit", "0.5"], capture_output=True, text=True,
+                             timeout=120).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    rows = []
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) >= 4 and parts[0].endswith("%") and not line.startswith("#"):
+            rows.append((f"{' '.join(parts[3:])}  [{parts[1]}]", float(parts[0].rstrip("%"))))
+    return rows[:top]
+
+
+def _git_head() -> str | None:
+    import subprocess
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=os.path.dirname(os.path.dirname(
+            os.path.abspath(__file__))), capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run(args) -> int:
+    t0 = time.monotonic()
+    load0 = list(os.getloadavg())
+    code0 = scenarios.code_version()
+    quick = bool(args.quick)
+    name = args.name or ("quick" if quick else "full")
+    outdir = os.path.abspath(args.out or DEFAULT_OUT)
+    filters = list(args.scenario or [])
+    if args.matrix:
+        chosen = scenarios.matrix_set()
+    else:
+        chosen = scenarios.quick_set() if quick else scenarios.full_set()
+    chosen = [s for s in chosen if s.matches(filters)]
+    need_huge = any(s.backing == "hugetlbfs" for s in chosen) or not args.no_floors
+
+    from migrate.host import features
+    hf = features()
+    fl: dict = {}
+    if not args.no_floors:
+        fl = floors.run_all(quick, need_huge and hf.why_not("minor_hugetlbfs") is None, _log)
+    profile = set()
+    if args.profile:
+        profile = {s.name for s in chosen if s.matches(args.profile)}
+        if scenarios.PROFILER != "perf" and not (shutil.which("py-spy") or os.environ.get("PY_SPY")):
+            _log("--profile: py-spy not found on PATH (pip install py-spy, or set PY_SPY): not profiling")
+            profile = set()
+    prof_root = os.path.join(outdir, f"{name}-profiles")
+    results = scenarios.run_all(chosen, _log, profile, prof_root)
+    r, prov = report.ratios(fl, results)
+    doc = {
+        "name": name,
+        "git_head": _git_head(),
+        "code_start": code0,
+        "code_end": scenarios.code_version(),
+        "quick": quick,
+        "seconds": round(time.monotonic() - t0, 1),
+        "host": {"when": datetime.datetime.now().isoformat(timespec="seconds"), "cpus": os.cpu_count(),
+                 "kernel": platform.release(), "python": platform.python_version(),
+                 "loadavg_start": load0, "loadavg_end": list(os.getloadavg())},
+        "ratios": r,
+        "targets": report.verdicts(r),
+        "provenance": prov,
+        "floors": fl,
+        "scenarios": results,
+    }
+    if profile:
+        doc["profiles"] = {}
+        for sc in sorted(profile):
+            d = {who: (_perf_summary if scenarios.PROFILER == "perf" else _profile_summary)(
+                     os.path.join(prof_root, sc, f"{who}.perf.data" if scenarios.PROFILER == "perf" else f"{who}.txt"))
+                 for who in ("dest", "source")}
+            doc["profiles"][sc] = d
+    os.makedirs(outdir, exist_ok=True)
+    pngs = []
+    if not args.no_plots:
+        try:
+            pngs = report.plots(outdir, name, fl, results)
+        except ImportError as e:
+            _log(f"no plots: {e} (pip install matplotlib, or the [bench] extra)")
+    doc["seconds"] = round(time.monotonic() - t0, 1)
+    jpath, mpath = report.write(outdir, name, doc)
+    _log(f"wrote {jpath}, {mpath}" + "".join(f", {p}" for p in pngs))
+    failed = [x["scenario"] for x in results if not x.get("ok") and not x.get("skipped")]
+    line = {**r, "targets_met": sum(1 for v in doc["targets"].values() if v["met"]),
+            "targets_missed": [k for k, v in doc["targets"].items() if v["met"] is False],
+            "scenarios_failed": failed, "seconds": doc["seconds"], "json": jpath, "markdown": mpath}
+    if args.json:
+        print(json.dumps(line))
+    else:
+        print(report.markdown(report.public(doc)))
+    return 1 if failed else 0

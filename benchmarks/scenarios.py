@@ -1,0 +1,399 @@
+"""Whole migrations on loopback: dest, guest and source as separate processes
+(migrate.localrun), measured from outside.
+
+Per scenario: the three JSON summaries, wall time, CPU seconds of each process
+(getrusage(RUSAGE_CHILDREN) deltas around each child's reaping: children are
+reaped one at a time by this thread, so each delta is exactly one child), peak
+RSS of each agent (VmHWM polled from /proc while it runs), the guest's raw
+per-page first-access latencies and its RAM residency over time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from migrate import hugepages
+from migrate.localrun import LocalMigration, Proc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+HUGE = 2 << 20
+SEED = 11
+# A first access slower than this is counted as a fault the guest waited on
+# (a mapped page costs well under a microsecond; the fastest fault round trip
+# is several).
+FAULT_THRESHOLD_NS = 3000
+
+CONTENT = {"random": (0.0, 1.0), "typical": (None, None)}  # (zero, random) fractions; None = defaults
+
+
+@dataclass(frozen=True)
+class Scenario:
+    backing: str = "tmpfs"          # tmpfs (4 KiB) or hugetlbfs (2 MiB)
+    size: int = 1 << 30
+    pattern: str = "random"         # seq, random, hotset, idle (guest waits, then verifies)
+    vcpus: int = 1
+    content: str = "typical"        # typical (30% zero, 40% text, 30% random) or random (all random)
+    placement: str = "continue"     # continue (MINOR + CONTINUE) or copy (MISSING + COPY)
+
+    @property
+    def name(self) -> str:
+        return (f"{self.backing}-{_fmt(self.size)}-{self.pattern}-{self.vcpus}v-{self.content}-"
+                f"{self.placement}")
+
+    @property
+    def page_size(self) -> int:
+        return HUGE if self.backing == "hugetlbfs" else 4096
+
+    def matches(self, filters: list[str]) -> bool:
+        return not filters or any(fnmatch.fnmatch(self.name, f if any(c in f for c in "*?[") else f"*{f}*")
+                                  for f in filters)
+
+
+def _fmt(size: int) -> str:
+    return f"{size >> 30}G" if size % (1 << 30) == 0 else f"{size >> 20}M"
+
+
+def quick_set() -> list[Scenario]:
+    """Each ratio of the report needs one of these; about a minute in all."""
+    G = 1 << 30
+    return [
+        Scenario("tmpfs", G, "random", 1, "typical", "continue"),   # demand faults with push running
+        Scenario("tmpfs", G, "random", 1, "typical", "copy"),
+        Scenario("tmpfs", G, "seq", 1, "typical", "continue"),      # seq_fault_fraction
+        Scenario("tmpfs", G, "idle", 1, "typical", "continue"),     # push, typical content
+        Scenario("tmpfs", G, "idle", 1, "random", "continue"),      # push, incompressible
+        Scenario("tmpfs", G, "hotset", 1, "typical", "continue"),
+        Scenario("hugetlbfs", 256 << 20, "random", 1, "typical", "continue"),
+        Scenario("hugetlbfs", 256 << 20, "random", 1, "typical", "copy"),
+    ]
+
+
+def full_set() -> list[Scenario]:
+    """One factor at a time around a base (tmpfs/hugetlbfs x 1/4 GiB, random,
+    1 vCPU, typical, continue), so each row differs from its base in one way."""
+    out = []
+    for backing in ("tmpfs", "hugetlbfs"):
+        for size in (1 << 30, 4 << 30):
+            base = Scenario(backing, size)
+            variants = [base]
+            for pattern in ("seq", "hotset", "idle"):
+                variants.append(Scenario(backing, size, pattern))
+            variants.append(Scenario(backing, size, vcpus=4))
+            variants.append(Scenario(backing, size, content="random"))
+            variants.append(Scenario(backing, size, placement="copy"))
+            variants.append(Scenario(backing, size, "idle", content="random"))
+            variants.append(Scenario(backing, size, "seq", placement="copy"))
+            out += variants
+    return out
+
+
+def matrix_set() -> list[Scenario]:
+    """The whole cartesian product (long: about 200 migrations)."""
+    return [Scenario(b, s, p, v, c, pl) for b in ("tmpfs", "hugetlbfs") for s in (1 << 30, 4 << 30)
+            for p in ("seq", "random", "hotset", "idle") for v in (1, 4) for c in ("random", "typical")
+            for pl in ("continue", "copy")]
+
+
+# -- processes --------------------------------------------------------------------
+class ScriptProc(Proc):
+    """Proc for a Python script that is not `python -m migrate`."""
+
+    def __init__(self, name: str, argv: list[str]):
+        import queue
+        import subprocess as sp
+        self.name, self.args = name, argv
+        self.events = queue.Queue()
+        self.lines, self.stderr_lines = [], []
+        self.p = sp.Popen([sys.executable, *argv], stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=self._read_err, daemon=True).start()
+
+
+class Watch:
+    """Polls /proc/PID/status of some pids until stopped. Keeps the peak of
+    VmHWM (everything, including guest RAM pages the agent touched through its
+    shared mapping) and the peak of RssAnon + RssFile (the agent's own memory:
+    heap, buffers, code; the shared RAM file is the guest's, in RssShmem)."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.pids: dict[str, int] = {}
+        self.hwm_kib: dict[str, int] = {}
+        self.own_kib: dict[str, int] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+        self.thread.start()
+
+    def add(self, name: str, pid: int):
+        self.pids[name] = pid
+
+    def _poll(self):
+        for name, pid in list(self.pids.items()):
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    fields = dict(line.split(":", 1) for line in f if line.startswith(("VmHWM", "RssAnon", "RssFile")))
+                hwm = int(fields["VmHWM"].split()[0])
+                own = int(fields["RssAnon"].split()[0]) + int(fields["RssFile"].split()[0])
+            except (OSError, ValueError, KeyError):
+                continue
+            self.hwm_kib[name] = max(hwm, self.hwm_kib.get(name, 0))
+            self.own_kib[name] = max(own, self.own_kib.get(name, 0))
+
+    def _loop(self):
+        while not self.stop.wait(self.interval):
+            self._poll()
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(1)
+
+
+class BenchMigration(LocalMigration):
+    """LocalMigration with the benchmark guest (raw latencies, residency
+    timeline, an idle pattern), a shared image it does not delete, and
+    per-process CPU and peak RSS."""
+
+    def __init__(self, workdir: str, sc: Scenario, image: str, source_args: tuple = ()):
+        zero, rand = CONTENT[sc.content]
+        super().__init__(workdir, sc.size, backing=sc.backing, seed=SEED, pattern=sc.pattern, vcpus=sc.vcpus,
+                         zero_fraction=zero, random_fraction=rand, placement=sc.placement,
+                         source_args=source_args, image=image)
+        self.sc = sc
+        self.lat_path = os.path.join(workdir, "lat.u32")
+        self.timeline_path = os.path.join(workdir, "timeline.json")
+        self.watch = Watch()
+        self.t_events: dict[str, float] = {}
+
+    def start_guest(self, extra: tuple = ()) -> None:
+        from migrate.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION
+        zero, rand = CONTENT[self.sc.content]
+        argv = [os.path.join(HERE, "guest.py"), "--attach", self.sock, "--size", str(self.size),
+                "--backing", self.backing, "--seed", str(self.seed), "--pattern", self.pattern,
+                "--vcpus", str(self.vcpus),
+                "--zero-fraction", str(DEFAULT_ZERO_FRACTION if zero is None else zero),
+                "--random-fraction", str(DEFAULT_RANDOM_FRACTION if rand is None else rand),
+                "--lat-out", self.lat_path, "--timeline-out", self.timeline_path, *extra]
+        self.guest = ScriptProc("guest", argv)
+        self.procs.append(self.guest)
+        try:
+            self.guest.wait_event("attached", 60)
+        except (RuntimeError, TimeoutError) as e:
+            raise RuntimeError(f"{e} {' | '.join(self.guest.errors())}") from None
+
+    def run(self, timeout: float = 600, profile_dir: str | None = None) -> dict:
+        t0 = time.monotonic()
+        self.start_dest()
+        self.watch.add("dest", self.dest.p.pid)
+        self.start_source()
+        self.watch.add("source", self.source.p.pid)
+        profilers = _profile(profile_dir, self.dest.p.pid, self.source.p.pid) if profile_dir else []
+        self.start_guest()
+        self.watch.add("guest", self.guest.p.pid)
+        t_attach = time.monotonic()
+        out: dict = {"cpu_s": {}}
+        for name, p in (("source", self.source), ("guest", self.guest), ("dest", self.dest)):
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            try:
+                rc = p.wait(timeout)
+            except TimeoutError:
+                rc = None
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            out["cpu_s"][name] = round((after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime), 3)
+            out[name] = p.summary()
+            out[name + "_rc"] = rc
+            if rc != 0:
+                out.setdefault("failed", f"{name} exited {rc}: " + " | ".join(p.errors() or p.stderr_lines[-5:]))
+                timeout = 5
+        for pr in profilers:
+            try:
+                pr.wait(30)
+            except subprocess.TimeoutExpired:
+                pr.kill()
+        self.watch.close()
+        out["wall_s"] = round(time.monotonic() - t0, 3)
+        out["t_attach"] = t_attach
+        out["peak_rss_mib"] = {k: round(v / 1024, 1) for k, v in self.watch.own_kib.items()}
+        out["peak_hwm_mib"] = {k: round(v / 1024, 1) for k, v in self.watch.hwm_kib.items()}
+        out["dest_events"] = [e for e in self.dest.lines if e.get("event") not in ("summary",)]
+        return out
+
+    def close(self):
+        self.watch.close()
+        for p in self.procs:
+            p.kill()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.sock)
+
+
+PROFILER = os.environ.get("BENCH_PROFILER", "py-spy")  # or "perf": C and kernel frames too
+
+
+def _profile(outdir: str, dest_pid: int, source_pid: int) -> list:
+    """py-spy (Python frames, per thread) or perf (native and kernel frames) on
+    both agents until they exit."""
+    os.makedirs(outdir, exist_ok=True)
+    procs = []
+    for name, pid in (("dest", dest_pid), ("source", source_pid)):
+        if PROFILER == "perf":
+            cmd = [shutil.which("perf") or "perf", "record", "-g", "-F", "999", "-p", str(pid), "-o",
+                   os.path.join(outdir, f"{name}.perf.data")]
+        else:
+            spy = os.environ.get("PY_SPY") or shutil.which("py-spy")
+            if not spy:
+                return []
+            cmd = [spy, "record", "--pid", str(pid), "--rate", "250", "--threads", "--nonblocking",
+                   "--format", "raw", "-o", os.path.join(outdir, f"{name}.txt")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+# -- images ---------------------------------------------------------------------
+class Images:
+    """One RAM image per (size, content), shared by the scenarios that need it."""
+
+    def __init__(self):
+        self.paths: dict[tuple, str] = {}
+
+    def get(self, sc: Scenario) -> str:
+        from migrate.ramimage import ImageSpec, write_image
+        key = (sc.size, sc.content)
+        if key not in self.paths:
+            zero, rand = CONTENT[sc.content]
+            kw = {k: v for k, v in (("zero_fraction", zero), ("random_fraction", rand)) if v is not None}
+            path = f"/dev/shm/migrate-bench-{os.getpid()}-{_fmt(sc.size)}-{sc.content}"
+            write_image(path, sc.size, ImageSpec(SEED, **kw))
+            self.paths[key] = path
+        return self.paths[key]
+
+    def drop_except(self, keep: set):
+        for key in list(self.paths):
+            if key not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.paths.pop(key))
+
+    def close(self):
+        self.drop_except(set())
+
+
+# -- one scenario -----------------------------------------------------------------
+def code_version() -> str:
+    """A short hash of the engine's sources and native build as they are now:
+    the agents are started from the working tree, so a tree edited during a
+    long run shows up as rows with different hashes."""
+    import hashlib
+    root = os.path.dirname(HERE)
+    h = hashlib.sha1()
+    for sub, exts in (("migrate", (".py", ".so")), ("native", (".c", ".h"))):
+        base = os.path.join(root, sub)
+        for dirpath, _, files in sorted(os.walk(base)):
+            for fn in sorted(files):
+                if fn.endswith(exts):
+                    try:
+                        with open(os.path.join(dirpath, fn), "rb") as f:
+                            h.update(fn.encode() + f.read())
+                    except OSError:
+                        pass
+    return h.hexdigest()[:10]
+
+
+
+def _pct(a: np.ndarray, q: float) -> float:
+    if not len(a):
+        return 0.0
+    return round(float(a[min(len(a) - 1, int(round(q / 100.0 * (len(a) - 1))))]), 2)
+
+
+def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = None,
+            source_args: tuple = ()) -> dict:
+    need_huge = sc.size // HUGE if sc.backing == "hugetlbfs" else 0
+    rec = {"scenario": sc.name, **asdict(sc), "page_size": sc.page_size}
+    with hugepages.reserved(need_huge) as free:
+        if need_huge and free < need_huge:
+            rec["skipped"] = f"{need_huge} free 2 MiB huge pages needed, {free} available"
+            return rec
+        image = images.get(sc)
+        work = tempfile.mkdtemp(prefix="migrate-bench-")
+        try:
+            with BenchMigration(work, sc, image, source_args) as lm:
+                out = lm.run(timeout=600, profile_dir=profile_dir)
+                lat = np.fromfile(lm.lat_path, np.uint32) if os.path.exists(lm.lat_path) else np.zeros(0, np.uint32)
+                timeline = None
+                if os.path.exists(lm.timeline_path):
+                    with open(lm.timeline_path) as f:
+                        timeline = json.load(f)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+    d, g, s = out.get("dest") or {}, out.get("guest") or {}, out.get("source") or {}
+    rec["ok"] = not out.get("failed") and bool(g.get("verified")) and d.get("state") == "complete"
+    if g and not g.get("verified"):
+        rec["error"] = (f"guest read wrong bytes: {g.get('mismatches')} mismatched 4 KiB units, first "
+                        f"{g.get('first_bad_unit')} (invariant 1 broken)")
+    elif out.get("failed"):
+        rec["error"] = out["failed"]
+    rec["code"] = code_version()
+    gib = sc.size / (1 << 30)
+    secs = s.get("seconds") or d.get("seconds") or 0
+    faulted = np.sort(lat[lat >= FAULT_THRESHOLD_NS]).astype(np.float64) / 1000.0
+    rec.update({
+        "seconds": secs,
+        "wall_s": out["wall_s"],
+        "dest": {k: v for k, v in d.items() if k != "event"},
+        "source": {k: v for k, v in s.items() if k != "event"},
+        "guest": {k: v for k, v in g.items() if k not in ("event", "t_attach")},
+        "ram_gbps": round(sc.size / secs / 1e9, 3) if secs else None,
+        "wire_gbps": round(s.get("wire_bytes", 0) / secs / 1e9, 3) if secs else None,
+        "wire_ratio": round(s.get("wire_bytes", 0) / sc.size, 3),
+        "faults_per_gib": round(d.get("faults", 0) / gib, 1),
+        "fault_fraction": round(d.get("faults", 0) / d["pages_total"], 4) if d.get("pages_total") else None,
+        "guest_faulted_pages": int(len(faulted)),
+        "guest_fault_p50_us": _pct(faulted, 50),
+        "guest_fault_p99_us": _pct(faulted, 99),
+        "guest_fault_p999_us": _pct(faulted, 99.9),
+        "cpu_s": out["cpu_s"],
+        "cpu_s_per_gib": {k: round(v / gib, 3) for k, v in out["cpu_s"].items()},
+        "peak_rss_mib": out["peak_rss_mib"],
+        "peak_hwm_mib": out["peak_hwm_mib"],
+    })
+    # kept out of the JSON (big); the report draws plots from them
+    rec["_lat_ns"] = lat
+    rec["_timeline"] = timeline
+    rec["_t_attach"] = out["t_attach"]
+    rec["_dest_events"] = out["dest_events"]
+    flag = "ok" if rec["ok"] else f"FAILED: {rec.get('error') or 'not verified / not complete'}"
+    log(f"  {sc.name}: {secs} s, {rec['ram_gbps']} GB/s RAM, {d.get('faults')} faults, dest fault p50 "
+        f"{d.get('fault_p50_us')} us p99 {d.get('fault_p99_us')} us, dest RSS {rec['peak_rss_mib'].get('dest')} MiB "
+        f"[{flag}]")
+    return rec
+
+
+def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, profile_root: str | None = None) -> list[dict]:
+    images = Images()
+    results = []
+    # group by image so each is written once and dropped when no longer needed
+    order = sorted(scenarios, key=lambda s: (s.size, s.content))
+    try:
+        for i, sc in enumerate(order):
+            log(f"scenario {i + 1}/{len(order)}: {sc.name}")
+            pdir = os.path.join(profile_root, sc.name) if profile and sc.name in profile and profile_root else None
+            try:
+                results.append(measure(sc, images, log, pdir))
+            except Exception as e:  # noqa: BLE001 - one broken scenario must not end the run
+                log(f"  {sc.name}: ERROR {type(e).__name__}: {e}")
+                results.append({"scenario": sc.name, **asdict(sc), "page_size": sc.page_size, "ok": False, "error": f"{type(e).__name__}: {e}"})
+            images.drop_except({(s.size, s.content) for s in order[i + 1:]})
+    finally:
+        images.close()
+    return results
