@@ -449,6 +449,32 @@ int64_t mg_demand_resend(struct mg_space *s)
     return count;
 }
 
+/* ---- socket helpers for the demand and push channels ---- */
+
+/* Drops n bytes done from the front of an iovec array. */
+static void iov_advance(struct iovec **iov, int *niov, size_t n)
+{
+    while (*niov > 0 && n >= (*iov)->iov_len) {
+        n -= (*iov)->iov_len;
+        (*iov)++;
+        (*niov)--;
+    }
+    if (*niov > 0 && n) {
+        (*iov)->iov_base = (uint8_t *)(*iov)->iov_base + n;
+        (*iov)->iov_len -= n;
+    }
+}
+
+/* Blocks until fd is readable: 0, -ESHUTDOWN when stop_fd fired, or -errno. */
+static int wait_readable(int fd, int stop_fd)
+{
+    int fds[2] = { fd, stop_fd };
+    int mask = mg_poll_in(fds, stop_fd >= 0 ? 2 : 1, -1);
+    if (mask < 0 && mask != -EINTR)
+        return mask;
+    return (mask & 2) ? -ESHUTDOWN : 0;
+}
+
 /* ---- demand channel, destination side ---- */
 
 /* Reads exactly len bytes, watching stop_fd. 1 = done, 0 = EOF at start, <0 error. */
@@ -467,12 +493,9 @@ static int read_full(int fd, int stop_fd, uint8_t *buf, uint64_t len)
             continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK)
             return -errno;
-        int fds[2] = { fd, stop_fd };
-        int mask = mg_poll_in(fds, stop_fd >= 0 ? 2 : 1, -1);
-        if (mask < 0 && mask != -EINTR)
-            return mask;
-        if (mask & 2)
-            return -ESHUTDOWN;
+        int rc = wait_readable(fd, stop_fd);
+        if (rc < 0)
+            return rc;
     }
     return 1;
 }
@@ -541,15 +564,7 @@ static int write_full(int fd, struct iovec *iov, int iovcnt)
                 continue;
             return -errno;
         }
-        while (iovcnt > 0 && (size_t)n >= iov->iov_len) {
-            n -= (ssize_t)iov->iov_len;
-            iov++;
-            iovcnt--;
-        }
-        if (iovcnt > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + n;
-            iov->iov_len -= (size_t)n;
-        }
+        iov_advance(&iov, &iovcnt, (size_t)n);
     }
     return 0;
 }
@@ -585,12 +600,9 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK)
                 return -errno;
-            int fds[2] = { d->fd, stop_fd };
-            int mask = mg_poll_in(fds, stop_fd >= 0 ? 2 : 1, -1);
-            if (mask < 0 && mask != -EINTR)
-                return mask;
-            if (mask & 2)
-                return -ESHUTDOWN;
+            int rc = wait_readable(d->fd, stop_fd);
+            if (rc < 0)
+                return rc;
             continue;
         }
         have += (uint64_t)n;
@@ -711,23 +723,12 @@ static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov)
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK)
                 return -errno;
-            int fds[2] = { fd, stop_fd };
-            int mask = mg_poll_in(fds, stop_fd >= 0 ? 2 : 1, -1);
-            if (mask < 0 && mask != -EINTR)
-                return mask;
-            if (mask & 2)
-                return -ESHUTDOWN;
+            int rc = wait_readable(fd, stop_fd);
+            if (rc < 0)
+                return rc;
             continue;
         }
-        while (niov > 0 && (size_t)n >= iov->iov_len) {
-            n -= (ssize_t)iov->iov_len;
-            iov++;
-            niov--;
-        }
-        if (niov > 0) {
-            iov->iov_base = (uint8_t *)iov->iov_base + n;
-            iov->iov_len -= (size_t)n;
-        }
+        iov_advance(&iov, &niov, (size_t)n);
     }
     return 1;
 }
@@ -765,15 +766,7 @@ static int write_claimed(struct mg_space *s, uint64_t first, uint32_t count, con
             }
             off += (uint64_t)n;
             left -= (uint64_t)n;
-            while (niov > 0 && (size_t)n >= v->iov_len) {
-                n -= (ssize_t)v->iov_len;
-                v++;
-                niov--;
-            }
-            if (niov > 0 && n) {
-                v->iov_base = (uint8_t *)v->iov_base + n;
-                v->iov_len -= (size_t)n;
-            }
+            iov_advance(&v, &niov, (size_t)n);
         }
         i = j;
     }
