@@ -27,7 +27,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no spinning BLAS threads b
 import numpy as np  # noqa: E402
 
 from migrate._binding import ffi, lib
-from migrate.attach import Region, attach_guest
+from migrate.attach import Region, attach_guest, wait_event
 from migrate.events import Reporter, percentile
 from migrate.guestsim import PATTERNS
 from migrate.memory import Backing, GuestMemory
@@ -87,6 +87,9 @@ def run(args, rep: Reporter) -> dict:
                             name="bench-guest", timeout=60)
         t_attach = time.monotonic()
         rep.event("attached", "", size=args.size, page_size=mem.page_size, backing=args.backing, t=t_attach)
+        # as guestsim does: the vCPUs start when a source is serving (switchover)
+        if not wait_event(sock, "switchover", 600):
+            raise RuntimeError("the agent closed the attach socket before any source connected")
         res_sampler = Residency(mem.guest_addr, args.size) if args.timeline_out else None
         if res_sampler:
             res_sampler.start()
@@ -95,7 +98,9 @@ def run(args, rep: Reporter) -> dict:
         if args.pattern == "idle":
             sock.settimeout(args.wait_complete)
             try:
-                complete = sock.recv(1) == b""
+                while sock.recv(4096):   # until EOF: the migration is over
+                    pass
+                complete = True
             except (TimeoutError, OSError):
                 complete = False
         lat = ffi.new("uint32_t[]", npages)
@@ -114,7 +119,9 @@ def run(args, rep: Reporter) -> dict:
         if complete is None:
             sock.settimeout(args.wait_complete)
             try:
-                complete = sock.recv(1) == b""
+                while sock.recv(4096):   # until EOF: the migration is over
+                    pass
+                complete = True
             except (TimeoutError, OSError):
                 complete = False
         t_done = time.monotonic()

@@ -126,6 +126,22 @@ def attach_guest(path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_si
     return sock
 
 
+def wait_event(sock: socket.socket, event: str, timeout: float | None) -> bool:
+    """Guest side: waits for the agent's {"event": event}. False on EOF, which
+    is how the agent says the migration is over."""
+    sock.settimeout(timeout)
+    try:
+        while True:
+            try:
+                msg, _ = _recv_msg(sock)
+            except AttachError:
+                return False
+            if msg.get("event") == event:
+                return True
+    finally:
+        sock.settimeout(None)
+
+
 @dataclass
 class AttachedGuest:
     """What the agent received. Owns uffd_fd, ram_fd and the socket until close()."""
@@ -143,6 +159,14 @@ class AttachedGuest:
     def ack(self) -> None:
         _send_msg(self.sock, {"ok": True})
         self.acked = True
+
+    def notify(self, event: str) -> None:
+        """After the ack the agent may tell the guest side more, in the same
+        framing: {"event": "switchover"} once a source is serving pages."""
+        try:
+            _send_msg(self.sock, {"event": event})
+        except OSError:
+            pass  # the guest went away; the monitor thread reports it
 
     def nack(self, error: str) -> None:
         try:

@@ -185,7 +185,7 @@ def cmd_guestsim(args) -> int:
     rep = Reporter(args.json, "guestsim")
     try:
         s = guestsim.run(args.attach, args.size, args.backing, _spec(args), args.pattern, args.vcpus, rep,
-                         name=args.name)
+                         name=args.name, start_on=args.start_on)
     except (MigrateError, OSError, ValueError) as e:
         rep.event("error", str(e))
         return 2
@@ -271,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pattern", choices=["seq", "random", "hotset"], default="seq")
     g.add_argument("--vcpus", type=int, default=1)
     g.add_argument("--name", default="guestsim", help="the name it attaches with (source --guest picks it)")
+    g.add_argument("--start-on", choices=["switchover", "attach"], default="switchover",
+                   help="start the vCPUs when a source starts serving (default, as a VM resumed on the "
+                        "destination) or right after the attach")
     _add_image_args(g)
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_guestsim)

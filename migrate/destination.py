@@ -78,6 +78,7 @@ class Migration:
         self.demand_sock: socket.socket | None = None
         self.push_socks: list[socket.socket] = []
         self.completing = False
+        self.switched_over = False
         self.t_connect: float | None = None
         self.t_complete: float | None = None
         self.stop_fd = -1
@@ -208,6 +209,10 @@ class Migration:
         resent = self.space.set_demand_fd(sock.fileno())
         self.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
                             session=self.id, resent=resent)
+        if not self.switched_over:
+            # the guest may run now: every fault it takes has a source to go to
+            self.switched_over = True
+            self.guest.notify("switchover")
         threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{self.id}",
                          daemon=True).start()
 

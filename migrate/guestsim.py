@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from migrate._binding import ffi, lib
-from migrate.attach import Region, attach_guest
+from migrate.attach import AttachError, Region, attach_guest, wait_event
 from migrate.events import Reporter, percentile
 from migrate.memory import Backing, GuestMemory
 from migrate.ramimage import ImageSpec
@@ -18,7 +18,8 @@ PATTERNS = {"seq": 0, "random": 1, "hotset": 2}
 
 
 def run(attach: str, size: int, backing: str, spec: ImageSpec, pattern: str, vcpus: int,
-        reporter: Reporter, name: str = "guestsim", wait_complete: float = 60.0) -> dict:
+        reporter: Reporter, name: str = "guestsim", wait_complete: float = 60.0,
+        start_on: str = "switchover") -> dict:
     if pattern not in PATTERNS:
         raise ValueError(f"--pattern {pattern!r}: use one of {', '.join(PATTERNS)}")
     if vcpus < 1 or vcpus > 256:
@@ -33,6 +34,11 @@ def run(attach: str, size: int, backing: str, spec: ImageSpec, pattern: str, vcp
                             timeout=60)
         reporter.event("attached", f"{size} bytes of {backing} at {mem.guest_addr:#x} attached to {attach}",
                        size=size, page_size=mem.page_size, backing=backing)
+        if start_on == "switchover":
+            # like a VM resumed on the destination: run once a source serves pages
+            if not wait_event(sock, "switchover", 600):
+                raise AttachError("the agent closed the attach socket before any source connected")
+            reporter.event("running", "switchover: the vCPUs start")
         npages = size // mem.page_size
         lat = ffi.new("uint32_t[]", npages)
         res = ffi.new("struct mg_guestsim_result *")
@@ -60,7 +66,9 @@ def run(attach: str, size: int, backing: str, spec: ImageSpec, pattern: str, vcp
         # The agent shuts the attach socket once every page is received and mapped.
         sock.settimeout(wait_complete)
         try:
-            summary["migration_complete"] = sock.recv(1) == b""
+            while sock.recv(4096):  # any later message, then EOF
+                pass
+            summary["migration_complete"] = True
         except (TimeoutError, OSError):
             summary["migration_complete"] = False
         sock.close()
