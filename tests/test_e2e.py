@@ -87,3 +87,36 @@ def test_serve_forever_runs_two_migrations_at_once(tmp_path, host):
         b.dest = None
         b.close()
         a.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["raw", "grpc"])
+def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, transport):
+    """The VM survives its source dying: the guest stays blocked (never reads a
+    byte that did not come from the source), the destination waits, and a new
+    source finishes the migration from the destination's received bitmap."""
+    with LocalMigration(str(tmp_path), 256 * M, seed=5, pattern="random", vcpus=2,
+                        source_args=("--transport", transport, "--push-streams", "1",
+                                     "--batch-bytes", "256K")) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first = lm.start_source()
+        lm.start_guest()
+        while True:
+            ev = lm.dest.wait_event("progress", 60)
+            if ev["received"] > ev["pages_total"] // 20:
+                break
+        first.p.kill()
+        first.p.wait(10)
+        ev = lm.dest.wait_event("disconnected", 30)
+        assert 0 < ev["received"] < ev["total"]
+        second = lm.start_source()
+        assert second.wait(120) == 0, second.errors()
+        assert lm.guest.wait(60) == 0
+        g = lm.guest.summary()
+        assert g["verified"] is True and g["mismatches"] == 0
+        assert lm.dest.wait(30) == 0
+        d = lm.dest.summary()
+        assert d["state"] == "complete"
+        assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == 256 * M // 4096
+        assert second.lines[0]["event"] == "connected" and "already there" in second.lines[0]["message"]
