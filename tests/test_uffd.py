@@ -266,3 +266,32 @@ def test_host_probe_is_frozen(host):
         host.minor_shmem = False
     assert host.minor_shmem == bool(host.features & lib.MG_UFFD_FEATURE_MINOR_SHMEM)
     assert host.minor_hugetlbfs == bool(host.features & lib.MG_UFFD_FEATURE_MINOR_HUGETLBFS)
+
+
+@pytest.mark.timeout(120)
+def test_one_gib_huge_pages_where_the_host_has_them(host):
+    """Backing (d): a 1 GiB huge page, reserved for the test and given back."""
+    from migrate import hugepages
+    from migrate.host import HUGE_1G
+    if host.why_not("minor_hugetlbfs"):
+        pytest.skip(host.why_not("minor_hugetlbfs"))
+    with hugepages.reserved(1, HUGE_1G) as free:
+        if free < 1:
+            pytest.skip("no 1 GiB huge page could be reserved on this host")
+        m = GuestMemory.create("hugetlbfs-1g", HUGE_1G, name="g1")
+        try:
+            assert m.page_size == HUGE_1G
+            u = Userfaultfd.create()
+            u.api()
+            u.register(m.guest_addr, m.size, Mode.MISSING | Mode.MINOR, m.page_size)
+            t, out = read_in_thread(m.guest_addr + 12345 * 4096, 4096)
+            assert u.wait(10_000)
+            (ev,) = u.read_events()
+            assert ev.address & ~(HUGE_1G - 1) == m.guest_addr and not ev.minor
+            m.alias_view(12345 * 4096, 4096)[:] = page_bytes(1, 4096)
+            assert u.continue_(m.guest_addr, HUGE_1G).resolution is Resolution.MAPPED
+            t.join(10)
+            assert bytes(out) == page_bytes(1, 4096)
+            u.close()
+        finally:
+            m.close()
