@@ -14,6 +14,8 @@ import os
 import select
 import socket
 import struct
+import threading
+import time
 from dataclasses import dataclass, field
 
 from migrate._binding import ffi, lib
@@ -100,7 +102,7 @@ def _recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
 
 def attach_guest(path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_size: int,
                  regions: list[Region], backing: str = "", name: str = "",
-                 timeout: float | None = None) -> socket.socket:
+                 timeout: float | None = None, reattach: bool = False) -> socket.socket:
     """Guest side. Returns the connected socket after a good ack; keep it open for
     the guest's life. The caller keeps its own uffd_fd and ram_fd."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -112,10 +114,13 @@ def attach_guest(path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_si
         raise AttachError(f"connect to the agent's attach socket {path}: {e.strerror}; "
                           "is `migrate dest --attach` running?") from None
     hello = {"version": ATTACH_VERSION, "pid": os.getpid(), "page_size": page_size, "ram_size": ram_size,
-             "regions": [r.__dict__ for r in regions], "backing": backing, "name": name}
+             "regions": [r.__dict__ for r in regions], "backing": backing, "name": name, "reattach": reattach}
     try:
         _send_msg(sock, hello, [uffd_fd, ram_fd])
         ack, _ = _recv_msg(sock)
+    except OSError as e:
+        sock.close()
+        raise AttachError(f"attach to {path}: the agent closed the connection ({e.strerror or e})") from None
     except BaseException:
         sock.close()
         raise
@@ -142,6 +147,72 @@ def wait_event(sock: socket.socket, event: str, timeout: float | None) -> bool:
         sock.settimeout(None)
 
 
+class GuestLink:
+    """The guest side of an attach that outlives its agent.
+
+    Keeps the socket, watches the agent's messages in a thread, and if the
+    agent dies before saying "complete" attaches the same userfaultfd and RAM
+    file to whichever agent listens on the path next (reattach). Meanwhile the
+    vCPUs that fault simply stay blocked in the kernel."""
+
+    def __init__(self, path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_size: int,
+                 regions: list[Region], backing: str = "", name: str = "", reporter=None,
+                 reattach_timeout: float = 300.0):
+        self.args = dict(page_size=page_size, ram_size=ram_size, regions=regions, backing=backing, name=name)
+        self.path, self.uffd_fd, self.ram_fd = path, uffd_fd, ram_fd
+        self.reporter = reporter
+        self.reattach_timeout = reattach_timeout
+        self.switchover = threading.Event()
+        self.complete = threading.Event()
+        self.gone = threading.Event()      # the agent died and none came back in time
+        self.reattaches = 0
+        self.sock = attach_guest(path, uffd_fd, ram_fd, timeout=60, **self.args)
+        self._thread = threading.Thread(target=self._watch, name="attach-watch", daemon=True)
+        self._thread.start()
+
+    def _event(self, name: str, message: str) -> None:
+        if self.reporter is not None:
+            self.reporter.event(name, message)
+
+    def _watch(self) -> None:
+        while True:
+            try:
+                while True:
+                    msg, _ = _recv_msg(self.sock)
+                    if msg.get("event") == "switchover":
+                        self.switchover.set()
+                    elif msg.get("event") == "complete":
+                        self.complete.set()
+            except (AttachError, OSError):
+                pass  # end of file
+            if self.complete.is_set():
+                return
+            self._event("agent_lost", "the agent went away before the end; vCPUs that fault wait for another")
+            self.sock.close()
+            deadline = time.monotonic() + self.reattach_timeout
+            while True:
+                try:
+                    self.sock = attach_guest(self.path, self.uffd_fd, self.ram_fd, timeout=10, reattach=True,
+                                             **self.args)
+                    break
+                except AttachError:
+                    if time.monotonic() > deadline:
+                        self.gone.set()
+                        return
+                    time.sleep(0.2)
+            self.reattaches += 1
+            self._event("reattached", f"attached again to the agent at {self.path}")
+
+    def wait_switchover(self, timeout: float) -> bool:
+        return self.switchover.wait(timeout)
+
+    def wait_complete(self, timeout: float) -> bool:
+        return self.complete.wait(timeout)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
 @dataclass
 class AttachedGuest:
     """What the agent received. Owns uffd_fd, ram_fd and the socket until close()."""
@@ -154,6 +225,7 @@ class AttachedGuest:
     regions: list[Region]
     backing: str = ""
     name: str = ""
+    reattach: bool = False
     acked: bool = field(default=False)
 
     def ack(self) -> None:
@@ -203,7 +275,8 @@ def _parse_hello(hello: dict, fds: list[int]) -> dict:
         if r.offset + r.length > size:
             raise AttachError(f"region {r} ends past the RAM size {size}")
     return {"pid": int(hello.get("pid", 0)), "page_size": ps, "ram_size": size, "regions": regions,
-            "backing": str(hello.get("backing", "")), "name": str(hello.get("name", ""))}
+            "backing": str(hello.get("backing", "")), "name": str(hello.get("name", "")),
+            "reattach": bool(hello.get("reattach", False))}
 
 
 class AttachListener:

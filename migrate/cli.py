@@ -70,6 +70,7 @@ def cmd_dest(args) -> int:
         rep.event("error", str(e))
         return 2
     rep.event("listening", f"gRPC on {addr}, attach socket {args.attach}", address=addr, attach=args.attach)
+    agent.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

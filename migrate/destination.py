@@ -8,6 +8,7 @@ One `Migration` per guest, with an explicit state machine. The gRPC servicer
 from __future__ import annotations
 
 import enum
+import errno
 import os
 import secrets
 import socket
@@ -17,7 +18,7 @@ import uuid
 
 from migrate import faultpath
 from migrate.attach import AttachedGuest, AttachListener
-from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
+from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, UffdError, fmt_size
 from migrate.events import Reporter, percentile, process_usage
 from migrate.faultpath import FaultSpace, SpaceRegion
 from migrate.memory import GuestMemory
@@ -60,6 +61,30 @@ TRANSITIONS = {
 }
 
 
+def mapped_runs(pid: int, addr: int, npages: int, page_size: int):
+    """Yields (first, count) runs of pages of [addr, addr + npages * page_size)
+    that are mapped in process pid, read from /proc/PID/pagemap (bit 63: present;
+    one 8-byte entry per 4 KiB, the first of a huge page stands for it)."""
+    step = page_size // 4096
+    run_start = None
+    with open(f"/proc/{pid}/pagemap", "rb", buffering=0) as f:
+        chunk = 65536
+        for base in range(0, npages, chunk):
+            n = min(chunk, npages - base)
+            f.seek((addr // 4096 + base * step) * 8)
+            raw = f.read(n * step * 8)
+            entries = memoryview(raw).cast("Q")
+            for i in range(n):
+                present = entries[i * step] >> 63
+                if present and run_start is None:
+                    run_start = base + i
+                elif not present and run_start is not None:
+                    yield run_start, base + i - run_start
+                    run_start = None
+    if run_start is not None:
+        yield run_start, npages - run_start
+
+
 class Migration:
     """One guest being filled. Owns the guest's descriptors, the alias mapping,
     the fault space and the fault thread."""
@@ -100,7 +125,13 @@ class Migration:
         if g.ram_size % g.page_size:
             raise AttachError(f"RAM size {g.ram_size} is not a multiple of the page size {g.page_size}")
         self.uffd = Userfaultfd(g.uffd_fd, owned=False)
-        self.uffd.api()
+        try:
+            self.uffd.api()
+        except UffdError as e:
+            # UFFDIO_API works once per userfaultfd: a guest re-attaching after
+            # its agent died brings one that the first agent already set up.
+            if not (g.reattach and e.errno == errno.EINVAL):
+                raise
         self.mem = GuestMemory.from_fd(os.dup(g.ram_fd), g.ram_size, g.page_size)
         mode = Mode.MISSING if self.mode == faultpath.MODE_COPY else Mode.MISSING | Mode.MINOR
         regions = []
@@ -116,12 +147,31 @@ class Migration:
             covered.set(r.first_page, r.npages)
         for first, count in covered.runs(set_bits=False):
             self.space.mapped.set(first, count)
+        if g.reattach:
+            self._adopt_prior_pages(regions)
         self.decoder = BatchDecoder(self.npages, g.page_size)
         self.stop_fd = faultpath.make_stop_fd()
         self.fault_thread = threading.Thread(target=self._fault_loop, name=f"faults-{self.id}", daemon=True)
         self.fault_thread.start()
         self.monitor = threading.Thread(target=self._watch_guest, name=f"guest-{self.id}", daemon=True)
         self.monitor.start()
+
+    def _adopt_prior_pages(self, regions: list[SpaceRegion]) -> None:
+        """A guest re-attaching after its agent died: every page mapped in its
+        address space was placed by that agent and may hold the guest's own
+        writes since, so it is recorded as placed and never written again.
+        Pages in the page cache but not mapped are not trusted (a write may
+        have been cut short): they are fetched again. Then every waiter is
+        woken, since the dead agent may have read faults it never answered;
+        a vCPU whose page is still missing simply faults again."""
+        prior = 0
+        for r in regions:
+            for first, count in mapped_runs(self.guest.pid, r.guest_addr, r.npages, self.page_size):
+                prior += self.space.mark_prior(r.first_page + first, count)
+        for r in regions:
+            self.uffd.wake(r.guest_addr, r.npages * self.page_size)
+        self.reporter.event("reattached", f"guest pid {self.guest.pid} re-attached: {prior} pages already "
+                            "mapped in it are kept", pid=self.guest.pid, pages_prior=prior)
 
     def _teardown(self):
         if self.stop_fd >= 0:
@@ -306,6 +356,7 @@ class Migration:
                 return
             self.t_complete = time.monotonic()
         os.eventfd_write(self.stop_fd, 1)
+        self.guest.notify("complete")
         try:  # tells the guest side the migration is over
             self.guest.sock.shutdown(socket.SHUT_WR)
         except OSError:
@@ -344,6 +395,7 @@ class Migration:
             "pages_demand": st["placed_demand"],
             "pages_pushed": st["placed_push"],
             "pages_zero": st["placed_zero"],
+            "pages_prior": st["placed_prior"],
             "pages_duplicate": st["duplicates"],
             "page_size": self.page_size,
             "fault_p50_us": round(percentile(lat, 50), 1),
@@ -380,7 +432,6 @@ class Destination:
         self.changed = threading.Condition(self.lock)
         self.closing = False
         self.accept_thread = threading.Thread(target=self._accept_loop, name="attach", daemon=True)
-        self.accept_thread.start()
         # The demand channel: plain TCP, one connection per source, opened with
         # the token its Welcome carried.
         family = socket.AF_INET6 if ":" in demand_host.strip("[]") else socket.AF_INET
@@ -390,6 +441,10 @@ class Destination:
         self.demand_listener.listen(16)
         self.demand_port = self.demand_listener.getsockname()[1]
         threading.Thread(target=self._demand_accept_loop, name="demand-accept", daemon=True).start()
+
+    def start(self) -> None:
+        """Starts taking attaches (after the caller reported where it listens)."""
+        self.accept_thread.start()
 
     def _demand_accept_loop(self):
         while not self.closing:

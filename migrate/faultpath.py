@@ -99,6 +99,10 @@ class FaultSpace:
             self._raise("place" if self.mode == MODE_CONTINUE else "copy", rc, self._bad[0])
         return rc
 
+    def mark_prior(self, first: int, count: int) -> int:
+        """Pages an earlier agent placed and the guest has mapped: never rewrite."""
+        return lib.mg_mark_prior(self._s, first, count)
+
     def map(self, first: int = 0, count: int | None = None) -> int:
         """Maps received, unmapped pages of the range. Returns pages newly mapped."""
         count = self.npages - first if count is None else count
@@ -175,7 +179,7 @@ class FaultSpace:
         st = self._s.stats
         return {k: getattr(st, k) for k in (
             "faults", "minor", "fast", "requested", "requests_sent", "outside", "eexist", "mapped_pages",
-            "map_calls", "received", "placed_demand", "placed_push", "placed_zero", "duplicates")}
+            "map_calls", "received", "placed_demand", "placed_push", "placed_zero", "placed_prior", "duplicates")}
 
     def complete(self) -> bool:
         return self.received.full() and self.mapped.full()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 
 from migrate._binding import ffi, lib
-from migrate.attach import AttachError, Region, attach_guest, wait_event
+from migrate.attach import AttachError, GuestLink, Region
 from migrate.events import Reporter, percentile
 from migrate.memory import Backing, GuestMemory
 from migrate.ramimage import ImageSpec
@@ -29,15 +29,15 @@ def run(attach: str, size: int, backing: str, spec: ImageSpec, pattern: str, vcp
         # The guest keeps this uffd for its whole life: if the agent dies, our
         # faulting threads stay blocked instead of reading zeros.
         uffd = Userfaultfd.create()
-        sock = attach_guest(attach, uffd.fd, mem.fd, page_size=mem.page_size, ram_size=size,
-                            regions=[Region(mem.guest_addr, size, 0)], backing=backing, name=name,
-                            timeout=60)
+        link = GuestLink(attach, uffd.fd, mem.fd, page_size=mem.page_size, ram_size=size,
+                         regions=[Region(mem.guest_addr, size, 0)], backing=backing, name=name,
+                         reporter=reporter)
         reporter.event("attached", f"{size} bytes of {backing} at {mem.guest_addr:#x} attached to {attach}",
                        size=size, page_size=mem.page_size, backing=backing)
         if start_on == "switchover":
             # like a VM resumed on the destination: run once a source serves pages
-            if not wait_event(sock, "switchover", 600):
-                raise AttachError("the agent closed the attach socket before any source connected")
+            if not link.wait_switchover(600):
+                raise AttachError("no source started serving within 600 s")
             reporter.event("running", "switchover: the vCPUs start")
         npages = size // mem.page_size
         lat = ffi.new("uint32_t[]", npages)
@@ -63,15 +63,10 @@ def run(attach: str, size: int, backing: str, spec: ImageSpec, pattern: str, vcp
             "access_max_us": round(lat_us[-1], 2) if lat_us else 0,
             "seconds": round(seconds, 3),
         }
-        # The agent shuts the attach socket once every page is received and mapped.
-        sock.settimeout(wait_complete)
-        try:
-            while sock.recv(4096):  # any later message, then EOF
-                pass
-            summary["migration_complete"] = True
-        except (TimeoutError, OSError):
-            summary["migration_complete"] = False
-        sock.close()
+        # The agent says "complete" once every page is received and mapped.
+        summary["migration_complete"] = link.wait_complete(wait_complete)
+        summary["agent_reattaches"] = link.reattaches
+        link.close()
         uffd.close()
         return summary
     finally:

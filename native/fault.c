@@ -117,6 +117,21 @@ static const struct mg_region *region_of_page(const struct mg_space *s, uint64_t
     return NULL;
 }
 
+uint64_t mg_mark_prior(struct mg_space *s, uint64_t first, uint64_t count)
+{
+    uint64_t n = 0;
+    for (uint64_t p = first; p < first + count && p < s->npages; p++) {
+        if (test_and_set_bit(s->claimed, p))
+            continue;
+        set_bit(s->received, p);
+        set_bit(s->mapped, p);
+        n++;
+    }
+    STAT_ADD(s, placed_prior, n);
+    STAT_ADD(s, received, n);
+    return n;
+}
+
 int64_t mg_space_page_of(const struct mg_space *s, uint64_t guest_addr)
 {
     for (int i = 0; i < s->nregions; i++) {

@@ -47,6 +47,7 @@ struct mg_fault_stats {
     uint64_t placed_zero;   /* zero pages placed (either way) */
     uint64_t duplicates;    /* pages dropped because already placed */
     uint64_t lat_count;     /* demand latencies recorded in lat_us (ring) */
+    uint64_t placed_prior;  /* found mapped in the guest at attach (placed by an earlier agent) */
 };
 
 /* A demand request in flight: when it was asked for (CLOCK_MONOTONIC ns). */
@@ -78,6 +79,11 @@ struct mg_space {
     struct mg_region regions[16];
     struct mg_fault_stats stats;
 };
+
+/* Records pages [first, first+count) as placed and mapped by an earlier agent
+ * (they are mapped in the guest: never written again). Returns how many of
+ * them were not recorded yet. */
+uint64_t mg_mark_prior(struct mg_space *s, uint64_t first, uint64_t count);
 
 /* Page index of a guest address, or -1 if it lies outside every region. */
 int64_t mg_space_page_of(const struct mg_space *s, uint64_t guest_addr);

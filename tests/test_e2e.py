@@ -120,3 +120,39 @@ def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, t
         assert d["state"] == "complete"
         assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == 256 * M // 4096
         assert second.lines[0]["event"] == "connected" and "already there" in second.lines[0]["message"]
+
+
+@pytest.mark.timeout(180)
+def test_agent_killed_mid_migration_then_a_new_agent_takes_over(tmp_path, host):
+    """The destination agent itself dies (SIGKILL) mid-migration: the guest keeps
+    its userfaultfd, its faulting vCPUs stay blocked, it re-attaches to a new
+    agent, which keeps every page already mapped in the guest (never rewritten)
+    and fetches the rest from a new source. Every byte verifies."""
+    with LocalMigration(str(tmp_path), 256 * M, seed=9, pattern="random", vcpus=2,
+                        source_args=("--push-streams", "1", "--batch-bytes", "256K")) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first_src = lm.start_source()
+        lm.start_guest()
+        while True:
+            ev = lm.dest.wait_event("progress", 60)
+            if ev["received"] > ev["pages_total"] // 10:
+                break
+        old = lm.dest
+        old.p.kill()
+        old.p.wait(10)
+        assert first_src.wait(60) != 0          # its destination is gone
+        lm.guest.wait_event("agent_lost", 30)
+        lm.start_dest()                          # a new agent on the same attach socket
+        ev = lm.dest.wait_event("reattached", 60)
+        assert 0 < ev["pages_prior"] < 256 * M // 4096
+        lm.guest.wait_event("reattached", 30)
+        second = lm.start_source()
+        assert second.wait(120) == 0, second.errors()
+        assert lm.guest.wait(60) == 0
+        g = lm.guest.summary()
+        assert g["verified"] is True and g["mismatches"] == 0 and g["agent_reattaches"] == 1
+        assert lm.dest.wait(30) == 0
+        d = lm.dest.summary()
+        assert d["state"] == "complete" and d["pages_prior"] == ev["pages_prior"]
+        assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] + d["pages_prior"] == 256 * M // 4096
