@@ -166,6 +166,7 @@ class GuestLink:
         self.complete = threading.Event()
         self.gone = threading.Event()      # the agent died and none came back in time
         self.reattaches = 0
+        self.final: dict = {}              # the agent's "complete" message: how pages arrived
         self.sock = attach_guest(path, uffd_fd, ram_fd, timeout=60, **self.args)
         self._thread = threading.Thread(target=self._watch, name="attach-watch", daemon=True)
         self._thread.start()
@@ -182,6 +183,7 @@ class GuestLink:
                     if msg.get("event") == "switchover":
                         self.switchover.set()
                     elif msg.get("event") == "complete":
+                        self.final = msg
                         self.complete.set()
             except (AttachError, OSError):
                 pass  # end of file
@@ -232,11 +234,12 @@ class AttachedGuest:
         _send_msg(self.sock, {"ok": True})
         self.acked = True
 
-    def notify(self, event: str) -> None:
+    def notify(self, event: str, **fields) -> None:
         """After the ack the agent may tell the guest side more, in the same
-        framing: {"event": "switchover"} once a source is serving pages."""
+        framing: {"event": "switchover"} once a source is serving pages,
+        {"event": "complete", ...counts} at the end."""
         try:
-            _send_msg(self.sock, {"event": event})
+            _send_msg(self.sock, {"event": event, **fields})
         except OSError:
             pass  # the guest went away; the monitor thread reports it
 

@@ -356,7 +356,10 @@ class Migration:
                 return
             self.t_complete = time.monotonic()
         os.eventfd_write(self.stop_fd, 1)
-        self.guest.notify("complete")
+        st = self.space.stats
+        self.guest.notify("complete", pages_total=self.npages, pages_demand=st["placed_demand"],
+                          pages_pushed=st["placed_push"], pages_zero=st["placed_zero"],
+                          pages_prior=st["placed_prior"])
         try:  # tells the guest side the migration is over
             self.guest.sock.shutdown(socket.SHUT_WR)
         except OSError:

@@ -43,6 +43,10 @@ def test_migrate_end_to_end(tmp_path, host, huge_pages, backing, size, pattern, 
     assert d["state"] == "complete" and d["pages_total"] == total
     assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == total
     assert s["pages_demand"] == d["pages_demand"] and s["pages_zero"] == d["pages_zero"]
+    assert (g["pages_demand"], g["pages_pushed"], g["pages_zero"]) == \
+        (d["pages_demand"], d["pages_pushed"], d["pages_zero"])     # the agent told the guest too
+    for summary in (g, d):
+        assert summary["fault_p50_us"] <= summary["fault_p99_us"]
     if backing != "hugetlbfs":   # 30% of 4 KiB units are zero; a 2 MiB page is never all zero
         assert d["pages_zero"] > total // 5
 
