@@ -492,27 +492,38 @@ static int wait_readable(int fd, int stop_fd)
 
 /* ---- demand channel, destination side ---- */
 
-/* Reads exactly len bytes, watching stop_fd. 1 = done, 0 = EOF at start, <0 error. */
-static int read_full(int fd, int stop_fd, uint8_t *buf, uint64_t len)
+/* Reads into an iovec array until all of it is filled, watching stop_fd.
+ * 1 = done; 0 = end of file before the first byte (only when clean_eof);
+ * -EPIPE = end of file part way; -ESHUTDOWN; -errno. */
+static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov, int clean_eof)
 {
-    uint64_t got = 0;
-    while (got < len) {
-        ssize_t n = recv(fd, buf + got, len - got, MSG_DONTWAIT);
-        if (n > 0) {
-            got += (uint64_t)n;
+    int got_any = 0;
+    while (niov > 0) {
+        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)(niov < IOV_MAX ? niov : IOV_MAX) };
+        ssize_t n = recvmsg(fd, &msg, MSG_DONTWAIT);
+        if (n == 0)
+            return clean_eof && !got_any ? 0 : -EPIPE;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK)
+                return -errno;
+            int rc = wait_readable(fd, stop_fd);
+            if (rc < 0)
+                return rc;
             continue;
         }
-        if (n == 0)
-            return got == 0 ? 0 : -EPIPE;
-        if (errno == EINTR)
-            continue;
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-            return -errno;
-        int rc = wait_readable(fd, stop_fd);
-        if (rc < 0)
-            return rc;
+        got_any = 1;
+        iov_advance(&iov, &niov, (size_t)n);
     }
     return 1;
+}
+
+/* Reads exactly len bytes: 1 = done, 0 = EOF at the start, < 0 error. */
+static int read_full(int fd, int stop_fd, uint8_t *buf, uint64_t len)
+{
+    struct iovec iov = { buf, len };
+    return readv_full(fd, stop_fd, &iov, 1, 1);
 }
 
 struct reply_header {
@@ -725,29 +736,6 @@ int64_t mg_push_pages(int fd, uint64_t base, uint64_t page_size, const uint64_t 
     return payload;
 }
 
-/* Reads into an iovec array until all of it is filled, watching stop_fd. */
-static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov)
-{
-    while (niov > 0) {
-        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)(niov < IOV_MAX ? niov : IOV_MAX) };
-        ssize_t n = recvmsg(fd, &msg, MSG_DONTWAIT);
-        if (n == 0)
-            return -EPIPE;
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                return -errno;
-            int rc = wait_readable(fd, stop_fd);
-            if (rc < 0)
-                return rc;
-            continue;
-        }
-        iov_advance(&iov, &niov, (size_t)n);
-    }
-    return 1;
-}
-
 /* pwritev()s the claimed pages of a run into the RAM file: staged bytes for
  * non-zero pages, the zero page for zero pages; consecutive pages in one call. */
 static int write_claimed(struct mg_space *s, uint64_t first, uint32_t count, const uint8_t *bits,
@@ -844,7 +832,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
                 niov++;
             }
         }
-        rc = readv_full(fd, stop_fd, iov, niov);
+        rc = readv_full(fd, stop_fd, iov, niov, 0);
         if (rc < 0) {
             /* claimed pages that did not arrive whole: give them back */
             for (uint32_t i = 0; i < h.count; i++)
