@@ -59,36 +59,67 @@ def _first_event(q, name: str) -> float | None:
     return None
 
 
+def _events(q, name: str, **match) -> list[dict]:
+    q.cmd("query-status")  # pumps pending events
+    return [e for e in q.events if e["event"] == name
+            and all(e.get("data", {}).get(k) == v for k, v in match.items())]
+
+
 def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None) -> dict:
     _examples()
     import migrate_qemu
+    load = os.getloadavg()[0]
     r = migrate_qemu.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log)
     if not (r.get("verify") or "").startswith("VERIFY OK") or r.get("errors"):
         raise RuntimeError(f"engine run failed: {r.get('verify')} {r.get('errors')}")
-    d = r.get("dest", {})
+    d, s = r.get("dest", {}), r.get("source", {})
+    tl = {ev: t for t, who, ev in reversed(r.get("timeline", [])) if who == "source"}
     return {"pages": r["pages"], "total_ms": r.get("total_ms"), "downtime_ms": r.get("downtime_ms"),
-            "guest_verify_ms": r.get("guest_verify_ms"), "postcopy_blocktime_ms": None,
+            "guest_verify_ms": r.get("guest_verify_ms"), "guest_verify_local_ms": r.get("guest_verify_local_ms"),
+            "postcopy_blocktime_ms": None,
             "demand_faults": d.get("faults"), "fault_p50_us": d.get("fault_p50_us"),
             "fault_p99_us": d.get("fault_p99_us"), "pages_demand": d.get("pages_demand"),
-            "device_state_bytes": d.get("device_state_bytes"), "verify": r["verify"],
-            "src_status_at_dst_running": r.get("src_status_at_dst_running")}
+            "pages_pushed": d.get("pages_pushed"), "pages_zero": d.get("pages_zero"),
+            "wire_bytes": s.get("wire_bytes"), "push_seconds": s.get("seconds"),
+            "ram_gbps": round(mem_mb * (1 << 20) / s["seconds"] / 1e9, 3) if s.get("seconds") else None,
+            "device_state_bytes": d.get("device_state_bytes"), "capture_ms": s.get("capture_ms"),
+            "connected_ms": tl.get("connected"), "load_ms": d.get("device_state_load_ms"),
+            "cpu_s": {"dest": round(d.get("cpu_user_s", 0) + d.get("cpu_sys_s", 0), 3),
+                      "source": round(s.get("cpu_user_s", 0) + s.get("cpu_sys_s", 0), 3)},
+            "verify": r["verify"], "src_status_at_dst_running": r.get("src_status_at_dst_running"),
+            "timeline": r.get("timeline"), "loadavg": round(load, 2)}
 
 
-def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None) -> dict:
-    """QEMU's own pure post-copy (postcopy-ram, migrate-start-postcopy right after
-    migrate), private RAM, over loopback TCP; verify triggered as soon as the
-    destination runs (as examples/qemu/postcopy_baseline.py --verify-when postcopy)."""
+def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy: str = "none",
+                      backend: str = "ram") -> dict:
+    """QEMU's own post-copy (postcopy-ram), private RAM, over loopback TCP; the
+    guest's verify is triggered as soon as the destination runs.
+
+    precopy="none":       migrate-start-postcopy right after migrate (pure post-copy, as
+                          this engine: no pass over RAM before the switch)
+    precopy="first-pass": switch once the first precopy pass is done (dirty-sync-count
+                          reaches 2), as libvirt's --postcopy-after-precopy does
+
+    total_ms is measured from the same kind of events as the engine's: the start of
+    the migration (source MIGRATION "setup"; the engine has no phase before its STOP)
+    to the destination's MIGRATION "completed", QEMU's own timestamps."""
     _examples()
     from qemu_lab import Lab
 
+    load = os.getloadavg()[0]
     with Lab(guest, verbose=False) as lab:
         lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
-        src, qs, ss = lab.start("src", mem_mb=mem_mb, backend="ram")
+        kw = {}
+        if backend == "file":   # the engine's backing: a share=on file on /dev/shm, each side its own
+            kw = {"mem_path": lab.shm_path("qemu-postcopy-src")}
+        src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=backend, **kw)
         m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=300)
         pages = int(m.group(1))
-        dst, qd, sd = lab.start("dst", mem_mb=mem_mb, backend="ram", incoming="defer")
-        qs.set_caps(postcopy_ram=True)
-        qd.set_caps(postcopy_ram=True, postcopy_blocktime=True)
+        if backend == "file":
+            kw = {"mem_path": lab.shm_path("qemu-postcopy-dst")}
+        dst, qd, sd = lab.start("dst", mem_mb=mem_mb, backend=backend, incoming="defer", **kw)
+        qs.set_caps(postcopy_ram=True, events=True)
+        qd.set_caps(postcopy_ram=True, postcopy_blocktime=True, events=True)
         qs.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         s = socket.socket()
         s.bind(("127.0.0.1", 0))
@@ -96,10 +127,22 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None) -> dict
         s.close()
         qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-        qs.cmd("migrate-start-postcopy")
         deadline = time.monotonic() + 120
+        if precopy == "first-pass":
+            while (qs.cmd("query-migrate").get("ram", {}).get("dirty-sync-count", 0) < 2
+                   and time.monotonic() < deadline):
+                time.sleep(0.002)
+        elif precopy != "none":
+            raise ValueError(precopy)
+        try:
+            qs.cmd("migrate-start-postcopy")
+        except Exception as e:  # noqa: BLE001 - an idle guest's precopy may have converged already
+            if precopy == "none" or qs.cmd("query-migrate").get("status") != "completed":
+                raise RuntimeError(f"migrate-start-postcopy: {e}") from None
         while qd.cmd("query-status")["status"] != "running":
-            if qs.cmd("query-migrate").get("status") in ("failed", "cancelled") or time.monotonic() > deadline:
+            st = qs.cmd("query-migrate").get("status")
+            if st in ("failed", "cancelled") or (st == "completed" and precopy == "none") \
+                    or time.monotonic() > deadline:
                 raise RuntimeError(f"QEMU post-copy did not start: {qs.cmd('query-migrate')}")
             time.sleep(0.001)
         sd.send("\n")
@@ -108,32 +151,150 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None) -> dict
             raise RuntimeError(f"QEMU post-copy: {info}")
         v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=300)
         dinfo = qd.wait_migration(timeout=60, poll=0.01)
+        sd.send("\n")
+        v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=300)
         stop, resume = _first_event(qs, "STOP"), _first_event(qd, "RESUME")
+        setup = _events(qs, "MIGRATION", status="setup")
+        done = _events(qd, "MIGRATION", status="completed")
         ram = info.get("ram", {})
-        return {"pages": pages, "total_ms": info.get("total-time"),
+        t_start = _ts(setup[0]) if setup else stop
+        # post-copy happened when the switch came before QEMU's own convergence (an idle
+        # guest's precopy can finish in one pass plus a stop-and-copy of the rest)
+        went_postcopy = bool(_events(qs, "MIGRATION", status="postcopy-active"))
+        return {"precopy": precopy, "backend": backend, "pages": pages, "went_postcopy": went_postcopy,
+                "downtime_bytes": ram.get("downtime-bytes"), "postcopy_bytes": ram.get("postcopy-bytes"),
+                "total_ms": round((_ts(done[0]) - t_start) * 1e3, 1) if done and t_start else info.get("total-time"),
+                "qemu_total_time_ms": info.get("total-time"),
+                "precopy_ms": round((stop - t_start) * 1e3, 1) if stop and t_start else None,
+                "postcopy_ms": round((_ts(done[0]) - stop) * 1e3, 1) if done and stop else None,
                 "downtime_ms": round((resume - stop) * 1e3, 1) if stop and resume else None,
                 "qemu_reported_downtime_ms": info.get("downtime"),
                 "guest_verify_ms": int(v.group(2)) if v.group(2) else None,
+                "guest_verify_local_ms": int(v2.group(2)) if v2.group(2) else None,
                 "postcopy_blocktime_ms": dinfo.get("postcopy-blocktime"),
                 "postcopy_requests": ram.get("postcopy-requests"), "ram_transferred": ram.get("transferred"),
-                "verify": v.group(0).strip()}
+                "verify": v.group(0).strip(), "loadavg": round(load, 2)}
 
 
-def measure(guest: str | None = None, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None) -> dict:
+METRICS = ("total_ms", "downtime_ms", "guest_verify_ms")
+
+
+def _ratios(eng: dict, base: dict) -> dict:
+    return {k: round(eng[k] / base[k], 3) for k in METRICS if eng.get(k) and base.get(k)}
+
+
+def measure(guest: str | None = None, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None,
+            precopy: bool = False) -> dict:
     """Both runs, one after the other, same guest and size. Returns
-    {"mem_mb", "engine": {...}, "qemu_postcopy": {...}, "ratio": {metric: engine/qemu}}."""
+    {"mem_mb", "engine": {...}, "qemu_postcopy": {...}, "ratio": {metric: engine/qemu}}
+    (+ "qemu_precopy_postcopy" and "ratio_precopy" with precopy=True)."""
     guest = build_guest(guest)
     eng = run_engine(guest, mem_mb, hugetlbfs, log)
     base = run_qemu_postcopy(guest, mem_mb, log)
-    ratio = {}
-    for k in ("total_ms", "downtime_ms", "guest_verify_ms"):
-        if eng.get(k) and base.get(k):
-            ratio[k] = round(eng[k] / base[k], 3)
-    return {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file",
-            "engine": eng, "qemu_postcopy": base, "ratio": ratio}
+    out = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file",
+           "engine": eng, "qemu_postcopy": base, "ratio": _ratios(eng, base)}
+    if precopy:
+        pre = run_qemu_postcopy(guest, mem_mb, log, precopy="first-pass")
+        out["qemu_precopy_postcopy"] = pre
+        out["ratio_precopy"] = _ratios(eng, pre)
+    return out
+
+
+def unavailable() -> str | None:
+    """Why the QEMU scenario cannot run here (None: it can)."""
+    import glob
+    import shutil
+    if os.geteuid() != 0:
+        return "needs root (userfaultfd on the QEMU's RAM, /dev/shm files)"
+    if not shutil.which("qemu-system-x86_64"):
+        return "qemu-system-x86_64 not found (apt-get install qemu-system-x86)"
+    if not os.path.exists(os.path.join(tempfile.gettempdir(), "migrate-qemu-guest", "initramfs.cpio.gz")):
+        if not glob.glob("/boot/vmlinuz-*"):
+            return "no Debian kernel /boot/vmlinuz-* (apt-get install linux-image-amd64)"
+        for tool, pkg in (("busybox", "busybox-static"), ("cpio", "cpio"), ("gcc", "gcc")):
+            if not shutil.which(tool):
+                return f"{tool} not found to build the guest (apt-get install {pkg})"
+    try:
+        from migrate.qemu import shim_path
+        shim_path()
+    except Exception as e:  # noqa: BLE001 - the reason is the message
+        return f"the LD_PRELOAD shim is not built: {e}"
+    return None
+
+
+def _best(runs: list[dict]) -> dict:
+    """Per metric, the lowest over the repetitions."""
+    out = {}
+    for k in METRICS + ("guest_verify_local_ms", "postcopy_blocktime_ms"):
+        vals = [r[k] for r in runs if r.get(k) is not None]
+        out[k] = min(vals) if vals else None
+    return out
+
+
+def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: bool = True,
+          log=lambda m: None) -> dict:
+    """`migrate bench`'s QEMU guest scenario: reps x (engine, QEMU pure post-copy on
+    private RAM (QEMU's usual setup, the baseline of the ratios), QEMU post-copy after
+    one precopy pass, QEMU pure post-copy on a share=on /dev/shm file like the
+    engine's), alternating, best of each and all.
+    Never raises: a failure is recorded under "error"."""
+    out: dict = {"mem_mb": mem_mb, "backing": "tmpfs-file", "reps": reps, "runs": {"engine": [], "qemu_postcopy": []}}
+    if precopy:
+        out["runs"]["qemu_precopy_postcopy"] = []
+    if same_backing:
+        out["runs"]["qemu_postcopy_shm"] = []
+    t0 = time.monotonic()
+    try:
+        guest = build_guest()
+        for i in range(reps):
+            for side, fn in (("engine", lambda: run_engine(guest, mem_mb)),
+                             ("qemu_postcopy", lambda: run_qemu_postcopy(guest, mem_mb)),
+                             ("qemu_precopy_postcopy", lambda: run_qemu_postcopy(guest, mem_mb, precopy="first-pass")),
+                             ("qemu_postcopy_shm", lambda: run_qemu_postcopy(guest, mem_mb, backend="file"))):
+                if side not in out["runs"]:
+                    continue
+                try:
+                    r = fn()
+                except Exception as e:  # noqa: BLE001 - one failed run does not stop the others
+                    out.setdefault("errors", []).append(f"{side} rep {i + 1}: {type(e).__name__}: {e}")
+                    log(f"qemu guest rep {i + 1}/{reps} {side} failed: {e}")
+                    continue
+                r.pop("timeline", None) if i else None
+                out["runs"][side].append(r)
+                log(f"qemu guest rep {i + 1}/{reps} {side}: total {r['total_ms']} ms, downtime "
+                    f"{r['downtime_ms']} ms, guest verify {r['guest_verify_ms']} ms "
+                    f"(local {r.get('guest_verify_local_ms')} ms), load {r['loadavg']}")
+    except Exception as e:  # noqa: BLE001 - the report says what failed
+        out["error"] = f"{type(e).__name__}: {e}"
+    for side in ("engine", "qemu_postcopy"):
+        if not out["runs"][side] and "error" not in out:
+            out["error"] = f"no successful {side} run: " + "; ".join(out.get("errors", []))
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    out["best"] = {side: _best(runs) for side, runs in out["runs"].items() if runs}
+    b = out["best"]
+    if "engine" in b and "qemu_postcopy" in b:
+        out["ratio"] = _ratios(b["engine"], b["qemu_postcopy"])
+        out["qemu_total_ratio"] = out["ratio"].get("total_ms")
+        out["qemu_guest_ratio"] = out["ratio"].get("guest_verify_ms")
+        e, q = b["engine"], b["qemu_postcopy"]
+        if all(x.get("guest_verify_ms") and x.get("guest_verify_local_ms") for x in (e, q)):
+            # what the migration adds to the guest's own time, above its all-local floor
+            de = e["guest_verify_ms"] - e["guest_verify_local_ms"]
+            dq = q["guest_verify_ms"] - q["guest_verify_local_ms"]
+            out["qemu_guest_delay_ratio"] = round(de / dq, 3) if dq > 0 else None
+    if "engine" in b and "qemu_precopy_postcopy" in b:
+        out["ratio_precopy"] = _ratios(b["engine"], b["qemu_precopy_postcopy"])
+    if "engine" in b and "qemu_postcopy_shm" in b:
+        out["ratio_shm"] = _ratios(b["engine"], b["qemu_postcopy_shm"])
+    return out
 
 
 if __name__ == "__main__":
     import json
-    print(json.dumps(measure(mem_mb=int(sys.argv[1]) if len(sys.argv) > 1 else 512,
-                             hugetlbfs="--hugetlbfs" in sys.argv), indent=2))
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    if "--bench" in sys.argv:
+        print(json.dumps(bench(reps=int(args[1]) if len(args) > 1 else 2, mem_mb=int(args[0]) if args else 512,
+                               log=lambda m: print(m, file=sys.stderr, flush=True)), indent=2))
+    else:
+        print(json.dumps(measure(mem_mb=int(args[0]) if args else 512, hugetlbfs="--hugetlbfs" in sys.argv,
+                                 precopy="--precopy" in sys.argv), indent=2))

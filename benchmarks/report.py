@@ -21,6 +21,9 @@ TARGETS = {
     "huge_continue_vs_copy": (">=", 50.0, "2 MiB handler placement (ioctl) p50, lowest of the reps: COPY / CONTINUE, C floor"),
     "huge_demand_vs_wire": ("<=", 1.2, "2 MiB demand fault p50 / (TCP ping-pong p50 + 2 MiB at raw TCP GB/s)"),
     "seq_fault_fraction": ("<=", 0.05, "faults / pages, sequential scan after switchover"),
+    "qemu_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: total migration time, this engine / QEMU's own post-copy"),
+    "qemu_guest_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: guest's time to read all its memory after the switch, "
+                                    "this engine / QEMU's own post-copy"),
     "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
 }
 
@@ -37,8 +40,9 @@ def _div(a, b, nd=3):
     return round(a / b, nd)
 
 
-def ratios(floors: dict, results: list[dict]) -> tuple[dict, dict]:
-    """Returns (ratios, provenance: which measurement each came from)."""
+def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple[dict, dict]:
+    """Returns (ratios, provenance: which measurement each came from). The QEMU
+    keys are there only when the QEMU guest scenario ran."""
     f = floors
     r: dict = {}
     src: dict = {}
@@ -84,6 +88,12 @@ def ratios(floors: dict, results: list[dict]) -> tuple[dict, dict]:
         r["dest_hwm_mib"] = worst.get("peak_hwm_mib", {}).get("dest")
         r["guest_gib"] = round(biggest / (1 << 30), 3)
         src["dest_rss_mib"] = worst["scenario"] + " peak RssAnon+RssFile of dest"
+    if qemu and qemu.get("ratio"):
+        for k in ("qemu_total_ratio", "qemu_guest_ratio", "qemu_guest_delay_ratio"):
+            if qemu.get(k) is not None:
+                r[k] = qemu[k]
+        src["qemu_total_ratio"] = "qemu: best engine total_ms / best QEMU post-copy total_ms"
+        src["qemu_guest_ratio"] = "qemu: best engine guest_verify_ms / best QEMU post-copy guest_verify_ms"
     return r, src
 
 
@@ -171,6 +181,7 @@ def markdown(doc: dict) -> str:
             f"{_f(r['cpu_s_per_gib'].get('dest'))} | {_f(r['cpu_s_per_gib'].get('source'))} | "
             f"{_f(r['peak_rss_mib'].get('dest'), 0)} | {_f(r['peak_rss_mib'].get('source'), 0)} |"
             + (f" code {r.get('code')}" if doc.get('code_start') != doc.get('code_end') else ""))
+    lines += qemu_markdown(doc.get("qemu"))
     if doc.get("profiles"):
         lines += ["", "## Where the agents spend time (py-spy, top frames by samples)", ""]
         for name, prof in doc["profiles"].items():
@@ -179,6 +190,84 @@ def markdown(doc: dict) -> str:
                 lines.append(f"- {who}:")
                 lines += [f"  - {pct:.1f}% {frame}" for frame, pct in rows]
     return "\n".join(lines) + "\n"
+
+
+QEMU_SIDES = (("engine", "this engine (shared RAM file + x-ignore-shared, demand faults + push)"),
+              ("qemu_postcopy", "QEMU post-copy, private RAM, switched right after `migrate` (no precopy "
+                                "pass): the baseline"),
+              ("qemu_postcopy_shm", "QEMU post-copy as above, RAM on a share=on /dev/shm file (the engine's "
+                                    "backing)"),
+              ("qemu_precopy_postcopy", "QEMU: one precopy pass, then migrate-start-postcopy (libvirt "
+                                        "--postcopy-after-precopy)"))
+
+
+def qemu_markdown(q: dict | None) -> list[str]:
+    if not q:
+        return []
+    lines = ["", "## QEMU guest", ""]
+    if q.get("skipped") and not q.get("runs"):
+        return lines + [f"Not run: {q['skipped']}."]
+    lines += [f"The same busybox guest (Debian kernel, memfill: {q.get('mem_mb')} MiB RAM, most of it filled with a "
+              "page-number pattern), TCG, both QEMUs on this machine, loopback TCP; best of "
+              f"{q.get('reps')} repetitions per metric (all below). total = start of the migration (engine: the "
+              "source QEMU's STOP; QEMU: its MIGRATION setup event) to the destination's last page (engine: the "
+              "agent's completed event; QEMU: the destination's MIGRATION completed event); downtime = source "
+              "STOP to destination RESUME (QEMU's own timestamps); guest verify = the guest's own time to read "
+              "and check all of its memory, triggered the moment the destination runs; local = the same read "
+              "again once every page is there (the guest's floor); blocktime = QEMU's postcopy-blocktime "
+              "(destination). Ratios are engine / QEMU; the goal is <= 0.5 for total and guest verify. The guest "
+              "sits idle until the switch, so QEMU's precopy pass dirties nothing: with a precopy pass first, QEMU "
+              "sends most of RAM before or while the source is stopped (see downtime) and the post-copy phase has "
+              "little left to do.", ""]
+    if q.get("error"):
+        lines += [f"**Failed**: {q['error']}", ""]
+    for e in q.get("errors", []):
+        lines += [f"- run failed: {e}"]
+    if q.get("errors"):
+        lines += [""]
+    best = q.get("best", {})
+    lines += ["| | total ms | downtime ms | guest verify ms | verify, all local ms | postcopy-blocktime ms |",
+              "|---|---|---|---|---|---|"]
+    for side, label in QEMU_SIDES:
+        b = best.get(side)
+        if b:
+            lines.append(f"| {label} | {_f(b['total_ms'], 0)} | {_f(b['downtime_ms'], 1)} | "
+                         f"{_f(b['guest_verify_ms'], 0)} | {_f(b['guest_verify_local_ms'], 0)} | "
+                         f"{_f(b['postcopy_blocktime_ms'], 0)} |")
+    for key, side in (("ratio", "QEMU post-copy"), ("ratio_shm", "QEMU post-copy on /dev/shm"),
+                      ("ratio_precopy", "QEMU precopy pass + post-copy")):
+        rr = q.get(key)
+        if rr:
+            lines.append(f"| **engine / {side}** | {_f(rr.get('total_ms'), 3)} | {_f(rr.get('downtime_ms'), 3)} | "
+                         f"{_f(rr.get('guest_verify_ms'), 3)} | | |")
+    pre = q.get("runs", {}).get("qemu_precopy_postcopy", [])
+    if pre and not any(r.get("went_postcopy") for r in pre):
+        lines += ["", "In every precopy-first run QEMU converged on its own before the switch (the idle guest "
+                      "dirties nothing): it stopped the source and copied the rest while stopped, so that row is "
+                      "a precopy migration, not post-copy."]
+    if q.get("qemu_guest_delay_ratio") is not None:
+        lines += ["", f"What the migration adds to the guest's read (verify - local), engine / QEMU post-copy: "
+                      f"{q['qemu_guest_delay_ratio']:.3f}."]
+    lines += ["", "All repetitions:", "",
+              "| run | load avg | total ms | downtime ms | guest verify ms | local ms | blocktime ms | details |",
+              "|---|---|---|---|---|---|---|---|"]
+    for side, runs in q.get("runs", {}).items():
+        for i, r in enumerate(runs):
+            if side == "engine":
+                det = (f"{r.get('demand_faults')} demand faults (p50 {_f(r.get('fault_p50_us'), 0)} us, p99 "
+                       f"{_f(r.get('fault_p99_us'), 0)} us), push {_f(r.get('ram_gbps'), 2)} GB/s of RAM, "
+                       f"device state {r.get('device_state_bytes')} B: capture {_f(r.get('capture_ms'), 1)} ms, "
+                       f"connected +{_f(r.get('connected_ms'), 1)} ms, load {_f(r.get('load_ms'), 1)} ms; CPU s "
+                       f"dest {r.get('cpu_s', {}).get('dest')} source {r.get('cpu_s', {}).get('source')}")
+            else:
+                det = (f"{r.get('postcopy_requests')} post-copy requests, {r.get('ram_transferred')} B "
+                       f"({r.get('postcopy_bytes')} B post-copy, {r.get('downtime_bytes')} B while stopped); precopy "
+                       f"{_f(r.get('precopy_ms'), 0)} ms, QEMU total-time {r.get('qemu_total_time_ms')} ms"
+                       + ("" if r.get("went_postcopy", True) else "; **converged in precopy: never went post-copy**"))
+            lines.append(f"| {side} #{i + 1} | {_f(r.get('loadavg'))} | {_f(r.get('total_ms'), 0)} | "
+                         f"{_f(r.get('downtime_ms'), 1)} | {_f(r.get('guest_verify_ms'), 0)} | "
+                         f"{_f(r.get('guest_verify_local_ms'), 0)} | {_f(r.get('postcopy_blocktime_ms'), 0)} | {det} |")
+    return lines
 
 
 def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str]:

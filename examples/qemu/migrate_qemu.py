@@ -65,7 +65,7 @@ def ts(e):
     return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
 
 
-def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240):
+def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=()):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
@@ -112,7 +112,8 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240):
             lab.log(f"dest agent: {att.get('message')}")
 
             # 4. source agent
-            src_args = ["source", "--qmp", src_agent_qmp, "--ram", src_ram, "--to", addr, "--json"]
+            src_args = ["source", "--qmp", src_agent_qmp, "--ram", src_ram, "--to", addr, "--json",
+                        *source_args]
             lab.log("migrate " + " ".join(src_args))
             t_src = time.time()
             source = StampedProc("source", src_args)
@@ -138,6 +139,11 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240):
                     res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
                                                         + " | ".join(p.errors() or p.stderr_lines[-5:]))
             done = [e for e in dest.lines if e.get("event") == "completed"]
+            # the same read with every page local: the guest's own floor for guest_verify_ms
+            sd.send("\n")
+            v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
+            res["verify_local"] = v2.group(0).strip()
+            res["guest_verify_local_ms"] = int(v2.group(2)) if v2.group(2) else None
 
             # QEMU's own clocks, from the watching monitors
             src_stop = events(qs, "STOP")
