@@ -19,7 +19,7 @@ import uuid
 from migrate import faultpath
 from migrate.attach import AttachedGuest, AttachListener
 from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, UffdError, fmt_size
-from migrate.events import Reporter, percentile, process_usage
+from migrate.events import Reporter, fault_path_priority, percentile, process_usage
 from migrate.faultpath import FaultSpace, SpaceRegion
 from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
@@ -289,6 +289,7 @@ class Migration:
         sock.close()
 
     def _demand_rx(self, sock: socket.socket, gen: int) -> None:
+        fault_path_priority()
         why = "demand channel closed"
         try:
             rc = self.space.demand_receive(sock.fileno(), self.stop_fd)
@@ -320,6 +321,7 @@ class Migration:
     def _fault_loop(self):
         """Runs in C with the GIL released: the fast path maps received pages, the
         rest go to the source as demand requests straight from C."""
+        fault_path_priority()
         try:
             while self.space.serve(self.stop_fd, 0, 1000) is not None:
                 pass

@@ -20,7 +20,7 @@ import grpc
 
 from migrate._binding import ffi, lib
 from migrate.errors import MigrateError, ProtocolError, fmt_size
-from migrate.events import Reporter
+from migrate.events import Reporter, fault_path_priority
 from migrate.memory import fs_page_size
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
@@ -336,6 +336,7 @@ class Source:
     def _demand(self, sock: socket.socket, d) -> None:
         """Answers demand requests in C (GIL released) until the destination
         closes the channel at the end of the migration."""
+        fault_path_priority()
         rc = lib.mg_demand_serve(d, self.stop_fd)
         if rc == -errno.EPROTO:
             self.errors.append(ProtocolError(f"destination asked for page {d.bad_page}, outside the "
