@@ -27,7 +27,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no spinning BLAS threads b
 import numpy as np  # noqa: E402
 
 from migrate._binding import ffi, lib
-from migrate.attach import Region, attach_guest, wait_event
+from migrate.attach import GuestLink, Region
 from migrate.events import Reporter, percentile
 from migrate.guestsim import PATTERNS
 from migrate.memory import Backing, GuestMemory
@@ -82,13 +82,13 @@ def run(args, rep: Reporter) -> dict:
     mem = GuestMemory.create(Backing(args.backing), args.size, name="bench-guest", map_alias=False)
     try:
         uffd = Userfaultfd.create()
-        sock = attach_guest(args.attach, uffd.fd, mem.fd, page_size=mem.page_size, ram_size=args.size,
-                            regions=[Region(mem.guest_addr, args.size, 0)], backing=args.backing,
-                            name="bench-guest", timeout=60)
+        link = GuestLink(args.attach, uffd.fd, mem.fd, page_size=mem.page_size, ram_size=args.size,
+                         regions=[Region(mem.guest_addr, args.size, 0)], backing=args.backing,
+                         name="bench-guest")
         t_attach = time.monotonic()
         rep.event("attached", "", size=args.size, page_size=mem.page_size, backing=args.backing, t=t_attach)
         # as guestsim does: the vCPUs start when a source is serving (switchover)
-        if not wait_event(sock, "switchover", 600):
+        if not link.wait_switchover(600):
             raise RuntimeError("the agent closed the attach socket before any source connected")
         res_sampler = Residency(mem.guest_addr, args.size) if args.timeline_out else None
         if res_sampler:
@@ -96,13 +96,7 @@ def run(args, rep: Reporter) -> dict:
         npages = args.size // mem.page_size
         complete = None
         if args.pattern == "idle":
-            sock.settimeout(args.wait_complete)
-            try:
-                while sock.recv(4096):   # until EOF: the migration is over
-                    pass
-                complete = True
-            except (TimeoutError, OSError):
-                complete = False
+            complete = link.wait_complete(args.wait_complete)
         lat = ffi.new("uint32_t[]", npages)
         res = ffi.new("struct mg_guestsim_result *")
         t0 = time.monotonic()
@@ -117,19 +111,13 @@ def run(args, rep: Reporter) -> dict:
             raw.tofile(args.lat_out)
         lat_us = np.sort(raw) / 1000.0
         if complete is None:
-            sock.settimeout(args.wait_complete)
-            try:
-                while sock.recv(4096):   # until EOF: the migration is over
-                    pass
-                complete = True
-            except (TimeoutError, OSError):
-                complete = False
+            complete = link.wait_complete(args.wait_complete)
         t_done = time.monotonic()
         if res_sampler:
             samples = res_sampler.finish()
             with open(args.timeline_out, "w") as f:
                 json.dump({"t_attach": t_attach, "t_complete_seen": t_done, "samples": samples}, f)
-        sock.close()
+        link.close()
         uffd.close()
         return {
             "verified": res.mismatches == 0,

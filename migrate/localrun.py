@@ -38,6 +38,7 @@ class Proc:
                 ev = json.loads(line)
             except ValueError:
                 ev = {"event": "text", "message": line}
+            ev["_t"] = time.time()   # wall clock when read, to line up with QEMU's own timestamps
             self.lines.append(ev)
             self.events.put(ev)
         self.events.put(None)

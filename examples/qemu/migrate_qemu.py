@@ -38,22 +38,8 @@ from migrate.localrun import Proc  # noqa: E402
 from migrate.qemu import shim_path  # noqa: E402
 
 
-class StampedProc(Proc):
-    """A `migrate` child whose JSON events carry the wall-clock time they were read."""
-
-    def _read(self):
-        for line in self.p.stdout:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                ev = {"event": "text", "message": line}
-            ev["_t"] = time.time()
-            self.lines.append(ev)
-            self.events.put(ev)
-        self.events.put(None)
+# localrun.Proc stamps every event with the wall-clock time it was read ("_t").
+StampedProc = Proc
 
 
 def events(q, name):
