@@ -272,7 +272,7 @@ class DeviceStateSender:
     open and the demand stream is being served. Records what the destination said,
     which decides whether the source QEMU may be resumed after a failure."""
 
-    def __init__(self, capture: Capture, reporter: Reporter):
+    def __init__(self, capture: Capture | None, reporter: Reporter):
         self.capture = capture
         self.reporter = reporter
         self.sent = False            # the destination may have the stream
@@ -300,8 +300,8 @@ class DeviceStateSender:
 
 
 def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw):
-    """`migrate source --qmp`: capture, open the session, send the device state,
-    serve RAM. Returns (SourceResult, info dict). On failure: resumes the source
+    """`migrate source --qmp`: open the session, then pause and capture, send the
+    device state, serve RAM. Returns (SourceResult, info dict). On failure: resumes the source
     QEMU when the destination certainly did not resume the guest, else leaves it
     paused and says what to do."""
     from migrate.source import Source
@@ -309,8 +309,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
     qmp = QMP(qmp_path)
     try:
         check_shared_ram(qmp, ram.size)
-        cap = capture_device_state(qmp, reporter)
-        sender = DeviceStateSender(cap, reporter)
+        sender = DeviceStateSender(None, reporter)
 
         # The background push waits until the destination guest runs: while the
         # destination QEMU loads the device state, the only RAM it needs comes
@@ -320,6 +319,12 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
         guest_running = threading.Event()
 
         def on_session(stub, session_id):
+            # The session and its channels are open before the source QEMU stops,
+            # so the guest's downtime does not include connecting (about 12 ms
+            # here). Nothing reads RAM before the pause: the push waits for
+            # guest_running, and demand requests only come once the destination
+            # QEMU loads the device state captured below.
+            sender.capture = capture_device_state(qmp, reporter)
             sender(stub, session_id)
             guest_running.set()
 
@@ -328,6 +333,9 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
         try:
             res = src.run()
         except MigrateError as e:
+            if sender.capture is None:
+                # never paused (or capture_device_state resumed what it paused)
+                raise MigrateError(f"{e} (the source QEMU was not paused: it runs on)") from None
             if sender.ack is not None and sender.ack.guest_running:
                 raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused: "
                                    "serve the rest with `migrate source --resume SESSION`)") from None
@@ -339,6 +347,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                 f"if the destination guest is not running, resume this one with "
                 f"`python -m migrate.qemu {qmp_path} cont`)") from None
         src_status = qmp.status()
+        cap = sender.capture
         info = {"device_state_bytes": len(cap.data), "capture_ms": round(cap.seconds * 1e3, 2),
                 "stop_time": cap.stop_time, "running_time": sender.running_time,
                 "downtime_ms": round((sender.running_time - cap.stop_time) * 1e3, 2),

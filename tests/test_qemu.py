@@ -103,8 +103,9 @@ def test_qemu_guest_postcopy_hugetlbfs(guest):
 
 @pytest.mark.timeout(120)
 def test_source_qemu_resumed_when_destination_refuses(guest, tmp_path):
-    """A destination that cannot take device state (no --qmp) refuses the session:
-    the source agent exits 1 and the source QEMU runs again where it was."""
+    """A destination that cannot take device state (no --qmp) refuses the session
+    before the source QEMU is paused: the source agent exits 1 and the source QEMU
+    never stops."""
     from qemu_lab import Lab
 
     from migrate.localrun import Proc
@@ -124,8 +125,10 @@ def test_source_qemu_resumed_when_destination_refuses(guest, tmp_path):
             procs.append(source)
             assert source.wait(60) == 1
             errors = " ".join(source.errors())
-            assert "started without --qmp" in errors and "the source QEMU was resumed" in errors, errors
-            assert [e["event"] for e in source.lines if e["event"] in ("paused", "resumed")] == ["paused", "resumed"]
+            # the session is opened before the source QEMU is paused: the refusal
+            # comes first, and the source QEMU never stopped
+            assert "started without --qmp" in errors and "the source QEMU was not paused" in errors, errors
+            assert [e["event"] for e in source.lines if e["event"] in ("paused", "resumed")] == []
             q = QMP(agent_qmp)
             try:
                 assert q.status() == "running"
@@ -133,7 +136,7 @@ def test_source_qemu_resumed_when_destination_refuses(guest, tmp_path):
                 q.close()
             qs.cmd("query-status")
             seen = [e["event"] for e in qs.events if e["event"] in ("STOP", "RESUME")]
-            assert seen == ["STOP", "RESUME"]
+            assert seen == []
             # the guest goes on where it was: memfill still finishes its fill
             ss.wait_for(r"FILLED \d+", timeout=90)
         finally:
