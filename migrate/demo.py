@@ -4,7 +4,6 @@ and source as separate processes on loopback, and prints how the pages arrived."
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 

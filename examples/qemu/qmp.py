@@ -19,7 +19,6 @@ Command line:
     qmp.py SOCKET COMMAND ['{"json": "arguments"}']
 """
 import json
-import os
 import re
 import socket
 import sys

@@ -17,7 +17,6 @@ the destination faults once; the logger records it with the phase it happened in
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from collections import Counter, OrderedDict
