@@ -52,6 +52,7 @@
 #include <sys/un.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
+#include <pthread.h>
 
 #ifndef TMPFS_MAGIC
 #define TMPFS_MAGIC 0x01021994
@@ -271,70 +272,57 @@ static int ack_ok(const char *js)
     return strncmp(p, "true", 4) == 0;
 }
 
-static void attach(void *addr, size_t len, int ramfd, off_t off, const struct statfs *sfs)
+/* One attached RAM mapping: what a re-attach needs to say again. Lives for the
+ * life of the process (like the uffd and ramfd it names, never closed). */
+struct attachment {
+    int uffd;
+    int ramfd;
+    int sock;                 /* the current connection to an agent */
+    char hello[2048];         /* [u32 BE length][JSON], "reattach": false */
+    size_t hello_len;
+    char target[512];
+};
+
+/* Connects, sends the hello with [uffd, ramfd] and reads the ack. Returns the
+ * connected socket, or -1 with why[] filled (the caller decides to die or retry). */
+static int hello_and_ack(struct attachment *a, int reattach, char *why, size_t why_cap)
 {
-    const char *sock_path = attach_path;
-    struct stat st;
-    char link[64], target[512];
-    uint64_t page_size = 4096;
-    const char *backing;
-
-    if (fstat(ramfd, &st) < 0)
-        die("fstat(RAM fd %d): %s", ramfd, strerror(errno));
-    snprintf(link, sizeof link, "/proc/self/fd/%d", ramfd);
-    ssize_t tl = readlink(link, target, sizeof target - 1);
-    if (tl < 0)
-        tl = 0;
-    target[tl] = '\0';
-
-    if ((uint32_t)sfs->f_type == (uint32_t)HUGETLBFS_MAGIC) {
-        page_size = (uint64_t)sfs->f_bsize;
-        backing = "hugetlbfs";
-    } else if (strncmp(target, "/memfd:", 7) == 0) {
-        backing = "memfd";
-    } else {
-        backing = "tmpfs-file";
-    }
-    if ((uintptr_t)addr % page_size || len % page_size || (uint64_t)off % page_size)
-        die("RAM mapping %p+%zu offset %lld of %s is not aligned to its page size %llu",
-            addr, len, (long long)off, target, (unsigned long long)page_size);
-
-    int uffd = make_uffd();
-
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (s < 0)
-        die("socket(AF_UNIX): %s", strerror(errno));
+    if (s < 0) {
+        snprintf(why, why_cap, "socket(AF_UNIX): %s", strerror(errno));
+        return -1;
+    }
     struct sockaddr_un sa;
     memset(&sa, 0, sizeof sa);
     sa.sun_family = AF_UNIX;
-    strcpy(sa.sun_path, sock_path);     /* length checked at load time (< 108) */
+    strcpy(sa.sun_path, attach_path);   /* length checked at load time (< 108) */
     while (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
         if (errno == EINTR)
             continue;
-        die("cannot connect to the migrate agent at MIGRATE_ATTACH=%s: %s "
-            "(start `migrate dest` first, or unset MIGRATE_ATTACH)", sock_path, strerror(errno));
+        snprintf(why, why_cap, "cannot connect to the migrate agent at MIGRATE_ATTACH=%s: %s "
+                 "(start `migrate dest` first, or unset MIGRATE_ATTACH)", attach_path, strerror(errno));
+        close(s);
+        return -1;
     }
-
-    char name[600];
-    json_str(name, sizeof name, target);
-    char msg[2048];
-    int jl = snprintf(msg + 4, sizeof msg - 4,
-                      "{\"version\": 1, \"pid\": %d, \"page_size\": %llu, \"ram_size\": %llu, "
-                      "\"regions\": [{\"guest_addr\": %llu, \"length\": %llu, \"offset\": %llu}], "
-                      "\"backing\": \"%s\", \"name\": %s}",
-                      (int)getpid(), (unsigned long long)page_size, (unsigned long long)st.st_size,
-                      (unsigned long long)(uintptr_t)addr, (unsigned long long)len,
-                      (unsigned long long)off, backing, name);
-    if (jl < 0 || jl >= (int)sizeof msg - 4)
-        die("hello message too long");
-    msg[0] = (char)((jl >> 24) & 0xff);
-    msg[1] = (char)((jl >> 16) & 0xff);
-    msg[2] = (char)((jl >> 8) & 0xff);
-    msg[3] = (char)(jl & 0xff);
-    size_t total = (size_t)jl + 4;
-
+    char msg[2100];
+    size_t total = a->hello_len;
+    memcpy(msg, a->hello, total);
+    if (reattach) {
+        /* "reattach": false -> true, and fix the length prefix */
+        char *f = strstr(msg + 4, "\"reattach\": false");
+        if (f) {
+            memmove(f + 16, f + 17, total - (size_t)(f + 17 - msg));
+            memcpy(f + 12, "true", 4);
+            total -= 1;
+            uint32_t jl = (uint32_t)(total - 4);
+            msg[0] = (char)((jl >> 24) & 0xff);
+            msg[1] = (char)((jl >> 16) & 0xff);
+            msg[2] = (char)((jl >> 8) & 0xff);
+            msg[3] = (char)(jl & 0xff);
+        }
+    }
     /* first byte(s) with SCM_RIGHTS [uffd, ramfd], the rest plainly */
-    int fds[2] = { uffd, ramfd };
+    int fds[2] = { a->uffd, a->ramfd };
     char cbuf[CMSG_SPACE(sizeof fds)];
     memset(cbuf, 0, sizeof cbuf);
     struct iovec iov = { .iov_base = msg, .iov_len = total };
@@ -349,38 +337,160 @@ static void attach(void *addr, size_t len, int ramfd, off_t off, const struct st
     do {
         sent = sendmsg(s, &mh, MSG_NOSIGNAL);
     } while (sent < 0 && errno == EINTR);
-    if (sent <= 0)
-        die("sending the attach hello to %s: %s", sock_path, strerror(errno));
-    if ((size_t)sent < total && send_all(s, msg + sent, total - (size_t)sent) < 0)
-        die("sending the attach hello to %s: %s", sock_path, strerror(errno));
-    DBG("sent hello (%d bytes) uffd=%d ramfd=%d: %s", jl, uffd, ramfd, msg + 4);
+    if (sent <= 0 || ((size_t)sent < total && send_all(s, msg + sent, total - (size_t)sent) < 0)) {
+        snprintf(why, why_cap, "sending the attach hello to %s: %s", attach_path, strerror(errno));
+        close(s);
+        return -1;
+    }
+    DBG("sent hello (%zu bytes) uffd=%d ramfd=%d: %s", total - 4, a->uffd, a->ramfd, msg + 4);
 
     unsigned char lb[4];
     int r = recv_all(s, (char *)lb, 4);
-    if (r <= 0)
-        die("no ack from the migrate agent at %s: %s", sock_path,
-            r == 0 ? "it closed the connection" : strerror(errno));
+    if (r <= 0) {
+        snprintf(why, why_cap, "no ack from the migrate agent at %s: %s", attach_path,
+                 r == 0 ? "it closed the connection" : strerror(errno));
+        close(s);
+        return -1;
+    }
     uint32_t al = ((uint32_t)lb[0] << 24) | ((uint32_t)lb[1] << 16) | ((uint32_t)lb[2] << 8) | lb[3];
-    if (al == 0 || al > (1u << 20))
-        die("bad ack length %u from the migrate agent at %s", al, sock_path);
+    if (al == 0 || al > (1u << 20)) {
+        snprintf(why, why_cap, "bad ack length %u from the migrate agent at %s", al, attach_path);
+        close(s);
+        return -1;
+    }
     char *ack = malloc(al + 1);
     if (!ack)
         die("out of memory");
     r = recv_all(s, ack, al);
-    if (r <= 0)
-        die("truncated ack from the migrate agent at %s: %s", sock_path,
-            r == 0 ? "it closed the connection" : strerror(errno));
+    if (r <= 0) {
+        snprintf(why, why_cap, "truncated ack from the migrate agent at %s: %s", attach_path,
+                 r == 0 ? "it closed the connection" : strerror(errno));
+        free(ack);
+        close(s);
+        return -1;
+    }
     ack[al] = '\0';
     if (!ack_ok(ack)) {
         char err[512];
         json_error(ack, err, sizeof err);
-        die("the migrate agent refused the guest RAM (%s, %zu bytes at %p): %s",
-            target, len, addr, err[0] ? err : ack);
+        snprintf(why, why_cap, "the migrate agent refused the guest RAM (%s): %s", a->target,
+                 err[0] ? err : ack);
+        free(ack);
+        close(s);
+        return -1;
     }
-    DBG("attached %s (%s, page %llu) %p+%zu offset %lld: %s", target, backing,
-        (unsigned long long)page_size, addr, len, (long long)off, ack);
+    DBG("attached %s: %s", a->target, ack);
     free(ack);
-    /* uffd and s are deliberately never closed */
+    return s;
+}
+
+/* Watches the agent's messages. {"event": "complete"} then EOF ends the
+ * migration; EOF without it means the agent died: the vCPUs that fault stay
+ * blocked in the kernel (this process keeps the uffd), and the same uffd and
+ * RAM file are attached again to the next agent on the path. */
+static void *watch(void *arg)
+{
+    struct attachment *a = arg;
+    int complete = 0;
+    for (;;) {
+        unsigned char lb[4];
+        while (recv_all(a->sock, (char *)lb, 4) > 0) {
+            uint32_t n = ((uint32_t)lb[0] << 24) | ((uint32_t)lb[1] << 16) | ((uint32_t)lb[2] << 8) | lb[3];
+            if (n == 0 || n > (1u << 20))
+                break;
+            char *m = malloc(n + 1);
+            if (!m || recv_all(a->sock, m, n) <= 0) {
+                free(m);
+                break;
+            }
+            m[n] = '\0';
+            if (strstr(m, "\"event\": \"complete\""))
+                complete = 1;
+            free(m);
+        }
+        close(a->sock);
+        if (complete) {
+            DBG("migration complete for %s", a->target);
+            return NULL;
+        }
+        say("the migrate agent went away before the end; vCPUs that fault wait; attaching %s again "
+            "to the next agent at %s", a->target, attach_path);
+        char why[1024];
+        int s = -1;
+        for (int tries = 0; tries < 3000 && s < 0; tries++) {   /* 300 s */
+            s = hello_and_ack(a, 1, why, sizeof why);
+            if (s < 0)
+                usleep(100 * 1000);
+        }
+        if (s < 0) {
+            say("giving up re-attaching %s: %s", a->target, why);
+            return NULL;
+        }
+        a->sock = s;
+        say("attached %s again", a->target);
+    }
+}
+
+static void attach(void *addr, size_t len, int ramfd, off_t off, const struct statfs *sfs)
+{
+    struct stat st;
+    char link[64];
+    uint64_t page_size = 4096;
+    const char *backing;
+    struct attachment *a = calloc(1, sizeof *a);
+    if (!a)
+        die("out of memory");
+
+    if (fstat(ramfd, &st) < 0)
+        die("fstat(RAM fd %d): %s", ramfd, strerror(errno));
+    snprintf(link, sizeof link, "/proc/self/fd/%d", ramfd);
+    ssize_t tl = readlink(link, a->target, sizeof a->target - 1);
+    if (tl < 0)
+        tl = 0;
+    a->target[tl] = '\0';
+
+    if ((uint32_t)sfs->f_type == (uint32_t)HUGETLBFS_MAGIC) {
+        page_size = (uint64_t)sfs->f_bsize;
+        backing = "hugetlbfs";
+    } else if (strncmp(a->target, "/memfd:", 7) == 0) {
+        backing = "memfd";
+    } else {
+        backing = "tmpfs-file";
+    }
+    if ((uintptr_t)addr % page_size || len % page_size || (uint64_t)off % page_size)
+        die("RAM mapping %p+%zu offset %lld of %s is not aligned to its page size %llu",
+            addr, len, (long long)off, a->target, (unsigned long long)page_size);
+
+    a->uffd = make_uffd();
+    a->ramfd = ramfd;
+    char name[600];
+    json_str(name, sizeof name, a->target);
+    int jl = snprintf(a->hello + 4, sizeof a->hello - 4,
+                      "{\"version\": 1, \"pid\": %d, \"page_size\": %llu, \"ram_size\": %llu, "
+                      "\"regions\": [{\"guest_addr\": %llu, \"length\": %llu, \"offset\": %llu}], "
+                      "\"backing\": \"%s\", \"name\": %s, \"reattach\": false}",
+                      (int)getpid(), (unsigned long long)page_size, (unsigned long long)st.st_size,
+                      (unsigned long long)(uintptr_t)addr, (unsigned long long)len,
+                      (unsigned long long)off, backing, name);
+    if (jl < 0 || jl >= (int)sizeof a->hello - 4)
+        die("hello message too long");
+    a->hello[0] = (char)((jl >> 24) & 0xff);
+    a->hello[1] = (char)((jl >> 16) & 0xff);
+    a->hello[2] = (char)((jl >> 8) & 0xff);
+    a->hello[3] = (char)(jl & 0xff);
+    a->hello_len = (size_t)jl + 4;
+
+    char why[1024];
+    a->sock = hello_and_ack(a, 0, why, sizeof why);
+    if (a->sock < 0)
+        die("%s", why);
+    DBG("attached %s (%s, page %llu) %p+%zu offset %lld", a->target, backing,
+        (unsigned long long)page_size, addr, len, (long long)off);
+    pthread_t t;
+    if (pthread_create(&t, NULL, watch, a) != 0)
+        die("cannot start the attach watcher thread");
+    pthread_detach(t);
+    /* a, its uffd and ramfd live as long as the process */
 }
 
 static void *do_mmap(mmap_fn fn, void *addr, size_t len, int prot, int flags, int fd, off_t off)

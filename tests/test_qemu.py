@@ -83,6 +83,23 @@ def test_qemu_guest_postcopy_tmpfs(guest):
 
 
 @pytest.mark.timeout(300)
+def test_qemu_guest_survives_its_destination_agent_dying(guest):
+    """SIGKILL the destination agent right after the guest runs: QEMU's vCPUs
+    block on missing pages (never reading zeros), the shim re-attaches the same
+    userfaultfd to a new agent, which keeps the pages already mapped, and a new
+    source serves the rest. The guest's own check of every page passes."""
+    import migrate_qemu
+    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), kill_agent=True)
+    print({k: res.get(k) for k in ("killed_agent_at_received", "pages_prior", "first_source_rc", "verify")})
+    assert res["first_source_rc"] != 0          # its destination went away
+    assert res["pages_prior"] is not None and res["pages_prior"] < MEM_MB * 256
+    # the second agent has no --qmp: the guest already runs, there is no device state to feed
+    res["dest"]["guest_running"] = res["dst_status_after"] == "running"
+    _check_migrated(res)
+    assert res["dest"]["pages_prior"] == res["pages_prior"]
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.huge
 def test_qemu_guest_postcopy_hugetlbfs(guest):
     why = features().why_not("minor_hugetlbfs")

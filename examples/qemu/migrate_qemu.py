@@ -51,7 +51,7 @@ def ts(e):
     return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
 
 
-def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=()):
+def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
@@ -111,6 +111,24 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             sd.send("\n")
             t_trigger = time.time()
             lab.log(f"dest agent: {run_ev.get('message')}; source QEMU is {res['src_status_at_dst_running']}")
+            if kill_agent:
+                # The destination agent dies mid-migration (SIGKILL). The guest's
+                # vCPUs block on the pages still missing; the shim attaches the
+                # same userfaultfd to a new agent, and a new source (no --qmp:
+                # QEMU's device state is already on the destination) serves the rest.
+                dest.p.kill()
+                dest.p.wait(10)
+                res["killed_agent_at_received"] = max((e.get("received", 0) for e in dest.lines
+                                                       if e.get("event") == "progress"), default=0)
+                res["first_source_rc"] = source.wait(60)
+                dest = StampedProc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--json"])
+                agents.append(dest)
+                addr = dest.wait_event("listening", 30)["address"]
+                re_ev = dest.wait_event("reattached", 60)
+                res["pages_prior"] = re_ev.get("pages_prior")
+                lab.log(f"new dest agent: {re_ev.get('message')}")
+                source = StampedProc("source", ["source", "--ram", src_ram, "--to", addr, "--json"])
+                agents.append(source)
             v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
             res["verify"] = v.group(0).strip()
             res["guest_verify_ms"] = int(v.group(2)) if v.group(2) else None
