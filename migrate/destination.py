@@ -351,6 +351,7 @@ class Migration:
         if not self.space.complete():
             self.fail(f"all {self.npages} pages received but only {self.space.mapped.count()} mapped")
             return
+        self.space.finish()
         for r in self.guest.regions:
             self.uffd.unregister(r.guest_addr, r.length)
         with self.lock:

@@ -111,6 +111,11 @@ class FaultSpace:
             self._raise("continue", rc, self._bad[0])
         return rc
 
+    def finish(self) -> None:
+        """Every page is mapped; the caller unregisters next. A placement thread
+        whose CONTINUE then finds the range gone (ENOENT) knows why."""
+        self._s.finished = 1
+
     @property
     def received_count(self) -> int:
         return self._s.stats.received

@@ -179,6 +179,12 @@ static int64_t continue_run(struct mg_space *s, const struct mg_region *r,
         }
         if (rc == -EAGAIN) /* mm changing under us: retry the rest */
             continue;
+        if (rc == -ENOENT && __atomic_load_n(&s->finished, __ATOMIC_ACQUIRE)) {
+            /* The completing thread mapped every page and unregistered the range
+             * between our look at the bitmaps and this ioctl: nothing is left
+             * to map here. */
+            return (int64_t)done_pages;
+        }
         *bad_page = first + done_pages;
         return rc;
     }

@@ -73,6 +73,7 @@ struct mg_space {
     uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
     const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
     int ram_fd;             /* the RAM file, for pwritev on shmem (-1: write through the alias) */
+    int finished;           /* set once every page is mapped, before the range is unregistered */
     uint64_t error_page;    /* what a failed call was looking at */
     uint64_t error_value;
     int nregions;
