@@ -131,22 +131,6 @@ def attach_guest(path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_si
     return sock
 
 
-def wait_event(sock: socket.socket, event: str, timeout: float | None) -> bool:
-    """Guest side: waits for the agent's {"event": event}. False on EOF, which
-    is how the agent says the migration is over."""
-    sock.settimeout(timeout)
-    try:
-        while True:
-            try:
-                msg, _ = _recv_msg(sock)
-            except AttachError:
-                return False
-            if msg.get("event") == event:
-                return True
-    finally:
-        sock.settimeout(None)
-
-
 class GuestLink:
     """The guest side of an attach that outlives its agent.
 

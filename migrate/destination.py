@@ -196,7 +196,7 @@ class Migration:
         self._teardown()
 
     # -- state ------------------------------------------------------------
-    def _move(self, new: State, why: str = "") -> bool:
+    def _move(self, new: State) -> bool:
         """Caller holds self.lock. False if the transition is not allowed."""
         if new not in TRANSITIONS[self.state]:
             return False

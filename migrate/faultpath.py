@@ -155,11 +155,7 @@ class FaultSpace:
                                     f"of {self.page_size} bytes")
             raise ProtocolError(f"demand reply for page {p} carries {length} bytes, expected "
                                 f"{self.page_size} (or 0 for a zero page)")
-        if rc in (-errno.EPIPE, -errno.ECONNRESET):
-            return 0
-        if rc < 0 and rc != -errno.ESHUTDOWN:
-            self._raise("continue", rc, self._s.error_page)
-        return rc
+        return self._channel_end(rc)
 
     def push_receive(self, fd: int, stop_fd: int) -> int:
         """Reads raw push runs (GIL released) until EOF (0), every page received
@@ -169,6 +165,11 @@ class FaultSpace:
             first, count = self._s.error_page, self._s.error_value
             raise ProtocolError(f"push run of {count} pages at page {first} does not fit the layout of "
                                 f"{self.npages} pages (at most {lib.MG_PUSH_MAX_RUN} pages a run)")
+        return self._channel_end(rc)
+
+    def _channel_end(self, rc: int) -> int:
+        """How a channel receiver ended, for both channels: a peer that went
+        away is an end of file (0); a kernel failure placing a page raises."""
         if rc in (-errno.EPIPE, -errno.ECONNRESET):
             return 0
         if rc < 0 and rc != -errno.ESHUTDOWN:
