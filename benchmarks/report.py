@@ -317,10 +317,11 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
         fig, axes = plt.subplots(rows, cols, figsize=(14, 3.2 * rows), squeeze=False)
         for ax, r in zip(axes.flat, shown):
             tl = r["_timeline"]
-            t0 = tl["t_attach"]
             s = np.asarray(tl["samples"], dtype=np.float64)
+            t0 = s[0, 0]   # the first sample is taken at the switchover
             gib = float(1 << 30)
-            ax.plot(s[:, 0] - t0, s[:, 1] / gib, label="in page cache (received)")
+            # (page-cache residency is not plotted: the agent allocates the whole
+            # RAM file before the source starts, so it is full from the start)
             ax.plot(s[:, 0] - t0, s[:, 2] / gib, label="mapped in the guest", linestyle="--")
             prog = [e for e in r.get("_dest_events", []) if e.get("event") == "progress"]
             if prog and "t" in prog[0]:
@@ -331,7 +332,7 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
             d = r["dest"]
             ax.set_title(f"{r['scenario']}: {d['pages_demand']} demand, {d['pages_pushed']} pushed, "
                          f"{d['pages_zero']} zero", fontsize=8)
-            ax.set_xlabel("s since guest attach")
+            ax.set_xlabel("s since the switchover")
             ax.set_ylabel("GiB")
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=7)

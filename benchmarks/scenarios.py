@@ -197,12 +197,16 @@ class BenchMigration(LocalMigration):
         t0 = time.monotonic()
         self.start_dest()
         self.watch.add("dest", self.dest.p.pid)
-        self.start_source()
-        self.watch.add("source", self.source.p.pid)
-        profilers = _profile(profile_dir, self.dest.p.pid, self.source.p.pid) if profile_dir else []
+        # the destination guest is ready (attached, RAM allocated by the agent)
+        # before the source starts, as when a VM is migrated to a prepared host
         self.start_guest()
         self.watch.add("guest", self.guest.p.pid)
         t_attach = time.monotonic()
+        attached = self.dest.wait_event("attached", 120)
+        self.prepare_s = attached.get("prepare_s")
+        self.start_source()
+        self.watch.add("source", self.source.p.pid)
+        profilers = _profile(profile_dir, self.dest.p.pid, self.source.p.pid) if profile_dir else []
         out: dict = {"cpu_s": {}}
         for name, p in (("source", self.source), ("guest", self.guest), ("dest", self.dest)):
             before = resource.getrusage(resource.RUSAGE_CHILDREN)

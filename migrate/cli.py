@@ -55,7 +55,7 @@ def cmd_dest(args) -> int:
     host = args.listen.rpartition(":")[0] or "127.0.0.1"
     try:
         agent = Destination(args.attach, rep, serve_forever=args.serve_forever, mode=args.placement,
-                            demand_host=host)
+                            demand_host=host, prepare=not args.no_prealloc)
     except (OSError, MigrateError) as e:
         rep.event("error", f"cannot start the destination: {e}")
         return 2
@@ -144,7 +144,8 @@ def cmd_source(args) -> int:
         rep.event("error", str(e))
         return 2
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
-              resume_session=args.resume or "", transport=args.transport, guest=args.guest)
+              resume_session=args.resume or "", transport=args.transport, guest=args.guest,
+              max_rate=args.max_rate)
     vm = {}
     try:
         if args.qmp and not args.resume:
@@ -240,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve-forever", action="store_true", help="serve one migration after another")
     d.add_argument("--placement", choices=["continue", "copy"], default="continue",
                    help="continue: MINOR faults + UFFDIO_CONTINUE (default); copy: MISSING + UFFDIO_COPY")
+    d.add_argument("--no-prealloc", action="store_true",
+                   help="do not allocate the guest's RAM when it attaches (continue placement allocates it "
+                   "then, before any source is served, so pages arrive as one copy; this leaves it to the push)")
     d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
     d.add_argument("--json", action="store_true")
@@ -251,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--page-size", type=_size, default=None, help="default: the RAM file system's page size")
     s.add_argument("--size", type=_size, default=None, help="bytes to serve (default: the file's size)")
     s.add_argument("--push-streams", type=int, default=2, help="parallel background streams (default 2)")
+    s.add_argument("--max-rate", type=_size, default=0, metavar="BYTES",
+                   help="limit the background push to BYTES of guest RAM per second, e.g. 500M (demand "
+                   "faults are never held back; default: no limit)")
     s.add_argument("--batch-bytes", type=_size, default=1 << 20, help="background batch size (default 1M)")
     s.add_argument("--no-compress", action="store_true", help="with --transport grpc: send pages without zstd")
     s.add_argument("--transport", choices=["raw", "grpc"], default="raw",

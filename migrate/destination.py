@@ -89,7 +89,8 @@ class Migration:
     """One guest being filled. Owns the guest's descriptors, the alias mapping,
     the fault space and the fault thread."""
 
-    def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultpath.MODE_CONTINUE):
+    def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultpath.MODE_CONTINUE,
+                 prepare: bool = True):
         self.id = uuid.uuid4().hex[:12]
         self.guest = guest
         self.reporter = reporter
@@ -105,10 +106,12 @@ class Migration:
         self.completing = False
         self.switched_over = False
         self.t_connect: float | None = None
+        self.t_push: float | None = None     # the first push channel opened
         self.t_complete: float | None = None
         self.stop_fd = -1
         self.mem = None
         self.uffd = None
+        self.prepare_s: float | None = None
         try:
             self._setup()
         except BaseException as e:
@@ -116,6 +119,24 @@ class Migration:
             self._teardown()
             raise
         guest.ack()
+        if prepare and mode == faultpath.MODE_CONTINUE:
+            self._prepare()
+
+    def _prepare(self) -> None:
+        """Allocates the guest's RAM and maps the alias before a source is let in
+        (the guest is released already: its faults queue for the source). A
+        backing that cannot hold the guest is reported and the migration goes on
+        unprepared: pages are then allocated as they arrive."""
+        try:
+            r = self.mem.prepare()
+        except MigrateError as e:
+            self.reporter.event("prepare", f"guest RAM not allocated ahead ({e}): pages are allocated as they "
+                                "arrive", session=self.id, error=str(e))
+            return
+        # was_empty is only trusted on a first attach: a re-attached guest's file
+        # holds pages a dead agent wrote that were never mapped
+        self.space.set_prepared(zero_fresh=r["was_empty"] and not self.guest.reattach)
+        self.prepare_s = round(r["seconds"], 3)
 
     # -- setup ------------------------------------------------------------
     def _setup(self):
@@ -271,6 +292,8 @@ class Migration:
         with self.lock:
             gen = self.source_gen
             self.push_socks.append(sock)
+            if self.t_push is None:
+                self.t_push = time.monotonic()
         threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.id}", daemon=True).start()
 
     def _push_rx(self, sock: socket.socket, gen: int) -> None:
@@ -413,6 +436,8 @@ class Migration:
             "demand_requests": st["requests_sent"],
             "map_calls": st["map_calls"],
             "seconds": round(end - (self.t_connect or end), 3),
+            "push_s": round(end - self.t_push, 3) if self.t_push else None,
+            "prepare_s": self.prepare_s,
             **process_usage(),
             "error": self.error,
         }
@@ -428,8 +453,9 @@ class Destination:
     """The agent: an attach listener plus the migrations it adopted."""
 
     def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
-                 mode: str = faultpath.MODE_CONTINUE, demand_host: str = "127.0.0.1"):
+                 mode: str = faultpath.MODE_CONTINUE, demand_host: str = "127.0.0.1", prepare: bool = True):
         self.reporter = reporter
+        self.prepare = prepare
         self.serve_forever = serve_forever
         self.mode = mode
         self.listener = AttachListener(attach_path)
@@ -508,7 +534,7 @@ class Destination:
                 guest.close()
                 continue
             try:
-                m = Migration(guest, self.reporter, self.mode)
+                m = Migration(guest, self.reporter, self.mode, self.prepare)
             except MigrateError as e:
                 self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
                 continue
@@ -517,7 +543,8 @@ class Destination:
                 self.changed.notify_all()
             self.reporter.event("attached", f"guest pid {guest.pid}: {fmt_size(guest.ram_size)} in "
                                 f"{m.npages} pages of {fmt_size(guest.page_size)}, session {m.id}",
-                                session=m.id, pid=guest.pid, ram_size=guest.ram_size, page_size=guest.page_size)
+                                session=m.id, pid=guest.pid, ram_size=guest.ram_size, page_size=guest.page_size,
+                                prepare_s=m.prepare_s)
 
     # -- called by the gRPC service ---------------------------------------
     def open(self, hello: pb.Hello, wait: float = 30.0) -> pb.Welcome:

@@ -111,6 +111,15 @@ class FaultSpace:
             self._raise("continue", rc, self._bad[0])
         return rc
 
+    def set_prepared(self, zero_fresh: bool) -> None:
+        """Every page is allocated and the alias is mapped (GuestMemory.prepare):
+        pages are received straight into the alias. zero_fresh: every page not
+        placed yet reads as zero, so a zero page needs no write."""
+        if self.mode != MODE_CONTINUE:
+            raise ValueError("a prepared RAM file is for CONTINUE placement: COPY needs the holes")
+        self._s.prepared = 1
+        self._s.zero_fresh = 1 if zero_fresh else 0
+
     def finish(self) -> None:
         """Every page is mapped; the caller unregisters next. A placement thread
         whose CONTINUE then finds the range gone (ENOENT) knows why."""

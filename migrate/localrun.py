@@ -93,7 +93,7 @@ class LocalMigration:
     def __init__(self, workdir: str, size: int, *, backing: str = "tmpfs", seed: int = 1,
                  pattern: str = "seq", vcpus: int = 1, zero_fraction: float | None = None,
                  random_fraction: float | None = None, placement: str = "continue",
-                 source_args: tuple = (), image: str | None = None):
+                 source_args: tuple = (), image: str | None = None, dest_args: tuple = ()):
         self.workdir = workdir
         self.size = size
         self.backing = backing
@@ -102,6 +102,7 @@ class LocalMigration:
         self.vcpus = vcpus
         self.placement = placement
         self.source_args = list(source_args)
+        self.dest_args = list(dest_args)
         self.zero_fraction = zero_fraction
         self.random_fraction = random_fraction
         self.image_args = []
@@ -131,7 +132,7 @@ class LocalMigration:
 
     def start_dest(self, extra: tuple = ()) -> dict:
         self.dest = self._spawn("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", self.sock,
-                                         "--placement", self.placement, "--json", *extra])
+                                         "--placement", self.placement, "--json", *self.dest_args, *extra])
         ev = self.dest.wait_event("listening", 30)
         self.address = ev["address"]
         return ev
@@ -160,10 +161,12 @@ class LocalMigration:
         if not os.path.exists(self.image):
             self.make_image()
         self.start_dest()
-        # The source's Open waits for a guest: starting it first means the guest
-        # begins running as the source starts serving, as at a real switchover.
-        self.start_source()
+        # As on a real destination, the guest is there (attached, its RAM
+        # allocated by the agent, its vCPUs waiting for the switchover) before
+        # the source starts the migration.
         self.start_guest()
+        self.dest.wait_event("attached", 120)
+        self.start_source()
         out = {}
         for name, p in (("source", self.source), ("guest", self.guest), ("dest", self.dest)):
             try:

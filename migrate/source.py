@@ -60,7 +60,9 @@ class RamImage:
             os.close(self.fd)
             raise SourceError(f"RAM file {path} is {fmt_size(self.size)}: not a positive multiple of the page "
                               f"size {fmt_size(self.page_size)} (pass --page-size or --size)")
-        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        # populated here, before any session: the push then reads pages without
+        # taking a page fault every 16 of them
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ)
         self.view = memoryview(self.map)
         self.addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.view)))
         self.path = path
@@ -97,35 +99,46 @@ class Scheduler:
             last = max(pages)
             self.near = (last + 1, min(self.npages, last + 1 + LOCALITY_PAGES))
 
-    def next_batch(self) -> list[int]:
+    def next_runs(self) -> list[tuple[int, int]]:
+        """The next batch as ascending (first page, count) runs, marked sent:
+        pages just after the last demand fault first, then the sweep."""
         d = self.demand
         if d is not None and d.seq != self.demand_seq:
             self.demand_seq = d.seq
             self.note_demand([d.last_page])
         with self.lock:
-            out: list[int] = []
+            runs: list[tuple[int, int]] = []
+            left = self.per_batch
             if self.near:
                 start, end = self.near
-                self._take(start, end, out)
-                self.near = (out[-1] + 1, end) if out and out[-1] + 1 < end else None
-            if len(out) < self.per_batch:
-                before = len(out)
-                self._take(self.cursor, self.npages, out)
-                if len(out) > before:
-                    self.cursor = out[-1] + 1
-            return sorted(out)
+                left = self._take(start, end, runs, left)
+                last = runs[-1][0] + runs[-1][1] if runs else end
+                self.near = (last, end) if last < end else None
+            if left:
+                before = len(runs)
+                self._take(self.cursor, self.npages, runs, left)
+                if len(runs) > before:
+                    self.cursor = runs[-1][0] + runs[-1][1]
+            return sorted(runs)
 
-    def _take(self, start: int, end: int, out: list[int]) -> None:
-        """Appends unsent pages from [start, end) to out, marking them sent."""
+    def next_batch(self) -> list[int]:
+        """next_runs() as a list of page indexes."""
+        return [p for first, count in self.next_runs() for p in range(first, first + count)]
+
+    def _take(self, start: int, end: int, runs: list[tuple[int, int]], left: int) -> int:
+        """Appends up to left unsent pages of [start, end) to runs, marking them
+        sent; returns how many more the batch can take."""
         p = start
-        while len(out) < self.per_batch and p < end:
+        while left and p < end:
             p = self.sent.next_clear(p, end)
             if p >= end:
                 break
-            q = min(self.sent.next_set(p, end), p + self.per_batch - len(out))
+            q = min(self.sent.next_set(p, end), p + left)
             self.sent.set(p, q - p)
-            out.extend(range(p, q))
+            runs.append((p, q - p))
+            left -= q - p
             p = q
+        return left
 
     def remaining(self) -> int:
         with self.lock:
@@ -149,12 +162,13 @@ class Source:
                  batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
                  on_session=None, transport: str = "raw", guest: str = "",
-                 push_gate: threading.Event | None = None):
+                 push_gate: threading.Event | None = None, max_rate: int = 0):
         self.ram = ram
         self.target = target
         self.reporter = reporter
         self.push_streams = max(1, push_streams)
         self.batch_bytes = batch_bytes
+        self.max_rate = max(0, max_rate)   # background bytes of guest RAM per second, all streams; 0: no limit
         self.compress = compress
         self.name = name
         self.resume_session = resume_session
@@ -221,7 +235,7 @@ class Source:
         self.sched.demand = d
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         threads = [threading.Thread(target=self._demand, args=(sock, d), name="demand", daemon=True)]
-        n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
+        n_push = self.n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
         push_socks = []
         for i in range(n_push):
             if self.transport == "raw":
@@ -265,6 +279,17 @@ class Source:
                             self.wire_bytes + d.bytes, time.monotonic() - t0, fin)
 
     # -- streams ----------------------------------------------------------
+    def _pace(self, t0: float, done: int, streams: int) -> None:
+        """Sleeps until a stream that started at t0 and has pushed done bytes of
+        guest RAM is within its share of --max-rate (demand replies are never
+        held back)."""
+        if not self.max_rate:
+            return
+        due = t0 + done * streams / self.max_rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            self.stop.wait(delay)
+
     def _gate_open(self) -> bool:
         while self.push_gate is not None and not self.push_gate.wait(0.05):
             if self.stop.is_set():
@@ -275,13 +300,17 @@ class Source:
         if not self._gate_open():
             return
         enc = BatchEncoder(self.ram.addr, self.ram.page_size, self.sched.per_batch, compress)
+        streams = self.n_push
 
         def batches():
             yield pb.PageBatch(session_id=sid)
+            t0, done = time.monotonic(), 0
             while not self.stop.is_set():
+                self._pace(t0, done, streams)
                 pages = self.sched.next_batch()
                 if not pages:
                     return
+                done += len(pages) * self.ram.page_size
                 b = enc.encode(pages)
                 with self.count_lock:
                     self.sent_push += len(pages)
@@ -314,17 +343,20 @@ class Source:
         RAM mapping (GIL released); the scheduler is shared with the others."""
         if not self._gate_open():
             return
+        t0, done = time.monotonic(), 0
         try:
             while not self.stop.is_set():
-                pages = self.sched.next_batch()
-                if not pages:
+                self._pace(t0, done, self.n_push)
+                runs = self.sched.next_runs()
+                if not runs:
                     break
-                rc = lib.mg_push_pages(sock.fileno(), self.ram.addr, self.ram.page_size,
-                                       ffi.new("uint64_t[]", pages), len(pages))
+                done += sum(count for _, count in runs) * self.ram.page_size
+                rc = lib.mg_push_runs(sock.fileno(), self.ram.addr, self.ram.page_size,
+                                      ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs))
                 if rc < 0:
                     raise SourceError(f"push channel: {os.strerror(-rc)}")
                 with self.count_lock:
-                    self.sent_push += len(pages)
+                    self.sent_push += sum(count for _, count in runs)
                     self.wire_bytes += rc
             sock.shutdown(socket.SHUT_WR)   # end of stream: the destination sees EOF
         except (SourceError, OSError) as e:

@@ -376,10 +376,10 @@ int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
             continue; /* duplicate: the first copy won and may be the guest's now */
         if (s->mode == MG_PLACE_CONTINUE) {
             uint8_t *dst = (uint8_t *)(uintptr_t)(s->alias_base + page * ps);
-            if (zero)
-                memset(dst, 0, ps);
-            else
+            if (!zero)
                 memcpy(dst, src, ps);
+            else if (!s->zero_fresh)
+                memset(dst, 0, ps);
         }
         int rc = finish_place(s, page, src, zero, via);
         if (rc < 0) {
@@ -564,7 +564,7 @@ int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
                     mg_bitmap_clear_range(s->claimed, h.page, 1);
                 return rc == 0 ? -EPIPE : rc;
             }
-        } else if (mine && s->mode == MG_PLACE_CONTINUE)
+        } else if (mine && s->mode == MG_PLACE_CONTINUE && !s->zero_fresh)
             memset(dst, 0, ps);
         if (!mine)
             continue;
@@ -700,6 +700,9 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
     iov[1].iov_len = (count + 7) / 8;
     for (uint32_t i = 0; i < count; i++) {
         uint8_t *src = (uint8_t *)(uintptr_t)(base + (first + i) * ps);
+        /* the zero check stalls on each page's first line: ask for later ones early */
+        if (i + 4 < count)
+            __builtin_prefetch(src + 4 * ps);
         if (mg_is_zero(src, ps)) {
             bits[i >> 3] |= (uint8_t)(1u << (i & 7));
             continue;
@@ -726,18 +729,19 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
     return 0;
 }
 
-int64_t mg_push_pages(int fd, uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n)
+int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns)
 {
     int64_t payload = 0;
-    uint64_t i = 0;
-    while (i < n) {
-        uint64_t j = i + 1;
-        while (j < n && pages[j] == pages[j - 1] + 1 && j - i < MG_PUSH_MAX_RUN)
-            j++;
-        int rc = send_run(fd, base, page_size, pages[i], (uint32_t)(j - i), &payload);
-        if (rc < 0)
-            return rc;
-        i = j;
+    for (uint64_t r = 0; r < nruns; r++) {
+        uint64_t first = runs[2 * r], left = runs[2 * r + 1];
+        while (left) {
+            uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
+            int rc = send_run(fd, base, page_size, first, count, &payload);
+            if (rc < 0)
+                return rc;
+            first += count;
+            left -= count;
+        }
     }
     return payload;
 }
@@ -794,7 +798,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
      * without a fault on the alias, which is most of the cost of writing
      * through the mapping. */
     uint8_t *staging = NULL;
-    int via_write = s->mode == MG_PLACE_CONTINUE && s->ram_fd >= 0 && ps == 4096;
+    int via_write = s->mode == MG_PLACE_CONTINUE && s->ram_fd >= 0 && ps == 4096 && !s->prepared;
     if (s->mode == MG_PLACE_COPY || via_write) {
         staging = malloc(ps * MG_PUSH_MAX_RUN);
         if (!staging)
@@ -862,7 +866,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             uint64_t page = h.first + i;
             int zero = (bits[i >> 3] >> (i & 7)) & 1;
             const uint8_t *src = staging ? staging + (uint64_t)i * ps : NULL;
-            if (zero && s->mode == MG_PLACE_CONTINUE && !via_write)
+            if (zero && s->mode == MG_PLACE_CONTINUE && !via_write && !s->zero_fresh)
                 memset((uint8_t *)(uintptr_t)(s->alias_base + page * ps), 0, ps);
             rc = finish_place(s, page, src, zero, MG_VIA_PUSH);
             if (rc < 0) {

@@ -73,6 +73,8 @@ struct mg_space {
     uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
     const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
     int ram_fd;             /* the RAM file, for pwritev on shmem (-1: write through the alias) */
+    int prepared;           /* every page is allocated and the alias is mapped: write through it */
+    int zero_fresh;         /* pages never claimed read as zero: a zero page needs no write */
     int finished;           /* set once every page is mapped, before the range is unregistered */
     uint64_t error_page;    /* what a failed call was looking at */
     uint64_t error_value;
@@ -160,10 +162,11 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
  * the non-zero pages' bytes in order. */
 #define MG_PUSH_MAX_RUN 1024
 
-/* Source: sends pages (ascending indexes) of the mapping at base as runs of
- * consecutive pages, straight from the mapping (writev, no gather copy).
- * Returns payload bytes sent (zero pages excluded) or -errno. */
-int64_t mg_push_pages(int fd, uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n);
+/* Source: sends nruns runs of consecutive pages (runs[2i] first page,
+ * runs[2i+1] count; longer runs are split at MG_PUSH_MAX_RUN) of the mapping
+ * at base, straight from the mapping (writev, no gather copy). Returns payload
+ * bytes sent (zero pages excluded) or -errno. */
+int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns);
 
 /* Destination: reads runs until EOF and places them: each non-zero page is
  * received straight into the alias mapping when this call claims it (into

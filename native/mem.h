@@ -25,6 +25,8 @@ int mg_memfd_create(const char *name, unsigned int flags);
 int mg_mmap(uint64_t hint, uint64_t len, int prot, int flags, int fd, uint64_t offset, uint64_t *addr);
 int mg_munmap(uint64_t addr, uint64_t len);
 int mg_fallocate(int fd, int mode, uint64_t offset, uint64_t len);
+#define MG_MADV_POPULATE_WRITE 23
+int mg_madvise(uint64_t addr, uint64_t len, int advice);
 int mg_ftruncate(int fd, uint64_t len);
 /* fstatfs f_type and f_bsize of an open file. */
 int mg_fstatfs(int fd, uint64_t *fs_type, uint64_t *block_size);

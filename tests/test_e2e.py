@@ -11,16 +11,19 @@ from migrate.localrun import LocalMigration
 M = 1 << 20
 
 CASES = [
-    # backing, size, pattern, vcpus, placement
+    # backing, size, pattern, vcpus, placement (continue-noprealloc: the agent
+    # does not allocate the RAM file at attach; pages are written as they come)
     ("tmpfs", 64 * M, "seq", 1, "continue"),
     ("tmpfs", 128 * M, "random", 4, "continue"),
     ("tmpfs", 64 * M, "hotset", 4, "continue"),
     ("tmpfs", 256 * M, "random", 1, "continue"),
+    ("tmpfs", 128 * M, "random", 4, "continue-noprealloc"),
     ("tmpfs-file", 64 * M, "random", 4, "continue"),
     ("tmpfs", 64 * M, "random", 4, "copy"),
     ("hugetlbfs", 128 * M, "seq", 1, "continue"),
     ("hugetlbfs", 128 * M, "random", 4, "continue"),
     ("hugetlbfs", 64 * M, "hotset", 4, "continue"),
+    ("hugetlbfs", 64 * M, "random", 4, "continue-noprealloc"),
     ("hugetlbfs", 64 * M, "random", 1, "copy"),
 ]
 
@@ -30,8 +33,9 @@ CASES = [
                          ids=[f"{b}-{s // M}M-{p}-{v}vcpu-{pl}" for b, s, p, v, pl in CASES])
 def test_migrate_end_to_end(tmp_path, host, huge_pages, backing, size, pattern, vcpus, placement):
     need_backing(backing, host, huge_pages, size // (2 * M))
+    placement, _, noprealloc = placement.partition("-")
     with LocalMigration(str(tmp_path), size, backing=backing, seed=7, pattern=pattern, vcpus=vcpus,
-                        placement=placement) as lm:
+                        placement=placement, dest_args=("--no-prealloc",) if noprealloc else ()) as lm:
         lm.make_image()
         out = lm.run(timeout=150)
     assert "failed" not in out, out.get("failed")
@@ -49,6 +53,8 @@ def test_migrate_end_to_end(tmp_path, host, huge_pages, backing, size, pattern, 
         assert summary["fault_p50_us"] <= summary["fault_p99_us"]
     if backing != "hugetlbfs":   # 30% of 4 KiB units are zero; a 2 MiB page is never all zero
         assert d["pages_zero"] > total // 5
+    # the RAM file is allocated at attach for CONTINUE placement unless told not to
+    assert (d["prepare_s"] is not None) == (placement == "continue" and not noprealloc)
 
 
 @pytest.mark.timeout(120)
@@ -101,7 +107,7 @@ def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, t
     source finishes the migration from the destination's received bitmap."""
     with LocalMigration(str(tmp_path), 256 * M, seed=5, pattern="random", vcpus=2,
                         source_args=("--transport", transport, "--push-streams", "1",
-                                     "--batch-bytes", "256K")) as lm:
+                                     "--batch-bytes", "256K", "--max-rate", "100M")) as lm:
         lm.make_image()
         lm.start_dest()
         first = lm.start_source()
@@ -133,7 +139,7 @@ def test_agent_killed_mid_migration_then_a_new_agent_takes_over(tmp_path, host):
     agent, which keeps every page already mapped in the guest (never rewritten)
     and fetches the rest from a new source. Every byte verifies."""
     with LocalMigration(str(tmp_path), 256 * M, seed=9, pattern="random", vcpus=2,
-                        source_args=("--push-streams", "1", "--batch-bytes", "256K")) as lm:
+                        source_args=("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")) as lm:
         lm.make_image()
         lm.start_dest()
         first_src = lm.start_source()
