@@ -65,12 +65,12 @@ def _best(reps: list[dict], key: str = "p50_us") -> dict:
 
 
 # -- C floor ------------------------------------------------------------------
-def compile_floor(workdir: str) -> str:
+def compile_floor(workdir: str, name: str = "fault_floor") -> str:
     cc = shutil.which("cc") or shutil.which("gcc")
     if not cc:
-        raise RuntimeError("no C compiler (cc) on PATH: the C fault-handler floor is built at run time")
-    exe = os.path.join(workdir, "fault_floor")
-    subprocess.run([cc, "-O2", "-pthread", "-o", exe, os.path.join(HERE, "fault_floor.c")],
+        raise RuntimeError("no C compiler (cc) on PATH: the C floors are built at run time")
+    exe = os.path.join(workdir, name)
+    subprocess.run([cc, "-O2", "-pthread", "-o", exe, os.path.join(HERE, name + ".c")],
                    check=True, capture_output=True, text=True)
     return exe
 
@@ -281,8 +281,9 @@ class _Peer:
             self.p.wait(5)
 
 
-def tcp_pingpong(n: int = 20000, request: int = 16, reply: int = 4096) -> dict:
-    """A demand fault's shape: a small request, a 4 KiB page back."""
+def tcp_pingpong(n: int = 20000, request: int = 16, reply: int = 4096, warmup: int = 200) -> dict:
+    """A demand fault's shape: a small request, a page back (4 KiB; 2 MiB for
+    the wire time of a huge page's demand fault)."""
     peer = _Peer("pong", str(request), str(reply))
     try:
         s = socket.create_connection(("127.0.0.1", peer.port))
@@ -292,7 +293,7 @@ def tcp_pingpong(n: int = 20000, request: int = 16, reply: int = 4096) -> dict:
         view = memoryview(buf)
         lat = np.empty(n, dtype=np.int64)
         clock = time.perf_counter_ns
-        for i in range(n + 200):
+        for i in range(n + warmup):
             t0 = clock()
             s.sendall(req)
             got = 0
@@ -301,12 +302,24 @@ def tcp_pingpong(n: int = 20000, request: int = 16, reply: int = 4096) -> dict:
                 if not k:
                     raise RuntimeError("tcp ping-pong peer closed")
                 got += k
-            if i >= 200:  # warm-up
-                lat[i - 200] = clock() - t0
+            if i >= warmup:
+                lat[i - warmup] = clock() - t0
         s.close()
         return {"request_bytes": request, "reply_bytes": reply, **stats_us(lat), "_samples_ns": lat.tolist()}
     finally:
         peer.kill()
+
+
+def tcp_rr(exe: str, page_size: int, npages: int, rounds: int, hugetlb: bool) -> dict:
+    """A large page's wire time (tcp_rr.c): request, whole page back, between
+    two processes, from memory to memory."""
+    r = subprocess.run([exe, str(page_size), str(npages), str(rounds), "1" if hugetlb else "0"],
+                       capture_output=True, text=True, timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"tcp_rr: {r.stderr.strip()}")
+    d = json.loads(r.stdout)
+    samples = d.pop("samples_ns")
+    return {**d, **stats_us(samples), "_samples_ns": samples}
 
 
 def tcp_bandwidth(total: int = 2 << 30, chunk: int = 4 << 20, reps: int = 3) -> dict:
@@ -375,6 +388,13 @@ def run_all(quick: bool, huge_ok: bool, log=print, tiny: bool = False) -> dict:
             if huge_ok:
                 log(f"floor: C handler {mode} 2 MiB x{n2m}")
                 out[f"c_{mode}_2m"] = _guarded(log, f"c_{mode}_2m", lambda: c_floor(exe, mode, HUGE, n2m), n2m + 2)
+        rr = compile_floor(work, "tcp_rr")
+        n_rr = 40 if tiny else 300
+        log(f"floor: raw TCP 2 MiB request/reply x{n_rr}")
+        # 32 pages a side: more than the caches hold (hugetlbfs when the host has it)
+        out["tcp_rr_2m"] = _guarded(log, "tcp_rr_2m",
+                                    lambda: _reps(lambda: tcp_rr(rr, HUGE, 32, n_rr, huge_ok), 4),
+                                    66 if huge_ok else 0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     for mode in ("continue", "copy"):

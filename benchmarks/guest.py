@@ -4,9 +4,9 @@ Same attach, same C vCPU threads and byte-for-byte verification as
 migrate.guestsim, and the same summary keys, and in addition:
 - the raw per-page first-access latencies (--lat-out, uint32 ns), so the report
   can draw CDFs and take percentiles over the pages that really faulted;
-- a timeline of guest RAM over time (--timeline-out): pages in the page cache
-  (mincore: received and written through the alias) and pages present in the
-  guest's page tables (/proc/self/pagemap: mapped), sampled every 100 ms;
+- a timeline of guest RAM over time (--timeline-out): pages present in the
+  guest's page tables (/proc/self/pagemap: mapped), sampled every 100 ms (the
+  page cache is not sampled: the agent allocates all of it before the start);
 - pattern "idle": the guest touches nothing until the agent says the migration
   is complete, then verifies every page. That isolates background push.
 
@@ -16,7 +16,6 @@ Run as a script (`python benchmarks/guest.py ...`) by benchmarks.scenarios.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import sys
@@ -38,28 +37,23 @@ SAMPLE_S = 0.1
 
 
 class Residency:
-    """Samples how much of guest RAM is in the page cache and how much is mapped."""
+    """Samples how much of guest RAM is mapped in this process."""
 
     def __init__(self, addr: int, size: int):
         self.addr, self.size = addr, size
-        self.libc = ctypes.CDLL(None, use_errno=True)
-        self.libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-        self.vec = (ctypes.c_ubyte * (size // 4096))()
         self.pagemap = open("/proc/self/pagemap", "rb", buffering=0)
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[tuple[float, int]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self):
-        cached = mapped = -1
-        if self.libc.mincore(self.addr, self.size, self.vec) == 0:
-            cached = int((np.frombuffer(self.vec, np.uint8) & 1).sum())
+        mapped = -1
         try:
             raw = os.pread(self.pagemap.fileno(), (self.size // 4096) * 8, (self.addr // 4096) * 8)
             mapped = int(((np.frombuffer(raw, np.uint64) >> np.uint64(63)) & np.uint64(1)).sum())
         except OSError:
             pass
-        self.samples.append((time.monotonic(), cached * 4096, mapped * 4096))
+        self.samples.append((time.monotonic(), mapped * 4096))
 
     def _loop(self):
         while not self.stop.wait(SAMPLE_S):
@@ -69,7 +63,7 @@ class Residency:
         self.sample()
         self.thread.start()
 
-    def finish(self) -> list[tuple[float, int, int]]:
+    def finish(self) -> list[tuple[float, int]]:
         self.stop.set()
         self.thread.join(2)
         self.sample()

@@ -358,6 +358,9 @@ def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = N
         "source": {k: v for k, v in s.items() if k != "event"},
         "guest": {k: v for k, v in g.items() if k not in ("event", "t_attach")},
         "ram_gbps": round(sc.size / secs / 1e9, 3) if secs else None,
+        # the background push alone: from its first channel opening at the
+        # destination to the last page placed (session setup and Finish excluded)
+        "push_gbps": round(sc.size / d["push_s"] / 1e9, 3) if d.get("push_s") else None,
         "wire_gbps": round(s.get("wire_bytes", 0) / secs / 1e9, 3) if secs else None,
         "wire_ratio": round(s.get("wire_bytes", 0) / sc.size, 3),
         "faults_per_gib": round(d.get("faults", 0) / gib, 1),

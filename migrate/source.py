@@ -344,6 +344,8 @@ class Source:
         if not self._gate_open():
             return
         t0, done = time.monotonic(), 0
+        # large pages: hold back while the demand server writes a reply
+        hold = ffi.addressof(self.sched.demand, "busy") if self.sched.demand is not None else ffi.NULL
         try:
             while not self.stop.is_set():
                 self._pace(t0, done, self.n_push)
@@ -352,7 +354,7 @@ class Source:
                     break
                 done += sum(count for _, count in runs) * self.ram.page_size
                 rc = lib.mg_push_runs(sock.fileno(), self.ram.addr, self.ram.page_size,
-                                      ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs))
+                                      ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold)
                 if rc < 0:
                     raise SourceError(f"push channel: {os.strerror(-rc)}")
                 with self.count_lock:

@@ -249,6 +249,7 @@ static void inflight_add(struct mg_space *s, uint64_t page)
         uint64_t free_slot = UINT64_MAX;
         if (__atomic_compare_exchange_n(&e->page, &free_slot, page, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
             __atomic_store_n(&e->t_ns, t, __ATOMIC_RELEASE);
+            __atomic_fetch_add(&s->demand_waiting, 1, __ATOMIC_RELEASE);
             return;
         }
     }
@@ -264,7 +265,11 @@ static void inflight_done(struct mg_space *s, uint64_t page)
         uint64_t cur = __atomic_load_n(&e->page, __ATOMIC_ACQUIRE);
         if (cur == page) {
             uint64_t t0 = __atomic_load_n(&e->t_ns, __ATOMIC_ACQUIRE);
-            __atomic_store_n(&e->page, UINT64_MAX, __ATOMIC_RELEASE);
+            uint64_t expect = page;
+            /* the demand and push receivers may both finish this page's entry */
+            if (!__atomic_compare_exchange_n(&e->page, &expect, UINT64_MAX, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+                return;
+            __atomic_fetch_sub(&s->demand_waiting, 1, __ATOMIC_RELEASE);
             if (t0 && s->lat_us) {
                 uint64_t us = (now_ns() - t0) / 1000;
                 uint64_t k = __atomic_fetch_add(&s->stats.lat_count, 1, __ATOMIC_RELAXED);
@@ -472,6 +477,50 @@ int64_t mg_demand_resend(struct mg_space *s)
 
 /* ---- socket helpers for the demand and push channels ---- */
 
+/* The background push steps aside while should_hold(ctx) says so (a large
+ * demand reply is on the way), for at most MG_YIELD_MAX_US at a time. */
+typedef int (*hold_fn)(const void *ctx);
+
+static void hold_while_fn(hold_fn should_hold, const void *ctx)
+{
+    if (!should_hold || !should_hold(ctx))
+        return;
+    uint64_t until = now_ns() + MG_YIELD_MAX_US * 1000ull;
+    struct timespec nap = { 0, 20000 };
+    while (should_hold(ctx) && now_ns() < until)
+        nanosleep(&nap, NULL);
+}
+
+static int flag_set(const void *flag)
+{
+    return __atomic_load_n((const uint32_t *)flag, __ATOMIC_ACQUIRE) != 0;
+}
+
+static void hold_while(const uint32_t *flag)
+{
+    if (flag)
+        hold_while_fn(flag_set, flag);
+}
+
+/* The push moves at most this much per syscall (and checks its hold flag in
+ * between): on a kernel without preemption a multi-megabyte send or receive
+ * keeps the CPU from a waking demand thread until it returns. */
+#define MG_HOLD_CHUNK (256u << 10)
+
+/* Copies the front of iov, at most limit bytes, into out (up to max entries). */
+static int iov_clip(const struct iovec *iov, int niov, size_t limit, struct iovec *out, int max)
+{
+    int k = 0;
+    while (k < niov && k < max && limit) {
+        out[k] = iov[k];
+        if (out[k].iov_len > limit)
+            out[k].iov_len = limit;
+        limit -= out[k].iov_len;
+        k++;
+    }
+    return k;
+}
+
 /* Drops n bytes done from the front of an iovec array. */
 static void iov_advance(struct iovec **iov, int *niov, size_t n)
 {
@@ -501,11 +550,20 @@ static int wait_readable(int fd, int stop_fd)
 /* Reads into an iovec array until all of it is filled, watching stop_fd.
  * 1 = done; 0 = end of file before the first byte (only when clean_eof);
  * -EPIPE = end of file part way; -ESHUTDOWN; -errno. */
-static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov, int clean_eof)
+/* chunked: at most MG_HOLD_CHUNK bytes per recvmsg, and should_hold (if
+ * any) is asked before each */
+static int readv_chunked(int fd, int stop_fd, struct iovec *iov, int niov, int clean_eof, int chunked,
+                         hold_fn should_hold, const void *ctx)
 {
     int got_any = 0;
+    struct iovec clip[64];
     while (niov > 0) {
         struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)(niov < IOV_MAX ? niov : IOV_MAX) };
+        if (chunked) {
+            hold_while_fn(should_hold, ctx);
+            msg.msg_iov = clip;
+            msg.msg_iovlen = (size_t)iov_clip(iov, niov, MG_HOLD_CHUNK, clip, 64);
+        }
         ssize_t n = recvmsg(fd, &msg, MSG_DONTWAIT);
         if (n == 0)
             return clean_eof && !got_any ? 0 : -EPIPE;
@@ -523,6 +581,11 @@ static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov, int clea
         iov_advance(&iov, &niov, (size_t)n);
     }
     return 1;
+}
+
+static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov, int clean_eof)
+{
+    return readv_chunked(fd, stop_fd, iov, niov, clean_eof, 0, NULL, NULL);
 }
 
 /* Reads exactly len bytes: 1 = done, 0 = EOF at the start, < 0 error. */
@@ -587,10 +650,18 @@ int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 
 /* ---- demand channel, source side ---- */
 
-static int write_full(int fd, struct iovec *iov, int iovcnt)
+/* chunked: at most MG_HOLD_CHUNK bytes per writev, waiting on hold (if any)
+ * before each */
+static int write_chunked(int fd, struct iovec *iov, int iovcnt, int chunked, const uint32_t *hold)
 {
+    struct iovec clip[64];
     while (iovcnt > 0) {
-        ssize_t n = writev(fd, iov, iovcnt);
+        ssize_t n;
+        if (chunked) {
+            hold_while(hold);
+            n = writev(fd, clip, iov_clip(iov, iovcnt, MG_HOLD_CHUNK, clip, 64));
+        } else
+            n = writev(fd, iov, iovcnt);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -599,6 +670,11 @@ static int write_full(int fd, struct iovec *iov, int iovcnt)
         iov_advance(&iov, &iovcnt, (size_t)n);
     }
     return 0;
+}
+
+static int write_full(int fd, struct iovec *iov, int iovcnt)
+{
+    return write_chunked(fd, iov, iovcnt, 0, NULL);
 }
 
 static int send_reply(struct mg_demand_src *d, uint64_t page)
@@ -645,7 +721,12 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
                 d->bad_page = page;
                 return -EPROTO;
             }
+            int big = d->page_size > MG_YIELD_PAGE_SIZE;
+            if (big)
+                __atomic_store_n(&d->busy, 1, __ATOMIC_RELEASE);
             int rc = send_reply(d, page);
+            if (big)
+                __atomic_store_n(&d->busy, 0, __ATOMIC_RELEASE);
             if (rc < 0)
                 return rc;
             __atomic_store_n(&d->last_page, page, __ATOMIC_RELEASE);
@@ -681,13 +762,15 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
 
 /* ---- raw push channel ---- */
 
+
 struct run_header {
     uint64_t first;
     uint32_t count;
     uint32_t flags;
 };
 
-static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t count, int64_t *payload)
+static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t count, int64_t *payload,
+                    const uint32_t *hold)
 {
     struct run_header h = { first, count, 0 };
     uint8_t bits[MG_PUSH_MAX_RUN / 8];
@@ -720,7 +803,7 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
     struct iovec *v = iov;
     while (niov > 0) {
         int chunk = niov < IOV_MAX ? niov : IOV_MAX;
-        int rc = write_full(fd, v, chunk);
+        int rc = write_chunked(fd, v, chunk, 1, hold);
         if (rc < 0)
             return rc;
         v += chunk;
@@ -729,14 +812,15 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
     return 0;
 }
 
-int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns)
+int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns,
+                     const uint32_t *hold)
 {
     int64_t payload = 0;
     for (uint64_t r = 0; r < nruns; r++) {
         uint64_t first = runs[2 * r], left = runs[2 * r + 1];
         while (left) {
             uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
-            int rc = send_run(fd, base, page_size, first, count, &payload);
+            int rc = send_run(fd, base, page_size, first, count, &payload, page_size > MG_YIELD_PAGE_SIZE ? hold : NULL);
             if (rc < 0)
                 return rc;
             first += count;
@@ -786,6 +870,26 @@ static int write_claimed(struct mg_space *s, uint64_t first, uint32_t count, con
     return 0;
 }
 
+/* A push receiver part way through a run holds back while a demand is
+ * outstanding, unless a page it claimed in this run is one a vCPU waits for. */
+struct run_hold {
+    struct mg_space *s;
+    uint64_t first;
+    uint32_t count;
+    const uint8_t *mine;
+};
+
+static int run_should_hold(const void *ctx)
+{
+    const struct run_hold *r = ctx;
+    if (!__atomic_load_n(&r->s->demand_waiting, __ATOMIC_ACQUIRE))
+        return 0;
+    for (uint32_t i = 0; i < r->count; i++)
+        if (r->mine[i] && test_bit(r->s->requested, r->first + i))
+            return 0;
+    return 1;
+}
+
 int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
     uint64_t ps = s->page_size;
@@ -804,9 +908,13 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
         if (!staging)
             return -ENOMEM;
     }
+    const uint32_t *hold = ps > MG_YIELD_PAGE_SIZE ? &s->demand_waiting : NULL;
     int result;
     for (;;) {
         struct run_header h;
+        /* between runs, when this thread has claimed nothing: a claimed page
+         * may be the very one a vCPU waits for */
+        hold_while(hold);
         int rc = read_full(fd, stop_fd, (uint8_t *)&h, sizeof(h));
         if (rc <= 0) {
             result = rc;
@@ -842,7 +950,8 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
                 niov++;
             }
         }
-        rc = readv_full(fd, stop_fd, iov, niov, 0);
+        struct run_hold rh = { s, h.first, h.count, mine };
+        rc = readv_chunked(fd, stop_fd, iov, niov, 0, 1, hold ? run_should_hold : NULL, &rh);
         if (rc < 0) {
             /* claimed pages that did not arrive whole: give them back */
             for (uint32_t i = 0; i < h.count; i++)

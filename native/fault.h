@@ -14,6 +14,12 @@
 #define MG_INFLIGHT 8192
 #define MG_LAT_RING 1048576
 #define MG_DEMAND_COMPLETE 1
+/* Pages larger than this take long enough on the wire that the background push
+ * steps aside while a demand reply for one is in flight (on both sides). */
+#define MG_YIELD_PAGE_SIZE 65536
+/* ... but never for longer than this at a time (a reply that never comes must
+ * not stop the push). */
+#define MG_YIELD_MAX_US 5000
 
 /* Bitmaps: arrays of uint64_t words, bit i = page i. Set/claim are atomic so the
  * fault loop may read while placement writes. */
@@ -75,6 +81,7 @@ struct mg_space {
     int ram_fd;             /* the RAM file, for pwritev on shmem (-1: write through the alias) */
     int prepared;           /* every page is allocated and the alias is mapped: write through it */
     int zero_fresh;         /* pages never claimed read as zero: a zero page needs no write */
+    uint32_t demand_waiting; /* demand requests in the inflight table (atomic) */
     int finished;           /* set once every page is mapped, before the range is unregistered */
     uint64_t error_page;    /* what a failed call was looking at */
     uint64_t error_value;
@@ -150,6 +157,7 @@ struct mg_demand_src {
     uint64_t readahead;     /* pages sent after a request because the faults look sequential */
     uint64_t window;        /* current readahead window (pages), grows on sequential faults */
     uint64_t max_window;    /* at most this many pages read ahead (0: no readahead) */
+    uint32_t busy;          /* a demand reply of a large page is being written (push holds back) */
 };
 /* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
  * -EPROTO for a request outside the layout, -errno. */
@@ -164,9 +172,12 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
 
 /* Source: sends nruns runs of consecutive pages (runs[2i] first page,
  * runs[2i+1] count; longer runs are split at MG_PUSH_MAX_RUN) of the mapping
- * at base, straight from the mapping (writev, no gather copy). Returns payload
- * bytes sent (zero pages excluded) or -errno. */
-int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns);
+ * at base, straight from the mapping (writev, no gather copy). Before each run
+ * it waits (at most MG_YIELD_MAX_US) while *hold is set: the demand server's
+ * busy flag (NULL: never waits). Returns payload bytes sent (zero pages
+ * excluded) or -errno. */
+int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns,
+                     const uint32_t *hold);
 
 /* Destination: reads runs until EOF and places them: each non-zero page is
  * received straight into the alias mapping when this call claims it (into
