@@ -99,8 +99,19 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
         for k in ("qemu_total_ratio", "qemu_guest_ratio", "qemu_guest_delay_ratio"):
             if qemu.get(k) is not None:
                 r[k] = qemu[k]
-        src["qemu_total_ratio"] = "qemu: best engine total_ms / best QEMU post-copy total_ms"
-        src["qemu_guest_ratio"] = "qemu: best engine guest_verify_ms / best QEMU post-copy guest_verify_ms"
+        src["qemu_total_ratio"] = "qemu: best engine total_ms / best QEMU post-copy (private RAM) total_ms"
+        src["qemu_guest_ratio"] = ("qemu: best engine guest_verify_ms / best QEMU post-copy (private RAM) "
+                                   "guest_verify_ms")
+        shm = qemu.get("ratio_shm") or {}
+        # QEMU post-copy with guest RAM on the same kind of share=on /dev/shm file as the engine's
+        r["qemu_total_ratio_same_backing"] = shm.get("total_ms")
+        r["qemu_guest_ratio_same_backing"] = shm.get("guest_verify_ms")
+        b = qemu.get("best", {})
+        e, q = b.get("engine", {}), b.get("qemu_postcopy", {})
+        if e.get("guest_verify_local_ms") and q.get("guest_verify_ms"):
+            # the lowest qemu_guest_ratio any engine could reach in this run: the
+            # guest's own all-local read / QEMU's post-copy read
+            r["qemu_guest_ratio_floor"] = _div(e["guest_verify_local_ms"], q["guest_verify_ms"])
     return r, src
 
 
