@@ -127,6 +127,26 @@ def test_reader_in_another_process(mem, tmp_path):
         listener.close()
 
 
+def test_prepared_memory_faults_minor_and_shows_nothing_unwritten(mem, uffd):
+    """After GuestMemory.prepare() (every page allocated, the alias mapped) a
+    guest read of a page the agent has not written is a MINOR fault and blocks:
+    the zeros the allocation put there are never shown to it."""
+    ps = mem.page_size
+    r = mem.prepare()
+    assert r["was_empty"] is True and r["seconds"] >= 0
+    assert os.fstat(mem.fd).st_blocks * 512 >= mem.size, "every page allocated"
+    t, out = read_in_thread(mem.guest_addr, ps)
+    assert uffd.wait(10_000), "the read of an allocated, unwritten page must fault"
+    events = uffd.read_events()
+    assert [e.minor for e in events] == [True]
+    assert t.is_alive(), "the reader must stay blocked until the page is placed"
+    mem.alias_view(0, ps)[:] = page_bytes(0, ps)      # the page arrives
+    assert uffd.continue_(mem.guest_addr, ps).resolution is Resolution.MAPPED
+    t.join(10)
+    assert not t.is_alive() and bytes(out) == page_bytes(0, ps)
+    assert mem.prepare()["was_empty"] is False    # pages are there now
+
+
 def test_alias_writes_do_not_fault_and_repeat_continue_is_already_mapped(mem, uffd):
     ps = mem.page_size
     mem.alias_view(0, mem.size)[:] = b"\x5a" * mem.size
