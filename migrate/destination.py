@@ -104,6 +104,7 @@ class Migration:
         self.demand_sock: socket.socket | None = None
         self.push_socks: list[socket.socket] = []
         self.completing = False
+        self.lost_why: str | None = None   # why the last source was dropped
         self.switched_over = False
         self.t_connect: float | None = None
         self.t_push: float | None = None     # the first push channel opened
@@ -337,6 +338,7 @@ class Migration:
         with self.lock:
             if gen != self.source_gen or not self._move(State.DISCONNECTED):
                 return
+            self.lost_why = why
         self.reporter.event("disconnected", f"source left before the end ({why}); waiting for another",
                             session=self.id, received=self.space.received_count, total=self.npages)
 
@@ -444,9 +446,14 @@ class Migration:
 
     def finish_reply(self) -> pb.FinishReply:
         s = self.summary()
+        error = self.error or ""
+        if not error and self.state is not State.COMPLETE:
+            error = (f"migration is {self.state.value} with {self.space.received_count} of {self.npages} pages "
+                     "received" + (f" (the source was dropped: {self.lost_why})"
+                                   if self.state is State.DISCONNECTED and self.lost_why else ""))
         return pb.FinishReply(complete=self.state is State.COMPLETE, pages_total=s["pages_total"],
                               pages_demand=s["pages_demand"], pages_pushed=s["pages_pushed"],
-                              pages_zero=s["pages_zero"], error=self.error or "")
+                              pages_zero=s["pages_zero"], error=error)
 
 
 class Destination:

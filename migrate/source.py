@@ -9,6 +9,7 @@ that skips whatever was already sent.
 from __future__ import annotations
 
 import errno
+import gc
 import mmap
 import os
 import socket
@@ -247,6 +248,10 @@ class Source:
             channels.append(ch)
             threads.append(threading.Thread(target=self._push, args=(ch, sid, compress), name=f"push-{i}",
                                             daemon=True))
+        # everything allocated so far lives until the end: keep the collector
+        # from walking it again and again while the push allocates its batches
+        gc.collect()
+        gc.freeze()
         for t in threads:
             t.start()
         try:

@@ -124,6 +124,14 @@ def bad_batch_case(waiting, batch: pb.PageBatch, message: str):
     assert ei.value.details() == message
     ch.close()
     waiting.dest.wait_event("disconnected", 30)   # no demand channel came: the source is gone
+    # asking for the end of a migration that lost its source says where it stands
+    ch2 = channel(waiting.address, "test-finish")
+    fin = pbg.MigrationStub(ch2).Finish(pb.FinishRequest(session_id=welcome.session_id, timeout_seconds=1),
+                                        timeout=30)
+    ch2.close()
+    assert not fin.complete
+    assert fin.error.startswith(f"migration is disconnected with 0 of {NPAGES} pages received (the source was "
+                                "dropped: "), fin.error
     finish_with_good_source(waiting)
 
 
