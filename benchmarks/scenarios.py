@@ -195,7 +195,7 @@ class BenchMigration(LocalMigration):
 
     def run(self, timeout: float = 600, profile_dir: str | None = None) -> dict:
         t0 = time.monotonic()
-        self.start_dest()
+        self.start_dest(("--progress-every", "0.02"))   # the arrival plot's resolution
         self.watch.add("dest", self.dest.p.pid)
         # the destination guest is ready (attached, RAM allocated by the agent)
         # before the source starts, as when a VM is migrated to a prepared host

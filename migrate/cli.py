@@ -101,11 +101,11 @@ def cmd_dest(args) -> int:
                     stop.set()
             now = time.monotonic()
             if now >= next_progress:
-                next_progress = now + PROGRESS_EVERY
+                next_progress = now + args.progress_every
                 for m in list(agent.migrations.values()):
                     if m.t_connect is not None and not m.done.is_set():
                         rep.event("progress", **m.progress())
-            stop.wait(0.05)
+            stop.wait(min(0.05, args.progress_every))
     finally:
         server.stop(grace=1).wait(3)
         agent.close()
@@ -121,7 +121,6 @@ def _device_state_settled(feeder, m, deadlines: dict, wait: float = 60.0) -> boo
     return time.monotonic() > deadlines.setdefault(m.id, time.monotonic() + wait)
 
 
-PROGRESS_EVERY = 0.2  # seconds between `progress` events of a running migration
 
 
 def _dest_text(s: dict) -> str:
@@ -241,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve-forever", action="store_true", help="serve one migration after another")
     d.add_argument("--placement", choices=["continue", "copy"], default="continue",
                    help="continue: MINOR faults + UFFDIO_CONTINUE (default); copy: MISSING + UFFDIO_COPY")
+    d.add_argument("--progress-every", type=float, default=0.2, metavar="SECONDS",
+                   help="seconds between `progress` events of a running migration (default 0.2)")
     d.add_argument("--no-prealloc", action="store_true",
                    help="do not allocate the guest's RAM when it attaches (continue placement allocates it "
                    "then, before any source is served, so pages arrive as one copy; this leaves it to the push)")
