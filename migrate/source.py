@@ -33,6 +33,47 @@ LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
 READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
 
 
+#: --push-buffer auto: bytes in flight a push stream may keep, sized for this
+#: rate over the connection's round trip (between 256 KiB and the kernel's own
+#: autotuning, which takes over on longer links).
+PUSH_BUFFER_RATE = 10e9
+PUSH_BUFFER_MIN = 256 << 10
+PUSH_BUFFER_MAX = 4 << 20
+
+
+def tcp_rtt_us(sock: socket.socket) -> int | None:
+    """The kernel's smoothed round-trip time of a connected TCP socket (tcp_info
+    tcpi_rtt), in microseconds; None where it cannot be read."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except (OSError, AttributeError):
+        return None
+    return int.from_bytes(info[68:72], "little") if len(info) >= 72 else None
+
+
+def push_send_buffer(sock: socket.socket, want: int | None) -> int | None:
+    """Sets the send buffer of a push stream. A multi-megabyte buffer (what
+    autotuning grows to) on a short, fast link only queues push data ahead of
+    demand replies (on loopback they share one per-CPU backlog) and lets it go
+    cold in memory before it is read; a buffer of about rate x RTT keeps the
+    link full. want: bytes, 0 for the kernel's autotuning, None for auto (RTT
+    based; autotuning when the RTT is unknown or long). Returns what was set
+    (None: autotuning)."""
+    if want is None:
+        rtt = tcp_rtt_us(sock)
+        if rtt is None:
+            return None
+        want = int(PUSH_BUFFER_RATE * rtt * 1e-6)
+        if want > PUSH_BUFFER_MAX:
+            return None
+        want = max(PUSH_BUFFER_MIN, want)
+    if want <= 0:
+        return None
+    # the kernel doubles what it is given (bookkeeping overhead): ask for half
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(1, want // 2))
+    return want
+
+
 class SourceError(MigrateError):
     """The migration could not be served; the message says why."""
 
@@ -163,13 +204,15 @@ class Source:
                  batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
                  on_session=None, transport: str = "raw", guest: str = "",
-                 push_gate: threading.Event | None = None, max_rate: int = 0):
+                 push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None):
         self.ram = ram
         self.target = target
         self.reporter = reporter
         self.push_streams = max(1, push_streams)
         self.batch_bytes = batch_bytes
         self.max_rate = max(0, max_rate)   # background bytes of guest RAM per second, all streams; 0: no limit
+        self.push_buffer = push_buffer     # push stream send buffer: None auto, 0 kernel autotuning, else bytes
+        self.push_buffer_set: int | None = None
         self.compress = compress
         self.name = name
         self.resume_session = resume_session
@@ -252,6 +295,11 @@ class Source:
         # from walking it again and again while the push allocates its batches
         gc.collect()
         gc.freeze()
+        if self.transport == "raw":
+            buf = self.push_buffer_set
+            self.reporter.event("push", f"{n_push} raw push streams, send buffer "
+                                f"{fmt_size(buf) if buf else 'autotuned by the kernel'}",
+                                streams=n_push, send_buffer=buf)
         for t in threads:
             t.start()
         try:
@@ -339,6 +387,8 @@ class Source:
             raise SourceError(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
         if magic == DEMAND_MAGIC:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            self.push_buffer_set = push_send_buffer(sock, self.push_buffer)
         sock.sendall(magic + welcome.demand_token)
         sock.settimeout(None)
         return sock
