@@ -552,8 +552,24 @@ static int wait_readable(int fd, int stop_fd)
  * -EPIPE = end of file part way; -ESHUTDOWN; -errno. */
 /* chunked: at most MG_HOLD_CHUNK bytes per recvmsg, and should_hold (if
  * any) is asked before each */
+/* Polls fd without sleeping for up to spin_ns: 1 once it is readable, 0 if it
+ * did not become readable in time. */
+static int spin_readable(int fd, uint64_t spin_ns)
+{
+    uint64_t until = now_ns() + spin_ns;
+    struct pollfd p = { fd, POLLIN, 0 };
+    do {
+        if (poll(&p, 1, 0) > 0)
+            return 1;
+    } while (now_ns() < until);
+    return 0;
+}
+
+/* spin: a pointer to a flag; while it is set, wait for data by polling for up
+ * to MG_SPIN_US before sleeping (a sleeping thread on this VM wakes 30-40 us
+ * late, several times per large reply) */
 static int readv_chunked(int fd, int stop_fd, struct iovec *iov, int niov, int clean_eof, int chunked,
-                         hold_fn should_hold, const void *ctx)
+                         hold_fn should_hold, const void *ctx, const uint32_t *spin)
 {
     int got_any = 0;
     struct iovec clip[64];
@@ -572,6 +588,8 @@ static int readv_chunked(int fd, int stop_fd, struct iovec *iov, int niov, int c
                 continue;
             if (errno != EAGAIN && errno != EWOULDBLOCK)
                 return -errno;
+            if (spin && __atomic_load_n(spin, __ATOMIC_ACQUIRE) && spin_readable(fd, MG_SPIN_US * 1000ull))
+                continue;
             int rc = wait_readable(fd, stop_fd);
             if (rc < 0)
                 return rc;
@@ -585,7 +603,13 @@ static int readv_chunked(int fd, int stop_fd, struct iovec *iov, int niov, int c
 
 static int readv_full(int fd, int stop_fd, struct iovec *iov, int niov, int clean_eof)
 {
-    return readv_chunked(fd, stop_fd, iov, niov, clean_eof, 0, NULL, NULL);
+    return readv_chunked(fd, stop_fd, iov, niov, clean_eof, 0, NULL, NULL, NULL);
+}
+
+static int read_full_spin(int fd, int stop_fd, uint8_t *buf, uint64_t len, const uint32_t *spin)
+{
+    struct iovec iov = { buf, len };
+    return readv_chunked(fd, stop_fd, &iov, 1, 1, 0, NULL, NULL, spin);
 }
 
 /* Reads exactly len bytes: 1 = done, 0 = EOF at the start, < 0 error. */
@@ -604,9 +628,11 @@ struct reply_header {
 int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
     uint64_t ps = s->page_size;
+    /* large pages: while a vCPU waits, poll for its reply rather than sleep */
+    const uint32_t *spin = ps > MG_YIELD_PAGE_SIZE ? &s->demand_waiting : NULL;
     for (;;) {
         struct reply_header h;
-        int rc = read_full(fd, stop_fd, (uint8_t *)&h, sizeof(h));
+        int rc = read_full_spin(fd, stop_fd, (uint8_t *)&h, sizeof(h), spin);
         if (rc <= 0)
             return rc;
         int zero = h.flags & 1;
@@ -620,7 +646,7 @@ int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
         if (mine && s->mode == MG_PLACE_CONTINUE)
             dst = (uint8_t *)(uintptr_t)(s->alias_base + h.page * ps);
         if (!zero) {
-            rc = read_full(fd, stop_fd, dst, ps);
+            rc = read_full_spin(fd, stop_fd, dst, ps, spin);
             if (rc <= 0) {
                 /* a claimed page half-written: unclaim so a later copy places it */
                 if (mine)
@@ -951,7 +977,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             }
         }
         struct run_hold rh = { s, h.first, h.count, mine };
-        rc = readv_chunked(fd, stop_fd, iov, niov, 0, 1, hold ? run_should_hold : NULL, &rh);
+        rc = readv_chunked(fd, stop_fd, iov, niov, 0, 1, hold ? run_should_hold : NULL, &rh, NULL);
         if (rc < 0) {
             /* claimed pages that did not arrive whole: give them back */
             for (uint32_t i = 0; i < h.count; i++)

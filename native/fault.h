@@ -20,6 +20,9 @@
 /* ... but never for longer than this at a time (a reply that never comes must
  * not stop the push). */
 #define MG_YIELD_MAX_US 5000
+/* ... and the demand receiver polls for a large reply this long before it
+ * sleeps. */
+#define MG_SPIN_US 300
 
 /* Bitmaps: arrays of uint64_t words, bit i = page i. Set/claim are atomic so the
  * fault loop may read while placement writes. */
