@@ -63,7 +63,9 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
         run = _pick(results, backing="tmpfs", pattern="idle", vcpus=1, content=content, placement="continue")
         if run:
             r[key] = _div(run.get("push_gbps") or run["ram_gbps"], tcp)
-            src[key] = run["scenario"] + " guest RAM / dest push_s (push channel open to last page)"
+            reps = run.get("push_gbps_reps")
+            src[key] = (run["scenario"] + " guest RAM / dest push_s (push channel open to last page)"
+                        + (f", best of {', '.join(str(x) for x in reps)} GB/s" if reps else ""))
     c2, p2 = f.get("c_continue_2m"), f.get("c_copy_2m")
     if c2 and p2:
         r["huge_continue_vs_copy"] = _div(p2.get("ioctl_p50_us_min", p2["ioctl_p50_us"]),

@@ -386,6 +386,25 @@ def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = N
     return rec
 
 
+PUSH_REPS = 3
+
+
+def measure_push(sc: Scenario, images: Images, log=print, profile_dir: str | None = None) -> dict:
+    """An idle-guest scenario measures the background push, against the raw
+    TCP floor, which is the best of its repetitions: so is this (PUSH_REPS
+    runs; every run's push GB/s is kept in push_gbps_reps, and a run that
+    fails is the result)."""
+    runs = []
+    for i in range(PUSH_REPS):
+        rec = measure(sc, images, log, profile_dir if i == 0 else None)
+        if not rec.get("ok"):
+            return rec
+        runs.append(rec)
+    best = max(runs, key=lambda r: r.get("push_gbps") or 0)
+    best["push_gbps_reps"] = [r.get("push_gbps") for r in runs]
+    return best
+
+
 def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, profile_root: str | None = None) -> list[dict]:
     images = Images()
     results = []
@@ -396,7 +415,8 @@ def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, pr
             log(f"scenario {i + 1}/{len(order)}: {sc.name}")
             pdir = os.path.join(profile_root, sc.name) if profile and sc.name in profile and profile_root else None
             try:
-                results.append(measure(sc, images, log, pdir))
+                results.append(measure_push(sc, images, log, pdir) if sc.pattern == "idle"
+                               else measure(sc, images, log, pdir))
             except Exception as e:  # noqa: BLE001 - one broken scenario must not end the run
                 log(f"  {sc.name}: ERROR {type(e).__name__}: {e}")
                 results.append({"scenario": sc.name, **asdict(sc), "page_size": sc.page_size, "ok": False, "error": f"{type(e).__name__}: {e}"})
