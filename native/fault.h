@@ -81,7 +81,7 @@ struct mg_space {
     struct mg_inflight *inflight;   /* MG_INFLIGHT slots */
     uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
     const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
-    int ram_fd;             /* the RAM file, for pwritev on shmem (-1: write through the alias) */
+    int ram_fd;             /* the RAM file, for pwritev on shmem when not prepared (-1: the alias) */
     int prepared;           /* every page is allocated and the alias is mapped: write through it */
     int zero_fresh;         /* pages never claimed read as zero: a zero page needs no write */
     uint32_t demand_waiting; /* demand requests in the inflight table (atomic) */
