@@ -55,13 +55,17 @@ def run(args) -> int:
         "throughput_gbps": round(size / secs / 1e9, 3) if secs else None,
         "wire_bytes": s.get("wire_bytes"),
         "seconds": secs,
+        "prepare_s": d.get("prepare_s"),
         "exit_codes": {"dest": out["dest_rc"], "guestsim": out["guest_rc"], "source": out["source_rc"]},
     }
     if args.json:
         print(json.dumps({"event": "summary", **summary}))
     else:
+        prep = summary["prepare_s"]
+        prep_line = (f"  (before the source started, the destination allocated the guest's RAM in {prep} s)\n"
+                     if prep is not None else "")
         print(f"""migrated {fmt_size(size)} ({args.backing}, {summary['pages_total']} pages of {fmt_size(ps)}) in {secs} s
-  pages by how they arrived: {summary['pages_demand']} demand, {summary['pages_pushed']} pushed, {summary['pages_zero']} zero
+{prep_line}  pages by how they arrived: {summary['pages_demand']} demand, {summary['pages_pushed']} pushed, {summary['pages_zero']} zero
   demand fault p50 {summary['fault_p50_us']} us, p99 {summary['fault_p99_us']} us (request to placement, at the agent)
   guest first-access p50 {summary['guest_access_p50_us']} us, p99 {summary['guest_access_p99_us']} us
   throughput {summary['throughput_gbps']} GB/s of guest RAM, {summary['wire_bytes']} wire bytes
