@@ -547,11 +547,6 @@ static int wait_readable(int fd, int stop_fd)
 
 /* ---- demand channel, destination side ---- */
 
-/* Reads into an iovec array until all of it is filled, watching stop_fd.
- * 1 = done; 0 = end of file before the first byte (only when clean_eof);
- * -EPIPE = end of file part way; -ESHUTDOWN; -errno. */
-/* chunked: at most MG_HOLD_CHUNK bytes per recvmsg, and should_hold (if
- * any) is asked before each */
 /* Polls fd without sleeping for up to spin_ns: 1 once it is readable, 0 if it
  * did not become readable in time. */
 static int spin_readable(int fd, uint64_t spin_ns)
@@ -565,9 +560,13 @@ static int spin_readable(int fd, uint64_t spin_ns)
     return 0;
 }
 
-/* spin: a pointer to a flag; while it is set, wait for data by polling for up
+/* Reads into an iovec array until all of it is filled, watching stop_fd.
+ * 1 = done; 0 = end of file before the first byte (only when clean_eof);
+ * -EPIPE = end of file part way; -ESHUTDOWN; -errno.
+ * chunked: at most MG_HOLD_CHUNK bytes per recvmsg, should_hold (if any) asked
+ * before each. spin: a flag; while it is set, wait for data by polling for up
  * to MG_SPIN_US before sleeping (a sleeping thread on this VM wakes 30-40 us
- * late, several times per large reply) */
+ * late, several times per large reply). */
 static int readv_chunked(int fd, int stop_fd, struct iovec *iov, int niov, int clean_eof, int chunked,
                          hold_fn should_hold, const void *ctx, const uint32_t *spin)
 {
@@ -788,7 +787,6 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
 
 /* ---- raw push channel ---- */
 
-
 struct run_header {
     uint64_t first;
     uint32_t count;
@@ -922,11 +920,11 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
     uint8_t bits[MG_PUSH_MAX_RUN / 8];
     uint8_t mine[MG_PUSH_MAX_RUN];
     struct iovec iov[MG_PUSH_MAX_RUN];
-    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY. On
-     * shmem, CONTINUE mode stages too and then pwritev()s into the RAM file: a
-     * full-page write allocates the page-cache page without zeroing it and
-     * without a fault on the alias, which is most of the cost of writing
-     * through the mapping. */
+    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY. A
+     * prepared RAM file (every page allocated, the alias mapped) takes pages
+     * straight into the alias. Otherwise, on shmem, CONTINUE mode stages too
+     * and then pwritev()s into the RAM file: a full-page write allocates the
+     * page-cache page without zeroing it and without a fault on the alias. */
     uint8_t *staging = NULL;
     int via_write = s->mode == MG_PLACE_CONTINUE && s->ram_fd >= 0 && ps == 4096 && !s->prepared;
     if (s->mode == MG_PLACE_COPY || via_write) {
