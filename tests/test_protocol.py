@@ -81,3 +81,40 @@ def test_scheduler_demand_then_locality_then_scan():
         assert not seen & set(b)
         seen |= set(b)
     assert s.remaining() == 0
+
+
+@pytest.mark.timeout(30)
+def test_push_send_buffer_follows_the_round_trip_or_what_was_asked():
+    """--push-buffer: auto keeps about 10 GB/s x RTT in flight (at least 256
+    KiB: loopback's RTT is microseconds), a size is taken as asked, kernel
+    leaves autotuning alone (the buffer stays what the kernel chose)."""
+    import socket
+
+    from migrate.source import PUSH_BUFFER_MIN, push_send_buffer, tcp_rtt_us
+
+    ls = socket.create_server(("127.0.0.1", 0))
+    try:
+        def connected():
+            c = socket.create_connection(ls.getsockname())
+            peer, _ = ls.accept()
+            peer.close()
+            return c
+
+        c = connected()
+        assert tcp_rtt_us(c) is not None and tcp_rtt_us(c) < 25_000, "loopback round trip from tcp_info"
+        assert push_send_buffer(c, None) == PUSH_BUFFER_MIN
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == PUSH_BUFFER_MIN   # the kernel doubles half
+        c.close()
+        c = connected()
+        assert push_send_buffer(c, 1 << 20) == 1 << 20
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 1 << 20
+        c.close()
+        c = connected()
+        before = c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        assert push_send_buffer(c, 0) is None
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == before
+        c.close()
+    finally:
+        ls.close()
+    from migrate.cli import _buffer
+    assert (_buffer("auto"), _buffer("kernel"), _buffer("512K")) == (None, 0, 512 << 10)
