@@ -521,6 +521,19 @@ static int iov_clip(const struct iovec *iov, int niov, size_t limit, struct iove
     return k;
 }
 
+/* Appends [p, p+len) to an iovec array, growing its last entry when p follows
+ * it. Entries before `keep` are never grown (a header that must stay apart). */
+static void iov_append(struct iovec *iov, int *niov, int keep, void *p, size_t len)
+{
+    if (*niov > keep && (uint8_t *)iov[*niov - 1].iov_base + iov[*niov - 1].iov_len == p) {
+        iov[*niov - 1].iov_len += len;
+        return;
+    }
+    iov[*niov].iov_base = p;
+    iov[*niov].iov_len = len;
+    (*niov)++;
+}
+
 /* Drops n bytes done from the front of an iovec array. */
 static void iov_advance(struct iovec **iov, int *niov, size_t n)
 {
@@ -814,14 +827,8 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
             bits[i >> 3] |= (uint8_t)(1u << (i & 7));
             continue;
         }
-        /* consecutive non-zero pages are one iovec */
-        if (niov > 2 && (uint8_t *)iov[niov - 1].iov_base + iov[niov - 1].iov_len == src)
-            iov[niov - 1].iov_len += ps;
-        else {
-            iov[niov].iov_base = src;
-            iov[niov].iov_len = ps;
-            niov++;
-        }
+        /* consecutive non-zero pages are one iovec (never the header's two) */
+        iov_append(iov, &niov, 2, src, ps);
         *payload += (int64_t)ps;
     }
     struct iovec *v = iov;
@@ -966,13 +973,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             uint8_t *dst = scratch;
             if (mine[i])
                 dst = staging ? staging + (uint64_t)i * ps : (uint8_t *)(uintptr_t)(s->alias_base + page * ps);
-            if (niov > 0 && (uint8_t *)iov[niov - 1].iov_base + iov[niov - 1].iov_len == dst)
-                iov[niov - 1].iov_len += ps;
-            else {
-                iov[niov].iov_base = dst;
-                iov[niov].iov_len = ps;
-                niov++;
-            }
+            iov_append(iov, &niov, 0, dst, ps);
         }
         struct run_hold rh = { s, h.first, h.count, mine };
         rc = readv_chunked(fd, stop_fd, iov, niov, 0, 1, hold ? run_should_hold : NULL, &rh, NULL);

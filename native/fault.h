@@ -175,9 +175,10 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
 
 /* Source: sends nruns runs of consecutive pages (runs[2i] first page,
  * runs[2i+1] count; longer runs are split at MG_PUSH_MAX_RUN) of the mapping
- * at base, straight from the mapping (writev, no gather copy). Before each run
- * it waits (at most MG_YIELD_MAX_US) while *hold is set: the demand server's
- * busy flag (NULL: never waits). Returns payload bytes sent (zero pages
+ * at base, straight from the mapping (writev, no gather copy), at most 256 KiB
+ * per syscall. hold: the demand server's busy flag; with pages larger than
+ * MG_YIELD_PAGE_SIZE each syscall first waits (at most MG_YIELD_MAX_US) while
+ * it is set (NULL: never waits). Returns payload bytes sent (zero pages
  * excluded) or -errno. */
 int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns,
                      const uint32_t *hold);
