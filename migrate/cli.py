@@ -130,8 +130,6 @@ def _device_state_settled(feeder, m, deadlines: dict, wait: float = 60.0) -> boo
     return time.monotonic() > deadlines.setdefault(m.id, time.monotonic() + wait)
 
 
-
-
 def _dest_text(s: dict) -> str:
     return (f"session {s['session']}: {s['state']}\n"
             f"  pages: {s['pages_total']} total = {s['pages_demand']} demand + {s['pages_pushed']} pushed + "

@@ -399,7 +399,8 @@ class Source:
         if not self._gate_open():
             return
         t0, done = time.monotonic(), 0
-        # large pages: hold back while the demand server writes a reply
+        # the demand server's busy flag: with large pages the push holds back
+        # while it writes a reply (C decides by page size)
         hold = ffi.addressof(self.sched.demand, "busy") if self.sched.demand is not None else ffi.NULL
         try:
             while not self.stop.is_set():
@@ -407,13 +408,14 @@ class Source:
                 runs = self.sched.next_runs()
                 if not runs:
                     break
-                done += sum(count for _, count in runs) * self.ram.page_size
+                pages = sum(count for _, count in runs)
+                done += pages * self.ram.page_size
                 rc = lib.mg_push_runs(sock.fileno(), self.ram.addr, self.ram.page_size,
                                       ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold)
                 if rc < 0:
                     raise SourceError(f"push channel: {os.strerror(-rc)}")
                 with self.count_lock:
-                    self.sent_push += sum(count for _, count in runs)
+                    self.sent_push += pages
                     self.wire_bytes += rc
             sock.shutdown(socket.SHUT_WR)   # end of stream: the destination sees EOF
         except (SourceError, OSError) as e:
