@@ -99,6 +99,14 @@ def test_serve_forever_runs_two_migrations_at_once(tmp_path, host):
         a.close()
 
 
+def wait_until_received(lm: LocalMigration, fraction: int) -> None:
+    """Until the destination reports more than 1/fraction of the pages in."""
+    while True:
+        ev = lm.dest.wait_event("progress", 60)
+        if ev["received"] > ev["pages_total"] // fraction:
+            return
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("transport", ["raw", "grpc"])
 def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, transport):
@@ -112,10 +120,7 @@ def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, t
         lm.start_dest()
         first = lm.start_source()
         lm.start_guest()
-        while True:
-            ev = lm.dest.wait_event("progress", 60)
-            if ev["received"] > ev["pages_total"] // 20:
-                break
+        wait_until_received(lm, 20)
         first.p.kill()
         first.p.wait(10)
         ev = lm.dest.wait_event("disconnected", 30)
@@ -144,10 +149,7 @@ def test_agent_killed_mid_migration_then_a_new_agent_takes_over(tmp_path, host):
         lm.start_dest()
         first_src = lm.start_source()
         lm.start_guest()
-        while True:
-            ev = lm.dest.wait_event("progress", 60)
-            if ev["received"] > ev["pages_total"] // 10:
-                break
+        wait_until_received(lm, 10)
         old = lm.dest
         old.p.kill()
         old.p.wait(10)
