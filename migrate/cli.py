@@ -151,7 +151,7 @@ def cmd_source(args) -> int:
         return 2
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
-              max_rate=args.max_rate, push_buffer=args.push_buffer)
+              max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse)
     vm = {}
     try:
         if args.qmp and not args.resume:
@@ -168,7 +168,7 @@ def cmd_source(args) -> int:
     s = {"session": res.session, "pages_total": res.pages_total, "pages_demand": f.pages_demand,
          "pages_pushed": f.pages_pushed, "pages_zero": f.pages_zero, "pages_sent_push": res.pages_sent_push,
          "pages_sent_demand": res.pages_sent_demand, "demand_requests": res.demand_requests,
-         "wire_bytes": res.wire_bytes, "seconds": round(res.seconds, 3),
+         "wire_bytes": res.wire_bytes, "demand_zero_blocks": res.zero_blocks, "seconds": round(res.seconds, 3),
          "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage()}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-rate", type=_size, default=0, metavar="BYTES",
                    help="limit the background push to BYTES of guest RAM per second, e.g. 500M (demand "
                    "faults are never held back; default: no limit)")
+    s.add_argument("--no-sparse", action="store_true",
+                   help="send large pages whole on the demand channel (default: a 2 MiB or 1 GiB page's "
+                   "all-zero 4 KiB blocks are left out when the destination accepts that)")
     s.add_argument("--push-buffer", type=_buffer, default=None, metavar="BYTES|auto|kernel",
                    help="send buffer of each push stream (default auto: about 10 GB/s x the round trip, at least "
                    "256K, and the kernel's autotuning past 4M; kernel: always the kernel's autotuning)")

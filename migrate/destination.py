@@ -264,7 +264,8 @@ class Migration:
         return pb.Welcome(version=PROTOCOL_VERSION, session_id=self.id, compression=comp,
                           received_bitmap=self.space.received.to_bytes() if received else b"",
                           batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
-                          demand_port=demand_port, demand_token=self.demand_token)
+                          demand_port=demand_port, demand_token=self.demand_token,
+                          sparse_block_size=self.space.block_size)
 
     def _demand_deadline(self, gen: int) -> None:
         if self.demand_sock is None and gen == self.source_gen:

@@ -67,6 +67,8 @@ class FaultSpace:
         self._zero_page = ffi.new("uint8_t[]", page_size)
         s.zero_page = self._zero_page
         s.ram_fd = ram_fd   # borrowed, like the alias: the owner keeps it open
+        # large pages may come as sparse demand replies (zero blocks left out)
+        s.block_size = self.block_size = lib.MG_BLOCK if page_size > lib.MG_BLOCK else 0
         s.nregions = len(regions)
         for i, r in enumerate(regions):
             s.regions[i].guest_addr = r.guest_addr
@@ -158,13 +160,25 @@ class FaultSpace:
         # each receiver has its own scratch page: COPY mode copies out of it
         rc = lib.mg_demand_receive(self._s, fd, stop_fd, ffi.new("uint8_t[]", self.page_size))
         if rc == -errno.EPROTO:
-            p, length = self._s.error_page, self._s.error_value
-            if p >= self.npages:
-                raise ProtocolError(f"demand reply names page {p}, outside the layout of {self.npages} pages "
-                                    f"of {self.page_size} bytes")
-            raise ProtocolError(f"demand reply for page {p} carries {length} bytes, expected "
-                                f"{self.page_size} (or 0 for a zero page)")
+            raise ProtocolError(self._bad_reply())
         return self._channel_end(rc)
+
+    def _bad_reply(self) -> str:
+        s = self._s
+        p, value = s.error_page, s.error_value
+        if s.error_kind == lib.MG_BAD_PAGE:
+            return f"demand reply names page {p}, outside the layout of {self.npages} pages of {self.page_size} bytes"
+        if s.error_kind == lib.MG_BAD_FLAGS:
+            if value & lib.MG_REPLY_SPARSE and not self.block_size:
+                return (f"demand reply for page {p} is sparse, but pages of {self.page_size} bytes are "
+                        f"never sent sparse")
+            return f"demand reply for page {p} has flags {value:#x}: unknown, or both zero and sparse"
+        if self.block_size:
+            nb = self.page_size // self.block_size
+            return (f"demand reply for page {p} carries {value} bytes, expected {self.page_size}, 0 for a "
+                    f"zero page, or (sparse) a {nb // 8}-byte block bitmap and {self.block_size} bytes for "
+                    f"each block it does not mark zero")
+        return f"demand reply for page {p} carries {value} bytes, expected {self.page_size} (or 0 for a zero page)"
 
     def push_receive(self, fd: int, stop_fd: int) -> int:
         """Reads raw push runs (GIL released) until EOF (0), every page received

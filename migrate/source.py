@@ -197,6 +197,7 @@ class SourceResult:
     wire_bytes: int
     seconds: float
     finish: pb.FinishReply
+    zero_blocks: int = 0        # zero blocks of large pages left out of demand replies
 
 
 class Source:
@@ -204,7 +205,8 @@ class Source:
                  batch_bytes: int = DEFAULT_BATCH_BYTES, compress: bool = True, name: str = "source",
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
                  on_session=None, transport: str = "raw", guest: str = "",
-                 push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None):
+                 push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
+                 sparse: bool = True):
         self.ram = ram
         self.target = target
         self.reporter = reporter
@@ -213,6 +215,7 @@ class Source:
         self.max_rate = max(0, max_rate)   # background bytes of guest RAM per second, all streams; 0: no limit
         self.push_buffer = push_buffer     # push stream send buffer: None auto, 0 kernel autotuning, else bytes
         self.push_buffer_set: int | None = None
+        self.sparse = sparse               # large pages' zero blocks stay off the demand channel when the destination agrees
         self.compress = compress
         self.name = name
         self.resume_session = resume_session
@@ -276,6 +279,8 @@ class Source:
         d.npages = ram.npages
         d.sent = self.sched.sent.words
         d.max_window = max(2, READAHEAD_BYTES // ram.page_size)
+        if self.sparse and welcome.sparse_block_size == lib.MG_BLOCK and ram.page_size > lib.MG_BLOCK:
+            d.block_size = lib.MG_BLOCK
         self.sched.demand = d
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         threads = [threading.Thread(target=self._demand, args=(sock, d), name="demand", daemon=True)]
@@ -329,7 +334,7 @@ class Source:
             for ch in channels:
                 ch.close()
         return SourceResult(sid, ram.npages, self.sent_push + d.readahead, d.seq, d.seq,
-                            self.wire_bytes + d.bytes, time.monotonic() - t0, fin)
+                            self.wire_bytes + d.bytes, time.monotonic() - t0, fin, d.zero_blocks)
 
     # -- streams ----------------------------------------------------------
     def _pace(self, t0: float, done: int, streams: int) -> None:

@@ -329,6 +329,17 @@ static int claim(struct mg_space *s, uint64_t page)
     return 1;
 }
 
+/* Gives back a claimed page whose bytes did not all arrive, so that a later
+ * copy places it. On a fresh file zero pages and zero blocks are never
+ * written (they read as zero already): what did arrive is wiped first, or a
+ * later sparse or zero copy would leave it in the page. */
+static void unclaim(struct mg_space *s, uint64_t page)
+{
+    if (s->mode == MG_PLACE_CONTINUE && s->zero_fresh)
+        memset((uint8_t *)(uintptr_t)(s->alias_base + page * s->page_size), 0, s->page_size);
+    mg_bitmap_clear_range(s->claimed, page, 1);
+}
+
 /* The claimed page's bytes are in the alias (or src for COPY): make it received. */
 static int finish_place(struct mg_space *s, uint64_t page, const uint8_t *src, int zero, int via)
 {
@@ -637,9 +648,51 @@ struct reply_header {
     uint32_t length;
 };
 
+static int refuse(struct mg_space *s, int kind, uint64_t page, uint64_t value)
+{
+    s->error_kind = kind;
+    s->error_page = page;
+    s->error_value = value;
+    return -EPROTO;
+}
+
+/* Reads a sparse reply's non-zero blocks into dst (bits: its block bitmap) and
+ * zeroes its zero blocks there unless they are zero already (fresh). */
+static int read_sparse(struct mg_space *s, int fd, int stop_fd, uint8_t *dst, const uint8_t *bits,
+                       struct iovec *iov, int zero_ok, const uint32_t *spin)
+{
+    uint64_t bs = s->block_size, nb = s->page_size / bs;
+    int niov = 0;
+    for (uint64_t b = 0; b < nb; b++) {
+        uint8_t *p = dst + b * bs;
+        if ((bits[b >> 3] >> (b & 7)) & 1) {
+            if (!zero_ok)
+                memset(p, 0, bs);
+            continue;
+        }
+        iov_append(iov, &niov, 0, p, bs);
+    }
+    return readv_chunked(fd, stop_fd, iov, niov, 0, 0, NULL, NULL, spin);
+}
+
+static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, uint8_t *bits,
+                          struct iovec *iov);
+
 int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
-    uint64_t ps = s->page_size;
+    uint64_t nb = s->block_size && s->page_size > s->block_size ? s->page_size / s->block_size : 0;
+    uint8_t *bits = nb ? malloc(nb / 8) : NULL;
+    struct iovec *iov = nb ? malloc((nb / 2 + 1) * sizeof(struct iovec)) : NULL;
+    int rc = nb && (!bits || !iov) ? -ENOMEM : demand_receive(s, fd, stop_fd, scratch, bits, iov);
+    free(bits);
+    free(iov);
+    return rc;
+}
+
+static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, uint8_t *bits,
+                          struct iovec *iov)
+{
+    uint64_t ps = s->page_size, nb = bits ? ps / s->block_size : 0;
     /* large pages: while a vCPU waits, poll for its reply rather than sleep */
     const uint32_t *spin = ps > MG_YIELD_PAGE_SIZE ? &s->demand_waiting : NULL;
     for (;;) {
@@ -647,22 +700,39 @@ int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
         int rc = read_full_spin(fd, stop_fd, (uint8_t *)&h, sizeof(h), spin);
         if (rc <= 0)
             return rc;
-        int zero = h.flags & 1;
-        if (h.page >= s->npages || (h.flags & ~1u) || h.length != (zero ? 0 : ps)) {
-            s->error_page = h.page;
-            s->error_value = h.length;
-            return -EPROTO;
-        }
+        int zero = h.flags & MG_REPLY_ZERO, sparse = h.flags & MG_REPLY_SPARSE;
+        if (h.page >= s->npages)
+            return refuse(s, MG_BAD_PAGE, h.page, h.length);
+        if ((h.flags & ~(uint32_t)(MG_REPLY_ZERO | MG_REPLY_SPARSE)) || (zero && sparse) || (sparse && !nb))
+            return refuse(s, MG_BAD_FLAGS, h.page, h.flags);
+        if (sparse) {
+            /* the bitmap first: the length it implies is checked before any
+             * byte of the page is read (or the page claimed) */
+            if (h.length < nb / 8)
+                return refuse(s, MG_BAD_LENGTH, h.page, h.length);
+            rc = read_full_spin(fd, stop_fd, bits, nb / 8, spin);
+            if (rc <= 0)
+                return rc == 0 ? -EPIPE : rc;
+            uint64_t zeros = 0;
+            for (uint64_t i = 0; i < nb / 8; i++)
+                zeros += (uint64_t)__builtin_popcount(bits[i]);
+            if (h.length != nb / 8 + (nb - zeros) * s->block_size)
+                return refuse(s, MG_BAD_LENGTH, h.page, h.length);
+        } else if (h.length != (zero ? 0 : ps))
+            return refuse(s, MG_BAD_LENGTH, h.page, h.length);
         int mine = claim(s, h.page);
         uint8_t *dst = scratch;
         if (mine && s->mode == MG_PLACE_CONTINUE)
             dst = (uint8_t *)(uintptr_t)(s->alias_base + h.page * ps);
-        if (!zero) {
-            rc = read_full_spin(fd, stop_fd, dst, ps, spin);
+        if (sparse || !zero) {
+            /* zero blocks need no write in a duplicate's scratch, nor in a
+             * fresh page of the alias */
+            int zero_ok = !mine || (s->mode == MG_PLACE_CONTINUE && s->zero_fresh);
+            rc = sparse ? read_sparse(s, fd, stop_fd, dst, bits, iov, zero_ok, spin)
+                        : read_full_spin(fd, stop_fd, dst, ps, spin);
             if (rc <= 0) {
-                /* a claimed page half-written: unclaim so a later copy places it */
                 if (mine)
-                    mg_bitmap_clear_range(s->claimed, h.page, 1);
+                    unclaim(s, h.page);
                 return rc == 0 ? -EPIPE : rc;
             }
         } else if (mine && s->mode == MG_PLACE_CONTINUE && !s->zero_fresh)
@@ -699,7 +769,7 @@ static int write_chunked(int fd, struct iovec *iov, int iovcnt, int chunked, con
             hold_while(hold);
             n = writev(fd, clip, iov_clip(iov, iovcnt, MG_HOLD_CHUNK, clip, 64));
         } else
-            n = writev(fd, iov, iovcnt);
+            n = writev(fd, iov, iovcnt < IOV_MAX ? iovcnt : IOV_MAX);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -715,24 +785,99 @@ static int write_full(int fd, struct iovec *iov, int iovcnt)
     return write_chunked(fd, iov, iovcnt, 0, NULL);
 }
 
-static int send_reply(struct mg_demand_src *d, uint64_t page)
+/* What a sparse reply is built in: the block bitmap and an iovec per run of
+ * non-zero blocks (after the header's and the bitmap's). */
+struct sparse_buf {
+    uint8_t *bits;
+    struct iovec *iov;
+};
+
+static int sparse_alloc(struct sparse_buf *b, uint64_t nblocks)
 {
-    const uint8_t *src = (const uint8_t *)(uintptr_t)(d->base + page * d->page_size);
-    int zero = mg_is_zero(src, d->page_size);
-    struct reply_header h = { page, zero ? 1u : 0u, zero ? 0u : (uint32_t)d->page_size };
-    struct iovec iov[2] = { { &h, sizeof(h) }, { (void *)src, zero ? 0 : d->page_size } };
-    int rc = write_full(d->fd, iov, zero ? 1 : 2);
+    b->bits = malloc(nblocks / 8 + 1);
+    b->iov = malloc((nblocks / 2 + 3) * sizeof(struct iovec));
+    return b->bits && b->iov ? 0 : -ENOMEM;
+}
+
+static void sparse_free(struct sparse_buf *b)
+{
+    free(b->bits);
+    free(b->iov);
+}
+
+static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf *sb)
+{
+    uint64_t ps = d->page_size, bs = d->block_size;
+    const uint8_t *src = (const uint8_t *)(uintptr_t)(d->base + page * ps);
+    struct reply_header h = { page, 0, (uint32_t)ps };
+    struct iovec dense[2] = { { &h, sizeof(h) }, { (void *)src, ps } };
+    struct iovec *iov = dense;
+    int niov = 2;
+    uint64_t payload = ps;
+    if (sb->iov) {
+        /* a large page: find its zero blocks */
+        uint64_t nb = ps / bs, zeros = 0;
+        memset(sb->bits, 0, nb / 8);
+        niov = 2;
+        for (uint64_t b = 0; b < nb; b++) {
+            const uint8_t *p = src + b * bs;
+            if (b + 2 < nb)
+                __builtin_prefetch(p + 2 * bs);
+            if (mg_is_zero(p, bs)) {
+                sb->bits[b >> 3] |= (uint8_t)(1u << (b & 7));
+                zeros++;
+                continue;
+            }
+            iov_append(sb->iov, &niov, 2, (void *)p, bs);
+        }
+        if (zeros == nb) {
+            h.flags = MG_REPLY_ZERO;
+            h.length = 0;
+            niov = 1;
+            payload = 0;
+        } else if (zeros) {
+            payload = (nb - zeros) * bs;
+            h.flags = MG_REPLY_SPARSE;
+            h.length = (uint32_t)(nb / 8 + payload);
+            iov = sb->iov;
+            iov[0] = dense[0];
+            iov[1].iov_base = sb->bits;
+            iov[1].iov_len = nb / 8;
+            d->zero_blocks += zeros;
+        } else
+            niov = 2;
+    } else if (mg_is_zero(src, ps)) {
+        h.flags = MG_REPLY_ZERO;
+        h.length = 0;
+        niov = 1;
+        payload = 0;
+    }
+    int rc = write_full(d->fd, iov, niov);
     if (rc < 0)
         return rc;
     set_bit(d->sent, page);
-    if (zero)
+    if (!payload)
         d->zero++;
     else
-        d->bytes += d->page_size;
+        d->bytes += payload;
     return 0;
 }
 
+static int demand_serve(struct mg_demand_src *d, int stop_fd, struct sparse_buf *sb);
+
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
+{
+    struct sparse_buf sb = { NULL, NULL };
+    if (d->block_size && d->page_size > d->block_size && sparse_alloc(&sb, d->page_size / d->block_size) < 0) {
+        sparse_free(&sb);
+        return -ENOMEM;
+    }
+    int rc = demand_serve(d, stop_fd, &sb);
+    sparse_free(&sb);
+    return rc;
+}
+
+static int demand_serve(struct mg_demand_src *d, int stop_fd, struct sparse_buf *sb)
 {
     uint64_t req[64];
     uint64_t have = 0;     /* bytes of req filled */
@@ -762,7 +907,7 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
             int big = d->page_size > MG_YIELD_PAGE_SIZE;
             if (big)
                 __atomic_store_n(&d->busy, 1, __ATOMIC_RELEASE);
-            int rc = send_reply(d, page);
+            int rc = send_reply(d, page, sb);
             if (big)
                 __atomic_store_n(&d->busy, 0, __ATOMIC_RELEASE);
             if (rc < 0)
@@ -785,7 +930,7 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
             for (uint64_t p = page + 1; p < end && have - (i + 1) * 8 < 8; p++) {
                 if (test_bit(d->sent, p))
                     continue;
-                rc = send_reply(d, p);
+                rc = send_reply(d, p, sb);
                 if (rc < 0)
                     return rc;
                 d->readahead++;
@@ -981,7 +1126,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             /* claimed pages that did not arrive whole: give them back */
             for (uint32_t i = 0; i < h.count; i++)
                 if (mine[i])
-                    mg_bitmap_clear_range(s->claimed, h.first + i, 1);
+                    unclaim(s, h.first + i);
             result = rc;
             break;
         }

@@ -24,6 +24,18 @@
  * sleeps. */
 #define MG_SPIN_US 300
 
+/* Demand reply flags. A sparse reply (pages larger than a block, when the
+ * destination offered sparse replies) leaves out the page's all-zero blocks:
+ * its length bytes are a block bitmap (page_size / MG_BLOCK bits, bit i LSB
+ * first: block i is zero and has no bytes) and then the non-zero blocks. */
+#define MG_REPLY_ZERO 1
+#define MG_REPLY_SPARSE 2
+#define MG_BLOCK 4096
+/* What was wrong with a refused demand reply (mg_space.error_kind). */
+#define MG_BAD_PAGE 1       /* page outside the layout */
+#define MG_BAD_FLAGS 2      /* unknown flags, or sparse where it cannot be */
+#define MG_BAD_LENGTH 3     /* length does not match the flags (and bitmap) */
+
 /* Bitmaps: arrays of uint64_t words, bit i = page i. Set/claim are atomic so the
  * fault loop may read while placement writes. */
 void mg_bitmap_set_range(uint64_t *map, uint64_t first, uint64_t count);
@@ -86,8 +98,10 @@ struct mg_space {
     int zero_fresh;         /* pages never claimed read as zero: a zero page needs no write */
     uint32_t demand_waiting; /* demand requests in the inflight table (atomic) */
     int finished;           /* set once every page is mapped, before the range is unregistered */
+    uint64_t block_size;    /* demand replies may be sparse in blocks of this size (0: never) */
     uint64_t error_page;    /* what a failed call was looking at */
     uint64_t error_value;
+    int error_kind;         /* MG_BAD_* for a refused demand reply */
     int nregions;
     struct mg_region regions[16];
     struct mg_fault_stats stats;
@@ -135,8 +149,9 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
 int64_t mg_demand_resend(struct mg_space *s);
 
 /* Reads demand replies from fd until EOF: a 16-byte header (u64 page, u32
- * flags: bit 0 zero page, u32 length) then length bytes, which land straight
- * in the alias mapping once the page is claimed. Each page is mapped (and its
+ * flags: MG_REPLY_ZERO, MG_REPLY_SPARSE; u32 length) then length bytes, which
+ * land straight in the alias mapping once the page is claimed (a sparse
+ * reply's zero blocks are zeroed there unless the page is fresh). Each page is mapped (and its
  * waiters woken) as soon as it is placed. Returns MG_DEMAND_COMPLETE when every
  * page has been received, 0 on EOF, -ESHUTDOWN on stop_fd, -EPROTO for a reply
  * that breaks the protocol (error_page/error_value say what), -errno. scratch
@@ -144,7 +159,8 @@ int64_t mg_demand_resend(struct mg_space *s);
 int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch);
 
 /* Source side of the demand channel: answers requests (u64 page) with replies,
- * straight from the read-only RAM mapping. Marks each page in sent (atomic),
+ * straight from the read-only RAM mapping (sparse when block_size is set, the
+ * page is larger and some but not all of its blocks are zero). Marks each page in sent (atomic),
  * and publishes the last demanded page for the push scheduler's locality. */
 struct mg_demand_src {
     int fd;
@@ -161,6 +177,8 @@ struct mg_demand_src {
     uint64_t window;        /* current readahead window (pages), grows on sequential faults */
     uint64_t max_window;    /* at most this many pages read ahead (0: no readahead) */
     uint32_t busy;          /* a demand reply of a large page is being written (push holds back) */
+    uint64_t block_size;    /* the destination takes sparse replies in blocks of this size (0: dense only) */
+    uint64_t zero_blocks;   /* zero blocks left out of sparse replies */
 };
 /* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
  * -EPROTO for a request outside the layout, -errno. */

@@ -14,6 +14,7 @@ import struct
 import grpc
 import pytest
 
+from conftest import need_backing
 from migrate.localrun import LocalMigration
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
@@ -244,3 +245,96 @@ def test_lying_demand_reply(waiting, header, message):
     demand.close()
     ch.close()
     finish_with_good_source(waiting)
+
+
+def liar_demand_channel(lm, **hello_fields):
+    """A source's session and demand channel; returns (grpc channel, socket,
+    the page the guest's first fault asked for)."""
+    ch, stub, welcome = open_session(lm, **hello_fields)
+    host = lm.address.rpartition(":")[0]
+    demand = socket.create_connection((host, welcome.demand_port), timeout=10)
+    demand.sendall(DEMAND_MAGIC + welcome.demand_token)
+    (page,) = struct.unpack("<Q", demand.recv(8, socket.MSG_WAITALL))
+    return ch, demand, page
+
+
+@pytest.mark.timeout(120)
+def test_source_gone_part_way_through_a_page_leaves_nothing_behind(waiting):
+    """A source that starts a page and goes away: the bytes it did send never
+    reach the guest. The page is all zero in the image, and on a freshly
+    allocated RAM file a zero page is not written again, so the agent must wipe
+    what arrived when it gives the page back."""
+    from migrate._binding import lib
+    from migrate.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION, ImageSpec
+    spec = ImageSpec(waiting.seed, DEFAULT_ZERO_FRACTION, DEFAULT_RANDOM_FRACTION)
+    ch, demand, asked = liar_demand_channel(waiting)
+    zero_page = next(p for p in range(NPAGES) if p != asked and
+                     lib.mg_pattern_kind(spec.seed, p, spec.zero_ppm, spec.random_ppm) == lib.MG_KIND_ZERO)
+    demand.sendall(struct.pack("<QII", zero_page, 0, 4096) + b"\xee" * 2048)   # half a page, then gone
+    demand.close()
+    waiting.dest.wait_event("disconnected", 30)
+    ch.close()
+    finish_with_good_source(waiting)   # the guest reads every byte of every page
+
+
+@pytest.mark.timeout(120)
+def test_sparse_reply_for_small_pages(waiting):
+    ch, demand, page = liar_demand_channel(waiting)
+    demand.sendall(struct.pack("<QII", page, 2, 4096) + PAGE)
+    ev = waiting.dest.wait_event("error", 30)
+    assert ev["message"] == (f"bad demand reply: demand reply for page {page} is sparse, but pages of 4096 "
+                             f"bytes are never sent sparse")
+    waiting.dest.wait_event("disconnected", 30)
+    demand.close()
+    ch.close()
+    finish_with_good_source(waiting)
+
+
+HUGE = 2 * M
+HUGE_SIZE = 32 * M
+
+
+@pytest.fixture
+def waiting_huge(tmp_path, host, huge_pages):
+    """dest + an attached guest on 2 MiB pages, no source yet."""
+    need_backing("hugetlbfs", host, huge_pages, 2 * HUGE_SIZE // HUGE)
+    lm = LocalMigration(str(tmp_path), HUGE_SIZE, backing="hugetlbfs", seed=13, pattern="random", vcpus=1)
+    lm.make_image()
+    lm.start_dest()
+    lm.start_guest()
+    yield lm
+    lm.close()
+
+
+SPARSE_BITMAP = b"\x01" + bytes(63)    # block 0 zero, the other 511 not
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("flags,length,message", [
+    (2, 64 + 4096,
+     "carries 4160 bytes, expected 2097152, 0 for a zero page, or (sparse) a 64-byte block bitmap and 4096 "
+     "bytes for each block it does not mark zero"),
+    (2, 10,
+     "carries 10 bytes, expected 2097152, 0 for a zero page, or (sparse) a 64-byte block bitmap and 4096 "
+     "bytes for each block it does not mark zero"),
+    (3, 64 + 511 * 4096, "has flags 0x3: unknown, or both zero and sparse"),
+    (8, 2 * M, "has flags 0x8: unknown, or both zero and sparse"),
+], ids=["bitmap-disagrees", "shorter-than-bitmap", "zero-and-sparse", "unknown-flag"])
+def test_lying_sparse_reply(waiting_huge, flags, length, message):
+    """Sparse replies (2 MiB pages) that do not add up: refused before a byte
+    of the page is written, and a good source finishes the migration."""
+    lm = waiting_huge
+    ch, demand, page = liar_demand_channel(lm, ram_size=HUGE_SIZE, page_size=HUGE)
+    demand.sendall(struct.pack("<QII", page, flags, length) + SPARSE_BITMAP + PAGE * 4)
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"] == f"bad demand reply: demand reply for page {page} {message}"
+    lm.dest.wait_event("disconnected", 30)
+    demand.close()
+    ch.close()
+    src = lm.start_source()
+    assert src.wait(60) == 0, src.errors() or src.stderr_lines[-5:]
+    assert lm.guest.wait(60) == 0
+    g = lm.guest.summary()
+    assert g["verified"] is True and g["mismatches"] == 0
+    assert lm.dest.wait(30) == 0
+    assert src.summary()["demand_zero_blocks"] > 0   # the good source's replies were sparse
