@@ -168,7 +168,8 @@ def cmd_source(args) -> int:
     s = {"session": res.session, "pages_total": res.pages_total, "pages_demand": f.pages_demand,
          "pages_pushed": f.pages_pushed, "pages_zero": f.pages_zero, "pages_sent_push": res.pages_sent_push,
          "pages_sent_demand": res.pages_sent_demand, "demand_requests": res.demand_requests,
-         "wire_bytes": res.wire_bytes, "demand_zero_blocks": res.zero_blocks, "seconds": round(res.seconds, 3),
+         "wire_bytes": res.wire_bytes, "demand_zero_blocks": res.zero_blocks,
+         "demand_prescanned": res.prescanned, "seconds": round(res.seconds, 3),
          "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage()}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "

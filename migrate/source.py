@@ -198,6 +198,7 @@ class SourceResult:
     seconds: float
     finish: pb.FinishReply
     zero_blocks: int = 0        # zero blocks of large pages left out of demand replies
+    prescanned: int = 0         # sparse replies whose zero blocks were found ahead of the demand
 
 
 class Source:
@@ -279,11 +280,18 @@ class Source:
         d.npages = ram.npages
         d.sent = self.sched.sent.words
         d.max_window = max(2, READAHEAD_BYTES // ram.page_size)
-        if self.sparse and welcome.sparse_block_size == lib.MG_BLOCK and ram.page_size > lib.MG_BLOCK:
-            d.block_size = lib.MG_BLOCK
         self.sched.demand = d
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         threads = [threading.Thread(target=self._demand, args=(sock, d), name="demand", daemon=True)]
+        if self.sparse and welcome.sparse_block_size == lib.MG_BLOCK and ram.page_size > lib.MG_BLOCK:
+            # large pages go without their zero blocks; finding those means
+            # reading them, so a thread does it ahead of the faults
+            d.block_size = lib.MG_BLOCK
+            self._block_bits = ffi.new("uint8_t[]", ram.npages * (ram.page_size // lib.MG_BLOCK // 8))
+            self._scanned = PageBitmap(ram.npages)
+            d.block_bits = self._block_bits
+            d.scanned = self._scanned.words
+            threads.append(threading.Thread(target=self._scan_blocks, args=(d,), name="scan", daemon=True))
         n_push = self.n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
         push_socks = []
         for i in range(n_push):
@@ -311,7 +319,7 @@ class Source:
             if self.on_session is not None:
                 self.on_session(stub, sid)
             for t in threads[1:]:
-                t.join()
+                t.join()   # the push streams (and the block scan, done long before)
             # A push channel the destination closed because every page had
             # arrived is not a failure: Finish says which it was.
             try:
@@ -334,7 +342,8 @@ class Source:
             for ch in channels:
                 ch.close()
         return SourceResult(sid, ram.npages, self.sent_push + d.readahead, d.seq, d.seq,
-                            self.wire_bytes + d.bytes, time.monotonic() - t0, fin, d.zero_blocks)
+                            self.wire_bytes + d.bytes, time.monotonic() - t0, fin, d.zero_blocks,
+                            d.prescanned)
 
     # -- streams ----------------------------------------------------------
     def _pace(self, t0: float, done: int, streams: int) -> None:
@@ -428,6 +437,17 @@ class Source:
                 return
             self.errors.append(e if isinstance(e, SourceError) else SourceError(f"push channel: {e}"))
             self.stop.set()
+
+    def _scan_blocks(self, d, chunk: int = 16) -> None:
+        """Finds the zero blocks of every large page ahead of its demand, in C
+        (GIL released). Only once the push gate is open: with QEMU, the source
+        VM is paused by then and its RAM no longer changes."""
+        if not self._gate_open():
+            return
+        for first in range(0, self.ram.npages, chunk):
+            if self.stop.is_set():
+                return
+            lib.mg_scan_blocks(d, first, chunk)
 
     def _demand(self, sock: socket.socket, d) -> None:
         """Answers demand requests in C (GIL released) until the destination

@@ -805,6 +805,35 @@ static void sparse_free(struct sparse_buf *b)
     free(b->iov);
 }
 
+/* bits (nb / 8 bytes): bit b set when block b of the page at src is all zero */
+static void scan_blocks(const uint8_t *src, uint64_t nb, uint64_t bs, uint8_t *bits)
+{
+    memset(bits, 0, nb / 8);
+    for (uint64_t b = 0; b < nb; b++) {
+        const uint8_t *p = src + b * bs;
+        if (b + 2 < nb)
+            __builtin_prefetch(p + 2 * bs);
+        if (mg_is_zero(p, bs))
+            bits[b >> 3] |= (uint8_t)(1u << (b & 7));
+    }
+}
+
+void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count)
+{
+    uint64_t ps = d->page_size, bs = d->block_size;
+    if (!d->block_bits || !bs || ps <= bs)
+        return;
+    uint64_t nb = ps / bs;
+    uint8_t bits[nb / 8];
+    for (uint64_t p = first; p < first + count && p < d->npages; p++) {
+        if (test_bit(d->scanned, p))
+            continue;
+        scan_blocks((const uint8_t *)(uintptr_t)(d->base + p * ps), nb, bs, bits);
+        memcpy(d->block_bits + p * (nb / 8), bits, nb / 8);
+        set_bit(d->scanned, p);   /* release: the bits are there before the flag */
+    }
+}
+
 static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf *sb)
 {
     uint64_t ps = d->page_size, bs = d->block_size;
@@ -815,20 +844,20 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
     int niov = 2;
     uint64_t payload = ps;
     if (sb->iov) {
-        /* a large page: find its zero blocks */
+        /* a large page: its zero blocks, found ahead or now */
         uint64_t nb = ps / bs, zeros = 0;
-        memset(sb->bits, 0, nb / 8);
+        if (d->block_bits && test_bit(d->scanned, page)) {
+            memcpy(sb->bits, d->block_bits + page * (nb / 8), nb / 8);
+            d->prescanned++;
+        } else
+            scan_blocks(src, nb, bs, sb->bits);
         niov = 2;
         for (uint64_t b = 0; b < nb; b++) {
-            const uint8_t *p = src + b * bs;
-            if (b + 2 < nb)
-                __builtin_prefetch(p + 2 * bs);
-            if (mg_is_zero(p, bs)) {
-                sb->bits[b >> 3] |= (uint8_t)(1u << (b & 7));
+            if ((sb->bits[b >> 3] >> (b & 7)) & 1) {
                 zeros++;
                 continue;
             }
-            iov_append(sb->iov, &niov, 2, (void *)p, bs);
+            iov_append(sb->iov, &niov, 2, (void *)(src + b * bs), bs);
         }
         if (zeros == nb) {
             h.flags = MG_REPLY_ZERO;

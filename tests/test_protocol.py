@@ -124,3 +124,36 @@ def test_push_send_buffer_follows_the_round_trip_or_what_was_asked():
         ls.close()
     from migrate.cli import _buffer
     assert (_buffer("auto"), _buffer("kernel"), _buffer("512K")) == (None, 0, 512 << 10)
+
+
+@pytest.mark.timeout(30)
+def test_zero_blocks_of_large_pages_are_found_ahead():
+    """mg_scan_blocks: one bit per 4 KiB block, LSB first, set exactly where the
+    block is all zero (a zero byte at either end of a block is not enough)."""
+    from migrate._binding import ffi, lib
+    from migrate.ramimage import ImageSpec
+    ps, npages, bs = 2 << 20, 3, lib.MG_BLOCK
+    nb = ps // bs
+    ram = ffi.new("uint8_t[]", ps * npages)
+    ImageSpec(5).fill(int(ffi.cast("uintptr_t", ram)), 0, ps * npages // 4096)
+    buf = ffi.buffer(ram)
+    buf[ps + 7 * bs: ps + 8 * bs] = bytes(bs)            # page 1 block 7: zero
+    buf[ps + 9 * bs: ps + 10 * bs] = bytes(bs - 1) + b"x"  # page 1 block 9: zero but its last byte
+    buf[2 * ps: 3 * ps] = bytes(ps)                      # page 2: every block zero
+    d = ffi.new("struct mg_demand_src *")
+    d.base = int(ffi.cast("uintptr_t", ram))
+    d.page_size, d.npages, d.block_size = ps, npages, bs
+    bits = ffi.new("uint8_t[]", npages * nb // 8)
+    scanned = PageBitmap(npages)
+    d.block_bits, d.scanned = bits, scanned.words
+    lib.mg_scan_blocks(d, 1, 5)   # past the end is ignored
+    assert [scanned.test(p) for p in range(npages)] == [False, True, True]
+    got = bytes(ffi.buffer(bits))
+    for p in (1, 2):
+        want = bytearray(nb // 8)
+        for b in range(nb):
+            if buf[p * ps + b * bs: p * ps + (b + 1) * bs] == bytes(bs):
+                want[b >> 3] |= 1 << (b & 7)
+        assert got[p * nb // 8:(p + 1) * nb // 8] == bytes(want), p
+    assert got[nb // 8 + 0] >> 7 & 1 and not got[nb // 8 + 1] >> 1 & 1   # blocks 7 and 9 of page 1
+    assert got[:nb // 8] == bytes(nb // 8)                               # page 0: not scanned
