@@ -9,7 +9,13 @@
  * Usage: fault_floor continue|copy 4k|2m NPAGES
  * Prints one JSON object: per-fault round trip (ns, as the faulting thread
  * sees it) and handler ioctl time, as sorted samples' percentiles, plus the
- * raw round-trip samples (for CDF plots). */
+ * raw round-trip samples (for CDF plots).
+ *
+ * With a 4th argument "dontwake" the ioctl is issued with DONTWAKE and the
+ * faulting thread is woken by a separate UFFDIO_WAKE after it, so the ioctl
+ * time is the placement alone (on these VMs waking a thread on an idle CPU
+ * costs 1-6 us of IPI that has nothing to do with placing the page); the
+ * round trip then has one more syscall in it. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
@@ -34,6 +40,7 @@
 
 static int uffd;
 static int use_copy;
+static int dontwake;
 static uint64_t page_size, npages;
 static uint8_t *guest, *src;
 static uint64_t *ioctl_ns;
@@ -65,15 +72,20 @@ static void *handler(void *arg)
         uint64_t t0 = now_ns();
         if (use_copy) {
             uint64_t off = addr - (uint64_t)(uintptr_t)guest;
-            struct uffdio_copy c = {.dst = addr, .src = (uint64_t)(uintptr_t)src + off, .len = page_size, .mode = 0};
+            struct uffdio_copy c = {.dst = addr, .src = (uint64_t)(uintptr_t)src + off, .len = page_size,
+                                    .mode = dontwake ? UFFDIO_COPY_MODE_DONTWAKE : 0};
             if (ioctl(uffd, UFFDIO_COPY, &c) < 0 && errno != EEXIST)
                 die("UFFDIO_COPY");
         } else {
-            struct uffdio_continue c = {.range = {.start = addr, .len = page_size}, .mode = 0};
+            struct uffdio_continue c = {.range = {.start = addr, .len = page_size},
+                                        .mode = dontwake ? UFFDIO_CONTINUE_MODE_DONTWAKE : 0};
             if (ioctl(uffd, UFFDIO_CONTINUE, &c) < 0 && errno != EEXIST)
                 die("UFFDIO_CONTINUE");
         }
         ioctl_ns[i] = now_ns() - t0;
+        struct uffdio_range wake = {.start = addr, .len = page_size};
+        if (dontwake && ioctl(uffd, UFFDIO_WAKE, &wake) < 0)
+            die("UFFDIO_WAKE");
     }
     return NULL;
 }
@@ -92,11 +104,12 @@ static double pct(const uint64_t *sorted, uint64_t n, double q)
 
 int main(int argc, char **argv)
 {
-    if (argc != 4) {
-        fprintf(stderr, "usage: fault_floor continue|copy 4k|2m NPAGES\n");
+    if (argc != 4 && !(argc == 5 && strcmp(argv[4], "dontwake") == 0)) {
+        fprintf(stderr, "usage: fault_floor continue|copy 4k|2m NPAGES [dontwake]\n");
         return 2;
     }
     use_copy = strcmp(argv[1], "copy") == 0;
+    dontwake = argc == 5;
     int huge = strcmp(argv[2], "2m") == 0;
     page_size = huge ? (2u << 20) : 4096;
     npages = strtoull(argv[3], NULL, 10);
