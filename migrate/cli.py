@@ -169,7 +169,8 @@ def cmd_source(args) -> int:
          "pages_pushed": f.pages_pushed, "pages_zero": f.pages_zero, "pages_sent_push": res.pages_sent_push,
          "pages_sent_demand": res.pages_sent_demand, "demand_requests": res.demand_requests,
          "wire_bytes": res.wire_bytes, "demand_zero_blocks": res.zero_blocks,
-         "demand_prescanned": res.prescanned, "seconds": round(res.seconds, 3),
+         "demand_prescanned": res.prescanned,
+         "push_zero_blocks": res.push_zero_blocks, "seconds": round(res.seconds, 3),
          "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage()}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "
@@ -268,8 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="limit the background push to BYTES of guest RAM per second, e.g. 500M (demand "
                    "faults are never held back; default: no limit)")
     s.add_argument("--no-sparse", action="store_true",
-                   help="send large pages whole on the demand channel (default: a 2 MiB or 1 GiB page's "
-                   "all-zero 4 KiB blocks are left out when the destination accepts that)")
+                   help="send large pages whole (default: a 2 MiB or 1 GiB page's all-zero 4 KiB blocks are "
+                   "left out, on the demand and raw push channels, when the destination accepts that)")
     s.add_argument("--push-buffer", type=_buffer, default=None, metavar="BYTES|auto|kernel",
                    help="send buffer of each push stream (default auto: about 10 GB/s x the round trip, at least "
                    "256K, and the kernel's autotuning past 4M; kernel: always the kernel's autotuning)")

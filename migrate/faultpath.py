@@ -185,8 +185,13 @@ class FaultSpace:
         (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad runs raise."""
         rc = lib.mg_push_receive(self._s, fd, stop_fd, ffi.new("uint8_t[]", self.page_size))
         if rc == -errno.EPROTO:
-            first, count = self._s.error_page, self._s.error_value
-            raise ProtocolError(f"push run of {count} pages at page {first} does not fit the layout of "
+            first, value = self._s.error_page, self._s.error_value
+            if self._s.error_kind == lib.MG_BAD_FLAGS:
+                if value & lib.MG_RUN_SPARSE and not self.block_size:
+                    raise ProtocolError(f"push run at page {first} is sparse, but pages of {self.page_size} "
+                                        f"bytes are never sent sparse")
+                raise ProtocolError(f"push run at page {first} has flags {value:#x}: unknown")
+            raise ProtocolError(f"push run of {value} pages at page {first} does not fit the layout of "
                                 f"{self.npages} pages (at most {lib.MG_PUSH_MAX_RUN} pages a run)")
         return self._channel_end(rc)
 

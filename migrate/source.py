@@ -199,6 +199,7 @@ class SourceResult:
     finish: pb.FinishReply
     zero_blocks: int = 0        # zero blocks of large pages left out of demand replies
     prescanned: int = 0         # sparse replies whose zero blocks were found ahead of the demand
+    push_zero_blocks: int = 0   # zero blocks of large pages left out of push runs
 
 
 class Source:
@@ -343,7 +344,7 @@ class Source:
                 ch.close()
         return SourceResult(sid, ram.npages, self.sent_push + d.readahead, d.seq, d.seq,
                             self.wire_bytes + d.bytes, time.monotonic() - t0, fin, d.zero_blocks,
-                            d.prescanned)
+                            d.prescanned, d.push_zero_blocks)
 
     # -- streams ----------------------------------------------------------
     def _pace(self, t0: float, done: int, streams: int) -> None:
@@ -416,6 +417,9 @@ class Source:
         # the demand server's busy flag: with large pages the push holds back
         # while it writes a reply (C decides by page size)
         hold = ffi.addressof(self.sched.demand, "busy") if self.sched.demand is not None else ffi.NULL
+        # large pages go sparse (zero blocks left out) as on the demand channel
+        # when the destination agreed: the demand server's struct has the scan
+        sparse = self.sched.demand if self.sched.demand is not None else ffi.NULL
         try:
             while not self.stop.is_set():
                 self._pace(t0, done, self.n_push)
@@ -425,7 +429,8 @@ class Source:
                 pages = sum(count for _, count in runs)
                 done += pages * self.ram.page_size
                 rc = lib.mg_push_runs(sock.fileno(), self.ram.addr, self.ram.page_size,
-                                      ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold)
+                                      ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold,
+                                      sparse)
                 if rc < 0:
                     raise SourceError(f"push channel: {os.strerror(-rc)}")
                 with self.count_lock:

@@ -656,10 +656,10 @@ static int refuse(struct mg_space *s, int kind, uint64_t page, uint64_t value)
     return -EPROTO;
 }
 
-/* Reads a sparse reply's non-zero blocks into dst (bits: its block bitmap) and
- * zeroes its zero blocks there unless they are zero already (fresh). */
-static int read_sparse(struct mg_space *s, int fd, int stop_fd, uint8_t *dst, const uint8_t *bits,
-                       struct iovec *iov, int zero_ok, const uint32_t *spin)
+/* The iovecs that read a sparse page's non-zero blocks into dst (bits: its
+ * block bitmap); its zero blocks are zeroed there unless zero_ok (zero
+ * already: a fresh page, or scratch that is thrown away). Returns how many. */
+static int sparse_iov(struct mg_space *s, uint8_t *dst, const uint8_t *bits, struct iovec *iov, int zero_ok)
 {
     uint64_t bs = s->block_size, nb = s->page_size / bs;
     int niov = 0;
@@ -672,6 +672,14 @@ static int read_sparse(struct mg_space *s, int fd, int stop_fd, uint8_t *dst, co
         }
         iov_append(iov, &niov, 0, p, bs);
     }
+    return niov;
+}
+
+/* Reads a sparse reply's non-zero blocks into dst (and zeroes the others). */
+static int read_sparse(struct mg_space *s, int fd, int stop_fd, uint8_t *dst, const uint8_t *bits,
+                       struct iovec *iov, int zero_ok, const uint32_t *spin)
+{
+    int niov = sparse_iov(s, dst, bits, iov, zero_ok);
     return readv_chunked(fd, stop_fd, iov, niov, 0, 0, NULL, NULL, spin);
 }
 
@@ -1017,15 +1025,75 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
     return 0;
 }
 
+/* A sparse run (MG_RUN_SPARSE): header, page bitmap, then for each non-zero
+ * page its block bitmap and its non-zero blocks, one writev per page. The
+ * bitmaps come from d's scan when it got there first. */
+static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint32_t count, int64_t *payload,
+                           const uint32_t *hold)
+{
+    uint64_t ps = d->page_size, bs = d->block_size, nb = ps / bs;
+    struct run_header h = { first, count, MG_RUN_SPARSE };
+    uint8_t pagebits[MG_PUSH_MAX_RUN / 8];
+    uint8_t *scanned = malloc((uint64_t)count * (nb / 8));
+    struct iovec *iov = malloc((nb / 2 + 2) * sizeof(struct iovec));
+    const uint8_t **bits = malloc(count * sizeof(*bits));
+    int rc = scanned && iov && bits ? 0 : -ENOMEM;
+    memset(pagebits, 0, sizeof(pagebits));
+    uint64_t zero_blocks = 0;
+    for (uint32_t i = 0; i < count && rc == 0; i++) {
+        uint64_t page = first + i;
+        if (d->block_bits && test_bit(d->scanned, page))
+            bits[i] = d->block_bits + page * (nb / 8);
+        else {
+            scan_blocks((const uint8_t *)(uintptr_t)(d->base + page * ps), nb, bs, scanned + (uint64_t)i * (nb / 8));
+            bits[i] = scanned + (uint64_t)i * (nb / 8);
+        }
+        uint64_t zeros = 0;
+        for (uint64_t k = 0; k < nb / 8; k++)
+            zeros += (uint64_t)__builtin_popcount(bits[i][k]);
+        if (zeros == nb)
+            pagebits[i >> 3] |= (uint8_t)(1u << (i & 7));
+        else
+            zero_blocks += zeros;
+    }
+    if (rc == 0) {
+        struct iovec head[2] = { { &h, sizeof(h) }, { pagebits, (count + 7) / 8 } };
+        rc = write_chunked(fd, head, 2, 1, hold);
+    }
+    for (uint32_t i = 0; i < count && rc == 0; i++) {
+        if ((pagebits[i >> 3] >> (i & 7)) & 1)
+            continue;
+        const uint8_t *src = (const uint8_t *)(uintptr_t)(d->base + (first + i) * ps);
+        int niov = 1;
+        iov[0].iov_base = (void *)bits[i];
+        iov[0].iov_len = nb / 8;
+        for (uint64_t b = 0; b < nb; b++)
+            if (!((bits[i][b >> 3] >> (b & 7)) & 1)) {
+                iov_append(iov, &niov, 1, (void *)(src + b * bs), bs);
+                *payload += (int64_t)bs;
+            }
+        rc = write_chunked(fd, iov, niov, 1, hold);
+    }
+    __atomic_fetch_add(&d->push_zero_blocks, zero_blocks, __ATOMIC_RELAXED);
+    free(scanned);
+    free(iov);
+    free(bits);
+    return rc;
+}
+
 int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns,
-                     const uint32_t *hold)
+                     const uint32_t *hold, struct mg_demand_src *sparse)
 {
     int64_t payload = 0;
+    if (sparse && !(sparse->block_size && page_size > sparse->block_size))
+        sparse = NULL;
     for (uint64_t r = 0; r < nruns; r++) {
         uint64_t first = runs[2 * r], left = runs[2 * r + 1];
         while (left) {
             uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
-            int rc = send_run(fd, base, page_size, first, count, &payload, page_size > MG_YIELD_PAGE_SIZE ? hold : NULL);
+            const uint32_t *h = page_size > MG_YIELD_PAGE_SIZE ? hold : NULL;
+            int rc = sparse ? send_sparse_run(fd, sparse, first, count, &payload, h)
+                            : send_run(fd, base, page_size, first, count, &payload, h);
             if (rc < 0)
                 return rc;
             first += count;
@@ -1095,6 +1163,43 @@ static int run_should_hold(const void *ctx)
     return 1;
 }
 
+/* Where page i of a run lands: the alias (or staging) when this receiver
+ * claimed it, else scratch (a duplicate, read and dropped). */
+static uint8_t *run_dst(struct mg_space *s, uint64_t first, uint32_t i, int mine, uint8_t *staging,
+                        uint8_t *scratch)
+{
+    if (!mine)
+        return scratch;
+    return staging ? staging + (uint64_t)i * s->page_size
+                   : (uint8_t *)(uintptr_t)(s->alias_base + (first + i) * s->page_size);
+}
+
+/* A sparse run's pages after its page bitmap: each non-zero page is its block
+ * bitmap and then its non-zero blocks (read where run_dst says, zero blocks
+ * zeroed there unless the page is fresh). blocks: scratch for the iovecs and
+ * one block bitmap. */
+static int read_sparse_run(struct mg_space *s, int fd, int stop_fd, const struct run_header *h,
+                           const uint8_t *bits, const uint8_t *mine, uint8_t *staging, uint8_t *scratch,
+                           struct sparse_buf *blocks, struct run_hold *rh)
+{
+    for (uint32_t i = 0; i < h->count; i++) {
+        if ((bits[i >> 3] >> (i & 7)) & 1)
+            continue;
+        uint64_t nb = s->page_size / s->block_size;
+        int rc = read_full(fd, stop_fd, blocks->bits, nb / 8);
+        if (rc <= 0)
+            return rc == 0 ? -EPIPE : rc;
+        uint8_t *dst = run_dst(s, h->first, i, mine[i], staging, scratch);
+        int zero_ok = !mine[i] || (s->mode == MG_PLACE_CONTINUE && !staging && s->zero_fresh);
+        rc = sparse_iov(s, dst, blocks->bits, blocks->iov, zero_ok);
+        rc = readv_chunked(fd, stop_fd, blocks->iov, rc, 0, 1,
+                           s->page_size > MG_YIELD_PAGE_SIZE ? run_should_hold : NULL, rh, NULL);
+        if (rc < 0)
+            return rc;
+    }
+    return 1;
+}
+
 int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
     uint64_t ps = s->page_size;
@@ -1113,6 +1218,15 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
         if (!staging)
             return -ENOMEM;
     }
+    struct sparse_buf sb = { NULL, NULL }, *blocks = NULL;
+    if (s->block_size && ps > s->block_size) {
+        if (sparse_alloc(&sb, ps / s->block_size) < 0) {
+            sparse_free(&sb);
+            free(staging);
+            return -ENOMEM;
+        }
+        blocks = &sb;
+    }
     const uint32_t *hold = ps > MG_YIELD_PAGE_SIZE ? &s->demand_waiting : NULL;
     int result;
     for (;;) {
@@ -1125,11 +1239,14 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             result = rc;
             break;
         }
-        if (h.count == 0 || h.count > MG_PUSH_MAX_RUN || h.flags || h.first >= s->npages ||
+        if (h.count == 0 || h.count > MG_PUSH_MAX_RUN || h.first >= s->npages ||
             h.count > s->npages - h.first) {
-            s->error_page = h.first;
-            s->error_value = h.count;
-            result = -EPROTO;
+            result = refuse(s, MG_BAD_PAGE, h.first, h.count);
+            break;
+        }
+        int sparse = h.flags & MG_RUN_SPARSE;
+        if ((h.flags & ~(uint32_t)MG_RUN_SPARSE) || (sparse && !blocks)) {
+            result = refuse(s, MG_BAD_FLAGS, h.first, h.flags);
             break;
         }
         rc = read_full(fd, stop_fd, bits, (h.count + 7) / 8);
@@ -1142,15 +1259,15 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             uint64_t page = h.first + i;
             int zero = (bits[i >> 3] >> (i & 7)) & 1;
             mine[i] = (uint8_t)claim(s, page);
-            if (zero)
+            if (zero || sparse)
                 continue;
-            uint8_t *dst = scratch;
-            if (mine[i])
-                dst = staging ? staging + (uint64_t)i * ps : (uint8_t *)(uintptr_t)(s->alias_base + page * ps);
-            iov_append(iov, &niov, 0, dst, ps);
+            iov_append(iov, &niov, 0, run_dst(s, h.first, i, mine[i], staging, scratch), ps);
         }
         struct run_hold rh = { s, h.first, h.count, mine };
-        rc = readv_chunked(fd, stop_fd, iov, niov, 0, 1, hold ? run_should_hold : NULL, &rh, NULL);
+        if (sparse)
+            rc = read_sparse_run(s, fd, stop_fd, &h, bits, mine, staging, scratch, blocks, &rh);
+        else
+            rc = readv_chunked(fd, stop_fd, iov, niov, 0, 1, hold ? run_should_hold : NULL, &rh, NULL);
         if (rc < 0) {
             /* claimed pages that did not arrive whole: give them back */
             for (uint32_t i = 0; i < h.count; i++)
@@ -1197,6 +1314,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
             break;
         }
     }
+    sparse_free(&sb);
     free(staging);
     return result;
 }

@@ -183,6 +183,7 @@ struct mg_demand_src {
                              * bytes a page), filled ahead by mg_scan_blocks (NULL: none) */
     uint64_t *scanned;      /* pages whose block_bits are filled (atomic) */
     uint64_t prescanned;    /* sparse replies sent from a bitmap filled ahead */
+    uint64_t push_zero_blocks; /* zero blocks left out of sparse push runs (atomic: every push stream adds) */
 };
 /* Fills the zero-block bitmaps of pages [first, first+count) ahead of their
  * demand (finding a 2 MiB page's zero blocks means reading them: ~50 us that a
@@ -198,23 +199,30 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
  * of (count+7)/8 bytes (bit i LSB first: page first+i is zero, no data), then
  * the non-zero pages' bytes in order. */
 #define MG_PUSH_MAX_RUN 1024
+/* Run flag (only when the destination offered sparse pages): each non-zero
+ * page comes as its block bitmap (as in a sparse demand reply) and then its
+ * non-zero blocks. */
+#define MG_RUN_SPARSE 1
 
 /* Source: sends nruns runs of consecutive pages (runs[2i] first page,
  * runs[2i+1] count; longer runs are split at MG_PUSH_MAX_RUN) of the mapping
  * at base, straight from the mapping (writev, no gather copy), at most 256 KiB
  * per syscall. hold: the demand server's busy flag; with pages larger than
  * MG_YIELD_PAGE_SIZE each syscall first waits (at most MG_YIELD_MAX_US) while
- * it is set (NULL: never waits). Returns payload bytes sent (zero pages
- * excluded) or -errno. */
+ * it is set (NULL: never waits). sparse: the demand server's struct when
+ * the destination takes sparse pages (its block bitmaps, filled ahead, are
+ * used; NULL or block_size 0: whole pages). Returns payload bytes sent (zero
+ * pages and blocks excluded) or -errno. */
 int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns,
-                     const uint32_t *hold);
+                     const uint32_t *hold, struct mg_demand_src *sparse);
 
 /* Destination: reads runs until EOF and places them: each non-zero page is
  * received straight into the alias mapping when this call claims it (into
  * scratch when it is a duplicate), zero pages are zeroed, then the run is
  * mapped with one CONTINUE. Returns MG_DEMAND_COMPLETE when every page has
- * been received, 0 on EOF, -ESHUTDOWN, -EPROTO (error_page = first page,
- * error_value = count), -errno. scratch holds page_size bytes. */
+ * been received, 0 on EOF, -ESHUTDOWN, -EPROTO (error_kind MG_BAD_PAGE:
+ * error_page = first page, error_value = count; MG_BAD_FLAGS: error_value =
+ * flags), -errno. scratch holds page_size bytes. */
 int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch);
 /* cdef-end */
 

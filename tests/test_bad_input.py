@@ -18,7 +18,7 @@ from conftest import need_backing
 from migrate.localrun import LocalMigration
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, channel
+from migrate.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 
 M = 1 << 20
 SIZE = 16 * M
@@ -249,13 +249,13 @@ def test_lying_demand_reply(waiting, header, message):
 
 def liar_demand_channel(lm, **hello_fields):
     """A source's session and demand channel; returns (grpc channel, socket,
-    the page the guest's first fault asked for)."""
+    the page the guest's first fault asked for, Welcome)."""
     ch, stub, welcome = open_session(lm, **hello_fields)
     host = lm.address.rpartition(":")[0]
     demand = socket.create_connection((host, welcome.demand_port), timeout=10)
     demand.sendall(DEMAND_MAGIC + welcome.demand_token)
     (page,) = struct.unpack("<Q", demand.recv(8, socket.MSG_WAITALL))
-    return ch, demand, page
+    return ch, demand, page, welcome
 
 
 @pytest.mark.timeout(120)
@@ -267,7 +267,7 @@ def test_source_gone_part_way_through_a_page_leaves_nothing_behind(waiting):
     from migrate._binding import lib
     from migrate.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION, ImageSpec
     spec = ImageSpec(waiting.seed, DEFAULT_ZERO_FRACTION, DEFAULT_RANDOM_FRACTION)
-    ch, demand, asked = liar_demand_channel(waiting)
+    ch, demand, asked, _ = liar_demand_channel(waiting)
     zero_page = next(p for p in range(NPAGES) if p != asked and
                      lib.mg_pattern_kind(spec.seed, p, spec.zero_ppm, spec.random_ppm) == lib.MG_KIND_ZERO)
     demand.sendall(struct.pack("<QII", zero_page, 0, 4096) + b"\xee" * 2048)   # half a page, then gone
@@ -279,7 +279,7 @@ def test_source_gone_part_way_through_a_page_leaves_nothing_behind(waiting):
 
 @pytest.mark.timeout(120)
 def test_sparse_reply_for_small_pages(waiting):
-    ch, demand, page = liar_demand_channel(waiting)
+    ch, demand, page, _ = liar_demand_channel(waiting)
     demand.sendall(struct.pack("<QII", page, 2, 4096) + PAGE)
     ev = waiting.dest.wait_event("error", 30)
     assert ev["message"] == (f"bad demand reply: demand reply for page {page} is sparse, but pages of 4096 "
@@ -324,7 +324,7 @@ def test_lying_sparse_reply(waiting_huge, flags, length, message):
     """Sparse replies (2 MiB pages) that do not add up: refused before a byte
     of the page is written, and a good source finishes the migration."""
     lm = waiting_huge
-    ch, demand, page = liar_demand_channel(lm, ram_size=HUGE_SIZE, page_size=HUGE)
+    ch, demand, page, _ = liar_demand_channel(lm, ram_size=HUGE_SIZE, page_size=HUGE)
     demand.sendall(struct.pack("<QII", page, flags, length) + SPARSE_BITMAP + PAGE * 4)
     ev = lm.dest.wait_event("error", 30)
     assert ev["message"] == f"bad demand reply: demand reply for page {page} {message}"
@@ -338,3 +338,27 @@ def test_lying_sparse_reply(waiting_huge, flags, length, message):
     assert g["verified"] is True and g["mismatches"] == 0
     assert lm.dest.wait(30) == 0
     assert src.summary()["demand_zero_blocks"] > 0   # the good source's replies were sparse
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("header,message", [
+    (struct.pack("<QII", 0, 4, 1),
+     "push run at page 0 is sparse, but pages of 4096 bytes are never sent sparse"),
+    (struct.pack("<QII", 8, 4, 2), "push run at page 8 has flags 0x2: unknown"),
+    (struct.pack("<QII", NPAGES - 2, 4, 0),
+     f"push run of 4 pages at page {NPAGES - 2} does not fit the layout of {NPAGES} pages (at most 1024 pages a run)"),
+], ids=["sparse-small-pages", "unknown-flag", "past-the-end"])
+def test_lying_push_run(waiting, header, message):
+    """A raw push run the destination cannot take: refused before any page of
+    it is claimed, the source is dropped, and a good source finishes."""
+    ch, demand, _, welcome = liar_demand_channel(waiting)
+    host = waiting.address.rpartition(":")[0]
+    push = socket.create_connection((host, welcome.demand_port), timeout=10)
+    push.sendall(PUSH_MAGIC + welcome.demand_token + header + b"\x00" + PAGE * 4)
+    ev = waiting.dest.wait_event("error", 30)
+    assert ev["message"] == f"bad push run: {message}"
+    waiting.dest.wait_event("disconnected", 30)
+    push.close()
+    demand.close()
+    ch.close()
+    finish_with_good_source(waiting)

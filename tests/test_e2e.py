@@ -57,10 +57,11 @@ def test_migrate_end_to_end(tmp_path, host, huge_pages, backing, size, pattern, 
         assert summary["fault_p50_us"] <= summary["fault_p99_us"]
     if backing != "hugetlbfs":   # 30% of 4 KiB units are zero; a 2 MiB page is never all zero
         assert d["pages_zero"] > total // 5
-    # 2 MiB pages go sparse on the demand channel (their zero 4 KiB blocks stay
+    # 2 MiB pages go sparse on both channels (their zero 4 KiB blocks stay
     # behind) unless the source is told not to; 4 KiB pages never do
-    sparse = backing == "hugetlbfs" and variant != "dense" and s["pages_sent_demand"] > 0
-    assert (s["demand_zero_blocks"] > 0) == sparse, s
+    sparse = backing == "hugetlbfs" and variant != "dense"
+    assert (s["demand_zero_blocks"] > 0) == (sparse and s["pages_sent_demand"] > 0), s
+    assert (s["demand_zero_blocks"] + s["push_zero_blocks"] > 0) == sparse, s
     # the RAM file is allocated at attach for CONTINUE placement unless told not to
     assert (d["prepare_s"] is not None) == (placement == "continue" and not noprealloc)
 
