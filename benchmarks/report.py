@@ -59,7 +59,11 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
         r["demand_p99_ratio"] = _div(dem["dest"].get("fault_p99_us"), ping)
         r["guest_demand_p50_ratio"] = _div(dem.get("guest_fault_p50_us"), ping)
         r["guest_demand_p99_ratio"] = _div(dem.get("guest_fault_p99_us"), ping)
-        src["demand_p50_ratio"] = src["demand_p99_ratio"] = dem["scenario"] + " dest fault_p50/p99_us / tcp_pingpong p50"
+        reps = dem["dest"].get("fault_p50_us_reps")
+        src["demand_p50_ratio"] = src["demand_p99_ratio"] = (
+            dem["scenario"] + " dest fault_p50/p99_us / tcp_pingpong p50"
+            + (f", best of {len(reps)} runs by p50 (p50 {', '.join(str(x) for x in reps)} us; p99 "
+               f"{', '.join(str(x) for x in dem['dest']['fault_p99_us_reps'])} us)" if reps else ""))
     for key, content in (("push_incompressible_ratio", "random"), ("push_typical_ratio", "typical")):
         run = _pick(results, backing="tmpfs", pattern="idle", vcpus=1, content=content, placement="continue")
         if run:
@@ -84,7 +88,18 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
         # the wire time of a 2 MiB page, measured: a request and a 2 MiB reply
         # between two processes over raw TCP (no userfaultfd, no push)
         r["huge_demand_vs_wire"] = _div(hd["dest"].get("fault_p50_us"), rr2)
-        src["huge_demand_vs_wire"] = hd["scenario"] + f" dest fault_p50_us / tcp_rr_2m p50 {rr2:.0f} us"
+        reps = hd["dest"].get("fault_p50_us_reps")
+        src["huge_demand_vs_wire"] = (hd["scenario"] + f" dest fault_p50_us / tcp_rr_2m p50 {rr2:.0f} us"
+                                      + (f", best of {len(reps)} runs ({', '.join(str(x) for x in reps)} us)"
+                                         if reps else ""))
+    hdr = _pick(results, backing="hugetlbfs", pattern="random", vcpus=1, content="random", placement="continue")
+    if hdr and rr2:
+        # all-random content: no zero block stays behind, the whole 2 MiB moves
+        r["huge_demand_vs_wire_random"] = _div(hdr["dest"].get("fault_p50_us"), rr2)
+        reps = hdr["dest"].get("fault_p50_us_reps")
+        src["huge_demand_vs_wire_random"] = (hdr["scenario"] + f" dest fault_p50_us / tcp_rr_2m p50 {rr2:.0f} us"
+                                             + (f", best of {len(reps)} runs ({', '.join(str(x) for x in reps)} us)"
+                                                if reps else ""))
     if hd and ping and tcp:
         # the same against a streaming estimate (ping-pong + 2 MiB at the bulk
         # rate), which a single request-reply does not reach on these hosts

@@ -77,6 +77,7 @@ def quick_set() -> list[Scenario]:
         Scenario("tmpfs", G, "idle", 1, "random", "continue"),      # push, incompressible
         Scenario("tmpfs", G, "hotset", 1, "typical", "continue"),
         Scenario("hugetlbfs", 256 << 20, "random", 1, "typical", "continue"),
+        Scenario("hugetlbfs", 256 << 20, "random", 1, "random", "continue"),   # no zero blocks to leave out
         Scenario("hugetlbfs", 256 << 20, "random", 1, "typical", "copy"),
     ]
 
@@ -387,6 +388,7 @@ def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = N
 
 
 PUSH_REPS = 3
+DEMAND_REPS = 3
 
 
 def measure_push(sc: Scenario, images: Images, log=print, profile_dir: str | None = None) -> dict:
@@ -405,6 +407,29 @@ def measure_push(sc: Scenario, images: Images, log=print, profile_dir: str | Non
     return best
 
 
+def measure_demand(sc: Scenario, images: Images, log=print, profile_dir: str | None = None) -> dict:
+    """A scenario whose demand faults a ratio holds against a floor (4 KiB or
+    2 MiB, random, 1 vCPU, CONTINUE): like every floor, the best of its
+    repetitions by fault p50 counts (DEMAND_REPS runs; each run's dest
+    fault_p50_us and fault_p99_us are kept in *_reps, and a run that fails is
+    the result). On these hosts a slow phase of a few seconds can otherwise
+    decide a ratio by landing on one side of it."""
+    runs = []
+    for i in range(DEMAND_REPS):
+        rec = measure(sc, images, log, profile_dir if i == 0 else None)
+        if not rec.get("ok"):
+            return rec
+        runs.append(rec)
+    best = min(runs, key=lambda r: r["dest"].get("fault_p50_us") or float("inf"))
+    for k in ("fault_p50_us", "fault_p99_us"):
+        best["dest"][k + "_reps"] = [r["dest"].get(k) for r in runs]
+    return best
+
+
+def feeds_demand_ratio(sc: Scenario) -> bool:
+    return (sc.pattern, sc.vcpus, sc.placement) == ("random", 1, "continue")
+
+
 def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, profile_root: str | None = None) -> list[dict]:
     images = Images()
     results = []
@@ -416,6 +441,7 @@ def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, pr
             pdir = os.path.join(profile_root, sc.name) if profile and sc.name in profile and profile_root else None
             try:
                 results.append(measure_push(sc, images, log, pdir) if sc.pattern == "idle"
+                               else measure_demand(sc, images, log, pdir) if feeds_demand_ratio(sc)
                                else measure(sc, images, log, pdir))
             except Exception as e:  # noqa: BLE001 - one broken scenario must not end the run
                 log(f"  {sc.name}: ERROR {type(e).__name__}: {e}")
