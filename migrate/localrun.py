@@ -119,7 +119,8 @@ class LocalMigration:
 
     @property
     def page_size(self) -> int:
-        return 2 << 20 if self.backing.startswith("hugetlbfs") else 4096
+        from migrate.memory import Backing
+        return Backing(self.backing).page_size
 
     def make_image(self):
         from migrate.ramimage import ImageSpec, write_image

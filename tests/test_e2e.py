@@ -177,3 +177,29 @@ def test_agent_killed_mid_migration_then_a_new_agent_takes_over(tmp_path, host):
         d = lm.dest.summary()
         assert d["state"] == "complete" and d["pages_prior"] == ev["pages_prior"]
         assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] + d["pages_prior"] == 256 * M // 4096
+
+
+@pytest.mark.timeout(240)
+def test_1gib_pages_go_sparse_on_both_channels(tmp_path, host):
+    """Two 1 GiB pages: the largest block bitmaps (32 KiB a page) and iovec
+    lists, on the demand channel and the push, and the guest verifies both."""
+    from migrate import hugepages
+    from migrate.host import HUGE_1G
+    why = host.why_not("minor_hugetlbfs")
+    if why:
+        pytest.skip(why)
+    with hugepages.reserved(2, HUGE_1G) as free:
+        if free < 2:
+            pytest.skip(f"two free 1 GiB huge pages needed, {free} could be reserved")
+        with LocalMigration(str(tmp_path), 2 * HUGE_1G, backing="hugetlbfs-1g", seed=5, pattern="random",
+                            vcpus=1) as lm:
+            lm.make_image()
+            out = lm.run(timeout=200)
+    assert "failed" not in out, out.get("failed")
+    g, d, s = out["guest"], out["dest"], out["source"]
+    assert g["verified"] is True and g["mismatches"] == 0
+    assert d["state"] == "complete" and d["pages_total"] == 2
+    assert s["pages_sent_demand"] >= 1                      # the guest's first touch waits for one
+    assert s["demand_zero_blocks"] > 0
+    # each 1 GiB page holds 262144 blocks, about 30% of them zero
+    assert s["wire_bytes"] < s["pages_sent_demand"] * HUGE_1G + s["pages_sent_push"] * HUGE_1G
