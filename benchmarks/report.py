@@ -84,22 +84,16 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
                                         "(lowest rep)")
     hd = _pick(results, backing="hugetlbfs", pattern="random", vcpus=1, content="typical", placement="continue")
     rr2 = f.get("tcp_rr_2m", {}).get("p50_us")
-    if hd and rr2:
-        # the wire time of a 2 MiB page, measured: a request and a 2 MiB reply
-        # between two processes over raw TCP (no userfaultfd, no push)
-        r["huge_demand_vs_wire"] = _div(hd["dest"].get("fault_p50_us"), rr2)
-        reps = hd["dest"].get("fault_p50_us_reps")
-        src["huge_demand_vs_wire"] = (hd["scenario"] + f" dest fault_p50_us / tcp_rr_2m p50 {rr2:.0f} us"
-                                      + (f", best of {len(reps)} runs ({', '.join(str(x) for x in reps)} us)"
-                                         if reps else ""))
-    hdr = _pick(results, backing="hugetlbfs", pattern="random", vcpus=1, content="random", placement="continue")
-    if hdr and rr2:
-        # all-random content: no zero block stays behind, the whole 2 MiB moves
-        r["huge_demand_vs_wire_random"] = _div(hdr["dest"].get("fault_p50_us"), rr2)
-        reps = hdr["dest"].get("fault_p50_us_reps")
-        src["huge_demand_vs_wire_random"] = (hdr["scenario"] + f" dest fault_p50_us / tcp_rr_2m p50 {rr2:.0f} us"
-                                             + (f", best of {len(reps)} runs ({', '.join(str(x) for x in reps)} us)"
-                                                if reps else ""))
+    # the wire time of a 2 MiB page, measured: a request and a 2 MiB reply
+    # between two processes over raw TCP (no userfaultfd, no push); with
+    # all-random content no zero block stays behind and the whole 2 MiB moves
+    for key, content in (("huge_demand_vs_wire", "typical"), ("huge_demand_vs_wire_random", "random")):
+        run = _pick(results, backing="hugetlbfs", pattern="random", vcpus=1, content=content, placement="continue")
+        if run and rr2:
+            r[key] = _div(run["dest"].get("fault_p50_us"), rr2)
+            reps = run["dest"].get("fault_p50_us_reps")
+            src[key] = (run["scenario"] + f" dest fault_p50_us / tcp_rr_2m p50 {rr2:.0f} us"
+                        + (f", best of {len(reps)} runs ({', '.join(str(x) for x in reps)} us)" if reps else ""))
     if hd and ping and tcp:
         # the same against a streaming estimate (ping-pong + 2 MiB at the bulk
         # rate), which a single request-reply does not reach on these hosts

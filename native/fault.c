@@ -559,6 +559,33 @@ static void iov_advance(struct iovec **iov, int *niov, size_t n)
     }
 }
 
+/* ---- sparse pages: a large page's all-zero blocks stay off the wire ---- */
+
+/* Bits set in n bytes of a bitmap. */
+static uint64_t bits_set(const uint8_t *bits, uint64_t n)
+{
+    uint64_t k = 0;
+    for (uint64_t i = 0; i < n; i++)
+        k += (uint64_t)__builtin_popcount(bits[i]);
+    return k;
+}
+
+/* Appends an iovec per run of non-zero blocks of the page at p (bits: its
+ * block bitmap, bit b set when block b is zero; nb blocks of bs bytes) after
+ * the first `keep` entries. zero_fill: also zero the zero blocks at p. */
+static void block_iov(uint8_t *p, const uint8_t *bits, uint64_t nb, uint64_t bs, struct iovec *iov, int *niov,
+                      int keep, int zero_fill)
+{
+    for (uint64_t b = 0; b < nb; b++) {
+        if ((bits[b >> 3] >> (b & 7)) & 1) {
+            if (zero_fill)
+                memset(p + b * bs, 0, bs);
+            continue;
+        }
+        iov_append(iov, niov, keep, p + b * bs, bs);
+    }
+}
+
 /* Blocks until fd is readable: 0, -ESHUTDOWN when stop_fd fired, or -errno. */
 static int wait_readable(int fd, int stop_fd)
 {
@@ -656,31 +683,15 @@ static int refuse(struct mg_space *s, int kind, uint64_t page, uint64_t value)
     return -EPROTO;
 }
 
-/* The iovecs that read a sparse page's non-zero blocks into dst (bits: its
- * block bitmap); its zero blocks are zeroed there unless zero_ok (zero
- * already: a fresh page, or scratch that is thrown away). Returns how many. */
-static int sparse_iov(struct mg_space *s, uint8_t *dst, const uint8_t *bits, struct iovec *iov, int zero_ok)
-{
-    uint64_t bs = s->block_size, nb = s->page_size / bs;
-    int niov = 0;
-    for (uint64_t b = 0; b < nb; b++) {
-        uint8_t *p = dst + b * bs;
-        if ((bits[b >> 3] >> (b & 7)) & 1) {
-            if (!zero_ok)
-                memset(p, 0, bs);
-            continue;
-        }
-        iov_append(iov, &niov, 0, p, bs);
-    }
-    return niov;
-}
-
-/* Reads a sparse reply's non-zero blocks into dst (and zeroes the others). */
+/* Reads a sparse page's non-zero blocks into dst (bits: its block bitmap) and
+ * zeroes its zero blocks there unless zero_ok (zero already: a fresh page,
+ * or scratch that is thrown away). hold/ctx: as readv_chunked's (the push). */
 static int read_sparse(struct mg_space *s, int fd, int stop_fd, uint8_t *dst, const uint8_t *bits,
-                       struct iovec *iov, int zero_ok, const uint32_t *spin)
+                       struct iovec *iov, int zero_ok, const uint32_t *spin, hold_fn hold, const void *ctx)
 {
-    int niov = sparse_iov(s, dst, bits, iov, zero_ok);
-    return readv_chunked(fd, stop_fd, iov, niov, 0, 0, NULL, NULL, spin);
+    int niov = 0;
+    block_iov(dst, bits, s->page_size / s->block_size, s->block_size, iov, &niov, 0, !zero_ok);
+    return readv_chunked(fd, stop_fd, iov, niov, 0, hold != NULL, hold, ctx, spin);
 }
 
 static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, uint8_t *bits,
@@ -721,10 +732,7 @@ static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scra
             rc = read_full_spin(fd, stop_fd, bits, nb / 8, spin);
             if (rc <= 0)
                 return rc == 0 ? -EPIPE : rc;
-            uint64_t zeros = 0;
-            for (uint64_t i = 0; i < nb / 8; i++)
-                zeros += (uint64_t)__builtin_popcount(bits[i]);
-            if (h.length != nb / 8 + (nb - zeros) * s->block_size)
+            if (h.length != nb / 8 + (nb - bits_set(bits, nb / 8)) * s->block_size)
                 return refuse(s, MG_BAD_LENGTH, h.page, h.length);
         } else if (h.length != (zero ? 0 : ps))
             return refuse(s, MG_BAD_LENGTH, h.page, h.length);
@@ -736,7 +744,7 @@ static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scra
             /* zero blocks need no write in a duplicate's scratch, nor in a
              * fresh page of the alias */
             int zero_ok = !mine || (s->mode == MG_PLACE_CONTINUE && s->zero_fresh);
-            rc = sparse ? read_sparse(s, fd, stop_fd, dst, bits, iov, zero_ok, spin)
+            rc = sparse ? read_sparse(s, fd, stop_fd, dst, bits, iov, zero_ok, spin, NULL, NULL)
                         : read_full_spin(fd, stop_fd, dst, ps, spin);
             if (rc <= 0) {
                 if (mine)
@@ -853,20 +861,14 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
     uint64_t payload = ps;
     if (sb->iov) {
         /* a large page: its zero blocks, found ahead or now */
-        uint64_t nb = ps / bs, zeros = 0;
+        uint64_t nb = ps / bs;
         if (d->block_bits && test_bit(d->scanned, page)) {
             memcpy(sb->bits, d->block_bits + page * (nb / 8), nb / 8);
             d->prescanned++;
         } else
             scan_blocks(src, nb, bs, sb->bits);
-        niov = 2;
-        for (uint64_t b = 0; b < nb; b++) {
-            if ((sb->bits[b >> 3] >> (b & 7)) & 1) {
-                zeros++;
-                continue;
-            }
-            iov_append(sb->iov, &niov, 2, (void *)(src + b * bs), bs);
-        }
+        uint64_t zeros = bits_set(sb->bits, nb / 8);
+        block_iov((uint8_t *)src, sb->bits, nb, bs, sb->iov, &niov, 2, 0);
         if (zeros == nb) {
             h.flags = MG_REPLY_ZERO;
             h.length = 0;
@@ -1034,10 +1036,10 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
     uint64_t ps = d->page_size, bs = d->block_size, nb = ps / bs;
     struct run_header h = { first, count, MG_RUN_SPARSE };
     uint8_t pagebits[MG_PUSH_MAX_RUN / 8];
-    uint8_t *scanned = malloc((uint64_t)count * (nb / 8));
+    uint8_t *found = malloc((uint64_t)count * (nb / 8));   /* bitmaps of pages the scan had not reached */
     struct iovec *iov = malloc((nb / 2 + 2) * sizeof(struct iovec));
     const uint8_t **bits = malloc(count * sizeof(*bits));
-    int rc = scanned && iov && bits ? 0 : -ENOMEM;
+    int rc = found && iov && bits ? 0 : -ENOMEM;
     memset(pagebits, 0, sizeof(pagebits));
     uint64_t zero_blocks = 0;
     for (uint32_t i = 0; i < count && rc == 0; i++) {
@@ -1045,12 +1047,10 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
         if (d->block_bits && test_bit(d->scanned, page))
             bits[i] = d->block_bits + page * (nb / 8);
         else {
-            scan_blocks((const uint8_t *)(uintptr_t)(d->base + page * ps), nb, bs, scanned + (uint64_t)i * (nb / 8));
-            bits[i] = scanned + (uint64_t)i * (nb / 8);
+            scan_blocks((const uint8_t *)(uintptr_t)(d->base + page * ps), nb, bs, found + (uint64_t)i * (nb / 8));
+            bits[i] = found + (uint64_t)i * (nb / 8);
         }
-        uint64_t zeros = 0;
-        for (uint64_t k = 0; k < nb / 8; k++)
-            zeros += (uint64_t)__builtin_popcount(bits[i][k]);
+        uint64_t zeros = bits_set(bits[i], nb / 8);
         if (zeros == nb)
             pagebits[i >> 3] |= (uint8_t)(1u << (i & 7));
         else
@@ -1063,19 +1063,15 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
     for (uint32_t i = 0; i < count && rc == 0; i++) {
         if ((pagebits[i >> 3] >> (i & 7)) & 1)
             continue;
-        const uint8_t *src = (const uint8_t *)(uintptr_t)(d->base + (first + i) * ps);
         int niov = 1;
         iov[0].iov_base = (void *)bits[i];
         iov[0].iov_len = nb / 8;
-        for (uint64_t b = 0; b < nb; b++)
-            if (!((bits[i][b >> 3] >> (b & 7)) & 1)) {
-                iov_append(iov, &niov, 1, (void *)(src + b * bs), bs);
-                *payload += (int64_t)bs;
-            }
+        block_iov((uint8_t *)(uintptr_t)(d->base + (first + i) * ps), bits[i], nb, bs, iov, &niov, 1, 0);
+        *payload += (int64_t)((nb - bits_set(bits[i], nb / 8)) * bs);
         rc = write_chunked(fd, iov, niov, 1, hold);
     }
     __atomic_fetch_add(&d->push_zero_blocks, zero_blocks, __ATOMIC_RELAXED);
-    free(scanned);
+    free(found);
     free(iov);
     free(bits);
     return rc;
@@ -1191,9 +1187,8 @@ static int read_sparse_run(struct mg_space *s, int fd, int stop_fd, const struct
             return rc == 0 ? -EPIPE : rc;
         uint8_t *dst = run_dst(s, h->first, i, mine[i], staging, scratch);
         int zero_ok = !mine[i] || (s->mode == MG_PLACE_CONTINUE && !staging && s->zero_fresh);
-        rc = sparse_iov(s, dst, blocks->bits, blocks->iov, zero_ok);
-        rc = readv_chunked(fd, stop_fd, blocks->iov, rc, 0, 1,
-                           s->page_size > MG_YIELD_PAGE_SIZE ? run_should_hold : NULL, rh, NULL);
+        rc = read_sparse(s, fd, stop_fd, dst, blocks->bits, blocks->iov, zero_ok, NULL,
+                         s->page_size > MG_YIELD_PAGE_SIZE ? run_should_hold : NULL, rh);
         if (rc < 0)
             return rc;
     }
