@@ -266,28 +266,57 @@ def _profile(outdir: str, dest_pid: int, source_pid: int) -> list:
 
 
 # -- images ---------------------------------------------------------------------
+class ImageError(RuntimeError):
+    pass
+
+
 class Images:
-    """One RAM image per (size, content), shared by the scenarios that need it."""
+    """One RAM image per (size, content, kind of page), shared by the scenarios
+    that need it. The source of a VM whose RAM is on hugetlbfs has its RAM on
+    hugetlbfs too: the image of a hugetlbfs scenario is a MFD_HUGETLB memfd,
+    which the source opens by its /proc path, on huge pages reserved for it
+    until it is dropped; the others live in /dev/shm."""
 
     def __init__(self):
         self.paths: dict[tuple, str] = {}
+        self.held: dict[tuple, contextlib.ExitStack] = {}
+
+    @staticmethod
+    def key(sc: Scenario) -> tuple:
+        return sc.size, sc.content, sc.page_size
 
     def get(self, sc: Scenario) -> str:
         from migrate.ramimage import ImageSpec, write_image
-        key = (sc.size, sc.content)
+        key = self.key(sc)
         if key not in self.paths:
             zero, rand = CONTENT[sc.content]
             kw = {k: v for k, v in (("zero_fraction", zero), ("random_fraction", rand)) if v is not None}
-            path = f"/dev/shm/migrate-bench-{os.getpid()}-{_fmt(sc.size)}-{sc.content}"
-            write_image(path, sc.size, ImageSpec(SEED, **kw))
+            name = f"migrate-bench-{os.getpid()}-{_fmt(sc.size)}-{sc.content}"
+            if sc.page_size == HUGE:
+                held = contextlib.ExitStack()
+                need = sc.size // HUGE
+                if held.enter_context(hugepages.reserved(need)) < need:
+                    held.close()
+                    raise ImageError(f"{need} free 2 MiB huge pages needed for the source image")
+                fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
+                held.callback(os.close, fd)
+                self.held[key] = held
+                path = f"/proc/{os.getpid()}/fd/{fd}"
+            else:
+                path = f"/dev/shm/{name}"
             self.paths[key] = path
+            write_image(path, sc.size, ImageSpec(SEED, **kw))
         return self.paths[key]
 
     def drop_except(self, keep: set):
         for key in list(self.paths):
             if key not in keep:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.paths.pop(key))
+                path = self.paths.pop(key)
+                if key in self.held:
+                    self.held.pop(key).close()   # the memfd, then its huge pages
+                else:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
 
     def close(self):
         self.drop_except(set())
@@ -325,11 +354,15 @@ def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = N
             source_args: tuple = ()) -> dict:
     need_huge = sc.size // HUGE if sc.backing == "hugetlbfs" else 0
     rec = {"scenario": sc.name, **asdict(sc), "page_size": sc.page_size}
+    try:
+        image = images.get(sc)   # first: it holds huge pages of its own
+    except ImageError as e:
+        rec["skipped"] = str(e)
+        return rec
     with hugepages.reserved(need_huge) as free:
         if need_huge and free < need_huge:
             rec["skipped"] = f"{need_huge} free 2 MiB huge pages needed, {free} available"
             return rec
-        image = images.get(sc)
         work = tempfile.mkdtemp(prefix="migrate-bench-")
         try:
             with BenchMigration(work, sc, image, source_args) as lm:
@@ -448,7 +481,7 @@ def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, pr
             except Exception as e:  # noqa: BLE001 - one broken scenario must not end the run
                 log(f"  {sc.name}: ERROR {type(e).__name__}: {e}")
                 results.append({"scenario": sc.name, **asdict(sc), "page_size": sc.page_size, "ok": False, "error": f"{type(e).__name__}: {e}"})
-            images.drop_except({(s.size, s.content) for s in order[i + 1:]})
+            images.drop_except({images.key(s) for s in order[i + 1:]})
     finally:
         images.close()
     return results
