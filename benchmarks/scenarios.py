@@ -305,7 +305,11 @@ class Images:
             else:
                 path = f"/dev/shm/{name}"
             self.paths[key] = path
-            write_image(path, sc.size, ImageSpec(SEED, **kw))
+            try:
+                write_image(path, sc.size, ImageSpec(SEED, **kw))
+            except BaseException:
+                self.drop_except({k for k in self.paths if k != key})   # no half-written image stays listed
+                raise
         return self.paths[key]
 
     def drop_except(self, keep: set):

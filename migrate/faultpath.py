@@ -67,7 +67,7 @@ class FaultSpace:
         self._zero_page = ffi.new("uint8_t[]", page_size)
         s.zero_page = self._zero_page
         s.ram_fd = ram_fd   # borrowed, like the alias: the owner keeps it open
-        # large pages may come as sparse demand replies (zero blocks left out)
+        # large pages may come sparse (zero blocks left out), on both channels
         s.block_size = self.block_size = lib.MG_BLOCK if page_size > lib.MG_BLOCK else 0
         s.nregions = len(regions)
         for i, r in enumerate(regions):
@@ -170,8 +170,7 @@ class FaultSpace:
             return f"demand reply names page {p}, outside the layout of {self.npages} pages of {self.page_size} bytes"
         if s.error_kind == lib.MG_BAD_FLAGS:
             if value & lib.MG_REPLY_SPARSE and not self.block_size:
-                return (f"demand reply for page {p} is sparse, but pages of {self.page_size} bytes are "
-                        f"never sent sparse")
+                return self._never_sparse(f"demand reply for page {p}")
             return f"demand reply for page {p} has flags {value:#x}: unknown, or both zero and sparse"
         if self.block_size:
             nb = self.page_size // self.block_size
@@ -188,12 +187,14 @@ class FaultSpace:
             first, value = self._s.error_page, self._s.error_value
             if self._s.error_kind == lib.MG_BAD_FLAGS:
                 if value & lib.MG_RUN_SPARSE and not self.block_size:
-                    raise ProtocolError(f"push run at page {first} is sparse, but pages of {self.page_size} "
-                                        f"bytes are never sent sparse")
+                    raise ProtocolError(self._never_sparse(f"push run at page {first}"))
                 raise ProtocolError(f"push run at page {first} has flags {value:#x}: unknown")
             raise ProtocolError(f"push run of {value} pages at page {first} does not fit the layout of "
                                 f"{self.npages} pages (at most {lib.MG_PUSH_MAX_RUN} pages a run)")
         return self._channel_end(rc)
+
+    def _never_sparse(self, what: str) -> str:
+        return f"{what} is sparse, but pages of {self.page_size} bytes are never sent sparse"
 
     def _channel_end(self, rc: int) -> int:
         """How a channel receiver ended, for both channels: a peer that went

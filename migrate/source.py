@@ -217,7 +217,7 @@ class Source:
         self.max_rate = max(0, max_rate)   # background bytes of guest RAM per second, all streams; 0: no limit
         self.push_buffer = push_buffer     # push stream send buffer: None auto, 0 kernel autotuning, else bytes
         self.push_buffer_set: int | None = None
-        self.sparse = sparse               # large pages' zero blocks stay off the demand channel when the destination agrees
+        self.sparse = sparse               # large pages' zero blocks stay off the wire when the destination agrees
         self.compress = compress
         self.name = name
         self.resume_session = resume_session

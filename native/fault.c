@@ -570,6 +570,26 @@ static uint64_t bits_set(const uint8_t *bits, uint64_t n)
     return k;
 }
 
+/* Room for one large page's block bitmap and its iovecs: one per run of
+ * non-zero blocks, plus up to three more (a header, a bitmap). */
+struct sparse_buf {
+    uint8_t *bits;
+    struct iovec *iov;
+};
+
+static int sparse_alloc(struct sparse_buf *b, uint64_t nblocks)
+{
+    b->bits = malloc(nblocks / 8 + 1);
+    b->iov = malloc((nblocks / 2 + 3) * sizeof(struct iovec));
+    return b->bits && b->iov ? 0 : -ENOMEM;
+}
+
+static void sparse_free(struct sparse_buf *b)
+{
+    free(b->bits);
+    free(b->iov);
+}
+
 /* Appends an iovec per run of non-zero blocks of the page at p (bits: its
  * block bitmap, bit b set when block b is zero; nb blocks of bs bytes) after
  * the first `keep` entries. zero_fill: also zero the zero blocks at p. */
@@ -694,24 +714,22 @@ static int read_sparse(struct mg_space *s, int fd, int stop_fd, uint8_t *dst, co
     return readv_chunked(fd, stop_fd, iov, niov, 0, hold != NULL, hold, ctx, spin);
 }
 
-static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, uint8_t *bits,
-                          struct iovec *iov);
+static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, struct sparse_buf *sb);
 
 int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
-    uint64_t nb = s->block_size && s->page_size > s->block_size ? s->page_size / s->block_size : 0;
-    uint8_t *bits = nb ? malloc(nb / 8) : NULL;
-    struct iovec *iov = nb ? malloc((nb / 2 + 1) * sizeof(struct iovec)) : NULL;
-    int rc = nb && (!bits || !iov) ? -ENOMEM : demand_receive(s, fd, stop_fd, scratch, bits, iov);
-    free(bits);
-    free(iov);
+    struct sparse_buf sb = { NULL, NULL };
+    int rc = s->block_size && s->page_size > s->block_size ? sparse_alloc(&sb, s->page_size / s->block_size) : 0;
+    if (rc == 0)
+        rc = demand_receive(s, fd, stop_fd, scratch, &sb);
+    sparse_free(&sb);
     return rc;
 }
 
-static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, uint8_t *bits,
-                          struct iovec *iov)
+static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, struct sparse_buf *sb)
 {
-    uint64_t ps = s->page_size, nb = bits ? ps / s->block_size : 0;
+    uint64_t ps = s->page_size, nb = sb->bits ? ps / s->block_size : 0;
+    uint8_t *bits = sb->bits;
     /* large pages: while a vCPU waits, poll for its reply rather than sleep */
     const uint32_t *spin = ps > MG_YIELD_PAGE_SIZE ? &s->demand_waiting : NULL;
     for (;;) {
@@ -744,7 +762,7 @@ static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scra
             /* zero blocks need no write in a duplicate's scratch, nor in a
              * fresh page of the alias */
             int zero_ok = !mine || (s->mode == MG_PLACE_CONTINUE && s->zero_fresh);
-            rc = sparse ? read_sparse(s, fd, stop_fd, dst, bits, iov, zero_ok, spin, NULL, NULL)
+            rc = sparse ? read_sparse(s, fd, stop_fd, dst, bits, sb->iov, zero_ok, spin, NULL, NULL)
                         : read_full_spin(fd, stop_fd, dst, ps, spin);
             if (rc <= 0) {
                 if (mine)
@@ -801,26 +819,6 @@ static int write_full(int fd, struct iovec *iov, int iovcnt)
     return write_chunked(fd, iov, iovcnt, 0, NULL);
 }
 
-/* What a sparse reply is built in: the block bitmap and an iovec per run of
- * non-zero blocks (after the header's and the bitmap's). */
-struct sparse_buf {
-    uint8_t *bits;
-    struct iovec *iov;
-};
-
-static int sparse_alloc(struct sparse_buf *b, uint64_t nblocks)
-{
-    b->bits = malloc(nblocks / 8 + 1);
-    b->iov = malloc((nblocks / 2 + 3) * sizeof(struct iovec));
-    return b->bits && b->iov ? 0 : -ENOMEM;
-}
-
-static void sparse_free(struct sparse_buf *b)
-{
-    free(b->bits);
-    free(b->iov);
-}
-
 /* bits (nb / 8 bytes): bit b set when block b of the page at src is all zero */
 static void scan_blocks(const uint8_t *src, uint64_t nb, uint64_t bs, uint8_t *bits)
 {
@@ -840,14 +838,24 @@ void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count)
     if (!d->block_bits || !bs || ps <= bs)
         return;
     uint64_t nb = ps / bs;
-    uint8_t bits[nb / 8];
     for (uint64_t p = first; p < first + count && p < d->npages; p++) {
         if (test_bit(d->scanned, p))
             continue;
-        scan_blocks((const uint8_t *)(uintptr_t)(d->base + p * ps), nb, bs, bits);
-        memcpy(d->block_bits + p * (nb / 8), bits, nb / 8);
+        /* only this thread writes block_bits; readers look after the flag */
+        scan_blocks((const uint8_t *)(uintptr_t)(d->base + p * ps), nb, bs, d->block_bits + p * (nb / 8));
         set_bit(d->scanned, p);   /* release: the bits are there before the flag */
     }
+}
+
+/* A large page's zero-block bitmap: the scan's when it got there first, else
+ * found now into scratch (nb / 8 bytes). */
+static uint8_t *page_block_bits(struct mg_demand_src *d, uint64_t page, uint8_t *scratch)
+{
+    uint64_t nb = d->page_size / d->block_size;
+    if (d->block_bits && test_bit(d->scanned, page))
+        return d->block_bits + page * (nb / 8);
+    scan_blocks((const uint8_t *)(uintptr_t)(d->base + page * d->page_size), nb, d->block_size, scratch);
+    return scratch;
 }
 
 static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf *sb)
@@ -862,13 +870,11 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
     if (sb->iov) {
         /* a large page: its zero blocks, found ahead or now */
         uint64_t nb = ps / bs;
-        if (d->block_bits && test_bit(d->scanned, page)) {
-            memcpy(sb->bits, d->block_bits + page * (nb / 8), nb / 8);
+        uint8_t *bits = page_block_bits(d, page, sb->bits);
+        if (bits != sb->bits)
             d->prescanned++;
-        } else
-            scan_blocks(src, nb, bs, sb->bits);
-        uint64_t zeros = bits_set(sb->bits, nb / 8);
-        block_iov((uint8_t *)src, sb->bits, nb, bs, sb->iov, &niov, 2, 0);
+        uint64_t zeros = bits_set(bits, nb / 8);
+        block_iov((uint8_t *)src, bits, nb, bs, sb->iov, &niov, 2, 0);
         if (zeros == nb) {
             h.flags = MG_REPLY_ZERO;
             h.length = 0;
@@ -880,7 +886,7 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
             h.length = (uint32_t)(nb / 8 + payload);
             iov = sb->iov;
             iov[0] = dense[0];
-            iov[1].iov_base = sb->bits;
+            iov[1].iov_base = bits;
             iov[1].iov_len = nb / 8;
             d->zero_blocks += zeros;
         } else
@@ -907,11 +913,9 @@ static int demand_serve(struct mg_demand_src *d, int stop_fd, struct sparse_buf 
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
 {
     struct sparse_buf sb = { NULL, NULL };
-    if (d->block_size && d->page_size > d->block_size && sparse_alloc(&sb, d->page_size / d->block_size) < 0) {
-        sparse_free(&sb);
-        return -ENOMEM;
-    }
-    int rc = demand_serve(d, stop_fd, &sb);
+    int rc = d->block_size && d->page_size > d->block_size ? sparse_alloc(&sb, d->page_size / d->block_size) : 0;
+    if (rc == 0)
+        rc = demand_serve(d, stop_fd, &sb);
     sparse_free(&sb);
     return rc;
 }
@@ -1045,18 +1049,14 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
     memset(pagebits, 0, sizeof(pagebits));
     uint64_t zero_blocks = 0;
     for (uint32_t i = 0; i < count && rc == 0; i++) {
-        uint64_t page = first + i;
-        if (d->block_bits && test_bit(d->scanned, page))
-            bits[i] = d->block_bits + page * (nb / 8);
-        else {
-            scan_blocks((const uint8_t *)(uintptr_t)(d->base + page * ps), nb, bs, found + (uint64_t)i * (nb / 8));
-            bits[i] = found + (uint64_t)i * (nb / 8);
-        }
+        bits[i] = page_block_bits(d, first + i, found + (uint64_t)i * (nb / 8));
         uint64_t zeros = bits_set(bits[i], nb / 8);
         if (zeros == nb)
             pagebits[i >> 3] |= (uint8_t)(1u << (i & 7));
-        else
+        else {
             zero_blocks += zeros;
+            *payload += (int64_t)((nb - zeros) * bs);
+        }
     }
     if (rc == 0) {
         struct iovec head[2] = { { &h, sizeof(h) }, { pagebits, (count + 7) / 8 } };
@@ -1069,7 +1069,6 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
         iov[0].iov_base = (void *)bits[i];
         iov[0].iov_len = nb / 8;
         block_iov((uint8_t *)(uintptr_t)(d->base + (first + i) * ps), bits[i], nb, bs, iov, &niov, 1, 0);
-        *payload += (int64_t)((nb - bits_set(bits[i], nb / 8)) * bs);
         rc = write_chunked(fd, iov, niov, 1, hold);
     }
     __atomic_fetch_add(&d->push_zero_blocks, zero_blocks, __ATOMIC_RELAXED);
