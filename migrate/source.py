@@ -273,6 +273,13 @@ class Source:
                             f"{ram.npages} pages, {already.count()} already there", session=sid,
                             target=self.target)
         channels = [ctl]
+        # everything allocated so far lives until the end: keep the collector
+        # from walking it again and again while the push allocates its batches.
+        # Done before any channel opens: from the demand channel on the guest
+        # runs and waits on us, and the destination times the push from its
+        # first channel.
+        gc.collect()
+        gc.freeze()
         sock = self._open_channel(welcome, DEMAND_MAGIC)
         d = ffi.new("struct mg_demand_src *")
         d.fd = sock.fileno()
@@ -295,28 +302,32 @@ class Source:
             threads.append(threading.Thread(target=self._scan_blocks, args=(d,), name="scan", daemon=True))
         n_push = self.n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
         push_socks = []
-        for i in range(n_push):
-            if self.transport == "raw":
-                ps = self._open_channel(welcome, PUSH_MAGIC)
-                push_socks.append(ps)
-                threads.append(threading.Thread(target=self._push_raw, args=(ps,), name=f"push-{i}", daemon=True))
-                continue
-            ch = channel(self.target, f"push-{i}")
-            channels.append(ch)
-            threads.append(threading.Thread(target=self._push, args=(ch, sid, compress), name=f"push-{i}",
-                                            daemon=True))
-        # everything allocated so far lives until the end: keep the collector
-        # from walking it again and again while the push allocates its batches
-        gc.collect()
-        gc.freeze()
-        if self.transport == "raw":
-            buf = self.push_buffer_set
-            self.reporter.event("push", f"{n_push} raw push streams, send buffer "
-                                f"{fmt_size(buf) if buf else 'autotuned by the kernel'}",
-                                streams=n_push, send_buffer=buf)
-        for t in threads:
-            t.start()
         try:
+            # the demand server (and the scan) start at once: the guest faults
+            # from the moment the demand channel opens; the push streams start
+            # together once their channels are open
+            for t in threads:
+                t.start()
+            pushers = []
+            for i in range(n_push):
+                if self.transport == "raw":
+                    ps = self._open_channel(welcome, PUSH_MAGIC)
+                    push_socks.append(ps)
+                    pushers.append(threading.Thread(target=self._push_raw, args=(ps,), name=f"push-{i}",
+                                                    daemon=True))
+                else:
+                    ch = channel(self.target, f"push-{i}")
+                    channels.append(ch)
+                    pushers.append(threading.Thread(target=self._push, args=(ch, sid, compress),
+                                                    name=f"push-{i}", daemon=True))
+            for t in pushers:
+                threads.append(t)
+                t.start()
+            if self.transport == "raw":
+                buf = self.push_buffer_set
+                self.reporter.event("push", f"{n_push} raw push streams, send buffer "
+                                    f"{fmt_size(buf) if buf else 'autotuned by the kernel'}",
+                                    streams=n_push, send_buffer=buf)
             if self.on_session is not None:
                 self.on_session(stub, sid)
             for t in threads[1:]:
