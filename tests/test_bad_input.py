@@ -1,7 +1,8 @@
 """Each bad input gets a clear error and loses nothing: after it, a good source
 still completes the migration and the guest verifies every byte (so nothing the
 bad peer sent was ever mapped). The broken peers here are deliberate
-(Firecracker's malicious_handler in spirit): a source that lies or sends garbage."""
+(Firecracker's malicious_handler in spirit): a source that lies or sends garbage,
+and one destination that stops answering part way through opening a session."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ import subprocess
 import sys
 import socket
 import struct
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
 
 from conftest import need_backing
+from migrate.events import Reporter
 from migrate.localrun import LocalMigration
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.source import RamImage, Source, SourceError
 
 M = 1 << 20
 SIZE = 16 * M
@@ -360,3 +365,61 @@ def test_lying_push_run(waiting, header, message):
     demand.close()
     ch.close()
     finish_with_good_source(waiting)
+
+
+@pytest.mark.timeout(60)
+def test_push_channel_refused_after_the_demand_channel(tmp_path):
+    """A destination that takes the demand channel and then lets the push
+    channel's connect go unanswered (its listen backlog is full): the source
+    says which channel failed, and the demand server it already started is
+    stopped and its socket closed (the destination reads end of file)."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)   # one connection waits to be accepted; the next SYN is dropped
+    accepted: list[socket.socket] = []
+
+    def accept_demand():
+        conn, _ = listener.accept()
+        accepted.append(conn)
+
+    class Destination(pbg.MigrationServicer):
+        def Open(self, request, context):
+            return pb.Welcome(version=PROTOCOL_VERSION, session_id="refusing", push_streams=2,
+                              demand_port=listener.getsockname()[1], demand_token=b"t" * 16)
+
+    server = grpc.server(ThreadPoolExecutor(2))
+    pbg.add_MigrationServicer_to_server(Destination(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    acceptor = threading.Thread(target=accept_demand, daemon=True)
+    acceptor.start()
+    path = tmp_path / "ram"
+    path.write_bytes(bytes(64 * 4096))
+    ram = RamImage(str(path))
+    try:
+        src = Source(ram, f"127.0.0.1:{port}", Reporter(quiet=True), connect_timeout=1.0)
+        # the error is kept (as a caller would log it), and with it the source's
+        # frames: closing the channel has to be the source's own doing
+        with pytest.raises(SourceError, match="cannot open the push channel to 127.0.0.1") as failed:
+            src.run()
+        assert not [t for t in threading.enumerate() if t.name == "demand" and t.is_alive()]
+        acceptor.join(10)
+        assert accepted, "the source never opened the demand channel"
+        demand = accepted[0]
+        demand.settimeout(10)
+        got = b""
+        while True:
+            try:
+                chunk = demand.recv(4096)
+            except TimeoutError:
+                pytest.fail("the source left its demand channel open after failing")
+            if not chunk:
+                break
+            got += chunk
+        assert got == DEMAND_MAGIC + b"t" * 16   # its hello, then end of file
+        assert failed.value is not None
+        demand.close()
+    finally:
+        ram.close()
+        listener.close()
+        server.stop(None)
