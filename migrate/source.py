@@ -275,9 +275,9 @@ class Source:
         channels = [ctl]
         # everything allocated so far lives until the end: keep the collector
         # from walking it again and again while the push allocates its batches.
-        # Done before any channel opens: from the demand channel on the guest
-        # runs and waits on us, and the destination times the push from its
-        # first channel.
+        # Done before any channel opens: once the demand channel is open the
+        # guest runs and its faults wait on this source, and the destination
+        # times the push from its first push channel.
         gc.collect()
         gc.freeze()
         sock = self._open_channel(welcome, DEMAND_MAGIC)
