@@ -1021,16 +1021,8 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
         iov_append(iov, &niov, 2, src, ps);
         *payload += (int64_t)ps;
     }
-    struct iovec *v = iov;
-    while (niov > 0) {
-        int chunk = niov < IOV_MAX ? niov : IOV_MAX;
-        int rc = write_chunked(fd, v, chunk, 1, hold);
-        if (rc < 0)
-            return rc;
-        v += chunk;
-        niov -= chunk;
-    }
-    return 0;
+    /* chunked: at most 64 iovecs and MG_HOLD_CHUNK bytes per writev */
+    return write_chunked(fd, iov, niov, 1, hold);
 }
 
 /* A sparse run (MG_RUN_SPARSE): header, page bitmap, then for each non-zero
