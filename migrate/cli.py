@@ -170,7 +170,8 @@ def cmd_source(args) -> int:
          "pages_sent_demand": res.pages_sent_demand, "demand_requests": res.demand_requests,
          "wire_bytes": res.wire_bytes, "demand_zero_blocks": res.zero_blocks,
          "demand_prescanned": res.prescanned,
-         "push_zero_blocks": res.push_zero_blocks, "seconds": round(res.seconds, 3),
+         "push_zero_blocks": res.push_zero_blocks, "hole_pages": res.hole_pages,
+         "seconds": round(res.seconds, 3),
          "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage()}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "

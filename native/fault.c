@@ -819,6 +819,13 @@ static int write_full(int fd, struct iovec *iov, int iovcnt)
     return write_chunked(fd, iov, iovcnt, 0, NULL);
 }
 
+/* a page in a hole of the source's RAM file reads as zero: no need to read it */
+static inline int in_hole(struct mg_demand_src *d, uint64_t page)
+{
+    const uint64_t *holes = __atomic_load_n(&d->holes, __ATOMIC_ACQUIRE);
+    return holes && test_bit(holes, page);
+}
+
 /* bits (nb / 8 bytes): bit b set when block b of the page at src is all zero */
 static void scan_blocks(const uint8_t *src, uint64_t nb, uint64_t bs, uint8_t *bits)
 {
@@ -839,7 +846,7 @@ void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count)
         return;
     uint64_t nb = ps / bs;
     for (uint64_t p = first; p < first + count && p < d->npages; p++) {
-        if (test_bit(d->scanned, p))
+        if (test_bit(d->scanned, p) || in_hole(d, p))   /* a hole is all zero blocks, unread */
             continue;
         /* only this thread writes block_bits; readers look after the flag */
         scan_blocks((const uint8_t *)(uintptr_t)(d->base + p * ps), nb, bs, d->block_bits + p * (nb / 8));
@@ -847,11 +854,41 @@ void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count)
     }
 }
 
+int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes)
+{
+    uint64_t off = 0;
+    int64_t found = 0;
+    while (off < size) {
+        off_t data = lseek(fd, (off_t)off, SEEK_DATA);
+        if (data < 0 && errno == EINVAL)
+            return 0;                       /* no SEEK_DATA here: all data */
+        if (data < 0 && errno != ENXIO)
+            return -errno;
+        uint64_t end = data < 0 || (uint64_t)data > size ? size : (uint64_t)data;   /* ENXIO: no data after off */
+        uint64_t first = (off + page_size - 1) / page_size, last = end / page_size;
+        if (last > first) {
+            change_range(holes, first, last - first, 1);
+            found += (int64_t)(last - first);
+        }
+        if (end >= size)
+            break;
+        off_t hole = lseek(fd, (off_t)end, SEEK_HOLE);
+        if (hole < 0)
+            return -errno;
+        off = (uint64_t)hole;
+    }
+    return found;
+}
+
 /* A large page's zero-block bitmap: the scan's when it got there first, else
  * found now into scratch (nb / 8 bytes). */
 static uint8_t *page_block_bits(struct mg_demand_src *d, uint64_t page, uint8_t *scratch)
 {
     uint64_t nb = d->page_size / d->block_size;
+    if (in_hole(d, page)) {
+        memset(scratch, 0xff, nb / 8);
+        return scratch;
+    }
     if (d->block_bits && test_bit(d->scanned, page))
         return d->block_bits + page * (nb / 8);
     scan_blocks((const uint8_t *)(uintptr_t)(d->base + page * d->page_size), nb, d->block_size, scratch);
@@ -867,6 +904,8 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
     struct iovec *iov = dense;
     int niov = 2;
     uint64_t payload = ps;
+    if (in_hole(d, page))
+        __atomic_fetch_add(&d->hole_pages, 1, __ATOMIC_RELAXED);
     if (sb->iov) {
         /* a large page: its zero blocks, found ahead or now */
         uint64_t nb = ps / bs;
@@ -891,7 +930,7 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
             d->zero_blocks += zeros;
         } else
             niov = 2;
-    } else if (mg_is_zero(src, ps)) {
+    } else if (in_hole(d, page) || mg_is_zero(src, ps)) {
         h.flags = MG_REPLY_ZERO;
         h.length = 0;
         niov = 1;
@@ -995,12 +1034,13 @@ struct run_header {
 };
 
 static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t count, int64_t *payload,
-                    const uint32_t *hold)
+                    const uint32_t *hold, struct mg_demand_src *d)
 {
     struct run_header h = { first, count, 0 };
     uint8_t bits[MG_PUSH_MAX_RUN / 8];
     struct iovec iov[2 + MG_PUSH_MAX_RUN];
     int niov = 2;
+    uint64_t holes = 0;
     memset(bits, 0, sizeof(bits));
     iov[0].iov_base = &h;
     iov[0].iov_len = sizeof(h);
@@ -1013,6 +1053,11 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
          * 1 GiB idle runs) */
         if (i + 16 < count)
             __builtin_prefetch(src + 16 * ps);
+        if (d && in_hole(d, first + i)) {
+            bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+            holes++;
+            continue;
+        }
         if (mg_is_zero(src, ps)) {
             bits[i >> 3] |= (uint8_t)(1u << (i & 7));
             continue;
@@ -1021,6 +1066,8 @@ static int send_run(int fd, uint64_t base, uint64_t ps, uint64_t first, uint32_t
         iov_append(iov, &niov, 2, src, ps);
         *payload += (int64_t)ps;
     }
+    if (holes)
+        __atomic_fetch_add(&d->hole_pages, holes, __ATOMIC_RELAXED);
     /* chunked: at most 64 iovecs and MG_HOLD_CHUNK bytes per writev */
     return write_chunked(fd, iov, niov, 1, hold);
 }
@@ -1039,8 +1086,9 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
     const uint8_t **bits = malloc(count * sizeof(*bits));
     int rc = found && iov && bits ? 0 : -ENOMEM;
     memset(pagebits, 0, sizeof(pagebits));
-    uint64_t zero_blocks = 0;
+    uint64_t zero_blocks = 0, holes = 0;
     for (uint32_t i = 0; i < count && rc == 0; i++) {
+        holes += (uint64_t)in_hole(d, first + i);
         bits[i] = page_block_bits(d, first + i, found + (uint64_t)i * (nb / 8));
         uint64_t zeros = bits_set(bits[i], nb / 8);
         if (zeros == nb)
@@ -1064,6 +1112,7 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
         rc = write_chunked(fd, iov, niov, 1, hold);
     }
     __atomic_fetch_add(&d->push_zero_blocks, zero_blocks, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&d->hole_pages, holes, __ATOMIC_RELAXED);
     free(found);
     free(iov);
     free(bits);
@@ -1074,6 +1123,7 @@ int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *
                      const uint32_t *hold, struct mg_demand_src *sparse)
 {
     int64_t payload = 0;
+    struct mg_demand_src *d = sparse;   /* its hole map, whatever the page size */
     if (sparse && !(sparse->block_size && page_size > sparse->block_size))
         sparse = NULL;
     for (uint64_t r = 0; r < nruns; r++) {
@@ -1082,7 +1132,7 @@ int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *
             uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
             const uint32_t *h = page_size > MG_YIELD_PAGE_SIZE ? hold : NULL;
             int rc = sparse ? send_sparse_run(fd, sparse, first, count, &payload, h)
-                            : send_run(fd, base, page_size, first, count, &payload, h);
+                            : send_run(fd, base, page_size, first, count, &payload, h, d);
             if (rc < 0)
                 return rc;
             first += count;

@@ -184,11 +184,19 @@ struct mg_demand_src {
     uint64_t *scanned;      /* pages whose block_bits are filled (atomic) */
     uint64_t prescanned;    /* sparse replies sent from a bitmap filled ahead */
     uint64_t push_zero_blocks; /* zero blocks left out of sparse push runs (atomic: every push stream adds) */
+    uint64_t *holes;        /* pages wholly in holes of the RAM file, found once it no longer changes: they
+                             * read as zero and go as zero pages without being read (NULL: none known;
+                             * set once, read atomically) */
+    uint64_t hole_pages;    /* pages sent as zero because they were holes (atomic: every stream adds) */
 };
 /* Fills the zero-block bitmaps of pages [first, first+count) ahead of their
  * demand (finding a 2 MiB page's zero blocks means reading them: ~50 us that a
  * waiting vCPU would otherwise wait). Only for RAM that no longer changes. */
 void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count);
+/* Sets in holes (a page bitmap, all clear) the pages wholly in holes of the
+ * first size bytes of fd (SEEK_DATA / SEEK_HOLE): they read as zero. Returns
+ * how many, 0 where the file system reports no holes, or -errno. */
+int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes);
 /* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
  * -EPROTO for a request outside the layout, -errno. */
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
@@ -211,7 +219,8 @@ int mg_demand_serve(struct mg_demand_src *d, int stop_fd);
  * MG_YIELD_PAGE_SIZE each syscall first waits (at most MG_YIELD_MAX_US) while
  * it is set (NULL: never waits). sparse: the demand server's struct when
  * the destination takes sparse pages (its block bitmaps, filled ahead, are
- * used; NULL or block_size 0: whole pages). Returns payload bytes sent (zero
+ * used; NULL or block_size 0: whole pages); its hole map, when set, says which
+ * pages to send as zero without reading them. Returns payload bytes sent (zero
  * pages and blocks excluded) or -errno. */
 int64_t mg_push_runs(int fd, uint64_t base, uint64_t page_size, const uint64_t *runs, uint64_t nruns,
                      const uint32_t *hold, struct mg_demand_src *sparse);

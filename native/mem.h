@@ -25,6 +25,7 @@ int mg_memfd_create(const char *name, unsigned int flags);
 int mg_mmap(uint64_t hint, uint64_t len, int prot, int flags, int fd, uint64_t offset, uint64_t *addr);
 int mg_munmap(uint64_t addr, uint64_t len);
 int mg_fallocate(int fd, int mode, uint64_t offset, uint64_t len);
+#define MG_MADV_POPULATE_READ 22
 #define MG_MADV_POPULATE_WRITE 23
 int mg_madvise(uint64_t addr, uint64_t len, int advice);
 int mg_ftruncate(int fd, uint64_t len);
@@ -38,10 +39,11 @@ void mg_read_bytes(uint64_t src, void *dst, uint64_t len);
 int mg_is_zero(const void *addr, uint64_t len);
 /* Gathers pages (indexes) of the mapping at base into out: zero pages only set
  * their bit in zero_bits (LSB first, (n+7)/8 bytes, cleared here), the others
- * are copied one after another. Returns the bytes written to out, which must
+ * are copied one after another. Pages set in holes (a page bitmap, or NULL)
+ * are zero without being read. Returns the bytes written to out, which must
  * hold n * page_size. */
 uint64_t mg_gather_pages(uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n,
-                         uint8_t *out, uint8_t *zero_bits);
+                         uint8_t *out, uint8_t *zero_bits, const uint64_t *holes);
 /* cdef-end */
 
 #endif

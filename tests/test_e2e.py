@@ -3,6 +3,9 @@ every byte verified by the guest, pages by kind adding up to the total."""
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import pytest
 
 from conftest import need_backing
@@ -203,3 +206,70 @@ def test_1gib_pages_go_sparse_on_both_channels(tmp_path, host):
     assert s["demand_zero_blocks"] > 0
     # each 1 GiB page holds 262144 blocks, about 30% of them zero
     assert s["wire_bytes"] < s["pages_sent_demand"] * HUGE_1G + s["pages_sent_push"] * HUGE_1G
+
+
+def punch_zero_pages(path: str) -> int:
+    """Turns every all-zero 4 KiB page of the file into a hole (the bytes read
+    the same): a VM's RAM file, where the guest never wrote, looks like this."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    punched = 0
+    fd = os.open(path, os.O_RDWR)
+    try:
+        size = os.fstat(fd).st_size
+        for off in range(0, size, 4096):
+            if os.pread(fd, 4096, off) == bytes(4096):
+                if libc.fallocate(fd, 3, off, 4096) != 0:   # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+                    raise OSError(ctypes.get_errno(), "fallocate punch hole")
+                punched += 1
+    finally:
+        os.close(fd)
+    return punched
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["raw", "grpc"])
+def test_source_leaves_the_holes_of_its_ram_file_unread(tmp_path, host, transport):
+    """Pages in holes of the source's RAM file are sent as zero without being
+    read, so the source allocates none of the RAM its guest never wrote, and
+    the guest still verifies every byte."""
+    with LocalMigration(str(tmp_path), 64 * M, seed=13, pattern="random", vcpus=2,
+                        source_args=("--transport", transport)) as lm:
+        lm.make_image()
+        holes = punch_zero_pages(lm.image)
+        blocks = os.stat(lm.image).st_blocks
+        out = lm.run(timeout=150)
+        assert os.stat(lm.image).st_blocks == blocks, "the source allocated holes of its RAM file"
+    assert "failed" not in out, out.get("failed")
+    g, d, s = out["guest"], out["dest"], out["source"]
+    assert g["verified"] is True and g["mismatches"] == 0
+    assert d["state"] == "complete" and d["pages_zero"] >= holes > 64 * M // 4096 // 5
+    if transport == "raw":
+        assert s["hole_pages"] >= holes        # every one of them went out unread
+    else:
+        assert s["hole_pages"] > 0             # demand replies (the gRPC push counts none)
+
+
+@pytest.mark.timeout(60)
+def test_holes_are_found_as_the_ram_file_is_when_asked(tmp_path):
+    """The source finds holes when its RAM no longer changes (the push gate):
+    a page written after the image was opened is data by then."""
+    from migrate.source import RamImage
+    path = f"/dev/shm/migrate-holes-{os.getpid()}"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.ftruncate(fd, 64 * 4096)
+        os.pwrite(fd, b"x", 3 * 4096 + 100)
+        ram = RamImage(path)
+        try:
+            assert os.fstat(fd).st_blocks * 512 == 4096          # opening it populated only the data
+            os.pwrite(fd, b"y", 40 * 4096)
+            holes = ram.holes()
+            assert [p for p in range(64) if p not in holes] == [3, 40]
+            os.pwrite(fd, bytes(64 * 4096), 0)                  # every block written: no holes at all
+            assert ram.holes() is None
+        finally:
+            ram.close()
+    finally:
+        os.close(fd)
+        os.unlink(path)
