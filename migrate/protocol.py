@@ -44,9 +44,11 @@ class BatchEncoder:
     """Builds PageBatch messages from a read-only RAM mapping (source side).
     One per stream thread: it reuses its gather buffer and zstd context."""
 
-    def __init__(self, base_addr: int, page_size: int, max_pages: int, compress: bool = True, holes=None):
+    def __init__(self, base_addr: int, page_size: int, max_pages: int, compress: bool = True,
+                 holes=ffi.NULL, holes_end=ffi.NULL):
         self.base = base_addr
-        self.holes = holes if holes is not None else ffi.NULL   # pages known zero without reading (bitmap words)
+        # pages known zero without reading: a page bitmap, final below *holes_end
+        self.holes, self.holes_end = holes, holes_end
         self.ps = page_size
         self.max_pages = max_pages
         self.buf = bytearray(max_pages * page_size)
@@ -60,7 +62,7 @@ class BatchEncoder:
             raise ValueError(f"batch of {n} pages exceeds the encoder's {self.max_pages}")
         zero = bytearray((n + 7) // 8)
         raw_len = lib.mg_gather_pages(self.base, self.ps, ffi.new("uint64_t[]", pages), n, self.cbuf,
-                                      ffi.from_buffer(zero), self.holes)
+                                      ffi.from_buffer(zero), self.holes, self.holes_end)
         raw = self.view[:raw_len]
         comp = pb.COMPRESSION_NONE
         data = None

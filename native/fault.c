@@ -822,8 +822,7 @@ static int write_full(int fd, struct iovec *iov, int iovcnt)
 /* a page in a hole of the source's RAM file reads as zero: no need to read it */
 static inline int in_hole(struct mg_demand_src *d, uint64_t page)
 {
-    const uint64_t *holes = __atomic_load_n(&d->holes, __ATOMIC_ACQUIRE);
-    return holes && test_bit(holes, page);
+    return d->holes && page < __atomic_load_n(&d->holes_end, __ATOMIC_ACQUIRE) && test_bit(d->holes, page);
 }
 
 /* bits (nb / 8 bytes): bit b set when block b of the page at src is all zero */
@@ -854,7 +853,13 @@ void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count)
     }
 }
 
-int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes)
+static void publish(uint64_t *done, uint64_t page)
+{
+    if (done)
+        __atomic_store_n(done, page, __ATOMIC_RELEASE);   /* after the bits below it */
+}
+
+static int64_t find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes, uint64_t *done)
 {
     uint64_t off = 0;
     int64_t found = 0;
@@ -870,14 +875,23 @@ int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes
             change_range(holes, first, last - first, 1);
             found += (int64_t)(last - first);
         }
+        publish(done, last);
         if (end >= size)
             break;
         off_t hole = lseek(fd, (off_t)end, SEEK_HOLE);
         if (hole < 0)
             return -errno;
         off = (uint64_t)hole;
+        publish(done, off / page_size);     /* a page the next hole starts inside is data */
     }
     return found;
+}
+
+int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes, uint64_t *done)
+{
+    int64_t rc = find_holes(fd, size, page_size, holes, done);
+    publish(done, size / page_size);        /* pages not found to be holes are read */
+    return rc;
 }
 
 /* A large page's zero-block bitmap: the scan's when it got there first, else

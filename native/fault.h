@@ -185,8 +185,9 @@ struct mg_demand_src {
     uint64_t prescanned;    /* sparse replies sent from a bitmap filled ahead */
     uint64_t push_zero_blocks; /* zero blocks left out of sparse push runs (atomic: every push stream adds) */
     uint64_t *holes;        /* pages wholly in holes of the RAM file, found once it no longer changes: they
-                             * read as zero and go as zero pages without being read (NULL: none known;
-                             * set once, read atomically) */
+                             * read as zero and go as zero pages without being read (NULL: none) */
+    uint64_t holes_end;     /* holes' bits are final for the pages below this (atomic: mg_find_holes
+                             * advances it as it walks the file) */
     uint64_t hole_pages;    /* pages sent as zero because they were holes (atomic: every stream adds) */
 };
 /* Fills the zero-block bitmaps of pages [first, first+count) ahead of their
@@ -194,9 +195,11 @@ struct mg_demand_src {
  * waiting vCPU would otherwise wait). Only for RAM that no longer changes. */
 void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count);
 /* Sets in holes (a page bitmap, all clear) the pages wholly in holes of the
- * first size bytes of fd (SEEK_DATA / SEEK_HOLE): they read as zero. Returns
- * how many, 0 where the file system reports no holes, or -errno. */
-int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes);
+ * first size bytes of fd (SEEK_DATA / SEEK_HOLE): they read as zero. As it
+ * walks, it stores in *done (when not NULL) the page below which the bits are
+ * final (all pages at the end, also on error). Returns how many, 0 where the
+ * file system reports no holes, or -errno. */
+int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes, uint64_t *done);
 /* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
  * -EPROTO for a request outside the layout, -errno. */
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd);

@@ -87,13 +87,14 @@ int mg_is_zero(const void *addr, uint64_t len)
 }
 
 uint64_t mg_gather_pages(uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n,
-                         uint8_t *out, uint8_t *zero_bits, const uint64_t *holes)
+                         uint8_t *out, uint8_t *zero_bits, const uint64_t *holes, const uint64_t *holes_end)
 {
     uint64_t off = 0;
+    uint64_t known = holes ? __atomic_load_n(holes_end, __ATOMIC_ACQUIRE) : 0;
     memset(zero_bits, 0, (n + 7) / 8);
     for (uint64_t i = 0; i < n; i++) {
         const uint8_t *src = (const uint8_t *)(uintptr_t)(base + pages[i] * page_size);
-        int hole = holes && (holes[pages[i] >> 6] >> (pages[i] & 63)) & 1;
+        int hole = pages[i] < known && (holes[pages[i] >> 6] >> (pages[i] & 63)) & 1;
         if (hole || mg_is_zero(src, page_size)) {
             zero_bits[i >> 3] |= (uint8_t)(1u << (i & 7));
             continue;
