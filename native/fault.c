@@ -918,7 +918,8 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
     struct iovec *iov = dense;
     int niov = 2;
     uint64_t payload = ps;
-    if (in_hole(d, page))
+    int hole = in_hole(d, page);
+    if (hole)
         __atomic_fetch_add(&d->hole_pages, 1, __ATOMIC_RELAXED);
     if (sb->iov) {
         /* a large page: its zero blocks, found ahead or now */
@@ -944,7 +945,7 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
             d->zero_blocks += zeros;
         } else
             niov = 2;
-    } else if (in_hole(d, page) || mg_is_zero(src, ps)) {
+    } else if (hole || mg_is_zero(src, ps)) {
         h.flags = MG_REPLY_ZERO;
         h.length = 0;
         niov = 1;
