@@ -108,6 +108,8 @@ def cmd_dest(args) -> int:
                     rep.summary(s, _dest_text(s))
                     status = 0 if s["state"] == "complete" else 1
                     stop.set()
+            for m in list(agent.migrations.values()):
+                m.check_source(args.source_timeout)
             now = time.monotonic()
             if now >= next_progress:
                 next_progress = now + args.progress_every
@@ -257,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "then, before any source is served, so pages arrive as one copy; this leaves it to the push)")
     d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
+    d.add_argument("--source-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="drop a source that leaves a demand request unanswered this long with nothing arriving "
+                   "on its demand channel, so another can resume (default 10; 0: never)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dest)
 

@@ -41,6 +41,16 @@ class NoGuestError(MigrateError):
 DEMAND_CONNECT_TIMEOUT = 15.0
 
 
+def tcp_silent_s(sock: socket.socket) -> float | None:
+    """Seconds since the kernel last received data on a TCP socket (tcp_info
+    tcpi_last_data_recv); None where it cannot be read."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    except OSError:
+        return None
+    return int.from_bytes(info[52:56], "little") / 1e3 if len(info) >= 56 else None
+
+
 class State(enum.Enum):
     ATTACHED = "attached"          # guest registered, waiting for a source
     CONNECTED = "connected"        # a source is serving pages
@@ -107,6 +117,7 @@ class Migration:
         self.lost_why: str | None = None   # why the last source was dropped
         self.switched_over = False
         self.t_connect: float | None = None
+        self.t_demand_ns = 0                 # the current demand channel opened (time.monotonic_ns)
         self.t_push: float | None = None     # the first push channel opened
         self.t_complete: float | None = None
         self.stop_fd = -1
@@ -279,6 +290,7 @@ class Migration:
             old, self.demand_sock = self.demand_sock, sock
         if old is not None:
             old.close()
+        self.t_demand_ns = time.monotonic_ns()
         resent = self.space.set_demand_fd(sock.fileno())
         self.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
                             session=self.id, resent=resent)
@@ -342,6 +354,35 @@ class Migration:
             self.lost_why = why
         self.reporter.event("disconnected", f"source left before the end ({why}); waiting for another",
                             session=self.id, received=self.space.received_count, total=self.npages)
+
+    def check_source(self, timeout: float) -> None:
+        """A source that leaves a vCPU's page unanswered for timeout seconds
+        while nothing at all arrives on its demand channel is taken as lost
+        (its host died, the network split, or the process hangs: TCP alone
+        would wait many minutes) and its channels are shut, so the next source
+        can resume. A reply still streaming in (a large page on a slow link)
+        is progress. timeout <= 0: never."""
+        with self.lock:
+            sock, gen = self.demand_sock, self.source_gen
+            if timeout <= 0 or sock is None or self.state is not State.CONNECTED:
+                return
+        oldest = self.space.oldest_request_ns()
+        if not oldest:
+            return
+        waited = (time.monotonic_ns() - max(oldest, self.t_demand_ns)) / 1e9
+        silent = tcp_silent_s(sock)
+        if waited < timeout or silent is None or silent < timeout:
+            return
+        self.source_lost(gen, f"a demand request unanswered for {waited:.1f} s and nothing received on the "
+                              f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
+        with self.lock:
+            socks = [s for s in [self.demand_sock, *self.push_socks] if s is not None] if gen == self.source_gen \
+                else []
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)   # its receivers see the end and let go
+            except OSError:
+                pass
 
     # -- faults -----------------------------------------------------------
     def _fault_loop(self):

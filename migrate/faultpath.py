@@ -154,6 +154,10 @@ class FaultSpace:
             return 0
         return lib.mg_demand_resend(self._s)
 
+    def oldest_request_ns(self) -> int:
+        """time.monotonic_ns() of the oldest demand request still unanswered (0: none)."""
+        return lib.mg_oldest_request_ns(self._s)
+
     def demand_receive(self, fd: int, stop_fd: int) -> int:
         """Reads demand replies (GIL released) until EOF (0), every page received
         (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad replies raise."""

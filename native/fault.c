@@ -472,6 +472,22 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
     }
 }
 
+uint64_t mg_oldest_request_ns(struct mg_space *s)
+{
+    uint64_t oldest = 0;
+    if (!s->inflight || !__atomic_load_n(&s->demand_waiting, __ATOMIC_ACQUIRE))
+        return 0;
+    for (uint64_t i = 0; i < MG_INFLIGHT; i++) {
+        struct mg_inflight *e = &s->inflight[i];
+        if (__atomic_load_n(&e->page, __ATOMIC_ACQUIRE) == UINT64_MAX)
+            continue;
+        uint64_t t = __atomic_load_n(&e->t_ns, __ATOMIC_ACQUIRE);
+        if (t && (!oldest || t < oldest))
+            oldest = t;
+    }
+    return oldest;
+}
+
 int64_t mg_demand_resend(struct mg_space *s)
 {
     int64_t count = 0;

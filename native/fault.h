@@ -147,6 +147,9 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
 /* Writes a request for every page requested but not received (after a source
  * reconnects). Returns how many, or -errno. */
 int64_t mg_demand_resend(struct mg_space *s);
+/* When the oldest demand request still unanswered was made (CLOCK_MONOTONIC
+ * ns; 0: none waiting). */
+uint64_t mg_oldest_request_ns(struct mg_space *s);
 
 /* Reads demand replies from fd until EOF: a 16-byte header (u64 page, u32
  * flags: MG_REPLY_ZERO, MG_REPLY_SPARSE; u32 length) then length bytes, which

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ctypes
 import os
+import signal
+import time
 
 import pytest
 
@@ -147,6 +149,40 @@ def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, t
         assert d["state"] == "complete"
         assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == 256 * M // 4096
         assert second.lines[0]["event"] == "connected" and "already there" in second.lines[0]["message"]
+
+
+@pytest.mark.timeout(180)
+def test_a_source_that_stops_answering_is_dropped_and_a_new_one_resumes(tmp_path, host):
+    """The source process freezes mid-migration (SIGSTOP: its kernel still
+    takes the requests, so TCP sees nothing wrong, as with a hung host or a
+    network split). The destination drops it once a vCPU's request has waited
+    --source-timeout with nothing arriving, and the next source finishes."""
+    with LocalMigration(str(tmp_path), 256 * M, seed=17, pattern="random", vcpus=2,
+                        dest_args=("--source-timeout", "2"),
+                        source_args=("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first = lm.start_source()
+        lm.start_guest()
+        wait_until_received(lm, 20)
+        first.p.send_signal(signal.SIGSTOP)
+        t = time.monotonic()
+        ev = lm.dest.wait_event("disconnected", 30)
+        waited = time.monotonic() - t
+        assert 2 <= waited < 15, waited
+        assert "unanswered" in ev["message"] and "--source-timeout 2" in ev["message"], ev
+        assert 0 < ev["received"] < ev["total"]
+        first.p.kill()                      # a stopped process still dies
+        first.p.wait(10)
+        second = lm.start_source()
+        assert second.wait(120) == 0, second.errors()
+        assert lm.guest.wait(60) == 0
+        g = lm.guest.summary()
+        assert g["verified"] is True and g["mismatches"] == 0
+        assert lm.dest.wait(30) == 0
+        d = lm.dest.summary()
+        assert d["state"] == "complete"
+        assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == 256 * M // 4096
 
 
 @pytest.mark.timeout(180)
