@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import errno
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -102,6 +103,9 @@ def fs_page_size(fd: int) -> int:
     return b[0] if t[0] == HUGETLBFS_MAGIC else 4096
 
 
+PREPARE_THREADS = 16   # GuestMemory.prepare: at most this many threads allocate guest RAM
+
+
 @dataclass
 class GuestMemory:
     """A RAM file with its guest mapping and alias mapping.
@@ -177,22 +181,48 @@ class GuestMemory:
             raise MemoryBackendError(f"create RAM file {path}: {e.strerror}") from e
         return fd, path
 
-    def prepare(self) -> dict:
+    def prepare(self, threads: int | None = None) -> dict:
         """Allocates every page of the RAM file and maps the whole alias, before
         the migration starts (what QEMU's prealloc=on does for a VM's RAM), so a
         page that arrives later is one copy into memory that is already there:
         no allocation, no zeroing and no page fault on the way. Pages in the page
         cache fault as MINOR in the guest, so nothing unreceived becomes visible.
 
-        Returns {"seconds", "was_empty"}: was_empty means the file held no page
-        before (every page reads as zero until this agent writes it). Raises
-        MemoryBackendError when the backing cannot hold the whole guest; pages
-        allocated before the failure stay (they read as zero)."""
+        Write-populating the alias allocates and zeroes the pages as it maps
+        them, in threads over slices of the file (one per CPU this process may
+        use, at most PREPARE_THREADS); fallocate would take the file's lock
+        and allocate alone (1 GiB of tmpfs: ~0.49 s with it, ~0.32 s in two
+        threads here).
+
+        Returns {"seconds", "was_empty", "threads"}: was_empty means the file
+        held no page before (every page reads as zero until this agent writes
+        it). Raises MemoryBackendError when the backing cannot hold the whole
+        guest; pages allocated before the failure stay (they read as zero)."""
         t0 = time.monotonic()
         was_empty = os.fstat(self.fd).st_blocks == 0
-        _check(lib.mg_fallocate(self.fd, 0, 0, self.size), f"allocate {fmt_size(self.size)} of guest RAM")
-        _check(lib.mg_madvise(self.alias_addr, self.size, lib.MG_MADV_POPULATE_WRITE), "map the alias (populate)")
-        return {"seconds": time.monotonic() - t0, "was_empty": was_empty}
+        n = max(1, min(threads or len(os.sched_getaffinity(0)), PREPARE_THREADS, self.npages))
+        per = -(-self.npages // n) * self.page_size
+        failed: list[tuple[int, int]] = []
+
+        def populate(off: int) -> None:
+            rc = lib.mg_madvise(self.alias_addr + off, min(per, self.size - off), lib.MG_MADV_POPULATE_WRITE)
+            if rc < 0:
+                failed.append((off, rc))
+
+        workers = [threading.Thread(target=populate, args=(off,), name="prepare", daemon=True)
+                   for off in range(0, self.size, per)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if failed:
+            rc = min(failed)[1]
+            have = os.fstat(self.fd).st_blocks * 512
+            why = ("the backing is full (its tmpfs size, or the free huge pages, is smaller than the guest)"
+                   if rc in (-errno.EFAULT, -errno.ENOMEM, -errno.ENOSPC) else os.strerror(-rc))
+            raise MemoryBackendError(f"allocate {fmt_size(self.size)} of guest RAM: {why}; "
+                                     f"{fmt_size(have)} allocated")
+        return {"seconds": time.monotonic() - t0, "was_empty": was_empty, "threads": len(workers)}
 
     def alias_view(self, offset: int, length: int):
         """A writable buffer over part of the alias mapping (no copy)."""

@@ -16,7 +16,7 @@ import pytest
 from conftest import MEMORY_TYPES, need_backing
 from migrate._binding import ffi, lib
 from migrate.attach import AttachListener
-from migrate.errors import AlignmentError, UffdError
+from migrate.errors import AlignmentError, MemoryBackendError, UffdError
 from migrate.memory import GuestMemory
 from migrate.uffd import Mode, Resolution, Userfaultfd
 
@@ -315,3 +315,24 @@ def test_one_gib_huge_pages_where_the_host_has_them(host):
             u.close()
         finally:
             m.close()
+
+
+def test_prepare_on_a_backing_too_small_says_so(tmp_path):
+    """The agent allocates the guest's RAM in threads; a tmpfs smaller than
+    the guest stops it with a message that says so, not a bare EFAULT."""
+    small = tmp_path / "small"
+    small.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "none", str(small)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        m = GuestMemory.create("tmpfs-file", 64 << 20, name="t", map_guest=False, path=str(small / "ram"))
+        try:
+            with pytest.raises(MemoryBackendError) as ei:
+                m.prepare(threads=4)
+            assert str(ei.value) == ("allocate 64 MiB of guest RAM: the backing is full (its tmpfs size, or the "
+                                     "free huge pages, is smaller than the guest); 16 MiB allocated")
+        finally:
+            m.close()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
