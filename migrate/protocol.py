@@ -45,10 +45,11 @@ class BatchEncoder:
     One per stream thread: it reuses its gather buffer and zstd context."""
 
     def __init__(self, base_addr: int, page_size: int, max_pages: int, compress: bool = True,
-                 holes=ffi.NULL, holes_end=ffi.NULL):
+                 holes=ffi.NULL, holes_end=ffi.NULL, hole_count=None):
         self.base = base_addr
         # pages known zero without reading: a page bitmap, final below *holes_end
         self.holes, self.holes_end = holes, holes_end
+        self.hole_count = hole_count if hole_count is not None else ffi.new("uint64_t *")   # (uint64_t *)
         self.ps = page_size
         self.max_pages = max_pages
         self.buf = bytearray(max_pages * page_size)
@@ -62,7 +63,8 @@ class BatchEncoder:
             raise ValueError(f"batch of {n} pages exceeds the encoder's {self.max_pages}")
         zero = bytearray((n + 7) // 8)
         raw_len = lib.mg_gather_pages(self.base, self.ps, ffi.new("uint64_t[]", pages), n, self.cbuf,
-                                      ffi.from_buffer(zero), self.holes, self.holes_end)
+                                      ffi.from_buffer(zero), self.holes, self.holes_end,
+                                      self.hole_count)
         raw = self.view[:raw_len]
         comp = pb.COMPRESSION_NONE
         data = None

@@ -226,7 +226,7 @@ class SourceResult:
     zero_blocks: int = 0        # zero blocks of large pages left out of demand replies
     prescanned: int = 0         # sparse replies whose zero blocks were found ahead of the demand
     push_zero_blocks: int = 0   # zero blocks of large pages left out of push runs
-    hole_pages: int = 0         # pages sent as zero unread: holes of the RAM file (raw push and demand)
+    hole_pages: int = 0         # pages sent as zero unread: holes of the RAM file
 
 
 class Source:
@@ -443,7 +443,7 @@ class Source:
             return
         d = self.sched.demand
         enc = BatchEncoder(self.ram.addr, self.ram.page_size, self.sched.per_batch, compress,
-                           d.holes, ffi.addressof(d, "holes_end"))
+                           d.holes, ffi.addressof(d, "holes_end"), ffi.addressof(d, "hole_pages"))
         streams = self.n_push
 
         def batches():

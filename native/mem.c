@@ -87,7 +87,8 @@ int mg_is_zero(const void *addr, uint64_t len)
 }
 
 uint64_t mg_gather_pages(uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n,
-                         uint8_t *out, uint8_t *zero_bits, const uint64_t *holes, const uint64_t *holes_end)
+                         uint8_t *out, uint8_t *zero_bits, const uint64_t *holes, const uint64_t *holes_end,
+                         uint64_t *hole_count)
 {
     uint64_t off = 0;
     uint64_t known = holes ? __atomic_load_n(holes_end, __ATOMIC_ACQUIRE) : 0;
@@ -95,6 +96,8 @@ uint64_t mg_gather_pages(uint64_t base, uint64_t page_size, const uint64_t *page
     for (uint64_t i = 0; i < n; i++) {
         const uint8_t *src = (const uint8_t *)(uintptr_t)(base + pages[i] * page_size);
         int hole = pages[i] < known && (holes[pages[i] >> 6] >> (pages[i] & 63)) & 1;
+        if (hole)
+            __atomic_fetch_add(hole_count, 1, __ATOMIC_RELAXED);
         if (hole || mg_is_zero(src, page_size)) {
             zero_bits[i >> 3] |= (uint8_t)(1u << (i & 7));
             continue;

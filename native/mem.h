@@ -40,10 +40,12 @@ int mg_is_zero(const void *addr, uint64_t len);
 /* Gathers pages (indexes) of the mapping at base into out: zero pages only set
  * their bit in zero_bits (LSB first, (n+7)/8 bytes, cleared here), the others
  * are copied one after another. Pages set in holes (a page bitmap, or NULL)
- * below *holes_end (read atomically) are zero without being read. Returns the
- * bytes written to out, which must hold n * page_size. */
+ * below *holes_end (read atomically) are zero without being read, and counted
+ * in *hole_count (atomically). Returns the bytes written to out, which must hold
+ * n * page_size. */
 uint64_t mg_gather_pages(uint64_t base, uint64_t page_size, const uint64_t *pages, uint64_t n,
-                         uint8_t *out, uint8_t *zero_bits, const uint64_t *holes, const uint64_t *holes_end);
+                         uint8_t *out, uint8_t *zero_bits, const uint64_t *holes, const uint64_t *holes_end,
+                         uint64_t *hole_count);
 /* cdef-end */
 
 #endif
