@@ -376,8 +376,9 @@ class Migration:
         self.source_lost(gen, f"a demand request unanswered for {waited:.1f} s and nothing received on the "
                               f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
         with self.lock:
-            socks = [s for s in [self.demand_sock, *self.push_socks] if s is not None] if gen == self.source_gen \
-                else []
+            if gen != self.source_gen:     # another source came in meanwhile: it keeps its channels
+                return
+            socks = [s for s in (self.demand_sock, *self.push_socks) if s is not None]
         for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)   # its receivers see the end and let go

@@ -28,11 +28,6 @@ int mg_munmap(uint64_t addr, uint64_t len)
     return munmap((void *)(uintptr_t)addr, len) < 0 ? -errno : 0;
 }
 
-int mg_fallocate(int fd, int mode, uint64_t offset, uint64_t len)
-{
-    return fallocate(fd, mode, (off_t)offset, (off_t)len) < 0 ? -errno : 0;
-}
-
 int mg_madvise(uint64_t addr, uint64_t len, int advice)
 {
     return madvise((void *)(uintptr_t)addr, (size_t)len, advice) < 0 ? -errno : 0;

@@ -24,7 +24,6 @@ int mg_memfd_create(const char *name, unsigned int flags);
 /* Returns 0 and the address through *addr, or -errno. */
 int mg_mmap(uint64_t hint, uint64_t len, int prot, int flags, int fd, uint64_t offset, uint64_t *addr);
 int mg_munmap(uint64_t addr, uint64_t len);
-int mg_fallocate(int fd, int mode, uint64_t offset, uint64_t len);
 #define MG_MADV_POPULATE_READ 22
 #define MG_MADV_POPULATE_WRITE 23
 int mg_madvise(uint64_t addr, uint64_t len, int advice);
