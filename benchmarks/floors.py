@@ -330,33 +330,38 @@ def tcp_rr(exe: str, page_size: int, npages: int, rounds: int, hugetlb: bool) ->
     return {**d, **stats_us(samples), "_samples_ns": samples}
 
 
-def tcp_bandwidth(total: int = 2 << 30, chunk: int = 4 << 20, reps: int = 3) -> dict:
+def tcp_bandwidth(total: int = 2 << 30, chunk: int = 4 << 20, reps: int = 3, ring: int = 0) -> dict:
     """One TCP stream on loopback, big sendall / recv_into buffers; GB/s as the
-    receiver measured it (first byte to last)."""
+    receiver measured it (first byte to last). ring 0: both ends reuse one
+    chunk, which stays in cache (the target's floor). ring N: the sender reads
+    and the receiver writes N bytes of memory in turn, so each byte comes from
+    and goes to memory, as the push's do (guest RAM on both sides)."""
     runs, where = [], []
     for i in range(reps):
         with placement(i % 2 == 1) as cpus:
-            runs.append(_bandwidth_once(total, chunk))
+            runs.append(_bandwidth_once(total, chunk, ring))
         where.append(cpus)
     return {"gbps": round(max(runs), 3), "reps_gbps": [round(x, 3) for x in runs], "reps_cpus": where,
-            "bytes": total, "chunk": chunk}
+            "bytes": total, "chunk": chunk, "ring": ring}
 
 
-def _bandwidth_once(total: int, chunk: int) -> float:
-    for _ in range(1):
-        peer = _Peer("sink", str(chunk))
-        try:
-            s = socket.create_connection(("127.0.0.1", peer.port))
-            data = memoryview(os.urandom(chunk))
-            sent = 0
-            while sent < total:
-                s.sendall(data)
-                sent += chunk
-            s.shutdown(socket.SHUT_WR)
-            r = peer.result()
-            s.close()
-        finally:
-            peer.kill()
+def _bandwidth_once(total: int, chunk: int, ring: int = 0) -> float:
+    nchunks = max(1, ring // chunk)
+    # populated with data (a zero-filled buffer would be the shared zero page)
+    data = memoryview(bytearray(os.urandom(chunk)) * nchunks)
+    peer = _Peer("sink", str(chunk), str(nchunks * chunk))
+    try:
+        s = socket.create_connection(("127.0.0.1", peer.port))
+        sent = 0
+        while sent < total:
+            off = (sent // chunk % nchunks) * chunk
+            s.sendall(data[off:off + chunk])
+            sent += chunk
+        s.shutdown(socket.SHUT_WR)
+        r = peer.result()
+        s.close()
+    finally:
+        peer.kill()
     return r["bytes"] / r["seconds"] / 1e9
 
 
@@ -423,6 +428,8 @@ def run_all(quick: bool, huge_ok: bool, log=print, tiny: bool = False) -> dict:
                                    lambda: _reps(lambda: tcp_pingpong(n_ping), 4))
     log("floor: raw TCP loopback bandwidth")
     out["tcp_bandwidth"] = _guarded(log, "tcp_bandwidth", lambda: tcp_bandwidth(bw_bytes))
+    log("floor: raw TCP loopback bandwidth, memory to memory")
+    out["tcp_bandwidth_cold"] = _guarded(log, "tcp_bandwidth_cold", lambda: tcp_bandwidth(bw_bytes, ring=bw_bytes))
     return out
 
 

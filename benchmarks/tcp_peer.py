@@ -1,8 +1,9 @@
 """The other end of the raw TCP floors, run as its own process.
 
   tcp_peer.py pong REQUEST REPLY   answer every REQUEST-byte message with REPLY bytes
-  tcp_peer.py sink CHUNK           read until EOF with recv_into, then print
-                                   {"bytes", "seconds"} (first byte to EOF)
+  tcp_peer.py sink CHUNK [RING]    read until EOF with recv_into, CHUNK at a time
+                                   into RING bytes in turn (default CHUNK), then
+                                   print {"bytes", "seconds"} (first byte to EOF)
 
 Prints the listening port on its first stdout line.
 """
@@ -34,14 +35,16 @@ def main() -> int:
                     return 0
                 got += k
             c.sendall(reply)
-    buf = bytearray(int(sys.argv[2]))
-    view = memoryview(buf)
-    n = c.recv_into(view)
+    chunk = int(sys.argv[2])
+    ring = max(chunk, int(sys.argv[3]) // chunk * chunk if len(sys.argv) > 3 else chunk)
+    view = memoryview(bytearray(b"\1") * ring)    # written through: no page faults while timed
+    n = c.recv_into(view[:chunk])
     t0 = time.perf_counter()
-    total = n
+    total, off = n, n % ring
     while n:
-        n = c.recv_into(view)
+        n = c.recv_into(view[off:min(off + chunk, ring)])
         total += n
+        off = (off + n) % ring
     seconds = time.perf_counter() - t0
     print(json.dumps({"bytes": total, "seconds": seconds}), flush=True)
     return 0

@@ -41,6 +41,7 @@ def test_floors_tiny(bench, host):
     assert fl["c_continue_4k"]["ioctl_p50_us"] > 0
     assert fl["fast_4k"]["fast"] == fl["fast_4k"]["faults"] > 0, "every fault took the fast path"
     assert fl["tcp_bandwidth"]["gbps"] > 0
+    assert fl["tcp_bandwidth_cold"]["gbps"] > 0 and fl["tcp_bandwidth_cold"]["ring"] > fl["tcp_bandwidth"]["chunk"]
 
     ratios, _ = report.ratios(fl, [])
     assert ratios["fast_path_p50_ratio"] > 0
