@@ -349,7 +349,9 @@ class Migration:
 
     def source_lost(self, gen: int, why: str) -> None:
         with self.lock:
-            if gen != self.source_gen or not self._move(State.DISCONNECTED):
+            # a source whose channels end while the last page is being mapped
+            # (the demand and push receivers both finish pages) has served it all
+            if self.completing or gen != self.source_gen or not self._move(State.DISCONNECTED):
                 return
             self.lost_why = why
         self.reporter.event("disconnected", f"source left before the end ({why}); waiting for another",
