@@ -101,10 +101,10 @@ def cmd_dest(args) -> int:
                                  device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
                     if args.serve_forever:
                         rep.event("migration", f"session {m.id} {s['state']}", **s)
-                        agent.migrations.pop(m.id, None)
-                        m.close()
+                        agent.retire(m)   # its source's Finish is still answered
                         continue
-                    stop.wait(0.5)  # let the source's Finish call be answered
+                    # let the source's Finish call be answered before the server goes
+                    m.finish_answered.wait(5 if s["state"] == "complete" else 0.5)
                     rep.summary(s, _dest_text(s))
                     status = 0 if s["state"] == "complete" else 1
                     stop.set()

@@ -39,6 +39,7 @@ class NoGuestError(MigrateError):
 
 
 DEMAND_CONNECT_TIMEOUT = 15.0
+ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
 
 
 def tcp_silent_s(sock: socket.socket) -> float | None:
@@ -108,6 +109,7 @@ class Migration:
         self.state = State.ATTACHED
         self.lock = threading.Lock()
         self.done = threading.Event()
+        self.finish_answered = threading.Event()   # the source's Finish got its reply
         self.error: str | None = None
         self.source_gen = 0              # bumps when a source is replaced
         self.demand_token = b""          # what the current source sends to open its demand channel
@@ -512,6 +514,9 @@ class Destination:
         self.mode = mode
         self.listener = AttachListener(attach_path)
         self.migrations: dict[str, Migration] = {}
+        # what Finish answers for migrations retired (serve-forever) before
+        # their source asked: the last ENDED_KEPT of them
+        self.ended: dict[str, pb.FinishReply] = {}
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.closing = False
@@ -624,6 +629,30 @@ class Destination:
                                        "start the guest (migrate guestsim or QEMU with the shim) first")
                 self.changed.wait(left)
         return m.connect(hello, self.demand_port)
+
+    def finish(self, session_id: str, timeout: float | None) -> pb.FinishReply:
+        """The source's Finish: waits up to timeout for the migration to end."""
+        with self.lock:
+            m = self.migrations.get(session_id)
+            ended = self.ended.get(session_id)
+        if m is None and ended is not None:
+            return ended
+        m = m or self.migration(session_id)
+        m.done.wait(timeout)
+        reply = m.finish_reply()
+        m.finish_answered.set()
+        return reply
+
+    def retire(self, m: Migration) -> None:
+        """Drops an ended migration (serve-forever), keeping what Finish
+        answers for it: its source may ask after this."""
+        reply = m.finish_reply()
+        with self.lock:
+            self.ended[m.id] = reply
+            while len(self.ended) > ENDED_KEPT:
+                self.ended.pop(next(iter(self.ended)))
+            self.migrations.pop(m.id, None)
+        m.close()
 
     def migration(self, session_id: str) -> Migration:
         m = self.migrations.get(session_id)

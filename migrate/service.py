@@ -106,9 +106,7 @@ class MigrationService(pbg.MigrationServicer):
         return pb.PushSummary(pages_placed=n)
 
     def Finish(self, request, context):
-        m = self.agent.migration(request.session_id)
-        m.done.wait(request.timeout_seconds or None)
-        return m.finish_reply()
+        return self.agent.finish(request.session_id, request.timeout_seconds or None)
 
     def DeviceState(self, request_iterator, context):
         if self.device_state is None:
