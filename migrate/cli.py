@@ -238,6 +238,9 @@ def cmd_bench(args) -> int:
         print(f"bench: the benchmark harness is not available ({e}): it lives in benchmarks/ of a source "
               "checkout; run `migrate bench` from there (pip install -e '.[bench]')", file=sys.stderr)
         return 2
+    # a bench stopped with SIGTERM unwinds like one stopped with ^C: the huge
+    # pages it reserved and the processes it started are given back
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     return bench.run(args)
 
 

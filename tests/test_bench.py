@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -54,3 +57,54 @@ def test_bench_command_parses():
     args = build_parser().parse_args(["bench", "--quick", "--json", "--out", "/tmp/x", "--scenario", "tmpfs",
                                       "--scenario", "hugetlbfs-*-copy"])
     assert args.quick and args.json and args.scenario == ["tmpfs", "hugetlbfs-*-copy"]
+
+
+def _session_pids(sid: int) -> list[int]:
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[3]) == sid:
+                pids.append(int(d))
+    return pids
+
+
+@pytest.mark.timeout(180)
+def test_a_bench_stopped_with_sigterm_gives_back_huge_pages_and_processes(tmp_path, host):
+    """Stopping a benchmark run by its pid (as one should) leaves no huge pages
+    reserved and none of its agents running."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the scenario reserves huge pages")
+    why = host.why_not("minor_hugetlbfs")
+    if why:
+        pytest.skip(why)
+    nr = "/proc/sys/vm/nr_hugepages"
+    before = int(open(nr).read())
+    p = subprocess.Popen([sys.executable, "-m", "migrate", "bench", "--quick", "--no-floors", "--no-plots",
+                          "--scenario", "hugetlbfs-256M-random-1v-typical-continue", "--out", str(tmp_path)],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while int(open(nr).read()) == before and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        if p.poll() is not None or int(open(nr).read()) == before:
+            pytest.skip("the scenario ended, or reserved no huge pages, before it could be stopped")
+        time.sleep(0.2)   # its agents are starting or running
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(60) != 0
+        time.sleep(0.5)
+        assert _session_pids(p.pid) == [], "processes the bench started are still running"
+        assert int(open(nr).read()) == before, "huge pages the bench reserved are still reserved"
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+        for pid in _session_pids(p.pid):
+            os.kill(pid, signal.SIGKILL)
+        if int(open(nr).read()) != before:
+            with open(nr, "w") as f:
+                f.write(str(before))
