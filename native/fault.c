@@ -910,12 +910,13 @@ int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes
     return rc;
 }
 
-/* A large page's zero-block bitmap: the scan's when it got there first, else
- * found now into scratch (nb / 8 bytes). */
-static uint8_t *page_block_bits(struct mg_demand_src *d, uint64_t page, uint8_t *scratch)
+/* A large page's zero-block bitmap: every block zero for a hole (the caller
+ * decided, once), the scan's when it got there first, else found now into
+ * scratch (nb / 8 bytes). */
+static uint8_t *page_block_bits(struct mg_demand_src *d, uint64_t page, int hole, uint8_t *scratch)
 {
     uint64_t nb = d->page_size / d->block_size;
-    if (in_hole(d, page)) {
+    if (hole) {
         memset(scratch, 0xff, nb / 8);
         return scratch;
     }
@@ -940,7 +941,7 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
     if (sb->iov) {
         /* a large page: its zero blocks, found ahead or now */
         uint64_t nb = ps / bs;
-        uint8_t *bits = page_block_bits(d, page, sb->bits);
+        uint8_t *bits = page_block_bits(d, page, hole, sb->bits);
         if (bits != sb->bits)
             d->prescanned++;
         uint64_t zeros = bits_set(bits, nb / 8);
@@ -1119,8 +1120,9 @@ static int send_sparse_run(int fd, struct mg_demand_src *d, uint64_t first, uint
     memset(pagebits, 0, sizeof(pagebits));
     uint64_t zero_blocks = 0, holes = 0;
     for (uint32_t i = 0; i < count && rc == 0; i++) {
-        holes += (uint64_t)in_hole(d, first + i);
-        bits[i] = page_block_bits(d, first + i, found + (uint64_t)i * (nb / 8));
+        int hole = in_hole(d, first + i);
+        holes += (uint64_t)hole;
+        bits[i] = page_block_bits(d, first + i, hole, found + (uint64_t)i * (nb / 8));
         uint64_t zeros = bits_set(bits[i], nb / 8);
         if (zeros == nb)
             pagebits[i >> 3] |= (uint8_t)(1u << (i & 7));

@@ -146,6 +146,23 @@ def wait_until_received(lm: LocalMigration, fraction: int) -> None:
             return
 
 
+def finish_with_a_new_source(lm: LocalMigration):
+    """A new source serves the rest: it exits 0, the guest verifies every byte,
+    the destination completes with every page accounted for (pages_prior: kept
+    from a dead agent). Returns the new source and the guest's and the
+    destination's summaries."""
+    second = lm.start_source()
+    assert second.wait(120) == 0, second.errors()
+    assert lm.guest.wait(60) == 0
+    g = lm.guest.summary()
+    assert g["verified"] is True and g["mismatches"] == 0
+    assert lm.dest.wait(30) == 0
+    d = lm.dest.summary()
+    assert d["state"] == "complete"
+    assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] + d["pages_prior"] == lm.size // 4096
+    return second, g, d
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("transport", ["raw", "grpc"])
 def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, transport):
@@ -164,15 +181,8 @@ def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, t
         first.p.wait(10)
         ev = lm.dest.wait_event("disconnected", 30)
         assert 0 < ev["received"] < ev["total"]
-        second = lm.start_source()
-        assert second.wait(120) == 0, second.errors()
-        assert lm.guest.wait(60) == 0
-        g = lm.guest.summary()
-        assert g["verified"] is True and g["mismatches"] == 0
-        assert lm.dest.wait(30) == 0
-        d = lm.dest.summary()
-        assert d["state"] == "complete"
-        assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == 256 * M // 4096
+        second, _, d = finish_with_a_new_source(lm)
+        assert d["pages_prior"] == 0
         assert second.lines[0]["event"] == "connected" and "already there" in second.lines[0]["message"]
 
 
@@ -199,15 +209,8 @@ def test_a_source_that_stops_answering_is_dropped_and_a_new_one_resumes(tmp_path
         assert 0 < ev["received"] < ev["total"]
         first.p.kill()                      # a stopped process still dies
         first.p.wait(10)
-        second = lm.start_source()
-        assert second.wait(120) == 0, second.errors()
-        assert lm.guest.wait(60) == 0
-        g = lm.guest.summary()
-        assert g["verified"] is True and g["mismatches"] == 0
-        assert lm.dest.wait(30) == 0
-        d = lm.dest.summary()
-        assert d["state"] == "complete"
-        assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == 256 * M // 4096
+        _, _, d = finish_with_a_new_source(lm)
+        assert d["pages_prior"] == 0
 
 
 @pytest.mark.timeout(180)
@@ -232,15 +235,8 @@ def test_agent_killed_mid_migration_then_a_new_agent_takes_over(tmp_path, host):
         ev = lm.dest.wait_event("reattached", 60)
         assert 0 < ev["pages_prior"] < 256 * M // 4096
         lm.guest.wait_event("reattached", 30)
-        second = lm.start_source()
-        assert second.wait(120) == 0, second.errors()
-        assert lm.guest.wait(60) == 0
-        g = lm.guest.summary()
-        assert g["verified"] is True and g["mismatches"] == 0 and g["agent_reattaches"] == 1
-        assert lm.dest.wait(30) == 0
-        d = lm.dest.summary()
-        assert d["state"] == "complete" and d["pages_prior"] == ev["pages_prior"]
-        assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] + d["pages_prior"] == 256 * M // 4096
+        _, g, d = finish_with_a_new_source(lm)
+        assert g["agent_reattaches"] == 1 and d["pages_prior"] == ev["pages_prior"]
 
 
 @pytest.mark.timeout(240)
