@@ -64,7 +64,7 @@ def cmd_dest(args) -> int:
     host = args.listen.rpartition(":")[0] or "127.0.0.1"
     try:
         agent = Destination(args.attach, rep, serve_forever=args.serve_forever, mode=args.placement,
-                            demand_host=host, prepare=not args.no_prealloc)
+                            demand_host=host, prepare=not args.no_prealloc, source_timeout=args.source_timeout)
     except (OSError, MigrateError) as e:
         rep.event("error", f"cannot start the destination: {e}")
         return 2
@@ -109,7 +109,7 @@ def cmd_dest(args) -> int:
                     status = 0 if s["state"] == "complete" else 1
                     stop.set()
             for m in list(agent.migrations.values()):
-                m.check_source(args.source_timeout)
+                m.check_source()
             now = time.monotonic()
             if now >= next_progress:
                 next_progress = now + args.progress_every
@@ -153,7 +153,8 @@ def cmd_source(args) -> int:
         return 2
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
-              max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse)
+              max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
+              dest_timeout=args.dest_timeout)
     vm = {}
     try:
         if args.qmp and not args.resume:
@@ -263,8 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
     d.add_argument("--source-timeout", type=float, default=10.0, metavar="SECONDS",
-                   help="drop a source that leaves a demand request unanswered this long with nothing arriving "
-                   "on its demand channel, so another can resume (default 10; 0: never)")
+                   help="drop a source that stops answering for this long, so another can resume: its host or "
+                   "the network acknowledges nothing, or a demand request waits with nothing arriving on the "
+                   "demand channel (default 10; 0: never, TCP's own minutes)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dest)
 
@@ -288,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--transport", choices=["raw", "grpc"], default="raw",
                    help="background pages: raw = plain TCP from the RAM mapping, uncompressed (default, for "
                         "fast links); grpc = gRPC streams with zstd (for slow links)")
+    s.add_argument("--dest-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="give up on a destination that acknowledges or takes in nothing this long (its host down, "
+                   "the network split, the agent hung): this source exits, to be run again once the destination "
+                   "is reachable (default 10; 0: TCP's own minutes)")
     s.add_argument("--resume", metavar="SESSION", help="resume this session after a failure")
     s.add_argument("--guest", default="", help="serve the destination guest attached with this name "
                    "(default: the first one waiting)")

@@ -25,8 +25,8 @@ from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate._binding import lib
-from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PROTOCOL_VERSION, PUSH_MAGIC,
-                              BatchDecoder)
+from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PEER_LOST_ERRNOS,
+                              PROTOCOL_VERSION, PUSH_MAGIC, BatchDecoder, set_peer_timeout)
 from migrate.uffd import Mode, Userfaultfd
 
 
@@ -101,11 +101,12 @@ class Migration:
     the fault space and the fault thread."""
 
     def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultpath.MODE_CONTINUE,
-                 prepare: bool = True):
+                 prepare: bool = True, source_timeout: float = 0):
         self.id = uuid.uuid4().hex[:12]
         self.guest = guest
         self.reporter = reporter
         self.mode = mode
+        self.source_timeout = source_timeout   # see check_source(); 0: never
         self.state = State.ATTACHED
         self.lock = threading.Lock()
         self.done = threading.Event()
@@ -317,6 +318,8 @@ class Migration:
             rc = self.space.push_receive(sock.fileno(), self.stop_fd)
             if rc == lib.MG_DEMAND_COMPLETE:
                 self._complete()
+            elif -rc in PEER_LOST_ERRNOS:
+                self.source_lost(gen, self._silent_why("push", -rc))
         except ProtocolError as e:
             self.reporter.event("error", f"bad push run: {e}", session=self.id)
             self.source_lost(gen, str(e))
@@ -334,6 +337,8 @@ class Migration:
             rc = self.space.demand_receive(sock.fileno(), self.stop_fd)
             if rc == lib.MG_DEMAND_COMPLETE:
                 self._complete()
+            elif -rc in PEER_LOST_ERRNOS:
+                why = self._silent_why("demand", -rc)
         except ProtocolError as e:
             why = str(e)
             self.reporter.event("error", f"bad demand reply: {e}", session=self.id)
@@ -350,22 +355,37 @@ class Migration:
             self.source_lost(gen, why)
 
     def source_lost(self, gen: int, why: str) -> None:
+        """The source of generation gen is gone: its channels are shut (their
+        receivers let go of what they claimed) and the next source resumes."""
         with self.lock:
             # a source whose channels end while the last page is being mapped
             # (the demand and push receivers both finish pages) has served it all
             if self.completing or gen != self.source_gen or not self._move(State.DISCONNECTED):
                 return
             self.lost_why = why
+            socks = [s for s in (self.demand_sock, *self.push_socks) if s is not None]
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)   # its receivers see the end and let go
+            except OSError:
+                pass
         self.reporter.event("disconnected", f"source left before the end ({why}); waiting for another",
                             session=self.id, received=self.space.received_count, total=self.npages)
 
-    def check_source(self, timeout: float) -> None:
-        """A source that leaves a vCPU's page unanswered for timeout seconds
-        while nothing at all arrives on its demand channel is taken as lost
-        (its host died, the network split, or the process hangs: TCP alone
-        would wait many minutes) and its channels are shut, so the next source
-        can resume. A reply still streaming in (a large page on a slow link)
-        is progress. timeout <= 0: never."""
+    def _silent_why(self, channel: str, err: int) -> str:
+        return (f"the {channel} channel timed out ({os.strerror(err)}): nothing came from the source's host for "
+                f"--source-timeout {self.source_timeout:g} s, not even an answer to a probe (it is down, or the "
+                "network between split)")
+
+    def check_source(self) -> None:
+        """A source that leaves a vCPU's page unanswered for source_timeout
+        seconds while nothing at all arrives on its demand channel is taken as
+        lost (the process hangs on a live host, whose kernel still acknowledges
+        everything; a dead host or a split network the kernel notices itself,
+        see protocol.set_peer_timeout) and its channels are shut, so the next
+        source can resume. A reply still streaming in (a large page on a slow
+        link) is progress. source_timeout <= 0: never."""
+        timeout = self.source_timeout
         with self.lock:
             sock, gen = self.demand_sock, self.source_gen
             if timeout <= 0 or sock is None or self.state is not State.CONNECTED:
@@ -379,15 +399,6 @@ class Migration:
             return
         self.source_lost(gen, f"a demand request unanswered for {waited:.1f} s and nothing received on the "
                               f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
-        with self.lock:
-            if gen != self.source_gen:     # another source came in meanwhile: it keeps its channels
-                return
-            socks = [s for s in (self.demand_sock, *self.push_socks) if s is not None]
-        for s in socks:
-            try:
-                s.shutdown(socket.SHUT_RDWR)   # its receivers see the end and let go
-            except OSError:
-                pass
 
     # -- faults -----------------------------------------------------------
     def _fault_loop(self):
@@ -507,9 +518,11 @@ class Destination:
     """The agent: an attach listener plus the migrations it adopted."""
 
     def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
-                 mode: str = faultpath.MODE_CONTINUE, demand_host: str = "127.0.0.1", prepare: bool = True):
+                 mode: str = faultpath.MODE_CONTINUE, demand_host: str = "127.0.0.1", prepare: bool = True,
+                 source_timeout: float = 0):
         self.reporter = reporter
         self.prepare = prepare
+        self.source_timeout = source_timeout
         self.serve_forever = serve_forever
         self.mode = mode
         self.listener = AttachListener(attach_path)
@@ -565,6 +578,7 @@ class Destination:
             conn.close()
             return
         conn.settimeout(None)
+        set_peer_timeout(conn, self.source_timeout)
         if magic == DEMAND_MAGIC:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             m.attach_demand(conn)
@@ -591,7 +605,7 @@ class Destination:
                 guest.close()
                 continue
             try:
-                m = Migration(guest, self.reporter, self.mode, self.prepare)
+                m = Migration(guest, self.reporter, self.mode, self.prepare, self.source_timeout)
             except MigrateError as e:
                 self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
                 continue

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from migrate._binding import ffi, lib
 from migrate.errors import ProtocolError, UffdError
 from migrate.pagestate import PageBitmap
+from migrate.protocol import PEER_LOST_ERRNOS
 from migrate.uffd import Userfaultfd
 
 MODE_CONTINUE = "continue"
@@ -160,7 +161,8 @@ class FaultSpace:
 
     def demand_receive(self, fd: int, stop_fd: int) -> int:
         """Reads demand replies (GIL released) until EOF (0), every page received
-        (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad replies raise."""
+        (lib.MG_DEMAND_COMPLETE), stop (-ESHUTDOWN) or the source lost (-errno,
+        see _channel_end). Bad replies raise."""
         # each receiver has its own scratch page: COPY mode copies out of it
         rc = lib.mg_demand_receive(self._s, fd, stop_fd, ffi.new("uint8_t[]", self.page_size))
         if rc == -errno.EPROTO:
@@ -185,7 +187,8 @@ class FaultSpace:
 
     def push_receive(self, fd: int, stop_fd: int) -> int:
         """Reads raw push runs (GIL released) until EOF (0), every page received
-        (lib.MG_DEMAND_COMPLETE), or stop (-ESHUTDOWN). Bad runs raise."""
+        (lib.MG_DEMAND_COMPLETE), stop (-ESHUTDOWN) or the source lost (-errno,
+        see _channel_end). Bad runs raise."""
         rc = lib.mg_push_receive(self._s, fd, stop_fd, ffi.new("uint8_t[]", self.page_size))
         if rc == -errno.EPROTO:
             first, value = self._s.error_page, self._s.error_value
@@ -201,11 +204,13 @@ class FaultSpace:
         return f"{what} is sparse, but pages of {self.page_size} bytes are never sent sparse"
 
     def _channel_end(self, rc: int) -> int:
-        """How a channel receiver ended, for both channels: a peer that went
-        away is an end of file (0); a kernel failure placing a page raises."""
+        """How a channel receiver ended, for both channels: a peer that closed
+        or reset is an end of file (0); a peer the kernel gave up on (its host
+        or the network went silent) is -errno, one of PEER_LOST_ERRNOS; a
+        kernel failure placing a page raises."""
         if rc in (-errno.EPIPE, -errno.ECONNRESET):
             return 0
-        if rc < 0 and rc != -errno.ESHUTDOWN:
+        if rc < 0 and rc != -errno.ESHUTDOWN and -rc not in PEER_LOST_ERRNOS:
             self._raise("continue", rc, self._s.error_page)
         return rc
 

@@ -18,13 +18,15 @@ import time
 class Proc:
     """A `python -m migrate ...` child whose stdout is JSON lines. Owns the child."""
 
-    def __init__(self, name: str, args: list[str], env: dict | None = None):
+    def __init__(self, name: str, args: list[str], env: dict | None = None, prefix: tuple = ()):
+        """prefix: a command that execs the rest (e.g. `ip netns exec NS`), so
+        the pid is still the agent's."""
         self.name = name
         self.args = args
         self.events: queue.Queue = queue.Queue()
         self.lines: list[dict] = []
         self.stderr_lines: list[str] = []
-        self.p = subprocess.Popen([sys.executable, "-m", "migrate", *args], stdout=subprocess.PIPE,
+        self.p = subprocess.Popen([*prefix, sys.executable, "-m", "migrate", *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env)
         threading.Thread(target=self._read, daemon=True).start()
         threading.Thread(target=self._read_err, daemon=True).start()
@@ -93,7 +95,10 @@ class LocalMigration:
     def __init__(self, workdir: str, size: int, *, backing: str = "tmpfs", seed: int = 1,
                  pattern: str = "seq", vcpus: int = 1, zero_fraction: float | None = None,
                  random_fraction: float | None = None, placement: str = "continue",
-                 source_args: tuple = (), image: str | None = None, dest_args: tuple = ()):
+                 source_args: tuple = (), image: str | None = None, dest_args: tuple = (),
+                 dest_listen: str = "127.0.0.1:0", dest_prefix: tuple = ()):
+        """dest_listen and dest_prefix put the destination elsewhere, e.g. in a
+        network namespace (`ip netns exec NS`) listening on its address."""
         self.workdir = workdir
         self.size = size
         self.backing = backing
@@ -103,6 +108,8 @@ class LocalMigration:
         self.placement = placement
         self.source_args = list(source_args)
         self.dest_args = list(dest_args)
+        self.dest_listen = dest_listen
+        self.dest_prefix = tuple(dest_prefix)
         self.zero_fraction = zero_fraction
         self.random_fraction = random_fraction
         self.image_args = []
@@ -132,8 +139,9 @@ class LocalMigration:
         write_image(self.image, self.size, ImageSpec(self.seed, **kw))
 
     def start_dest(self, extra: tuple = ()) -> dict:
-        self.dest = self._spawn("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", self.sock,
-                                         "--placement", self.placement, "--json", *self.dest_args, *extra])
+        self.dest = self._spawn("dest", ["dest", "--listen", self.dest_listen, "--attach", self.sock,
+                                         "--placement", self.placement, "--json", *self.dest_args, *extra],
+                                self.dest_prefix)
         ev = self.dest.wait_event("listening", 30)
         self.address = ev["address"]
         return ev
@@ -152,8 +160,8 @@ class LocalMigration:
         self.source = self._spawn("source", args)
         return self.source
 
-    def _spawn(self, name, args) -> Proc:
-        p = Proc(name, args)
+    def _spawn(self, name, args, prefix: tuple = ()) -> Proc:
+        p = Proc(name, args, prefix=prefix)
         self.procs.append(p)
         return p
 

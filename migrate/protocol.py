@@ -7,6 +7,8 @@ field against the layout before a single byte reaches guest memory.
 
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 from dataclasses import dataclass
 
@@ -135,3 +137,28 @@ class BatchDecoder:
 DEMAND_MAGIC = b"MGDEMAND"   # opens the demand channel
 PUSH_MAGIC = b"MGPUSH\0\0"   # opens a raw push channel
 DEMAND_TOKEN_BYTES = 16
+
+# How a raw channel ends when its peer's host or the network between went
+# away (the kernel gave up on it), as opposed to a clean end or a local failure.
+PEER_LOST_ERRNOS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
+                              errno.ENETDOWN, errno.ENETRESET, errno.ECONNABORTED, errno.ENOTCONN))
+
+
+def set_peer_timeout(sock: socket.socket, seconds: float) -> None:
+    """Makes the kernel give up on a peer that acknowledges nothing for about
+    `seconds`: data left unacknowledged that long (TCP_USER_TIMEOUT) or, on a
+    quiet connection, keepalive probes left unanswered. A peer whose host died
+    or whose network split then ends the channel with ETIMEDOUT (or the
+    network's own error) instead of TCP retrying for a quarter of an hour, or,
+    on a channel with nothing to send, waiting for ever. A peer whose process
+    hangs on a live host still acknowledges: that the caller has to notice.
+    seconds <= 0 leaves the kernel's defaults."""
+    if seconds <= 0:
+        return
+    idle = max(1, int(seconds / 2))
+    interval = max(1, int(seconds / 4))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, -(-int(seconds - idle) // interval)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))

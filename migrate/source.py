@@ -26,11 +26,12 @@ from migrate.memory import fs_page_size
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, BatchEncoder,
-                              channel)
+from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PEER_LOST_ERRNOS, PROTOCOL_VERSION, PUSH_MAGIC,
+                              BatchEncoder, channel, set_peer_timeout)
 
 LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
 READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
+DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
 
 
 #: --push-buffer auto: bytes in flight a push stream may keep, sized for this
@@ -235,7 +236,7 @@ class Source:
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
-                 sparse: bool = True):
+                 sparse: bool = True, dest_timeout: float = DEST_TIMEOUT):
         self.ram = ram
         self.target = target
         self.reporter = reporter
@@ -249,6 +250,10 @@ class Source:
         self.name = name
         self.resume_session = resume_session
         self.connect_timeout = connect_timeout
+        # a destination whose host acknowledges nothing this long on a channel
+        # is gone (see protocol.set_peer_timeout); 0: TCP's own many minutes
+        self.dest_timeout = dest_timeout
+        self.dest_lost: SourceError | None = None
         if transport not in ("raw", "grpc"):
             raise ValueError(f"push transport {transport!r}: use raw or grpc")
         self.transport = transport
@@ -374,14 +379,16 @@ class Source:
             if self.on_session is not None:
                 self.on_session(stub, sid)
             for t in threads[1:]:
-                t.join()   # the push streams (and the block scan, done long before)
+                # the push streams (and the block scan, done long before); a
+                # destination found gone meanwhile ends the wait: a gRPC push
+                # would not notice for minutes (closing its channel below ends it)
+                while t.is_alive():
+                    t.join(0.1)
+                    if self.dest_lost is not None:
+                        raise self.dest_lost
             # A push channel the destination closed because every page had
             # arrived is not a failure: Finish says which it was.
-            try:
-                fin = stub.Finish(pb.FinishRequest(session_id=sid, timeout_seconds=5 if self.errors else 120),
-                                  timeout=150)
-            except grpc.RpcError as e:
-                raise (self.errors[0] if self.errors else rpc_error(e, "finish")) from None
+            fin = self._finish(stub, sid)
             if not fin.complete:
                 if self.errors:
                     raise self.errors[0]
@@ -399,6 +406,37 @@ class Source:
         return SourceResult(sid, ram.npages, self.sent_push + d.readahead, d.seq, d.seq,
                             self.wire_bytes + d.bytes, time.monotonic() - t0, fin, d.zero_blocks,
                             d.prescanned, d.push_zero_blocks, d.hole_pages)
+
+    def _finish(self, stub, sid: str) -> pb.FinishReply:
+        """Asks the destination how the session ended (waiting for it to end,
+        after an error only briefly); a destination found gone meanwhile ends
+        the wait (the gRPC connection would not notice for minutes)."""
+        fut = stub.Finish.future(pb.FinishRequest(session_id=sid, timeout_seconds=5 if self.errors else 120),
+                                 timeout=150)
+        try:
+            while True:
+                try:
+                    return fut.result(timeout=0.1)
+                except grpc.FutureTimeoutError:
+                    if self.dest_lost is not None:
+                        raise self.dest_lost from None
+        except grpc.RpcError as e:
+            raise (self.errors[0] if self.errors else rpc_error(e, "finish")) from None
+        finally:
+            fut.cancel()
+
+    def _channel_error(self, what: str, err: int) -> SourceError:
+        """A raw channel that failed with errno err; a destination the kernel
+        gave up on is recorded in dest_lost."""
+        if err not in PEER_LOST_ERRNOS:
+            return SourceError(f"{what} channel: {os.strerror(err)}")
+        e = SourceError(f"the destination is gone: for --dest-timeout {self.dest_timeout:g} s nothing sent on the "
+                        f"{what} channel was acknowledged or taken in ({os.strerror(err)}): its host is down, the "
+                        "network split, or the agent hangs. Its guest keeps the pages it has and waits: once the "
+                        "destination can be reached, run this source again to finish the migration")
+        if self.dest_lost is None:
+            self.dest_lost = e
+        return e
 
     # -- streams ----------------------------------------------------------
     def _pace(self, t0: float, done: int, streams: int) -> None:
@@ -476,6 +514,7 @@ class Source:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
             raise SourceError(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
+        set_peer_timeout(sock, self.dest_timeout)
         if magic == DEMAND_MAGIC:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
@@ -508,7 +547,7 @@ class Source:
                                       ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold,
                                       sparse)
                 if rc < 0:
-                    raise SourceError(f"push channel: {os.strerror(-rc)}")
+                    raise self._channel_error("push", -rc)
                 with self.count_lock:
                     self.sent_push += pages
                     self.wire_bytes += rc
@@ -540,5 +579,5 @@ class Source:
                                              f"{self.ram.npages} pages of this RAM image"))
             self.stop.set()
         elif rc < 0 and rc not in (-errno.ESHUTDOWN, -errno.ECONNRESET, -errno.EPIPE):
-            self.errors.append(SourceError(f"demand channel: {os.strerror(-rc)}"))
+            self.errors.append(self._channel_error("demand", -rc))
             self.stop.set()

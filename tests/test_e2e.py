@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -209,6 +211,135 @@ def test_a_source_that_stops_answering_is_dropped_and_a_new_one_resumes(tmp_path
         assert 0 < ev["received"] < ev["total"]
         first.p.kill()                      # a stopped process still dies
         first.p.wait(10)
+        _, _, d = finish_with_a_new_source(lm)
+        assert d["pages_prior"] == 0
+
+
+class SplitNetwork:
+    """A second host for the destination: a network namespace joined to this
+    one by a veth pair (HERE on this side, THERE on the other), whose link can
+    be cut and restored (packets then vanish without a word, as when a switch
+    or a host dies)."""
+
+    def __init__(self):
+        tag = os.getpid() % 100000
+        self.ns, self.here_if, self.there_if = f"mgt{tag}", f"mgh{tag}", f"mgn{tag}"
+        net = f"10.231.{tag % 250}"
+        self.here, self.there = f"{net}.1", f"{net}.2"
+        self.exec = ("ip", "netns", "exec", self.ns)
+        self.ip("netns", "add", self.ns)
+        try:
+            self.ip("link", "add", self.here_if, "type", "veth", "peer", "name", self.there_if, "netns", self.ns)
+            self.ip("addr", "add", f"{self.here}/30", "dev", self.here_if)
+            self.ip("link", "set", self.here_if, "up")
+            self.ip("-n", self.ns, "addr", "add", f"{self.there}/30", "dev", self.there_if)
+            self.ip("-n", self.ns, "link", "set", self.there_if, "up")
+            self.ip("-n", self.ns, "link", "set", "lo", "up")
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def ip(*args: str) -> None:
+        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
+
+    def cut(self) -> None:
+        self.ip("-n", self.ns, "link", "set", self.there_if, "down")
+
+    def restore(self) -> None:
+        self.ip("-n", self.ns, "link", "set", self.there_if, "up")
+
+    def close(self) -> None:
+        # the namespace takes its end of the pair, and the pair, with it
+        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
+        subprocess.run(["ip", "link", "del", self.here_if], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def split_network():
+    if os.geteuid() != 0:
+        pytest.skip("a network namespace for the destination needs root")
+    if not shutil.which("ip"):
+        pytest.skip("iproute2's `ip` is not installed (Debian package iproute2)")
+    try:
+        net = SplitNetwork()
+    except RuntimeError as e:
+        pytest.skip(f"no network namespace with a veth pair here: {e}")
+    try:
+        yield net
+    finally:
+        net.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("transport", ["raw", "grpc"])
+def test_a_network_split_is_noticed_by_both_sides_and_a_new_source_finishes(tmp_path, host, split_network,
+                                                                            transport):
+    """The destination runs on a second host (a network namespace); mid-migration
+    the link between goes dead: no FIN, no RST, nothing. The guest is stopped
+    first so that no vCPU waits on the source: only the kernel, asked to give
+    up on a silent peer, can notice. The destination drops the source, the
+    source exits with an error saying what happened (without this: minutes of
+    TCP retries on one side, waiting for ever on the other), and once the link
+    is back a new source finishes the migration."""
+    net = split_network
+    with LocalMigration(str(tmp_path), 256 * M, seed=23, pattern="random", vcpus=2,
+                        dest_listen=f"{net.there}:0", dest_prefix=net.exec, dest_args=("--source-timeout", "2"),
+                        source_args=("--transport", transport, "--push-streams", "1", "--batch-bytes", "256K",
+                                     "--max-rate", "100M", "--dest-timeout", "2")) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first = lm.start_source()
+        lm.start_guest()
+        wait_until_received(lm, 20)
+        lm.guest.p.send_signal(signal.SIGSTOP)
+        time.sleep(0.5)                     # what its vCPUs asked for has come
+        net.cut()
+        t = time.monotonic()
+        ev = lm.dest.wait_event("disconnected", 30)
+        dest_s = time.monotonic() - t
+        assert "timed out" in ev["message"] and "--source-timeout 2" in ev["message"], ev
+        assert 0 < ev["received"] < ev["total"]
+        assert first.wait(30) != 0
+        source_s = time.monotonic() - t
+        err = " | ".join(first.errors())
+        assert "the destination is gone" in err and "--dest-timeout 2" in err, err
+        assert dest_s < 15 and source_s < 20, (dest_s, source_s)
+        net.restore()
+        lm.guest.p.send_signal(signal.SIGCONT)
+        _, _, d = finish_with_a_new_source(lm)
+        assert d["pages_prior"] == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_destination_agent_that_hangs_is_given_up_by_its_source(tmp_path, host):
+    """The destination agent freezes mid-migration (SIGSTOP: its kernel still
+    acknowledges, until the push fills its receive buffer). The source gives
+    up once nothing it sends is taken in for --dest-timeout and exits saying
+    so, instead of waiting for ever; the agent, when it runs again, finds that
+    source gone and a new one finishes."""
+    with LocalMigration(str(tmp_path), 256 * M, seed=29, pattern="random", vcpus=2,
+                        source_args=("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M",
+                                     "--dest-timeout", "2")) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first = lm.start_source()
+        lm.start_guest()
+        wait_until_received(lm, 20)
+        lm.dest.p.send_signal(signal.SIGSTOP)
+        t = time.monotonic()
+        try:
+            assert first.wait(30) != 0
+            waited = time.monotonic() - t
+        finally:
+            lm.dest.p.send_signal(signal.SIGCONT)
+        err = " | ".join(first.errors())
+        assert "the destination is gone" in err and "--dest-timeout 2" in err, err
+        assert 2 <= waited < 20, waited
+        ev = lm.dest.wait_event("disconnected", 30)
+        assert 0 < ev["received"] < ev["total"]
         _, _, d = finish_with_a_new_source(lm)
         assert d["pages_prior"] == 0
 

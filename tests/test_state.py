@@ -14,6 +14,7 @@ def bare_migration() -> Migration:
     m.id, m.npages, m.reporter = "t", 8, Reporter(False, "dest")
     m.lock, m.done = threading.Lock(), threading.Event()
     m.state, m.source_gen, m.completing, m.lost_why = State.CONNECTED, 1, False, None
+    m.demand_sock, m.push_socks = None, []
 
     class Space:
         received_count = 8
