@@ -254,6 +254,7 @@ class Source:
         # is gone (see protocol.set_peer_timeout); 0: TCP's own many minutes
         self.dest_timeout = dest_timeout
         self.dest_lost: SourceError | None = None
+        self.session = ""
         if transport not in ("raw", "grpc"):
             raise ValueError(f"push transport {transport!r}: use raw or grpc")
         self.transport = transport
@@ -295,7 +296,7 @@ class Source:
         if welcome.version != PROTOCOL_VERSION:
             raise ProtocolError(f"destination speaks protocol version {welcome.version}, this source "
                                 f"{PROTOCOL_VERSION}: run the same migrate release on both hosts")
-        sid = welcome.session_id
+        sid = self.session = welcome.session_id
         already = PageBitmap(ram.npages)
         if welcome.received_bitmap:
             already.load_bytes(welcome.received_bitmap)
@@ -433,7 +434,7 @@ class Source:
         e = SourceError(f"the destination is gone: for --dest-timeout {self.dest_timeout:g} s nothing sent on the "
                         f"{what} channel was acknowledged or taken in ({os.strerror(err)}): its host is down, the "
                         "network split, or the agent hangs. Its guest keeps the pages it has and waits: once the "
-                        "destination can be reached, run this source again to finish the migration")
+                        f"destination can be reached, `migrate source --resume {self.session}` serves the rest")
         if self.dest_lost is None:
             self.dest_lost = e
         return e
