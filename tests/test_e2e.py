@@ -3,6 +3,7 @@ every byte verified by the guest, pages by kind adding up to the total."""
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -148,6 +149,25 @@ def wait_until_received(lm: LocalMigration, fraction: int) -> None:
             return
 
 
+SLOW_SOURCE = ("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")
+
+
+@contextlib.contextmanager
+def mid_migration(tmp_path, seed: int, *, received: int = 20, source_args: tuple = (), **kw):
+    """A 256 MiB guest faulting at random from 2 vCPUs, served by a source that
+    pushes slowly (one stream at 100 MB/s), from the moment more than
+    1/received of its pages are in: yields (the migration, its first source).
+    kw goes to LocalMigration (dest_args, where the destination runs)."""
+    with LocalMigration(str(tmp_path), 256 * M, seed=seed, pattern="random", vcpus=2,
+                        source_args=(*SLOW_SOURCE, *source_args), **kw) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first = lm.start_source()
+        lm.start_guest()
+        wait_until_received(lm, received)
+        yield lm, first
+
+
 def finish_with_a_new_source(lm: LocalMigration):
     """A new source serves the rest: it exits 0, the guest verifies every byte,
     the destination completes with every page accounted for (pages_prior: kept
@@ -171,14 +191,7 @@ def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, t
     """The VM survives its source dying: the guest stays blocked (never reads a
     byte that did not come from the source), the destination waits, and a new
     source finishes the migration from the destination's received bitmap."""
-    with LocalMigration(str(tmp_path), 256 * M, seed=5, pattern="random", vcpus=2,
-                        source_args=("--transport", transport, "--push-streams", "1",
-                                     "--batch-bytes", "256K", "--max-rate", "100M")) as lm:
-        lm.make_image()
-        lm.start_dest()
-        first = lm.start_source()
-        lm.start_guest()
-        wait_until_received(lm, 20)
+    with mid_migration(tmp_path, 5, source_args=("--transport", transport)) as (lm, first):
         first.p.kill()
         first.p.wait(10)
         ev = lm.dest.wait_event("disconnected", 30)
@@ -194,14 +207,7 @@ def test_a_source_that_stops_answering_is_dropped_and_a_new_one_resumes(tmp_path
     takes the requests, so TCP sees nothing wrong, as with a hung host or a
     network split). The destination drops it once a vCPU's request has waited
     --source-timeout with nothing arriving, and the next source finishes."""
-    with LocalMigration(str(tmp_path), 256 * M, seed=17, pattern="random", vcpus=2,
-                        dest_args=("--source-timeout", "2"),
-                        source_args=("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")) as lm:
-        lm.make_image()
-        lm.start_dest()
-        first = lm.start_source()
-        lm.start_guest()
-        wait_until_received(lm, 20)
+    with mid_migration(tmp_path, 17, dest_args=("--source-timeout", "2")) as (lm, first):
         first.p.send_signal(signal.SIGSTOP)
         t = time.monotonic()
         ev = lm.dest.wait_event("disconnected", 30)
@@ -285,15 +291,9 @@ def test_a_network_split_is_noticed_by_both_sides_and_a_new_source_finishes(tmp_
     TCP retries on one side, waiting for ever on the other), and once the link
     is back a new source finishes the migration."""
     net = split_network
-    with LocalMigration(str(tmp_path), 256 * M, seed=23, pattern="random", vcpus=2,
-                        dest_listen=f"{net.there}:0", dest_prefix=net.exec, dest_args=("--source-timeout", "2"),
-                        source_args=("--transport", transport, "--push-streams", "1", "--batch-bytes", "256K",
-                                     "--max-rate", "100M", "--dest-timeout", "2")) as lm:
-        lm.make_image()
-        lm.start_dest()
-        first = lm.start_source()
-        lm.start_guest()
-        wait_until_received(lm, 20)
+    with mid_migration(tmp_path, 23, source_args=("--transport", transport, "--dest-timeout", "2"),
+                       dest_args=("--source-timeout", "2"), dest_listen=f"{net.there}:0",
+                       dest_prefix=net.exec) as (lm, first):
         lm.guest.p.send_signal(signal.SIGSTOP)
         time.sleep(0.5)                     # what its vCPUs asked for has come
         net.cut()
@@ -320,14 +320,7 @@ def test_a_destination_agent_that_hangs_is_given_up_by_its_source(tmp_path, host
     up once nothing it sends is taken in for --dest-timeout and exits saying
     so, instead of waiting for ever; the agent, when it runs again, finds that
     source gone and a new one finishes."""
-    with LocalMigration(str(tmp_path), 256 * M, seed=29, pattern="random", vcpus=2,
-                        source_args=("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M",
-                                     "--dest-timeout", "2")) as lm:
-        lm.make_image()
-        lm.start_dest()
-        first = lm.start_source()
-        lm.start_guest()
-        wait_until_received(lm, 20)
+    with mid_migration(tmp_path, 29, source_args=("--dest-timeout", "2")) as (lm, first):
         lm.dest.p.send_signal(signal.SIGSTOP)
         t = time.monotonic()
         try:
@@ -350,13 +343,7 @@ def test_agent_killed_mid_migration_then_a_new_agent_takes_over(tmp_path, host):
     its userfaultfd, its faulting vCPUs stay blocked, it re-attaches to a new
     agent, which keeps every page already mapped in the guest (never rewritten)
     and fetches the rest from a new source. Every byte verifies."""
-    with LocalMigration(str(tmp_path), 256 * M, seed=9, pattern="random", vcpus=2,
-                        source_args=("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")) as lm:
-        lm.make_image()
-        lm.start_dest()
-        first_src = lm.start_source()
-        lm.start_guest()
-        wait_until_received(lm, 10)
+    with mid_migration(tmp_path, 9, received=10) as (lm, first_src):
         old = lm.dest
         old.p.kill()
         old.p.wait(10)
