@@ -314,6 +314,26 @@ def test_a_network_split_is_noticed_by_both_sides_and_a_new_source_finishes(tmp_
 
 
 @pytest.mark.timeout(180)
+def test_a_network_blip_shorter_than_the_timeouts_is_ridden_out(tmp_path, host, split_network):
+    """The same cut, restored after 1 s with both timeouts at 5 s: TCP's
+    retransmissions carry the migration over it, nobody is dropped, and the
+    first source finishes."""
+    net = split_network
+    with mid_migration(tmp_path, 31, source_args=("--dest-timeout", "5"), dest_args=("--source-timeout", "5"),
+                       dest_listen=f"{net.there}:0", dest_prefix=net.exec) as (lm, first):
+        net.cut()
+        time.sleep(1)
+        assert first.p.poll() is None       # the cut came mid-migration
+        net.restore()
+        assert first.wait(120) == 0, first.errors()
+        assert lm.guest.wait(60) == 0
+        assert lm.guest.summary()["verified"] is True
+        assert lm.dest.wait(30) == 0
+        assert lm.dest.summary()["state"] == "complete"
+        assert not [e for e in lm.dest.lines if e.get("event") == "disconnected"]
+
+
+@pytest.mark.timeout(180)
 def test_a_destination_agent_that_hangs_is_given_up_by_its_source(tmp_path, host):
     """The destination agent freezes mid-migration (SIGSTOP: its kernel still
     acknowledges, until the push fills its receive buffer). The source gives
