@@ -337,8 +337,9 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                 # never paused (or capture_device_state resumed what it paused)
                 raise MigrateError(f"{e} (the source QEMU was not paused: it runs on)") from None
             if sender.ack is not None and sender.ack.guest_running:
-                raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused: "
-                                   "serve the rest with `migrate source --resume SESSION`)") from None
+                how = "" if "--resume" in str(e) else f": serve the rest with `migrate source --resume {src.session}`"
+                raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \
+                    from None
             if not sender.sent or sender.ack is not None:
                 resume_source(qmp, reporter, f"migration failed before the destination resumed the guest ({e})")
                 raise MigrateError(f"{e} (the source QEMU was resumed)") from None
@@ -412,6 +413,11 @@ class DeviceStateFeeder:
             raise QemuError(self._qmp_error or f"no QMP connection to {self.qmp_path}")
         q, self._qmp = self._qmp, None
         return q
+
+    def guest_running(self, session_id: str) -> bool:
+        """The device state of session_id was fed and its guest runs."""
+        f = self.feeds.get(session_id) if session_id else None
+        return f is not None and f.running
 
     def settled(self, session_id: str) -> bool:
         f = self.feeds.get(session_id)

@@ -87,9 +87,13 @@ class MigrationService(pbg.MigrationServicer):
         if request.has_device_state and self.device_state is None:
             raise ProtocolError("the source sends QEMU device state but this destination was started "
                                 "without --qmp: start `migrate dest` with --qmp SOCKET of the destination QEMU")
-        if self.device_state is not None and not request.has_device_state:
+        if (self.device_state is not None and not request.has_device_state
+                and not self.device_state.guest_running(request.resume_session)):
+            # a source resuming a session whose guest runs here already (its
+            # first source was lost) serves only the rest of its RAM
             raise ProtocolError("this destination feeds a QEMU (--qmp) but the source sends no device state: "
-                                "start `migrate source` with --qmp SOCKET of the source QEMU")
+                                "start `migrate source` with --qmp SOCKET of the source QEMU (or, to serve the "
+                                "rest of a session whose guest already runs here, with --resume SESSION)")
         return self.agent.open(request)
 
     def Push(self, request_iterator, context):

@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import shutil
 import signal
-import subprocess
 import time
 
 import pytest
@@ -219,64 +217,6 @@ def test_a_source_that_stops_answering_is_dropped_and_a_new_one_resumes(tmp_path
         first.p.wait(10)
         _, _, d = finish_with_a_new_source(lm)
         assert d["pages_prior"] == 0
-
-
-class SplitNetwork:
-    """A second host for the destination: a network namespace joined to this
-    one by a veth pair (HERE on this side, THERE on the other), whose link can
-    be cut and restored (packets then vanish without a word, as when a switch
-    or a host dies)."""
-
-    def __init__(self):
-        tag = os.getpid() % 100000
-        self.ns, self.here_if, self.there_if = f"mgt{tag}", f"mgh{tag}", f"mgn{tag}"
-        net = f"10.231.{tag % 250}"
-        self.here, self.there = f"{net}.1", f"{net}.2"
-        self.exec = ("ip", "netns", "exec", self.ns)
-        self.ip("netns", "add", self.ns)
-        try:
-            self.ip("link", "add", self.here_if, "type", "veth", "peer", "name", self.there_if, "netns", self.ns)
-            self.ip("addr", "add", f"{self.here}/30", "dev", self.here_if)
-            self.ip("link", "set", self.here_if, "up")
-            self.ip("-n", self.ns, "addr", "add", f"{self.there}/30", "dev", self.there_if)
-            self.ip("-n", self.ns, "link", "set", self.there_if, "up")
-            self.ip("-n", self.ns, "link", "set", "lo", "up")
-        except BaseException:
-            self.close()
-            raise
-
-    @staticmethod
-    def ip(*args: str) -> None:
-        r = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-        if r.returncode != 0:
-            raise RuntimeError(f"ip {' '.join(args)}: {r.stderr.strip()}")
-
-    def cut(self) -> None:
-        self.ip("-n", self.ns, "link", "set", self.there_if, "down")
-
-    def restore(self) -> None:
-        self.ip("-n", self.ns, "link", "set", self.there_if, "up")
-
-    def close(self) -> None:
-        # the namespace takes its end of the pair, and the pair, with it
-        subprocess.run(["ip", "netns", "del", self.ns], capture_output=True, timeout=30)
-        subprocess.run(["ip", "link", "del", self.here_if], capture_output=True, timeout=30)
-
-
-@pytest.fixture
-def split_network():
-    if os.geteuid() != 0:
-        pytest.skip("a network namespace for the destination needs root")
-    if not shutil.which("ip"):
-        pytest.skip("iproute2's `ip` is not installed (Debian package iproute2)")
-    try:
-        net = SplitNetwork()
-    except RuntimeError as e:
-        pytest.skip(f"no network namespace with a veth pair here: {e}")
-    try:
-        yield net
-    finally:
-        net.close()
 
 
 @pytest.mark.timeout(180)

@@ -103,6 +103,24 @@ def test_qemu_guest_survives_its_destination_agent_dying(guest):
 
 
 @pytest.mark.timeout(300)
+def test_qemu_guest_survives_a_network_split(guest, split_network):
+    """The destination agent runs on a second host (a network namespace); the
+    link to it goes dead while the destination guest reads its memory. Both
+    agents give up on each other after 2 s (the first source exits; the source
+    QEMU stays paused: never two running copies); once the link is back a new
+    source resumes the session, and the guest's own check of every page passes."""
+    import migrate_qemu
+    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+                           source_args=("--max-rate", "100M", "--dest-timeout", "2"), split=split_network)
+    print({k: res.get(k) for k in ("cut_at_received", "first_source_rc", "first_source_errors", "verify")})
+    assert res["first_source_rc"] != 0
+    assert any("the destination is gone" in e and "source QEMU stays paused" in e
+               for e in res["first_source_errors"]), res["first_source_errors"]
+    assert 0 < res["cut_at_received"] < MEM_MB * 256
+    _check_migrated(res)
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.huge
 def test_qemu_guest_postcopy_hugetlbfs(guest):
     why = features().why_not("minor_hugetlbfs")

@@ -51,9 +51,13 @@ def ts(e):
     return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
 
 
-def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False):
+def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
+        split=None):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
-    line); cleans up every process, socket, file, mount and huge page it made."""
+    line); cleans up every process, socket, file, mount and huge page it made.
+    split: run the destination agent on a second host (an object with exec, a
+    command prefix that enters it; there, its address; cut() and restore() of
+    the link) and cut the link once the destination guest runs."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -82,9 +86,12 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             # 2. destination agent
             attach = os.path.join(w, "attach.sock")
             dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
-            dest_args = ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", dst_agent_qmp, "--json"]
+            listen = f"{split.there}:0" if split else "127.0.0.1:0"
+            dest_args = ["dest", "--listen", listen, "--attach", attach, "--qmp", dst_agent_qmp, "--json"]
+            if split:
+                dest_args += ["--source-timeout", "2"]
             lab.log("migrate " + " ".join(dest_args))
-            dest = StampedProc("dest", dest_args)
+            dest = StampedProc("dest", dest_args, prefix=split.exec if split else ())
             agents.append(dest)
             addr = dest.wait_event("listening", 30)["address"]
 
@@ -129,6 +136,24 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 lab.log(f"new dest agent: {re_ev.get('message')}")
                 source = StampedProc("source", ["source", "--ram", src_ram, "--to", addr, "--json"])
                 agents.append(source)
+            if split:
+                # The link to the destination goes dead mid-migration (no FIN,
+                # no RST). Both agents give up on each other after 2 s; the
+                # source QEMU stays paused (its guest runs on the destination),
+                # QEMU's vCPUs wait on the pages still missing, and once the
+                # link is back a new source (no --qmp: the device state is
+                # there already) resumes the session.
+                split.cut()
+                lab.log("link to the destination cut")
+                res["first_source_rc"] = source.wait(60)
+                res["first_source_errors"] = source.errors()
+                lost = dest.wait_event("disconnected", 60)
+                res["cut_at_received"] = lost.get("received")
+                split.restore()
+                lab.log(f"link restored; dest agent: {lost.get('message')}")
+                sid = lost["session"]
+                source = StampedProc("source", ["source", "--ram", src_ram, "--to", addr, "--resume", sid, "--json"])
+                agents.append(source)
             v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
             res["verify"] = v.group(0).strip()
             res["guest_verify_ms"] = int(v.group(2)) if v.group(2) else None
@@ -171,6 +196,12 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 [(0.0, "src-qemu", "STOP")] +
                 ([(round((res["dst_resume_time"] - t0) * 1e3, 1), "dst-qemu", "RESUME")]
                  if res["dst_resume_time"] else []))
+        except BaseException:
+            for p in agents:   # what each agent said last, to see why
+                lab.log(f"{p.name} (pid {p.p.pid}, rc {p.p.poll()}) last said: "
+                        + " | ".join(str(e.get("message", e)) for e in p.lines[-4:])
+                        + " | stderr: " + " | ".join(p.stderr_lines[-4:]))
+            raise
         finally:
             for p in agents:
                 p.kill()
