@@ -107,6 +107,19 @@ class MigrationService(pbg.MigrationServicer):
             m.reporter.event("error", f"bad push batch: {e}", session=m.id)
             m.source_lost(gen, str(e))
             raise
+        except grpc.RpcError:
+            pass
+        # The requests end when the source closes its stream, and also when
+        # its connection breaks under the handler (the source went away, or
+        # stopped answering the server's keepalive pings): then, mostly, the
+        # RPC is no longer active. Either way the handler returns and gives
+        # back its server thread.
+        broken = not context.is_active()
+        m.reporter.event("push_end", f"a gRPC push stream ended{' (broken)' if broken else ''} after "
+                         f"placing {n} pages", session=m.id, pages=n, broken=broken)
+        if broken and not (m.completing or m.done.is_set()):
+            m.source_lost(gen, f"a gRPC push stream broke: the source closed it, or its host answered nothing "
+                               f"for --source-timeout {m.source_timeout:g} s")
         return pb.PushSummary(pages_placed=n)
 
     def Finish(self, request, context):
@@ -122,6 +135,21 @@ class MigrationService(pbg.MigrationServicer):
         return self.device_state.feed(m, _chain(first, request_iterator))
 
 
+def keepalive_options(seconds: float) -> list[tuple[str, int]]:
+    """The server pings each source's connection while it is quiet and closes
+    one whose pings go unanswered for about `seconds`: a source whose host
+    died or whose network split then ends its gRPC streams (a Push handler
+    would otherwise hold one of the server's threads for ever). seconds <= 0:
+    gRPC's defaults (no pings)."""
+    if seconds <= 0:
+        return []
+    half = max(1000, int(seconds * 500))
+    # the server sends no DATA on a push stream (it only reads), so pings must
+    # not wait for data in between (min_sent_ping_interval: 5 minutes by default)
+    return [("grpc.keepalive_time_ms", half), ("grpc.keepalive_timeout_ms", half),
+            ("grpc.http2.max_pings_without_data", 0), ("grpc.http2.min_sent_ping_interval_without_data_ms", half)]
+
+
 def _chain(first, rest):
     yield first
     yield from rest
@@ -131,7 +159,8 @@ def serve(agent: dst.Destination, listen: str, workers: int = 32,
           device_state=None) -> tuple[grpc.Server, str]:
     """Starts the gRPC server; returns it and the real address (port 0 resolved)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                         interceptors=[ErrorInterceptor()], options=CHANNEL_OPTIONS)
+                         interceptors=[ErrorInterceptor()],
+                         options=CHANNEL_OPTIONS + keepalive_options(agent.source_timeout))
     pbg.add_MigrationServicer_to_server(MigrationService(agent, device_state), server)
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
