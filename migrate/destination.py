@@ -18,15 +18,16 @@ import uuid
 
 from migrate import faultpath
 from migrate.attach import AttachedGuest, AttachListener
-from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, UffdError, fmt_size
+from migrate.errors import (PEER_LOST_ERRNOS, AttachError, LayoutMismatch, MigrateError, ProtocolError, UffdError,
+                            fmt_size)
 from migrate.events import Reporter, fault_path_priority, percentile, process_usage
 from migrate.faultpath import FaultSpace, SpaceRegion
 from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate._binding import lib
-from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PEER_LOST_ERRNOS,
-                              PROTOCOL_VERSION, PUSH_MAGIC, BatchDecoder, set_peer_timeout)
+from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PROTOCOL_VERSION, PUSH_MAGIC,
+                              BatchDecoder, set_peer_timeout)
 from migrate.uffd import Mode, Userfaultfd
 
 

@@ -7,6 +7,12 @@ import errno as _errno
 import os
 
 
+# How a socket ends when its peer's host or the network between went away (the
+# kernel gave up on it), as opposed to a clean end or a local failure.
+PEER_LOST_ERRNOS = frozenset((_errno.ETIMEDOUT, _errno.EHOSTUNREACH, _errno.ENETUNREACH, _errno.EHOSTDOWN,
+                              _errno.ENETDOWN, _errno.ENETRESET, _errno.ECONNABORTED, _errno.ENOTCONN))
+
+
 def fmt_size(n: int) -> str:
     for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
         if n >= 1 << shift and n % (1 << shift) == 0:

@@ -14,9 +14,8 @@ import os
 from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
-from migrate.errors import ProtocolError, UffdError
+from migrate.errors import PEER_LOST_ERRNOS, ProtocolError, UffdError
 from migrate.pagestate import PageBitmap
-from migrate.protocol import PEER_LOST_ERRNOS
 from migrate.uffd import Userfaultfd
 
 MODE_CONTINUE = "continue"

@@ -7,7 +7,6 @@ field against the layout before a single byte reaches guest memory.
 
 from __future__ import annotations
 
-import errno
 import socket
 import threading
 from dataclasses import dataclass
@@ -137,11 +136,6 @@ class BatchDecoder:
 DEMAND_MAGIC = b"MGDEMAND"   # opens the demand channel
 PUSH_MAGIC = b"MGPUSH\0\0"   # opens a raw push channel
 DEMAND_TOKEN_BYTES = 16
-
-# How a raw channel ends when its peer's host or the network between went
-# away (the kernel gave up on it), as opposed to a clean end or a local failure.
-PEER_LOST_ERRNOS = frozenset((errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EHOSTDOWN,
-                              errno.ENETDOWN, errno.ENETRESET, errno.ECONNABORTED, errno.ENOTCONN))
 
 
 def set_peer_timeout(sock: socket.socket, seconds: float) -> None:

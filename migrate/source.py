@@ -20,14 +20,14 @@ from dataclasses import dataclass
 import grpc
 
 from migrate._binding import ffi, lib
-from migrate.errors import MigrateError, ProtocolError, fmt_size
+from migrate.errors import PEER_LOST_ERRNOS, MigrateError, ProtocolError, fmt_size
 from migrate.events import Reporter, fault_path_priority
 from migrate.memory import fs_page_size
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PEER_LOST_ERRNOS, PROTOCOL_VERSION, PUSH_MAGIC,
-                              BatchEncoder, channel, set_peer_timeout)
+from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, BatchEncoder,
+                              channel, set_peer_timeout)
 
 LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
 READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
