@@ -347,7 +347,15 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                 f"{e} (the destination may or may not have resumed the guest: the source QEMU stays paused; "
                 f"if the destination guest is not running, resume this one with "
                 f"`python -m migrate.qemu {qmp_path} cont`)") from None
-        src_status = qmp.status()
+        try:
+            src_status = qmp.status()
+        except QemuError as e:
+            # The source QEMU died after the destination guest started: nothing
+            # is lost, its RAM file (which this agent maps) served the rest.
+            src_status = "gone"
+            reporter.event("source-qemu-gone", f"the source QEMU went away during the migration ({e}); the "
+                           "migration finished from its RAM file, the guest runs on the destination",
+                           qmp=qmp_path)
         cap = sender.capture
         info = {"device_state_bytes": len(cap.data), "capture_ms": round(cap.seconds * 1e3, 2),
                 "stop_time": cap.stop_time, "running_time": sender.running_time,

@@ -121,6 +121,26 @@ def test_qemu_guest_survives_a_network_split(guest, split_network):
 
 
 @pytest.mark.timeout(300)
+def test_qemu_guest_survives_its_source_qemu_dying(guest):
+    """SIGKILL the source QEMU as soon as the destination guest runs, with most
+    of its RAM still to come. In QEMU's own post-copy the pages die with that
+    process; here they are in its share=on RAM file, which the source agent
+    maps: the migration finishes, the source agent exits 0 and says the source
+    QEMU went away, and the guest's own check of every page passes."""
+    import migrate_qemu
+    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+                           source_args=("--max-rate", "100M"), kill_source_qemu=True)
+    print({k: res.get(k) for k in ("source_qemu_killed_at_received", "verify", "total_ms")})
+    assert res["source_qemu_killed_at_received"] < MEM_MB * 256 // 2
+    # the destination completed after the source QEMU was gone
+    done = [t for t, who, ev in res["timeline"] if who == "dest" and ev == "completed"]
+    assert done and res["src_stop_time"] + done[0] / 1e3 > res["source_qemu_killed_time"], res["timeline"]
+    assert res["source"]["source_status"] == "gone", res["source"]
+    res["src_status_after"] = "paused"   # it is gone, and it never ran again: the RESUME check below holds
+    _check_migrated(res)
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.huge
 def test_qemu_guest_postcopy_hugetlbfs(guest):
     why = features().why_not("minor_hugetlbfs")

@@ -52,12 +52,14 @@ def ts(e):
 
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
-        split=None):
+        split=None, kill_source_qemu=False):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
     command prefix that enters it; there, its address; cut() and restore() of
-    the link) and cut the link once the destination guest runs."""
+    the link) and cut the link once the destination guest runs.
+    kill_source_qemu: SIGKILL the source QEMU once the destination guest runs
+    and its RAM is still arriving (the source agent serves it from the file)."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -136,6 +138,20 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 lab.log(f"new dest agent: {re_ev.get('message')}")
                 source = StampedProc("source", ["source", "--ram", src_ram, "--to", addr, "--json"])
                 agents.append(source)
+            src_gone = False
+            if kill_source_qemu:
+                # The source QEMU dies after the switchover (QEMU's own post-copy
+                # loses the guest here: its pages live in that process). Its RAM
+                # is a share=on file, which outlives it: the source agent maps
+                # the file and goes on serving the pages the guest still lacks.
+                src_stop, src_resume = events(qs, "STOP"), events(qs, "RESUME")
+                src.kill()
+                src.wait(10)
+                src_gone = True
+                res["source_qemu_killed_time"] = time.time()
+                res["source_qemu_killed_at_received"] = max(
+                    (e.get("received", 0) for e in dest.lines if e.get("event") == "progress"), default=0)
+                lab.log(f"source QEMU killed (pid {src.pid})")
             if split:
                 # The link to the destination goes dead mid-migration (no FIN,
                 # no RST). Both agents give up on each other after 2 s; the
@@ -175,13 +191,14 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             res["guest_verify_local_ms"] = int(v2.group(2)) if v2.group(2) else None
 
             # QEMU's own clocks, from the watching monitors
-            src_stop = events(qs, "STOP")
-            src_resume = events(qs, "RESUME")
+            if not src_gone:
+                src_stop = events(qs, "STOP")
+                src_resume = events(qs, "RESUME")
             dst_resume = events(qd, "RESUME")
             res["src_stop_time"] = ts(src_stop[0]) if src_stop else None
             res["src_resumed"] = bool(src_resume)
             res["dst_resume_time"] = ts(dst_resume[0]) if dst_resume else None
-            res["src_status_after"] = qs.cmd("query-status")["status"]
+            res["src_status_after"] = "gone" if src_gone else qs.cmd("query-status")["status"]
             res["dst_status_after"] = qd.cmd("query-status")["status"]
             if res["src_stop_time"] and res["dst_resume_time"]:
                 res["downtime_ms"] = round((res["dst_resume_time"] - res["src_stop_time"]) * 1e3, 1)
