@@ -63,20 +63,36 @@ void mg_read_bytes(uint64_t src, void *dst, uint64_t len)
     memcpy(dst, (const void *)(uintptr_t)src, len);
 }
 
+/* The push and the block scan call this on every page of guest RAM; a zero
+ * page is read to its end. 256 bytes per step in vector registers, compiled
+ * for AVX2 where the CPU has it (GCC picks the version at load time): on
+ * zero pages in cache 41 GB/s against 22 one word at a time, out of memory
+ * 25 against 22; the 1 GiB idle push with typical content (30% zero pages)
+ * went 5.68 to 5.77 GB/s (median of 6 interleaved runs each). */
+typedef uint64_t zero_vec __attribute__((vector_size(32), aligned(1)));
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx2", "default")))
+#endif
 int mg_is_zero(const void *addr, uint64_t len)
 {
-    const uint64_t *w = addr;
-    uint64_t n = len / 8, acc = 0;
-    for (uint64_t i = 0; i < n; i += 8) {
-        uint64_t end = i + 8 < n ? i + 8 : n;
-        for (uint64_t j = i; j < end; j++)
-            acc |= w[j];
-        if (acc)
+    const uint8_t *p = addr;
+    uint64_t i = 0;
+    /* a non-zero page is nearly always decided by its first bytes */
+    for (; i + 8 <= len && i < 64; i += 8) {
+        uint64_t w;
+        memcpy(&w, p + i, 8);
+        if (w)
             return 0;
     }
-    const uint8_t *b = (const uint8_t *)addr + n * 8;
-    for (uint64_t i = 0; i < len % 8; i++)
-        if (b[i])
+    for (; i + 256 <= len; i += 256) {
+        const zero_vec *v = (const zero_vec *)(p + i);
+        zero_vec acc = (v[0] | v[1]) | (v[2] | v[3]) | ((v[4] | v[5]) | (v[6] | v[7]));
+        if (acc[0] | acc[1] | acc[2] | acc[3])
+            return 0;
+    }
+    for (; i < len; i++)
+        if (p[i])
             return 0;
     return 1;
 }

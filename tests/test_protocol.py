@@ -157,3 +157,20 @@ def test_zero_blocks_of_large_pages_are_found_ahead():
         assert got[p * nb // 8:(p + 1) * nb // 8] == bytes(want), p
     assert got[nb // 8 + 0] >> 7 & 1 and not got[nb // 8 + 1] >> 1 & 1   # blocks 7 and 9 of page 1
     assert got[:nb // 8] == bytes(nb // 8)                               # page 0: not scanned
+
+
+@pytest.mark.timeout(60)
+def test_zero_check_sees_one_byte_anywhere():
+    """mg_is_zero (vectorized, 256 bytes a step after the first 64): one
+    non-zero byte at any offset of a 4 KiB page, or in the tail of a length
+    that is no multiple of the step, at an address that is not aligned."""
+    from migrate._binding import ffi, lib
+    raw = ffi.new("uint8_t[]", 4096 + 64)
+    for shift in (0, 1, 8, 13):
+        base = raw + shift
+        for length in (0, 1, 7, 8, 63, 64, 65, 255, 300, 4095, 4096):
+            assert lib.mg_is_zero(base, length) == 1, (shift, length)
+            for at in range(length):
+                base[at] = 0x80
+                assert lib.mg_is_zero(base, length) == 0, (shift, length, at)
+                base[at] = 0
