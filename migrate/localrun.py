@@ -194,6 +194,8 @@ class LocalMigration:
         for p in self.procs:
             p.kill()
         for path in (self.image, self.sock):
+            if path.startswith("/proc/"):
+                continue   # a memfd's path: it lives as long as its owner's fd
             try:
                 os.unlink(path)
             except FileNotFoundError:

@@ -131,10 +131,47 @@ class RamImage:
         if self.fully_allocated():
             return None
         holes = into or PageBitmap(self.npages)
-        n = lib.mg_find_holes(self.fd, self.size, self.page_size, holes.words, done)
+        if fs_page_size(self.fd) > 4096:
+            n = self._probe_holes(holes, done)
+        else:
+            n = lib.mg_find_holes(self.fd, self.size, self.page_size, holes.words, done)
         if n < 0:
             raise SourceError(f"find the holes in RAM file {self.path}: {os.strerror(-n)}")
         return holes if n else None
+
+    def _probe_holes(self, holes: PageBitmap, done) -> int:
+        """hugetlbfs reports no holes, and reading one allocates a huge page
+        (from a pool that may have none to spare: then the read is SIGBUS).
+        A second, probing mapping of the file, registered with a userfaultfd
+        that fails a missing page instead of allocating it, tells them apart
+        (mg_probe_holes). Registering needs the file open for writing (a
+        read-only file's mappings cannot be registered); nothing is written
+        through it. Returns -errno when the host cannot probe (0 holes)."""
+        from migrate.uffd import Feature, Mode, Userfaultfd
+        rw = addr = uffd = None
+        try:
+            rw = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
+            at = ffi.new("uint64_t *", 0)
+            # no reservation: the probe allocates nothing
+            rc = lib.mg_mmap(0, self.size, lib.MG_PROT_READ, lib.MG_MAP_SHARED | lib.MG_MAP_NORESERVE, rw, 0, at)
+            if rc < 0:
+                raise OSError(-rc, os.strerror(-rc))
+            addr = at[0]
+            uffd = Userfaultfd.create()
+            uffd.api(Feature.SIGBUS)
+            uffd.register(addr, self.size, Mode.MISSING, self.page_size)
+            return lib.mg_probe_holes(addr, self.size, self.page_size, holes.words, done)
+        except (OSError, MigrateError) as e:
+            if done != ffi.NULL:
+                done[0] = self.npages    # none found: every page is read
+            return -(getattr(e, "errno", None) or errno.EOPNOTSUPP)
+        finally:
+            if uffd is not None:
+                uffd.close()
+            if addr is not None:
+                lib.mg_munmap(addr, self.size)
+            if rw is not None:
+                os.close(rw)
 
     @property
     def npages(self) -> int:

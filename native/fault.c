@@ -10,12 +10,17 @@
 #include <linux/userfaultfd.h>
 #include <limits.h>
 #include <poll.h>
+#include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include <stdlib.h>
 #include <string.h>
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22   /* Linux 5.14 */
+#endif
 
 /* ---- bitmaps ---- */
 
@@ -907,6 +912,32 @@ int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes
 {
     int64_t rc = find_holes(fd, size, page_size, holes, done);
     publish(done, size / page_size);        /* pages not found to be holes are read */
+    return rc;
+}
+
+static int64_t probe_holes(uint64_t addr, uint64_t size, uint64_t page_size, uint64_t *holes, uint64_t *done)
+{
+    int64_t found = 0;
+    for (uint64_t p = 0; p < size / page_size; p++) {
+        int rc;
+        do
+            rc = madvise((void *)(uintptr_t)(addr + p * page_size), page_size, MADV_POPULATE_READ);
+        while (rc < 0 && errno == EINTR);
+        if (rc < 0 && errno != EFAULT)
+            return -errno;
+        if (rc < 0) {
+            set_bit(holes, p);
+            found++;
+        }
+        publish(done, p + 1);
+    }
+    return found;
+}
+
+int64_t mg_probe_holes(uint64_t addr, uint64_t size, uint64_t page_size, uint64_t *holes, uint64_t *done)
+{
+    int64_t rc = probe_holes(addr, size, page_size, holes, done);
+    publish(done, size / page_size);
     return rc;
 }
 

@@ -203,6 +203,13 @@ void mg_scan_blocks(struct mg_demand_src *d, uint64_t first, uint64_t count);
  * final (all pages at the end, also on error). Returns how many, 0 where the
  * file system reports no holes, or -errno. */
 int64_t mg_find_holes(int fd, uint64_t size, uint64_t page_size, uint64_t *holes, uint64_t *done);
+/* The same for a file system that reports no holes (hugetlbfs: SEEK_DATA
+ * says every byte is data). addr: the file's first size bytes mapped shared,
+ * read-only, and registered with a userfaultfd in MISSING mode with
+ * UFFD_FEATURE_SIGBUS; this mapping is the caller's probe, no other. A page
+ * not in the file (never written) is then refused (EFAULT) instead of
+ * allocated; a page that is there gets mapped in the probe. Same results. */
+int64_t mg_probe_holes(uint64_t addr, uint64_t size, uint64_t page_size, uint64_t *holes, uint64_t *done);
 /* Returns 0 when the destination closed the channel, -ESHUTDOWN on stop_fd,
  * -EPROTO for a request outside the layout, -errno. */
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd);

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import mmap
 import os
 import signal
 import time
@@ -351,18 +352,18 @@ def test_1gib_pages_go_sparse_on_both_channels(tmp_path, host):
     assert s["wire_bytes"] < s["pages_sent_demand"] * HUGE_1G + s["pages_sent_push"] * HUGE_1G
 
 
-def punch_zero_pages(path: str) -> int:
-    """Turns every all-zero 4 KiB page of the file into a hole (the bytes read
-    the same): a VM's RAM file, where the guest never wrote, looks like this."""
+def punch_zero_pages(path: str, page_size: int = 4096) -> int:
+    """Turns every all-zero page of the file into a hole (the bytes read the
+    same): a VM's RAM file, where the guest never wrote, looks like this."""
     libc = ctypes.CDLL(None, use_errno=True)
     libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
     punched = 0
     fd = os.open(path, os.O_RDWR)
     try:
         size = os.fstat(fd).st_size
-        for off in range(0, size, 4096):
-            if os.pread(fd, 4096, off) == bytes(4096):
-                if libc.fallocate(fd, 3, off, 4096) != 0:   # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+        for off in range(0, size, page_size):
+            if os.pread(fd, page_size, off) == bytes(page_size):
+                if libc.fallocate(fd, 3, off, page_size) != 0:   # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
                     raise OSError(ctypes.get_errno(), "fallocate punch hole")
                 punched += 1
     finally:
@@ -388,6 +389,66 @@ def test_source_leaves_the_holes_of_its_ram_file_unread(tmp_path, host, transpor
     assert g["verified"] is True and g["mismatches"] == 0
     assert d["state"] == "complete" and d["pages_zero"] >= holes > 64 * M // 4096 // 5
     assert s["hole_pages"] >= holes            # every one of them went out unread
+
+
+@pytest.mark.timeout(180)
+def test_a_source_on_hugetlbfs_leaves_never_written_huge_pages_unread(tmp_path, host, huge_pages):
+    """hugetlbfs reports no holes (SEEK_DATA says every byte is data) and
+    reading one allocates a huge page. The source probes for them instead (a
+    userfaultfd that refuses a missing page) and sends them as zero pages
+    unread: its RAM file gains no huge page, and the guest verifies."""
+    need_backing("hugetlbfs", host, huge_pages, 64)   # the guest's 32 and the image's 32
+    fd = os.memfd_create("migrate-test-holes", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    try:
+        path = f"/proc/{os.getpid()}/fd/{fd}"
+        # 4 KiB units 99.9% zero: about 60% of the 2 MiB pages are all zero
+        with LocalMigration(str(tmp_path), 64 * M, backing="hugetlbfs", seed=13, pattern="random", vcpus=2,
+                            zero_fraction=0.999, random_fraction=0.0005, image=path) as lm:
+            lm.make_image()
+            holes = punch_zero_pages(path, 2 * M)
+            blocks = os.fstat(fd).st_blocks
+            out = lm.run(timeout=150)
+            assert os.fstat(fd).st_blocks == blocks, "the source allocated holes of its RAM file"
+    finally:
+        os.close(fd)
+    assert "failed" not in out, out.get("failed")
+    g, d, s = out["guest"], out["dest"], out["source"]
+    assert g["verified"] is True and g["mismatches"] == 0
+    assert 8 < holes < 32
+    assert d["state"] == "complete" and d["pages_zero"] >= holes
+    assert s["hole_pages"] >= holes            # every one of them went out unread
+
+
+@pytest.mark.timeout(60)
+def test_hugetlbfs_holes_are_found_without_allocating_them(huge_pages):
+    """The probe behind the test above, on its own: exact holes of a hugetlbfs
+    file, found at open and when asked, and not one huge page taken for them."""
+    from migrate.source import RamImage
+    if huge_pages < 8:
+        pytest.skip(f"8 free 2 MiB huge pages needed, {huge_pages} could be reserved")
+
+    def free() -> int:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("HugePages_Free:"))
+
+    fd = os.memfd_create("migrate-test-probe", os.MFD_CLOEXEC | os.MFD_HUGETLB)
+    try:
+        os.ftruncate(fd, 8 * 2 * M)
+        mem = mmap.mmap(fd, 8 * 2 * M)          # hugetlbfs has no write(): through a mapping
+        mem[3 * 2 * M + 100] = 1
+        before = free()
+        ram = RamImage(f"/proc/{os.getpid()}/fd/{fd}")
+        try:
+            assert ram.page_size == 2 * M
+            assert [p for p in range(8) if p not in ram.open_holes] == [3]
+            mem[6 * 2 * M] = 2
+            assert [p for p in range(8) if p not in ram.holes()] == [3, 6]
+            assert free() == before - 1          # page 6, written here; the probe took none
+        finally:
+            ram.close()
+            mem.close()
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.timeout(60)
