@@ -78,7 +78,7 @@ def _recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
         if n < 0:
             raise AttachError(f"receive attach message: {os.strerror(-n)}")
         if n == 0:
-            raise AttachError("attach socket closed before the hello")
+            raise AttachProbe("attach socket closed before the hello")
         fds = [c_fds[i] for i in range(nfds[0])]
         head = ffi.buffer(buf, n)[:]
     try:
@@ -266,20 +266,47 @@ def _parse_hello(hello: dict, fds: list[int]) -> dict:
             "reattach": bool(hello.get("reattach", False))}
 
 
+def _answers(path: str) -> bool:
+    """Someone accepts connections on the UNIX socket at path (a probe: it
+    connects and closes without a word, which an agent takes silently)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(path)
+        return True
+    except OSError:
+        return False    # ECONNREFUSED: nobody listens (its agent died)
+    finally:
+        probe.close()
+
+
+class AttachProbe(AttachError):
+    """A connection closed before sending anything (another agent checking
+    whether this socket is live): not an attach, nothing to report."""
+
+
 class AttachListener:
     """The agent's UNIX socket. Owns the socket file and removes it on close()."""
 
     def __init__(self, path: str):
         self.path = path
         if os.path.exists(path):
-            # a stale socket from a dead agent: only replace a socket, never a file
+            # a stale socket from a dead agent: only replace a socket, never a
+            # file, and never the socket of an agent that still answers on it
+            # (its guest re-attaches there if that agent dies)
             import stat
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise AttachError(f"{path} exists and is not a socket: choose another --attach path")
+            if _answers(path):
+                raise AttachError(f"another agent is listening on {path}: stop it, or choose another --attach path")
             os.unlink(path)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(16)
+        try:
+            self.sock.bind(path)
+            self.sock.listen(16)
+        except OSError as e:
+            self.sock.close()
+            raise AttachError(f"attach socket {path}: {e.strerror}") from None
 
     def fileno(self) -> int:
         return self.sock.fileno()

@@ -17,7 +17,7 @@ import time
 import uuid
 
 from migrate import faultpath
-from migrate.attach import AttachedGuest, AttachListener
+from migrate.attach import AttachedGuest, AttachListener, AttachProbe
 from migrate.errors import (PEER_LOST_ERRNOS, AttachError, LayoutMismatch, MigrateError, ProtocolError, UffdError,
                             fmt_size)
 from migrate.events import Reporter, fault_path_priority, percentile, process_usage
@@ -590,7 +590,7 @@ class Destination:
         while not self.closing:
             try:
                 guest = self.listener.accept(timeout=0.5)
-            except TimeoutError:
+            except (TimeoutError, AttachProbe):
                 continue
             except AttachError as e:
                 self.reporter.event("error", f"attach refused: {e}")

@@ -160,13 +160,20 @@ def serve(agent: dst.Destination, listen: str, workers: int = 32,
     """Starts the gRPC server; returns it and the real address (port 0 resolved)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
                          interceptors=[ErrorInterceptor()],
-                         options=CHANNEL_OPTIONS + keepalive_options(agent.source_timeout))
+                         # no SO_REUSEPORT (gRPC's default): a second agent on the same port
+                         # would share its connections, and a source could reach the wrong guest
+                         options=CHANNEL_OPTIONS + keepalive_options(agent.source_timeout)
+                         + [("grpc.so_reuseport", 0)])
     pbg.add_MigrationServicer_to_server(MigrationService(agent, device_state), server)
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:0")
-    bound = server.add_insecure_port(listen)
+    try:
+        bound = server.add_insecure_port(listen)
+    except RuntimeError:   # newer grpcio raises where older ones returned 0
+        bound = 0
     if bound == 0:
-        raise OSError(f"cannot listen on {listen}: address in use or not local")
+        raise OSError(f"cannot listen on {listen}: the port is in use (another agent?) or the address is not "
+                      "this host's")
     server.start()
     return server, f"{host}:{bound}"

@@ -85,6 +85,20 @@ def rpc_error(e: grpc.RpcError, what: str) -> SourceError:
     return SourceError(f"{what}: destination said {code}: {details}")
 
 
+def _check_resolves(target: str) -> None:
+    """A destination whose name does not resolve fails now, saying so (gRPC
+    would retry it for the whole connect timeout and then only say it could
+    not connect). One that resolves but does not answer yet is waited for:
+    the destination agent may still be starting."""
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise SourceError(f"--to {target!r}: use HOST:PORT, as `migrate dest --listen` printed it")
+    try:
+        socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise SourceError(f"cannot resolve the destination host {host!r}: {e.strerror}") from None
+
+
 class RamImage:
     """A RAM file mapped read-only. Owns the fd and the mapping."""
 
@@ -314,6 +328,7 @@ class Source:
     def run(self) -> SourceResult:
         t0 = time.monotonic()
         ram = self.ram
+        _check_resolves(self.target)
         ctl = channel(self.target, "control")
         try:
             grpc.channel_ready_future(ctl).result(timeout=self.connect_timeout)

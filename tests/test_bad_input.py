@@ -124,6 +124,44 @@ def test_second_source_is_refused_while_busy_then_a_new_one_resumes(waiting):
     finish_with_good_source(waiting)
 
 
+@pytest.mark.timeout(120)
+def test_a_second_agent_cannot_take_a_live_agents_port_or_attach_socket(waiting, tmp_path):
+    """gRPC binds with SO_REUSEPORT by default: a second agent on the same port
+    would share the first one's connections, and a source could migrate into
+    the wrong guest. Both the port and the attach socket of a live agent are
+    refused, saying so; the live agent is undisturbed and completes."""
+    from migrate.localrun import Proc
+    other = str(tmp_path / "other.sock")
+    same_port = Proc("dest2", ["dest", "--listen", waiting.address, "--attach", other, "--json"])
+    waiting.procs.append(same_port)      # stopped with the fixture's, should it not exit
+    assert same_port.wait(30) == 2
+    assert same_port.errors() == [f"cannot listen on {waiting.address}: the port is in use (another agent?) or "
+                                  "the address is not this host's"]
+    assert not os.path.exists(other)
+    same_sock = Proc("dest3", ["dest", "--listen", "127.0.0.1:0", "--attach", waiting.sock, "--json"])
+    waiting.procs.append(same_sock)
+    assert same_sock.wait(30) == 2
+    assert same_sock.errors() == [f"cannot start the destination: another agent is listening on {waiting.sock}: "
+                                  "stop it, or choose another --attach path"]
+    assert os.path.exists(waiting.sock)
+    finish_with_good_source(waiting)
+    assert waiting.dest.errors() == []     # its socket's probe was not taken for an attach
+
+
+@pytest.mark.timeout(60)
+def test_a_destination_host_that_does_not_resolve_fails_at_once(tmp_path):
+    image = str(tmp_path / "ram")
+    with open(image, "wb") as f:
+        f.truncate(SIZE)
+    from migrate.localrun import Proc
+    src = Proc("source", ["source", "--ram", image, "--to", "no-such-host.invalid:5000", "--json"])
+    try:
+        assert src.wait(20) == 1
+    finally:
+        src.kill()
+    assert src.errors()[0].startswith("cannot resolve the destination host 'no-such-host.invalid': ")
+
+
 def bad_batch_case(waiting, batch: pb.PageBatch, message: str):
     ch, stub, welcome = open_session(waiting)
     batch.session_id = ""
