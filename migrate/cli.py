@@ -31,6 +31,35 @@ def _buffer(text: str) -> int | None:
     return _size(text)
 
 
+def _seconds(text: str) -> float:
+    """A timeout or period: 0 or more seconds."""
+    try:
+        f = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not f >= 0:   # also NaN
+        raise argparse.ArgumentTypeError(f"{text} seconds: must be 0 or more")
+    return f
+
+
+def _period(text: str) -> float:
+    f = _seconds(text)
+    if f == 0:
+        raise argparse.ArgumentTypeError("0 seconds: a period must be more than 0")
+    return f
+
+
+def _count(text: str) -> int:
+    """A number of things (streams, vCPUs): 1 or more."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n}: must be 1 or more")
+    return n
+
+
 def _fraction(text: str) -> float:
     try:
         f = float(text)
@@ -256,14 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--serve-forever", action="store_true", help="serve one migration after another")
     d.add_argument("--placement", choices=["continue", "copy"], default="continue",
                    help="continue: MINOR faults + UFFDIO_CONTINUE (default); copy: MISSING + UFFDIO_COPY")
-    d.add_argument("--progress-every", type=float, default=0.2, metavar="SECONDS",
+    d.add_argument("--progress-every", type=_period, default=0.2, metavar="SECONDS",
                    help="seconds between `progress` events of a running migration (default 0.2)")
     d.add_argument("--no-prealloc", action="store_true",
                    help="do not allocate the guest's RAM when it attaches (continue placement allocates it "
                    "then, before any source is served, so pages arrive as one copy; this leaves it to the push)")
     d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
-    d.add_argument("--source-timeout", type=float, default=10.0, metavar="SECONDS",
+    d.add_argument("--source-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="drop a source that stops answering for this long, so another can resume: its host or "
                    "the network acknowledges nothing, or a demand request waits with nothing arriving on the "
                    "demand channel (default 10; 0: never, TCP's own minutes)")
@@ -275,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--to", required=True, help="destination HOST:PORT")
     s.add_argument("--page-size", type=_size, default=None, help="default: the RAM file system's page size")
     s.add_argument("--size", type=_size, default=None, help="bytes to serve (default: the file's size)")
-    s.add_argument("--push-streams", type=int, default=2, help="parallel background streams (default 2)")
+    s.add_argument("--push-streams", type=_count, default=2, help="parallel background streams (default 2)")
     s.add_argument("--max-rate", type=_size, default=0, metavar="BYTES",
                    help="limit the background push to BYTES of guest RAM per second, e.g. 500M (demand "
                    "faults are never held back; default: no limit)")
@@ -290,7 +319,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--transport", choices=["raw", "grpc"], default="raw",
                    help="background pages: raw = plain TCP from the RAM mapping, uncompressed (default, for "
                         "fast links); grpc = gRPC streams with zstd (for slow links)")
-    s.add_argument("--dest-timeout", type=float, default=10.0, metavar="SECONDS",
+    s.add_argument("--dest-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="give up on a destination that acknowledges or takes in nothing this long (its host down, "
                    "the network split, the agent hung): this source exits, to be run again once the destination "
                    "is reachable (default 10; 0: TCP's own minutes)")
@@ -308,7 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backing", choices=["tmpfs", "tmpfs-file", "hugetlbfs", "hugetlbfs-file", "hugetlbfs-1g"],
                    default="tmpfs")
     g.add_argument("--pattern", choices=["seq", "random", "hotset"], default="seq")
-    g.add_argument("--vcpus", type=int, default=1)
+    g.add_argument("--vcpus", type=_count, default=1)
     g.add_argument("--name", default="guestsim", help="the name it attaches with (source --guest picks it)")
     g.add_argument("--start-on", choices=["switchover", "attach"], default="switchover",
                    help="start the vCPUs when a source starts serving (default, as a VM resumed on the "
@@ -330,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--size", type=_size, default=1 << 30)
     de.add_argument("--backing", choices=["tmpfs", "hugetlbfs"], default="tmpfs")
     de.add_argument("--pattern", choices=["seq", "random", "hotset"], default="random")
-    de.add_argument("--vcpus", type=int, default=2)
+    de.add_argument("--vcpus", type=_count, default=2)
     de.add_argument("--placement", choices=["continue", "copy"], default="continue")
     de.add_argument("--seed", type=int, default=42)
     de.add_argument("--json", action="store_true")

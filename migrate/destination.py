@@ -540,7 +540,13 @@ class Destination:
         family = socket.AF_INET6 if ":" in demand_host.strip("[]") else socket.AF_INET
         self.demand_listener = socket.socket(family, socket.SOCK_STREAM)
         self.demand_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.demand_listener.bind((demand_host.strip("[]"), 0))
+        try:
+            self.demand_listener.bind((demand_host.strip("[]"), 0))
+        except OSError as e:
+            self.demand_listener.close()
+            self.listener.close()
+            raise MigrateError(f"cannot listen on {demand_host}: {e.strerror} (--listen takes an address of "
+                               "this host, or 0.0.0.0)") from None
         self.demand_listener.listen(16)
         self.demand_port = self.demand_listener.getsockname()[1]
         threading.Thread(target=self._demand_accept_loop, name="demand-accept", daemon=True).start()

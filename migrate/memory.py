@@ -58,11 +58,12 @@ def parse_size(text: str | int) -> int:
     t = text.strip().upper().removesuffix("IB").removesuffix("B")
     mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
     try:
-        if t and t[-1] in mult:
-            return int(float(t[:-1]) * mult[t[-1]])
-        return int(t)
+        n = int(float(t[:-1]) * mult[t[-1]]) if t and t[-1] in mult else int(t)
     except ValueError:
         raise ValueError(f"cannot read {text!r} as a size: use e.g. 256M, 1G or a byte count") from None
+    if n < 0:
+        raise ValueError(f"{text!r}: a size cannot be negative")
+    return n
 
 
 def _check(rc: int, what: str) -> int:

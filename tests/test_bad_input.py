@@ -461,3 +461,37 @@ def test_push_channel_refused_after_the_demand_channel(tmp_path):
         ram.close()
         listener.close()
         server.stop(None)
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("argv,message", [
+    (["source", "--push-streams", "0"], "argument --push-streams: 0: must be 1 or more"),
+    (["source", "--max-rate", "-5"], "argument --max-rate: '-5': a size cannot be negative"),
+    (["source", "--dest-timeout", "-1"], "argument --dest-timeout: -1 seconds: must be 0 or more"),
+    (["dest", "--source-timeout", "nan"], "argument --source-timeout: nan seconds: must be 0 or more"),
+    (["dest", "--progress-every", "0"], "argument --progress-every: 0 seconds: a period must be more than 0"),
+    (["guestsim", "--vcpus", "0"], "argument --vcpus: 0: must be 1 or more"),
+])
+def test_nonsense_numbers_on_the_command_line_are_refused(argv, message, capsys):
+    """Each was taken before: a negative timeout, rate or no stream at all."""
+    from migrate.cli import build_parser
+    need = {"source": ["--ram", "x", "--to", "h:1"], "dest": ["--listen", "127.0.0.1:0", "--attach", "x"],
+            "guestsim": ["--attach", "x", "--size", "1M", "--backing", "tmpfs", "--seed", "1"]}[argv[0]]
+    with pytest.raises(SystemExit) as ei:
+        build_parser().parse_args([argv[0], *need, *argv[1:]])
+    assert ei.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(30)
+def test_a_listen_address_not_of_this_host_says_so(tmp_path):
+    from migrate.localrun import Proc
+    sock = str(tmp_path / "a.sock")
+    p = Proc("dest", ["dest", "--listen", "192.0.2.1:0", "--attach", sock, "--json"])   # TEST-NET-1
+    try:
+        assert p.wait(20) == 2
+    finally:
+        p.kill()
+    assert p.errors() == ["cannot start the destination: cannot listen on 192.0.2.1: Cannot assign requested "
+                          "address (--listen takes an address of this host, or 0.0.0.0)"]
+    assert not os.path.exists(sock)      # nothing left behind
