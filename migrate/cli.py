@@ -133,7 +133,7 @@ def cmd_dest(args) -> int:
                         agent.retire(m)   # its source's Finish is still answered
                         continue
                     # let the source's Finish call be answered before the server goes
-                    m.finish_answered.wait(5 if s["state"] == "complete" else 0.5)
+                    m.finish_answered.wait(5 if s["state"] == "complete" else 2)
                     rep.summary(s, _dest_text(s))
                     status = 0 if s["state"] == "complete" else 1
                     stop.set()

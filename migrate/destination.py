@@ -240,7 +240,12 @@ class Migration:
         self.state = new
         return True
 
-    def fail(self, why: str) -> None:
+    def fail(self, why: str, err: BaseException | None = None) -> None:
+        """err: what raised, if anything. ESRCH from a userfaultfd ioctl means
+        the guest's address space is gone: the guest died, and that is the
+        reason to give (whichever thread noticed first)."""
+        if getattr(err, "errno", None) == errno.ESRCH:
+            why = f"guest process {self.guest.pid} went away before the migration ended"
         with self.lock:
             if not self._move(State.FAILED):
                 return
@@ -325,7 +330,7 @@ class Migration:
             self.reporter.event("error", f"bad push run: {e}", session=self.id)
             self.source_lost(gen, str(e))
         except MigrateError as e:
-            self.fail(f"placing pushed pages: {e}")
+            self.fail(f"placing pushed pages: {e}", e)
         with self.lock:
             if sock in self.push_socks:
                 self.push_socks.remove(sock)
@@ -344,7 +349,7 @@ class Migration:
             why = str(e)
             self.reporter.event("error", f"bad demand reply: {e}", session=self.id)
         except MigrateError as e:
-            self.fail(f"placing a demand reply: {e}")
+            self.fail(f"placing a demand reply: {e}", e)
         with self.lock:
             mine = self.demand_sock is sock
             if mine:
@@ -410,7 +415,7 @@ class Migration:
             while self.space.serve(self.stop_fd, 0, 1000) is not None:
                 pass
         except MigrateError as e:
-            self.fail(f"fault loop: {e}")
+            self.fail(f"fault loop: {e}", e)
 
     # -- placement --------------------------------------------------------
     def receive(self, batch: pb.PageBatch) -> int:
@@ -512,7 +517,7 @@ class Migration:
                                    if self.state is State.DISCONNECTED and self.lost_why else ""))
         return pb.FinishReply(complete=self.state is State.COMPLETE, pages_total=s["pages_total"],
                               pages_demand=s["pages_demand"], pages_pushed=s["pages_pushed"],
-                              pages_zero=s["pages_zero"], error=error)
+                              pages_zero=s["pages_zero"], error=error, failed=self.state is State.FAILED)
 
 
 class Destination:

@@ -103,9 +103,17 @@ class MigrationService(pbg.MigrationServicer):
         try:
             for batch in request_iterator:
                 n += m.receive(batch)
-        except MigrateError as e:
+                if m.error:
+                    # failed here (the guest went away, the kernel refused a
+                    # page): end the stream with the reason, so that its
+                    # source asks Finish now rather than when the server goes
+                    context.abort(grpc.StatusCode.ABORTED, f"the migration failed at the destination: {m.error}")
+        except ProtocolError as e:
             m.reporter.event("error", f"bad push batch: {e}", session=m.id)
             m.source_lost(gen, str(e))
+            raise
+        except MigrateError as e:   # not the batch's fault: the migration cannot go on
+            m.fail(f"placing pushed pages: {e}", e)
             raise
         except grpc.RpcError:
             pass

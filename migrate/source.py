@@ -443,9 +443,11 @@ class Source:
             # arrived is not a failure: Finish says which it was.
             fin = self._finish(stub, sid)
             if not fin.complete:
+                if fin.failed:   # the destination's reason, not what it did to our channels
+                    raise SourceError(f"destination ended session {sid}: {fin.error}")
                 if self.errors:
                     raise self.errors[0]
-                raise SourceError(f"destination did not complete session {sid}: {fin.error or 'no reason given'}")
+                raise SourceError(f"destination did not complete session {sid}: no reason given")
         finally:
             self.stop.set()
             os.eventfd_write(self.stop_fd, 1)

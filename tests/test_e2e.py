@@ -200,6 +200,28 @@ def test_source_killed_mid_migration_then_a_new_source_resumes(tmp_path, host, t
         assert second.lines[0]["event"] == "connected" and "already there" in second.lines[0]["message"]
 
 
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport", ["raw", "grpc"])
+def test_the_guest_dying_mid_migration_ends_both_agents_saying_so(tmp_path, host, transport):
+    """The destination guest is killed mid-migration: nothing is left to
+    migrate into. Whichever destination thread notices first (a CONTINUE into
+    the vanished address space fails with ESRCH, or the attach socket closes),
+    the destination fails the migration naming the guest, and the source exits
+    with the destination's reason rather than with what the destination's
+    teardown did to its channels (it said "push channel: Connection reset by
+    peer")."""
+    with mid_migration(tmp_path, 29, source_args=("--transport", transport)) as (lm, first):
+        pid = lm.guest.p.pid
+        lm.guest.p.kill()
+        lm.guest.p.wait(10)
+        assert lm.dest.wait(30) == 1
+        why = f"guest process {pid} went away before the migration ended"
+        assert lm.dest.errors() == [why]
+        assert lm.dest.summary()["state"] == "failed"
+        assert first.wait(30) == 1
+        assert first.errors() == [f"destination ended session {lm.dest.summary()['session']}: {why}"]
+
+
 @pytest.mark.timeout(180)
 def test_a_source_that_stops_answering_is_dropped_and_a_new_one_resumes(tmp_path, host):
     """The source process freezes mid-migration (SIGSTOP: its kernel still
