@@ -304,7 +304,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
     device state, serve RAM. Returns (SourceResult, info dict). On failure: resumes the source
     QEMU when the destination certainly did not resume the guest, else leaves it
     paused and says what to do."""
-    from migrate.source import Source
+    from migrate.source import DestinationFailed, Source
 
     qmp = QMP(qmp_path)
     try:
@@ -336,6 +336,12 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
             if sender.capture is None:
                 # never paused (or capture_device_state resumed what it paused)
                 raise MigrateError(f"{e} (the source QEMU was not paused: it runs on)") from None
+            if sender.ack is not None and sender.ack.guest_running and isinstance(e, DestinationFailed):
+                raise MigrateError(
+                    f"{e} (the guest ran on the destination and is lost there; the source QEMU stays paused: "
+                    "resuming it would take the VM back to before the migration, after the destination guest's "
+                    "own disk writes and network traffic. Only if that is safe for this VM: "
+                    f"`python -m migrate.qemu {qmp_path} cont`)") from None
             if sender.ack is not None and sender.ack.guest_running:
                 how = "" if "--resume" in str(e) else f": serve the rest with `migrate source --resume {src.session}`"
                 raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \

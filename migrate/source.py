@@ -79,6 +79,11 @@ class SourceError(MigrateError):
     """The migration could not be served; the message says why."""
 
 
+class DestinationFailed(SourceError):
+    """The destination ended the migration for good (its guest died, or the
+    kernel refused a page): no source can finish it."""
+
+
 def rpc_error(e: grpc.RpcError, what: str) -> SourceError:
     code = e.code().name if hasattr(e, "code") else "?"
     details = e.details() if hasattr(e, "details") else str(e)
@@ -444,7 +449,7 @@ class Source:
             fin = self._finish(stub, sid)
             if not fin.complete:
                 if fin.failed:   # the destination's reason, not what it did to our channels
-                    raise SourceError(f"destination ended session {sid}: {fin.error}")
+                    raise DestinationFailed(f"destination ended session {sid}: {fin.error}")
                 if self.errors:
                     raise self.errors[0]
                 raise SourceError(f"destination did not complete session {sid}: no reason given")

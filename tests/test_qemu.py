@@ -141,6 +141,26 @@ def test_qemu_guest_survives_its_source_qemu_dying(guest):
 
 
 @pytest.mark.timeout(300)
+def test_a_destination_qemu_dying_leaves_the_source_paused(guest):
+    """SIGKILL the destination QEMU once its guest runs. The guest is lost
+    there (as in any post-copy); the destination agent fails naming its guest,
+    the source agent exits saying the guest is lost and why the source QEMU
+    stays paused: resuming it would take the VM back behind the destination
+    guest's own I/O, so it is left to a person who knows that is safe."""
+    import migrate_qemu
+    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+                           source_args=("--max-rate", "100M"), kill_dest_qemu=True)
+    print({k: res.get(k) for k in ("dest_rc", "dest_errors", "source_rc", "source_errors", "src_status_after")})
+    assert res["dest_rc"] == 1 and len(res["dest_errors"]) == 1
+    assert res["dest_errors"][0].startswith(f"guest process {res['dst_pid']} went away"), res["dest_errors"]
+    assert res["source_rc"] == 1
+    err = " ".join(res["source_errors"])
+    assert "went away before the migration ended" in err and "is lost there" in err, err
+    assert "the source QEMU stays paused" in err and f"migrate.qemu" in err, err
+    assert res["src_status_after"] in ("paused", "postmigrate") and not res["src_resumed"]
+
+
+@pytest.mark.timeout(300)
 @pytest.mark.huge
 def test_qemu_guest_postcopy_hugetlbfs(guest):
     why = features().why_not("minor_hugetlbfs")

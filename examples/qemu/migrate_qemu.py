@@ -52,14 +52,17 @@ def ts(e):
 
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
-        split=None, kill_source_qemu=False):
+        split=None, kill_source_qemu=False, kill_dest_qemu=False):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
     command prefix that enters it; there, its address; cut() and restore() of
     the link) and cut the link once the destination guest runs.
     kill_source_qemu: SIGKILL the source QEMU once the destination guest runs
-    and its RAM is still arriving (the source agent serves it from the file)."""
+    and its RAM is still arriving (the source agent serves it from the file).
+    kill_dest_qemu: SIGKILL the destination QEMU once its guest runs; returns
+    what the agents said and the source QEMU's state (no VERIFY: the guest is
+    lost)."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -138,6 +141,19 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 lab.log(f"new dest agent: {re_ev.get('message')}")
                 source = StampedProc("source", ["source", "--ram", src_ram, "--to", addr, "--json"])
                 agents.append(source)
+            if kill_dest_qemu:
+                # The destination QEMU dies after the switchover: its guest is
+                # lost, and the source QEMU must stay paused (resuming it would
+                # roll the VM back behind the destination guest's own I/O).
+                dst.kill()
+                dst.wait(10)
+                lab.log(f"destination QEMU killed (pid {dst.pid})")
+                for p in (dest, source):
+                    res[f"{p.name}_rc"] = p.wait(60)
+                    res[f"{p.name}_errors"] = p.errors()
+                res["src_status_after"] = qs.cmd("query-status")["status"]
+                res["src_resumed"] = bool(events(qs, "RESUME"))
+                return res
             src_gone = False
             if kill_source_qemu:
                 # The source QEMU dies after the switchover (QEMU's own post-copy
