@@ -31,43 +31,35 @@ def _buffer(text: str) -> int | None:
     return _size(text)
 
 
-def _seconds(text: str) -> float:
-    """A timeout or period: 0 or more seconds."""
+def _number(text: str, convert, what: str, ok, refused: str):
+    """A command-line number: `what` it should be when it does not parse,
+    `refused` (formatted with the text) when ok() rejects it."""
     try:
-        f = float(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not f >= 0:   # also NaN
-        raise argparse.ArgumentTypeError(f"{text} seconds: must be 0 or more")
-    return f
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+    if not ok(value):   # (NaN fails every comparison, so every check)
+        raise argparse.ArgumentTypeError(refused.format(text))
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A timeout: 0 or more seconds."""
+    return _number(text, float, "a number of seconds", lambda f: f >= 0, "{} seconds: must be 0 or more")
 
 
 def _period(text: str) -> float:
-    f = _seconds(text)
-    if f == 0:
-        raise argparse.ArgumentTypeError("0 seconds: a period must be more than 0")
-    return f
+    return _number(text, float, "a number of seconds", lambda f: f > 0,
+                   "{} seconds: a period must be more than 0")
 
 
 def _count(text: str) -> int:
     """A number of things (streams, vCPUs): 1 or more."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"{n}: must be 1 or more")
-    return n
+    return _number(text, int, "a whole number", lambda n: n >= 1, "{}: must be 1 or more")
 
 
 def _fraction(text: str) -> float:
-    try:
-        f = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
-    if not 0.0 <= f <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
-    return f
+    return _number(text, float, "a number between 0 and 1", lambda f: 0.0 <= f <= 1.0, "{} is not between 0 and 1")
 
 
 def _add_image_args(p):
