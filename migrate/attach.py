@@ -274,8 +274,12 @@ def _answers(path: str) -> bool:
         probe.settimeout(2)
         probe.connect(path)
         return True
-    except OSError:
-        return False    # ECONNREFUSED: nobody listens (its agent died)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False    # nobody listens (its agent died), or it is gone already
+    except TimeoutError:
+        return True     # its backlog is full: an agent that takes no attaches, but is there
+    except OSError as e:
+        raise AttachError(f"cannot tell whether an agent listens on {path}: {e.strerror}") from None
     finally:
         probe.close()
 
