@@ -245,7 +245,7 @@ class Migration:
         the guest's address space is gone: the guest died, and that is the
         reason to give (whichever thread noticed first)."""
         if getattr(err, "errno", None) == errno.ESRCH:
-            why = f"guest process {self.guest.pid} went away before the migration ended"
+            why = self._guest_gone()
         with self.lock:
             if not self._move(State.FAILED):
                 return
@@ -468,7 +468,10 @@ class Migration:
         except OSError:
             pass
         if not self.done.is_set():
-            self.fail(f"guest process {self.guest.pid} went away before the migration ended")
+            self.fail(self._guest_gone())
+
+    def _guest_gone(self) -> str:
+        return f"guest process {self.guest.pid} went away before the migration ended"
 
     # -- results ----------------------------------------------------------
     def progress(self) -> dict:

@@ -336,13 +336,13 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
             if sender.capture is None:
                 # never paused (or capture_device_state resumed what it paused)
                 raise MigrateError(f"{e} (the source QEMU was not paused: it runs on)") from None
-            if sender.ack is not None and sender.ack.guest_running and isinstance(e, DestinationFailed):
-                raise MigrateError(
-                    f"{e} (the guest ran on the destination and is lost there; the source QEMU stays paused: "
-                    "resuming it would take the VM back to before the migration, after the destination guest's "
-                    "own disk writes and network traffic. Only if that is safe for this VM: "
-                    f"`python -m migrate.qemu {qmp_path} cont`)") from None
             if sender.ack is not None and sender.ack.guest_running:
+                if isinstance(e, DestinationFailed):
+                    raise MigrateError(
+                        f"{e} (the guest ran on the destination and is lost there; the source QEMU stays paused: "
+                        "resuming it would take the VM back to before the migration, after the destination "
+                        "guest's own disk writes and network traffic. Only if that is safe for this VM: "
+                        f"`python -m migrate.qemu {qmp_path} cont`)") from None
                 how = "" if "--resume" in str(e) else f": serve the rest with `migrate source --resume {src.session}`"
                 raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \
                     from None

@@ -117,7 +117,9 @@ class RamImage:
         if size is not None and actual < size:
             os.close(self.fd)
             raise SourceError(f"RAM file {path} is {fmt_size(actual)}, shorter than the declared {fmt_size(size)}")
-        self.page_size = page_size or fs_page_size(self.fd)
+        fs_ps = fs_page_size(self.fd)
+        self.page_size = page_size or fs_ps
+        self.on_hugetlbfs = fs_ps > 4096   # reports no holes: they are probed (see holes)
         if self.size == 0 or self.size % self.page_size:
             os.close(self.fd)
             raise SourceError(f"RAM file {path} is {fmt_size(self.size)}: not a positive multiple of the page "
@@ -150,7 +152,7 @@ class RamImage:
         if self.fully_allocated():
             return None
         holes = into or PageBitmap(self.npages)
-        if fs_page_size(self.fd) > 4096:
+        if self.on_hugetlbfs:
             n = self._probe_holes(holes, done)
         else:
             n = lib.mg_find_holes(self.fd, self.size, self.page_size, holes.words, done)

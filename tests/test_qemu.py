@@ -156,7 +156,7 @@ def test_a_destination_qemu_dying_leaves_the_source_paused(guest):
     assert res["source_rc"] == 1
     err = " ".join(res["source_errors"])
     assert "went away before the migration ended" in err and "is lost there" in err, err
-    assert "the source QEMU stays paused" in err and f"migrate.qemu" in err, err
+    assert "the source QEMU stays paused" in err and "migrate.qemu" in err, err
     assert res["src_status_after"] in ("paused", "postmigrate") and not res["src_resumed"]
 
 
