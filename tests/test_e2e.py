@@ -445,14 +445,10 @@ def test_a_source_on_hugetlbfs_leaves_never_written_huge_pages_unread(tmp_path, 
 def test_hugetlbfs_holes_are_found_without_allocating_them(huge_pages):
     """The probe behind the test above, on its own: exact holes of a hugetlbfs
     file, found at open and when asked, and not one huge page taken for them."""
+    from migrate.hugepages import free_pages as free
     from migrate.source import RamImage
     if huge_pages < 8:
         pytest.skip(f"8 free 2 MiB huge pages needed, {huge_pages} could be reserved")
-
-    def free() -> int:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("HugePages_Free:"))
-
     fd = os.memfd_create("migrate-test-probe", os.MFD_CLOEXEC | os.MFD_HUGETLB)
     try:
         os.ftruncate(fd, 8 * 2 * M)
