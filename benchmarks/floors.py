@@ -7,7 +7,9 @@
 - the engine's fast path: a fault on a page that was received but not yet
   mapped, answered by FaultSpace.serve (the destination's C fault loop);
 - the network: raw TCP 4 KiB ping-pong between two processes on loopback and
-  raw TCP loopback bandwidth (tcp_peer.py).
+  raw TCP loopback bandwidth (tcp_peer.py);
+- eager mapping: the engine's mg_map_pages over pages already received, the
+  CPU a push spends on UFFDIO_CONTINUE besides moving bytes.
 
 In the last three the faulting thread is guestsim's C vCPU loop
 (mg_guestsim_run), which runs with the GIL released and times each first
@@ -269,6 +271,46 @@ def fast_path(backing: str, npages: int) -> dict:
         mem.close()
 
 
+def map_cost(npages: int, reps: int = 3) -> dict:
+    """What eager mapping costs the push: the engine's mg_map_pages (one
+    UFFDIO_CONTINUE per run) over npages 4 KiB shmem pages already received
+    into a prepared RAM file, in the push's runs of MG_PUSH_MAX_RUN pages, on
+    one thread (its CPU time). No network and no guest: between repetitions
+    the guest side is zapped (MADV_DONTNEED) so each maps every page again."""
+    import mmap
+
+    from migrate._binding import lib
+    from migrate.faultpath import FaultSpace, SpaceRegion
+    from migrate.memory import GuestMemory
+    from migrate.uffd import Mode, Userfaultfd
+
+    mem = GuestMemory.create("tmpfs", npages * 4096, name="floor-map")
+    uffd = Userfaultfd.create()
+    try:
+        uffd.api()
+        uffd.register(mem.guest_addr, mem.size, Mode.MISSING | Mode.MINOR, 4096)
+        mem.prepare()
+        run, per_page = lib.MG_PUSH_MAX_RUN, []
+        for _ in range(reps):
+            space = FaultSpace(uffd, 4096, npages, [SpaceRegion(mem.guest_addr, 0, npages)], mem.alias_addr)
+            space.received.set(0, npages)
+            t = time.thread_time()
+            mapped = sum(space.map(first, min(run, npages - first)) for first in range(0, npages, run))
+            t = time.thread_time() - t
+            if mapped != npages:
+                raise RuntimeError(f"map floor: mapped {mapped} of {npages} pages")
+            per_page.append(t * 1e9 / npages)
+            if lib.mg_madvise(mem.guest_addr, mem.size, mmap.MADV_DONTNEED) < 0:
+                raise RuntimeError("map floor: MADV_DONTNEED on the guest mapping failed")
+        best = min(per_page)
+        return {"npages": npages, "run_pages": run, "ns_per_page": round(best, 1),
+                "s_per_gib": round(best * ((1 << 30) // 4096) / 1e9, 4), "cpus": len(os.sched_getaffinity(0)),
+                "reps_ns_per_page": [round(x, 1) for x in per_page]}
+    finally:
+        uffd.close()
+        mem.close()
+
+
 # -- network --------------------------------------------------------------------
 class _Peer:
     """tcp_peer.py in its own process, listening on loopback."""
@@ -423,6 +465,9 @@ def run_all(quick: bool, huge_ok: bool, log=print, tiny: bool = False) -> dict:
     if huge_ok:
         out["fast_2m"] = _guarded(log, "fast_2m", lambda: _reps(lambda: fast_path("hugetlbfs", n2m), 4),
                                   n2m + 2)
+    n_map = 4096 if tiny else (1 << 30) // 4096
+    log(f"floor: mapping {n_map} received 4 KiB pages (CONTINUE, no network)")
+    out["map_4k"] = _guarded(log, "map_4k", lambda: map_cost(n_map))
     log("floor: raw TCP 4 KiB ping-pong")
     out["tcp_pingpong"] = _guarded(log, "tcp_pingpong",
                                    lambda: _reps(lambda: tcp_pingpong(n_ping), 4))

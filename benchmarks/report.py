@@ -72,6 +72,12 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
             # not a target: the same push against TCP that reads and writes
             # memory as the push does, rather than one buffer kept in cache
             r[key + "_cold"] = _div(run.get("push_gbps") or run["ram_gbps"], tcp_cold)
+            m = f.get("map_4k", {})
+            if m.get("s_per_gib") and run["dest"].get("push_s"):
+                # not a target: the share of the push's CPU (every CPU busy for
+                # push_s) that mapping the guest's pages takes at the floor's rate
+                r[key.replace("_ratio", "_map_cpu_share")] = _div(
+                    m["s_per_gib"] * run["size"] / (1 << 30), m["cpus"] * run["dest"]["push_s"])
             reps = run.get("push_gbps_reps")
             src[key] = (run["scenario"] + " guest RAM / dest push_s (push channel open to last page)"
                         + (f", best of {', '.join(str(x) for x in reps)} GB/s" if reps else ""))
@@ -199,6 +205,10 @@ def markdown(doc: dict) -> str:
         bw = doc["floors"].get(name)
         if bw and "gbps" in bw:
             lines.append(f"| {name} | {bw['gbps']} GB/s | | | | {', '.join(str(x) + (' (1 CPU)' if c and c.startswith('CPU') else '') for x, c in zip(bw['reps_gbps'], bw.get('reps_cpus') or [None] * 99))} GB/s |")
+    m = doc["floors"].get("map_4k")
+    if m and "ns_per_page" in m:
+        lines.append(f"| map_4k (mapping received pages, one CPU) | {m['ns_per_page']} ns a page, "
+                     f"{m['s_per_gib']} s a GiB | | | | {', '.join(_f(x, 1) for x in m['reps_ns_per_page'])} ns |")
     lines += ["", "## Scenarios", "",
               "Times in seconds (source connect to Finish); `RAM GB/s` = guest RAM / that time; `push GB/s` = guest "
               "RAM / the push window at the destination (first push channel to last page); fault latencies in us. "

@@ -45,6 +45,10 @@ def test_floors_tiny(bench, host):
     assert fl["fast_4k"]["fast"] == fl["fast_4k"]["faults"] > 0, "every fault took the fast path"
     assert fl["tcp_bandwidth"]["gbps"] > 0
     assert fl["tcp_bandwidth_cold"]["gbps"] > 0 and fl["tcp_bandwidth_cold"]["ring"] > fl["tcp_bandwidth"]["chunk"]
+    # every page mapped in each repetition (the floor raises otherwise)
+    assert "error" not in fl["map_4k"], fl["map_4k"].get("error")
+    assert fl["map_4k"]["npages"] == 4096 and len(fl["map_4k"]["reps_ns_per_page"]) == 3
+    assert fl["map_4k"]["ns_per_page"] > 0
 
     ratios, _ = report.ratios(fl, [])
     assert ratios["fast_path_p50_ratio"] > 0
