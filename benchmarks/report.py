@@ -214,7 +214,7 @@ def markdown(doc: dict) -> str:
               "RAM / the push window at the destination (first push channel to last page); fault latencies in us. "
               "`dest` = the agent's request-to-"
               "placement time of demand faults; `guest` = first-access latency of pages the guest waited on "
-              f"(> 3 us). CPU in s per GiB of guest RAM, whole processes (the destination's includes allocating "
+              "(> 3 us). CPU in s per GiB of guest RAM, whole processes (the destination's includes allocating "
               "guest RAM at attach, `prep s`); RSS = peak RssAnon+RssFile in MiB (guest RAM in the "
               "shared file not counted; VmHWM in the JSON).", "",
               "| scenario | ok | s | RAM GB/s | push GB/s | wire GB/s | wire/RAM | faults/GiB | fast | dest p50 | dest p99 | "
