@@ -35,6 +35,9 @@ from migrate.proto import migration_pb2 as pb
 
 DEVSTATE_FD_NAME = "migrate-devstate"
 CHUNK_BYTES = 256 << 10
+# the whole device-state handoff: sending it, and the destination QEMU loading
+# it (reading guest RAM by demand faults) and resuming
+DEVICE_STATE_TIMEOUT = 120.0
 _NO_BANDWIDTH_LIMIT = 1 << 40   # QEMU's default max-bandwidth is 128 MiB/s
 
 
@@ -272,9 +275,12 @@ class DeviceStateSender:
     open and the demand stream is being served. Records what the destination said,
     which decides whether the source QEMU may be resumed after a failure."""
 
-    def __init__(self, capture: Capture | None, reporter: Reporter):
+    def __init__(self, capture: Capture | None, reporter: Reporter, lost=None):
         self.capture = capture
         self.reporter = reporter
+        # () -> the error that says the destination is gone, or None: ends the
+        # wait for the ack (gRPC alone would wait for its deadline)
+        self.lost = lost
         self.sent = False            # the destination may have the stream
         self.ack: pb.DeviceStateAck | None = None
         self.running_time: float | None = None   # when the destination said "running" (time.time())
@@ -287,10 +293,23 @@ class DeviceStateSender:
                 yield pb.DeviceStateChunk(session_id=session_id, data=data[off:off + CHUNK_BYTES])
 
         self.sent = True
+        # The ack comes once the destination QEMU has loaded the state and runs,
+        # which may take long (loading reads guest RAM); a destination found
+        # gone meanwhile (--dest-timeout, on the demand channel) ends the wait.
+        fut = stub.DeviceState.future(chunks(), timeout=DEVICE_STATE_TIMEOUT)
         try:
-            self.ack = stub.DeviceState(chunks(), timeout=120)
+            while True:
+                try:
+                    self.ack = fut.result(timeout=0.1)
+                    break
+                except grpc.FutureTimeoutError:
+                    gone = self.lost() if self.lost is not None else None
+                    if gone is not None:
+                        raise gone from None
         except grpc.RpcError as e:
             raise QemuError(f"device state: destination said {e.code().name}: {e.details()}") from None
+        finally:
+            fut.cancel()   # nothing once it is done
         if not self.ack.guest_running:
             raise QemuError(f"the destination did not resume the guest: {self.ack.error or 'no reason given'}")
         self.running_time = time.time()
@@ -309,7 +328,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
     qmp = QMP(qmp_path)
     try:
         check_shared_ram(qmp, ram.size)
-        sender = DeviceStateSender(None, reporter)
+        sender = DeviceStateSender(None, reporter, lost=lambda: src.dest_lost)
 
         # The background push waits until the destination guest runs: while the
         # destination QEMU loads the device state, the only RAM it needs comes
@@ -349,10 +368,16 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
             if not sender.sent or sender.ack is not None:
                 resume_source(qmp, reporter, f"migration failed before the destination resumed the guest ({e})")
                 raise MigrateError(f"{e} (the source QEMU was resumed)") from None
+            # The destination may have the device state and run the guest, or be
+            # loading it: resuming the session there is safe either way, and it
+            # refuses when the state did not reach it or did not load.
+            how = "" if "--resume" in str(e) else (f"once the destination can be reached, `migrate source "
+                                                    f"--resume {src.session}` serves it the rest; ")
             raise MigrateError(
-                f"{e} (the destination may or may not have resumed the guest: the source QEMU stays paused; "
-                f"if the destination guest is not running, resume this one with "
-                f"`python -m migrate.qemu {qmp_path} cont`)") from None
+                f"{e} (the destination may have the device state, and its guest may run or be about to, so the "
+                f"source QEMU stays paused: {how}only if the destination refuses that resume, because the state "
+                f"did not reach it or did not load, resume this one: `python -m migrate.qemu {qmp_path} cont`)") \
+                from None
         try:
             src_status = qmp.status()
         except QemuError as e:
@@ -378,6 +403,7 @@ class Feed:
     bytes: int = 0
     running: bool = False
     error: str = ""
+    received: bool = False     # every chunk arrived (the source closed its stream)
     load_ms: float = 0.0
     resume_time: float = 0.0   # QEMU's RESUME event (epoch seconds)
     done: threading.Event = field(default_factory=threading.Event)
@@ -428,10 +454,19 @@ class DeviceStateFeeder:
         q, self._qmp = self._qmp, None
         return q
 
-    def guest_running(self, session_id: str) -> bool:
-        """The device state of session_id was fed and its guest runs."""
+    def why_not_resumable(self, session_id: str) -> str | None:
+        """None when a source may resume session_id without device state: its
+        state arrived whole and has not failed to load (it may still be
+        loading: the load reads guest RAM, which only a source can serve, so a
+        source lost during the load is replaced by one that resumes). Else why not."""
         f = self.feeds.get(session_id) if session_id else None
-        return f is not None and f.running
+        if f is None:
+            return "no device state of that session reached this destination"
+        if f.error:
+            return f"the device state of that session did not load here ({f.error})"
+        if not f.received:
+            return "the device state of that session is still arriving"
+        return None
 
     def settled(self, session_id: str) -> bool:
         f = self.feeds.get(session_id)
@@ -452,6 +487,9 @@ class DeviceStateFeeder:
             for c in chunks:
                 data += c.data
             f.bytes = len(data)
+            f.received = True
+            migration.reporter.event("device-state", f"{len(data)} bytes of device state received: the "
+                                     "destination QEMU loads them", session=migration.id, bytes=len(data))
             self._load_and_run(bytes(data), f, migration)
         except MigrateError as e:
             f.error = str(e)

@@ -87,13 +87,21 @@ class MigrationService(pbg.MigrationServicer):
         if request.has_device_state and self.device_state is None:
             raise ProtocolError("the source sends QEMU device state but this destination was started "
                                 "without --qmp: start `migrate dest` with --qmp SOCKET of the destination QEMU")
-        if (self.device_state is not None and not request.has_device_state
-                and not self.device_state.guest_running(request.resume_session)):
-            # a source resuming a session whose guest runs here already (its
-            # first source was lost) serves only the rest of its RAM
-            raise ProtocolError("this destination feeds a QEMU (--qmp) but the source sends no device state: "
-                                "start `migrate source` with --qmp SOCKET of the source QEMU (or, to serve the "
-                                "rest of a session whose guest already runs here, with --resume SESSION)")
+        if self.device_state is not None and not request.has_device_state:
+            # a source resuming a session whose device state is here already
+            # (its first source was lost after sending it) serves only the rest
+            # of its RAM, also while the destination QEMU is still loading it
+            if not request.resume_session:
+                raise ProtocolError("this destination feeds a QEMU (--qmp) but the source sends no device state: "
+                                    "start `migrate source` with --qmp SOCKET of the source QEMU (or, to serve "
+                                    "the rest of a session whose device state is here already, with --resume "
+                                    "SESSION)")
+            why = self.device_state.why_not_resumable(request.resume_session)
+            if why:
+                raise ProtocolError(f"cannot resume session {request.resume_session} without device state: {why}. "
+                                    "The guest does not run here: the paused source QEMU still is the VM (resume "
+                                    "it with `python -m migrate.qemu SOURCE_QMP_SOCKET cont`), or migrate it "
+                                    "again with `migrate source --qmp`")
         return self.agent.open(request)
 
     def Push(self, request_iterator, context):
@@ -140,7 +148,16 @@ class MigrationService(pbg.MigrationServicer):
         if first is None or not first.session_id:
             raise ProtocolError("first DeviceState chunk must name the session")
         m = self.agent.migration(first.session_id)
-        return self.device_state.feed(m, _chain(first, request_iterator))
+        ack = self.device_state.feed(m, _chain(first, request_iterator))
+        if not ack.guest_running and ack.error and not context.is_active():
+            # Nobody takes this ack: the source that sent the state is gone (a
+            # source resuming the session may serve RAM meanwhile). The guest
+            # will not run here, so the migration has failed, and whoever
+            # serves it now hears why.
+            m.fail(f"the destination QEMU did not load the device state of session {m.id} ({ack.error}): "
+                   "the guest does not run here; the paused source QEMU still is the VM: resume it with "
+                   "`python -m migrate.qemu SOURCE_QMP_SOCKET cont`")
+        return ack
 
 
 def keepalive_options(seconds: float) -> list[tuple[str, int]]:

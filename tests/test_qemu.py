@@ -121,6 +121,28 @@ def test_qemu_guest_survives_a_network_split(guest, split_network):
 
 
 @pytest.mark.timeout(300)
+def test_qemu_guest_survives_a_network_split_while_its_device_state_loads(guest, split_network):
+    """The link to the destination goes dead after the destination has the
+    device state, while its QEMU loads it (held there by SIGSTOP). The source
+    cannot know whether the guest runs there: it gives up after --dest-timeout
+    (not the 120 s the device-state call may take), keeps its QEMU paused and
+    says to resume the session. Once the link is back and the load goes on, a
+    new source without --qmp resumes the session (the destination takes it:
+    the state is there, loading); the guest runs there and checks every page."""
+    import migrate_qemu
+    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+                           source_args=("--dest-timeout", "2"), split=split_network, split_during_load=True)
+    print({k: res.get(k) for k in ("first_source_rc", "first_source_exit_s", "first_source_errors", "verify")})
+    assert res["first_source_rc"] == 1
+    assert res["first_source_exit_s"] < 30, res["first_source_exit_s"]
+    err = " ".join(res["first_source_errors"])
+    assert "the destination is gone" in err and "the source QEMU stays paused" in err, err
+    assert "--resume" in err and "only if the destination refuses that resume" in err, err
+    assert res["src_status_after_first_source"] in ("paused", "postmigrate")
+    _check_migrated(res)
+
+
+@pytest.mark.timeout(300)
 def test_qemu_guest_survives_its_source_qemu_dying(guest):
     """SIGKILL the source QEMU as soon as the destination guest runs, with most
     of its RAM still to come. In QEMU's own post-copy the pages die with that

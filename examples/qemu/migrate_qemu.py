@@ -26,6 +26,7 @@ of output repeats the guest's VERIFY line. --json-out writes every measurement.
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 
@@ -52,12 +53,15 @@ def ts(e):
 
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
-        split=None, kill_source_qemu=False, kill_dest_qemu=False):
+        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
     command prefix that enters it; there, its address; cut() and restore() of
     the link) and cut the link once the destination guest runs.
+    split_during_load: cut it instead while the destination QEMU loads the
+    device state (held there by SIGSTOP until the first source has given up),
+    then restore it, let QEMU go on, and resume the session with a new source.
     kill_source_qemu: SIGKILL the source QEMU once the destination guest runs
     and its RAM is still arriving (the source agent serves it from the file).
     kill_dest_qemu: SIGKILL the destination QEMU once its guest runs; returns
@@ -108,6 +112,12 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             res["dst_pid"] = dst.pid
             att = dest.wait_event("attached", 30)
             lab.log(f"dest agent: {att.get('message')}")
+            if split_during_load:
+                # once the agent's QMP connection to it is made, the destination
+                # QEMU freezes: its device-state load waits until it is let go
+                if not any(e.get("event") == "qemu" for e in dest.lines):
+                    dest.wait_event("qemu", 30)
+                os.kill(dst.pid, signal.SIGSTOP)
 
             # 4. source agent
             src_args = ["source", "--qmp", src_agent_qmp, "--ram", src_ram, "--to", addr, "--json",
@@ -116,6 +126,27 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             t_src = time.time()
             source = StampedProc("source", src_args)
             agents.append(source)
+            if split_during_load:
+                # The link goes dead once the destination has the device state,
+                # while its QEMU is (held) loading it: the source cannot know
+                # whether the guest runs there. It gives up after --dest-timeout
+                # and keeps its QEMU paused; once the link is back, a new source
+                # resumes the session and the load, which reads guest RAM, ends.
+                dest.wait_event("device-state", 60)
+                split.cut()
+                t_cut = time.monotonic()
+                lab.log("link to the destination cut while its QEMU loads the device state")
+                res["first_source_rc"] = source.wait(180)
+                res["first_source_exit_s"] = round(time.monotonic() - t_cut, 2)
+                res["first_source_errors"] = source.errors()
+                res["src_status_after_first_source"] = qs.cmd("query-status")["status"]
+                lost = dest.wait_event("disconnected", 60)
+                split.restore()
+                os.kill(dst.pid, signal.SIGCONT)
+                lab.log(f"link restored, destination QEMU let go; dest agent: {lost.get('message')}")
+                source = StampedProc("source", ["source", "--ram", src_ram, "--to", addr, "--resume",
+                                                lost["session"], "--json"])
+                agents.append(source)
             run_ev = dest.wait_event("guest-running", 60)
             # right now, as the destination reports its guest running: the source must be paused
             res["src_status_at_dst_running"] = qs.cmd("query-status")["status"]
@@ -168,7 +199,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 res["source_qemu_killed_at_received"] = max(
                     (e.get("received", 0) for e in dest.lines if e.get("event") == "progress"), default=0)
                 lab.log(f"source QEMU killed (pid {src.pid})")
-            if split:
+            if split and not split_during_load:
                 # The link to the destination goes dead mid-migration (no FIN,
                 # no RST). Both agents give up on each other after 2 s; the
                 # source QEMU stays paused (its guest runs on the destination),

@@ -132,6 +132,10 @@ class Lab:
         if p.poll() is None:
             p.terminate()
             try:
+                os.kill(p.pid, signal.SIGCONT)   # a frozen QEMU (SIGSTOP) takes the SIGTERM now
+            except ProcessLookupError:
+                pass
+            try:
                 p.wait(timeout)
             except subprocess.TimeoutExpired:
                 p.kill()
