@@ -42,3 +42,21 @@ def test_a_source_that_leaves_before_the_end_is_lost():
     m2 = bare_migration()
     m2.source_lost(0, "an older source")   # a replaced source's channels ending
     assert m2.state is State.CONNECTED
+
+
+def test_a_session_resumes_without_device_state_only_while_that_state_is_here():
+    """With --qmp, a source without device state may resume a session whose
+    state arrived whole: loading (a split during the load: the load reads guest
+    RAM, which only a source serves) or loaded. Not one whose state never came,
+    is still arriving, or failed to load: the guest will not run here, and the
+    paused source QEMU is the VM."""
+    from migrate.qemu import DeviceStateFeeder, Feed
+    feeder = DeviceStateFeeder("/nonexistent/qmp.sock", Reporter(False, "dest", quiet=True), wait_qemu=0.1)
+    feeder.feeds.update(loading=Feed(bytes=10, received=True), running=Feed(bytes=10, received=True, running=True),
+                        failed=Feed(bytes=10, received=True, error="QMP getfd: no answer within 60 s"),
+                        arriving=Feed(bytes=4))
+    assert feeder.why_not_resumable("loading") is None
+    assert feeder.why_not_resumable("running") is None
+    assert "did not load here (QMP getfd" in feeder.why_not_resumable("failed")
+    assert "still arriving" in feeder.why_not_resumable("arriving")
+    assert "no device state" in feeder.why_not_resumable("never")
