@@ -275,12 +275,12 @@ class DeviceStateSender:
     open and the demand stream is being served. Records what the destination said,
     which decides whether the source QEMU may be resumed after a failure."""
 
-    def __init__(self, capture: Capture | None, reporter: Reporter, lost=None):
+    def __init__(self, capture: Capture | None, reporter: Reporter, wait=lambda fut: fut.result()):
         self.capture = capture
         self.reporter = reporter
-        # () -> the error that says the destination is gone, or None: ends the
-        # wait for the ack (gRPC alone would wait for its deadline)
-        self.lost = lost
+        # waits for the call's future: Source.wait_rpc ends the wait when the
+        # destination is found gone (gRPC alone would wait for its deadline)
+        self.wait = wait
         self.sent = False            # the destination may have the stream
         self.ack: pb.DeviceStateAck | None = None
         self.running_time: float | None = None   # when the destination said "running" (time.time())
@@ -294,22 +294,11 @@ class DeviceStateSender:
 
         self.sent = True
         # The ack comes once the destination QEMU has loaded the state and runs,
-        # which may take long (loading reads guest RAM); a destination found
-        # gone meanwhile (--dest-timeout, on the demand channel) ends the wait.
-        fut = stub.DeviceState.future(chunks(), timeout=DEVICE_STATE_TIMEOUT)
+        # which may take long (loading reads guest RAM)
         try:
-            while True:
-                try:
-                    self.ack = fut.result(timeout=0.1)
-                    break
-                except grpc.FutureTimeoutError:
-                    gone = self.lost() if self.lost is not None else None
-                    if gone is not None:
-                        raise gone from None
+            self.ack = self.wait(stub.DeviceState.future(chunks(), timeout=DEVICE_STATE_TIMEOUT))
         except grpc.RpcError as e:
             raise QemuError(f"device state: destination said {e.code().name}: {e.details()}") from None
-        finally:
-            fut.cancel()   # nothing once it is done
         if not self.ack.guest_running:
             raise QemuError(f"the destination did not resume the guest: {self.ack.error or 'no reason given'}")
         self.running_time = time.time()
@@ -328,7 +317,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
     qmp = QMP(qmp_path)
     try:
         check_shared_ram(qmp, ram.size)
-        sender = DeviceStateSender(None, reporter, lost=lambda: src.dest_lost)
+        sender = DeviceStateSender(None, reporter, wait=lambda fut: src.wait_rpc(fut))
 
         # The background push waits until the destination guest runs: while the
         # destination QEMU loads the device state, the only RAM it needs comes

@@ -469,12 +469,11 @@ class Source:
                             self.wire_bytes + d.bytes, time.monotonic() - t0, fin, d.zero_blocks,
                             d.prescanned, d.push_zero_blocks, d.hole_pages)
 
-    def _finish(self, stub, sid: str) -> pb.FinishReply:
-        """Asks the destination how the session ended (waiting for it to end,
-        after an error only briefly); a destination found gone meanwhile ends
-        the wait (the gRPC connection would not notice for minutes)."""
-        fut = stub.Finish.future(pb.FinishRequest(session_id=sid, timeout_seconds=5 if self.errors else 120),
-                                 timeout=150)
+    def wait_rpc(self, fut):
+        """The result of a gRPC call's future (its RpcError raised as it is); a
+        destination found gone meanwhile (dest_lost, --dest-timeout on the raw
+        channels) ends the wait, which the gRPC connection would not notice for
+        minutes, and the call is cancelled."""
         try:
             while True:
                 try:
@@ -482,10 +481,17 @@ class Source:
                 except grpc.FutureTimeoutError:
                     if self.dest_lost is not None:
                         raise self.dest_lost from None
+        finally:
+            fut.cancel()   # nothing once it is done
+
+    def _finish(self, stub, sid: str) -> pb.FinishReply:
+        """Asks the destination how the session ended (waiting for it to end,
+        after an error only briefly, and not past a destination found gone)."""
+        try:
+            return self.wait_rpc(stub.Finish.future(
+                pb.FinishRequest(session_id=sid, timeout_seconds=5 if self.errors else 120), timeout=150))
         except grpc.RpcError as e:
             raise (self.errors[0] if self.errors else rpc_error(e, "finish")) from None
-        finally:
-            fut.cancel()
 
     def _channel_error(self, what: str, err: int) -> SourceError:
         """A raw channel that failed with errno err; a destination the kernel
