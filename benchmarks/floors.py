@@ -154,7 +154,7 @@ def _guest_touch(addr: int, size: int, page_size: int, seed: int) -> np.ndarray:
 def python_layer(mode: str, backing: str, npages: int) -> dict:
     """Round trip with a Python handler: poll + read_events + continue_/copy."""
     from migrate.memory import GuestMemory
-    from migrate.ramimage import ImageSpec
+    from migrate.sim.ramimage import ImageSpec
     from migrate.uffd import Mode, Userfaultfd
 
     spec = ImageSpec(SEED, 0.0, 1.0)
@@ -227,16 +227,16 @@ def _receive_all(space, spec, npages: int, ps: int) -> None:
 def fast_path(backing: str, npages: int) -> dict:
     """The engine's minor-fault fast path: pages received (written through the
     alias and recorded) but not mapped; FaultSpace.serve maps each on its fault."""
-    from migrate import faultpath
-    from migrate.faultpath import FaultSpace, SpaceRegion
+    from migrate.dest import faultspace
+    from migrate.dest.faultspace import FaultSpace, SpaceRegion
     from migrate.memory import GuestMemory
-    from migrate.ramimage import ImageSpec
+    from migrate.sim.ramimage import ImageSpec
     from migrate.uffd import Mode, Userfaultfd
 
     spec = ImageSpec(SEED, 0.0, 1.0)
     mem = GuestMemory.create(backing, npages * (HUGE if backing == "hugetlbfs" else 4096), name="floor-fast")
     uffd = Userfaultfd.create()
-    stop_fd = faultpath.make_stop_fd()
+    stop_fd = faultspace.make_stop_fd()
     try:
         ps, size = mem.page_size, mem.size
         uffd.api()
@@ -280,7 +280,7 @@ def map_cost(npages: int, reps: int = 3) -> dict:
     import mmap
 
     from migrate._binding import lib
-    from migrate.faultpath import FaultSpace, SpaceRegion
+    from migrate.dest.faultspace import FaultSpace, SpaceRegion
     from migrate.memory import GuestMemory
     from migrate.uffd import Mode, Userfaultfd
 

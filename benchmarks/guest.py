@@ -1,7 +1,7 @@
 """The benchmark's guest: `migrate guestsim` plus what a benchmark needs to see.
 
 Same attach, same C vCPU threads and byte-for-byte verification as
-migrate.guestsim, and the same summary keys, and in addition:
+migrate.sim.guestsim, and the same summary keys, and in addition:
 - the raw per-page first-access latencies (--lat-out, uint32 ns), so the report
   can draw CDFs and take percentiles over the pages that really faulted;
 - a timeline of guest RAM over time (--timeline-out): pages present in the
@@ -26,12 +26,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # no spinning BLAS threads b
 import numpy as np  # noqa: E402
 
 from migrate._binding import ffi, lib
-from migrate.attach import GuestLink, Region
-from migrate.events import Reporter, percentile
-from migrate.guestsim import PATTERNS
 from migrate.memory import Backing, GuestMemory
-from migrate.ramimage import ImageSpec
+from migrate.report import Reporter, percentile
+from migrate.sim.guestsim import PATTERNS
+from migrate.sim.ramimage import ImageSpec
 from migrate.uffd import Userfaultfd
+from migrate.wire.attach import GuestLink, Region
 
 SAMPLE_S = 0.1
 

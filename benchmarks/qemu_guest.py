@@ -215,7 +215,7 @@ def unavailable() -> str | None:
             if not shutil.which(tool):
                 return f"{tool} not found to build the guest (apt-get install {pkg})"
     try:
-        from migrate.qemu import shim_path
+        from migrate.qemu.shim import shim_path
         shim_path()
     except Exception as e:  # noqa: BLE001 - the reason is the message
         return f"the LD_PRELOAD shim is not built: {e}"

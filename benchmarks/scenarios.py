@@ -1,5 +1,5 @@
 """Whole migrations on loopback: dest, guest and source as separate processes
-(migrate.localrun), measured from outside.
+(migrate.sim.localrun), measured from outside.
 
 Per scenario: the three JSON summaries, wall time, CPU seconds of each process
 (getrusage(RUSAGE_CHILDREN) deltas around each child's reaping: children are
@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from migrate import hugepages
-from migrate.localrun import LocalMigration, Proc
+from migrate.sim.localrun import LocalMigration, Proc
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 HUGE = 2 << 20
@@ -179,7 +179,7 @@ class BenchMigration(LocalMigration):
         self.t_events: dict[str, float] = {}
 
     def start_guest(self, extra: tuple = ()) -> None:
-        from migrate.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION
+        from migrate.sim.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION
         zero, rand = CONTENT[self.sc.content]
         argv = [os.path.join(HERE, "guest.py"), "--attach", self.sock, "--size", str(self.size),
                 "--backing", self.backing, "--seed", str(self.seed), "--pattern", self.pattern,
@@ -286,7 +286,7 @@ class Images:
         return sc.size, sc.content, sc.page_size
 
     def get(self, sc: Scenario) -> str:
-        from migrate.ramimage import ImageSpec, write_image
+        from migrate.sim.ramimage import ImageSpec, write_image
         key = self.key(sc)
         if key not in self.paths:
             zero, rand = CONTENT[sc.content]

@@ -11,8 +11,8 @@ import threading
 import time
 
 from migrate.errors import MigrateError
-from migrate.events import Reporter, process_usage
 from migrate.memory import parse_size
+from migrate.report import Reporter, process_usage
 
 
 def _size(text: str) -> int:
@@ -63,7 +63,7 @@ def _fraction(text: str) -> float:
 
 
 def _add_image_args(p):
-    from migrate.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION
+    from migrate.sim.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION
     p.add_argument("--seed", type=int, required=True, help="the image is reproducible from this alone")
     p.add_argument("--zero-fraction", type=_fraction, default=DEFAULT_ZERO_FRACTION,
                    help=f"share of zero pages (default {DEFAULT_ZERO_FRACTION})")
@@ -72,14 +72,14 @@ def _add_image_args(p):
 
 
 def _spec(args):
-    from migrate.ramimage import ImageSpec
+    from migrate.sim.ramimage import ImageSpec
     return ImageSpec(args.seed, args.zero_fraction, args.random_fraction)
 
 
 # -- dest ---------------------------------------------------------------------
 def cmd_dest(args) -> int:
-    from migrate import service
-    from migrate.destination import Destination
+    from migrate.dest import service
+    from migrate.dest.agent import Destination
 
     rep = Reporter(args.json, "dest")
     host = args.listen.rpartition(":")[0] or "127.0.0.1"
@@ -91,7 +91,7 @@ def cmd_dest(args) -> int:
         return 2
     feeder = None
     if args.qmp:
-        from migrate.qemu import DeviceStateFeeder
+        from migrate.qemu.dest import DeviceStateFeeder
         feeder = DeviceStateFeeder(args.qmp, rep)
     try:
         server, addr = service.serve(agent, args.listen, device_state=feeder)
@@ -164,7 +164,8 @@ def _dest_text(s: dict) -> str:
 
 # -- source -------------------------------------------------------------------
 def cmd_source(args) -> int:
-    from migrate.source import RamImage, Source
+    from migrate.source.ramfile import RamImage
+    from migrate.source.session import Source
 
     rep = Reporter(args.json, "source")
     try:
@@ -179,8 +180,8 @@ def cmd_source(args) -> int:
     vm = {}
     try:
         if args.qmp and not args.resume:
-            from migrate import qemu
-            res, vm = qemu.migrate_vm(args.qmp, ram, args.to, rep, **kw)
+            from migrate.qemu.source import migrate_vm
+            res, vm = migrate_vm(args.qmp, ram, args.to, rep, **kw)
         else:  # (with --resume the device state was delivered already)
             res = Source(ram, args.to, rep, **kw).run()
     except MigrateError as e:
@@ -204,7 +205,7 @@ def cmd_source(args) -> int:
 
 
 def cmd_shim_path(args) -> int:
-    from migrate.qemu import shim_path
+    from migrate.qemu.shim import shim_path
     try:
         print(shim_path())
     except MigrateError as e:
@@ -215,7 +216,7 @@ def cmd_shim_path(args) -> int:
 
 # -- guestsim / mkram -----------------------------------------------------------
 def cmd_guestsim(args) -> int:
-    from migrate import guestsim
+    from migrate.sim import guestsim
 
     rep = Reporter(args.json, "guestsim")
     try:
@@ -231,7 +232,7 @@ def cmd_guestsim(args) -> int:
 
 
 def cmd_mkram(args) -> int:
-    from migrate.ramimage import write_image
+    from migrate.sim.ramimage import write_image
 
     try:
         write_image(args.path, args.size, _spec(args))
@@ -243,22 +244,16 @@ def cmd_mkram(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from migrate import demo
+    from migrate.sim import demo
     return demo.run(args)
 
 
 def cmd_bench(args) -> int:
-    # benchmarks/ lives beside the package in a source tree and is not part of
-    # the wheel: find it there, import it only when asked.
-    import os
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, "benchmarks", "run.py")) and root not in sys.path:
-        sys.path.insert(0, root)
     try:
         from benchmarks import run as bench
     except ImportError as e:
-        print(f"bench: the benchmark harness is not available ({e}): it lives in benchmarks/ of a source "
-              "checkout; run `migrate bench` from there (pip install -e '.[bench]')", file=sys.stderr)
+        print(f"bench: the benchmark harness cannot be imported ({e}): install the bench extra "
+              "(pip install -e '.[bench]')", file=sys.stderr)
         return 2
     # a bench stopped with SIGTERM unwinds like one stopped with ^C: the huge
     # pages it reserved and the processes it started are given back

@@ -6,7 +6,6 @@ from __future__ import annotations
 import errno as _errno
 import os
 
-
 # How a socket ends when its peer's host or the network between went away (the
 # kernel gave up on it), as opposed to a clean end or a local failure.
 PEER_LOST_ERRNOS = frozenset((_errno.ETIMEDOUT, _errno.EHOSTUNREACH, _errno.ENETUNREACH, _errno.EHOSTDOWN,
@@ -68,3 +67,12 @@ class ProtocolError(MigrateError):
 
 class LayoutMismatch(ProtocolError):
     """Source and destination disagree on RAM size or page size."""
+
+
+class SourceError(MigrateError):
+    """The migration could not be served; the message says why."""
+
+
+class DestinationFailed(SourceError):
+    """The destination ended the migration for good (its guest died, or the
+    kernel refused a page): no source can finish it."""

@@ -7,23 +7,24 @@ and one destination that stops answering part way through opening a session."""
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import socket
 import struct
+import subprocess
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
-
 from conftest import need_backing
-from migrate.events import Reporter
-from migrate.localrun import LocalMigration
+
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
-from migrate.source import RamImage, Source, SourceError
+from migrate.report import Reporter
+from migrate.sim.localrun import LocalMigration
+from migrate.source.ramfile import RamImage
+from migrate.source.session import Source, SourceError
+from migrate.wire.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 
 M = 1 << 20
 SIZE = 16 * M
@@ -130,7 +131,7 @@ def test_a_second_agent_cannot_take_a_live_agents_port_or_attach_socket(waiting,
     would share the first one's connections, and a source could migrate into
     the wrong guest. Both the port and the attach socket of a live agent are
     refused, saying so; the live agent is undisturbed and completes."""
-    from migrate.localrun import Proc
+    from migrate.sim.localrun import Proc
     other = str(tmp_path / "other.sock")
     same_port = Proc("dest2", ["dest", "--listen", waiting.address, "--attach", other, "--json"])
     waiting.procs.append(same_port)      # stopped with the fixture's, should it not exit
@@ -153,7 +154,7 @@ def test_a_destination_host_that_does_not_resolve_fails_at_once(tmp_path):
     image = str(tmp_path / "ram")
     with open(image, "wb") as f:
         f.truncate(SIZE)
-    from migrate.localrun import Proc
+    from migrate.sim.localrun import Proc
     src = Proc("source", ["source", "--ram", image, "--to", "no-such-host.invalid:5000", "--json"])
     try:
         assert src.wait(20) == 1
@@ -249,9 +250,9 @@ def test_ram_file_shorter_than_declared(tmp_path, host):
 @pytest.mark.timeout(60)
 def test_guest_ram_file_shorter_than_its_hello(tmp_path, host):
     """The agent refuses an attach whose RAM file is shorter than the declared size."""
-    from migrate.attach import AttachError, Region, attach_guest
     from migrate.memory import GuestMemory
     from migrate.uffd import Userfaultfd
+    from migrate.wire.attach import AttachError, Region, attach_guest
 
     lm = LocalMigration(str(tmp_path), SIZE)
     try:
@@ -311,7 +312,11 @@ def test_source_gone_part_way_through_a_page_leaves_nothing_behind(waiting):
     allocated RAM file a zero page is not written again, so the agent must wipe
     what arrived when it gives the page back."""
     from migrate._binding import lib
-    from migrate.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION, ImageSpec
+    from migrate.sim.ramimage import (
+        DEFAULT_RANDOM_FRACTION,
+        DEFAULT_ZERO_FRACTION,
+        ImageSpec,
+    )
     spec = ImageSpec(waiting.seed, DEFAULT_ZERO_FRACTION, DEFAULT_RANDOM_FRACTION)
     ch, demand, asked, _ = liar_demand_channel(waiting)
     zero_page = next(p for p in range(NPAGES) if p != asked and
@@ -485,7 +490,7 @@ def test_nonsense_numbers_on_the_command_line_are_refused(argv, message, capsys)
 
 @pytest.mark.timeout(30)
 def test_a_listen_address_not_of_this_host_says_so(tmp_path):
-    from migrate.localrun import Proc
+    from migrate.sim.localrun import Proc
     sock = str(tmp_path / "a.sock")
     p = Proc("dest", ["dest", "--listen", "192.0.2.1:0", "--attach", sock, "--json"])   # TEST-NET-1
     try:

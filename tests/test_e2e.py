@@ -11,9 +11,9 @@ import signal
 import time
 
 import pytest
-
 from conftest import need_backing
-from migrate.localrun import LocalMigration
+
+from migrate.sim.localrun import LocalMigration
 
 M = 1 << 20
 
@@ -122,7 +122,7 @@ def test_serve_forever_answers_finish_after_the_session_is_retired(tmp_path, hos
     agent retired the session first: seen as a flaky failure of the test above)."""
     from migrate.proto import migration_pb2 as pb
     from migrate.proto import migration_pb2_grpc as pbg
-    from migrate.protocol import channel
+    from migrate.wire.protocol import channel
     with LocalMigration(str(tmp_path), 32 * M, seed=23, pattern="random", vcpus=2) as lm:
         lm.make_image()
         lm.start_dest(("--serve-forever",))
@@ -446,7 +446,7 @@ def test_hugetlbfs_holes_are_found_without_allocating_them(huge_pages):
     """The probe behind the test above, on its own: exact holes of a hugetlbfs
     file, found at open and when asked, and not one huge page taken for them."""
     from migrate.hugepages import free_pages as free
-    from migrate.source import RamImage
+    from migrate.source.ramfile import RamImage
     if huge_pages < 8:
         pytest.skip(f"8 free 2 MiB huge pages needed, {huge_pages} could be reserved")
     fd = os.memfd_create("migrate-test-probe", os.MFD_CLOEXEC | os.MFD_HUGETLB)
@@ -473,7 +473,7 @@ def test_hugetlbfs_holes_are_found_without_allocating_them(huge_pages):
 def test_holes_are_found_as_the_ram_file_is_when_asked(tmp_path):
     """The source finds holes when its RAM no longer changes (the push gate):
     a page written after the image was opened is data by then."""
-    from migrate.source import RamImage
+    from migrate.source.ramfile import RamImage
     path = f"/dev/shm/migrate-holes-{os.getpid()}"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

@@ -20,7 +20,7 @@ def test_non_editable_install_imports_and_migrates(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(target))
     probe = subprocess.run([sys.executable, "-c", (
         "import migrate, migrate._native, os\n"
-        "from migrate.qemu import shim_path\n"
+        "from migrate.qemu.shim import shim_path\n"
         "assert os.path.exists(shim_path()), shim_path()\n"
         "print(migrate.__file__)\n")], capture_output=True, text=True, env=env, cwd=str(tmp_path), timeout=60)
     assert probe.returncode == 0, probe.stderr

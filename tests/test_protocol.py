@@ -10,8 +10,8 @@ import sys
 import pytest
 
 from migrate.pagestate import PageBitmap
-from migrate.protocol import BatchDecoder, BatchEncoder
-from migrate.source import Scheduler
+from migrate.source.scheduler import Scheduler
+from migrate.wire.protocol import BatchDecoder, BatchEncoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -90,7 +90,13 @@ def test_push_send_buffer_follows_the_round_trip_or_what_was_asked():
     leaves autotuning alone (the buffer stays what the kernel chose)."""
     import socket
 
-    from migrate.source import PUSH_BUFFER_MAX, PUSH_BUFFER_MIN, PUSH_BUFFER_RATE, push_send_buffer, tcp_rtt_us
+    from migrate.source.push import (
+        PUSH_BUFFER_MAX,
+        PUSH_BUFFER_MIN,
+        PUSH_BUFFER_RATE,
+        push_send_buffer,
+    )
+    from migrate.wire.tcp import tcp_rtt_us
 
     ls = socket.create_server(("127.0.0.1", 0))
     try:
@@ -131,7 +137,7 @@ def test_zero_blocks_of_large_pages_are_found_ahead():
     """mg_scan_blocks: one bit per 4 KiB block, LSB first, set exactly where the
     block is all zero (a zero byte at either end of a block is not enough)."""
     from migrate._binding import ffi, lib
-    from migrate.ramimage import ImageSpec
+    from migrate.sim.ramimage import ImageSpec
     ps, npages, bs = 2 << 20, 3, lib.MG_BLOCK
     nb = ps // bs
     ram = ffi.new("uint8_t[]", ps * npages)

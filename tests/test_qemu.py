@@ -211,8 +211,8 @@ def test_source_qemu_resumed_when_destination_refuses(guest, tmp_path):
     never stops."""
     from qemu_lab import Lab
 
-    from migrate.localrun import Proc
-    from migrate.qemu import QMP
+    from migrate.qemu.qmp import QMP
+    from migrate.sim.localrun import Proc
 
     with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
         ram = lab.shm_path("migrate-refused")
@@ -255,8 +255,8 @@ def test_source_qemu_resumed_when_destination_cannot_load(guest, tmp_path):
     its guest is intact."""
     from qemu_lab import Lab
 
-    from migrate.localrun import Proc
-    from migrate.qemu import shim_path
+    from migrate.qemu.shim import shim_path
+    from migrate.sim.localrun import Proc
 
     with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
         src_ram, dst_ram = lab.shm_path("migrate-src-bad"), lab.shm_path("migrate-dst-bad")

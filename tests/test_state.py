@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import threading
 
-from migrate.destination import Migration, State
-from migrate.events import Reporter
+from migrate.dest.session import Migration, State
+from migrate.report import Reporter
 
 
 def bare_migration() -> Migration:
@@ -50,7 +50,7 @@ def test_a_session_resumes_without_device_state_only_while_that_state_is_here():
     RAM, which only a source serves) or loaded. Not one whose state never came,
     is still arriving, or failed to load: the guest will not run here, and the
     paused source QEMU is the VM."""
-    from migrate.qemu import DeviceStateFeeder, Feed
+    from migrate.qemu.dest import DeviceStateFeeder, Feed
     feeder = DeviceStateFeeder("/nonexistent/qmp.sock", Reporter(False, "dest", quiet=True), wait_qemu=0.1)
     feeder.feeds.update(loading=Feed(bytes=10, received=True), running=Feed(bytes=10, received=True, running=True),
                         failed=Feed(bytes=10, received=True, error="QMP getfd: no answer within 60 s"),

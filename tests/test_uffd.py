@@ -12,10 +12,10 @@ import sys
 import threading
 
 import pytest
-
 from conftest import MEMORY_TYPES, need_backing
+
 from migrate._binding import ffi, lib
-from migrate.attach import AttachListener
+from migrate.dest.attach import AttachListener
 from migrate.errors import AlignmentError, MemoryBackendError, UffdError
 from migrate.memory import GuestMemory
 from migrate.uffd import Mode, Resolution, Userfaultfd

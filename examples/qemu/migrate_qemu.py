@@ -35,9 +35,8 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.abspath(os.path.join(HERE, "..", "..")))
 from qemu_lab import Lab  # noqa: E402
 
-from migrate.localrun import Proc  # noqa: E402
-from migrate.qemu import shim_path  # noqa: E402
-
+from migrate.qemu.shim import shim_path  # noqa: E402
+from migrate.sim.localrun import Proc  # noqa: E402
 
 # localrun.Proc stamps every event with the wall-clock time it was read ("_t").
 StampedProc = Proc

@@ -23,7 +23,11 @@ from collections import Counter, OrderedDict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from qemu_lab import Lab  # noqa: E402
-from uffd_logger import FaultLogger, UFFD_PAGEFAULT_FLAG_MINOR, UFFD_PAGEFAULT_FLAG_WRITE  # noqa: E402
+from uffd_logger import (  # noqa: E402
+    UFFD_PAGEFAULT_FLAG_MINOR,
+    UFFD_PAGEFAULT_FLAG_WRITE,
+    FaultLogger,
+)
 
 
 def ranges(offs, ps):

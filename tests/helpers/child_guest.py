@@ -7,9 +7,9 @@ import json
 import sys
 
 from migrate._binding import ffi, lib
-from migrate.attach import Region, attach_guest
 from migrate.memory import GuestMemory
 from migrate.uffd import Userfaultfd
+from migrate.wire.attach import Region, attach_guest
 
 
 def main():

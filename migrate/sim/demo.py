@@ -9,7 +9,7 @@ import tempfile
 
 from migrate import hugepages
 from migrate.errors import fmt_size
-from migrate.localrun import LocalMigration
+from migrate.sim.localrun import LocalMigration
 
 
 def run(args) -> int:

@@ -1,8 +1,7 @@
-"""The destination agent: adopts attached guests, serves their faults, places
-pages from the source, and ends each migration when every page is mapped.
-
-One `Migration` per guest, with an explicit state machine. The gRPC servicer
-(migrate.service) is thin and delegates here.
+"""One guest being filled on the destination: `Migration`, its state machine
+(`State`, `TRANSITIONS`, and the thread that may move each transition), the
+source it is bound to and its demand and push channels, and the end of the
+migration when every page is received and mapped.
 """
 
 from __future__ import annotations
@@ -16,19 +15,31 @@ import threading
 import time
 import uuid
 
-from migrate import faultpath
-from migrate.attach import AttachedGuest, AttachListener, AttachProbe
-from migrate.errors import (PEER_LOST_ERRNOS, AttachError, LayoutMismatch, MigrateError, ProtocolError, UffdError,
-                            fmt_size)
-from migrate.events import Reporter, fault_path_priority, percentile, process_usage
-from migrate.faultpath import FaultSpace, SpaceRegion
+from migrate._binding import lib
+from migrate.dest import faultspace
+from migrate.dest.attach import AttachedGuest
+from migrate.dest.faultspace import FaultSpace, SpaceRegion
+from migrate.errors import (
+    PEER_LOST_ERRNOS,
+    AttachError,
+    LayoutMismatch,
+    MigrateError,
+    ProtocolError,
+    UffdError,
+    fmt_size,
+)
+from migrate.host import fault_path_priority
 from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
-from migrate._binding import lib
-from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PROTOCOL_VERSION, PUSH_MAGIC,
-                              BatchDecoder, set_peer_timeout)
+from migrate.report import Reporter, percentile, process_usage
 from migrate.uffd import Mode, Userfaultfd
+from migrate.wire.protocol import (
+    DEFAULT_BATCH_BYTES,
+    DEMAND_TOKEN_BYTES,
+    PROTOCOL_VERSION,
+    BatchDecoder,
+)
 
 
 class BusyError(MigrateError):
@@ -40,17 +51,6 @@ class NoGuestError(MigrateError):
 
 
 DEMAND_CONNECT_TIMEOUT = 15.0
-ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
-
-
-def tcp_silent_s(sock: socket.socket) -> float | None:
-    """Seconds since the kernel last received data on a TCP socket (tcp_info
-    tcpi_last_data_recv); None where it cannot be read."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except OSError:
-        return None
-    return int.from_bytes(info[52:56], "little") / 1e3 if len(info) >= 56 else None
 
 
 class State(enum.Enum):
@@ -101,7 +101,7 @@ class Migration:
     """One guest being filled. Owns the guest's descriptors, the alias mapping,
     the fault space and the fault thread."""
 
-    def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultpath.MODE_CONTINUE,
+    def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultspace.MODE_CONTINUE,
                  prepare: bool = True, source_timeout: float = 0):
         self.id = uuid.uuid4().hex[:12]
         self.guest = guest
@@ -135,7 +135,7 @@ class Migration:
             self._teardown()
             raise
         guest.ack()
-        if prepare and mode == faultpath.MODE_CONTINUE:
+        if prepare and mode == faultspace.MODE_CONTINUE:
             self._prepare()
 
     def _prepare(self) -> None:
@@ -170,13 +170,13 @@ class Migration:
             if not (g.reattach and e.errno == errno.EINVAL):
                 raise
         self.mem = GuestMemory.from_fd(os.dup(g.ram_fd), g.ram_size, g.page_size)
-        mode = Mode.MISSING if self.mode == faultpath.MODE_COPY else Mode.MISSING | Mode.MINOR
+        mode = Mode.MISSING if self.mode == faultspace.MODE_COPY else Mode.MISSING | Mode.MINOR
         regions = []
         for r in g.regions:
             self.uffd.register(r.guest_addr, r.length, mode, g.page_size)
             regions.append(SpaceRegion(r.guest_addr, r.offset // g.page_size, r.length // g.page_size))
         self.space = FaultSpace(self.uffd, g.page_size, self.npages, regions,
-                                0 if self.mode == faultpath.MODE_COPY else self.mem.alias_addr, self.mode,
+                                0 if self.mode == faultspace.MODE_COPY else self.mem.alias_addr, self.mode,
                                 ram_fd=self.mem.fd)
         # file pages no region maps can never fault: nothing to map for them
         covered = PageBitmap(self.npages)
@@ -187,7 +187,7 @@ class Migration:
         if g.reattach:
             self._adopt_prior_pages(regions)
         self.decoder = BatchDecoder(self.npages, g.page_size)
-        self.stop_fd = faultpath.make_stop_fd()
+        self.stop_fd = faultspace.make_stop_fd()
         self.fault_thread = threading.Thread(target=self._fault_loop, name=f"faults-{self.id}", daemon=True)
         self.fault_thread.start()
         self.monitor = threading.Thread(target=self._watch_guest, name=f"guest-{self.id}", daemon=True)
@@ -521,177 +521,4 @@ class Migration:
         return pb.FinishReply(complete=self.state is State.COMPLETE, pages_total=s["pages_total"],
                               pages_demand=s["pages_demand"], pages_pushed=s["pages_pushed"],
                               pages_zero=s["pages_zero"], error=error, failed=self.state is State.FAILED)
-
-
-class Destination:
-    """The agent: an attach listener plus the migrations it adopted."""
-
-    def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
-                 mode: str = faultpath.MODE_CONTINUE, demand_host: str = "127.0.0.1", prepare: bool = True,
-                 source_timeout: float = 0):
-        self.reporter = reporter
-        self.prepare = prepare
-        self.source_timeout = source_timeout
-        self.serve_forever = serve_forever
-        self.mode = mode
-        self.listener = AttachListener(attach_path)
-        self.migrations: dict[str, Migration] = {}
-        # what Finish answers for migrations retired (serve-forever) before
-        # their source asked: the last ENDED_KEPT of them
-        self.ended: dict[str, pb.FinishReply] = {}
-        self.lock = threading.Lock()
-        self.changed = threading.Condition(self.lock)
-        self.closing = False
-        self.accept_thread = threading.Thread(target=self._accept_loop, name="attach", daemon=True)
-        # The demand channel: plain TCP, one connection per source, opened with
-        # the token its Welcome carried.
-        family = socket.AF_INET6 if ":" in demand_host.strip("[]") else socket.AF_INET
-        self.demand_listener = socket.socket(family, socket.SOCK_STREAM)
-        self.demand_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            self.demand_listener.bind((demand_host.strip("[]"), 0))
-        except OSError as e:
-            self.demand_listener.close()
-            self.listener.close()
-            raise MigrateError(f"cannot listen on {demand_host}: {e.strerror} (--listen takes an address of "
-                               "this host, or 0.0.0.0)") from None
-        self.demand_listener.listen(16)
-        self.demand_port = self.demand_listener.getsockname()[1]
-        threading.Thread(target=self._demand_accept_loop, name="demand-accept", daemon=True).start()
-
-    def start(self) -> None:
-        """Starts taking attaches (after the caller reported where it listens)."""
-        self.accept_thread.start()
-
-    def _demand_accept_loop(self):
-        while not self.closing:
-            try:
-                conn, peer = self.demand_listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._demand_hello, args=(conn, peer), daemon=True).start()
-
-    def _demand_hello(self, conn: socket.socket, peer) -> None:
-        conn.settimeout(10)
-        try:
-            hello = b""
-            want = len(DEMAND_MAGIC) + DEMAND_TOKEN_BYTES
-            while len(hello) < want:
-                chunk = conn.recv(want - len(hello))
-                if not chunk:
-                    raise OSError("closed during the demand hello")
-                hello += chunk
-        except OSError as e:
-            self.reporter.event("error", f"demand channel from {peer}: {e}")
-            conn.close()
-            return
-        magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
-        m = next((m for m in list(self.migrations.values())
-                  if m.demand_token and secrets.compare_digest(m.demand_token, token)), None)
-        if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
-            self.reporter.event("error", f"channel from {peer} with an unknown magic or token: closed")
-            conn.close()
-            return
-        conn.settimeout(None)
-        set_peer_timeout(conn, self.source_timeout)
-        if magic == DEMAND_MAGIC:
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            m.attach_demand(conn)
-        else:
-            m.attach_push(conn)
-
-    def _accept_loop(self):
-        while not self.closing:
-            try:
-                guest = self.listener.accept(timeout=0.5)
-            except (TimeoutError, AttachProbe):
-                continue
-            except AttachError as e:
-                self.reporter.event("error", f"attach refused: {e}")
-                continue
-            except OSError:
-                if self.closing:
-                    return
-                raise
-            with self.lock:
-                busy = not self.serve_forever and self.migrations
-            if busy:
-                guest.nack("this destination serves one migration (start it with --serve-forever for more)")
-                guest.close()
-                continue
-            try:
-                m = Migration(guest, self.reporter, self.mode, self.prepare, self.source_timeout)
-            except MigrateError as e:
-                self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
-                continue
-            with self.changed:
-                self.migrations[m.id] = m
-                self.changed.notify_all()
-            self.reporter.event("attached", f"guest pid {guest.pid}: {fmt_size(guest.ram_size)} in "
-                                f"{m.npages} pages of {fmt_size(guest.page_size)}, session {m.id}",
-                                session=m.id, pid=guest.pid, ram_size=guest.ram_size, page_size=guest.page_size,
-                                prepare_s=m.prepare_s)
-
-    # -- called by the gRPC service ---------------------------------------
-    def open(self, hello: pb.Hello, wait: float = 30.0) -> pb.Welcome:
-        deadline = time.monotonic() + wait
-        with self.changed:
-            while True:
-                if hello.resume_session:
-                    m = self.migrations.get(hello.resume_session)
-                    if m is None:
-                        raise NoGuestError(f"no session {hello.resume_session} here to resume")
-                    break
-                free = [m for m in self.migrations.values() if m.state in (State.ATTACHED, State.DISCONNECTED)
-                        and (not hello.guest or m.guest.name == hello.guest)]
-                if free:
-                    m = free[0]
-                    break
-                live = [m for m in self.migrations.values() if m.state is State.CONNECTED
-                        and (not hello.guest or m.guest.name == hello.guest)]
-                if live and not self.serve_forever:
-                    raise BusyError(f"destination is busy: migration {live[0].id} already has a source")
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    which = f"named {hello.guest!r} " if hello.guest else ""
-                    raise NoGuestError(f"no guest {which}attached to {self.listener.path} within {wait:.0f} s: "
-                                       "start the guest (migrate guestsim or QEMU with the shim) first")
-                self.changed.wait(left)
-        return m.connect(hello, self.demand_port)
-
-    def finish(self, session_id: str, timeout: float | None) -> pb.FinishReply:
-        """The source's Finish: waits up to timeout for the migration to end."""
-        with self.lock:
-            m = self.migrations.get(session_id)
-            ended = self.ended.get(session_id)
-        if m is None and ended is not None:
-            return ended
-        m = m or self.migration(session_id)
-        m.done.wait(timeout)
-        reply = m.finish_reply()
-        m.finish_answered.set()
-        return reply
-
-    def retire(self, m: Migration) -> None:
-        """Drops an ended migration (serve-forever), keeping what Finish
-        answers for it: its source may ask after this."""
-        reply = m.finish_reply()
-        with self.lock:
-            self.ended[m.id] = reply
-            while len(self.ended) > ENDED_KEPT:
-                self.ended.pop(next(iter(self.ended)))
-            self.migrations.pop(m.id, None)
-        m.close()
-
-    def migration(self, session_id: str) -> Migration:
-        m = self.migrations.get(session_id)
-        if m is None:
-            raise NoGuestError(f"unknown session {session_id!r}: call Open first")
-        return m
-
-    def close(self):
-        self.closing = True
-        self.listener.close()
-        self.demand_listener.close()
-        for m in list(self.migrations.values()):
-            m.close()
+from migrate.wire.tcp import tcp_silent_s

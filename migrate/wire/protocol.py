@@ -1,13 +1,9 @@
-"""The wire protocol's rules in code: version, limits, and PageBatch encoding.
-
-proto/migration.proto is the contract; proto/README.md shows the sequence.
-Encoding decides zero pages (flags only) and compression; decoding checks every
-field against the layout before a single byte reaches guest memory.
-"""
+"""The wire protocol's rules in code: version, limits, gRPC channel options,
+PageBatch encoding, and the magics that open the plain TCP channels.
+proto/migration.proto is the contract; proto/README.md shows the sequence."""
 
 from __future__ import annotations
 
-import socket
 import threading
 from dataclasses import dataclass
 
@@ -23,7 +19,6 @@ MAX_MESSAGE = 64 << 20
 DEFAULT_BATCH_BYTES = 1 << 20
 MIN_BATCH_BYTES = 256 << 10
 ZSTD_LEVEL = -3   # zstd's fast levels: same ratio on guest pages here, ~3x the speed of level 1
-
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
     ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -136,23 +131,3 @@ class BatchDecoder:
 DEMAND_MAGIC = b"MGDEMAND"   # opens the demand channel
 PUSH_MAGIC = b"MGPUSH\0\0"   # opens a raw push channel
 DEMAND_TOKEN_BYTES = 16
-
-
-def set_peer_timeout(sock: socket.socket, seconds: float) -> None:
-    """Makes the kernel give up on a peer that acknowledges nothing for about
-    `seconds`: data left unacknowledged that long (TCP_USER_TIMEOUT) or, on a
-    quiet connection, keepalive probes left unanswered. A peer whose host died
-    or whose network split then ends the channel with ETIMEDOUT (or the
-    network's own error) instead of TCP retrying for a quarter of an hour, or,
-    on a channel with nothing to send, waiting for ever. A peer whose process
-    hangs on a live host still acknowledges: that the caller has to notice.
-    seconds <= 0 leaves the kernel's defaults."""
-    if seconds <= 0:
-        return
-    idle = max(1, int(seconds / 2))
-    interval = max(1, int(seconds / 4))
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, -(-int(seconds - idle) // interval)))
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))

@@ -1,5 +1,5 @@
 """The gRPC face of the destination: thin handlers that delegate to
-migrate.destination, and one interceptor that turns exceptions into status codes.
+migrate.dest.agent, and one interceptor that turns exceptions into status codes.
 """
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from concurrent import futures
 
 import grpc
 
-from migrate import destination as dst
+from migrate.dest import agent as dst
 from migrate.errors import LayoutMismatch, MigrateError, ProtocolError
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import CHANNEL_OPTIONS
+from migrate.wire.protocol import CHANNEL_OPTIONS
 
 _CODES = [
     (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
@@ -81,7 +81,7 @@ def _first(request_iterator, what: str) -> pb.PageBatch:
 class MigrationService(pbg.MigrationServicer):
     def __init__(self, agent: dst.Destination, device_state=None):
         self.agent = agent
-        self.device_state = device_state   # migrate.qemu.DeviceStateFeeder with --qmp
+        self.device_state = device_state   # migrate.qemu.dest.DeviceStateFeeder with --qmp
 
     def Open(self, request, context):
         if request.has_device_state and self.device_state is None:

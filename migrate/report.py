@@ -1,13 +1,10 @@
-"""What a command tells the person or program running it.
-
-With --json every event is one JSON line on stdout; otherwise a line of human
-text on stderr. The last line of a summary-producing command is its summary.
-"""
+"""What a command tells the person or program running it, and the numbers it
+reports: `Reporter` (one JSON line per event with --json, else a line of
+human text on stderr), percentiles, and the process's CPU time and RSS."""
 
 from __future__ import annotations
 
 import json
-import os
 import resource
 import sys
 import threading
@@ -58,17 +55,3 @@ def process_usage() -> dict:
     ru = resource.getrusage(resource.RUSAGE_SELF)
     return {"cpu_user_s": round(ru.ru_utime, 3), "cpu_sys_s": round(ru.ru_stime, 3),
             "peak_rss_mib": round(ru.ru_maxrss / 1024, 1)}
-
-
-FAULT_PATH_NICE = -10
-
-
-def fault_path_priority() -> None:
-    """Threads on a vCPU's fault path (fault loop, demand receiver, demand
-    server) run ahead of bulk copying: they sleep until a fault comes, so a
-    higher priority costs the push nothing but lets a waiting vCPU's page jump
-    the CPU queue on a loaded host. Needs root (CAP_SYS_NICE); else unchanged."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), FAULT_PATH_NICE)
-    except OSError:
-        pass

@@ -130,7 +130,7 @@ class LocalMigration:
         return Backing(self.backing).page_size
 
     def make_image(self):
-        from migrate.ramimage import ImageSpec, write_image
+        from migrate.sim.ramimage import ImageSpec, write_image
         kw = {}
         if self.zero_fraction is not None:
             kw["zero_fraction"] = self.zero_fraction

@@ -9,11 +9,11 @@ import bisect
 import time
 
 from migrate._binding import ffi, lib
-from migrate.attach import AttachError, GuestLink, Region
-from migrate.events import Reporter, percentile
 from migrate.memory import Backing, GuestMemory
-from migrate.ramimage import ImageSpec
+from migrate.report import Reporter, percentile
+from migrate.sim.ramimage import ImageSpec
 from migrate.uffd import Userfaultfd
+from migrate.wire.attach import AttachError, GuestLink, Region
 
 PATTERNS = {"seq": 0, "random": 1, "hotset": 2}
 #: A first access slower than this waited on a fault: a mapped page takes well

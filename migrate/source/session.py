@@ -1,16 +1,14 @@
-"""The source agent: serves a paused VM's RAM file to the destination.
-
-The RAM file is mapped read-only and never copied whole. A scheduler decides
-what goes next: demand requests first (on their own stream and connection),
-then the pages after the most recent demand (locality), then a linear scan
-that skips whatever was already sent.
+"""The source agent's session with one destination: `Source` opens it over
+gRPC, serves demand on its own channel, runs the push streams, and finishes
+or resumes it. Demand requests come first, then the pages after the most
+recent demand (locality), then a linear scan that skips what was sent
+(migrate.source.scheduler).
 """
 
 from __future__ import annotations
 
 import errno
 import gc
-import mmap
 import os
 import socket
 import threading
@@ -20,68 +18,21 @@ from dataclasses import dataclass
 import grpc
 
 from migrate._binding import ffi, lib
-from migrate.errors import PEER_LOST_ERRNOS, MigrateError, ProtocolError, fmt_size
-from migrate.events import Reporter, fault_path_priority
-from migrate.memory import fs_page_size
+from migrate.errors import PEER_LOST_ERRNOS, ProtocolError, fmt_size
+from migrate.report import Reporter
+from migrate.host import fault_path_priority
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
-from migrate.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, BatchEncoder,
-                              channel, set_peer_timeout)
+from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, BatchEncoder, channel
+from migrate.wire.tcp import set_peer_timeout
+from migrate.source.ramfile import RamImage
+from migrate.source.scheduler import READAHEAD_BYTES, Scheduler
+from migrate.source.push import push_send_buffer
+from migrate.errors import DestinationFailed, SourceError
 
-LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
-READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
+
 DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
-
-
-#: --push-buffer auto: bytes in flight a push stream may keep, sized for this
-#: rate over the connection's round trip (between 256 KiB and the kernel's own
-#: autotuning, which takes over on longer links).
-PUSH_BUFFER_RATE = 10e9
-PUSH_BUFFER_MIN = 256 << 10
-PUSH_BUFFER_MAX = 4 << 20
-
-
-def tcp_rtt_us(sock: socket.socket) -> int | None:
-    """The kernel's smoothed round-trip time of a connected TCP socket (tcp_info
-    tcpi_rtt), in microseconds; None where it cannot be read."""
-    try:
-        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
-    except (OSError, AttributeError):
-        return None
-    return int.from_bytes(info[68:72], "little") if len(info) >= 72 else None
-
-
-def push_send_buffer(sock: socket.socket, want: int | None) -> int | None:
-    """Sets the send buffer of a push stream. A multi-megabyte buffer (what
-    autotuning grows to) on a short, fast link only queues push data ahead of
-    demand replies (on loopback they share one per-CPU backlog) and lets it go
-    cold in memory before it is read; a buffer of about rate x RTT keeps the
-    link full. want: bytes, 0 for the kernel's autotuning, None for auto (RTT
-    based; autotuning when the RTT is unknown or long). Returns what was set
-    (None: autotuning)."""
-    if want is None:
-        rtt = tcp_rtt_us(sock)
-        if rtt is None:
-            return None
-        want = int(PUSH_BUFFER_RATE * rtt * 1e-6)
-        if want > PUSH_BUFFER_MAX:
-            return None
-        want = max(PUSH_BUFFER_MIN, want)
-    if want <= 0:
-        return None
-    # the kernel doubles what it is given (bookkeeping overhead): ask for half
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, max(1, want // 2))
-    return want
-
-
-class SourceError(MigrateError):
-    """The migration could not be served; the message says why."""
-
-
-class DestinationFailed(SourceError):
-    """The destination ended the migration for good (its guest died, or the
-    kernel refused a page): no source can finish it."""
 
 
 def rpc_error(e: grpc.RpcError, what: str) -> SourceError:
@@ -102,174 +53,6 @@ def _check_resolves(target: str) -> None:
         socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
     except socket.gaierror as e:
         raise SourceError(f"cannot resolve the destination host {host!r}: {e.strerror}") from None
-
-
-class RamImage:
-    """A RAM file mapped read-only. Owns the fd and the mapping."""
-
-    def __init__(self, path: str, page_size: int | None = None, size: int | None = None):
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            raise SourceError(f"open RAM file {path}: {e.strerror}") from None
-        actual = os.fstat(self.fd).st_size
-        self.size = actual if size is None else size
-        if size is not None and actual < size:
-            os.close(self.fd)
-            raise SourceError(f"RAM file {path} is {fmt_size(actual)}, shorter than the declared {fmt_size(size)}")
-        fs_ps = fs_page_size(self.fd)
-        self.page_size = page_size or fs_ps
-        self.on_hugetlbfs = fs_ps > 4096   # reports no holes: they are probed (see holes)
-        if self.size == 0 or self.size % self.page_size:
-            os.close(self.fd)
-            raise SourceError(f"RAM file {path} is {fmt_size(self.size)}: not a positive multiple of the page "
-                              f"size {fmt_size(self.page_size)} (pass --page-size or --size)")
-        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self.view = memoryview(self.map)
-        self.addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.view)))
-        self.path = path
-        # The file's data is populated here, before any session, so the push
-        # reads pages without taking a page fault every 16 of them. Its holes
-        # are not: reading a hole of a tmpfs file allocates a page, and a VM's
-        # RAM file is mostly holes where its guest never wrote.
-        try:
-            self.open_holes = self.holes()   # as the file was when opened
-        except SourceError:
-            self.open_holes = None           # populate it all, as if it had no holes
-        ps = self.page_size
-        for first, count in self.open_holes.runs(set_bits=False) if self.open_holes else [(0, self.npages)]:
-            lib.mg_madvise(self.addr + first * ps, count * ps, lib.MG_MADV_POPULATE_READ)  # a hint: errors ignored
-
-    def fully_allocated(self) -> bool:
-        """Every block of the file allocated: no holes to look for."""
-        return os.fstat(self.fd).st_blocks * 512 >= self.size
-
-    def holes(self, into: PageBitmap | None = None, done=ffi.NULL) -> PageBitmap | None:
-        """Pages wholly in holes of the file, which read as zero (None: no
-        holes, or a file system that does not report them, like hugetlbfs),
-        as the file is now. into: a clear bitmap to fill, with done (a
-        uint64_t *) advanced past the pages whose bits are final as it goes."""
-        if self.fully_allocated():
-            return None
-        holes = into or PageBitmap(self.npages)
-        if self.on_hugetlbfs:
-            n = self._probe_holes(holes, done)
-        else:
-            n = lib.mg_find_holes(self.fd, self.size, self.page_size, holes.words, done)
-        if n < 0:
-            raise SourceError(f"find the holes in RAM file {self.path}: {os.strerror(-n)}")
-        return holes if n else None
-
-    def _probe_holes(self, holes: PageBitmap, done) -> int:
-        """hugetlbfs reports no holes, and reading one allocates a huge page
-        (from a pool that may have none to spare: then the read is SIGBUS).
-        A second, probing mapping of the file, registered with a userfaultfd
-        that fails a missing page instead of allocating it, tells them apart
-        (mg_probe_holes). Registering needs the file open for writing (a
-        read-only file's mappings cannot be registered); nothing is written
-        through it. Returns -errno when the host cannot probe (0 holes)."""
-        from migrate.uffd import Feature, Mode, Userfaultfd
-        rw = addr = uffd = None
-        try:
-            rw = os.open(f"/proc/self/fd/{self.fd}", os.O_RDWR | os.O_CLOEXEC)
-            at = ffi.new("uint64_t *", 0)
-            # no reservation: the probe allocates nothing
-            rc = lib.mg_mmap(0, self.size, lib.MG_PROT_READ, lib.MG_MAP_SHARED | lib.MG_MAP_NORESERVE, rw, 0, at)
-            if rc < 0:
-                raise OSError(-rc, os.strerror(-rc))
-            addr = at[0]
-            uffd = Userfaultfd.create()
-            uffd.api(Feature.SIGBUS)
-            uffd.register(addr, self.size, Mode.MISSING, self.page_size)
-            return lib.mg_probe_holes(addr, self.size, self.page_size, holes.words, done)
-        except (OSError, MigrateError) as e:
-            if done != ffi.NULL:
-                done[0] = self.npages    # none found: every page is read
-            return -(getattr(e, "errno", None) or errno.EOPNOTSUPP)
-        finally:
-            if uffd is not None:
-                uffd.close()
-            if addr is not None:
-                lib.mg_munmap(addr, self.size)
-            if rw is not None:
-                os.close(rw)
-
-    @property
-    def npages(self) -> int:
-        return self.size // self.page_size
-
-    def close(self):
-        self.view.release()
-        self.map.close()
-        os.close(self.fd)
-
-
-class Scheduler:
-    """What to push next. Thread-safe: demand notes arrive from the demand
-    thread while push streams take batches."""
-
-    def __init__(self, npages: int, pages_per_batch: int, already: PageBitmap | None = None):
-        self.npages = npages
-        self.per_batch = max(1, pages_per_batch)
-        self.sent = already or PageBitmap(npages)
-        self.lock = threading.Lock()
-        self.cursor = 0
-        self.near: tuple[int, int] | None = None  # (next page, end) after the last demand
-        self.demand = None      # the C demand server's struct: its last page, read for locality
-        self.demand_seq = 0
-
-    def note_demand(self, pages: list[int]) -> None:
-        with self.lock:
-            for p in pages:
-                if p < self.npages:
-                    self.sent.set(p)
-            last = max(pages)
-            self.near = (last + 1, min(self.npages, last + 1 + LOCALITY_PAGES))
-
-    def next_runs(self) -> list[tuple[int, int]]:
-        """The next batch as ascending (first page, count) runs, marked sent:
-        pages just after the last demand fault first, then the sweep."""
-        d = self.demand
-        if d is not None and d.seq != self.demand_seq:
-            self.demand_seq = d.seq
-            self.note_demand([d.last_page])
-        with self.lock:
-            runs: list[tuple[int, int]] = []
-            left = self.per_batch
-            if self.near:
-                start, end = self.near
-                left = self._take(start, end, runs, left)
-                last = runs[-1][0] + runs[-1][1] if runs else end
-                self.near = (last, end) if last < end else None
-            if left:
-                before = len(runs)
-                self._take(self.cursor, self.npages, runs, left)
-                if len(runs) > before:
-                    self.cursor = runs[-1][0] + runs[-1][1]
-            return sorted(runs)
-
-    def next_batch(self) -> list[int]:
-        """next_runs() as a list of page indexes."""
-        return [p for first, count in self.next_runs() for p in range(first, first + count)]
-
-    def _take(self, start: int, end: int, runs: list[tuple[int, int]], left: int) -> int:
-        """Appends up to left unsent pages of [start, end) to runs, marking them
-        sent; returns how many more the batch can take."""
-        p = start
-        while left and p < end:
-            p = self.sent.next_clear(p, end)
-            if p >= end:
-                break
-            q = min(self.sent.next_set(p, end), p + left)
-            self.sent.set(p, q - p)
-            runs.append((p, q - p))
-            left -= q - p
-            p = q
-        return left
-
-    def remaining(self) -> int:
-        with self.lock:
-            return self.npages - self.sent.count()
 
 
 @dataclass

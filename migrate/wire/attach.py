@@ -1,9 +1,8 @@
-"""Attach: the guest side hands its userfaultfd, RAM file and regions to the
-destination agent over a UNIX socket (docs/attach-protocol.md).
-
-Guest side: `attach_guest()`. Agent side: `AttachListener.accept()` returns an
-`AttachedGuest` holding the received descriptors; the agent registers the
-ranges, then `ack()`s (or `nack()`s with a reason the guest prints).
+"""The attach protocol (docs/attach-protocol.md) as both of its ends speak it:
+length-prefixed JSON messages over a UNIX socket, file descriptors passed
+with SCM_RIGHTS, and the guest's end (`attach_guest`, `GuestLink`) that
+guestsim and the tests use. The agent's end is migrate.dest.attach; the
+shim (native/shim.c) is the other guest end, in C.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ import socket
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
 from migrate.errors import AttachError
@@ -32,7 +31,12 @@ class Region:
     offset: int       # offset in the RAM file
 
 
-def _send_msg(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
+class AttachProbe(AttachError):
+    """A connection closed before sending anything (another agent checking
+    whether this socket is live): not an attach, nothing to report."""
+
+
+def send_msg(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
     body = json.dumps(obj).encode()
     data = struct.pack(">I", len(body)) + body
     if fds:
@@ -50,7 +54,7 @@ def _send_msg(sock: socket.socket, obj: dict, fds: list[int] = ()) -> None:
         sock.sendall(data)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
         chunk = sock.recv(n - len(buf))
@@ -60,7 +64,7 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
+def recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
     fds: list[int] = []
     head = b""
     if want_fds:
@@ -83,13 +87,13 @@ def _recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
         head = ffi.buffer(buf, n)[:]
     try:
         if len(head) < 4:
-            head += _recv_exact(sock, 4 - len(head))
+            head += recv_exact(sock, 4 - len(head))
         (length,) = struct.unpack(">I", head[:4])
         if length > _MAX_HELLO:
             raise AttachError(f"attach message of {length} bytes is larger than the limit {_MAX_HELLO}")
         body = head[4:]
         if len(body) < length:
-            body += _recv_exact(sock, length - len(body))
+            body += recv_exact(sock, length - len(body))
         try:
             return json.loads(body[:length]), fds
         except ValueError as e:
@@ -116,8 +120,8 @@ def attach_guest(path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_si
     hello = {"version": ATTACH_VERSION, "pid": os.getpid(), "page_size": page_size, "ram_size": ram_size,
              "regions": [r.__dict__ for r in regions], "backing": backing, "name": name, "reattach": reattach}
     try:
-        _send_msg(sock, hello, [uffd_fd, ram_fd])
-        ack, _ = _recv_msg(sock)
+        send_msg(sock, hello, [uffd_fd, ram_fd])
+        ack, _ = recv_msg(sock)
     except OSError as e:
         sock.close()
         raise AttachError(f"attach to {path}: the agent closed the connection ({e.strerror or e})") from None
@@ -163,7 +167,7 @@ class GuestLink:
         while True:
             try:
                 while True:
-                    msg, _ = _recv_msg(self.sock)
+                    msg, _ = recv_msg(self.sock)
                     if msg.get("event") == "switchover":
                         self.switchover.set()
                     elif msg.get("event") == "complete":
@@ -197,149 +201,3 @@ class GuestLink:
 
     def close(self) -> None:
         self.sock.close()
-
-
-@dataclass
-class AttachedGuest:
-    """What the agent received. Owns uffd_fd, ram_fd and the socket until close()."""
-    sock: socket.socket
-    uffd_fd: int
-    ram_fd: int
-    pid: int
-    page_size: int
-    ram_size: int
-    regions: list[Region]
-    backing: str = ""
-    name: str = ""
-    reattach: bool = False
-    acked: bool = field(default=False)
-
-    def ack(self) -> None:
-        _send_msg(self.sock, {"ok": True})
-        self.acked = True
-
-    def notify(self, event: str, **fields) -> None:
-        """After the ack the agent may tell the guest side more, in the same
-        framing: {"event": "switchover"} once a source is serving pages,
-        {"event": "complete", ...counts} at the end."""
-        try:
-            _send_msg(self.sock, {"event": event, **fields})
-        except OSError:
-            pass  # the guest went away; the monitor thread reports it
-
-    def nack(self, error: str) -> None:
-        try:
-            _send_msg(self.sock, {"ok": False, "error": error})
-        except OSError:
-            pass
-
-    def close(self) -> None:
-        for fd in (self.uffd_fd, self.ram_fd):
-            if fd >= 0:
-                os.close(fd)
-        self.uffd_fd = self.ram_fd = -1
-        self.sock.close()
-
-
-def _parse_hello(hello: dict, fds: list[int]) -> dict:
-    if len(fds) != 2:
-        raise AttachError(f"attach hello carried {len(fds)} descriptors, expected 2 (userfaultfd, RAM file)")
-    if hello.get("version") != ATTACH_VERSION:
-        raise AttachError(f"attach protocol version {hello.get('version')!r}, this agent speaks {ATTACH_VERSION}")
-    try:
-        ps = int(hello["page_size"])
-        size = int(hello["ram_size"])
-        regions = [Region(int(r["guest_addr"]), int(r["length"]), int(r["offset"])) for r in hello["regions"]]
-    except (KeyError, TypeError, ValueError) as e:
-        raise AttachError(f"attach hello is missing or has a bad field: {e}") from None
-    if ps <= 0 or ps & (ps - 1):
-        raise AttachError(f"attach hello page_size {ps} is not a power of two")
-    if not regions:
-        raise AttachError("attach hello lists no regions")
-    for r in regions:
-        if r.guest_addr % ps or r.length % ps or r.offset % ps or r.length <= 0:
-            raise AttachError(f"region {r} is not aligned to the page size {ps}")
-        if r.offset + r.length > size:
-            raise AttachError(f"region {r} ends past the RAM size {size}")
-    return {"pid": int(hello.get("pid", 0)), "page_size": ps, "ram_size": size, "regions": regions,
-            "backing": str(hello.get("backing", "")), "name": str(hello.get("name", "")),
-            "reattach": bool(hello.get("reattach", False))}
-
-
-def _answers(path: str) -> bool:
-    """Someone accepts connections on the UNIX socket at path (a probe: it
-    connects and closes without a word, which an agent takes silently)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.settimeout(2)
-        probe.connect(path)
-        return True
-    except (ConnectionRefusedError, FileNotFoundError):
-        return False    # nobody listens (its agent died), or it is gone already
-    except TimeoutError:
-        return True     # its backlog is full: an agent that takes no attaches, but is there
-    except OSError as e:
-        raise AttachError(f"cannot tell whether an agent listens on {path}: {e.strerror}") from None
-    finally:
-        probe.close()
-
-
-class AttachProbe(AttachError):
-    """A connection closed before sending anything (another agent checking
-    whether this socket is live): not an attach, nothing to report."""
-
-
-class AttachListener:
-    """The agent's UNIX socket. Owns the socket file and removes it on close()."""
-
-    def __init__(self, path: str):
-        self.path = path
-        if os.path.exists(path):
-            # a stale socket from a dead agent: only replace a socket, never a
-            # file, and never the socket of an agent that still answers on it
-            # (its guest re-attaches there if that agent dies)
-            import stat
-            if not stat.S_ISSOCK(os.lstat(path).st_mode):
-                raise AttachError(f"{path} exists and is not a socket: choose another --attach path")
-            if _answers(path):
-                raise AttachError(f"another agent is listening on {path}: stop it, or choose another --attach path")
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            self.sock.bind(path)
-            self.sock.listen(16)
-        except OSError as e:
-            self.sock.close()
-            raise AttachError(f"attach socket {path}: {e.strerror}") from None
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def accept(self, timeout: float | None = None) -> AttachedGuest:
-        self.sock.settimeout(timeout)
-        conn, _ = self.sock.accept()
-        conn.settimeout(30)
-        try:
-            hello, fds = _recv_msg(conn, want_fds=2)
-        except BaseException:
-            conn.close()
-            raise
-        try:
-            h = _parse_hello(hello, fds)
-        except AttachError as e:
-            for fd in fds:
-                os.close(fd)
-            try:
-                _send_msg(conn, {"ok": False, "error": str(e)})
-            finally:
-                conn.close()
-            raise
-        conn.settimeout(None)
-        return AttachedGuest(conn, fds[0], fds[1], **h)
-
-    def close(self) -> None:
-        self.sock.close()
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass

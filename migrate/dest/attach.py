@@ -1,0 +1,153 @@
+"""The agent's end of the attach protocol: the listening UNIX socket, a
+liveness probe so that a second agent never takes over a live one's socket,
+and `AttachedGuest`, the descriptors and regions one guest handed over."""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from migrate.errors import AttachError
+from migrate.wire.attach import ATTACH_VERSION, Region, recv_msg, send_msg
+
+
+@dataclass
+class AttachedGuest:
+    """What the agent received. Owns uffd_fd, ram_fd and the socket until close()."""
+    sock: socket.socket
+    uffd_fd: int
+    ram_fd: int
+    pid: int
+    page_size: int
+    ram_size: int
+    regions: list[Region]
+    backing: str = ""
+    name: str = ""
+    reattach: bool = False
+    acked: bool = field(default=False)
+
+    def ack(self) -> None:
+        send_msg(self.sock, {"ok": True})
+        self.acked = True
+
+    def notify(self, event: str, **fields) -> None:
+        """After the ack the agent may tell the guest side more, in the same
+        framing: {"event": "switchover"} once a source is serving pages,
+        {"event": "complete", ...counts} at the end."""
+        try:
+            send_msg(self.sock, {"event": event, **fields})
+        except OSError:
+            pass  # the guest went away; the monitor thread reports it
+
+    def nack(self, error: str) -> None:
+        try:
+            send_msg(self.sock, {"ok": False, "error": error})
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        for fd in (self.uffd_fd, self.ram_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.uffd_fd = self.ram_fd = -1
+        self.sock.close()
+
+
+def _parse_hello(hello: dict, fds: list[int]) -> dict:
+    if len(fds) != 2:
+        raise AttachError(f"attach hello carried {len(fds)} descriptors, expected 2 (userfaultfd, RAM file)")
+    if hello.get("version") != ATTACH_VERSION:
+        raise AttachError(f"attach protocol version {hello.get('version')!r}, this agent speaks {ATTACH_VERSION}")
+    try:
+        ps = int(hello["page_size"])
+        size = int(hello["ram_size"])
+        regions = [Region(int(r["guest_addr"]), int(r["length"]), int(r["offset"])) for r in hello["regions"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise AttachError(f"attach hello is missing or has a bad field: {e}") from None
+    if ps <= 0 or ps & (ps - 1):
+        raise AttachError(f"attach hello page_size {ps} is not a power of two")
+    if not regions:
+        raise AttachError("attach hello lists no regions")
+    for r in regions:
+        if r.guest_addr % ps or r.length % ps or r.offset % ps or r.length <= 0:
+            raise AttachError(f"region {r} is not aligned to the page size {ps}")
+        if r.offset + r.length > size:
+            raise AttachError(f"region {r} ends past the RAM size {size}")
+    return {"pid": int(hello.get("pid", 0)), "page_size": ps, "ram_size": size, "regions": regions,
+            "backing": str(hello.get("backing", "")), "name": str(hello.get("name", "")),
+            "reattach": bool(hello.get("reattach", False))}
+
+
+def _answers(path: str) -> bool:
+    """Someone accepts connections on the UNIX socket at path (a probe: it
+    connects and closes without a word, which an agent takes silently)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(2)
+        probe.connect(path)
+        return True
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False    # nobody listens (its agent died), or it is gone already
+    except TimeoutError:
+        return True     # its backlog is full: an agent that takes no attaches, but is there
+    except OSError as e:
+        raise AttachError(f"cannot tell whether an agent listens on {path}: {e.strerror}") from None
+    finally:
+        probe.close()
+
+
+class AttachListener:
+    """The agent's UNIX socket. Owns the socket file and removes it on close()."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if os.path.exists(path):
+            # a stale socket from a dead agent: only replace a socket, never a
+            # file, and never the socket of an agent that still answers on it
+            # (its guest re-attaches there if that agent dies)
+            import stat
+            if not stat.S_ISSOCK(os.lstat(path).st_mode):
+                raise AttachError(f"{path} exists and is not a socket: choose another --attach path")
+            if _answers(path):
+                raise AttachError(f"another agent is listening on {path}: stop it, or choose another --attach path")
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.sock.bind(path)
+            self.sock.listen(16)
+        except OSError as e:
+            self.sock.close()
+            raise AttachError(f"attach socket {path}: {e.strerror}") from None
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def accept(self, timeout: float | None = None) -> AttachedGuest:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.settimeout(30)
+        try:
+            hello, fds = recv_msg(conn, want_fds=2)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            h = _parse_hello(hello, fds)
+        except AttachError as e:
+            for fd in fds:
+                os.close(fd)
+            try:
+                send_msg(conn, {"ok": False, "error": str(e)})
+            finally:
+                conn.close()
+            raise
+        conn.settimeout(None)
+        return AttachedGuest(conn, fds[0], fds[1], **h)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass

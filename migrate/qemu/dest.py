@@ -1,0 +1,171 @@
+"""QEMU on the destination (`migrate dest --qmp`): feeds the device state the
+source sent to a QEMU started with `-incoming defer`, and resumes it.
+
+The guest is attached (shim) and a source is connected and serving demand
+faults BEFORE migrate-incoming: loading the device state reads guest RAM
+(kvmvapic reads the option ROM at 0xc0000), and QEMU's main thread blocks on
+that fault until the page arrives.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+from migrate.errors import MigrateError
+from migrate.report import Reporter
+from migrate.proto import migration_pb2 as pb
+from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
+
+
+# -- destination --------------------------------------------------------------
+@dataclass
+class Feed:
+    bytes: int = 0
+    running: bool = False
+    error: str = ""
+    received: bool = False     # every chunk arrived (the source closed its stream)
+    load_ms: float = 0.0
+    resume_time: float = 0.0   # QEMU's RESUME event (epoch seconds)
+    done: threading.Event = field(default_factory=threading.Event)
+
+
+class DeviceStateFeeder:
+    """The destination side: gives the device state to the local QEMU
+    (`-incoming defer`, started with the shim) and resumes it."""
+
+    def __init__(self, qmp_path: str, reporter: Reporter, timeout: float = 120.0, wait_qemu: float = 3600.0):
+        self.qmp_path = qmp_path
+        self.reporter = reporter
+        self.timeout = timeout
+        self.feeds: dict[str, Feed] = {}
+        self.lock = threading.Lock()
+        # The QMP connection is made ahead, as soon as QEMU is up (after the shim's
+        # attach), so the guest's downtime does not include connecting to it.
+        self._qmp: QMP | None = None
+        self._qmp_error = ""
+        self._qmp_ready = threading.Event()
+        threading.Thread(target=self._connect, args=(wait_qemu,), name="qmp-connect", daemon=True).start()
+
+    def _connect(self, wait: float) -> None:
+        try:
+            q = QMP(self.qmp_path, timeout=wait)
+            try:
+                st = q.status()
+                if st != "inmigrate":
+                    raise QemuError(f"destination QEMU is {st!r}: start it with -incoming defer")
+                q.ignore_shared()
+            except BaseException:
+                q.close()
+                raise
+            self._qmp = q
+            self.reporter.event("qemu", f"QMP {self.qmp_path}: QEMU {q.version.get('major')}."
+                                f"{q.version.get('minor')}.{q.version.get('micro')} waits for its device state",
+                                qmp=self.qmp_path)
+        except MigrateError as e:
+            self._qmp_error = str(e)
+        finally:
+            self._qmp_ready.set()
+
+    def _take_qmp(self, wait: float = 30.0) -> QMP:
+        if not self._qmp_ready.wait(wait):
+            raise QemuError(f"no QMP connection to the destination QEMU at {self.qmp_path} after {wait:.0f} s")
+        if self._qmp is None:
+            raise QemuError(self._qmp_error or f"no QMP connection to {self.qmp_path}")
+        q, self._qmp = self._qmp, None
+        return q
+
+    def why_not_resumable(self, session_id: str) -> str | None:
+        """None when a source may resume session_id without device state: its
+        state arrived whole and has not failed to load (it may still be
+        loading: the load reads guest RAM, which only a source can serve, so a
+        source lost during the load is replaced by one that resumes). Else why not."""
+        f = self.feeds.get(session_id) if session_id else None
+        if f is None:
+            return "no device state of that session reached this destination"
+        if f.error:
+            return f"the device state of that session did not load here ({f.error})"
+        if not f.received:
+            return "the device state of that session is still arriving"
+        return None
+
+    def settled(self, session_id: str) -> bool:
+        f = self.feeds.get(session_id)
+        return f is not None and f.done.is_set()
+
+    def feed(self, migration, chunks) -> pb.DeviceStateAck:
+        """Never raises: the ack says whether the guest runs (the source resumes its
+        QEMU on guest_running=False)."""
+        f = Feed()
+        with self.lock:
+            old = self.feeds.get(migration.id)
+            if old is not None and (old.running or not old.done.is_set()):
+                return pb.DeviceStateAck(bytes=old.bytes, guest_running=old.running,
+                                         error="device state for this session was already fed")
+            self.feeds[migration.id] = f
+        try:
+            data = bytearray()
+            for c in chunks:
+                data += c.data
+            f.bytes = len(data)
+            f.received = True
+            migration.reporter.event("device-state", f"{len(data)} bytes of device state received: the "
+                                     "destination QEMU loads them", session=migration.id, bytes=len(data))
+            self._load_and_run(bytes(data), f, migration)
+        except MigrateError as e:
+            f.error = str(e)
+            migration.reporter.event("error", f"device state: {e}", session=migration.id)
+        except Exception as e:  # noqa: BLE001 - the ack must carry every failure
+            f.error = f"{type(e).__name__}: {e}"
+            migration.reporter.event("error", f"device state: {f.error}", session=migration.id)
+        finally:
+            f.done.set()
+        return pb.DeviceStateAck(bytes=f.bytes, guest_running=f.running, error=f.error)
+
+    def _load_and_run(self, data: bytes, f: Feed, m) -> None:
+        qmp = self._take_qmp()
+        try:
+            t0 = time.monotonic()
+            r, w = os.pipe2(os.O_CLOEXEC)
+            try:
+                qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
+            finally:
+                os.close(r)   # QEMU has its own copy
+            writer_err: list[BaseException] = []
+
+            def write():
+                try:
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(w, view[:1 << 20])
+                        view = view[n:]
+                except OSError as e:
+                    writer_err.append(e)
+                finally:
+                    os.close(w)
+
+            wt = threading.Thread(target=write, name="devstate-tx", daemon=True)
+            wt.start()
+            # Loading reads guest RAM (faults served by this agent): QMP may not
+            # answer until those pages arrive.
+            qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
+            qmp.wait_migration(self.timeout, "device-state load")
+            wt.join(5)
+            if writer_err:
+                raise QemuError(f"writing the device state to QEMU: {writer_err[0]}")
+            f.load_ms = (time.monotonic() - t0) * 1e3
+            qmp.cmd("cont")
+            st = qmp.status()
+            if st != "running":
+                raise QemuError(f"destination QEMU is {st!r} after cont")
+            f.running = True
+            ev = qmp.event("RESUME")
+            f.resume_time = ev["time"] if ev else time.time()
+            m.reporter.event("guest-running", f"destination QEMU resumed: {len(data)} bytes of device state "
+                             f"loaded in {f.load_ms:.1f} ms", session=m.id, bytes=len(data),
+                             load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
+        finally:
+            qmp.close()

@@ -1,0 +1,136 @@
+"""The QMP client both agents (and the QEMU lab in migrate.qemu.lab) use: one
+command at a time over QEMU's monitor socket, events kept for whoever waits
+on them, file descriptors passed with SCM_RIGHTS for `getfd`."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+from migrate.errors import MigrateError
+
+DEVSTATE_FD_NAME = "migrate-devstate"
+
+
+class QemuError(MigrateError):
+    """QEMU refused a command, went away, or did not reach the expected state."""
+
+
+class QMPCommandError(QemuError):
+    def __init__(self, path: str, command: str, error: dict):
+        self.command = command
+        self.error_class = error.get("class", "?")
+        super().__init__(f"QMP {command} on {path}: {self.error_class}: {error.get('desc', error)}")
+
+
+# -- QMP ----------------------------------------------------------------------
+class QMP:
+    """One QMP connection: commands (optionally with SCM_RIGHTS descriptors) and
+    the events seen meanwhile, each stamped with QEMU's own wall-clock time.
+    Owns the socket. Not thread-safe: one thread talks to one QEMU."""
+
+    def __init__(self, path: str, timeout: float = 30.0):
+        self.path = path
+        self.buf = b""
+        self.events: list[dict] = []
+        self._id = 0
+        deadline = time.monotonic() + timeout
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except (FileNotFoundError, ConnectionRefusedError) as e:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise QemuError(f"cannot connect to QMP at {path} within {timeout:.0f} s: {e.strerror}; "
+                                    "is QEMU running with -qmp unix:PATH,server=on,wait=off?") from None
+                time.sleep(0.05)
+        try:
+            greeting = self._read(timeout)
+            if "QMP" not in greeting:
+                raise QemuError(f"{path} is not a QMP socket: it greeted with {greeting!r}")
+            self.version = greeting["QMP"]["version"]["qemu"]
+            self.cmd("qmp_capabilities")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _read(self, timeout: float | None) -> dict:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise QemuError(f"QMP {self.path}: no answer within {timeout:.0f} s")
+            self.sock.settimeout(left)
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                raise QemuError(f"QMP {self.path}: no answer within {timeout:.0f} s") from None
+            except OSError as e:
+                raise QemuError(f"QMP {self.path}: {e.strerror}: did QEMU exit?") from None
+            if not data:
+                raise QemuError(f"QMP {self.path}: connection closed: did QEMU exit?")
+            self.buf += data
+        line, self.buf = self.buf.split(b"\n", 1)
+        msg = json.loads(line)
+        if "event" in msg:
+            ts = msg.get("timestamp", {})
+            msg["time"] = ts.get("seconds", 0) + ts.get("microseconds", 0) / 1e6
+            self.events.append(msg)
+        return msg
+
+    def cmd(self, name: str, timeout: float = 60.0, fds: tuple[int, ...] = (), **arguments):
+        """Runs one command and returns its "return" value. `fds` travel with
+        SCM_RIGHTS; QEMU takes its own copies, the caller still owns them."""
+        self._id += 1
+        msg = {"execute": name, "id": self._id}
+        if arguments:
+            msg["arguments"] = arguments
+        data = json.dumps(msg).encode() + b"\n"
+        try:
+            if fds:
+                socket.send_fds(self.sock, [data], list(fds))
+            else:
+                self.sock.sendall(data)
+        except OSError as e:
+            raise QemuError(f"QMP {name} on {self.path}: {e.strerror}: did QEMU exit?") from None
+        while True:
+            r = self._read(timeout)
+            if "event" in r or r.get("id") != self._id:
+                continue
+            if "error" in r:
+                raise QMPCommandError(self.path, name, r["error"])
+            return r.get("return")
+
+    def status(self) -> str:
+        return self.cmd("query-status")["status"]
+
+    def event(self, name: str) -> dict | None:
+        """The first event `name` seen so far, or None."""
+        for e in self.events:
+            if e["event"] == name:
+                return e
+        return None
+
+    def wait_migration(self, timeout: float, what: str) -> dict:
+        """Polls query-migrate until completed; raises on failed/cancelled."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.cmd("query-migrate", timeout=max(1.0, deadline - time.monotonic()))
+            st = info.get("status")
+            if st == "completed":
+                return info
+            if st in ("failed", "cancelled"):
+                raise QemuError(f"{what} {st}: {info.get('error-desc', 'QEMU gave no reason')}")
+            if time.monotonic() > deadline:
+                raise QemuError(f"{what} still {st} after {timeout:.0f} s")
+            time.sleep(0.002)
+
+    def ignore_shared(self) -> None:
+        self.cmd("migrate-set-capabilities",
+                 capabilities=[{"capability": "x-ignore-shared", "state": True}])

@@ -1,0 +1,82 @@
+"""TCP as both agents use it: HOST:PORT addresses, the peer timeout every
+channel sets, and what the kernel's tcp_info says about a connection.
+
+The demand and push channels are plain TCP beside gRPC (proto/README.md);
+whatever one side needs to know about such a socket is read here, once."""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+
+# struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by byte
+# offset. The layout only grows at its end, so these hold on every kernel that
+# has TCP_INFO; a shorter answer (an old kernel) reads as "unknown".
+_TCP_INFO_LEN = 104
+_LAST_DATA_RECV = 52    # __u32 tcpi_last_data_recv, ms since data last arrived
+_RTT = 68               # __u32 tcpi_rtt, smoothed round trip, us
+
+
+@dataclass(frozen=True)
+class Address:
+    """A HOST:PORT as the command line and the events spell it. `host` has no
+    brackets ("::1", not "[::1]"); str() gives them back."""
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(text: str, flag: str, example: str) -> Address:
+    """HOST:PORT, or ValueError naming the flag and an example to follow."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{flag} {text!r}: use HOST:PORT, {example}")
+    return Address(host.strip("[]"), int(port))
+
+
+def host_of(text: str) -> str:
+    """The host part of a HOST:PORT already checked (or given) by an agent."""
+    return text.rpartition(":")[0].strip("[]")
+
+
+def set_peer_timeout(sock: socket.socket, seconds: float) -> None:
+    """Makes the kernel give up on a peer that acknowledges nothing for about
+    `seconds`: data left unacknowledged that long (TCP_USER_TIMEOUT) or, on a
+    quiet connection, keepalive probes left unanswered. A peer whose host died
+    or whose network split then ends the channel with ETIMEDOUT (or the
+    network's own error) instead of TCP retrying for a quarter of an hour, or,
+    on a channel with nothing to send, waiting for ever. A peer whose process
+    hangs on a live host still acknowledges: that the caller has to notice.
+    seconds <= 0 leaves the kernel's defaults."""
+    if seconds <= 0:
+        return
+    idle = max(1, int(seconds / 2))
+    interval = max(1, int(seconds / 4))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, max(1, -(-int(seconds - idle) // interval)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, max(1, int(seconds * 1000)))
+
+
+def _tcp_info_u32(sock: socket.socket, offset: int) -> int | None:
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    except (OSError, AttributeError):
+        return None
+    return int.from_bytes(info[offset:offset + 4], "little") if len(info) >= offset + 4 else None
+
+
+def tcp_silent_s(sock: socket.socket) -> float | None:
+    """Seconds since the kernel last received data on a TCP socket; None where
+    it cannot be read."""
+    ms = _tcp_info_u32(sock, _LAST_DATA_RECV)
+    return None if ms is None else ms / 1e3
+
+
+def tcp_rtt_us(sock: socket.socket) -> int | None:
+    """The kernel's smoothed round-trip time of a connected TCP socket, in
+    microseconds; None where it cannot be read."""
+    return _tcp_info_u32(sock, _RTT)
