@@ -12,6 +12,7 @@ import time
 
 from migrate.errors import MigrateError
 from migrate.memory import parse_size
+from migrate.wire.tcp import host_of
 from migrate.report import Reporter, process_usage
 
 
@@ -82,7 +83,7 @@ def cmd_dest(args) -> int:
     from migrate.dest.agent import Destination
 
     rep = Reporter(args.json, "dest")
-    host = args.listen.rpartition(":")[0] or "127.0.0.1"
+    host = host_of(args.listen) or "127.0.0.1"
     try:
         agent = Destination(args.attach, rep, serve_forever=args.serve_forever, mode=args.placement,
                             demand_host=host, prepare=not args.no_prealloc, source_timeout=args.source_timeout)

@@ -13,10 +13,8 @@ import shutil
 import threading
 from dataclasses import dataclass, field
 
+from migrate import hugepages
 from migrate._binding import lib
-
-HUGE_2M = 2 << 20
-HUGE_1G = 1 << 30
 
 _UNSUPPORTED = (errno.ENOSYS, errno.EPERM, errno.EACCES, errno.ENOENT, errno.EOPNOTSUPP)
 
@@ -50,21 +48,6 @@ class HostFeatures:
         return None
 
 
-def _huge_pages() -> tuple[dict, dict]:
-    free, total = {}, {}
-    base = "/sys/kernel/mm/hugepages"
-    if not os.path.isdir(base):
-        return free, total
-    for name in os.listdir(base):
-        # hugepages-2048kB
-        size = int(name.split("-")[1].rstrip("kB")) * 1024
-        with open(f"{base}/{name}/free_hugepages") as f:
-            free[size] = int(f.read())
-        with open(f"{base}/{name}/nr_hugepages") as f:
-            total[size] = int(f.read())
-    return free, total
-
-
 def _try_create(create) -> int | None:
     fd = create(os.O_CLOEXEC | os.O_NONBLOCK)
     if fd >= 0:
@@ -93,7 +76,7 @@ def probe() -> HostFeatures:
     for fd in fds.values():
         if fd is not None:
             os.close(fd)
-    free, total = _huge_pages()
+    free, total = hugepages.pools()
     return HostFeatures(
         uffd_syscall=fds["syscall"] is not None,
         uffd_dev=fds["dev"] is not None,
@@ -114,9 +97,11 @@ def features() -> HostFeatures:
 
 def refresh_huge_pages(hf: HostFeatures) -> HostFeatures:
     """Huge page counts change at run time (tests reserve them): re-read only those."""
-    free, total = _huge_pages()
+    free, total = hugepages.pools()
     return HostFeatures(hf.uffd_syscall, hf.uffd_dev, hf.features, hf.minor_shmem,
                         hf.minor_hugetlbfs, free, total, hf.qemu)
+
+
 FAULT_PATH_NICE = -10
 
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 
-from migrate.host import HUGE_2M
+HUGE_2M = 2 << 20
+HUGE_1G = 1 << 30
 
-_SYS = "/sys/kernel/mm/hugepages/hugepages-{kb}kB/{what}"
+_BASE = "/sys/kernel/mm/hugepages"
+_SYS = _BASE + "/hugepages-{kb}kB/{what}"
 
 
 def _path(page_size: int, what: str) -> str:
@@ -20,6 +22,18 @@ def free_pages(page_size: int = HUGE_2M) -> int:
             return int(f.read())
     except OSError:
         return 0
+
+
+def pools() -> tuple[dict[int, int], dict[int, int]]:
+    """Free and total huge pages of every size the kernel has, by page size."""
+    free, total = {}, {}
+    if not os.path.isdir(_BASE):
+        return free, total
+    for name in os.listdir(_BASE):    # hugepages-2048kB
+        size = int(name.split("-")[1].rstrip("kB")) * 1024
+        free[size] = free_pages(size)
+        total[size] = _total(size)
+    return free, total
 
 
 def _total(page_size: int) -> int:

@@ -19,7 +19,7 @@ from typing import NewType
 
 from migrate._binding import ffi, lib
 from migrate.errors import MemoryBackendError, fmt_size
-from migrate.host import HUGE_1G, HUGE_2M
+from migrate.hugepages import HUGE_1G, HUGE_2M
 
 #: A host virtual address in the process that runs the guest (its guest mapping).
 GuestAddr = NewType("GuestAddr", int)

@@ -10,7 +10,8 @@ import subprocess
 import pytest
 
 from migrate import hugepages
-from migrate.host import HUGE_2M, features
+from migrate.host import features
+from migrate.hugepages import HUGE_2M
 
 MEMORY_TYPES = ["tmpfs", "tmpfs-file", "hugetlbfs"]
 HUGE_PAGES_FOR_TESTS = 160   # 320 MiB: the largest hugetlbfs test guest plus headroom

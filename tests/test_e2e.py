@@ -353,7 +353,7 @@ def test_1gib_pages_go_sparse_on_both_channels(tmp_path, host):
     """Two 1 GiB pages: the largest block bitmaps (32 KiB a page) and iovec
     lists, on the demand channel and the push, and the guest verifies both."""
     from migrate import hugepages
-    from migrate.host import HUGE_1G
+    from migrate.hugepages import HUGE_1G
     why = host.why_not("minor_hugetlbfs")
     if why:
         pytest.skip(why)

@@ -292,7 +292,7 @@ def test_host_probe_is_frozen(host):
 def test_one_gib_huge_pages_where_the_host_has_them(host):
     """Backing (d): a 1 GiB huge page, reserved for the test and given back."""
     from migrate import hugepages
-    from migrate.host import HUGE_1G
+    from migrate.hugepages import HUGE_1G
     if host.why_not("minor_hugetlbfs"):
         pytest.skip(host.why_not("minor_hugetlbfs"))
     with hugepages.reserved(1, HUGE_1G) as free:

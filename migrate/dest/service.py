@@ -13,6 +13,7 @@ from migrate.errors import LayoutMismatch, MigrateError, ProtocolError
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.wire.protocol import CHANNEL_OPTIONS
+from migrate.wire.tcp import Address, parse_address
 
 _CODES = [
     (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
@@ -190,9 +191,7 @@ def serve(agent: dst.Destination, listen: str, workers: int = 32,
                          options=CHANNEL_OPTIONS + keepalive_options(agent.source_timeout)
                          + [("grpc.so_reuseport", 0)])
     pbg.add_MigrationServicer_to_server(MigrationService(agent, device_state), server)
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--listen {listen!r}: use HOST:PORT, e.g. 127.0.0.1:0")
+    host = parse_address(listen, "--listen", "e.g. 127.0.0.1:0").host
     try:
         bound = server.add_insecure_port(listen)
     except RuntimeError:   # newer grpcio raises where older ones returned 0
@@ -201,4 +200,4 @@ def serve(agent: dst.Destination, listen: str, workers: int = 32,
         raise OSError(f"cannot listen on {listen}: the port is in use (another agent?) or the address is not "
                       "this host's")
     server.start()
-    return server, f"{host}:{bound}"
+    return server, str(Address(host, bound))

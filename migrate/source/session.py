@@ -25,7 +25,7 @@ from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, BatchEncoder, channel
-from migrate.wire.tcp import set_peer_timeout
+from migrate.wire.tcp import host_of, parse_address, set_peer_timeout
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import READAHEAD_BYTES, Scheduler
 from migrate.source.push import push_send_buffer
@@ -46,13 +46,14 @@ def _check_resolves(target: str) -> None:
     would retry it for the whole connect timeout and then only say it could
     not connect). One that resolves but does not answer yet is waited for:
     the destination agent may still be starting."""
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise SourceError(f"--to {target!r}: use HOST:PORT, as `migrate dest --listen` printed it")
     try:
-        socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+        addr = parse_address(target, "--to", "as `migrate dest --listen` printed it")
+    except ValueError as e:
+        raise SourceError(str(e)) from None
+    try:
+        socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise SourceError(f"cannot resolve the destination host {host!r}: {e.strerror}") from None
+        raise SourceError(f"cannot resolve the destination host {target.rpartition(':')[0]!r}: {e.strerror}") from None
 
 
 @dataclass
@@ -359,7 +360,7 @@ class Source:
     def _open_channel(self, welcome: pb.Welcome, magic: bytes) -> socket.socket:
         """A plain TCP channel beside gRPC (demand or raw push), opened with the
         session's token."""
-        host = self.target.rpartition(":")[0].strip("[]")
+        host = host_of(self.target)
         what = "demand" if magic == DEMAND_MAGIC else "push"
         try:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
