@@ -6,8 +6,12 @@ whatever one side needs to know about such a socket is read here, once."""
 
 from __future__ import annotations
 
+import enum
+import errno
 import socket
 from dataclasses import dataclass
+
+from migrate.errors import PEER_LOST_ERRNOS
 
 # struct tcp_info (include/uapi/linux/tcp.h): the fields read here, by byte
 # offset. The layout only grows at its end, so these hold on every kernel that
@@ -80,3 +84,26 @@ def tcp_rtt_us(sock: socket.socket) -> int | None:
     """The kernel's smoothed round-trip time of a connected TCP socket, in
     microseconds; None where it cannot be read."""
     return _tcp_info_u32(sock, _RTT)
+
+
+class ChannelEnd(enum.Enum):
+    """How a plain TCP channel (demand or push) ended, from the return code of
+    the C loop that served it (>= 0, or -errno)."""
+    CLOSED = "closed"          # the peer closed or reset it, or we shut it down: an ordinary end
+    PEER_LOST = "peer-lost"    # the kernel gave up on the peer: its host or the network went silent
+    FAILED = "failed"          # anything else: a local failure, for the caller to raise
+
+
+# The peer closed (EOF), reset the connection or went away mid-write, or this
+# side shut the socket down to stop its loop: all are the channel ending, not
+# a failure of this agent.
+_CLOSED_ERRNOS = frozenset((errno.EPIPE, errno.ECONNRESET, errno.ESHUTDOWN))
+
+
+def channel_end(rc: int) -> ChannelEnd:
+    """The one place a channel loop's return code becomes an outcome."""
+    if rc >= 0 or -rc in _CLOSED_ERRNOS:
+        return ChannelEnd.CLOSED
+    if -rc in PEER_LOST_ERRNOS:
+        return ChannelEnd.PEER_LOST
+    return ChannelEnd.FAILED
