@@ -37,18 +37,29 @@ def huge_pages():
         yield free
 
 
+def minor_feature(backing: str) -> str:
+    """The HostFeatures name of the MINOR fault support a memory type needs."""
+    return "minor_hugetlbfs" if backing.startswith("hugetlbfs") else "minor_shmem"
+
+
+def need_feature(host, feature: str) -> None:
+    """Skips unless the host has `feature` ("uffd", "minor_shmem", "minor_hugetlbfs"),
+    with the reason HostFeatures.why_not gives."""
+    why = host.why_not(feature)
+    if why:
+        pytest.skip(why)
+
+
+def need_huge_pages(huge_free: int, pages: int) -> None:
+    if huge_free < pages:
+        pytest.skip(f"{pages} free 2 MiB huge pages needed, {huge_free} could be reserved "
+                    f"({'not root' if os.geteuid() else 'the kernel found no more'})")
+
+
 def need_backing(backing: str, host, huge_free: int, pages: int = 8):
+    need_feature(host, minor_feature(backing))
     if backing.startswith("hugetlbfs"):
-        why = host.why_not("minor_hugetlbfs")
-        if why:
-            pytest.skip(why)
-        if huge_free < pages:
-            pytest.skip(f"{pages} free 2 MiB huge pages needed, {huge_free} could be reserved "
-                        f"({'not root' if os.geteuid() else 'the kernel found no more'})")
-    else:
-        why = host.why_not("minor_shmem")
-        if why:
-            pytest.skip(why)
+        need_huge_pages(huge_free, pages)
 
 
 @pytest.fixture

@@ -4,15 +4,19 @@ on a repeated CONTINUE, EFAULT when the page is not in the page cache."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
+from typing import Callable, NamedTuple
 
 import pytest
-from conftest import MEMORY_TYPES, need_backing
+from conftest import MEMORY_TYPES, minor_feature, need_feature, need_huge_pages
 
 from migrate._binding import ffi, lib
 from migrate.dest.attach import AttachListener
@@ -28,22 +32,26 @@ def page_bytes(page: int, ps: int) -> bytes:
     return hashlib.sha256(f"page {page}".encode()).digest() * (ps // 32)
 
 
-@pytest.fixture(params=MEMORY_TYPES)
-def mem(request, host, huge_pages):
-    need_backing(request.param, host, huge_pages)
-    size = NPAGES * (2 << 20 if request.param.startswith("hugetlbfs") else 4096)
-    m = GuestMemory.create(request.param, size, name="t")
-    yield m
-    m.close()
+@contextlib.contextmanager
+def guest_memory(backing: str):
+    size = NPAGES * (2 << 20 if backing.startswith("hugetlbfs") else 4096)
+    m = GuestMemory.create(backing, size, name="t")
+    try:
+        yield m
+    finally:
+        m.close()
 
 
-@pytest.fixture
-def uffd(mem):
+@contextlib.contextmanager
+def registered(mem: GuestMemory):
+    """A userfaultfd with the whole guest mapping registered MISSING|MINOR."""
     u = Userfaultfd.create()
-    u.api()
-    u.register(mem.guest_addr, mem.size, Mode.MISSING | Mode.MINOR, mem.page_size)
-    yield u
-    u.close()
+    try:
+        u.api()
+        u.register(mem.guest_addr, mem.size, Mode.MISSING | Mode.MINOR, mem.page_size)
+        yield u
+    finally:
+        u.close()
 
 
 def read_in_thread(addr: int, length: int) -> tuple[threading.Thread, bytearray]:
@@ -76,7 +84,14 @@ def serve_faults(u: Userfaultfd, mem: GuestMemory, expect: int, base: int | None
     return seen
 
 
-def test_reader_thread_exact_fault_counts(mem, uffd):
+# -- kernel scenarios: one table of (scenario, memory type, required feature) ---
+#
+# Each scenario runs on every memory type it lists, and skips where the host
+# lacks the MINOR support that type needs (HostFeatures.why_not).
+
+def exact_fault_counts(mem, uffd):
+    """A reader thread touches every page once: one fault a page, MINOR
+    exactly where the page was already in the page cache."""
     ps = mem.page_size
     for p in range(0, NPAGES, 2):   # even pages already in the page cache: MINOR faults
         mem.alias_view(p * ps, ps)[:] = page_bytes(p, ps)
@@ -92,42 +107,44 @@ def test_reader_thread_exact_fault_counts(mem, uffd):
     assert bytes(out) == b"".join(page_bytes(p, ps) for p in range(NPAGES))
 
 
-def test_reader_in_another_process(mem, tmp_path):
-    """The child creates the uffd and its own guest mapping; we register and serve it."""
+def reader_in_another_process(mem, uffd):
+    """The child creates the uffd and its own guest mapping; we register and
+    serve it (`mem` only gives the backing and size; `uffd` is None)."""
     backing = mem.backing.value
-    sock = str(tmp_path / "a.sock")
-    listener = AttachListener(sock)
-    pages = list(range(NPAGES))
-    child = subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "child_guest.py"), sock, backing,
-                              str(mem.size), json.dumps(pages)], stdout=subprocess.PIPE, text=True)
-    try:
-        g = listener.accept(timeout=30)
-        u = Userfaultfd(g.uffd_fd, owned=False)
-        u.api()
-        alias = GuestMemory.from_fd(os.dup(g.ram_fd), g.ram_size, g.page_size)
-        ps = alias.page_size
-        assert ps == mem.page_size
-        r = g.regions[0]
-        u.register(r.guest_addr, r.length, Mode.MISSING | Mode.MINOR, ps)
-        for p in range(1, NPAGES, 2):   # odd pages: MINOR
-            alias.alias_view(p * ps, ps)[:] = page_bytes(p, ps)
-        g.ack()
-        events = serve_faults(u, alias, NPAGES, base=r.guest_addr)
-        out, _ = child.communicate(timeout=30)
-        assert child.returncode == 0
-        assert sum(e.minor for e in events) == NPAGES // 2
-        digests = json.loads(out)["digests"]
-        for p in pages:
-            assert digests[str(p)] == hashlib.sha256(page_bytes(p, ps)).hexdigest(), f"page {p}"
-        alias.close()
-        g.close()
-    finally:
-        child.kill()
-        child.wait()
-        listener.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "a.sock")
+        listener = AttachListener(sock)
+        pages = list(range(NPAGES))
+        child = subprocess.Popen([sys.executable, os.path.join(HERE, "helpers", "child_guest.py"), sock, backing,
+                                  str(mem.size), json.dumps(pages)], stdout=subprocess.PIPE, text=True)
+        try:
+            g = listener.accept(timeout=30)
+            u = Userfaultfd(g.uffd_fd, owned=False)
+            u.api()
+            alias = GuestMemory.from_fd(os.dup(g.ram_fd), g.ram_size, g.page_size)
+            ps = alias.page_size
+            assert ps == mem.page_size
+            r = g.regions[0]
+            u.register(r.guest_addr, r.length, Mode.MISSING | Mode.MINOR, ps)
+            for p in range(1, NPAGES, 2):   # odd pages: MINOR
+                alias.alias_view(p * ps, ps)[:] = page_bytes(p, ps)
+            g.ack()
+            events = serve_faults(u, alias, NPAGES, base=r.guest_addr)
+            out, _ = child.communicate(timeout=30)
+            assert child.returncode == 0
+            assert sum(e.minor for e in events) == NPAGES // 2
+            digests = json.loads(out)["digests"]
+            for p in pages:
+                assert digests[str(p)] == hashlib.sha256(page_bytes(p, ps)).hexdigest(), f"page {p}"
+            alias.close()
+            g.close()
+        finally:
+            child.kill()
+            child.wait()
+            listener.close()
 
 
-def test_prepared_memory_faults_minor_and_shows_nothing_unwritten(mem, uffd):
+def prepared_memory_faults_minor(mem, uffd):
     """After GuestMemory.prepare() (every page allocated, the alias mapped) a
     guest read of a page the agent has not written is a MINOR fault and blocks:
     the zeros the allocation put there are never shown to it."""
@@ -147,7 +164,9 @@ def test_prepared_memory_faults_minor_and_shows_nothing_unwritten(mem, uffd):
     assert mem.prepare()["was_empty"] is False    # pages are there now
 
 
-def test_alias_writes_do_not_fault_and_repeat_continue_is_already_mapped(mem, uffd):
+def repeated_continue_is_already_mapped(mem, uffd):
+    """Writes through the alias do not fault; a second CONTINUE of a mapped
+    page is the kernel's EEXIST, reported as ALREADY_MAPPED."""
     ps = mem.page_size
     mem.alias_view(0, mem.size)[:] = b"\x5a" * mem.size
     assert bytes(mem.alias_view(0, 16)) == b"\x5a" * 16
@@ -157,16 +176,17 @@ def test_alias_writes_do_not_fault_and_repeat_continue_is_already_mapped(mem, uf
     assert again.resolution is Resolution.ALREADY_MAPPED and again.bytes_done == 0
 
 
-def test_continue_without_page_in_cache_is_a_clear_error(mem, uffd):
+def continue_without_page_in_cache_is_efault(mem, uffd):
     with pytest.raises(UffdError) as ei:
         uffd.continue_(mem.guest_addr + mem.page_size, mem.page_size)
-    assert ei.value.errno == 14
+    assert type(ei.value) is UffdError   # the kernel's answer, not one of our checks
+    assert ei.value.errno == errno.EFAULT
     size = "4 KiB" if mem.page_size == 4096 else "2 MiB"
     assert str(ei.value) == (f"continue {mem.guest_addr + mem.page_size:#x}+{size}: EFAULT: Bad address "
                              "(page is not in the page cache: write it through the alias first)")
 
 
-def test_one_continue_maps_a_large_range(mem, uffd):
+def one_continue_maps_a_large_range(mem, uffd):
     ps = mem.page_size
     mem.alias_view(0, mem.size)[:] = b"".join(page_bytes(p, ps) for p in range(NPAGES))
     r = uffd.continue_(mem.guest_addr, mem.size)
@@ -178,7 +198,7 @@ def test_one_continue_maps_a_large_range(mem, uffd):
     assert bytes(out) == bytes(mem.alias_view(0, mem.size))
 
 
-def test_after_unregister_no_faults_and_data_intact(mem, uffd):
+def unregister_leaves_no_faults_and_data_intact(mem, uffd):
     ps = mem.page_size
     half = NPAGES // 2
     mem.alias_view(0, half * ps)[:] = b"".join(page_bytes(p, ps) for p in range(half))
@@ -192,92 +212,170 @@ def test_after_unregister_no_faults_and_data_intact(mem, uffd):
     assert bytes(out[half * ps:]) == bytes(mem.size - half * ps)   # holes read as zeros once unregistered
 
 
+class Scenario(NamedTuple):
+    name: str
+    run: Callable[[GuestMemory, Userfaultfd | None], None]
+    registered: bool = True     # run gets a userfaultfd with the whole mapping registered MISSING|MINOR
+    memory: tuple[str, ...] = tuple(MEMORY_TYPES)
+
+
+SCENARIOS = [
+    Scenario("exact-fault-counts", exact_fault_counts),
+    Scenario("reader-in-another-process", reader_in_another_process, registered=False),
+    Scenario("prepared-memory-faults-minor", prepared_memory_faults_minor),
+    Scenario("repeated-continue-is-eexist", repeated_continue_is_already_mapped),
+    Scenario("continue-not-in-page-cache-is-efault", continue_without_page_in_cache_is_efault),
+    Scenario("one-continue-maps-a-large-range", one_continue_maps_a_large_range),
+    Scenario("unregister-leaves-data-intact", unregister_leaves_no_faults_and_data_intact),
+]
+
+
+@pytest.mark.parametrize("scenario,memory,feature", [
+    pytest.param(s, m, minor_feature(m), id=f"{s.name}-on-{m}") for s in SCENARIOS for m in s.memory])
+def test_kernel_scenario(scenario, memory, feature, host, request):
+    need_feature(host, feature)
+    if memory.startswith("hugetlbfs"):
+        need_huge_pages(request.getfixturevalue("huge_pages"), NPAGES)
+    with guest_memory(memory) as mem:
+        if scenario.registered:
+            with registered(mem) as u:
+                scenario.run(mem, u)
+        else:
+            scenario.run(mem, None)
+
+
 # -- bad arguments: typed exceptions whose messages name op, range and errno ----
+#
+# One row a refusal: the memory it is made on, the host feature it needs, how
+# the memory is registered first, the call, and the exact exception type (an
+# AlignmentError is refused by our checks before any ioctl, a UffdError is the
+# kernel's answer), errno and whole message.
 
-def test_unaligned_address(host):
-    m = GuestMemory.create("tmpfs", 16 * 4096)
-    try:
-        with Userfaultfd.create() as u:
-            u.api()
-            with pytest.raises(AlignmentError) as ei:
-                u.register(m.guest_addr + 100, 4096, Mode.MISSING | Mode.MINOR)
-            assert str(ei.value) == (f"register MISSING|MINOR {m.guest_addr + 100:#x}+4 KiB: EINVAL: "
-                                     "Invalid argument (address is not aligned to the page size 0x1000)")
-    finally:
-        m.close()
+class Area(NamedTuple):
+    addr: int
+    size: int
+    page_size: int
 
-
-def test_length_not_a_page_multiple(host):
-    m = GuestMemory.create("tmpfs", 16 * 4096)
-    try:
-        with Userfaultfd.create() as u:
-            u.api()
-            with pytest.raises(AlignmentError) as ei:
-                u.register(m.guest_addr, 5000, Mode.MISSING)
-            assert str(ei.value) == (f"register MISSING {m.guest_addr:#x}+5000 B: EINVAL: Invalid argument "
-                                     "(length is not a multiple of the page size 0x1000)")
-    finally:
-        m.close()
+    @property
+    def end(self) -> int:
+        return self.addr + self.size
 
 
-def test_range_outside_the_mapping(host):
-    m = GuestMemory.create("tmpfs", 16 * 4096)
-    try:
-        with Userfaultfd.create() as u:
-            u.api()
-            u.register(m.guest_addr, m.size, Mode.MISSING | Mode.MINOR)
-            end = m.guest_addr + m.size
-            with pytest.raises(AlignmentError) as ei:
-                u.continue_(end - 4096, 2 * 4096)
-            assert str(ei.value) == (f"continue {end - 4096:#x}+8 KiB: EINVAL: Invalid argument "
-                                     "(range is outside every registered mapping)")
-            # and the kernel's own answer for a register where nothing is mapped
-            hole = ffi.new("uint64_t *")
-            assert lib.mg_mmap(0, 4096, 0, lib.MG_MAP_PRIVATE | lib.MG_MAP_ANONYMOUS, -1, 0, hole) == 0
-            lib.mg_munmap(hole[0], 4096)
-            with pytest.raises(UffdError) as ei:
-                u.register(hole[0], 4096, Mode.MISSING)
-            assert str(ei.value) == f"register MISSING {hole[0]:#x}+4 KiB: EINVAL: Invalid argument"
-    finally:
-        m.close()
-
-
-def test_wrong_page_size_for_hugetlbfs(host, huge_pages):
-    need_backing("hugetlbfs", host, huge_pages, 2)
-    m = GuestMemory.create("hugetlbfs", 2 << 20)
-    try:
-        with Userfaultfd.create() as u:
-            u.api()
-            with pytest.raises(UffdError) as ei:   # the kernel refuses a 4 KiB range of a 2 MiB mapping
-                u.register(m.guest_addr, 4096, Mode.MISSING | Mode.MINOR, page_size=4096)
-            assert str(ei.value) == f"register MISSING|MINOR {m.guest_addr:#x}+4 KiB: EINVAL: Invalid argument"
-            with pytest.raises(AlignmentError) as ei:  # and we refuse it before the ioctl given the page size
-                u.register(m.guest_addr, 4096, Mode.MISSING | Mode.MINOR, page_size=2 << 20)
-            assert "length is not a multiple of the page size 0x200000" in str(ei.value)
-    finally:
-        m.close()
-
-
-def test_minor_on_anonymous_memory(host):
+@contextlib.contextmanager
+def area(memory: str):
+    """tmpfs: 16 pages of a memfd; hugetlbfs: one 2 MiB page; anonymous: 16
+    private anonymous pages; unmapped: a page where nothing is mapped."""
+    if memory in ("tmpfs", "hugetlbfs"):
+        m = GuestMemory.create(memory, 16 * 4096 if memory == "tmpfs" else 2 << 20)
+        try:
+            yield Area(m.guest_addr, m.size, m.page_size)
+        finally:
+            m.close()
+        return
     addr = ffi.new("uint64_t *")
-    assert lib.mg_mmap(0, 16 * 4096, 3, lib.MG_MAP_PRIVATE | lib.MG_MAP_ANONYMOUS, -1, 0, addr) == 0
-    try:
-        with Userfaultfd.create() as u:
-            u.api()
-            with pytest.raises(UffdError) as ei:
-                u.register(addr[0], 16 * 4096, Mode.MINOR)
-            assert str(ei.value) == f"register MINOR {addr[0]:#x}+64 KiB: EINVAL: Invalid argument"
-    finally:
+    prot = 3 if memory == "anonymous" else 0
+    assert lib.mg_mmap(0, 16 * 4096, prot, lib.MG_MAP_PRIVATE | lib.MG_MAP_ANONYMOUS, -1, 0, addr) == 0
+    if memory == "unmapped":
         lib.mg_munmap(addr[0], 16 * 4096)
+    try:
+        yield Area(addr[0], 16 * 4096, 4096)
+    finally:
+        if memory == "anonymous":
+            lib.mg_munmap(addr[0], 16 * 4096)
 
 
-def test_uffd_from_dev_and_syscall(host):
-    for how, ok in (("syscall", host.uffd_syscall), ("dev", host.uffd_dev)):
-        if not ok:
-            continue
-        with Userfaultfd.create(how) as u:
-            feats = u.api()
-            assert feats & lib.MG_UFFD_FEATURE_THREAD_ID
+class BadArg(NamedTuple):
+    id: str
+    memory: str                     # see area()
+    feature: str                    # HostFeatures.why_not name the row needs
+    registered: Mode | None         # the whole area is registered so before the call
+    call: Callable[[Userfaultfd, Area], object]
+    raises: type[UffdError]         # exactly this type, not a subclass
+    errno: int
+    message: Callable[[Area], str]
+
+
+MM = Mode.MISSING | Mode.MINOR
+EINVAL = "EINVAL: Invalid argument"
+
+BAD_ARGS = [
+    BadArg("register-unaligned-address", "tmpfs", "uffd", None,
+           lambda u, a: u.register(a.addr + 100, 4096, MM),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"register MISSING|MINOR {a.addr + 100:#x}+4 KiB: {EINVAL} "
+                     "(address is not aligned to the page size 0x1000)"),
+    BadArg("register-length-not-a-page-multiple", "tmpfs", "uffd", None,
+           lambda u, a: u.register(a.addr, 5000, Mode.MISSING),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"register MISSING {a.addr:#x}+5000 B: {EINVAL} "
+                     "(length is not a multiple of the page size 0x1000)"),
+    BadArg("register-zero-length", "tmpfs", "uffd", None,
+           lambda u, a: u.register(a.addr, 0, Mode.MISSING),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"register MISSING {a.addr:#x}+0 B: {EINVAL} (length must be positive)"),
+    BadArg("continue-past-the-registered-range", "tmpfs", "minor_shmem", MM,
+           lambda u, a: u.continue_(a.end - 4096, 2 * 4096),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"continue {a.end - 4096:#x}+8 KiB: {EINVAL} (range is outside every registered mapping)"),
+    BadArg("continue-unaligned-address", "tmpfs", "minor_shmem", MM,
+           lambda u, a: u.continue_(a.addr + 100, 4096),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"continue {a.addr + 100:#x}+4 KiB: {EINVAL} "
+                     "(address is not aligned to the page size 0x1000)"),
+    BadArg("unregister-what-was-never-registered", "tmpfs", "uffd", None,
+           lambda u, a: u.unregister(a.addr, a.size),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"unregister {a.addr:#x}+64 KiB: {EINVAL} (range is outside every registered mapping)"),
+    BadArg("register-where-nothing-is-mapped", "unmapped", "uffd", None,
+           lambda u, a: u.register(a.addr, 4096, Mode.MISSING),
+           UffdError, errno.EINVAL,
+           lambda a: f"register MISSING {a.addr:#x}+4 KiB: {EINVAL}"),
+    BadArg("minor-on-anonymous-memory", "anonymous", "uffd", None,
+           lambda u, a: u.register(a.addr, a.size, Mode.MINOR),
+           UffdError, errno.EINVAL,
+           lambda a: f"register MINOR {a.addr:#x}+64 KiB: {EINVAL}"),
+    # the kernel refuses a 4 KiB range of a 2 MiB mapping ...
+    BadArg("register-4k-of-a-2m-page-refused-by-the-kernel", "hugetlbfs", "minor_hugetlbfs", None,
+           lambda u, a: u.register(a.addr, 4096, MM, page_size=4096),
+           UffdError, errno.EINVAL,
+           lambda a: f"register MISSING|MINOR {a.addr:#x}+4 KiB: {EINVAL}"),
+    # ... and we refuse it before the ioctl given the page size
+    BadArg("register-4k-of-a-2m-page-refused-before-the-ioctl", "hugetlbfs", "minor_hugetlbfs", None,
+           lambda u, a: u.register(a.addr, 4096, MM, page_size=2 << 20),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"register MISSING|MINOR {a.addr:#x}+4 KiB: {EINVAL} "
+                     "(length is not a multiple of the page size 0x200000)"),
+    BadArg("continue-4k-of-a-2m-page", "hugetlbfs", "minor_hugetlbfs", MM,
+           lambda u, a: u.continue_(a.addr, 4096),
+           AlignmentError, errno.EINVAL,
+           lambda a: f"continue {a.addr:#x}+4 KiB: {EINVAL} (length is not a multiple of the page size 0x200000)"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ARGS, ids=lambda c: c.id)
+def test_bad_argument(case, host, request):
+    need_feature(host, case.feature)
+    if case.memory == "hugetlbfs":
+        need_huge_pages(request.getfixturevalue("huge_pages"), 2)
+    with area(case.memory) as a, Userfaultfd.create() as u:
+        u.api()
+        if case.registered is not None:
+            u.register(a.addr, a.size, case.registered, a.page_size)
+        with pytest.raises(UffdError) as ei:
+            case.call(u, a)
+    assert type(ei.value) is case.raises
+    assert ei.value.errno == case.errno
+    assert str(ei.value) == case.message(a)
+
+
+@pytest.mark.parametrize("how", ["syscall", "dev"])
+def test_uffd_from_dev_and_syscall(host, how):
+    if not {"syscall": host.uffd_syscall, "dev": host.uffd_dev}[how]:
+        pytest.skip(f"userfaultfd via {'the syscall' if how == 'syscall' else '/dev/userfaultfd'} is not "
+                    "available here")
+    with Userfaultfd.create(how) as u:
+        feats = u.api()
+        assert feats & lib.MG_UFFD_FEATURE_THREAD_ID
 
 
 def test_host_probe_is_frozen(host):
@@ -293,8 +391,7 @@ def test_one_gib_huge_pages_where_the_host_has_them(host):
     """Backing (d): a 1 GiB huge page, reserved for the test and given back."""
     from migrate import hugepages
     from migrate.hugepages import HUGE_1G
-    if host.why_not("minor_hugetlbfs"):
-        pytest.skip(host.why_not("minor_hugetlbfs"))
+    need_feature(host, "minor_hugetlbfs")
     with hugepages.reserved(1, HUGE_1G) as free:
         if free < 1:
             pytest.skip("no 1 GiB huge page could be reserved on this host")
