@@ -6,7 +6,9 @@ and one destination that stops answering part way through opening a session."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -160,12 +162,47 @@ def test_a_destination_host_that_does_not_resolve_fails_at_once(tmp_path):
         assert src.wait(20) == 1
     finally:
         src.kill()
-    assert src.errors()[0].startswith("cannot resolve the destination host 'no-such-host.invalid': ")
+    # the resolver's own words (e.g. "Name or service not known") vary with the host's resolver
+    (err,) = src.errors()
+    assert re.fullmatch(r"cannot resolve the destination host 'no-such-host\.invalid': [A-Z][^:]+", err), err
 
 
-def bad_batch_case(waiting, batch: pb.PageBatch, message: str):
+PAGE = bytes(range(256)) * 16
+
+# A source whose gRPC Push batch breaks the contract: the destination refuses
+# the batch with INVALID_ARGUMENT and the whole reason, places none of it,
+# drops the source (Finish says so, with the same reason), and a good source
+# then completes the migration. One row a lie: (id, the batch, the message).
+BAD_BATCHES = [
+    pytest.param(pb.PageBatch(pages=[3, NPAGES + 5], zero=b"\x00", data=PAGE * 2, raw_length=8192),
+                 f"batch names page {NPAGES + 5}, outside the layout of {NPAGES} pages of 4096 bytes",
+                 id="page-outside-the-layout"),
+    pytest.param(pb.PageBatch(pages=[3, 4], zero=b"\x00", data=PAGE + PAGE[:100], raw_length=8192),
+                 "batch of 2 non-zero pages carries 4196 bytes after decompression, expected 8192: "
+                 "truncated or corrupt",
+                 id="truncated"),
+    pytest.param(pb.PageBatch(pages=[3, 4], zero=b"\x00", data=PAGE * 2, raw_length=4096),
+                 "batch declares 4096 bytes for 2 non-zero pages of 4096 bytes (expected 8192): "
+                 "truncated or corrupt",
+                 id="declared-length-lies"),
+    pytest.param(pb.PageBatch(pages=[3], zero=b"\x00", compression=pb.COMPRESSION_ZSTD,
+                              data=b"not zstd at all", raw_length=4096),
+                 "batch of 1 pages: zstd data does not decompress: error determining content size from "
+                 "frame header",
+                 id="garbage-zstd"),
+    pytest.param(pb.PageBatch(pages=[1, 2, 3], zero=b"", data=PAGE * 3, raw_length=3 * 4096),
+                 "batch of 3 pages carries a zero bitmap of 0 bytes, expected 1",
+                 id="zero-bitmap-of-wrong-length"),
+    pytest.param(pb.PageBatch(pages=[3], zero=b"\x00", compression=7, data=PAGE, raw_length=4096),
+                 "batch uses unknown compression 7",
+                 id="unknown-compression"),
+]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("batch,message", BAD_BATCHES)
+def test_bad_batch(waiting, batch, message):
     ch, stub, welcome = open_session(waiting)
-    batch.session_id = ""
     with pytest.raises(grpc.RpcError) as ei:
         push(stub, welcome.session_id, batch)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -178,46 +215,9 @@ def bad_batch_case(waiting, batch: pb.PageBatch, message: str):
                                         timeout=30)
     ch2.close()
     assert not fin.complete
-    assert fin.error.startswith(f"migration is disconnected with 0 of {NPAGES} pages received (the source was "
-                                "dropped: "), fin.error
+    assert fin.error == (f"migration is disconnected with 0 of {NPAGES} pages received (the source was "
+                         f"dropped: {message})")
     finish_with_good_source(waiting)
-
-
-PAGE = bytes(range(256)) * 16
-
-
-@pytest.mark.timeout(120)
-def test_page_outside_the_layout(waiting):
-    bad_batch_case(waiting, pb.PageBatch(pages=[3, NPAGES + 5], zero=b"\x00", data=PAGE * 2, raw_length=8192),
-                   f"batch names page {NPAGES + 5}, outside the layout of {NPAGES} pages of 4096 bytes")
-
-
-@pytest.mark.timeout(120)
-def test_truncated_batch(waiting):
-    bad_batch_case(waiting, pb.PageBatch(pages=[3, 4], zero=b"\x00", data=PAGE + PAGE[:100], raw_length=8192),
-                   "batch of 2 non-zero pages carries 4196 bytes after decompression, expected 8192: "
-                   "truncated or corrupt")
-
-
-@pytest.mark.timeout(120)
-def test_declared_length_lies(waiting):
-    bad_batch_case(waiting, pb.PageBatch(pages=[3, 4], zero=b"\x00", data=PAGE * 2, raw_length=4096),
-                   "batch declares 4096 bytes for 2 non-zero pages of 4096 bytes (expected 8192): "
-                   "truncated or corrupt")
-
-
-@pytest.mark.timeout(120)
-def test_garbage_zstd(waiting):
-    bad_batch_case(waiting, pb.PageBatch(pages=[3], zero=b"\x00", compression=pb.COMPRESSION_ZSTD,
-                                         data=b"not zstd at all", raw_length=4096),
-                   "batch of 1 pages: zstd data does not decompress: error determining content size from "
-                   "frame header")
-
-
-@pytest.mark.timeout(120)
-def test_zero_bitmap_of_wrong_length(waiting):
-    bad_batch_case(waiting, pb.PageBatch(pages=[1, 2, 3], zero=b"", data=PAGE * 3, raw_length=3 * 4096),
-                   "batch of 3 pages carries a zero bitmap of 0 bytes, expected 1")
 
 
 @pytest.mark.timeout(120)
@@ -244,7 +244,8 @@ def test_ram_file_shorter_than_declared(tmp_path, host):
     finally:
         os.unlink(img)
     assert r.returncode == 2
-    assert f'"message": "RAM file {img} is 8 MiB, shorter than the declared 16 MiB"' in r.stdout
+    errors = [ev["message"] for ev in map(json.loads, r.stdout.splitlines()) if ev.get("event") == "error"]
+    assert errors == [f"RAM file {img} is 8 MiB, shorter than the declared 16 MiB"]
 
 
 @pytest.mark.timeout(60)
@@ -270,30 +271,6 @@ def test_guest_ram_file_shorter_than_its_hello(tmp_path, host):
         lm.close()
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("header,message", [
-    (lambda page: struct.pack("<QII", NPAGES + 7, 0, 4096),
-     f"bad demand reply: demand reply names page {NPAGES + 7}, outside the layout of {NPAGES} pages of 4096 bytes"),
-    (lambda page: struct.pack("<QII", page, 0, 100),
-     "bad demand reply: demand reply for page {page} carries 100 bytes, expected 4096 (or 0 for a zero page)"),
-], ids=["page-outside-layout", "short-page"])
-def test_lying_demand_reply(waiting, header, message):
-    """A source that answers a vCPU's request with a malformed reply: refused,
-    nothing mapped, and a good source finishes the job."""
-    ch, stub, welcome = open_session(waiting)
-    host = waiting.address.rpartition(":")[0]
-    demand = socket.create_connection((host, welcome.demand_port), timeout=10)
-    demand.sendall(DEMAND_MAGIC + welcome.demand_token)
-    (page,) = struct.unpack("<Q", demand.recv(8, socket.MSG_WAITALL))
-    demand.sendall(header(page) + PAGE)
-    ev = waiting.dest.wait_event("error", 30)
-    assert ev["message"] == message.format(page=page)
-    waiting.dest.wait_event("disconnected", 30)
-    demand.close()
-    ch.close()
-    finish_with_good_source(waiting)
-
-
 def liar_demand_channel(lm, **hello_fields):
     """A source's session and demand channel; returns (grpc channel, socket,
     the page the guest's first fault asked for, Welcome)."""
@@ -303,6 +280,29 @@ def liar_demand_channel(lm, **hello_fields):
     demand.sendall(DEMAND_MAGIC + welcome.demand_token)
     (page,) = struct.unpack("<Q", demand.recv(8, socket.MSG_WAITALL))
     return ch, demand, page, welcome
+
+
+# A source that answers a vCPU's request with a malformed demand reply (4 KiB
+# pages): refused, nothing mapped, and a good source finishes the job. One
+# row a lie: (id, the reply's header given the page asked for, the message).
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("header,message", [
+    (lambda page: struct.pack("<QII", NPAGES + 7, 0, 4096),
+     f"bad demand reply: demand reply names page {NPAGES + 7}, outside the layout of {NPAGES} pages of 4096 bytes"),
+    (lambda page: struct.pack("<QII", page, 0, 100),
+     "bad demand reply: demand reply for page {page} carries 100 bytes, expected 4096 (or 0 for a zero page)"),
+    (lambda page: struct.pack("<QII", page, 2, 4096),
+     "bad demand reply: demand reply for page {page} is sparse, but pages of 4096 bytes are never sent sparse"),
+], ids=["page-outside-layout", "short-page", "sparse-small-pages"])
+def test_lying_demand_reply(waiting, header, message):
+    ch, demand, page, _ = liar_demand_channel(waiting)
+    demand.sendall(header(page) + PAGE)
+    ev = waiting.dest.wait_event("error", 30)
+    assert ev["message"] == message.format(page=page)
+    waiting.dest.wait_event("disconnected", 30)
+    demand.close()
+    ch.close()
+    finish_with_good_source(waiting)
 
 
 @pytest.mark.timeout(120)
@@ -326,19 +326,6 @@ def test_source_gone_part_way_through_a_page_leaves_nothing_behind(waiting):
     waiting.dest.wait_event("disconnected", 30)
     ch.close()
     finish_with_good_source(waiting)   # the guest reads every byte of every page
-
-
-@pytest.mark.timeout(120)
-def test_sparse_reply_for_small_pages(waiting):
-    ch, demand, page, _ = liar_demand_channel(waiting)
-    demand.sendall(struct.pack("<QII", page, 2, 4096) + PAGE)
-    ev = waiting.dest.wait_event("error", 30)
-    assert ev["message"] == (f"bad demand reply: demand reply for page {page} is sparse, but pages of 4096 "
-                             f"bytes are never sent sparse")
-    waiting.dest.wait_event("disconnected", 30)
-    demand.close()
-    ch.close()
-    finish_with_good_source(waiting)
 
 
 HUGE = 2 * M
@@ -419,6 +406,7 @@ def test_push_channel_refused_after_the_demand_channel(tmp_path):
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen(0)   # one connection waits to be accepted; the next SYN is dropped
+    welcome_port = listener.getsockname()[1]
     accepted: list[socket.socket] = []
 
     def accept_demand():
@@ -428,7 +416,7 @@ def test_push_channel_refused_after_the_demand_channel(tmp_path):
     class Destination(pbg.MigrationServicer):
         def Open(self, request, context):
             return pb.Welcome(version=PROTOCOL_VERSION, session_id="refusing", push_streams=2,
-                              demand_port=listener.getsockname()[1], demand_token=b"t" * 16)
+                              demand_port=welcome_port, demand_token=b"t" * 16)
 
     server = grpc.server(ThreadPoolExecutor(2))
     pbg.add_MigrationServicer_to_server(Destination(), server)
@@ -443,8 +431,10 @@ def test_push_channel_refused_after_the_demand_channel(tmp_path):
         src = Source(ram, f"127.0.0.1:{port}", Reporter(quiet=True), connect_timeout=1.0)
         # the error is kept (as a caller would log it), and with it the source's
         # frames: closing the channel has to be the source's own doing
-        with pytest.raises(SourceError, match="cannot open the push channel to 127.0.0.1") as failed:
+        with pytest.raises(SourceError) as failed:
             src.run()
+        # the push channel's SYN waits in vain on the full backlog: connect_timeout
+        assert str(failed.value) == f"cannot open the push channel to 127.0.0.1:{welcome_port}: timed out"
         assert not [t for t in threading.enumerate() if t.name == "demand" and t.is_alive()]
         acceptor.join(10)
         assert accepted, "the source never opened the demand channel"
@@ -476,7 +466,8 @@ def test_push_channel_refused_after_the_demand_channel(tmp_path):
     (["dest", "--source-timeout", "nan"], "argument --source-timeout: nan seconds: must be 0 or more"),
     (["dest", "--progress-every", "0"], "argument --progress-every: 0 seconds: a period must be more than 0"),
     (["guestsim", "--vcpus", "0"], "argument --vcpus: 0: must be 1 or more"),
-])
+], ids=["no-push-stream", "negative-max-rate", "negative-dest-timeout", "nan-source-timeout",
+        "zero-progress-period", "no-vcpu"])
 def test_nonsense_numbers_on_the_command_line_are_refused(argv, message, capsys):
     """Each was taken before: a negative timeout, rate or no stream at all."""
     from migrate.cli import build_parser
@@ -485,7 +476,7 @@ def test_nonsense_numbers_on_the_command_line_are_refused(argv, message, capsys)
     with pytest.raises(SystemExit) as ei:
         build_parser().parse_args([argv[0], *need, *argv[1:]])
     assert ei.value.code == 2
-    assert message in capsys.readouterr().err
+    assert capsys.readouterr().err.splitlines()[-1] == f"migrate {argv[0]}: error: {message}"
 
 
 @pytest.mark.timeout(30)
