@@ -53,8 +53,9 @@ def test_bitmap_ranges_for_a_1tib_guest():
     assert bm.next_clear(5) == 105 and bm.next_set(105) == n - 3
     bm.clear(50, 10)
     assert bm.count() == 93 and 49 in bm and 50 not in bm
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError) as ei:
         bm.set(n - 1, 2)
+    assert str(ei.value) == f"pages [{n - 1}, {n + 1}) outside a bitmap of {n} pages"
 
 
 def test_bitmap_bytes_round_trip_ignores_bits_past_the_end():
