@@ -97,7 +97,7 @@ class Source:
         self.resume_session = resume_session
         self.connect_timeout = connect_timeout
         # a destination whose host acknowledges nothing this long on a channel
-        # is gone (see protocol.set_peer_timeout); 0: TCP's own many minutes
+        # is gone (see wire.tcp.set_peer_timeout); 0: TCP's own many minutes
         self.dest_timeout = dest_timeout
         self.dest_lost: SourceError | None = None
         self.session = ""
@@ -120,11 +120,14 @@ class Source:
         self.demand: DemandServer | None = None
         self.push: Push | None = None
         self._demand_thread: threading.Thread | None = None
-        self._threads: list[threading.Thread] = []    # the others: push streams, holes walk, block scan
+        self._threads: list[threading.Thread] = []    # the others: holes walk, block scan, push streams
         self._socks: list[socket.socket] = []         # demand channel first, then raw push channels
         self._channels: list[grpc.Channel] = []       # control, then gRPC push channels
 
     def run(self) -> SourceResult:
+        """The session from Open to Finish. Raises a MigrateError when it does
+        not complete (DestinationFailed when the destination ended it for
+        good); everything it opened is closed either way."""
         t0 = time.monotonic()
         _check_resolves(self.target)
         try:
