@@ -10,12 +10,10 @@ import errno
 import mmap
 import os
 
-
 from migrate._binding import ffi, lib
-from migrate.errors import MigrateError, fmt_size
+from migrate.errors import MigrateError, SourceError, fmt_size
 from migrate.memory import fs_page_size
 from migrate.pagestate import PageBitmap
-from migrate.errors import SourceError
 
 
 class RamImage:
@@ -26,21 +24,11 @@ class RamImage:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
             raise SourceError(f"open RAM file {path}: {e.strerror}") from None
-        actual = os.fstat(self.fd).st_size
-        self.size = actual if size is None else size
-        if size is not None and actual < size:
+        try:
+            self._map(path, page_size, size)
+        except BaseException:
             os.close(self.fd)
-            raise SourceError(f"RAM file {path} is {fmt_size(actual)}, shorter than the declared {fmt_size(size)}")
-        fs_ps = fs_page_size(self.fd)
-        self.page_size = page_size or fs_ps
-        self.on_hugetlbfs = fs_ps > 4096   # reports no holes: they are probed (see holes)
-        if self.size == 0 or self.size % self.page_size:
-            os.close(self.fd)
-            raise SourceError(f"RAM file {path} is {fmt_size(self.size)}: not a positive multiple of the page "
-                              f"size {fmt_size(self.page_size)} (pass --page-size or --size)")
-        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
-        self.view = memoryview(self.map)
-        self.addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.view)))
+            raise
         self.path = path
         # The file's data is populated here, before any session, so the push
         # reads pages without taking a page fault every 16 of them. Its holes
@@ -53,6 +41,22 @@ class RamImage:
         ps = self.page_size
         for first, count in self.open_holes.runs(set_bits=False) if self.open_holes else [(0, self.npages)]:
             lib.mg_madvise(self.addr + first * ps, count * ps, lib.MG_MADV_POPULATE_READ)  # a hint: errors ignored
+
+    def _map(self, path: str, page_size: int | None, size: int | None) -> None:
+        """Checks the size against the file and the page size, and maps it."""
+        actual = os.fstat(self.fd).st_size
+        self.size = actual if size is None else size
+        if size is not None and actual < size:
+            raise SourceError(f"RAM file {path} is {fmt_size(actual)}, shorter than the declared {fmt_size(size)}")
+        fs_ps = fs_page_size(self.fd)
+        self.page_size = page_size or fs_ps
+        self.on_hugetlbfs = fs_ps > 4096   # reports no holes: they are probed (see holes)
+        if self.size == 0 or self.size % self.page_size:
+            raise SourceError(f"RAM file {path} is {fmt_size(self.size)}: not a positive multiple of the page "
+                              f"size {fmt_size(self.page_size)} (pass --page-size or --size)")
+        self.map = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self.view = memoryview(self.map)
+        self.addr = int(ffi.cast("uintptr_t", ffi.from_buffer(self.view)))
 
     def fully_allocated(self) -> bool:
         """Every block of the file allocated: no holes to look for."""

@@ -12,8 +12,9 @@ READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on 
 
 
 class Scheduler:
-    """What to push next. Thread-safe: demand notes arrive from the demand
-    thread while push streams take batches."""
+    """What to push next. Thread-safe: every push stream takes its batches
+    here, and the first to see a new demand (the C demand server's last page)
+    notes it for the others."""
 
     def __init__(self, npages: int, pages_per_batch: int, already: PageBitmap | None = None):
         self.npages = npages
