@@ -22,6 +22,7 @@ import grpc
 from migrate.errors import MigrateError
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
+from migrate.qemu import resume_hint
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
 
 
@@ -210,7 +211,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                         f"{e} (the guest ran on the destination and is lost there; the source QEMU stays paused: "
                         "resuming it would take the VM back to before the migration, after the destination "
                         "guest's own disk writes and network traffic. Only if that is safe for this VM: "
-                        f"`python -m migrate.qemu {qmp_path} cont`)") from None
+                        f"{resume_hint(qmp_path)})") from None
                 how = "" if "--resume" in str(e) else f": serve the rest with `migrate source --resume {src.session}`"
                 raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \
                     from None
@@ -225,7 +226,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
             raise MigrateError(
                 f"{e} (the destination may have the device state, and its guest may run or be about to, so the "
                 f"source QEMU stays paused: {how}only if the destination refuses that resume, because the state "
-                f"did not reach it or did not load, resume this one: `python -m migrate.qemu {qmp_path} cont`)") \
+                f"did not reach it or did not load, resume this one: {resume_hint(qmp_path)})") \
                 from None
         try:
             src_status = qmp.status()
