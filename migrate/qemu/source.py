@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from migrate.errors import MigrateError
+from migrate.errors import DestinationGone, MigrateError
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu import resume_hint
@@ -212,7 +212,9 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                         "resuming it would take the VM back to before the migration, after the destination "
                         "guest's own disk writes and network traffic. Only if that is safe for this VM: "
                         f"{resume_hint(qmp_path)})") from None
-                how = "" if "--resume" in str(e) else f": serve the rest with `migrate source --resume {src.session}`"
+                # a DestinationGone says already how to resume the session
+                how = "" if isinstance(e, DestinationGone) else \
+                    f": serve the rest with `migrate source --resume {src.session}`"
                 raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \
                     from None
             if not sender.sent or sender.ack is not None:
@@ -221,8 +223,8 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
             # The destination may have the device state and run the guest, or be
             # loading it: resuming the session there is safe either way, and it
             # refuses when the state did not reach it or did not load.
-            how = "" if "--resume" in str(e) else (f"once the destination can be reached, `migrate source "
-                                                    f"--resume {src.session}` serves it the rest; ")
+            how = "" if isinstance(e, DestinationGone) else (
+                f"once the destination can be reached, `migrate source --resume {src.session}` serves it the rest; ")
             raise MigrateError(
                 f"{e} (the destination may have the device state, and its guest may run or be about to, so the "
                 f"source QEMU stays paused: {how}only if the destination refuses that resume, because the state "

@@ -29,7 +29,7 @@ from migrate.wire.tcp import host_of, parse_address, set_peer_timeout
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import READAHEAD_BYTES, Scheduler
 from migrate.source.push import push_send_buffer
-from migrate.errors import DestinationFailed, SourceError
+from migrate.errors import DestinationFailed, DestinationGone, SourceError
 
 
 DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
@@ -282,10 +282,10 @@ class Source:
         gave up on is recorded in dest_lost."""
         if err not in PEER_LOST_ERRNOS:
             return SourceError(f"{what} channel: {os.strerror(err)}")
-        e = SourceError(f"the destination is gone: for --dest-timeout {self.dest_timeout:g} s nothing sent on the "
-                        f"{what} channel was acknowledged or taken in ({os.strerror(err)}): its host is down, the "
-                        "network split, or the agent hangs. Its guest keeps the pages it has and waits: once the "
-                        f"destination can be reached, `migrate source --resume {self.session}` serves the rest")
+        e = DestinationGone(f"the destination is gone: for --dest-timeout {self.dest_timeout:g} s nothing sent on "
+                            f"the {what} channel was acknowledged or taken in ({os.strerror(err)}): its host is down, "
+                            "the network split, or the agent hangs. Its guest keeps the pages it has and waits: once "
+                            f"the destination can be reached, `migrate source --resume {self.session}` serves the rest")
         if self.dest_lost is None:
             self.dest_lost = e
         return e
