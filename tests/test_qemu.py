@@ -13,13 +13,17 @@ from __future__ import annotations
 
 import glob
 import os
+import json
 import shutil
+import socket
+import struct
 import subprocess
+import sys
 
 import pytest
 
 from migrate.host import features
-from migrate.qemu import localrun
+from migrate.qemu import localrun, resume_hint
 from migrate.qemu.lab import Lab
 from migrate.qemu.qmp import QemuError
 
@@ -45,11 +49,12 @@ def _why_not_qemu() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_not_qemu() is not None, reason=_why_not_qemu() or "")
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
+    """The guest every QEMU test boots; those tests skip here without QEMU."""
+    why = _why_not_qemu()
+    if why:
+        pytest.skip(why)
     out = tmp_path_factory.mktemp("qemu-guest")
     r = subprocess.run([os.path.join(EXAMPLES, "build-guest.sh"), str(out)], capture_output=True, text=True,
                        timeout=180)
@@ -277,3 +282,74 @@ def test_source_qemu_resumed_when_destination_cannot_load(guest, tmp_path):
         finally:
             for p in procs:
                 p.kill()
+
+
+def test_resume_hint_is_the_advice_the_agents_print():
+    assert resume_hint("/run/src.qmp") == "`python -m migrate.qemu /run/src.qmp cont`"
+    assert resume_hint() == "`python -m migrate.qemu SOURCE_QMP_SOCKET cont`"
+
+
+# A process that maps 64 MiB of a memfd MAP_SHARED (what the shim attaches),
+# says so, and lives until its stdin closes.
+_MAPS_RAM = """
+import mmap, os, sys
+fd = os.memfd_create("guest-ram")
+os.ftruncate(fd, 64 << 20)
+m = mmap.mmap(fd, 64 << 20, mmap.MAP_SHARED)
+print("mapped", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":"), (",\n ", " :\t")],
+                         ids=["json.dumps-default", "compact", "spaced"])
+def test_shim_reads_agent_messages_whatever_their_whitespace(tmp_path, separators):
+    """The shim must tell a finished migration from a dead agent by parsing
+    the agent's JSON, not by matching the bytes one encoder happens to write
+    (docs/attach-protocol.md): with {"event":"complete"} in any spacing it
+    ends quietly, and does not attach again as it does after a dead agent."""
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    from migrate.qemu.shim import shim_path
+    from migrate.wire.attach import recv_msg
+
+    path = str(tmp_path / "attach.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(2)
+    listener.settimeout(20)
+    env = dict(os.environ, LD_PRELOAD=shim_path(), MIGRATE_ATTACH=path, MIGRATE_SHIM_DEBUG="1")
+    child = subprocess.Popen([sys.executable, "-c", _MAPS_RAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        conn, _ = listener.accept()
+        conn.settimeout(20)
+        hello, fds = recv_msg(conn, want_fds=2)
+        for fd in fds:
+            os.close(fd)
+        assert hello["ram_size"] == 64 << 20 and not hello.get("reattach"), hello
+
+        def send(obj):
+            body = json.dumps(obj, separators=separators).encode()
+            conn.sendall(struct.pack(">I", len(body)) + body)
+
+        send({"ok": True})
+        assert child.stdout.readline() == "mapped\n"
+        send({"event": "switchover"})
+        send({"event": "complete", "pages_total": 16384})
+        conn.close()
+        # after a dead agent (EOF without "complete") the shim attaches again at once
+        listener.settimeout(2)
+        with pytest.raises(socket.timeout):
+            again, _ = listener.accept()
+            again.close()
+        _, err = child.communicate("", timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        listener.close()
+    assert child.returncode == 0, err
+    assert "migration complete for" in err and "went away" not in err, err
