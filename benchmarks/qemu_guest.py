@@ -17,7 +17,8 @@ Each side reports
                     which reports its demand-fault service latency instead
 `ratio` is engine / QEMU for each (below 1: the engine is faster).
 
-Uses examples/qemu/ (qemu_lab.py, migrate_qemu.py). Every QEMU is stopped by pid and
+Uses migrate.qemu.lab and migrate.qemu.localrun (the flow examples/qemu/run.sh runs) and
+the guest examples/qemu/build-guest.sh builds. Every QEMU is stopped by pid and
 every file, mount and huge page given back, also on errors.
 """
 
@@ -30,13 +31,11 @@ import sys
 import tempfile
 import time
 
+from migrate.qemu import localrun
+from migrate.qemu.lab import Lab
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "qemu")
-
-
-def _examples():
-    if EXAMPLES not in sys.path:
-        sys.path.insert(0, EXAMPLES)
 
 
 def build_guest(out: str | None = None) -> str:
@@ -47,29 +46,15 @@ def build_guest(out: str | None = None) -> str:
     return out
 
 
-def _ts(e: dict) -> float:
-    return e["timestamp"]["seconds"] + e["timestamp"]["microseconds"] / 1e6
-
-
 def _first_event(q, name: str) -> float | None:
-    q.cmd("query-status")  # pumps pending events
-    for e in q.events:
-        if e["event"] == name:
-            return _ts(e)
-    return None
-
-
-def _events(q, name: str, **match) -> list[dict]:
-    q.cmd("query-status")  # pumps pending events
-    return [e for e in q.events if e["event"] == name
-            and all(e.get("data", {}).get(k) == v for k, v in match.items())]
+    """When QEMU sent its first event `name` (its own clock), or None."""
+    seen = q.seen(name)
+    return seen[0]["time"] if seen else None
 
 
 def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None) -> dict:
-    _examples()
-    import migrate_qemu
     load = os.getloadavg()[0]
-    r = migrate_qemu.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log)
+    r = localrun.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log)
     if not (r.get("verify") or "").startswith("VERIFY OK") or r.get("errors"):
         raise RuntimeError(f"engine run failed: {r.get('verify')} {r.get('errors')}")
     d, s = r.get("dest", {}), r.get("source", {})
@@ -103,9 +88,6 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
     total_ms is measured from the same kind of events as the engine's: the start of
     the migration (source MIGRATION "setup"; the engine has no phase before its STOP)
     to the destination's MIGRATION "completed", QEMU's own timestamps."""
-    _examples()
-    from qemu_lab import Lab
-
     load = os.getloadavg()[0]
     with Lab(guest, verbose=False) as lab:
         lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
@@ -146,27 +128,27 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
                 raise RuntimeError(f"QEMU post-copy did not start: {qs.cmd('query-migrate')}")
             time.sleep(0.001)
         sd.send("\n")
-        info = qs.wait_migration(timeout=300, poll=0.01)
+        info = qs.migration_end(300, poll=0.01)
         if info["status"] != "completed":
             raise RuntimeError(f"QEMU post-copy: {info}")
         v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=300)
-        dinfo = qd.wait_migration(timeout=60, poll=0.01)
+        dinfo = qd.migration_end(60, poll=0.01)
         sd.send("\n")
         v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=300)
         stop, resume = _first_event(qs, "STOP"), _first_event(qd, "RESUME")
-        setup = _events(qs, "MIGRATION", status="setup")
-        done = _events(qd, "MIGRATION", status="completed")
+        setup = qs.seen("MIGRATION", status="setup")
+        done = qd.seen("MIGRATION", status="completed")
         ram = info.get("ram", {})
-        t_start = _ts(setup[0]) if setup else stop
+        t_start = setup[0]["time"] if setup else stop
         # post-copy happened when the switch came before QEMU's own convergence (an idle
         # guest's precopy can finish in one pass plus a stop-and-copy of the rest)
-        went_postcopy = bool(_events(qs, "MIGRATION", status="postcopy-active"))
+        went_postcopy = bool(qs.seen("MIGRATION", status="postcopy-active"))
         return {"precopy": precopy, "backend": backend, "pages": pages, "went_postcopy": went_postcopy,
                 "downtime_bytes": ram.get("downtime-bytes"), "postcopy_bytes": ram.get("postcopy-bytes"),
-                "total_ms": round((_ts(done[0]) - t_start) * 1e3, 1) if done and t_start else info.get("total-time"),
+                "total_ms": round((done[0]["time"] - t_start) * 1e3, 1) if done and t_start else info.get("total-time"),
                 "qemu_total_time_ms": info.get("total-time"),
                 "precopy_ms": round((stop - t_start) * 1e3, 1) if stop and t_start else None,
-                "postcopy_ms": round((_ts(done[0]) - stop) * 1e3, 1) if done and stop else None,
+                "postcopy_ms": round((done[0]["time"] - stop) * 1e3, 1) if done and stop else None,
                 "downtime_ms": round((resume - stop) * 1e3, 1) if stop and resume else None,
                 "qemu_reported_downtime_ms": info.get("downtime"),
                 "guest_verify_ms": int(v.group(2)) if v.group(2) else None,

@@ -76,3 +76,9 @@ class SourceError(MigrateError):
 class DestinationFailed(SourceError):
     """The destination ended the migration for good (its guest died, or the
     kernel refused a page): no source can finish it."""
+
+
+class DestinationGone(SourceError):
+    """The destination stopped answering (--dest-timeout): its guest keeps the
+    pages it has and waits, and the message already says how to serve it the
+    rest (`migrate source --resume SESSION`)."""

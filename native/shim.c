@@ -231,19 +231,36 @@ static int recv_all(int fd, char *buf, size_t len)
     return 1;
 }
 
+/* The value of "key" in one of the agent's messages (a small flat JSON
+ * object): a pointer to its first character, or NULL. The protocol promises
+ * JSON, not a spelling of it (docs/attach-protocol.md): whitespace may stand
+ * around the ':', so it is skipped, never matched. A "key" that is not
+ * followed by ':' is a string value, and an escaped \"key\" sits inside one:
+ * neither is the key. */
+static const char *json_value(const char *js, const char *key)
+{
+    size_t kl = strlen(key);
+    for (const char *p = js; (p = strchr(p, '"')) != NULL; p++) {
+        if ((p > js && p[-1] == '\\') || strncmp(p + 1, key, kl) != 0 || p[1 + kl] != '"')
+            continue;
+        const char *v = p + 2 + kl;
+        v += strspn(v, " \t\r\n");
+        if (*v != ':')
+            continue;
+        v++;
+        return v + strspn(v, " \t\r\n");
+    }
+    return NULL;
+}
+
 /* value of "error" in a small JSON object, unescaped enough for a message */
 static void json_error(const char *js, char *out, size_t cap)
 {
-    const char *p = strstr(js, "\"error\"");
+    const char *p = json_value(js, "error");
     size_t n = 0;
     out[0] = '\0';
     if (!p)
         return;
-    p = strchr(p + 7, ':');
-    if (!p)
-        return;
-    while (*++p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
-        ;
     if (*p != '"') {
         snprintf(out, cap, "%.200s", p);
         return;
@@ -261,15 +278,8 @@ static void json_error(const char *js, char *out, size_t cap)
 
 static int ack_ok(const char *js)
 {
-    const char *p = strstr(js, "\"ok\"");
-    if (!p)
-        return 0;
-    p = strchr(p + 4, ':');
-    if (!p)
-        return 0;
-    while (*++p == ' ' || *p == '\t' || *p == '\n' || *p == '\r')
-        ;
-    return strncmp(p, "true", 4) == 0;
+    const char *v = json_value(js, "ok");
+    return v && strncmp(v, "true", 4) == 0;
 }
 
 /* One attached RAM mapping: what a re-attach needs to say again. Lives for the
@@ -404,7 +414,8 @@ static void *watch(void *arg)
                 break;
             }
             m[n] = '\0';
-            if (strstr(m, "\"event\": \"complete\""))
+            const char *ev = json_value(m, "event");
+            if (ev && strncmp(ev, "\"complete\"", 10) == 0)
                 complete = 1;
             free(m);
         }

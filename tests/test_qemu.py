@@ -1,29 +1,34 @@
 """A real, unmodified QEMU 7.2 guest (TCG) migrated post-copy by this engine.
 
-The flow is examples/qemu/migrate_qemu.py (what run.sh runs): source QEMU on a
+The flow is migrate.qemu.localrun.run (what examples/qemu/run.sh runs): source QEMU on a
 share=on RAM file, `migrate dest --qmp` + destination QEMU under the shim,
 `migrate source --qmp`. The guest's own memfill checks every page and prints
 VERIFY OK. Each QEMU also has a watching QMP monitor whose STOP/RESUME events
 (QEMU's own timestamps) prove the source was paused before the destination ran.
 Everything started is stopped by pid; files, sockets, mounts and huge pages are
-given back by qemu_lab.Lab.
+given back by migrate.qemu.lab.Lab.
 """
 
 from __future__ import annotations
 
 import glob
 import os
+import json
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 
 import pytest
 
 from migrate.host import features
+from migrate.qemu import localrun, resume_hint
+from migrate.qemu.lab import Lab
+from migrate.qemu.qmp import QemuError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples", "qemu")
-sys.path.insert(0, EXAMPLES)
 
 MEM_MB = 384
 
@@ -44,11 +49,12 @@ def _why_not_qemu() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_why_not_qemu() is not None, reason=_why_not_qemu() or "")
-
-
 @pytest.fixture(scope="module")
 def guest(tmp_path_factory):
+    """The guest every QEMU test boots; those tests skip here without QEMU."""
+    why = _why_not_qemu()
+    if why:
+        pytest.skip(why)
     out = tmp_path_factory.mktemp("qemu-guest")
     r = subprocess.run([os.path.join(EXAMPLES, "build-guest.sh"), str(out)], capture_output=True, text=True,
                        timeout=180)
@@ -75,8 +81,7 @@ def _check_migrated(res: dict):
 
 @pytest.mark.timeout(300)
 def test_qemu_guest_postcopy_tmpfs(guest):
-    import migrate_qemu
-    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True))
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True))
     print({k: res.get(k) for k in ("downtime_ms", "total_ms", "guest_verify_ms")})
     _check_migrated(res)
     # the guest writes 379 of its 512 MiB: the source's RAM file keeps holes
@@ -91,8 +96,7 @@ def test_qemu_guest_survives_its_destination_agent_dying(guest):
     block on missing pages (never reading zeros), the shim re-attaches the same
     userfaultfd to a new agent, which keeps the pages already mapped, and a new
     source serves the rest. The guest's own check of every page passes."""
-    import migrate_qemu
-    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), kill_agent=True)
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), kill_agent=True)
     print({k: res.get(k) for k in ("killed_agent_at_received", "pages_prior", "first_source_rc", "verify")})
     assert res["first_source_rc"] != 0          # its destination went away
     assert res["pages_prior"] is not None and res["pages_prior"] < MEM_MB * 256
@@ -109,8 +113,7 @@ def test_qemu_guest_survives_a_network_split(guest, split_network):
     agents give up on each other after 2 s (the first source exits; the source
     QEMU stays paused: never two running copies); once the link is back a new
     source resumes the session, and the guest's own check of every page passes."""
-    import migrate_qemu
-    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
                            source_args=("--max-rate", "100M", "--dest-timeout", "2"), split=split_network)
     print({k: res.get(k) for k in ("cut_at_received", "first_source_rc", "first_source_errors", "verify")})
     assert res["first_source_rc"] != 0
@@ -129,8 +132,7 @@ def test_qemu_guest_survives_a_network_split_while_its_device_state_loads(guest,
     says to resume the session. Once the link is back and the load goes on, a
     new source without --qmp resumes the session (the destination takes it:
     the state is there, loading); the guest runs there and checks every page."""
-    import migrate_qemu
-    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
                            source_args=("--dest-timeout", "2"), split=split_network, split_during_load=True)
     print({k: res.get(k) for k in ("first_source_rc", "first_source_exit_s", "first_source_errors", "verify")})
     assert res["first_source_rc"] == 1
@@ -149,8 +151,7 @@ def test_qemu_guest_survives_its_source_qemu_dying(guest):
     process; here they are in its share=on RAM file, which the source agent
     maps: the migration finishes, the source agent exits 0 and says the source
     QEMU went away, and the guest's own check of every page passes."""
-    import migrate_qemu
-    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
                            source_args=("--max-rate", "100M"), kill_source_qemu=True)
     print({k: res.get(k) for k in ("source_qemu_killed_at_received", "verify", "total_ms")})
     assert res["source_qemu_killed_at_received"] < MEM_MB * 256 // 2
@@ -169,8 +170,7 @@ def test_a_destination_qemu_dying_leaves_the_source_paused(guest):
     the source agent exits saying the guest is lost and why the source QEMU
     stays paused: resuming it would take the VM back behind the destination
     guest's own I/O, so it is left to a person who knows that is safe."""
-    import migrate_qemu
-    res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
                            source_args=("--max-rate", "100M"), kill_dest_qemu=True)
     print({k: res.get(k) for k in ("dest_rc", "dest_errors", "source_rc", "source_errors", "src_status_after")})
     assert res["dest_rc"] == 1 and len(res["dest_errors"]) == 1
@@ -188,11 +188,10 @@ def test_qemu_guest_postcopy_hugetlbfs(guest):
     why = features().why_not("minor_hugetlbfs")
     if why:
         pytest.skip(why)
-    import migrate_qemu
     before = open("/proc/sys/vm/nr_hugepages").read()
     try:
-        res = migrate_qemu.run(guest, MEM_MB, hugetlbfs=True, log=lambda m: print(m, flush=True))
-    except RuntimeError as e:
+        res = localrun.run(guest, MEM_MB, hugetlbfs=True, log=lambda m: print(m, flush=True))
+    except QemuError as e:
         if "could not reserve" in str(e):
             pytest.skip(f"not enough 2 MiB huge pages for two {MEM_MB} MiB guests: {e}")
         raise
@@ -209,8 +208,6 @@ def test_source_qemu_resumed_when_destination_refuses(guest, tmp_path):
     """A destination that cannot take device state (no --qmp) refuses the session
     before the source QEMU is paused: the source agent exits 1 and the source QEMU
     never stops."""
-    from qemu_lab import Lab
-
     from migrate.qemu.qmp import QMP
     from migrate.sim.localrun import Proc
 
@@ -253,8 +250,6 @@ def test_source_qemu_resumed_when_destination_cannot_load(guest, tmp_path):
     """A destination QEMU of another machine type fails to load the device state:
     the destination answers guest_running=false, the source QEMU runs again and
     its guest is intact."""
-    from qemu_lab import Lab
-
     from migrate.qemu.shim import shim_path
     from migrate.sim.localrun import Proc
 
@@ -287,3 +282,74 @@ def test_source_qemu_resumed_when_destination_cannot_load(guest, tmp_path):
         finally:
             for p in procs:
                 p.kill()
+
+
+def test_resume_hint_is_the_advice_the_agents_print():
+    assert resume_hint("/run/src.qmp") == "`python -m migrate.qemu /run/src.qmp cont`"
+    assert resume_hint() == "`python -m migrate.qemu SOURCE_QMP_SOCKET cont`"
+
+
+# A process that maps 64 MiB of a memfd MAP_SHARED (what the shim attaches),
+# says so, and lives until its stdin closes.
+_MAPS_RAM = """
+import mmap, os, sys
+fd = os.memfd_create("guest-ram")
+os.ftruncate(fd, 64 << 20)
+m = mmap.mmap(fd, 64 << 20, mmap.MAP_SHARED)
+print("mapped", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("separators", [(", ", ": "), (",", ":"), (",\n ", " :\t")],
+                         ids=["json.dumps-default", "compact", "spaced"])
+def test_shim_reads_agent_messages_whatever_their_whitespace(tmp_path, separators):
+    """The shim must tell a finished migration from a dead agent by parsing
+    the agent's JSON, not by matching the bytes one encoder happens to write
+    (docs/attach-protocol.md): with {"event":"complete"} in any spacing it
+    ends quietly, and does not attach again as it does after a dead agent."""
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    from migrate.qemu.shim import shim_path
+    from migrate.wire.attach import recv_msg
+
+    path = str(tmp_path / "attach.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(2)
+    listener.settimeout(20)
+    env = dict(os.environ, LD_PRELOAD=shim_path(), MIGRATE_ATTACH=path, MIGRATE_SHIM_DEBUG="1")
+    child = subprocess.Popen([sys.executable, "-c", _MAPS_RAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        conn, _ = listener.accept()
+        conn.settimeout(20)
+        hello, fds = recv_msg(conn, want_fds=2)
+        for fd in fds:
+            os.close(fd)
+        assert hello["ram_size"] == 64 << 20 and not hello.get("reattach"), hello
+
+        def send(obj):
+            body = json.dumps(obj, separators=separators).encode()
+            conn.sendall(struct.pack(">I", len(body)) + body)
+
+        send({"ok": True})
+        assert child.stdout.readline() == "mapped\n"
+        send({"event": "switchover"})
+        send({"event": "complete", "pages_total": 16384})
+        conn.close()
+        # after a dead agent (EOF without "complete") the shim attaches again at once
+        listener.settimeout(2)
+        with pytest.raises(socket.timeout):
+            again, _ = listener.accept()
+            again.close()
+        _, err = child.communicate("", timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        listener.close()
+    assert child.returncode == 0, err
+    assert "migration complete for" in err and "went away" not in err, err

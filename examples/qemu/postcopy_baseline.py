@@ -18,13 +18,11 @@
 """
 import argparse
 import json
-import os
 import socket
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qemu_lab import Lab  # noqa: E402
+from migrate.qemu.lab import Lab
 
 
 def free_port():
@@ -89,7 +87,7 @@ def main():
         if a.verify_when == "postcopy":
             t_v = T()
             sd.send("\n")
-        info = qs.wait_migration(poll=0.01)
+        info = qs.migration_end(600, poll=0.01)
         res["migration_wall_s"] = round(T() - t_mig, 3)
         if info["status"] != "completed":
             raise RuntimeError(f"source migration: {info}")
@@ -99,7 +97,7 @@ def main():
         m = sd.wait_for(r"VERIFY (OK|BAD)[^\n]*\n", timeout=600)
         res["verify"] = m.group(0).strip()
         res["verify_wall_s"] = round(T() - t_v, 3)
-        dinfo = qd.wait_migration(poll=0.01)
+        dinfo = qd.migration_end(600, poll=0.01)
         ram = info.get("ram", {})
         res.update({
             "total_time_ms": info.get("total-time"),

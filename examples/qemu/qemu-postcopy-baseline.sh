@@ -7,9 +7,11 @@
 # GUESTDIR (default /tmp/migrate-qemu-guest) is built with build-guest.sh if missing.
 set -eu
 HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+PY=${PYTHON:-$ROOT/.venv/bin/python}
 GUEST=${1:-/tmp/migrate-qemu-guest}
 [ $# -gt 0 ] && shift
 if [ ! -f "$GUEST/initramfs.cpio.gz" ] || [ ! -f "$GUEST/vmlinuz" ]; then
     "$HERE/build-guest.sh" "$GUEST"
 fi
-exec python3 "$HERE/postcopy_baseline.py" --guest "$GUEST" "$@"
+exec "$PY" "$HERE/postcopy_baseline.py" --guest "$GUEST" "$@"

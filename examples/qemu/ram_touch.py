@@ -12,7 +12,7 @@ the destination faults once; the logger records it with the phase it happened in
   running-idle      after `cont`, before the guest is asked to do anything (1 s)
   verify            memfill reads every page (VERIFY OK proves the shim works)
 
-    examples/qemu/ram_touch.py --guest GUESTDIR --shim /tmp/shim.so [--backend file|hugetlbfs]
+    examples/qemu/ram_touch.py --guest GUESTDIR [--shim SHIM.so] [--backend file|hugetlbfs]
 """
 import argparse
 import json
@@ -21,9 +21,11 @@ import sys
 import time
 from collections import Counter, OrderedDict
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qemu_lab import Lab  # noqa: E402
-from uffd_logger import (  # noqa: E402
+from migrate.qemu.lab import Lab
+from migrate.qemu.shim import shim_path
+
+# uffd_logger sits beside this script, whose directory is on sys.path when it runs
+from uffd_logger import (
     UFFD_PAGEFAULT_FLAG_MINOR,
     UFFD_PAGEFAULT_FLAG_WRITE,
     FaultLogger,
@@ -43,7 +45,8 @@ def ranges(offs, ps):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--guest", required=True)
-    ap.add_argument("--shim", required=True, help="built native/shim.c (gcc -shared -fPIC -O2 -o shim.so native/shim.c -ldl)")
+    ap.add_argument("--shim", help="an LD_PRELOAD shim built from native/shim.c (default: the package's, "
+                    "`migrate shim-path`)")
     ap.add_argument("--backend", default="file", choices=["file", "hugetlbfs"])
     ap.add_argument("--mem", type=int, default=512)
     a = ap.parse_args()
@@ -61,7 +64,7 @@ def main():
         qs.cmd("stop")
         state = os.path.join(lab.workdir, "devstate.bin")
         qs.cmd("migrate", uri=f"exec:cat > {state}")
-        assert qs.wait_migration()["status"] == "completed"
+        assert qs.migration_end(600)["status"] == "completed"
         qs.cmd("quit")
         src.wait(10)
         lab.log(f"source done, device state {os.path.getsize(state)} bytes")
@@ -71,7 +74,7 @@ def main():
         agent.start()
         t = time.monotonic()
         dst, qd, sd = lab.start("dst", mem_mb=a.mem, backend=a.backend, mem_path=path, incoming="defer",
-                                env={"LD_PRELOAD": os.path.abspath(a.shim), "MIGRATE_ATTACH": sock,
+                                env={"LD_PRELOAD": os.path.abspath(a.shim) if a.shim else shim_path(), "MIGRATE_ATTACH": sock,
                                      "MIGRATE_SHIM_DEBUG": "1"})
         if not agent.attached.wait(10) or agent.error:
             raise RuntimeError(f"shim did not attach: {agent.error}")
@@ -82,7 +85,7 @@ def main():
         qd.set_caps(x_ignore_shared=True)
         t = time.monotonic()
         qd.cmd("migrate-incoming", uri=f"exec:cat {state}")
-        info = qd.wait_migration(poll=0.005)
+        info = qd.migration_end(600, poll=0.005)
         res["migrate_incoming_ms"] = round((time.monotonic() - t) * 1e3, 1)
         if info["status"] != "completed":
             raise RuntimeError(f"migrate-incoming: {info}; stderr: {open(os.path.join(lab.workdir, 'dst.stderr')).read()}")

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Post-copy live migration of a real, unmodified QEMU 7.2 guest with this engine,
-# source and destination on this machine (see README.md, "run.sh").
+# source and destination on this machine (see README.md, "Run it").
 #
 #   examples/qemu/run.sh [--hugetlbfs] [--mem MiB] [--json-out FILE]
 #

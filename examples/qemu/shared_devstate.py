@@ -25,8 +25,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from qemu_lab import Lab  # noqa: E402
+from migrate.qemu.lab import Lab
 
 
 def main():
@@ -89,7 +88,7 @@ def main():
             qs.cmd("migrate", uri=f"exec:cat > {state}")
         else:
             r, w = os.pipe()
-            qs.getfd("mig", w)
+            qs.cmd("getfd", fdname="mig", fds=(w,))
             os.close(w)
             def reader():
                 chunks = []
@@ -103,7 +102,7 @@ def main():
             th = threading.Thread(target=reader)
             th.start()
             qs.cmd("migrate", uri="fd:mig")
-        info = qs.wait_migration(poll=0.005)
+        info = qs.migration_end(600, poll=0.005)
         if a.transport == "fd":
             th.join()
             with open(state, "wb") as f:
@@ -126,7 +125,7 @@ def main():
             qd.cmd("migrate-incoming", uri=f"exec:cat {state}")
         else:
             r, w = os.pipe()
-            qd.getfd("mig", r)
+            qd.cmd("getfd", fdname="mig", fds=(r,))
             os.close(r)
             def writer():
                 with open(state, "rb") as f:
@@ -136,7 +135,7 @@ def main():
             th = threading.Thread(target=writer)
             th.start()
             qd.cmd("migrate-incoming", uri="fd:mig")
-        info = qd.wait_migration(poll=0.005)
+        info = qd.migration_end(600, poll=0.005)
         if a.transport == "fd":
             th.join()
         res["dst_incoming_ms"] = round((T() - t) * 1e3, 2)

@@ -12,6 +12,7 @@ from migrate.dest import agent as dst
 from migrate.errors import LayoutMismatch, MigrateError, ProtocolError
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
+from migrate.qemu import resume_hint
 from migrate.wire.protocol import CHANNEL_OPTIONS
 from migrate.wire.tcp import Address, parse_address
 
@@ -101,7 +102,7 @@ class MigrationService(pbg.MigrationServicer):
             if why:
                 raise ProtocolError(f"cannot resume session {request.resume_session} without device state: {why}. "
                                     "The guest does not run here: the paused source QEMU still is the VM (resume "
-                                    "it with `python -m migrate.qemu SOURCE_QMP_SOCKET cont`), or migrate it "
+                                    f"it with {resume_hint()}), or migrate it "
                                     "again with `migrate source --qmp`")
         return self.agent.open(request)
 
@@ -157,7 +158,7 @@ class MigrationService(pbg.MigrationServicer):
             # serves it now hears why.
             m.fail(f"the destination QEMU did not load the device state of session {m.id} ({ack.error}): "
                    "the guest does not run here; the paused source QEMU still is the VM: resume it with "
-                   "`python -m migrate.qemu SOURCE_QMP_SOCKET cont`")
+                   f"{resume_hint()}")
         return ack
 
 

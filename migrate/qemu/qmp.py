@@ -24,6 +24,22 @@ class QMPCommandError(QemuError):
         super().__init__(f"QMP {command} on {path}: {self.error_class}: {error.get('desc', error)}")
 
 
+def connect_unix(path: str, timeout: float) -> socket.socket:
+    """Connects to a UNIX socket that a starting QEMU may not have made yet:
+    retries while it is missing or refuses, raises that OSError after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 # -- QMP ----------------------------------------------------------------------
 class QMP:
     """One QMP connection: commands (optionally with SCM_RIGHTS descriptors) and
@@ -35,18 +51,11 @@ class QMP:
         self.buf = b""
         self.events: list[dict] = []
         self._id = 0
-        deadline = time.monotonic() + timeout
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except (FileNotFoundError, ConnectionRefusedError) as e:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise QemuError(f"cannot connect to QMP at {path} within {timeout:.0f} s: {e.strerror}; "
-                                    "is QEMU running with -qmp unix:PATH,server=on,wait=off?") from None
-                time.sleep(0.05)
+        try:
+            self.sock = connect_unix(path, timeout)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise QemuError(f"cannot connect to QMP at {path} within {timeout:.0f} s: {e.strerror}; "
+                            "is QEMU running with -qmp unix:PATH,server=on,wait=off?") from None
         try:
             greeting = self._read(timeout)
             if "QMP" not in greeting:
@@ -117,20 +126,39 @@ class QMP:
                 return e
         return None
 
-    def wait_migration(self, timeout: float, what: str) -> dict:
-        """Polls query-migrate until completed; raises on failed/cancelled."""
+    def seen(self, name: str, **data) -> list[dict]:
+        """Every event `name` QEMU has sent so far whose data has these values
+        (`seen("MIGRATION", status="setup")`). One query-status round trip
+        first takes in the events already on their way."""
+        self.cmd("query-status")
+        return [e for e in self.events if e["event"] == name
+                and all(e.get("data", {}).get(k) == v for k, v in data.items())]
+
+    def migration_end(self, timeout: float, what: str = "migration", poll: float = 0.002) -> dict:
+        """Polls query-migrate until the migration is completed, failed or
+        cancelled, and returns that answer."""
         deadline = time.monotonic() + timeout
         while True:
             info = self.cmd("query-migrate", timeout=max(1.0, deadline - time.monotonic()))
             st = info.get("status")
-            if st == "completed":
+            if st in ("completed", "failed", "cancelled"):
                 return info
-            if st in ("failed", "cancelled"):
-                raise QemuError(f"{what} {st}: {info.get('error-desc', 'QEMU gave no reason')}")
             if time.monotonic() > deadline:
                 raise QemuError(f"{what} still {st} after {timeout:.0f} s")
-            time.sleep(0.002)
+            time.sleep(poll)
+
+    def wait_migration(self, timeout: float, what: str) -> dict:
+        """Polls query-migrate until completed; raises on failed/cancelled."""
+        info = self.migration_end(timeout, what)
+        if info["status"] != "completed":
+            raise QemuError(f"{what} {info['status']}: {info.get('error-desc', 'QEMU gave no reason')}")
+        return info
+
+    def set_caps(self, **caps: bool) -> None:
+        """migrate-set-capabilities; `set_caps(postcopy_ram=True)` names the
+        capability postcopy-ram."""
+        self.cmd("migrate-set-capabilities",
+                 capabilities=[{"capability": k.replace("_", "-"), "state": bool(v)} for k, v in caps.items()])
 
     def ignore_shared(self) -> None:
-        self.cmd("migrate-set-capabilities",
-                 capabilities=[{"capability": "x-ignore-shared", "state": True}])
+        self.set_caps(x_ignore_shared=True)

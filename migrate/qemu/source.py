@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import grpc
 
-from migrate.errors import MigrateError
+from migrate.errors import DestinationGone, MigrateError
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
+from migrate.qemu import resume_hint
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
 
 
@@ -210,8 +211,10 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                         f"{e} (the guest ran on the destination and is lost there; the source QEMU stays paused: "
                         "resuming it would take the VM back to before the migration, after the destination "
                         "guest's own disk writes and network traffic. Only if that is safe for this VM: "
-                        f"`python -m migrate.qemu {qmp_path} cont`)") from None
-                how = "" if "--resume" in str(e) else f": serve the rest with `migrate source --resume {src.session}`"
+                        f"{resume_hint(qmp_path)})") from None
+                # a DestinationGone says already how to resume the session
+                how = "" if isinstance(e, DestinationGone) else \
+                    f": serve the rest with `migrate source --resume {src.session}`"
                 raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \
                     from None
             if not sender.sent or sender.ack is not None:
@@ -220,12 +223,12 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
             # The destination may have the device state and run the guest, or be
             # loading it: resuming the session there is safe either way, and it
             # refuses when the state did not reach it or did not load.
-            how = "" if "--resume" in str(e) else (f"once the destination can be reached, `migrate source "
-                                                    f"--resume {src.session}` serves it the rest; ")
+            how = "" if isinstance(e, DestinationGone) else (
+                f"once the destination can be reached, `migrate source --resume {src.session}` serves it the rest; ")
             raise MigrateError(
                 f"{e} (the destination may have the device state, and its guest may run or be about to, so the "
                 f"source QEMU stays paused: {how}only if the destination refuses that resume, because the state "
-                f"did not reach it or did not load, resume this one: `python -m migrate.qemu {qmp_path} cont`)") \
+                f"did not reach it or did not load, resume this one: {resume_hint(qmp_path)})") \
                 from None
         try:
             src_status = qmp.status()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import grpc
 
 from migrate._binding import lib
-from migrate.errors import DestinationFailed, ProtocolError, SourceError, fmt_size
+from migrate.errors import DestinationFailed, DestinationGone, ProtocolError, SourceError, fmt_size
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
@@ -320,10 +320,10 @@ class Source:
         destination the kernel gave up on is recorded in dest_lost."""
         if channel_end(rc) is not ChannelEnd.PEER_LOST:
             return SourceError(f"{what} channel: {os.strerror(-rc)}")
-        e = SourceError(f"the destination is gone: for --dest-timeout {self.dest_timeout:g} s nothing sent on the "
-                        f"{what} channel was acknowledged or taken in ({os.strerror(-rc)}): its host is down, the "
-                        "network split, or the agent hangs. Its guest keeps the pages it has and waits: once the "
-                        f"destination can be reached, `migrate source --resume {self.session}` serves the rest")
+        e = DestinationGone(f"the destination is gone: for --dest-timeout {self.dest_timeout:g} s nothing sent on "
+                            f"the {what} channel was acknowledged or taken in ({os.strerror(-rc)}): its host is down, "
+                            "the network split, or the agent hangs. Its guest keeps the pages it has and waits: once "
+                            f"the destination can be reached, `migrate source --resume {self.session}` serves the rest")
         if self.dest_lost is None:
             self.dest_lost = e
         return e

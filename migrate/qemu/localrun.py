@@ -1,0 +1,251 @@
+"""The whole post-copy migration of a real QEMU guest with this engine, on
+this machine: what examples/qemu/run.sh runs, the QEMU tests check and the
+QEMU benchmark measures.
+
+  1. boot the source QEMU under TCG on a share=on RAM file (/dev/shm, or a
+     hugetlbfs mount) and wait for memfill's "FILLED <pages>"
+  2. start `migrate dest --listen --attach --qmp` (the agent)
+  3. start the destination QEMU with LD_PRELOAD=$(migrate shim-path),
+     MIGRATE_ATTACH=<attach socket>, its own empty RAM file, -incoming defer;
+     the shim hands its RAM to the agent before QEMU goes on
+  4. run `migrate source --qmp --ram --to`: it pauses the source QEMU, sends the
+     device state, the agent feeds it to the destination QEMU and resumes it,
+     RAM follows post-copy (demand faults + background push)
+  5. as soon as the destination guest runs, write a line on its serial console:
+     memfill reads every page and prints "VERIFY OK <pages> <ms>"
+
+Each QEMU has a second QMP monitor (NAME.qmp, the lab's) on which STOP/RESUME
+events are read with QEMU's own timestamps: the source must be stopped before
+the destination resumes (never two running copies). Optional faults (an agent
+killed, a QEMU killed, the network split) are run() keywords.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from migrate.qemu.lab import Lab
+from migrate.qemu.shim import shim_path
+from migrate.sim.localrun import Proc  # stamps every event with the wall-clock time it was read ("_t")
+
+
+def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
+        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False):
+    """The whole flow. Returns a dict of results (res["verify"] is the guest's
+    line); cleans up every process, socket, file, mount and huge page it made.
+    split: run the destination agent on a second host (an object with exec, a
+    command prefix that enters it; there, its address; cut() and restore() of
+    the link) and cut the link once the destination guest runs.
+    split_during_load: cut it instead while the destination QEMU loads the
+    device state (held there by SIGSTOP until the first source has given up),
+    then restore it, let QEMU go on, and resume the session with a new source.
+    kill_source_qemu: SIGKILL the source QEMU once the destination guest runs
+    and its RAM is still arriving (the source agent serves it from the file).
+    kill_dest_qemu: SIGKILL the destination QEMU once its guest runs; returns
+    what the agents said and the source QEMU's state (no VERIFY: the guest is
+    lost)."""
+    res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
+    agents = []
+    with Lab(guest, verbose=False) as lab:
+        lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
+        w = lab.workdir
+        if hugetlbfs:
+            d = lab.hugetlbfs_dir(2 * mem_mb)   # both QEMUs on this machine
+            src_ram, dst_ram = (os.path.join(d, f"migrate-{n}-{os.getpid()}") for n in ("src", "dst"))
+            lab.files += [src_ram, dst_ram]
+            kind = "hugetlbfs"
+        else:
+            src_ram, dst_ram = lab.shm_path("migrate-src"), lab.shm_path("migrate-dst")
+            kind = "file"
+        try:
+            # 1. source QEMU
+            src_agent_qmp = os.path.join(w, "src.agent.qmp")
+            t = time.monotonic()
+            src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=kind, mem_path=src_ram, extra_args=[
+                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off"])
+            res["src_pid"] = src.pid
+            m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=timeout)
+            res["pages"] = int(m.group(1))
+            res["boot_to_filled_s"] = round(time.monotonic() - t, 2)
+            lab.log(f"src guest: {m.group(0).strip()}")
+
+            # 2. destination agent
+            attach = os.path.join(w, "attach.sock")
+            dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
+            listen = f"{split.there}:0" if split else "127.0.0.1:0"
+            dest_args = ["dest", "--listen", listen, "--attach", attach, "--qmp", dst_agent_qmp, "--json"]
+            if split:
+                dest_args += ["--source-timeout", "2"]
+            lab.log("migrate " + " ".join(dest_args))
+            dest = Proc("dest", dest_args, prefix=split.exec if split else ())
+            agents.append(dest)
+            addr = dest.wait_event("listening", 30)["address"]
+
+            # 3. destination QEMU under the shim
+            env = {"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}
+            dst, qd, sd = lab.start("dst", env=env, mem_mb=mem_mb, backend=kind, mem_path=dst_ram,
+                                    incoming="defer", extra_args=[
+                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off"])
+            res["dst_pid"] = dst.pid
+            att = dest.wait_event("attached", 30)
+            lab.log(f"dest agent: {att.get('message')}")
+            if split_during_load:
+                # once the agent's QMP connection to it is made, the destination
+                # QEMU freezes: its device-state load waits until it is let go
+                if not any(e.get("event") == "qemu" for e in dest.lines):
+                    dest.wait_event("qemu", 30)
+                os.kill(dst.pid, signal.SIGSTOP)
+
+            # 4. source agent
+            src_args = ["source", "--qmp", src_agent_qmp, "--ram", src_ram, "--to", addr, "--json",
+                        *source_args]
+            lab.log("migrate " + " ".join(src_args))
+            t_src = time.time()
+            source = Proc("source", src_args)
+            agents.append(source)
+            if split_during_load:
+                # The link goes dead once the destination has the device state,
+                # while its QEMU is (held) loading it: the source cannot know
+                # whether the guest runs there. It gives up after --dest-timeout
+                # and keeps its QEMU paused; once the link is back, a new source
+                # resumes the session and the load, which reads guest RAM, ends.
+                dest.wait_event("device-state", 60)
+                split.cut()
+                t_cut = time.monotonic()
+                lab.log("link to the destination cut while its QEMU loads the device state")
+                res["first_source_rc"] = source.wait(180)
+                res["first_source_exit_s"] = round(time.monotonic() - t_cut, 2)
+                res["first_source_errors"] = source.errors()
+                res["src_status_after_first_source"] = qs.cmd("query-status")["status"]
+                lost = dest.wait_event("disconnected", 60)
+                split.restore()
+                os.kill(dst.pid, signal.SIGCONT)
+                lab.log(f"link restored, destination QEMU let go; dest agent: {lost.get('message')}")
+                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume",
+                                                lost["session"], "--json"])
+                agents.append(source)
+            run_ev = dest.wait_event("guest-running", 60)
+            # right now, as the destination reports its guest running: the source must be paused
+            res["src_status_at_dst_running"] = qs.cmd("query-status")["status"]
+            # 5. the guest touches all of its memory while pages still arrive
+            sd.send("\n")
+            t_trigger = time.time()
+            lab.log(f"dest agent: {run_ev.get('message')}; source QEMU is {res['src_status_at_dst_running']}")
+            if kill_agent:
+                # The destination agent dies mid-migration (SIGKILL). The guest's
+                # vCPUs block on the pages still missing; the shim attaches the
+                # same userfaultfd to a new agent, and a new source (no --qmp:
+                # QEMU's device state is already on the destination) serves the rest.
+                dest.p.kill()
+                dest.p.wait(10)
+                res["killed_agent_at_received"] = max((e.get("received", 0) for e in dest.lines
+                                                       if e.get("event") == "progress"), default=0)
+                res["first_source_rc"] = source.wait(60)
+                dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--json"])
+                agents.append(dest)
+                addr = dest.wait_event("listening", 30)["address"]
+                re_ev = dest.wait_event("reattached", 60)
+                res["pages_prior"] = re_ev.get("pages_prior")
+                lab.log(f"new dest agent: {re_ev.get('message')}")
+                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--json"])
+                agents.append(source)
+            if kill_dest_qemu:
+                # The destination QEMU dies after the switchover: its guest is
+                # lost, and the source QEMU must stay paused (resuming it would
+                # roll the VM back behind the destination guest's own I/O).
+                dst.kill()
+                dst.wait(10)
+                lab.log(f"destination QEMU killed (pid {dst.pid})")
+                for p in (dest, source):
+                    res[f"{p.name}_rc"] = p.wait(60)
+                    res[f"{p.name}_errors"] = p.errors()
+                res["src_status_after"] = qs.cmd("query-status")["status"]
+                res["src_resumed"] = bool(qs.seen("RESUME"))
+                return res
+            src_gone = False
+            if kill_source_qemu:
+                # The source QEMU dies after the switchover (QEMU's own post-copy
+                # loses the guest here: its pages live in that process). Its RAM
+                # is a share=on file, which outlives it: the source agent maps
+                # the file and goes on serving the pages the guest still lacks.
+                src_stop, src_resume = qs.seen("STOP"), qs.seen("RESUME")
+                src.kill()
+                src.wait(10)
+                src_gone = True
+                res["source_qemu_killed_time"] = time.time()
+                res["source_qemu_killed_at_received"] = max(
+                    (e.get("received", 0) for e in dest.lines if e.get("event") == "progress"), default=0)
+                lab.log(f"source QEMU killed (pid {src.pid})")
+            if split and not split_during_load:
+                # The link to the destination goes dead mid-migration (no FIN,
+                # no RST). Both agents give up on each other after 2 s; the
+                # source QEMU stays paused (its guest runs on the destination),
+                # QEMU's vCPUs wait on the pages still missing, and once the
+                # link is back a new source (no --qmp: the device state is
+                # there already) resumes the session.
+                split.cut()
+                lab.log("link to the destination cut")
+                res["first_source_rc"] = source.wait(60)
+                res["first_source_errors"] = source.errors()
+                lost = dest.wait_event("disconnected", 60)
+                res["cut_at_received"] = lost.get("received")
+                split.restore()
+                lab.log(f"link restored; dest agent: {lost.get('message')}")
+                sid = lost["session"]
+                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume", sid, "--json"])
+                agents.append(source)
+            v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
+            res["verify"] = v.group(0).strip()
+            res["guest_verify_ms"] = int(v.group(2)) if v.group(2) else None
+            res["guest_verify_wall_ms"] = round((time.time() - t_trigger) * 1e3, 1)
+            lab.log(f"dst guest: {res['verify']}")
+
+            for p in (source, dest):
+                rc = p.wait(timeout)
+                res[f"{p.name}_rc"] = rc
+                res[p.name] = {k: v for k, v in (p.summary() or {}).items() if k != "_t"}
+                if rc != 0:
+                    res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
+                                                        + " | ".join(p.errors() or p.stderr_lines[-5:]))
+            done = [e for e in dest.lines if e.get("event") == "completed"]
+            # the same read with every page local: the guest's own floor for guest_verify_ms
+            sd.send("\n")
+            v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
+            res["verify_local"] = v2.group(0).strip()
+            res["guest_verify_local_ms"] = int(v2.group(2)) if v2.group(2) else None
+
+            # QEMU's own clocks, from the watching monitors
+            if not src_gone:
+                src_stop = qs.seen("STOP")
+                src_resume = qs.seen("RESUME")
+            dst_resume = qd.seen("RESUME")
+            res["src_stop_time"] = src_stop[0]["time"] if src_stop else None
+            res["src_resumed"] = bool(src_resume)
+            res["dst_resume_time"] = dst_resume[0]["time"] if dst_resume else None
+            res["src_status_after"] = "gone" if src_gone else qs.cmd("query-status")["status"]
+            res["dst_status_after"] = qd.cmd("query-status")["status"]
+            if res["src_stop_time"] and res["dst_resume_time"]:
+                res["downtime_ms"] = round((res["dst_resume_time"] - res["src_stop_time"]) * 1e3, 1)
+            if done and res["src_stop_time"]:
+                res["total_ms"] = round((done[0]["_t"] - res["src_stop_time"]) * 1e3, 1)
+            res["source_start_to_dst_running_ms"] = round((run_ev["_t"] - t_src) * 1e3, 1)
+            # agents' events, ms after the source QEMU's STOP (when each line was read here)
+            t0 = res["src_stop_time"] or t_src
+            res["timeline"] = sorted(
+                [(round((e["_t"] - t0) * 1e3, 1), p.name, e["event"]) for p in (source, dest) for e in p.lines
+                 if e.get("event") not in ("summary", "text")] +
+                [(0.0, "src-qemu", "STOP")] +
+                ([(round((res["dst_resume_time"] - t0) * 1e3, 1), "dst-qemu", "RESUME")]
+                 if res["dst_resume_time"] else []))
+        except BaseException:
+            for p in agents:   # what each agent said last, to see why
+                lab.log(f"{p.name} (pid {p.p.pid}, rc {p.p.poll()}) last said: "
+                        + " | ".join(str(e.get("message", e)) for e in p.lines[-4:])
+                        + " | stderr: " + " | ".join(p.stderr_lines[-4:]))
+            raise
+        finally:
+            for p in agents:
+                p.kill()
+    return res
