@@ -112,7 +112,7 @@ def cmd_dest(args) -> int:
     try:
         while not stop.is_set():
             for m in list(agent.migrations.values()):
-                if m.done.is_set() and m.id not in reported:
+                if m.machine.ended.is_set() and m.id not in reported:
                     if feeder is not None and not _device_state_settled(feeder, m, settle):
                         continue  # every page is here, but QEMU is still being resumed
                     reported.add(m.id)
@@ -126,17 +126,17 @@ def cmd_dest(args) -> int:
                         agent.retire(m)   # its source's Finish is still answered
                         continue
                     # let the source's Finish call be answered before the server goes
-                    m.finish_answered.wait(5 if s["state"] == "complete" else 2)
+                    agent.wait_answered(m.id, 5 if s["state"] == "complete" else 2)
                     rep.summary(s, _dest_text(s))
                     status = 0 if s["state"] == "complete" else 1
                     stop.set()
             for m in list(agent.migrations.values()):
-                m.check_source()
+                m.channels.check_source()
             now = time.monotonic()
             if now >= next_progress:
                 next_progress = now + args.progress_every
                 for m in list(agent.migrations.values()):
-                    if m.t_connect is not None and not m.done.is_set():
+                    if m.t_connect is not None and not m.machine.ended.is_set():
                         rep.event("progress", **m.progress())
             stop.wait(min(0.05, args.progress_every))
     finally:

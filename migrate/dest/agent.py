@@ -22,7 +22,8 @@ from migrate.report import Reporter
 from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
 from migrate.wire.tcp import set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
-from migrate.dest.session import Migration, State
+from migrate.dest.session import Migration
+from migrate.dest.state import SERVED, WAITING
 
 
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
@@ -44,6 +45,7 @@ class Destination:
         # what Finish answers for migrations retired (serve-forever) before
         # their source asked: the last ENDED_KEPT of them
         self.ended: dict[str, pb.FinishReply] = {}
+        self.answered: set[str] = set()   # sessions whose source got a Finish reply
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.closing = False
@@ -101,9 +103,9 @@ class Destination:
         set_peer_timeout(conn, self.source_timeout)
         if magic == DEMAND_MAGIC:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            m.attach_demand(conn)
+            m.channels.attach_demand(conn)
         else:
-            m.attach_push(conn)
+            m.channels.attach_push(conn)
 
     def _accept_loop(self):
         while not self.closing:
@@ -129,6 +131,7 @@ class Destination:
             except MigrateError as e:
                 self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
                 continue
+            m.start()
             with self.changed:
                 self.migrations[m.id] = m
                 self.changed.notify_all()
@@ -147,12 +150,12 @@ class Destination:
                     if m is None:
                         raise NoGuestError(f"no session {hello.resume_session} here to resume")
                     break
-                free = [m for m in self.migrations.values() if m.state in (State.ATTACHED, State.DISCONNECTED)
+                free = [m for m in self.migrations.values() if m.state in WAITING
                         and (not hello.guest or m.guest.name == hello.guest)]
                 if free:
                     m = free[0]
                     break
-                live = [m for m in self.migrations.values() if m.state is State.CONNECTED
+                live = [m for m in self.migrations.values() if m.state in SERVED
                         and (not hello.guest or m.guest.name == hello.guest)]
                 if live and not self.serve_forever:
                     raise BusyError(f"destination is busy: migration {live[0].id} already has a source")
@@ -172,10 +175,17 @@ class Destination:
         if m is None and ended is not None:
             return ended
         m = m or self.migration(session_id)
-        m.done.wait(timeout)
+        m.machine.ended.wait(timeout)
         reply = m.finish_reply()
-        m.finish_answered.set()
+        with self.changed:
+            self.answered.add(m.id)
+            self.changed.notify_all()
         return reply
+
+    def wait_answered(self, session_id: str, timeout: float) -> bool:
+        """Waits until the source of session_id got a Finish reply."""
+        with self.changed:
+            return self.changed.wait_for(lambda: session_id in self.answered, timeout)
 
     def retire(self, m: Migration) -> None:
         """Drops an ended migration (serve-forever), keeping what Finish
@@ -186,6 +196,7 @@ class Destination:
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
             self.migrations.pop(m.id, None)
+            self.answered.discard(m.id)
         m.close()
 
     def migration(self, session_id: str) -> Migration:
@@ -200,3 +211,4 @@ class Destination:
         self.demand_listener.close()
         for m in list(self.migrations.values()):
             m.close()
+
