@@ -7,12 +7,9 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
-import threading
-import time
 
 from migrate.errors import MigrateError
 from migrate.memory import parse_size
-from migrate.wire.tcp import host_of
 from migrate.report import Reporter, process_usage
 
 
@@ -79,88 +76,11 @@ def _spec(args):
 
 # -- dest ---------------------------------------------------------------------
 def cmd_dest(args) -> int:
-    from migrate.dest import service
-    from migrate.dest.agent import Destination
+    from migrate.dest import agent
 
-    rep = Reporter(args.json, "dest")
-    host = host_of(args.listen) or "127.0.0.1"
-    try:
-        agent = Destination(args.attach, rep, serve_forever=args.serve_forever, mode=args.placement,
-                            demand_host=host, prepare=not args.no_prealloc, source_timeout=args.source_timeout)
-    except (OSError, MigrateError) as e:
-        rep.event("error", f"cannot start the destination: {e}")
-        return 2
-    feeder = None
-    if args.qmp:
-        from migrate.qemu.dest import DeviceStateFeeder
-        feeder = DeviceStateFeeder(args.qmp, rep)
-    try:
-        server, addr = service.serve(agent, args.listen, device_state=feeder)
-    except (OSError, ValueError) as e:
-        agent.close()
-        rep.event("error", str(e))
-        return 2
-    rep.event("listening", f"gRPC on {addr}, attach socket {args.attach}", address=addr, attach=args.attach)
-    agent.start()
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    reported = set()
-    next_progress = 0.0
-    settle: dict = {}
-    status = 0
-    try:
-        while not stop.is_set():
-            for m in list(agent.migrations.values()):
-                if m.done.is_set() and m.id not in reported:
-                    if feeder is not None and not _device_state_settled(feeder, m, settle):
-                        continue  # every page is here, but QEMU is still being resumed
-                    reported.add(m.id)
-                    s = m.summary()
-                    if feeder is not None and m.id in feeder.feeds:
-                        f = feeder.feeds[m.id]
-                        s.update(guest_running=f.running, device_state_bytes=f.bytes,
-                                 device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
-                    if args.serve_forever:
-                        rep.event("migration", f"session {m.id} {s['state']}", **s)
-                        agent.retire(m)   # its source's Finish is still answered
-                        continue
-                    # let the source's Finish call be answered before the server goes
-                    m.finish_answered.wait(5 if s["state"] == "complete" else 2)
-                    rep.summary(s, _dest_text(s))
-                    status = 0 if s["state"] == "complete" else 1
-                    stop.set()
-            for m in list(agent.migrations.values()):
-                m.check_source()
-            now = time.monotonic()
-            if now >= next_progress:
-                next_progress = now + args.progress_every
-                for m in list(agent.migrations.values()):
-                    if m.t_connect is not None and not m.done.is_set():
-                        rep.event("progress", **m.progress())
-            stop.wait(min(0.05, args.progress_every))
-    finally:
-        server.stop(grace=1).wait(3)
-        agent.close()
-    return status
-
-
-def _device_state_settled(feeder, m, deadlines: dict, wait: float = 60.0) -> bool:
-    """With --qmp a migration is reported once its device state was fed too (or
-    never came within `wait` s of the last page)."""
-    if feeder.settled(m.id):
-        return True
-    import time
-    return time.monotonic() > deadlines.setdefault(m.id, time.monotonic() + wait)
-
-
-def _dest_text(s: dict) -> str:
-    return (f"session {s['session']}: {s['state']}\n"
-            f"  pages: {s['pages_total']} total = {s['pages_demand']} demand + {s['pages_pushed']} pushed + "
-            f"{s['pages_zero']} zero ({s['pages_duplicate']} duplicates dropped)\n"
-            f"  demand fault service p50 {s['fault_p50_us']} us, p99 {s['fault_p99_us']} us\n"
-            f"  {s['seconds']} s from source connect to the last page" +
-            (f"\n  error: {s['error']}" if s.get("error") else ""))
+    return agent.run(Reporter(args.json, "dest"), listen=args.listen, attach=args.attach,
+                     serve_forever=args.serve_forever, placement=args.placement, prealloc=not args.no_prealloc,
+                     qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every)
 
 
 # -- source -------------------------------------------------------------------

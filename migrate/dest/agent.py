@@ -3,12 +3,14 @@
 It takes guests as they attach (migrate.dest.attach), one `Migration` each
 (migrate.dest.session), and hands each source that opens a session to the
 guest it names. The gRPC servicer (migrate.dest.service) is thin and
-delegates here.
+delegates here. `run` is the agent's main loop: it watches the sources,
+reports progress and each migration's end, and stops on a signal.
 """
 
 from __future__ import annotations
 
 import secrets
+import signal
 import socket
 import threading
 import time
@@ -20,9 +22,10 @@ from migrate.errors import AttachError, MigrateError, fmt_size
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
 from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
-from migrate.wire.tcp import set_peer_timeout
+from migrate.wire.tcp import host_of, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
-from migrate.dest.session import Migration, State
+from migrate.dest.session import Migration
+from migrate.dest.state import SERVED, WAITING
 
 
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
@@ -44,6 +47,7 @@ class Destination:
         # what Finish answers for migrations retired (serve-forever) before
         # their source asked: the last ENDED_KEPT of them
         self.ended: dict[str, pb.FinishReply] = {}
+        self.answered: set[str] = set()   # sessions whose source got a Finish reply
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.closing = False
@@ -62,10 +66,13 @@ class Destination:
                                "this host, or 0.0.0.0)") from None
         self.demand_listener.listen(16)
         self.demand_port = self.demand_listener.getsockname()[1]
-        threading.Thread(target=self._demand_accept_loop, name="demand-accept", daemon=True).start()
+        self.demand_accept_thread = threading.Thread(target=self._demand_accept_loop, name="demand-accept",
+                                                     daemon=True)
 
     def start(self) -> None:
-        """Starts taking attaches (after the caller reported where it listens)."""
+        """Starts taking channels and attaches (after the caller reported where
+        it listens)."""
+        self.demand_accept_thread.start()
         self.accept_thread.start()
 
     def _demand_accept_loop(self):
@@ -101,9 +108,9 @@ class Destination:
         set_peer_timeout(conn, self.source_timeout)
         if magic == DEMAND_MAGIC:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            m.attach_demand(conn)
+            m.channels.attach_demand(conn)
         else:
-            m.attach_push(conn)
+            m.channels.attach_push(conn)
 
     def _accept_loop(self):
         while not self.closing:
@@ -129,6 +136,7 @@ class Destination:
             except MigrateError as e:
                 self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
                 continue
+            m.start()
             with self.changed:
                 self.migrations[m.id] = m
                 self.changed.notify_all()
@@ -147,12 +155,12 @@ class Destination:
                     if m is None:
                         raise NoGuestError(f"no session {hello.resume_session} here to resume")
                     break
-                free = [m for m in self.migrations.values() if m.state in (State.ATTACHED, State.DISCONNECTED)
+                free = [m for m in self.migrations.values() if m.state in WAITING
                         and (not hello.guest or m.guest.name == hello.guest)]
                 if free:
                     m = free[0]
                     break
-                live = [m for m in self.migrations.values() if m.state is State.CONNECTED
+                live = [m for m in self.migrations.values() if m.state in SERVED
                         and (not hello.guest or m.guest.name == hello.guest)]
                 if live and not self.serve_forever:
                     raise BusyError(f"destination is busy: migration {live[0].id} already has a source")
@@ -172,10 +180,17 @@ class Destination:
         if m is None and ended is not None:
             return ended
         m = m or self.migration(session_id)
-        m.done.wait(timeout)
+        m.machine.ended.wait(timeout)
         reply = m.finish_reply()
-        m.finish_answered.set()
+        with self.changed:
+            self.answered.add(m.id)
+            self.changed.notify_all()
         return reply
+
+    def wait_answered(self, session_id: str, timeout: float) -> bool:
+        """Waits until the source of session_id got a Finish reply."""
+        with self.changed:
+            return self.changed.wait_for(lambda: session_id in self.answered, timeout)
 
     def retire(self, m: Migration) -> None:
         """Drops an ended migration (serve-forever), keeping what Finish
@@ -186,6 +201,7 @@ class Destination:
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
             self.migrations.pop(m.id, None)
+            self.answered.discard(m.id)
         m.close()
 
     def migration(self, session_id: str) -> Migration:
@@ -200,3 +216,90 @@ class Destination:
         self.demand_listener.close()
         for m in list(self.migrations.values()):
             m.close()
+
+
+def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, placement: str, prealloc: bool,
+        qmp: str | None, source_timeout: float, progress_every: float) -> int:
+    """`migrate dest`: serves until the migration ends (or, serve_forever,
+    until SIGTERM or SIGINT). Returns the exit status: 0 when it completed, 1
+    when it did not, 2 when the agent could not start."""
+    from migrate.dest import service   # (it imports this module)
+
+    rep = reporter
+    try:
+        agent = Destination(attach, rep, serve_forever=serve_forever, mode=placement,
+                            demand_host=host_of(listen) or "127.0.0.1", prepare=prealloc,
+                            source_timeout=source_timeout)
+    except (OSError, MigrateError) as e:
+        rep.event("error", f"cannot start the destination: {e}")
+        return 2
+    feeder = None
+    if qmp:
+        from migrate.qemu.dest import DeviceStateFeeder
+        feeder = DeviceStateFeeder(qmp, rep)
+    try:
+        server, addr = service.serve(agent, listen, device_state=feeder)
+    except (OSError, ValueError) as e:
+        agent.close()
+        rep.event("error", str(e))
+        return 2
+    rep.event("listening", f"gRPC on {addr}, attach socket {attach}", address=addr, attach=attach)
+    agent.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    reported = set()
+    next_progress = 0.0
+    settle: dict = {}
+    status = 0
+    try:
+        while not stop.is_set():
+            for m in list(agent.migrations.values()):
+                if m.machine.ended.is_set() and m.id not in reported:
+                    if feeder is not None and not _device_state_settled(feeder, m, settle):
+                        continue  # every page is here, but QEMU is still being resumed
+                    reported.add(m.id)
+                    s = m.summary()
+                    if feeder is not None and m.id in feeder.feeds:
+                        f = feeder.feeds[m.id]
+                        s.update(guest_running=f.running, device_state_bytes=f.bytes,
+                                 device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
+                    if serve_forever:
+                        rep.event("migration", f"session {m.id} {s['state']}", **s)
+                        agent.retire(m)   # its source's Finish is still answered
+                        continue
+                    # let the source's Finish call be answered before the server goes
+                    agent.wait_answered(m.id, 5 if s["state"] == "complete" else 2)
+                    rep.summary(s, _summary_text(s))
+                    status = 0 if s["state"] == "complete" else 1
+                    stop.set()
+            for m in list(agent.migrations.values()):
+                m.channels.check_source()
+            now = time.monotonic()
+            if now >= next_progress:
+                next_progress = now + progress_every
+                for m in list(agent.migrations.values()):
+                    if m.t_connect is not None and not m.machine.ended.is_set():
+                        rep.event("progress", **m.progress())
+            stop.wait(min(0.05, progress_every))
+    finally:
+        server.stop(grace=1).wait(3)
+        agent.close()
+    return status
+
+
+def _device_state_settled(feeder, m: Migration, deadlines: dict, wait: float = 60.0) -> bool:
+    """With --qmp a migration is reported once its device state was fed too (or
+    never came within `wait` s of the last page)."""
+    if feeder.settled(m.id):
+        return True
+    return time.monotonic() > deadlines.setdefault(m.id, time.monotonic() + wait)
+
+
+def _summary_text(s: dict) -> str:
+    return (f"session {s['session']}: {s['state']}\n"
+            f"  pages: {s['pages_total']} total = {s['pages_demand']} demand + {s['pages_pushed']} pushed + "
+            f"{s['pages_zero']} zero ({s['pages_duplicate']} duplicates dropped)\n"
+            f"  demand fault service p50 {s['fault_p50_us']} us, p99 {s['fault_p99_us']} us\n"
+            f"  {s['seconds']} s from source connect to the last page" +
+            (f"\n  error: {s['error']}" if s.get("error") else ""))

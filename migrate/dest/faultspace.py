@@ -14,9 +14,10 @@ import os
 from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
-from migrate.errors import PEER_LOST_ERRNOS, ProtocolError, UffdError
+from migrate.errors import ProtocolError, UffdError
 from migrate.pagestate import PageBitmap
 from migrate.uffd import Userfaultfd
+from migrate.wire.tcp import ChannelEnd, channel_end
 
 MODE_CONTINUE = "continue"
 MODE_COPY = "copy"
@@ -203,13 +204,13 @@ class FaultSpace:
         return f"{what} is sparse, but pages of {self.page_size} bytes are never sent sparse"
 
     def _channel_end(self, rc: int) -> int:
-        """How a channel receiver ended, for both channels: a peer that closed
-        or reset is an end of file (0); a peer the kernel gave up on (its host
-        or the network went silent) is -errno, one of PEER_LOST_ERRNOS; a
-        kernel failure placing a page raises."""
-        if rc in (-errno.EPIPE, -errno.ECONNRESET):
-            return 0
-        if rc < 0 and rc != -errno.ESHUTDOWN and -rc not in PEER_LOST_ERRNOS:
+        """How a channel receiver ended, for both channels: rc as the C loop
+        returned it, unless migrate.wire.tcp.channel_end (the one classifier)
+        finds a failure: a kernel failure placing a page raises here. What is
+        left is an end for the receiver to read with channel_end (the peer
+        closed or reset, or our stop: CLOSED; the kernel gave up on the peer:
+        PEER_LOST, -errno one of PEER_LOST_ERRNOS), or lib.MG_DEMAND_COMPLETE."""
+        if channel_end(rc) is ChannelEnd.FAILED:
             self._raise("continue", rc, self._s.error_page)
         return rc
 

@@ -9,6 +9,7 @@ from concurrent import futures
 import grpc
 
 from migrate.dest import agent as dst
+from migrate.dest.channels import taking_pages
 from migrate.errors import LayoutMismatch, MigrateError, ProtocolError
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
@@ -108,23 +109,17 @@ class MigrationService(pbg.MigrationServicer):
 
     def Push(self, request_iterator, context):
         m = self.agent.migration(_first(request_iterator, "Push").session_id)
-        gen = m.source_gen
+        gen = m.machine.source_gen
         n = 0
         try:
-            for batch in request_iterator:
-                n += m.receive(batch)
-                if m.error:
-                    # failed here (the guest went away, the kernel refused a
-                    # page): end the stream with the reason, so that its
-                    # source asks Finish now rather than when the server goes
-                    context.abort(grpc.StatusCode.ABORTED, f"the migration failed at the destination: {m.error}")
-        except ProtocolError as e:
-            m.reporter.event("error", f"bad push batch: {e}", session=m.id)
-            m.source_lost(gen, str(e))
-            raise
-        except MigrateError as e:   # not the batch's fault: the migration cannot go on
-            m.fail(f"placing pushed pages: {e}", e)
-            raise
+            with taking_pages(m, gen, bad="bad push batch", placing="placing pushed pages", reraise=True):
+                for batch in request_iterator:
+                    n += m.receive(batch)
+                    if m.error:
+                        # failed here (the guest went away, the kernel refused a
+                        # page): end the stream with the reason, so that its
+                        # source asks Finish now rather than when the server goes
+                        context.abort(grpc.StatusCode.ABORTED, f"the migration failed at the destination: {m.error}")
         except grpc.RpcError:
             pass
         # The requests end when the source closes its stream, and also when
@@ -135,7 +130,7 @@ class MigrationService(pbg.MigrationServicer):
         broken = not context.is_active()
         m.reporter.event("push_end", f"a gRPC push stream ended{' (broken)' if broken else ''} after "
                          f"placing {n} pages", session=m.id, pages=n, broken=broken)
-        if broken and not (m.completing or m.done.is_set()):
+        if broken:   # (nothing to lose once the last page is being mapped, or the migration ended)
             m.source_lost(gen, f"a gRPC push stream broke: the source closed it, or its host answered nothing "
                                f"for --source-timeout {m.source_timeout:g} s")
         return pb.PushSummary(pages_placed=n)

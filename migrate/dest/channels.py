@@ -1,0 +1,177 @@
+"""The plain TCP channels of the source serving a migration (proto/README.md):
+one demand channel, whose requests go out from the fault loop in C and whose
+replies a receiver thread places, and the raw push channels, each with a
+receiver thread placing runs. Here is how a channel ends (one classifier,
+migrate.wire.tcp.channel_end) and the one rule for what a source sends: bad
+input drops that source, a kernel failure fails the migration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from migrate._binding import lib
+from migrate.dest.state import State
+from migrate.errors import MigrateError, ProtocolError
+from migrate.host import fault_path_priority
+from migrate.wire.tcp import ChannelEnd, channel_end, tcp_silent_s
+
+if TYPE_CHECKING:
+    from migrate.dest.session import Migration
+
+DEMAND_CONNECT_TIMEOUT = 15.0
+
+
+@contextlib.contextmanager
+def taking_pages(m: Migration, gen: int, *, bad: str, placing: str, reraise: bool = False):
+    """Around placing what source gen sent: bad input (a ProtocolError: the
+    source lied or sent garbage) drops that source, and another may resume;
+    any other failure (a kernel call placing a page) fails the migration.
+    bad and placing begin the messages of each. reraise: the caller (a gRPC
+    handler) still needs the exception."""
+    try:
+        yield
+    except ProtocolError as e:
+        m.reporter.event("error", f"{bad}: {e}", session=m.id)
+        m.source_lost(gen, str(e))
+        if reraise:
+            raise
+    except MigrateError as e:
+        m.fail(f"{placing}: {e}", e)
+        if reraise:
+            raise
+
+
+class Channels:
+    """The demand and raw push channels of a migration's sources, each tagged
+    with the generation of the source that opened it, and their receivers.
+    Owns the sockets until close()."""
+
+    def __init__(self, m: Migration):
+        self.m = m
+        self.lock = threading.Lock()
+        self.demand: socket.socket | None = None   # the current source's demand channel
+        self.demand_gen = 0
+        self.push: dict[socket.socket, int] = {}   # push channel -> its source's generation
+        self.t_demand_ns = 0                 # the current demand channel opened (time.monotonic_ns)
+        self.t_push: float | None = None     # the first push channel opened
+
+    def watch_demand_deadline(self, gen: int) -> None:
+        """A source that never opens its demand channel is not serving this guest."""
+        timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen,))
+        timer.daemon = True
+        timer.start()
+
+    def _demand_deadline(self, gen: int) -> None:
+        if self.demand is None and gen == self.m.machine.source_gen:
+            self.m.source_lost(gen, f"no demand channel within {DEMAND_CONNECT_TIMEOUT:.0f} s of Open")
+
+    def attach_demand(self, sock: socket.socket) -> None:
+        """The current source's demand channel: requests go out on it from the
+        fault loop (C), replies are placed by a C receiver thread."""
+        m = self.m
+        with self.lock:
+            gen = m.machine.source_gen
+            old, self.demand, self.demand_gen = self.demand, sock, gen
+        if old is not None:
+            old.close()
+        self.t_demand_ns = time.monotonic_ns()
+        resent = m.space.set_demand_fd(sock.fileno())
+        m.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
+                         session=m.id, resent=resent)
+        if m.machine.switch_over(gen):
+            # the guest may run now: every fault it takes has a source to go to
+            m.guest.notify("switchover")
+        threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}", daemon=True).start()
+
+    def attach_push(self, sock: socket.socket) -> None:
+        """A raw push channel of the current source: runs land in the alias from C."""
+        with self.lock:
+            gen = self.m.machine.source_gen
+            self.push[sock] = gen
+            if self.t_push is None:
+                self.t_push = time.monotonic()
+        threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}", daemon=True).start()
+
+    def _push_rx(self, sock: socket.socket, gen: int) -> None:
+        m = self.m
+        with taking_pages(m, gen, bad="bad push run", placing="placing pushed pages"):
+            rc = m.space.push_receive(sock.fileno(), m.stop_fd)
+            if rc == lib.MG_DEMAND_COMPLETE:
+                m.complete()
+            elif channel_end(rc) is ChannelEnd.PEER_LOST:
+                m.source_lost(gen, self._silent_why("push", -rc))
+        with self.lock:
+            self.push.pop(sock, None)
+        sock.close()
+
+    def _demand_rx(self, sock: socket.socket, gen: int) -> None:
+        m = self.m
+        fault_path_priority()
+        why = "demand channel closed"
+        with taking_pages(m, gen, bad="bad demand reply", placing="placing a demand reply"):
+            rc = m.space.demand_receive(sock.fileno(), m.stop_fd)
+            if rc == lib.MG_DEMAND_COMPLETE:
+                m.complete()
+            elif channel_end(rc) is ChannelEnd.PEER_LOST:
+                why = self._silent_why("demand", -rc)
+        with self.lock:
+            mine = self.demand is sock
+            if mine:
+                self.demand = None
+        if mine:
+            m.space.set_demand_fd(-1)
+            sock.close()
+        m.source_lost(gen, why)   # (nothing to lose once it ended or another source took over)
+
+    def _silent_why(self, channel: str, err: int) -> str:
+        return (f"the {channel} channel timed out ({os.strerror(err)}): nothing came from the source's host for "
+                f"--source-timeout {self.m.source_timeout:g} s, not even an answer to a probe (it is down, or the "
+                "network between split)")
+
+    def shut(self, gen: int) -> None:
+        """Shuts the channels of source gen: their receivers see the end and
+        let go of what they claimed (they close the sockets)."""
+        with self.lock:
+            socks = [s for s, g in ((self.demand, self.demand_gen), *self.push.items()) if s is not None and g == gen]
+        for s in socks:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def check_source(self) -> None:
+        """A source that leaves a vCPU's page unanswered for source_timeout
+        seconds while nothing at all arrives on its demand channel is taken as
+        lost (the process hangs on a live host, whose kernel still acknowledges
+        everything; a dead host or a split network the kernel notices itself,
+        see migrate.wire.tcp.set_peer_timeout) and its channels are shut, so
+        the next source can resume. A reply still streaming in (a large page
+        on a slow link) is progress. source_timeout <= 0: never."""
+        m = self.m
+        timeout = m.source_timeout
+        with self.lock:
+            sock, gen = self.demand, self.demand_gen
+        if timeout <= 0 or sock is None or m.machine.state not in (State.CONNECTED, State.SWITCHED_OVER):
+            return
+        oldest = m.space.oldest_request_ns()
+        if not oldest:
+            return
+        waited = (time.monotonic_ns() - max(oldest, self.t_demand_ns)) / 1e9
+        silent = tcp_silent_s(sock)
+        if waited < timeout or silent is None or silent < timeout:
+            return
+        m.source_lost(gen, f"a demand request unanswered for {waited:.1f} s and nothing received on the "
+                           f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
+
+    def close(self) -> None:
+        with self.lock:
+            socks = [s for s in (self.demand, *self.push) if s is not None]
+            self.demand, self.push = None, {}
+        for s in socks:
+            s.close()
