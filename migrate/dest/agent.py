@@ -180,11 +180,16 @@ class Destination:
         if m is None and ended is not None:
             return ended
         m = m or self.migration(session_id)
-        m.machine.ended.wait(timeout)
+        final = m.machine.ended.wait(timeout)
         reply = m.finish_reply()
-        with self.changed:
-            self.answered.add(m.id)
-            self.changed.notify_all()
+        if final:
+            # Only a reply given once the migration ended is the one its
+            # source waits for; an earlier Finish (a source that was dropped
+            # and asked how it went) must not let the agent exit before the
+            # source that finishes it hears so.
+            with self.changed:
+                self.answered.add(m.id)
+                self.changed.notify_all()
         return reply
 
     def wait_answered(self, session_id: str, timeout: float) -> bool:
