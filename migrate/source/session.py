@@ -115,6 +115,7 @@ class Source:
         self.count_lock = threading.Lock()
         self.stop = threading.Event()
         self.holes: PageBitmap | None = None   # pages sent unread as zero, see run() and _find_holes
+        self.src_ram = None     # struct mg_src_ram: the RAM as the C senders read it (run())
 
     def run(self) -> SourceResult:
         t0 = time.monotonic()
@@ -158,11 +159,11 @@ class Source:
         gc.collect()
         gc.freeze()
         sock = self._open_channel(welcome, DEMAND_MAGIC)
+        r = self.src_ram = ffi.new("struct mg_src_ram *")
+        r.base, r.page_size, r.npages = ram.addr, ram.page_size, ram.npages
         d = ffi.new("struct mg_demand_src *")
         d.fd = sock.fileno()
-        d.base = ram.addr
-        d.page_size = ram.page_size
-        d.npages = ram.npages
+        d.ram = r
         d.sent = self.sched.sent.words
         d.max_window = max(2, READAHEAD_BYTES // ram.page_size)
         self.sched.demand = d
@@ -175,23 +176,23 @@ class Source:
         # are read meanwhile (a walk before the push took 10 ms per GiB of data).
         if self.push_gate is None and ram.open_holes is not None:
             self.holes = ram.open_holes
-            d.holes, d.holes_end = self.holes.words, ram.npages
+            r.holes, r.holes_end = self.holes.words, ram.npages
             self.reporter.event("holes", f"{self.holes.count()} of {ram.npages} pages are holes in the RAM "
                                 "file (never written): sent as zero pages without reading them",
                                 pages=self.holes.count())
         elif self.push_gate is not None:
             self.holes = PageBitmap(ram.npages)
-            d.holes = self.holes.words
-            threads.append(threading.Thread(target=self._find_holes, args=(d,), name="holes", daemon=True))
+            r.holes = self.holes.words
+            threads.append(threading.Thread(target=self._find_holes, args=(r,), name="holes", daemon=True))
         if self.sparse and welcome.sparse_block_size == lib.MG_BLOCK and ram.page_size > lib.MG_BLOCK:
             # large pages go without their zero blocks; finding those means
             # reading them, so a thread does it ahead of the faults
-            d.block_size = lib.MG_BLOCK
+            r.block_size = lib.MG_BLOCK
             self._block_bits = ffi.new("uint8_t[]", ram.npages * (ram.page_size // lib.MG_BLOCK // 8))
             self._scanned = PageBitmap(ram.npages)
-            d.block_bits = self._block_bits
-            d.scanned = self._scanned.words
-            threads.append(threading.Thread(target=self._scan_blocks, args=(d,), name="scan", daemon=True))
+            r.block_bits = self._block_bits
+            r.scanned = self._scanned.words
+            threads.append(threading.Thread(target=self._scan_blocks, args=(r,), name="scan", daemon=True))
         n_push = self.n_push = min(self.push_streams, max(1, welcome.push_streams or 1))
         push_socks = []
         try:
@@ -251,7 +252,7 @@ class Source:
                 ch.close()
         return SourceResult(sid, ram.npages, self.sent_push + d.readahead, d.seq, d.seq,
                             self.wire_bytes + d.bytes, time.monotonic() - t0, fin, d.zero_blocks,
-                            d.prescanned, d.push_zero_blocks, d.hole_pages)
+                            d.prescanned, r.push_zero_blocks, r.hole_pages)
 
     def wait_rpc(self, fut):
         """The result of a gRPC call's future (its RpcError raised as it is); a
@@ -310,7 +311,7 @@ class Source:
 
     def _find_holes(self, d) -> None:
         """Once the gate opens (the source VM is paused): walks the RAM file's
-        holes into the demand server's bitmap, advancing d.holes_end as it goes
+        holes into the senders' hole map (src_ram), advancing d.holes_end as it goes
         (C, GIL released). A failure only means pages are read."""
         if not self._gate_open():
             return
@@ -331,7 +332,7 @@ class Source:
     def _push(self, ch: grpc.Channel, sid: str, compress: bool):
         if not self._gate_open():
             return
-        d = self.sched.demand
+        d = self.src_ram
         enc = BatchEncoder(self.ram.addr, self.ram.page_size, self.sched.per_batch, compress,
                            d.holes, ffi.addressof(d, "holes_end"), ffi.addressof(d, "hole_pages"))
         streams = self.n_push
@@ -384,9 +385,6 @@ class Source:
         # the demand server's busy flag: with large pages the push holds back
         # while it writes a reply (C decides by page size)
         hold = ffi.addressof(self.sched.demand, "busy") if self.sched.demand is not None else ffi.NULL
-        # large pages go sparse (zero blocks left out) as on the demand channel
-        # when the destination agreed: the demand server's struct has the scan
-        sparse = self.sched.demand if self.sched.demand is not None else ffi.NULL
         try:
             while not self.stop.is_set():
                 self._pace(t0, done, self.n_push)
@@ -395,9 +393,10 @@ class Source:
                     break
                 pages = sum(count for _, count in runs)
                 done += pages * self.ram.page_size
-                rc = lib.mg_push_runs(sock.fileno(), self.ram.addr, self.ram.page_size,
-                                      ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold,
-                                      sparse)
+                # large pages go sparse (zero blocks left out) as on the demand
+                # channel when the destination agreed (src_ram.block_size)
+                rc = lib.mg_push_runs(sock.fileno(), self.src_ram,
+                                      ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold)
                 if rc < 0:
                     raise self._channel_error("push", -rc)
                 with self.count_lock:
