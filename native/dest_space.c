@@ -185,7 +185,9 @@ static void send_request(struct mg_space *s, uint64_t page)
     int fd = __atomic_load_n(&s->demand_fd, __ATOMIC_ACQUIRE);
     if (fd < 0)
         return; /* no source yet: mg_demand_resend sends it when one connects */
-    /* the fault loop and a resend may write concurrently: one small send each */
+    /* the fault loop and a resend may write concurrently: one small send each.
+     * A send that fails means the source is gone: the page stays requested,
+     * and mg_demand_resend asks again once a source reconnects. */
     if (wire_send_small(fd, &page, sizeof(page)))
         STAT_ADD(s, requests_sent, 1);
 }

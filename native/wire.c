@@ -102,11 +102,13 @@ static int readv_all(const struct wire_end *e, struct iovec *iov, int niov, int 
             msg.msg_iovlen = (size_t)iov_clip(iov, niov, MG_HOLD_CHUNK, clip, 64);
         }
         ssize_t n = recvmsg(e->fd, &msg, MSG_DONTWAIT);
-        if (n == 0)
+        if (n == 0)     /* the peer closed: between frames (eof_rc) or inside one */
             return got_any ? -EPIPE : eof_rc;
         if (n < 0) {
             if (errno == EINTR)
                 continue;
+            /* EAGAIN: nothing yet, wait for it; any other errno ends the
+             * channel, and the caller's caller (wire.tcp.channel_end) says how */
             if (errno != EAGAIN && errno != EWOULDBLOCK)
                 return -errno;
             int rc = wait_data(e);
@@ -150,6 +152,7 @@ int64_t wire_read_some(const struct wire_end *e, void *buf, uint64_t len)
             return n;
         if (errno == EINTR)
             continue;
+        /* as in readv_all: EAGAIN waits, anything else ends the channel */
         if (errno != EAGAIN && errno != EWOULDBLOCK)
             return -errno;
         int rc = wait_data(e);
@@ -173,7 +176,7 @@ int wire_writev(const struct wire_end *e, struct iovec *iov, int niov)
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            return -errno;
+            return -errno;   /* a blocking socket: no EAGAIN; EPIPE/ECONNRESET end the channel */
         }
         iov_advance(&iov, &niov, (size_t)n);
     }
@@ -182,5 +185,6 @@ int wire_writev(const struct wire_end *e, struct iovec *iov, int niov)
 
 int wire_send_small(int fd, const void *buf, uint64_t len)
 {
+    /* MSG_NOSIGNAL: a source gone is a failed send, not a SIGPIPE */
     return send(fd, buf, len, MSG_NOSIGNAL) == (ssize_t)len;
 }
