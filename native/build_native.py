@@ -1,7 +1,9 @@
 """cffi builder for migrate._native (out-of-line API mode).
 
 The declarations cffi needs live in the headers beside the C, between
-`/* cdef-begin */` and `/* cdef-end */`, one header per kernel concept.
+`/* cdef-begin */` and `/* cdef-end */`, one header per concept, beside its
+C file. What a header declares outside that block is for the other C files
+only (inline helpers, the structs the receivers and senders share).
 """
 
 import os
@@ -10,8 +12,16 @@ import re
 from cffi import FFI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-HEADERS = ["version.h", "uffd.h", "mem.h", "scm.h", "fault.h", "pattern.h", "guestsim.h"]
-SOURCES = ["version.c", "uffd.c", "mem.c", "scm.c", "fault.c", "pattern.c", "guestsim.c"]
+# In dependency order (a header's cdefs may use the structs of those before it).
+# Below: what is shared, the wire, the destination's side, the source's side,
+# the simulated guest.
+CONCEPTS = ["version", "uffd", "mem", "scm", "bitmap",
+            "wire",
+            "dest_space", "dest_demand", "dest_push",
+            "src_ram", "src_demand", "src_push",
+            "pattern", "guestsim"]
+HEADERS = [f"{c}.h" for c in CONCEPTS]
+SOURCES = [f"{c}.c" for c in CONCEPTS]
 
 
 def _cdef(header):

@@ -147,7 +147,7 @@ def test_zero_blocks_of_large_pages_are_found_ahead():
     buf[ps + 7 * bs: ps + 8 * bs] = bytes(bs)            # page 1 block 7: zero
     buf[ps + 9 * bs: ps + 10 * bs] = bytes(bs - 1) + b"x"  # page 1 block 9: zero but its last byte
     buf[2 * ps: 3 * ps] = bytes(ps)                      # page 2: every block zero
-    d = ffi.new("struct mg_demand_src *")
+    d = ffi.new("struct mg_src_ram *")
     d.base = int(ffi.cast("uintptr_t", ram))
     d.page_size, d.npages, d.block_size = ps, npages, bs
     bits = ffi.new("uint8_t[]", npages * nb // 8)

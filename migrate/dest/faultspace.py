@@ -1,6 +1,6 @@
 """The destination's fault path: page state, placement and the fault loop.
 
-The hot parts run in C with the GIL released (native/fault.c); this module owns
+The hot parts run in C with the GIL released (native/dest_*.c); this module owns
 the memory they use and turns their errnos into exceptions. Placement follows
 the invariants of DESIGN.md: a page is claimed before it is written (so a
 duplicate is dropped and a placed page is never written again), recorded as

@@ -28,22 +28,26 @@ def _holes_found(n: int, npages: int) -> str:
 
 class DemandServer:
     """One session's demand server. `d`, its struct, is also read by the push
-    streams (the busy flag, holes, zero-block scan) and by the session's result
-    (its counters); it lives as long as this object."""
+    streams (the busy flag) and by the session's result (its counters); `r`,
+    the RAM as the C senders read it (holes, zero-block scan), is shared with
+    the raw push. Both live as long as this object."""
 
     def __init__(self, sock: socket.socket, ram: RamImage, sched: Scheduler, reporter: Reporter):
         self.ram = ram
         self.reporter = reporter
+        # the RAM as the C senders (this server and the raw push) read it
+        r = self.r = ffi.new("struct mg_src_ram *")
+        r.base = ram.addr              # the RAM image's mapping, which outlives the session
+        r.page_size = ram.page_size
+        r.npages = ram.npages
         d = self.d = ffi.new("struct mg_demand_src *")
         d.fd = sock.fileno()           # the session's socket: closed by it once serve() has returned
-        d.base = ram.addr              # the RAM image's mapping, which outlives the session
-        d.page_size = ram.page_size
-        d.npages = ram.npages
+        d.ram = r                      # r lives as long as this object
         d.sent = sched.sent.words      # the scheduler's bitmap: it lives as long as the session
         d.max_window = max(2, READAHEAD_BYTES // ram.page_size)
         # what interrupt() writes to stop serve(); closed by close()
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        # d.holes, d.block_bits and d.scanned point into these, kept here
+        # r.holes, r.block_bits and r.scanned point into these, kept here
         self.holes: PageBitmap | None = None    # pages sent unread as zero
         self._block_bits = None
         self._scanned: PageBitmap | None = None
@@ -71,26 +75,26 @@ class DemandServer:
         whether find_holes is to run."""
         if gated:
             self.holes = PageBitmap(self.ram.npages)
-            self.d.holes = self.holes.words
+            self.r.holes = self.holes.words
             return True
         if self.ram.open_holes is not None:
             self.holes = self.ram.open_holes
-            self.d.holes, self.d.holes_end = self.holes.words, self.ram.npages
+            self.r.holes, self.r.holes_end = self.holes.words, self.ram.npages
             n = self.holes.count()
             self.reporter.event("holes", _holes_found(n, self.ram.npages), pages=n)
         return False
 
     def find_holes(self) -> None:
-        """Walks the RAM file's holes into the bitmap, advancing d.holes_end as
+        """Walks the RAM file's holes into the bitmap, advancing r.holes_end as
         it goes (C, GIL released). A failure only means pages are read."""
         t = time.monotonic()
         try:
-            found = self.ram.holes(self.holes, ffi.addressof(self.d, "holes_end"))
+            found = self.ram.holes(self.holes, ffi.addressof(self.r, "holes_end"))
         except SourceError as e:
             self.reporter.event("holes", f"{e}: every page is read", pages=0)
             return
         finally:
-            self.d.holes_end = self.ram.npages
+            self.r.holes_end = self.ram.npages
         n = found.count() if found else 0
         if n:
             self.reporter.event("holes", f"{_holes_found(n, self.ram.npages)} (found in "
@@ -105,11 +109,11 @@ class DemandServer:
         ram = self.ram
         if ram.page_size <= lib.MG_BLOCK:
             return False
-        self.d.block_size = lib.MG_BLOCK
+        self.r.block_size = lib.MG_BLOCK
         self._block_bits = ffi.new("uint8_t[]", ram.npages * (ram.page_size // lib.MG_BLOCK // 8))
         self._scanned = PageBitmap(ram.npages)
-        self.d.block_bits = self._block_bits
-        self.d.scanned = self._scanned.words
+        self.r.block_bits = self._block_bits
+        self.r.scanned = self._scanned.words
         return True
 
     def scan_blocks(self, stop: threading.Event, chunk: int = 16) -> None:
@@ -118,4 +122,4 @@ class DemandServer:
         for first in range(0, self.ram.npages, chunk):
             if stop.is_set():
                 return
-            lib.mg_scan_blocks(self.d, first, chunk)
+            lib.mg_scan_blocks(self.r, first, chunk)

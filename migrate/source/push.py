@@ -64,8 +64,9 @@ class Push:
                  max_rate: int):
         self.ram = ram
         self.sched = sched
-        # the demand server's struct mg_demand_src (migrate.source.demand),
-        # which outlives the streams: its busy flag, zero-block scan and holes
+        # the session's DemandServer (migrate.source.demand), which outlives the
+        # streams: its struct's busy flag, and the RAM struct it shares with
+        # the raw push (holes, zero-block scan)
         self.demand = demand
         self.stop = stop
         self.streams = streams
@@ -82,10 +83,7 @@ class Push:
         pace = Pacer(self.max_rate, self.streams, self.stop)
         # the demand server's busy flag: with large pages the push holds back
         # while it writes a reply (C decides by page size)
-        hold = ffi.addressof(self.demand, "busy")
-        # large pages go sparse (zero blocks left out) as on the demand channel
-        # when the destination agreed: the demand server's struct has the scan
-        sparse = self.demand
+        hold = ffi.addressof(self.demand.d, "busy")
         while not self.stop.is_set():
             pace.wait()
             runs = self.sched.next_runs()
@@ -93,8 +91,10 @@ class Push:
                 break
             pages = sum(count for _, count in runs)
             pace.pushed(pages * self.ram.page_size)
-            rc = lib.mg_push_runs(sock.fileno(), self.ram.addr, self.ram.page_size,
-                                  ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold, sparse)
+            # large pages go sparse (zero blocks left out) as on the demand
+            # channel when the destination agreed (src_ram.block_size)
+            rc = lib.mg_push_runs(sock.fileno(), self.demand.r,
+                                  ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold)
             if rc < 0:
                 return rc
             self._count(pages, rc)
@@ -104,9 +104,9 @@ class Push:
     def grpc(self, ch: grpc.Channel, session: str, compress: bool) -> None:
         """Pushes PageBatch messages over a gRPC channel (zstd when compress);
         a failed call raises its grpc.RpcError."""
-        d = self.demand
+        r = self.demand.r
         enc = BatchEncoder(self.ram.addr, self.ram.page_size, self.sched.per_batch, compress,
-                           d.holes, ffi.addressof(d, "holes_end"), ffi.addressof(d, "hole_pages"))
+                           r.holes, ffi.addressof(r, "holes_end"), ffi.addressof(r, "hole_pages"))
         pbg.MigrationStub(ch).Push(self.batches(session, enc))
 
     def batches(self, session: str, enc: BatchEncoder) -> Iterator[pb.PageBatch]:

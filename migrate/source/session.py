@@ -226,7 +226,7 @@ class Source:
         """Opens the push channels (as many streams as both sides allow) and
         starts the streams together once they are all open."""
         n = min(self.push_streams, max(1, welcome.push_streams or 1))
-        self.push = Push(self.ram, self.sched, self.demand.d, self.stop, streams=n, max_rate=self.max_rate)
+        self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate)
         if self.transport == "raw":
             socks = [self._open_channel(welcome, PUSH_MAGIC) for _ in range(n)]
             for i, sock in enumerate(socks):
@@ -288,12 +288,12 @@ class Source:
             ch.close()
 
     def _result(self, fin: pb.FinishReply, seconds: float) -> SourceResult:
-        d = self.demand.d
+        d, r = self.demand.d, self.demand.r
         return SourceResult(session=self.session, pages_total=self.ram.npages,
                             pages_sent_push=self.push.pages + d.readahead, pages_sent_demand=d.seq,
                             wire_bytes=self.push.wire_bytes + d.bytes, seconds=seconds, finish=fin,
                             zero_blocks=d.zero_blocks, prescanned=d.prescanned,
-                            push_zero_blocks=d.push_zero_blocks, hole_pages=d.hole_pages)
+                            push_zero_blocks=r.push_zero_blocks, hole_pages=r.hole_pages)
 
     # -- channels -------------------------------------------------------------
     def _open_channel(self, welcome: pb.Welcome, magic: bytes) -> socket.socket:

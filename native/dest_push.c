@@ -1,0 +1,217 @@
+#define _GNU_SOURCE
+#include "dest_push.h"
+#include "dest_demand.h"
+#include "bitmap.h"
+#include "wire.h"
+
+#include <errno.h>
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+/* One run being received: its header, its zero bitmap, which of its pages
+ * this receiver claimed, and where they land. */
+struct run {
+    struct run_header h;
+    uint8_t bits[MG_PUSH_MAX_RUN / 8];   /* bit i: page first+i is zero */
+    uint8_t mine[MG_PUSH_MAX_RUN];       /* 1: this receiver claimed page first+i */
+    uint8_t *staging;                    /* MG_PUSH_MAX_RUN pages when the target stages, else NULL */
+    uint8_t *scratch;                    /* one page: where a duplicate's bytes are read and dropped */
+    const struct place_target *t;
+};
+
+static inline int run_zero(const struct run *r, uint32_t i)
+{
+    return (r->bits[i >> 3] >> (i & 7)) & 1;
+}
+
+/* Where page i of a run lands: the alias (or staging) when this receiver
+ * claimed it, else scratch (a duplicate, read and dropped). */
+static inline uint8_t *run_dst(const struct run *r, uint32_t i)
+{
+    if (!r->mine[i])
+        return r->scratch;
+    return r->staging ? r->staging + (uint64_t)i * r->t->s->page_size : alias_of(r->t->s, r->h.first + i);
+}
+
+/* pwritev()s the claimed pages of a run into the RAM file: staged bytes for
+ * non-zero pages, the zero page for zero pages; consecutive pages in one call. */
+static int write_claimed(const struct run *r)
+{
+    const struct mg_space *s = r->t->s;
+    uint64_t ps = s->page_size;
+    struct iovec iov[IOV_MAX];
+    uint32_t i = 0;
+    while (i < r->h.count) {
+        if (!r->mine[i]) {
+            i++;
+            continue;
+        }
+        uint32_t j = i;
+        int niov = 0;
+        while (j < r->h.count && r->mine[j] && niov < IOV_MAX) {
+            iov[niov].iov_base = run_zero(r, j) ? (void *)s->zero_page : (void *)(r->staging + (uint64_t)j * ps);
+            iov[niov].iov_len = ps;
+            niov++;
+            j++;
+        }
+        uint64_t off = (r->h.first + i) * ps, left = (uint64_t)niov * ps;
+        struct iovec *v = iov;
+        while (left) {
+            ssize_t n = pwritev(s->ram_fd, v, niov, (off_t)off);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                return -errno;
+            }
+            off += (uint64_t)n;
+            left -= (uint64_t)n;
+            iov_advance(&v, &niov, (size_t)n);
+        }
+        i = j;
+    }
+    return 0;
+}
+
+/* A push receiver part way through a run holds back while a demand is
+ * outstanding, unless a page it claimed in this run is one a vCPU waits for. */
+static int run_should_hold(const void *ctx)
+{
+    const struct run *r = ctx;
+    const struct mg_space *s = r->t->s;
+    if (!__atomic_load_n(&s->demand_waiting, __ATOMIC_ACQUIRE))
+        return 0;
+    for (uint32_t i = 0; i < r->h.count; i++)
+        if (r->mine[i] && test_bit(s->requested, r->h.first + i))
+            return 0;
+    return 1;
+}
+
+/* A sparse run's pages after its page bitmap: each non-zero page is its block
+ * bitmap and then its non-zero blocks (read where run_dst says, zero blocks
+ * zeroed there unless the page is fresh). blocks: room for the iovecs and one
+ * block bitmap. e: the run's payload end. */
+static int read_sparse_run(const struct wire_end *e, const struct run *r, struct sparse_buf *blocks)
+{
+    const struct mg_space *s = r->t->s;
+    uint64_t nb = s->page_size / s->block_size;
+    /* a block bitmap is read whole, the blocks as the run's payload */
+    struct wire_end head = { .fd = e->fd, .stop_fd = e->stop_fd };
+    for (uint32_t i = 0; i < r->h.count; i++) {
+        if (run_zero(r, i))
+            continue;
+        int rc = wire_read_rest(&head, blocks->bits, nb / 8);
+        if (rc < 0)
+            return rc;
+        rc = read_sparse(e, s, run_dst(r, i), blocks->bits, blocks->iov, !r->mine[i] || r->t->zero_skip);
+        if (rc < 0)
+            return rc;
+    }
+    return 1;
+}
+
+/* Places the claimed pages of a run that arrived whole, then maps it. 0, or
+ * -errno with s->error_page set. */
+static int place_run(const struct run *r)
+{
+    const struct place_target *t = r->t;
+    struct mg_space *s = t->s;
+    if (t->via_write) {
+        int rc = write_claimed(r);
+        if (rc < 0) {
+            s->error_page = r->h.first;
+            return rc;
+        }
+    }
+    for (uint32_t i = 0; i < r->h.count; i++) {
+        if (!r->mine[i])
+            continue;
+        uint64_t page = r->h.first + i;
+        int zero = run_zero(r, i);
+        if (zero && !t->staged && !t->zero_skip)
+            memset(alias_of(s, page), 0, s->page_size);
+        int rc = finish_place(t, page, r->staging ? r->staging + (uint64_t)i * s->page_size : NULL, zero,
+                              MG_VIA_PUSH);
+        if (rc < 0) {
+            s->error_page = page;
+            return rc;
+        }
+    }
+    uint64_t bad;
+    int64_t m = mg_map_pages(s, r->h.first, r->h.count, &bad);
+    if (m < 0) {
+        s->error_page = bad;
+        return (int)m;
+    }
+    return 0;
+}
+
+static int push_receive(struct mg_space *s, int fd, int stop_fd, struct run *r, struct sparse_buf *blocks);
+
+int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
+{
+    uint64_t ps = s->page_size;
+    struct place_target t = place_target(s, PLACER_RUN);
+    struct run r = { .t = &t, .scratch = scratch };
+    struct sparse_buf sb = { NULL, NULL };
+    int rc = 0;
+    if (t.staged && !(r.staging = malloc(ps * MG_PUSH_MAX_RUN)))
+        rc = -ENOMEM;
+    if (rc == 0 && s->block_size && ps > s->block_size)
+        rc = sparse_alloc(&sb, ps / s->block_size);
+    if (rc == 0)
+        rc = push_receive(s, fd, stop_fd, &r, sb.bits ? &sb : NULL);
+    sparse_free(&sb);
+    free(r.staging);
+    return rc;
+}
+
+static int push_receive(struct mg_space *s, int fd, int stop_fd, struct run *r, struct sparse_buf *blocks)
+{
+    uint64_t ps = s->page_size;
+    struct iovec iov[MG_PUSH_MAX_RUN];
+    /* a run's header and bitmap are read whole; its pages in chunks, holding
+     * back (large pages) while a demand reply is outstanding */
+    struct wire_end head = { .fd = fd, .stop_fd = stop_fd };
+    struct wire_end payload = { .fd = fd, .stop_fd = stop_fd, .chunked = 1,
+                                .hold = ps > MG_YIELD_PAGE_SIZE ? run_should_hold : NULL, .hold_ctx = r };
+    for (;;) {
+        /* between runs, when this thread has claimed nothing: a claimed page
+         * may be the very one a vCPU waits for */
+        if (ps > MG_YIELD_PAGE_SIZE)
+            hold_while(hold_flag, &s->demand_waiting);
+        int rc = wire_read(&head, &r->h, sizeof(r->h));
+        if (rc <= 0)
+            return rc;
+        struct run_header h = r->h;
+        if (h.count == 0 || h.count > MG_PUSH_MAX_RUN || h.first >= s->npages || h.count > s->npages - h.first)
+            return refuse(s, MG_BAD_PAGE, h.first, h.count);
+        int sparse = h.flags & MG_RUN_SPARSE;
+        if ((h.flags & ~(uint32_t)MG_RUN_SPARSE) || (sparse && !blocks))
+            return refuse(s, MG_BAD_FLAGS, h.first, h.flags);
+        rc = wire_read_rest(&head, r->bits, (h.count + 7) / 8);
+        if (rc < 0)
+            return rc;
+        int niov = 0;
+        for (uint32_t i = 0; i < h.count; i++) {
+            r->mine[i] = (uint8_t)claim(s, h.first + i);
+            if (run_zero(r, i) || sparse)
+                continue;
+            iov_append(iov, &niov, 0, run_dst(r, i), ps);
+        }
+        rc = sparse ? read_sparse_run(&payload, r, blocks) : wire_readv_rest(&payload, iov, niov);
+        if (rc < 0) {
+            /* claimed pages that did not arrive whole: give them back */
+            for (uint32_t i = 0; i < h.count; i++)
+                if (r->mine[i])
+                    unclaim(r->t, h.first + i);
+            return rc;
+        }
+        rc = place_run(r);
+        if (rc < 0)
+            return rc;
+        if (all_received(s))
+            return MG_DEMAND_COMPLETE;
+    }
+}

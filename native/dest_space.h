@@ -1,0 +1,197 @@
+/* The destination's guest page space: which page is where, the page bitmaps,
+ * claiming and placing pages (the one decision of how, place_target), mapping
+ * them into the guest, and the fault loop with its demand requests. This is
+ * the one C that holds more than wrappers, because it runs with the GIL
+ * released on every fault; the two receivers (dest_demand, dest_push) place
+ * through it. */
+#ifndef MIGRATE_DEST_SPACE_H
+#define MIGRATE_DEST_SPACE_H
+#include <stdint.h>
+#include "bitmap.h"
+
+/* cdef-begin */
+#define MG_MAX_REGIONS 16
+#define MG_PLACE_CONTINUE 0
+#define MG_PLACE_COPY 1
+#define MG_VIA_PUSH 0
+#define MG_VIA_DEMAND 1
+#define MG_INFLIGHT 8192
+#define MG_LAT_RING 1048576
+/* A receiver's result when every page has been received. */
+#define MG_DEMAND_COMPLETE 1
+/* What was wrong with a refused demand reply or push run (mg_space.error_kind). */
+#define MG_BAD_PAGE 1       /* page outside the layout */
+#define MG_BAD_FLAGS 2      /* unknown flags, or sparse where it cannot be */
+#define MG_BAD_LENGTH 3     /* length does not match the flags (and bitmap) */
+
+struct mg_region {
+    uint64_t guest_addr;   /* host virtual address in the guest process */
+    uint64_t first_page;   /* file offset / page_size */
+    uint64_t npages;
+};
+
+struct mg_fault_stats {
+    uint64_t faults;        /* page-fault events read */
+    uint64_t minor;         /* of which MINOR (page in cache, not mapped) */
+    uint64_t fast;          /* answered at once: page was already received */
+    uint64_t requested;     /* faults on pages not received yet */
+    uint64_t requests_sent; /* demand requests written to the source */
+    uint64_t outside;       /* address outside every region (counted, not served) */
+    uint64_t eexist;        /* CONTINUE found the page mapped: woken instead */
+    uint64_t mapped_pages;  /* pages mapped by mg_map_pages */
+    uint64_t map_calls;     /* UFFDIO_CONTINUE/COPY ioctls issued */
+    uint64_t received;      /* pages placed, all ways */
+    uint64_t placed_demand; /* non-zero pages placed from demand replies */
+    uint64_t placed_push;   /* non-zero pages placed from background batches */
+    uint64_t placed_zero;   /* zero pages placed (either way) */
+    uint64_t duplicates;    /* pages dropped because already placed */
+    uint64_t lat_count;     /* demand latencies recorded in lat_us (ring) */
+    uint64_t placed_prior;  /* found mapped in the guest at attach (placed by an earlier agent) */
+};
+
+/* A demand request in flight: when it was asked for (CLOCK_MONOTONIC ns). */
+struct mg_inflight {
+    uint64_t page;          /* UINT64_MAX: free slot */
+    uint64_t t_ns;
+};
+
+/* The guest page space. The uffd, the alias mapping and every array here belong
+ * to the Python FaultSpace object and outlive every call that uses this struct. */
+struct mg_space {
+    int uffd;
+    int mode;               /* MG_PLACE_CONTINUE or MG_PLACE_COPY */
+    uint64_t page_size;
+    uint64_t npages;
+    uint64_t alias_base;    /* agent's mapping of the RAM file at offset 0 (0 in COPY mode) */
+    uint64_t *received;
+    uint64_t *mapped;
+    uint64_t *claimed;      /* placement claims a page before writing it */
+    uint64_t *requested;    /* asked of the source (cleared never: resend filters on received) */
+    int demand_fd;          /* socket to the source's demand server, -1 when none */
+    struct mg_inflight *inflight;   /* MG_INFLIGHT slots */
+    uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
+    const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
+    int ram_fd;             /* the RAM file, for pwritev on shmem when not prepared (-1: the alias) */
+    int prepared;           /* every page is allocated and the alias is mapped: write through it */
+    int zero_fresh;         /* pages never claimed read as zero: a zero page needs no write */
+    uint32_t demand_waiting; /* demand requests in the inflight table (atomic) */
+    int finished;           /* set once every page is mapped, before the range is unregistered */
+    uint64_t block_size;    /* demand replies may be sparse in blocks of this size (0: never) */
+    uint64_t error_page;    /* what a failed call was looking at */
+    uint64_t error_value;
+    int error_kind;         /* MG_BAD_* for a refused demand reply */
+    int nregions;
+    struct mg_region regions[16];
+    struct mg_fault_stats stats;
+};
+
+/* Records pages [first, first+count) as placed and mapped by an earlier agent
+ * (they are mapped in the guest: never written again). Returns how many of
+ * them were not recorded yet. */
+uint64_t mg_mark_prior(struct mg_space *s, uint64_t first, uint64_t count);
+
+/* Page index of a guest address, or -1 if it lies outside every region. */
+int64_t mg_space_page_of(const struct mg_space *s, uint64_t guest_addr);
+/* Guest address of a page (0 if no region maps it). */
+uint64_t mg_space_addr_of(const struct mg_space *s, uint64_t page);
+
+/* Maps received pages [first, first+count) into the guest (UFFDIO_CONTINUE in
+ * CONTINUE mode), waking waiters. Pages not received or already mapped are
+ * skipped; EEXIST from a racing CONTINUE wakes that page instead. Returns the
+ * number of pages newly mapped, or -errno for any other failure, with the
+ * failing page in *bad_page. */
+int64_t mg_map_pages(struct mg_space *s, uint64_t first, uint64_t count, uint64_t *bad_page);
+
+/* Places n pages from a batch: pages[i] is a zero page if bit i of zero_bits
+ * (LSB first) is set, else its bytes are the next page_size bytes of data
+ * (data_len must be exactly that many). A page already claimed is dropped
+ * (invariant 2). CONTINUE mode writes through the alias, then records
+ * received; COPY mode places with UFFDIO_COPY (or ZEROPAGE) directly and
+ * records received and mapped. via: MG_VIA_PUSH or MG_VIA_DEMAND, for the
+ * counters. Returns pages placed or -errno (*bad_page). Pages must have been
+ * checked against npages by the caller. */
+int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
+                       const uint8_t *zero_bits, const uint8_t *data, uint64_t data_len,
+                       int via, uint64_t *bad_page);
+
+/* Serves faults. A fault on a received page is mapped at once (the fast path).
+ * A fault on any other page is requested once from the source over demand_fd
+ * (if connected) and also returned in need[] when max > 0. Returns the count
+ * of needed pages (> 0), 0 on timeout, -ESHUTDOWN when stop_fd became
+ * readable, -errno on failure. With max == 0 it returns only on stop, timeout
+ * or failure. */
+int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int timeout_ms);
+
+/* Writes a request for every page requested but not received (after a source
+ * reconnects). Returns how many, or -errno. */
+int64_t mg_demand_resend(struct mg_space *s);
+/* When the oldest demand request still unanswered was made (CLOCK_MONOTONIC
+ * ns; 0: none waiting). */
+uint64_t mg_oldest_request_ns(struct mg_space *s);
+/* cdef-end */
+
+/* ---- for the receivers (dest_demand, dest_push) ---- */
+
+/* Counters are bumped from the fault loop and from placement at once. */
+#define STAT_ADD(s, field, n) __atomic_fetch_add(&(s)->stats.field, (n), __ATOMIC_RELAXED)
+
+/* Which receiver places: one page at a time into the alias or a page of its
+ * own (the demand receiver, a gRPC batch), or a run at a time, which may be
+ * staged whole and written into the RAM file (the push receiver). */
+enum placer {
+    PLACER_PAGE,
+    PLACER_RUN,
+};
+
+/* How a receiver places the pages it claims, decided once by place_target
+ * from the placement mode matrix: the mode (CONTINUE or COPY), whether the
+ * RAM file is prepared (and fresh), its page size, and the receiver. */
+struct place_target {
+    struct mg_space *s;
+    int copy;       /* UFFDIO_COPY (or ZEROPAGE) places and maps each page in one step (COPY mode) */
+    int staged;     /* the bytes land in the receiver's own memory (scratch, a staging run, a batch),
+                     * not in the alias: COPY mode, or via_write */
+    int via_write;  /* staged pages reach the RAM file by pwritev, then CONTINUE maps them */
+    int zero_skip;  /* zero pages and zero blocks landing in the alias need no write (a fresh file
+                     * reads zero); staged zero blocks are always written */
+};
+
+struct place_target place_target(struct mg_space *s, enum placer who);
+
+/* Claims page for this receiver: 1 = it is ours to write, 0 = it was claimed
+ * already (a duplicate, counted; its bytes are read and dropped). */
+static inline int claim(struct mg_space *s, uint64_t page)
+{
+    if (test_and_set_bit(s->claimed, page)) {
+        STAT_ADD(s, duplicates, 1);
+        return 0;
+    }
+    return 1;
+}
+
+/* Gives back a claimed page whose bytes did not all arrive, so that a later
+ * copy places it. */
+void unclaim(const struct place_target *t, uint64_t page);
+
+/* The claimed page's bytes are where t puts them (src: the receiver's copy,
+ * for COPY mode): makes it received (and, COPY mode, mapped). zero: a zero
+ * page, no bytes. via: MG_VIA_*, for the counters. 0 or -errno. */
+int finish_place(const struct place_target *t, uint64_t page, const uint8_t *src, int zero, int via);
+
+/* Refuses a reply or run that breaks the protocol: says what in the space's
+ * error fields. Returns -EPROTO. */
+int refuse(struct mg_space *s, int kind, uint64_t page, uint64_t value);
+
+/* The page's bytes in the alias mapping (CONTINUE mode). */
+static inline uint8_t *alias_of(const struct mg_space *s, uint64_t page)
+{
+    return (uint8_t *)(uintptr_t)(s->alias_base + page * s->page_size);
+}
+
+/* Every page is received: the receivers stop. */
+static inline int all_received(struct mg_space *s)
+{
+    return __atomic_load_n(&s->stats.received, __ATOMIC_ACQUIRE) == s->npages;
+}
+
+#endif

@@ -1,0 +1,121 @@
+#define _GNU_SOURCE
+#include "src_push.h"
+#include "mem.h"
+#include "wire.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* A dense run: header, zero bitmap, then the non-zero pages straight from the
+ * mapping, consecutive ones in one iovec. */
+static int send_run(const struct wire_end *e, struct mg_src_ram *r, uint64_t first, uint32_t count,
+                    int64_t *payload)
+{
+    uint64_t ps = r->page_size;
+    struct run_header h = { first, count, 0 };
+    uint8_t bits[MG_PUSH_MAX_RUN / 8];
+    struct iovec iov[2 + MG_PUSH_MAX_RUN];
+    int niov = 2;
+    uint64_t holes = 0;
+    memset(bits, 0, sizeof(bits));
+    iov[0].iov_base = &h;
+    iov[0].iov_len = sizeof(h);
+    iov[1].iov_base = bits;
+    iov[1].iov_len = (count + 7) / 8;
+    for (uint32_t i = 0; i < count; i++) {
+        uint8_t *src = (uint8_t *)src_page(r, first + i);
+        /* the zero check stalls on each page's first line: ask for later ones
+         * early (16 pages ahead: 4-5% more push than 4 ahead, in interleaved
+         * 1 GiB idle runs) */
+        if (i + 16 < count)
+            __builtin_prefetch(src + 16 * ps);
+        if (in_hole(r, first + i)) {
+            bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+            holes++;
+            continue;
+        }
+        if (mg_is_zero(src, ps)) {
+            bits[i >> 3] |= (uint8_t)(1u << (i & 7));
+            continue;
+        }
+        /* consecutive non-zero pages are one iovec (never the header's two) */
+        iov_append(iov, &niov, 2, src, ps);
+        *payload += (int64_t)ps;
+    }
+    if (holes)
+        __atomic_fetch_add(&r->hole_pages, holes, __ATOMIC_RELAXED);
+    return wire_writev(e, iov, niov);
+}
+
+/* A sparse run (MG_RUN_SPARSE): header, page bitmap, then for each non-zero
+ * page its block bitmap and its non-zero blocks, one writev per page. The
+ * bitmaps come from the scan when it got there first. */
+static int send_sparse_run(const struct wire_end *e, struct mg_src_ram *r, uint64_t first, uint32_t count,
+                           int64_t *payload)
+{
+    uint64_t ps = r->page_size, bs = r->block_size, nb = ps / bs;
+    struct run_header h = { first, count, MG_RUN_SPARSE };
+    uint8_t pagebits[MG_PUSH_MAX_RUN / 8];
+    uint8_t *found = malloc((uint64_t)count * (nb / 8));   /* bitmaps of pages the scan had not reached */
+    struct iovec *iov = malloc((nb / 2 + 2) * sizeof(struct iovec));
+    const uint8_t **bits = malloc(count * sizeof(*bits));
+    int rc = found && iov && bits ? 0 : -ENOMEM;
+    memset(pagebits, 0, sizeof(pagebits));
+    uint64_t zero_blocks = 0, holes = 0;
+    for (uint32_t i = 0; i < count && rc == 0; i++) {
+        int hole = in_hole(r, first + i);
+        holes += (uint64_t)hole;
+        bits[i] = page_block_bits(r, first + i, hole, found + (uint64_t)i * (nb / 8));
+        uint64_t zeros = bits_set(bits[i], nb / 8);
+        if (zeros == nb)
+            pagebits[i >> 3] |= (uint8_t)(1u << (i & 7));
+        else {
+            zero_blocks += zeros;
+            *payload += (int64_t)((nb - zeros) * bs);
+        }
+    }
+    if (rc == 0) {
+        struct iovec head[2] = { { &h, sizeof(h) }, { pagebits, (count + 7) / 8 } };
+        rc = wire_writev(e, head, 2);
+    }
+    for (uint32_t i = 0; i < count && rc == 0; i++) {
+        if ((pagebits[i >> 3] >> (i & 7)) & 1)
+            continue;
+        int niov = 1;
+        iov[0].iov_base = (void *)bits[i];
+        iov[0].iov_len = nb / 8;
+        block_iov((uint8_t *)src_page(r, first + i), bits[i], nb, bs, iov, &niov, 1);
+        rc = wire_writev(e, iov, niov);
+    }
+    __atomic_fetch_add(&r->push_zero_blocks, zero_blocks, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&r->hole_pages, holes, __ATOMIC_RELAXED);
+    free(found);
+    free(iov);
+    free(bits);
+    return rc;
+}
+
+int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint64_t nruns, const uint32_t *hold)
+{
+    int64_t payload = 0;
+    int sparse = src_sparse(ram);
+    /* chunked: at most 64 iovecs and MG_HOLD_CHUNK bytes per writev; large
+     * pages wait on the demand server's busy flag before each */
+    struct wire_end e = { .fd = fd, .stop_fd = -1, .chunked = 1,
+                          .hold = ram->page_size > MG_YIELD_PAGE_SIZE && hold ? hold_flag : NULL,
+                          .hold_ctx = hold };
+    for (uint64_t i = 0; i < nruns; i++) {
+        uint64_t first = runs[2 * i], left = runs[2 * i + 1];
+        while (left) {
+            uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
+            int rc = sparse ? send_sparse_run(&e, ram, first, count, &payload)
+                            : send_run(&e, ram, first, count, &payload);
+            if (rc < 0)
+                return rc;
+            first += count;
+            left -= count;
+        }
+    }
+    return payload;
+}
