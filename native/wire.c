@@ -89,6 +89,19 @@ static int wait_data(const struct wire_end *e)
 
 /* ---- reading ---- */
 
+/* A read that returned -1: EINTR reads again at once, EAGAIN (nothing yet)
+ * waits for data; any other errno ends the channel, and the caller's caller
+ * (wire.tcp.channel_end) says how. 0 to read again, or -errno. */
+static int read_failed(const struct wire_end *e)
+{
+    if (errno == EINTR)
+        return 0;
+    if (errno != EAGAIN && errno != EWOULDBLOCK)
+        return -errno;
+    int rc = wait_data(e);
+    return rc < 0 ? rc : 0;
+}
+
 /* Every read of both channels: recvmsg without blocking, then wait_data. */
 static int readv_all(const struct wire_end *e, struct iovec *iov, int niov, int eof_rc)
 {
@@ -105,13 +118,7 @@ static int readv_all(const struct wire_end *e, struct iovec *iov, int niov, int 
         if (n == 0)     /* the peer closed: between frames (eof_rc) or inside one */
             return got_any ? -EPIPE : eof_rc;
         if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            /* EAGAIN: nothing yet, wait for it; any other errno ends the
-             * channel, and the caller's caller (wire.tcp.channel_end) says how */
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                return -errno;
-            int rc = wait_data(e);
+            int rc = read_failed(e);
             if (rc < 0)
                 return rc;
             continue;
@@ -150,12 +157,7 @@ int64_t wire_read_some(const struct wire_end *e, void *buf, uint64_t len)
         ssize_t n = recv(e->fd, buf, len, MSG_DONTWAIT);
         if (n >= 0)
             return n;
-        if (errno == EINTR)
-            continue;
-        /* as in readv_all: EAGAIN waits, anything else ends the channel */
-        if (errno != EAGAIN && errno != EWOULDBLOCK)
-            return -errno;
-        int rc = wait_data(e);
+        int rc = read_failed(e);
         if (rc < 0)
             return rc;
     }
