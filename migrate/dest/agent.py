@@ -18,6 +18,7 @@ import time
 from migrate.dest import faultspace
 from migrate.dest.attach import AttachListener
 from migrate.wire.attach import AttachProbe
+from migrate.wire.tls import TlsConfig
 from migrate.errors import AttachError, MigrateError, fmt_size
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
@@ -36,8 +37,9 @@ class Destination:
 
     def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
                  mode: str = faultspace.MODE_CONTINUE, demand_host: str = "127.0.0.1", prepare: bool = True,
-                 source_timeout: float = 0):
+                 source_timeout: float = 0, tls: TlsConfig | None = None):
         self.reporter = reporter
+        self.tls = tls   # None: plaintext channels (loopback or --insecure)
         self.prepare = prepare
         self.source_timeout = source_timeout
         self.serve_forever = serve_forever

@@ -28,6 +28,7 @@ from migrate.source.push import Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import Scheduler
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.wire.tls import TlsConfig
 from migrate.wire.tcp import ChannelEnd, channel_end, host_of, parse_address, set_peer_timeout
 
 DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
@@ -82,8 +83,9 @@ class Source:
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
-                 sparse: bool = True, dest_timeout: float = DEST_TIMEOUT):
+                 sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None):
         self.ram = ram
+        self.tls = tls   # None: plaintext channels (loopback or --insecure)
         self.target = target
         self.reporter = reporter
         self.push_streams = max(1, push_streams)
