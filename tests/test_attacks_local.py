@@ -373,3 +373,74 @@ def test_qmp_is_not_spoken_to_another_uids_socket(reachable, other_python):
                              "root nor our uid 0: not talking to it (another user's process there would read or "
                              "forge the guest's device state); run QEMU as uid 0 or as root")
     assert got == {"connections": 1, "bytes": 0, "fds": 0}
+
+
+@pytest.mark.timeout(90)
+def test_the_shim_re_attaching_after_a_dead_agent_skips_another_uids_socket(reachable, other_python):
+    """The attach hijack against QEMU: its agent dies (EOF without "complete"),
+    another uid binds the path, and the shim's re-attach thread refuses it
+    (once on stderr, nothing sent) and goes on trying, until an agent of ours
+    listens there again and takes the guest back."""
+    import socket
+
+    from conftest import need_feature
+    from migrate.host import features
+    from migrate.wire.attach import recv_msg, send_msg
+    from test_qemu import start_under_shim
+    need_feature(features(), "uffd")
+    opened = reachable / "open"
+    opened.mkdir()
+    os.chmod(opened, 0o777)
+    path = str(opened / "attach.sock")
+
+    def agent_of_ours() -> socket.socket:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(2)
+        listener.settimeout(20)
+        return listener
+
+    def take_guest(listener) -> tuple[socket.socket, dict]:
+        conn, _ = listener.accept()
+        conn.settimeout(20)
+        hello, fds = recv_msg(conn, want_fds=2)
+        for fd in fds:
+            os.close(fd)
+        send_msg(conn, {"ok": True})
+        return conn, hello
+
+    listener = agent_of_ours()
+    child = start_under_shim(path)
+    attacker = None
+    try:
+        conn, hello = take_guest(listener)
+        assert child.stdout.readline() == "mapped\n"
+        listener.close()
+        os.unlink(path)
+        attacker = OtherUidListener(other_python, path)
+        attacker_pid = attacker.pid
+        conn.close()                     # the agent "dies"
+        time.sleep(1.5)                  # the shim tries about every 100 ms
+        got = attacker.stop()
+        attacker = None
+        listener = agent_of_ours()
+        conn, again = take_guest(listener)
+        assert again["reattach"] is True and again["ram_size"] == hello["ram_size"]
+        send_msg(conn, {"event": "complete"})
+        conn.close()
+        _, err = child.communicate("", timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if attacker is not None:
+            attacker.kill()
+        listener.close()
+    assert child.returncode == 0, err
+    assert got["connections"] >= 3 and got["fds"] == 0 and got["bytes"] == 0, got
+    refused = [line for line in err.splitlines() if "is served by pid" in line]
+    assert refused == [f"migrate-shim[{child.pid}]: the attach socket MIGRATE_ATTACH={path} is served by pid "
+                       f"{attacker_pid} of uid {NOBODY}, which is neither root nor this process's uid 0: not handing "
+                       "it the guest's userfaultfd and RAM (/memfd:guest-ram (deleted); another user took the path "
+                       "over?); run `migrate dest` as root or as uid 0, in a directory only it can enter"]
+    assert f"migrate-shim[{child.pid}]: attached /memfd:guest-ram (deleted) again" in err.splitlines(), err
