@@ -444,3 +444,20 @@ def test_the_shim_re_attaching_after_a_dead_agent_skips_another_uids_socket(reac
                        "it the guest's userfaultfd and RAM (/memfd:guest-ram (deleted); another user took the path "
                        "over?); run `migrate dest` as root or as uid 0, in a directory only it can enter"]
     assert f"migrate-shim[{child.pid}]: attached /memfd:guest-ram (deleted) again" in err.splitlines(), err
+
+
+@pytest.mark.timeout(10)
+@pytest.mark.parametrize("value, message", [
+    ("qemu", "argument --attach-uid: 'qemu' is not a numeric uid"),
+    ("-1", "argument --attach-uid: -1: not a uid"),
+    ("4294967295", "argument --attach-uid: 4294967295: not a uid"),   # (uid_t)-1: "no change" to chown
+])
+def test_attach_uid_takes_a_numeric_uid(value, message, capsys):
+    from migrate.cli import build_parser
+    with pytest.raises(SystemExit) as ei:
+        build_parser().parse_args(["dest", "--listen", "127.0.0.1:0", "--attach", "x", "--attach-uid", value])
+    assert ei.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"migrate dest: error: {message}"
+    args = build_parser().parse_args(["dest", "--listen", "127.0.0.1:0", "--attach", "x", "--attach-uid", "107",
+                                      "--attach-uid", "0"])
+    assert args.attach_uid == [107, 0]
