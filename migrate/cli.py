@@ -56,6 +56,10 @@ def _count(text: str) -> int:
     return _number(text, int, "a whole number", lambda n: n >= 1, "{}: must be 1 or more")
 
 
+def _uid(text: str) -> int:
+    return _number(text, int, "a numeric uid", lambda n: 0 <= n < 0xFFFFFFFF, "{}: not a uid")
+
+
 def _fraction(text: str) -> float:
     return _number(text, float, "a number between 0 and 1", lambda f: 0.0 <= f <= 1.0, "{} is not between 0 and 1")
 
@@ -80,7 +84,8 @@ def cmd_dest(args) -> int:
 
     return agent.run(Reporter(args.json, "dest"), listen=args.listen, attach=args.attach,
                      serve_forever=args.serve_forever, placement=args.placement, prealloc=not args.no_prealloc,
-                     qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every)
+                     qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every,
+                     attach_uids=tuple(args.attach_uid))
 
 
 # -- source -------------------------------------------------------------------
@@ -190,6 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("dest", help="destination agent: adopt a guest, take pages from a source")
     d.add_argument("--listen", required=True, help="HOST:PORT for gRPC (port 0 picks a free one)")
     d.add_argument("--attach", required=True, help="UNIX socket path guests attach on")
+    d.add_argument("--attach-uid", type=_uid, action="append", default=[], metavar="UID",
+                   help="also take guests running as UID (repeatable; default: only the agent's own uid). The "
+                   "socket's directory may then belong to UID, so that its guests can reach the socket")
     d.add_argument("--serve-forever", action="store_true", help="serve one migration after another")
     d.add_argument("--placement", choices=["continue", "copy"], default="continue",
                    help="continue: MINOR faults + UFFDIO_CONTINUE (default); copy: MISSING + UFFDIO_COPY")

@@ -293,8 +293,11 @@ struct attachment {
     char target[512];
 };
 
+#define UNTRUSTED_AGENT (-2)
+
 /* Connects, sends the hello with [uffd, ramfd] and reads the ack. Returns the
- * connected socket, or -1 with why[] filled (the caller decides to die or retry). */
+ * connected socket, or -1 with why[] filled (the caller decides to die or
+ * retry), UNTRUSTED_AGENT when the listener is neither root nor our uid. */
 static int hello_and_ack(struct attachment *a, int reattach, char *why, size_t why_cap)
 {
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -313,6 +316,26 @@ static int hello_and_ack(struct attachment *a, int reattach, char *why, size_t w
                  "(start `migrate dest` first, or unset MIGRATE_ATTACH)", attach_path, strerror(errno));
         close(s);
         return -1;
+    }
+    /* Before a byte, above all the descriptors, goes out: whoever listens on
+     * the path gets the guest's userfaultfd and all of its RAM.  The kernel
+     * says who that is (as of its listen()): root or our own uid only, never
+     * another user who bound a dead agent's path. */
+    struct ucred agent;
+    socklen_t agent_len = sizeof agent;
+    if (getsockopt(s, SOL_SOCKET, SO_PEERCRED, &agent, &agent_len) < 0) {
+        snprintf(why, why_cap, "SO_PEERCRED of the migrate agent at %s: %s", attach_path, strerror(errno));
+        close(s);
+        return -1;
+    }
+    if (agent.uid != 0 && agent.uid != geteuid()) {
+        snprintf(why, why_cap, "the attach socket MIGRATE_ATTACH=%s is served by pid %d of uid %u, which is "
+                 "neither root nor this process's uid %u: not handing it the guest's userfaultfd and RAM (%s; "
+                 "another user took the path over?); run `migrate dest` as root or as uid %u, in a directory "
+                 "only it can enter", attach_path, (int)agent.pid, (unsigned)agent.uid, (unsigned)geteuid(),
+                 a->target, (unsigned)geteuid());
+        close(s);
+        return UNTRUSTED_AGENT;
     }
     char msg[2100];
     size_t total = a->hello_len;
@@ -426,10 +449,16 @@ static void *watch(void *arg)
         }
         say("the migrate agent went away before the end; vCPUs that fault wait; attaching %s again "
             "to the next agent at %s", a->target, attach_path);
-        char why[1024];
+        char why[1024], refused[1024] = "";
         int s = -1;
         for (int tries = 0; tries < 3000 && s < 0; tries++) {   /* 300 s */
             s = hello_and_ack(a, 1, why, sizeof why);
+            /* an untrusted listener is said once, and the shim goes on
+             * trying: once it is gone, a real agent may listen there */
+            if (s == UNTRUSTED_AGENT && strcmp(why, refused) != 0) {
+                say("%s", why);
+                strcpy(refused, why);
+            }
             if (s < 0)
                 usleep(100 * 1000);
         }

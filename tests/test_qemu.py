@@ -301,6 +301,15 @@ sys.stdin.read()
 """
 
 
+def start_under_shim(attach_path: str) -> subprocess.Popen:
+    """The _MAPS_RAM process under the shim, attaching to attach_path (stdin,
+    stdout and stderr piped, text). The caller ends it."""
+    from migrate.qemu.shim import shim_path
+    env = dict(os.environ, LD_PRELOAD=shim_path(), MIGRATE_ATTACH=attach_path, MIGRATE_SHIM_DEBUG="1")
+    return subprocess.Popen([sys.executable, "-c", _MAPS_RAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("separators", [(", ", ": "), (",", ":"), (",\n ", " :\t")],
                          ids=["json.dumps-default", "compact", "spaced"])
@@ -312,7 +321,6 @@ def test_shim_reads_agent_messages_whatever_their_whitespace(tmp_path, separator
     why = features().why_not("uffd")
     if why:
         pytest.skip(why)
-    from migrate.qemu.shim import shim_path
     from migrate.wire.attach import recv_msg
 
     path = str(tmp_path / "attach.sock")
@@ -320,9 +328,7 @@ def test_shim_reads_agent_messages_whatever_their_whitespace(tmp_path, separator
     listener.bind(path)
     listener.listen(2)
     listener.settimeout(20)
-    env = dict(os.environ, LD_PRELOAD=shim_path(), MIGRATE_ATTACH=path, MIGRATE_SHIM_DEBUG="1")
-    child = subprocess.Popen([sys.executable, "-c", _MAPS_RAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+    child = start_under_shim(path)
     try:
         conn, _ = listener.accept()
         conn.settimeout(20)

@@ -37,14 +37,14 @@ class Destination:
 
     def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
                  mode: str = faultspace.MODE_CONTINUE, demand_host: str = "127.0.0.1", prepare: bool = True,
-                 source_timeout: float = 0, tls: TlsConfig | None = None):
+                 source_timeout: float = 0, tls: TlsConfig | None = None, attach_uids: tuple[int, ...] = ()):
         self.reporter = reporter
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
         self.prepare = prepare
         self.source_timeout = source_timeout
         self.serve_forever = serve_forever
         self.mode = mode
-        self.listener = AttachListener(attach_path)
+        self.listener = AttachListener(attach_path, attach_uids)
         self.migrations: dict[str, Migration] = {}
         # what Finish answers for migrations retired (serve-forever) before
         # their source asked: the last ENDED_KEPT of them
@@ -226,7 +226,7 @@ class Destination:
 
 
 def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, placement: str, prealloc: bool,
-        qmp: str | None, source_timeout: float, progress_every: float) -> int:
+        qmp: str | None, source_timeout: float, progress_every: float, attach_uids: tuple[int, ...] = ()) -> int:
     """`migrate dest`: serves until the migration ends (or, serve_forever,
     until SIGTERM or SIGINT). Returns the exit status: 0 when it completed, 1
     when it did not, 2 when the agent could not start."""
@@ -236,7 +236,7 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
     try:
         agent = Destination(attach, rep, serve_forever=serve_forever, mode=placement,
                             demand_host=host_of(listen) or "127.0.0.1", prepare=prealloc,
-                            source_timeout=source_timeout)
+                            source_timeout=source_timeout, attach_uids=attach_uids)
     except (OSError, MigrateError) as e:
         rep.event("error", f"cannot start the destination: {e}")
         return 2

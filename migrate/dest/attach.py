@@ -1,15 +1,22 @@
 """The agent's end of the attach protocol: the listening UNIX socket, a
 liveness probe so that a second agent never takes over a live one's socket,
-and `AttachedGuest`, the descriptors and regions one guest handed over."""
+and `AttachedGuest`, the descriptors and regions one guest handed over.
+
+Who may attach (docs/attach-protocol.md, "Who checks what"): the socket
+lives in a directory only the agent's user can enter (`private_dir`), it is
+0600, and each guest's uid is read from the kernel (SO_PEERCRED) and must be
+the agent's own or one given with `dest --attach-uid`."""
 
 from __future__ import annotations
 
 import os
 import socket
+import stat
+import struct
 from dataclasses import dataclass, field
 
 from migrate.errors import AttachError
-from migrate.wire.attach import ATTACH_VERSION, Region, recv_msg, send_msg
+from migrate.wire.attach import _MAX_HELLO, ATTACH_VERSION, Region, peer_cred, recv_exact, recv_msg, send_msg
 
 
 @dataclass
@@ -79,6 +86,60 @@ def _parse_hello(hello: dict, fds: list[int]) -> dict:
             "reattach": bool(hello.get("reattach", False))}
 
 
+def private_dir(path: str, owners: set[int]) -> int:
+    """The directory of the socket at path, created 0700 if it is missing, else
+    checked: a real directory (not a symbolic link), owned by one of owners
+    (the agent's uid, or an --attach-uid whose guests must reach the socket),
+    that no group or other user may enter. Returns its owner. Whoever can
+    write a socket's directory can bind the path once the agent is gone, and
+    a guest that re-attaches there would hand its RAM to them."""
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.mkdir(d, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise AttachError(f"cannot create {d}, the attach socket's directory: {e.strerror}") from None
+    st = os.lstat(d)
+    if stat.S_ISLNK(st.st_mode):
+        raise AttachError(f"{d}, the attach socket's directory, is a symbolic link: give --attach a path in the "
+                          "directory it points to")
+    if not stat.S_ISDIR(st.st_mode):
+        raise AttachError(f"{d}, the attach socket's directory, is not a directory")
+    me = os.geteuid()
+    if st.st_uid not in owners:
+        whose = f"this agent's uid {me}" + (" or an --attach-uid" if owners - {me} else "")
+        raise AttachError(f"the attach socket's directory {d} belongs to uid {st.st_uid}, not to {whose}: its owner "
+                          "could take the socket's path over; give --attach a path in a directory of the agent's "
+                          "user (a missing one is created 0700)")
+    if st.st_mode & 0o077:
+        raise AttachError(f"the attach socket's directory {d} has mode {stat.S_IMODE(st.st_mode):04o}, which lets "
+                          f"other users in: make it private (chmod 0700 {d}), or give --attach a path in a new "
+                          "directory (the agent creates it 0700)")
+    return st.st_uid
+
+
+def _refuse(conn: socket.socket, error: str) -> None:
+    """Answers a process that may not attach, and closes. Its hello is read
+    and dropped with plain recv(), which takes no descriptors (the kernel
+    closes those it carried), so that it reads the refusal rather than a
+    reset. At most 2 s: the accept loop waits meanwhile."""
+    try:
+        conn.settimeout(2)
+        (left,) = struct.unpack(">I", recv_exact(conn, 4))
+        left = min(left, _MAX_HELLO)
+        while left > 0:
+            chunk = conn.recv(min(left, 65536))
+            if not chunk:
+                break
+            left -= len(chunk)
+        send_msg(conn, {"ok": False, "error": error})
+    except (OSError, AttachError):
+        pass
+    finally:
+        conn.close()
+
+
 def _answers(path: str) -> bool:
     """Someone accepts connections on the UNIX socket at path (a probe: it
     connects and closes without a word, which an agent takes silently)."""
@@ -98,15 +159,17 @@ def _answers(path: str) -> bool:
 
 
 class AttachListener:
-    """The agent's UNIX socket. Owns the socket file and removes it on close()."""
+    """The agent's UNIX socket. Owns the socket file and removes it on close().
+    Takes guests of its own uid and of guest_uids (dest --attach-uid)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, guest_uids: tuple[int, ...] = ()):
         self.path = path
-        if os.path.exists(path):
+        self.guest_uids = {os.geteuid(), *guest_uids}
+        owner = private_dir(path, self.guest_uids)
+        if os.path.lexists(path):
             # a stale socket from a dead agent: only replace a socket, never a
             # file, and never the socket of an agent that still answers on it
             # (its guest re-attaches there if that agent dies)
-            import stat
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise AttachError(f"{path} exists and is not a socket: choose another --attach path")
             if _answers(path):
@@ -115,9 +178,19 @@ class AttachListener:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.sock.bind(path)
-            self.sock.listen(16)
         except OSError as e:
             self.sock.close()
+            raise AttachError(f"attach socket {path}: {e.strerror}") from None
+        try:
+            # Before listen(), so nobody connects in between. The socket
+            # belongs to the directory's owner: an --attach-uid that owns it
+            # must be able to connect (only root can give it away).
+            os.chmod(path, 0o600)
+            if owner != os.geteuid():
+                os.chown(path, owner, -1)
+            self.sock.listen(16)
+        except OSError as e:
+            self.close()
             raise AttachError(f"attach socket {path}: {e.strerror}") from None
 
     def fileno(self) -> int:
@@ -126,6 +199,15 @@ class AttachListener:
     def accept(self, timeout: float | None = None) -> AttachedGuest:
         self.sock.settimeout(timeout)
         conn, _ = self.sock.accept()
+        # Who this is comes from the kernel, before a byte or a descriptor
+        # of theirs is taken.
+        guest = peer_cred(conn)
+        if guest.uid not in self.guest_uids:
+            uids = ", ".join(str(u) for u in sorted(self.guest_uids))
+            error = (f"guest pid {guest.pid} runs as uid {guest.uid}, and this agent takes guests of uid {uids} "
+                     f"only: start the guest as one of them, or the agent with --attach-uid {guest.uid}")
+            _refuse(conn, error)
+            raise AttachError(error)
         conn.settimeout(30)
         try:
             hello, fds = recv_msg(conn, want_fds=2)
@@ -143,6 +225,9 @@ class AttachListener:
                 conn.close()
             raise
         conn.settimeout(None)
+        # the pid the kernel gives (in our pid namespace) is the one whose
+        # /proc/PID/pagemap a re-attach reads, not the one the hello claims
+        h["pid"] = guest.pid
         return AttachedGuest(conn, fds[0], fds[1], **h)
 
     def close(self) -> None:

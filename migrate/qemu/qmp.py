@@ -1,14 +1,23 @@
 """The QMP client both agents (and the QEMU lab in migrate.qemu.lab) use: one
 command at a time over QEMU's monitor socket, events kept for whoever waits
-on them, file descriptors passed with SCM_RIGHTS for `getfd`."""
+on them, file descriptors passed with SCM_RIGHTS for `getfd`.
+
+A QMP socket is QEMU's: QEMU (or whatever starts it) chose its path and
+made it, so the client does not judge the path. It asks the kernel who
+listens there (SO_PEERCRED) and talks only to a process running as root or
+as our own uid, the rule the guest ends of the attach socket follow
+(migrate.wire.attach.trusted_listener): a process of another user on that
+path would be handed the device state, or could feed a false one."""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import time
 
 from migrate.errors import MigrateError
+from migrate.wire.attach import peer_cred, trusted_listener
 
 DEVSTATE_FD_NAME = "migrate-devstate"
 
@@ -56,6 +65,12 @@ class QMP:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise QemuError(f"cannot connect to QMP at {path} within {timeout:.0f} s: {e.strerror}; "
                             "is QEMU running with -qmp unix:PATH,server=on,wait=off?") from None
+        qemu = peer_cred(self.sock)
+        if not trusted_listener(qemu):
+            self.sock.close()
+            raise QemuError(f"the QMP socket {path} is served by pid {qemu.pid} of uid {qemu.uid}, which is neither "
+                            f"root nor our uid {os.geteuid()}: not talking to it (another user's process there "
+                            f"would read or forge the guest's device state); run QEMU as uid {os.geteuid()} or as root")
         try:
             greeting = self._read(timeout)
             if "QMP" not in greeting:

@@ -3,6 +3,11 @@ length-prefixed JSON messages over a UNIX socket, file descriptors passed
 with SCM_RIGHTS, and the guest's end (`attach_guest`, `GuestLink`) that
 guestsim and the tests use. The agent's end is migrate.dest.attach; the
 shim (native/shim.c) is the other guest end, in C.
+
+Who is on the other end is asked of the kernel (SO_PEERCRED), never of the
+peer: `peer_cred` here, and `trusted_listener`, the rule by which a guest
+end (and the QMP client) decides whether the process listening on a
+socket may have what it is about to send.
 """
 
 from __future__ import annotations
@@ -29,6 +34,36 @@ class Region:
     guest_addr: int   # host virtual address in the guest process
     length: int
     offset: int       # offset in the RAM file
+
+
+@dataclass(frozen=True)
+class PeerCred:
+    """The process on the other end of a UNIX socket, as the kernel recorded it
+    when that end called connect() or listen() (SO_PEERCRED): its pid in our pid
+    namespace and its effective uid and gid."""
+    pid: int
+    uid: int
+    gid: int
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_cred(sock: socket.socket) -> PeerCred:
+    return PeerCred(*_UCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)))
+
+
+def trusted_listener(cred: PeerCred) -> bool:
+    """The one rule of the guest ends (guestsim, the shim in C, the QMP client):
+    what this process hands over or says goes only to a process running as
+    root or as our own uid. Anyone else could only be on the path because a
+    directory let them bind there (a dead agent's path taken over)."""
+    return cred.uid in (0, os.geteuid())
+
+
+class UntrustedAgent(AttachError):
+    """The attach socket is served by a process of another uid (not root): the
+    guest's userfaultfd and RAM are not handed to it."""
 
 
 class AttachProbe(AttachError):
@@ -117,6 +152,16 @@ def attach_guest(path: str, uffd_fd: int, ram_fd: int, *, page_size: int, ram_si
         sock.close()
         raise AttachError(f"connect to the agent's attach socket {path}: {e.strerror}; "
                           "is `migrate dest --attach` running?") from None
+    # Before a byte (and above all the descriptors) goes out: whoever listens
+    # on the path now gets the guest's userfaultfd and all of its RAM.
+    agent = peer_cred(sock)
+    if not trusted_listener(agent):
+        sock.close()
+        me = os.geteuid()
+        raise UntrustedAgent(f"the attach socket {path} is served by pid {agent.pid} of uid {agent.uid}, which is "
+                             f"neither root nor this guest's uid {me}: not handing it the guest's userfaultfd and "
+                             f"RAM (another user took the path over?); run `migrate dest` as root or as uid {me}, "
+                             "in a directory only it can enter")
     hello = {"version": ATTACH_VERSION, "pid": os.getpid(), "page_size": page_size, "ram_size": ram_size,
              "regions": [r.__dict__ for r in regions], "backing": backing, "name": name, "reattach": reattach}
     try:
@@ -155,6 +200,7 @@ class GuestLink:
         self.gone = threading.Event()      # the agent died and none came back in time
         self.reattaches = 0
         self.final: dict = {}              # the agent's "complete" message: how pages arrived
+        self.refused: list[str] = []       # untrusted agents met while re-attaching, each said once
         self.sock = attach_guest(path, uffd_fd, ram_fd, timeout=60, **self.args)
         self._thread = threading.Thread(target=self._watch, name="attach-watch", daemon=True)
         self._thread.start()
@@ -185,7 +231,12 @@ class GuestLink:
                     self.sock = attach_guest(self.path, self.uffd_fd, self.ram_fd, timeout=10, reattach=True,
                                              **self.args)
                     break
-                except AttachError:
+                except AttachError as e:
+                    # An untrusted listener is said once, and the guest goes on
+                    # trying: once it is gone, a real agent may listen there.
+                    if isinstance(e, UntrustedAgent) and str(e) not in self.refused:
+                        self.refused.append(str(e))
+                        self._event("attach_refused", str(e))
                     if time.monotonic() > deadline:
                         self.gone.set()
                         return
