@@ -31,6 +31,14 @@ from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachin
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
 
 
+def channel_identity(conn) -> str | None:
+    """The name a raw channel's peer certificate carries, as
+    migrate.dest.service.peer_identity gives it for gRPC calls: a channel
+    joins a session only from the identity that opened it. None for a
+    plaintext channel (the only kind until the raw channels speak TLS)."""
+    return None
+
+
 class Destination:
     """The agent: an attach listener plus the migrations it adopted."""
 
@@ -100,7 +108,7 @@ class Destination:
             conn.close()
             return
         magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
-        m = self._channel_session(token, None)
+        m = self._channel_session(token, channel_identity(conn))
         if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
             self.reporter.event("error", f"channel from {peer} with an unknown magic or token: closed")
             conn.close()

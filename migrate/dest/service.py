@@ -186,13 +186,13 @@ class MigrationService(pbg.MigrationServicer):
         return self.agent.finish(request.session_id, request.token, _peer(context), request.timeout_seconds or None)
 
     def DeviceState(self, request_iterator, context):
-        if self.device_state is None:
-            raise MigrateError("this destination was started without --qmp: it takes no device state")
         first = next(request_iterator, None)
         if first is None or not first.session_id:
             raise ProtocolError("first DeviceState chunk must name the session")
         m = self.agent.migration(first.session_id)
-        m.admit(first.token, _peer(context), "DeviceState")
+        m.admit(first.token, _peer(context), "DeviceState")   # before anything else is said
+        if self.device_state is None:
+            raise MigrateError("this destination was started without --qmp: it takes no device state")
         ack = self.device_state.feed(m, _chain(first, request_iterator))
         if not ack.guest_running and ack.error and not context.is_active():
             # Nobody takes this ack: the source that sent the state is gone (a
