@@ -221,6 +221,15 @@ def test_takeover_knowing_only_the_session_id(serving, call, token):
 
 # -- a dropped source's token; a resume's new one -----------------------------------
 
+def zero_pages(lm: LocalMigration) -> list[int]:
+    """Pages that are all zero in the migration's image."""
+    from migrate._binding import lib
+    from migrate.sim.ramimage import DEFAULT_RANDOM_FRACTION, DEFAULT_ZERO_FRACTION, ImageSpec
+    spec = ImageSpec(lm.seed, DEFAULT_ZERO_FRACTION, DEFAULT_RANDOM_FRACTION)
+    return [p for p in range(NPAGES)
+            if lib.mg_pattern_kind(spec.seed, p, spec.zero_ppm, spec.random_ppm) == lib.MG_KIND_ZERO]
+
+
 def open_liar(lm: LocalMigration, **fields) -> tuple[grpc.Channel, pbg.MigrationStub, pb.Welcome]:
     ch = channel(lm.address, "liar")
     stub = pbg.MigrationStub(ch)
@@ -251,6 +260,44 @@ def test_a_dropped_sources_token_opens_no_raw_channel(waiting):
     fin = stub.Finish(pb.FinishRequest(session_id=sid, token=token, timeout_seconds=0.5), timeout=30)
     assert not fin.complete and not fin.failed
     assert fin.error == (f"migration is disconnected with 0 of {NPAGES} pages received (the source was dropped: "
+                         "demand channel closed)")
+    ch.close()
+    finish_with_good_source(lm)
+
+
+@pytest.mark.timeout(120)
+def test_a_push_stream_of_a_dropped_source_places_nothing_more(waiting):
+    """A gRPC Push stream opened with the token stays open when its source is
+    dropped; its next batch is not placed, and the stream ends saying why."""
+    import queue
+    lm = waiting
+    zero = zero_pages(lm)
+    ch, stub, welcome = open_liar(lm)
+    sid, token = welcome.session_id, welcome.demand_token
+    demand = raw_channel(lm, welcome.demand_port, DEMAND_MAGIC, token)
+    lm.dest.wait_event("demand", 30)
+    batches: queue.Queue = queue.Queue()
+    # a page that is zero in the image: placed while the source serves
+    batches.put(pb.PageBatch(session_id=sid, token=token))
+    batches.put(pb.PageBatch(pages=[zero[0]], zero=b"\x01", raw_length=0))
+
+    def requests():
+        while (b := batches.get()) is not None:
+            yield b
+
+    call = stub.Push.future(requests(), timeout=60)
+    while lm.dest.wait_event("progress", 30)["received"] < 1:
+        pass
+    demand.close()
+    ev = lm.dest.wait_event("disconnected", 30)
+    assert ev["message"] == "source left before the end (demand channel closed); waiting for another"
+    batches.put(pb.PageBatch(pages=[zero[1]], zero=b"\x01", raw_length=0))
+    batches.put(None)
+    e = refusal(call.result)
+    assert e.code() == grpc.StatusCode.ABORTED
+    assert e.details() == "the destination dropped this source: demand channel closed"
+    fin = stub.Finish(pb.FinishRequest(session_id=sid, token=token, timeout_seconds=0.1), timeout=30)
+    assert fin.error == (f"migration is disconnected with 1 of {NPAGES} pages received (the source was dropped: "
                          "demand channel closed)")
     ch.close()
     finish_with_good_source(lm)
