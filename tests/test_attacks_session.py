@@ -500,12 +500,31 @@ def test_unauthenticated_peers_hear_nothing_of_the_guest(in_process):
     assert g["verified"] is True and g["mismatches"] == 0
 
 
+@pytest.mark.timeout(60)
+def test_a_source_on_ipv6_loopback_hears_the_helpful_message(tmp_path, host):
+    """Through real gRPC (no stand-in for who calls): a plaintext peer on ::1
+    is on loopback, so it is told the guest's size."""
+    with LocalMigration(str(tmp_path), SIZE, seed=39, dest_listen="[::1]:0") as lm:
+        lm.start_dest()
+        lm.start_guest()
+        ch = channel(lm.address, "ipv6")
+        try:
+            e = refusal(lambda: pbg.MigrationStub(ch).Open(hello(ram_size=SIZE // 2), timeout=30))
+        finally:
+            ch.close()
+    assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert e.details() == ("source RAM is 8 MiB in pages of 4 KiB, but the guest attached here has 16 MiB in pages "
+                           "of 4 KiB: start the destination guest with the source's RAM size and backing")
+
+
 @pytest.mark.parametrize("peer,loopback", [
-    ("ipv4:127.0.0.1:5000", True), ("ipv4:127.3.0.9:5000", True), ("ipv6:[::1]:5000", True),
+    ("ipv4:127.0.0.1:5000", True), ("ipv4:127.3.0.9:5000", True), ("ipv6:%5B::1%5D:5000", True),
+    ("ipv6:[::1]:5000", True),
     ("ipv6:[::ffff:127.0.0.1]:5000", True), ("ipv4:192.0.2.7:5000", False), ("ipv6:[2001:db8::1]:5000", False),
     ("ipv6:[::ffff:192.0.2.7]:5000", False), ("unix:/tmp/x.sock", False), ("garbage", False),
 ])
 def test_which_plaintext_peers_are_on_loopback(peer, loopback):
+    """(grpc gives an IPv6 peer as ipv6:%5B::1%5D:port)"""
     assert service._on_loopback(peer) is loopback
 
 

@@ -5,6 +5,7 @@ migrate.dest.agent, and one interceptor that turns exceptions into status codes.
 from __future__ import annotations
 
 import ipaddress
+import urllib.parse
 from concurrent import futures
 
 import grpc
@@ -86,9 +87,9 @@ def peer_identity(context) -> str | None:
 
 
 def _on_loopback(peer: str) -> bool:
-    """Whether a gRPC peer address ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000")
-    is this host's loopback."""
-    kind, _, rest = peer.partition(":")
+    """Whether a gRPC peer address ("ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000":
+    grpc percent-encodes the brackets) is this host's loopback."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
     if kind not in ("ipv4", "ipv6"):
         return False
     try:
