@@ -67,8 +67,10 @@ def open_session(lm, **hello_fields) -> tuple[grpc.Channel, pbg.MigrationStub, p
     return ch, stub, stub.Open(pb.Hello(**fields), timeout=30)
 
 
-def push(stub, sid, *batches):
-    return stub.Push(iter([pb.PageBatch(session_id=sid), *batches]), timeout=30)
+def push(stub, welcome, *batches):
+    """A Push stream of the session welcome opened: its id and token, then batches."""
+    first = pb.PageBatch(session_id=welcome.session_id, token=welcome.demand_token)
+    return stub.Push(iter([first, *batches]), timeout=30)
 
 
 def source_error(lm, *extra) -> str:
@@ -204,15 +206,15 @@ BAD_BATCHES = [
 def test_bad_batch(waiting, batch, message):
     ch, stub, welcome = open_session(waiting)
     with pytest.raises(grpc.RpcError) as ei:
-        push(stub, welcome.session_id, batch)
+        push(stub, welcome, batch)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert ei.value.details() == message
     ch.close()
     waiting.dest.wait_event("disconnected", 30)   # no demand channel came: the source is gone
     # asking for the end of a migration that lost its source says where it stands
     ch2 = channel(waiting.address, "test-finish")
-    fin = pbg.MigrationStub(ch2).Finish(pb.FinishRequest(session_id=welcome.session_id, timeout_seconds=1),
-                                        timeout=30)
+    fin = pbg.MigrationStub(ch2).Finish(pb.FinishRequest(session_id=welcome.session_id,
+                                                         token=welcome.demand_token, timeout_seconds=1), timeout=30)
     ch2.close()
     assert not fin.complete
     assert fin.error == (f"migration is disconnected with 0 of {NPAGES} pages received (the source was "

@@ -119,22 +119,30 @@ def test_serve_forever_runs_two_migrations_at_once(tmp_path, host):
 def test_serve_forever_answers_finish_after_the_session_is_retired(tmp_path, host):
     """--serve-forever drops a migration once it ends; a source whose Finish
     comes after that still gets the answer (it got "unknown session" when the
-    agent retired the session first: seen as a flaky failure of the test above)."""
+    agent retired the session first: seen as a flaky failure of the test above).
+    The source runs in this process: a Finish carries the session's token."""
     from migrate.proto import migration_pb2 as pb
     from migrate.proto import migration_pb2_grpc as pbg
+    from migrate.report import Reporter
+    from migrate.source.ramfile import RamImage
+    from migrate.source.session import Source
     from migrate.wire.protocol import channel
     with LocalMigration(str(tmp_path), 32 * M, seed=23, pattern="random", vcpus=2) as lm:
         lm.make_image()
         lm.start_dest(("--serve-forever",))
         lm.start_guest()
-        src = lm.start_source()
-        assert src.wait(60) == 0, src.errors()
+        ram = RamImage(lm.image)
+        try:
+            src = Source(ram, lm.address, Reporter(quiet=True))
+            assert src.run().finish.complete
+        finally:
+            ram.close()
         done = lm.dest.wait_event("migration", 30)      # retired by now
         assert done["state"] == "complete"
         ch = channel(lm.address, "late-finish")
         try:
-            fin = pbg.MigrationStub(ch).Finish(pb.FinishRequest(session_id=done["session"], timeout_seconds=1),
-                                               timeout=10)
+            fin = pbg.MigrationStub(ch).Finish(pb.FinishRequest(session_id=done["session"], token=src.token,
+                                                                timeout_seconds=1), timeout=10)
         finally:
             ch.close()
         assert fin.complete and fin.pages_total == 32 * M // 4096 and not fin.error

@@ -9,7 +9,6 @@ reports progress and each migration's end, and stops on a signal.
 
 from __future__ import annotations
 
-import secrets
 import signal
 import socket
 import threading
@@ -26,10 +25,18 @@ from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
 from migrate.wire.tcp import host_of, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
 from migrate.dest.session import Migration
-from migrate.dest.state import SERVED, WAITING
+from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachine
 
 
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
+
+
+def channel_identity(conn) -> str | None:
+    """The name a raw channel's peer certificate carries, as
+    migrate.dest.service.peer_identity gives it for gRPC calls: a channel
+    joins a session only from the identity that opened it. None for a
+    plaintext channel (the only kind until the raw channels speak TLS)."""
+    return None
 
 
 class Destination:
@@ -47,8 +54,9 @@ class Destination:
         self.listener = AttachListener(attach_path, attach_uids)
         self.migrations: dict[str, Migration] = {}
         # what Finish answers for migrations retired (serve-forever) before
-        # their source asked: the last ENDED_KEPT of them
-        self.ended: dict[str, pb.FinishReply] = {}
+        # their source asked, and to whom (their state machine holds the
+        # tokens): the last ENDED_KEPT of them
+        self.ended: dict[str, tuple[pb.FinishReply, StateMachine]] = {}
         self.answered: set[str] = set()   # sessions whose source got a Finish reply
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
@@ -100,8 +108,7 @@ class Destination:
             conn.close()
             return
         magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
-        m = next((m for m in list(self.migrations.values())
-                  if m.demand_token and secrets.compare_digest(m.demand_token, token)), None)
+        m = self._channel_session(token, channel_identity(conn))
         if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
             self.reporter.event("error", f"channel from {peer} with an unknown magic or token: closed")
             conn.close()
@@ -113,6 +120,15 @@ class Destination:
             m.channels.attach_demand(conn)
         else:
             m.channels.attach_push(conn)
+
+    def _channel_session(self, token: bytes, identity: str | None) -> Migration | None:
+        """The migration whose current source a raw channel's hello token
+        belongs to (a dropped source's token opens nothing), when identity (the
+        channel's TLS peer name; None for plaintext) is the session's."""
+        for m in list(self.migrations.values()):
+            if m.machine.admit(token, identity) is not None:
+                return m
+        return None
 
     def _accept_loop(self):
         while not self.closing:
@@ -148,7 +164,9 @@ class Destination:
                                 prepare_s=m.prepare_s)
 
     # -- called by the gRPC service ---------------------------------------
-    def open(self, hello: pb.Hello, wait: float = 30.0) -> pb.Welcome:
+    def open(self, hello: pb.Hello, peer: Peer = Peer(), wait: float = 30.0) -> pb.Welcome:
+        """A source's Open (peer: who calls; errors to a peer that is not
+        authenticated name nothing of the guest): the session it joins."""
         deadline = time.monotonic() + wait
         with self.changed:
             while True:
@@ -157,38 +175,53 @@ class Destination:
                     if m is None:
                         raise NoGuestError(f"no session {hello.resume_session} here to resume")
                     break
-                free = [m for m in self.migrations.values() if m.state in WAITING
-                        and (not hello.guest or m.guest.name == hello.guest)]
-                if free:
-                    m = free[0]
+                named = [m for m in self.migrations.values() if not hello.guest or m.guest.name == hello.guest]
+                # a session waiting for its source to come back is that
+                # source's (its identity's): another peer takes a fresh guest
+                free = [m for m in named if m.state in WAITING]
+                mine = [m for m in free if m.machine.may_join(peer.identity)]
+                if mine:
+                    m = mine[0]
                     break
-                live = [m for m in self.migrations.values() if m.state in SERVED
-                        and (not hello.guest or m.guest.name == hello.guest)]
+                if free and not self.serve_forever:
+                    raise NotAuthorised("Open")
+                live = [m for m in named if m.state in SERVED]
                 if live and not self.serve_forever:
-                    raise BusyError(f"destination is busy: migration {live[0].id} already has a source")
+                    which = f"migration {live[0].id}" if peer.authenticated else "its guest"
+                    raise BusyError(f"destination is busy: {which} already has a source")
                 left = deadline - time.monotonic()
                 if left <= 0:
                     which = f"named {hello.guest!r} " if hello.guest else ""
-                    raise NoGuestError(f"no guest {which}attached to {self.listener.path} within {wait:.0f} s: "
+                    where = f"to {self.listener.path}" if peer.authenticated else "here"
+                    raise NoGuestError(f"no guest {which}attached {where} within {wait:.0f} s: "
                                        "start the guest (migrate guestsim or QEMU with the shim) first")
                 self.changed.wait(left)
-        return m.connect(hello, self.demand_port)
+        return m.connect(hello, self.demand_port, peer)
 
-    def finish(self, session_id: str, timeout: float | None) -> pb.FinishReply:
-        """The source's Finish: waits up to timeout for the migration to end."""
+    def finish(self, session_id: str, token: bytes, peer: Peer, timeout: float | None) -> pb.FinishReply:
+        """The source's Finish: waits up to timeout for the migration to end.
+        It answers the session's sources only (their tokens, a dropped one's
+        too), and only the latest source's counts as the answer the agent
+        waits for before it exits."""
         with self.lock:
             m = self.migrations.get(session_id)
             ended = self.ended.get(session_id)
         if m is None and ended is not None:
-            return ended
+            reply, machine = ended
+            if machine.answers_to(token, peer.identity) is None:
+                raise NotAuthorised("Finish")
+            return reply
         m = m or self.migration(session_id)
+        latest = m.machine.answers_to(token, peer.identity)
+        if latest is None:
+            raise NotAuthorised("Finish")
         final = m.machine.ended.wait(timeout)
         reply = m.finish_reply()
-        if final:
-            # Only a reply given once the migration ended is the one its
-            # source waits for; an earlier Finish (a source that was dropped
-            # and asked how it went) must not let the agent exit before the
-            # source that finishes it hears so.
+        if final and latest:
+            # Only a reply given once the migration ended, to its latest
+            # source, is the one that source waits for; an earlier Finish, or
+            # one from a source that was dropped and asked how it went, must
+            # not let the agent exit before the source that finishes it hears so.
             with self.changed:
                 self.answered.add(m.id)
                 self.changed.notify_all()
@@ -204,7 +237,7 @@ class Destination:
         answers for it: its source may ask after this."""
         reply = m.finish_reply()
         with self.lock:
-            self.ended[m.id] = reply
+            self.ended[m.id] = (reply, m.machine)
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
             self.migrations.pop(m.id, None)

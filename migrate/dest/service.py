@@ -4,12 +4,15 @@ migrate.dest.agent, and one interceptor that turns exceptions into status codes.
 
 from __future__ import annotations
 
+import ipaddress
+import urllib.parse
 from concurrent import futures
 
 import grpc
 
 from migrate.dest import agent as dst
 from migrate.dest.channels import taking_pages
+from migrate.dest.state import NotAuthorised, Peer
 from migrate.errors import LayoutMismatch, MigrateError, ProtocolError
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
@@ -22,6 +25,7 @@ _CODES = [
     (ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (dst.BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (dst.NoGuestError, grpc.StatusCode.UNAVAILABLE),
+    (NotAuthorised, grpc.StatusCode.PERMISSION_DENIED),
     (MigrateError, grpc.StatusCode.INTERNAL),
 ]
 
@@ -71,13 +75,51 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+def peer_identity(context) -> str | None:
+    """The name the peer's verified TLS certificate carries (its DNS SAN, else
+    its CN); None for plaintext. A session is bound to it (migrate.dest.state)."""
+    auth = context.auth_context() or {}
+    for key in ("x509_subject_alternative_name", "x509_common_name"):
+        names = auth.get(key)
+        if names:
+            return names[0].decode()
+    return None
+
+
+def _on_loopback(peer: str) -> bool:
+    """Whether a gRPC peer address ("ipv4:127.0.0.1:5000", "ipv6:%5B::1%5D:5000":
+    grpc percent-encodes the brackets) is this host's loopback."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return False
+    try:
+        addr = ipaddress.ip_address(rest.rpartition(":")[0].strip("[]"))
+    except ValueError:
+        return False
+    mapped = getattr(addr, "ipv4_mapped", None)
+    return (mapped or addr).is_loopback
+
+
+def _peer(context) -> Peer:
+    """Who makes this call (migrate.dest.state.Peer): a peer with a verified
+    certificate, or a plaintext one on loopback, is authenticated."""
+    identity = peer_identity(context)
+    return Peer(identity, identity is not None or _on_loopback(context.peer()))
+
+
+# --- session token and identity ------------------------------------------------
+# Push, DeviceState and Finish act on a session: each carries the token its
+# source's Open got (the first message of a stream; every Finish) and comes from
+# the peer that opened the session; migrate.dest.state compares both, and
+# refuses with a message that names nothing of the guest.
+
 def _first(request_iterator, what: str) -> pb.PageBatch:
     try:
         first = next(request_iterator)
     except StopIteration:
         raise ProtocolError(f"{what} stream closed before naming its session") from None
     if not first.session_id:
-        raise ProtocolError(f"first message of a {what} stream must carry only session_id")
+        raise ProtocolError(f"first message of a {what} stream must carry only session_id and token")
     return first
 
 
@@ -105,15 +147,21 @@ class MigrationService(pbg.MigrationServicer):
                                     "The guest does not run here: the paused source QEMU still is the VM (resume "
                                     f"it with {resume_hint()}), or migrate it "
                                     "again with `migrate source --qmp`")
-        return self.agent.open(request)
+        return self.agent.open(request, _peer(context))
 
     def Push(self, request_iterator, context):
-        m = self.agent.migration(_first(request_iterator, "Push").session_id)
-        gen = m.machine.source_gen
+        first = _first(request_iterator, "Push")
+        m = self.agent.migration(first.session_id)
+        gen = m.admit(first.token, _peer(context), "Push")
         n = 0
         try:
             with taking_pages(m, gen, bad="bad push batch", placing="placing pushed pages", reraise=True):
                 for batch in request_iterator:
+                    if not m.machine.serves(gen):
+                        # dropped (its token revoked) or replaced meanwhile:
+                        # its stream places nothing more
+                        why = m.machine.why if m.machine.source_gen == gen else "another source took over"
+                        context.abort(grpc.StatusCode.ABORTED, f"the destination dropped this source: {why}")
                     n += m.receive(batch)
                     if m.error:
                         # failed here (the guest went away, the kernel refused a
@@ -136,15 +184,16 @@ class MigrationService(pbg.MigrationServicer):
         return pb.PushSummary(pages_placed=n)
 
     def Finish(self, request, context):
-        return self.agent.finish(request.session_id, request.timeout_seconds or None)
+        return self.agent.finish(request.session_id, request.token, _peer(context), request.timeout_seconds or None)
 
     def DeviceState(self, request_iterator, context):
-        if self.device_state is None:
-            raise MigrateError("this destination was started without --qmp: it takes no device state")
         first = next(request_iterator, None)
         if first is None or not first.session_id:
             raise ProtocolError("first DeviceState chunk must name the session")
         m = self.agent.migration(first.session_id)
+        m.admit(first.token, _peer(context), "DeviceState")   # before anything else is said
+        if self.device_state is None:
+            raise MigrateError("this destination was started without --qmp: it takes no device state")
         ack = self.device_state.feed(m, _chain(first, request_iterator))
         if not ack.guest_running and ack.error and not context.is_active():
             # Nobody takes this ack: the source that sent the state is gone (a

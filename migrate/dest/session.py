@@ -19,7 +19,7 @@ from migrate.dest.adopt import adopt_prior_pages, api_once
 from migrate.dest.attach import AttachedGuest
 from migrate.dest.channels import Channels
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
-from migrate.dest.state import SERVED, State, StateMachine
+from migrate.dest.state import SERVED, NotAuthorised, Peer, State, StateMachine
 from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
 from migrate.host import fault_path_priority
 from migrate.memory import GuestMemory
@@ -168,22 +168,29 @@ class Migration:
             why = self._guest_gone()
         self.machine.fail(why, lambda: self.reporter.event("error", why, session=self.id))
 
-    def connect(self, hello: pb.Hello, demand_port: int) -> pb.Welcome:
+    def connect(self, hello: pb.Hello, demand_port: int, peer: Peer = Peer()) -> pb.Welcome:
+        """A source's Open: its Welcome, with a new token. Errors to a peer
+        that is not authenticated name nothing of the guest (Peer)."""
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolError(f"source speaks protocol version {hello.version}, this destination speaks "
                                 f"{PROTOCOL_VERSION}: run the same migrate release on both hosts")
         if hello.ram_size != self.guest.ram_size or hello.page_size != self.page_size:
+            source = f"source RAM is {fmt_size(hello.ram_size)} in pages of {fmt_size(hello.page_size)}"
+            if not peer.authenticated:
+                raise LayoutMismatch(f"{source}, which does not match the guest attached here: start the "
+                                     "destination guest with the source's RAM size and backing")
             raise LayoutMismatch(
-                f"source RAM is {fmt_size(hello.ram_size)} in pages of {fmt_size(hello.page_size)}, but the guest "
+                f"{source}, but the guest "
                 f"attached here has {fmt_size(self.guest.ram_size)} in pages of {fmt_size(self.page_size)}: "
                 "start the destination guest with the source's RAM size and backing")
-        joined = self.machine.join()
+        joined = self.machine.join(peer.identity)
         if joined is None:
             state = self.machine.state
+            which = f"migration {self.id}" if peer.authenticated else "the migration here"
             if state in SERVED:
-                raise BusyError(f"migration {self.id} already has a source connected: "
+                raise BusyError(f"{which} already has a source connected: "
                                 "one source per guest (start another guest to run a second migration)")
-            raise BusyError(f"migration {self.id} is {state.reported}: it takes no source")
+            raise BusyError(f"{which} is {state.reported}: it takes no source")
         gen, token = joined
         if self.t_connect is None:
             self.t_connect = time.monotonic()
@@ -197,6 +204,15 @@ class Migration:
                           batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
                           demand_port=demand_port, demand_token=token,
                           sparse_block_size=self.space.block_size)
+
+    def admit(self, token: bytes, peer: Peer, call: str) -> int:
+        """The generation of the source a Push or DeviceState call comes from;
+        NotAuthorised unless it carries the current source's token, from the
+        peer that opened the session (migrate.dest.state decides)."""
+        gen = self.machine.admit(token, peer.identity)
+        if gen is None:
+            raise NotAuthorised(call)
+        return gen
 
     def source_lost(self, gen: int, why: str) -> None:
         """The source of generation gen is gone: its channels are shut (their

@@ -146,12 +146,14 @@ class DeviceStateSender:
         self.ack: pb.DeviceStateAck | None = None
         self.running_time: float | None = None   # when the destination said "running" (time.time())
 
-    def __call__(self, stub, session_id: str) -> None:
+    def __call__(self, stub, session_id: str, token: bytes) -> None:
         data = self.capture.data
 
         def chunks():
+            # the first chunk names the session and carries its token
             for off in range(0, max(1, len(data)), CHUNK_BYTES):
-                yield pb.DeviceStateChunk(session_id=session_id, data=data[off:off + CHUNK_BYTES])
+                yield pb.DeviceStateChunk(session_id=session_id, token=token if off == 0 else b"",
+                                          data=data[off:off + CHUNK_BYTES])
 
         self.sent = True
         # The ack comes once the destination QEMU has loaded the state and runs,
@@ -187,14 +189,14 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
         # 11-14 ms held back, 512 MiB guest on 2 CPUs; total time unchanged).
         guest_running = threading.Event()
 
-        def on_session(stub, session_id):
+        def on_session(stub, session_id, token):
             # The session and its channels are open before the source QEMU stops,
             # so the guest's downtime does not include connecting (about 12 ms
             # here). Nothing reads RAM before the pause: the push waits for
             # guest_running, and demand requests only come once the destination
             # QEMU loads the device state captured below.
             sender.capture = capture_device_state(qmp, reporter)
-            sender(stub, session_id)
+            sender(stub, session_id, token)
             guest_running.set()
 
         src = Source(ram, target, reporter, device_state=True, on_session=on_session, push_gate=guest_running,

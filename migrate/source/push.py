@@ -101,18 +101,19 @@ class Push:
         sock.shutdown(socket.SHUT_WR)   # end of stream: the destination sees EOF
         return 0
 
-    def grpc(self, ch: grpc.Channel, session: str, compress: bool) -> None:
+    def grpc(self, ch: grpc.Channel, session: str, token: bytes, compress: bool) -> None:
         """Pushes PageBatch messages over a gRPC channel (zstd when compress);
-        a failed call raises its grpc.RpcError."""
+        a failed call raises its grpc.RpcError. token: the session's, from
+        its Welcome."""
         r = self.demand.r
         enc = BatchEncoder(self.ram.addr, self.ram.page_size, self.sched.per_batch, compress,
                            r.holes, ffi.addressof(r, "holes_end"), ffi.addressof(r, "hole_pages"))
-        pbg.MigrationStub(ch).Push(self.batches(session, enc))
+        pbg.MigrationStub(ch).Push(self.batches(session, token, enc))
 
-    def batches(self, session: str, enc: BatchEncoder) -> Iterator[pb.PageBatch]:
-        """The Push call's request stream: the session's id, then a batch at a
-        time until the pages run out."""
-        yield pb.PageBatch(session_id=session)
+    def batches(self, session: str, token: bytes, enc: BatchEncoder) -> Iterator[pb.PageBatch]:
+        """The Push call's request stream: the session's id and token, then a
+        batch at a time until the pages run out."""
+        yield pb.PageBatch(session_id=session, token=token)
         pace = Pacer(self.max_rate, self.streams, self.stop)
         while not self.stop.is_set():
             pace.wait()

@@ -103,6 +103,9 @@ class Source:
         self.dest_timeout = dest_timeout
         self.dest_lost: SourceError | None = None
         self.session = ""
+        # the session's secret token (Welcome.demand_token): it opens the raw
+        # channels and goes with Push, DeviceState and Finish. Never logged.
+        self.token = b""
         if transport not in ("raw", "grpc"):
             raise ValueError(f"push transport {transport!r}: use raw or grpc")
         self.transport = transport
@@ -112,7 +115,7 @@ class Source:
         # requests are served from the start regardless.
         self.push_gate = push_gate
         # QEMU (migrate.qemu): Hello says a device-state stream follows, and
-        # on_session(stub, session_id) sends it once the demand stream is served.
+        # on_session(stub, session_id, token) sends it once the demand stream is served.
         self.device_state = device_state
         self.on_session = on_session
         self.errors: list[BaseException] = []
@@ -138,7 +141,7 @@ class Source:
             self._start_demand(welcome)
             self._start_push(welcome)
             if self.on_session is not None:
-                self.on_session(stub, self.session)
+                self.on_session(stub, self.session, self.token)
             self._wait_push()
             fin = self._finish(stub)
         finally:
@@ -182,6 +185,7 @@ class Source:
             raise ProtocolError(f"destination speaks protocol version {welcome.version}, this source "
                                 f"{PROTOCOL_VERSION}: run the same migrate release on both hosts")
         sid = self.session = welcome.session_id
+        self.token = welcome.demand_token
         already = PageBitmap(ram.npages)
         if welcome.received_bitmap:
             already.load_bytes(welcome.received_bitmap)
@@ -263,7 +267,8 @@ class Source:
         sid = self.session
         try:
             fin = self.wait_rpc(stub.Finish.future(
-                pb.FinishRequest(session_id=sid, timeout_seconds=5 if self.errors else 120), timeout=150))
+                pb.FinishRequest(session_id=sid, token=self.token, timeout_seconds=5 if self.errors else 120),
+                timeout=150))
         except grpc.RpcError as e:
             raise (self.errors[0] if self.errors else rpc_error(e, "finish")) from None
         if fin.complete:
@@ -313,7 +318,7 @@ class Source:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
             self.push_buffer_set = push_send_buffer(sock, self.push_buffer)
-        sock.sendall(magic + welcome.demand_token)
+        sock.sendall(magic + self.token)
         sock.settimeout(None)
         return sock
 
@@ -383,6 +388,6 @@ class Source:
         if not self._gate_open():
             return
         try:
-            self.push.grpc(ch, self.session, compress)
+            self.push.grpc(ch, self.session, self.token, compress)
         except grpc.RpcError as e:
             self._fail(rpc_error(e, "push"))
