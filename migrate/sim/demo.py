@@ -1,5 +1,7 @@
 """`migrate demo`: the embedded default. Writes an image, starts dest, guestsim
-and source as separate processes on loopback, and prints how the pages arrived."""
+and source as separate processes on loopback, the two agents with mutual TLS
+(a CA and their certificates made in the run's work directory), and prints
+how the pages arrived."""
 
 from __future__ import annotations
 
@@ -28,10 +30,11 @@ def run(args) -> int:
                       f"(echo {need} > /proc/sys/vm/nr_hugepages, as root)", file=sys.stderr)
                 return 2
             with LocalMigration(work, size, backing=args.backing, seed=args.seed, pattern=args.pattern,
-                                vcpus=args.vcpus, placement=args.placement) as lm:
+                                vcpus=args.vcpus, placement=args.placement, tls=True) as lm:
                 say(f"demo: writing a {fmt_size(size)} RAM image (seed {args.seed}) to {lm.image}")
                 lm.make_image()
-                say(f"demo: dest, guestsim ({args.backing}, {args.pattern}, {args.vcpus} vCPUs), source on loopback")
+                say(f"demo: dest, guestsim ({args.backing}, {args.pattern}, {args.vcpus} vCPUs), source on loopback; "
+                    f"the agents with mutual TLS (certificates in {lm.tls.dir})")
                 out = lm.run(timeout=600)
     d, g, s = out.get("dest") or {}, out.get("guest") or {}, out.get("source") or {}
     ok = out["dest_rc"] == 0 and out["guest_rc"] == 0 and out["source_rc"] == 0 and bool(g.get("verified"))
@@ -43,6 +46,7 @@ def run(args) -> int:
         "pattern": args.pattern,
         "vcpus": args.vcpus,
         "placement": args.placement,
+        "tls": True,
         "pages_total": d.get("pages_total"),
         "pages_demand": d.get("pages_demand"),
         "pages_pushed": d.get("pages_pushed"),
