@@ -38,7 +38,8 @@ _H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x
 _H2_SETTINGS = 4
 _TLS_ALERT = 0x15     # the first byte of a TLS alert record
 # OpenSSL's verify results (X509_V_ERR_*) that say more than "not trusted"
-_NOT_YET_VALID, _EXPIRED, _NAME_MISMATCH = 9, 10, 62
+_NOT_YET_VALID, _EXPIRED = 9, 10
+_NAME_MISMATCH = (62, 64)   # host name, IP address
 
 
 class TlsError(MigrateError):
@@ -273,7 +274,7 @@ def _check_tls(sock: socket.socket, target: str, tls: TlsConfig) -> None:
         conn = tls.client_context().wrap_socket(sock, server_hostname=name)
     except ssl.SSLCertVerificationError as e:
         code = e.verify_code
-        if code == _NAME_MISMATCH:
+        if code in _NAME_MISMATCH:
             raise TlsError(f"the destination at {target} has a certificate that does not name {name!r}: pass "
                            "--dest-name NAME with the name it carries") from None
         if code == _EXPIRED:
