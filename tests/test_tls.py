@@ -420,6 +420,25 @@ def test_unusable_tls_files_are_named(ca, tmp_path):
     assert refusal(tls_cert=ca["dest.key"]) == f"--tls-cert {ca['dest.key']}: not a PEM certificate"
     assert refusal(tls_key=ca["source.key"]) == (
         f"--tls-key {ca['source.key']} does not go with --tls-cert {ca['dest']} (key values mismatch)")
+    shared = str(tmp_path / "shared.key")
+    with open(ca["dest.key"], "rb") as f, open(shared, "wb") as g:
+        g.write(f.read())
+    os.chmod(shared, 0o644)
+    assert refusal(tls_key=shared) == (
+        f"--tls-key {shared} can be read or written by every user (mode 0644): chmod 600 {shared}")
+    os.chmod(shared, 0o640)    # a group the owner chose may read it
+    assert from_args(_args(tls_cert=ca["dest"], tls_key=shared, tls_ca=ca["ca"]), "dest", "127.0.0.1").key == shared
+    from cryptography.hazmat.primitives import serialization
+    with open(ca["dest.key"], "rb") as f:
+        key = serialization.load_pem_private_key(f.read(), password=None)
+    locked = str(tmp_path / "locked.key")
+    with open(locked, "wb") as f:
+        f.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.BestAvailableEncryption(b"secret")))
+    os.chmod(locked, 0o600)
+    assert refusal(tls_key=locked) == (
+        f"--tls-key {locked} is encrypted: the agents take an unencrypted key in a file only they can read "
+        "(openssl pkey -in KEY -out PLAIN)")
     ok = from_args(_args(tls_cert=ca["dest"], tls_key=ca["dest.key"], tls_ca=ca["ca"], allow_source=["source"]),
                    "dest", "0.0.0.0")
     assert ok == TlsConfig(ca["dest"], ca["dest.key"], ca["ca"], allow=("source",))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import os
 import socket
 import ssl
 import time
@@ -62,16 +63,25 @@ class TlsConfig:
     # -- checking what the command line named ---------------------------------
     def check(self) -> None:
         """Raises TlsError unless the three files are readable PEM, the key is
-        the certificate's, and the certificate is valid now (when it chains to
-        --tls-ca, which is when that can be told)."""
+        unencrypted, not readable by every user and the certificate's, and the
+        certificate is valid now (when it chains to --tls-ca, which is when
+        that can be told)."""
         for flag, path, marker in (("--tls-cert", self.cert, b"-----BEGIN CERTIFICATE-----"),
                                    ("--tls-key", self.key, b"PRIVATE KEY-----"),
                                    ("--tls-ca", self.ca, b"-----BEGIN CERTIFICATE-----")):
             if marker not in _read(flag, path):
                 raise TlsError(f"{flag} {path}: not a PEM {'private key' if flag == '--tls-key' else 'certificate'}")
+        if b"ENCRYPTED" in _read("--tls-key", self.key):
+            raise TlsError(f"--tls-key {self.key} is encrypted: the agents take an unencrypted key in a file only "
+                           "they can read (openssl pkey -in KEY -out PLAIN)")
+        mode = os.stat(self.key).st_mode
+        if mode & 0o006:
+            raise TlsError(f"--tls-key {self.key} can be read or written by every user (mode {mode & 0o777:04o}): "
+                           f"chmod 600 {self.key}")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
-            ctx.load_cert_chain(self.cert, self.key)
+            # (the password callback keeps OpenSSL from asking on the terminal)
+            ctx.load_cert_chain(self.cert, self.key, password=lambda: b"")
         except ssl.SSLError as e:
             raise TlsError(f"--tls-key {self.key} does not go with --tls-cert {self.cert} ({_reason(e)})") from None
         try:
@@ -166,8 +176,8 @@ def _reason(e: ssl.SSLError) -> str:
 # -- the command line -------------------------------------------------------------
 def is_loopback(host: str) -> bool:
     """True when host is, or resolves only to, loopback addresses. A name
-    that does not resolve is not loopback (nothing checks a plaintext peer
-    there)."""
+    that does not resolve now is not: plaintext is not left to whatever it
+    resolves to later."""
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
