@@ -7,6 +7,7 @@ migration over TLS that the guest verifies."""
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import ssl
@@ -118,6 +119,16 @@ def test_a_whole_migration_over_tls_verifies(tmp_path, host, transport):
         assert g["verified"] is True and g["mismatches"] == 0
         assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] == 64 * M // 4096
         assert not [e for e in lm.dest.lines if e.get("event") == "refused"]
+
+
+@pytest.mark.timeout(180)
+def test_migrate_demo_runs_over_tls(host):
+    r = subprocess.run([sys.executable, "-m", "migrate", "demo", "--size", "256M", "--json"], capture_output=True,
+                       text=True, timeout=170)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["tls"] is True and summary["verified"] is True
+    assert summary["pages_total"] == 256 * M // 4096
 
 
 # -- refusals, then a good source -------------------------------------------------------
