@@ -13,6 +13,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -301,6 +302,67 @@ def test_a_name_not_allowed_is_refused_on_every_call(tls_server, ca):
                         "sources it takes with --allow-source)")
         finally:
             ch.close()
+
+
+class Events(Reporter):
+    """A reporter that keeps its events, for a server run in process."""
+
+    def __init__(self):
+        super().__init__(quiet=True)
+        self.seen: list[dict] = []
+
+    def event(self, event: str, message: str = "", **fields) -> None:
+        self.seen.append({"event": event, "message": message, **fields})
+
+
+def _h2_call(sock, path: str, authority: str) -> None:
+    """An HTTP/2 gRPC request by hand (an empty message), for a client gRPC
+    will not make: HPACK literals without indexing, one stream."""
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    def literal(name: str, value: str) -> bytes:
+        return bytes([0, len(name)]) + name.encode() + bytes([len(value)]) + value.encode()
+    headers = b"".join(literal(n, v) for n, v in ((":method", "POST"), (":scheme", "https"), (":path", path),
+                                                  (":authority", authority), ("content-type", "application/grpc"),
+                                                  ("te", "trailers")))
+    sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(4, 1, 0, b"")
+                 + frame(1, 4, 1, headers) + frame(0, 1, 1, b"\x00\x00\x00\x00\x00"))
+
+
+@pytest.mark.timeout(30)
+def test_a_call_over_tls12_is_refused(ca):
+    """gRPC's server completes a TLS 1.2 handshake (its Python API cannot
+    forbid it); the call made over it is refused before its handler runs."""
+    events, called = Events(), []
+
+    class Servicer(pbg.MigrationServicer):
+        def Finish(self, request, context):
+            called.append(peer_identity(context))
+            return pb.FinishReply()
+
+    server = grpc.server(ThreadPoolExecutor(2), interceptors=[PeerInterceptor(config(ca, "dest"), events)])
+    pbg.add_MigrationServicer_to_server(Servicer(), server)
+    port = server.add_secure_port("127.0.0.1:0", config(ca, "dest").server_credentials())
+    server.start()
+    try:
+        for top, want in ((ssl.TLSVersion.TLSv1_2, []), (ssl.TLSVersion.TLSv1_3, ["source"])):
+            ctx = config(ca, "source").client_context()
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            ctx.maximum_version = top
+            with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port), timeout=10),
+                                 server_hostname="dest") as conn:
+                assert conn.version() == top.name.replace("v1_", "v1.")
+                _h2_call(conn, "/migrate.v1.Migration/Finish", "dest")
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline and not (called if want else events.seen):
+                    time.sleep(0.05)
+            assert called == want
+        (refused,) = events.seen
+        assert (refused["event"], refused["code"]) == ("refused", "UNAUTHENTICATED")
+        assert refused["message"].endswith(": this destination takes TLS 1.3 only, not TLSv1.2")
+    finally:
+        server.stop(0)
 
 
 # -- the peer's certificate, as the auth context gives it ------------------------------------
