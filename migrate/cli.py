@@ -1,4 +1,4 @@
-"""The `migrate` command: dest, source, guestsim, mkram, demo, bench (and
+"""The `migrate` command: dest, source, guestsim, mkram, certs, demo, bench (and
 shim-path where those parts are built). Parsing and wiring only: each command
 delegates to its module."""
 
@@ -78,14 +78,47 @@ def _spec(args):
     return ImageSpec(args.seed, args.zero_fraction, args.random_fraction)
 
 
+def _add_tls_args(p, side: str):
+    """--tls-cert/--tls-key/--tls-ca and --insecure; plaintext without them
+    only on loopback (migrate.wire.tls.from_args decides)."""
+    peer = "sources" if side == "dest" else "the destination"
+    p.add_argument("--tls-cert", metavar="FILE", help="this agent's certificate (PEM): mutual TLS 1.3 on every "
+                   "channel (`migrate certs` writes one)")
+    p.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
+    p.add_argument("--tls-ca", metavar="FILE", help=f"the CA certificate(s) (PEM) {peer} must be signed by")
+    p.add_argument("--insecure", action="store_true",
+                   help="plaintext although not on loopback (both agents must say so): only on a network that "
+                   "nobody else can reach")
+
+
+def _tls(args, side: str, host: str, rep: Reporter):
+    """(ok, TlsConfig or None): the TLS the flags ask for, or an error event."""
+    from migrate.wire.tls import TlsError, from_args
+    try:
+        return True, from_args(args, side, host)
+    except TlsError as e:
+        rep.event("error", str(e))
+        return False, None
+
+
 # -- dest ---------------------------------------------------------------------
 def cmd_dest(args) -> int:
     from migrate.dest import agent
+    from migrate.wire.tcp import parse_address
 
-    return agent.run(Reporter(args.json, "dest"), listen=args.listen, attach=args.attach,
+    rep = Reporter(args.json, "dest")
+    try:
+        host = parse_address(args.listen, "--listen", "e.g. 127.0.0.1:0").host
+    except ValueError as e:
+        rep.event("error", str(e))
+        return 2
+    ok, tls = _tls(args, "dest", host, rep)
+    if not ok:
+        return 2
+    return agent.run(rep, listen=args.listen, attach=args.attach,
                      serve_forever=args.serve_forever, placement=args.placement, prealloc=not args.no_prealloc,
                      qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every,
-                     attach_uids=tuple(args.attach_uid))
+                     attach_uids=tuple(args.attach_uid), tls=tls)
 
 
 # -- source -------------------------------------------------------------------
@@ -93,7 +126,17 @@ def cmd_source(args) -> int:
     from migrate.source.ramfile import RamImage
     from migrate.source.session import Source
 
+    from migrate.wire.tcp import parse_address
+
     rep = Reporter(args.json, "source")
+    try:
+        host = parse_address(args.to, "--to", "as `migrate dest --listen` printed it").host
+    except ValueError as e:
+        rep.event("error", str(e))
+        return 1   # (as a --to that does not resolve)
+    ok, tls = _tls(args, "source", host, rep)
+    if not ok:
+        return 2
     try:
         ram = RamImage(args.ram, page_size=args.page_size, size=args.size)
     except MigrateError as e:
@@ -102,7 +145,7 @@ def cmd_source(args) -> int:
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
-              dest_timeout=args.dest_timeout)
+              dest_timeout=args.dest_timeout, tls=tls)
     vm = {}
     try:
         if args.qmp and not args.resume:
@@ -169,6 +212,31 @@ def cmd_mkram(args) -> int:
     return 0
 
 
+def cmd_certs(args) -> int:
+    try:
+        from migrate.wire.certs import CertsError, write_certs
+        import cryptography  # noqa: F401  (write_certs imports it when called)
+    except ImportError:
+        print("certs: needs the cryptography package: pip install 'migrate[tls]' (make install has it)",
+              file=sys.stderr)
+        return 2
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    try:
+        out = write_certs(args.dir, hosts, days=args.days)
+    except (CertsError, OSError) as e:
+        print(f"certs: {e}", file=sys.stderr)
+        return 2
+    if "ca" in out:
+        print(f"CA:   {out['ca']} (certificate), {out['ca.key']} (its key: keep it off the agents' hosts)")
+    else:
+        print(f"CA:   the one already in {args.dir}")
+    for h in hosts:
+        print(f"{h}: {out[h]} (certificate), {out[h + '.key']} (key, 0600)")
+    print(f"valid {args.days} days. On each host: --tls-cert HOST.pem --tls-key HOST.key --tls-ca ca.pem; "
+          "`migrate dest --allow-source SOURCE`, `migrate source --to DEST:PORT` (or --dest-name DEST)")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from migrate.sim import demo
     return demo.run(args)
@@ -212,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop a source that stops answering for this long, so another can resume: its host or "
                    "the network acknowledges nothing, or a demand request waits with nothing arriving on the "
                    "demand channel (default 10; 0: never, TCP's own minutes)")
+    _add_tls_args(d, "dest")
+    d.add_argument("--allow-source", action="append", metavar="NAME",
+                   help="take only sources whose certificate carries NAME (a DNS name, or the CN of a certificate "
+                   "without any); repeatable (default: any the CA signed)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dest)
 
@@ -244,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the first one waiting)")
     s.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the source QEMU: pause it, send its device "
                    "state (x-ignore-shared), then serve --ram; it stays paused once the destination runs")
+    _add_tls_args(s, "source")
+    s.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
+                   "(default: the host of --to)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_source)
 
@@ -270,6 +345,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("shim-path", help="print the path of the LD_PRELOAD shim for QEMU")
     sp.set_defaults(fn=cmd_shim_path)
+
+    c = sub.add_parser("certs", help="write a CA and a certificate per host for mutual TLS (needs cryptography)")
+    c.add_argument("dir", metavar="DIR", help="where to write them (ca.pem, ca.key, HOST.pem, HOST.key); a CA "
+                   "already there signs the new hosts")
+    c.add_argument("--hosts", required=True, metavar="A,B", help="host names (or IP addresses), comma-separated")
+    c.add_argument("--days", type=_count, default=365, help="how long they are valid (default 365)")
+    c.set_defaults(fn=cmd_certs)
 
     de = sub.add_parser("demo", help="mkram + dest + guestsim + source on loopback, then a summary")
     de.add_argument("--size", type=_size, default=1 << 30)

@@ -159,7 +159,8 @@ def test_a_destination_host_that_does_not_resolve_fails_at_once(tmp_path):
     with open(image, "wb") as f:
         f.truncate(SIZE)
     from migrate.sim.localrun import Proc
-    src = Proc("source", ["source", "--ram", image, "--to", "no-such-host.invalid:5000", "--json"])
+    # (--insecure: plaintext is refused where --to is not loopback, and a name that does not resolve is not)
+    src = Proc("source", ["source", "--ram", image, "--to", "no-such-host.invalid:5000", "--insecure", "--json"])
     try:
         assert src.wait(20) == 1
     finally:
@@ -485,7 +486,8 @@ def test_nonsense_numbers_on_the_command_line_are_refused(argv, message, capsys)
 def test_a_listen_address_not_of_this_host_says_so(tmp_path):
     from migrate.sim.localrun import Proc
     sock = str(tmp_path / "a.sock")
-    p = Proc("dest", ["dest", "--listen", "192.0.2.1:0", "--attach", sock, "--json"])   # TEST-NET-1
+    # TEST-NET-1; --insecure: without TLS, plaintext off loopback is refused before the address is tried
+    p = Proc("dest", ["dest", "--listen", "192.0.2.1:0", "--attach", sock, "--insecure", "--json"])
     try:
         assert p.wait(20) == 2
     finally:

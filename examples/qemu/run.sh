@@ -7,9 +7,11 @@
 # 1. builds the tiny guest (build-guest.sh) into $GUEST_DIR unless it is up to date
 # 2. boots the source under TCG on a share=on RAM file (/dev/shm, or hugetlbfs
 #    with --hugetlbfs: reserves 2 MiB pages and mounts as needed, undone after)
-# 3. waits for FILLED, starts `migrate dest`, then the destination QEMU with the
-#    shim, then `migrate source --qmp`; triggers the verify on the destination's
-#    serial console as soon as the destination guest runs
+# 3. waits for FILLED, makes a CA and the agents' certificates in its work
+#    directory, starts `migrate dest` (mutual TLS), then the destination QEMU
+#    with the shim, then `migrate source --qmp` (mutual TLS); triggers the
+#    verify on the destination's serial console as soon as the destination
+#    guest runs
 # Exit 0 only when the destination guest printed VERIFY OK; the last line repeats it.
 # Needs root (userfaultfd on another process's memory, huge pages, mount), and
 # qemu-system-x86, linux-image-amd64, busybox-static, cpio, gcc.

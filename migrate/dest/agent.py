@@ -259,7 +259,8 @@ class Destination:
 
 
 def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, placement: str, prealloc: bool,
-        qmp: str | None, source_timeout: float, progress_every: float, attach_uids: tuple[int, ...] = ()) -> int:
+        qmp: str | None, source_timeout: float, progress_every: float, attach_uids: tuple[int, ...] = (),
+        tls: TlsConfig | None = None) -> int:
     """`migrate dest`: serves until the migration ends (or, serve_forever,
     until SIGTERM or SIGINT). Returns the exit status: 0 when it completed, 1
     when it did not, 2 when the agent could not start."""
@@ -269,7 +270,7 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
     try:
         agent = Destination(attach, rep, serve_forever=serve_forever, mode=placement,
                             demand_host=host_of(listen) or "127.0.0.1", prepare=prealloc,
-                            source_timeout=source_timeout, attach_uids=attach_uids)
+                            source_timeout=source_timeout, attach_uids=attach_uids, tls=tls)
     except (OSError, MigrateError) as e:
         rep.event("error", f"cannot start the destination: {e}")
         return 2
@@ -278,12 +279,13 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
         from migrate.qemu.dest import DeviceStateFeeder
         feeder = DeviceStateFeeder(qmp, rep)
     try:
-        server, addr = service.serve(agent, listen, device_state=feeder)
+        server, addr = service.serve(agent, listen, device_state=feeder, tls=tls)
     except (OSError, ValueError) as e:
         agent.close()
         rep.event("error", str(e))
         return 2
-    rep.event("listening", f"gRPC on {addr}, attach socket {attach}", address=addr, attach=attach)
+    rep.event("listening", f"gRPC on {addr} ({'mutual TLS' if tls else 'plaintext'}), attach socket {attach}",
+              address=addr, attach=attach, tls=tls is not None)
     agent.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

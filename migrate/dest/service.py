@@ -17,8 +17,10 @@ from migrate.errors import LayoutMismatch, MigrateError, ProtocolError
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.qemu import resume_hint
+from migrate.report import Reporter
 from migrate.wire.protocol import CHANNEL_OPTIONS
 from migrate.wire.tcp import Address, parse_address
+from migrate.wire.tls import TlsConfig
 
 _CODES = [
     (LayoutMismatch, grpc.StatusCode.FAILED_PRECONDITION),
@@ -75,15 +77,97 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+# -- who is calling ------------------------------------------------------------
+def cert_names(auth: dict) -> list[str]:
+    """The names a peer's certificate carries, from gRPC's auth context: its
+    DNS SANs, else (a certificate without SANs) its CN."""
+    dns = [n.decode() for n in auth.get("peer_dns", ())]
+    if dns or auth.get("x509_subject_alternative_name"):
+        return dns
+    return [n.decode() for n in auth.get("x509_common_name", ())]
+
+
 def peer_identity(context) -> str | None:
-    """The name the peer's verified TLS certificate carries (its DNS SAN, else
-    its CN); None for plaintext. A session is bound to it (migrate.dest.state)."""
-    auth = context.auth_context() or {}
-    for key in ("x509_subject_alternative_name", "x509_common_name"):
-        names = auth.get(key)
-        if names:
-            return names[0].decode()
+    """Who is calling, as a session is bound to it: the first name its
+    certificate carries (DNS SAN, else CN; its subject when it has neither).
+    None on a plaintext channel (loopback or --insecure), where nobody is
+    authenticated. With TLS every call reaching a handler has passed
+    PeerInterceptor: the CA signed the certificate and --allow-source takes it."""
+    auth = context.auth_context()
+    if auth.get("transport_security_type") != [b"ssl"]:
+        return None
+    names = cert_names(auth)
+    if names:
+        return names[0]
+    subject = auth.get("x509_subject")
+    return subject[0].decode() if subject else None
+
+
+def check_peer(auth: dict, tls: TlsConfig) -> tuple[grpc.StatusCode, str] | None:
+    """Why a call with this auth context is refused (its status and message),
+    or None when it is taken. The message says nothing about the guests here:
+    the caller is not known to be a source of theirs."""
+    if auth.get("transport_security_type") != [b"ssl"] or not auth.get("x509_pem_cert"):
+        return grpc.StatusCode.UNAUTHENTICATED, "this destination takes only TLS with a client certificate"
+    version = b"".join(auth.get("ssl_tls_version", ())).decode() or "unknown"
+    if version != "TLSv1.3":
+        return grpc.StatusCode.UNAUTHENTICATED, f"this destination takes TLS 1.3 only, not {version}"
+    names = cert_names(auth)
+    if not tls.allows(names):
+        shown = ", ".join(names) if names else "no DNS name or CN"
+        return (grpc.StatusCode.PERMISSION_DENIED,
+                f"a source whose certificate names {shown} is not allowed here (the destination names the sources "
+                "it takes with --allow-source)")
     return None
+
+
+class PeerInterceptor(grpc.ServerInterceptor):
+    """With TLS, every call's peer is checked (check_peer) before its handler
+    runs, and refused with the status and message it gives; each refusal is
+    a `refused` event at the destination."""
+
+    def __init__(self, tls: TlsConfig, reporter: Reporter):
+        self.tls = tls
+        self.reporter = reporter
+
+    def _refuse(self, context) -> None:
+        why = check_peer(context.auth_context(), self.tls)
+        if why is not None:
+            code, message = why
+            self.reporter.event("refused", f"a gRPC call from {context.peer()}: {message}", peer=context.peer(),
+                                code=code.name)
+            context.abort(code, message)
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+
+        def unary(fn):
+            def call(request, context):
+                self._refuse(context)
+                return fn(request, context)
+            return call
+
+        def streaming(fn):
+            def call(request, context):
+                self._refuse(context)
+                yield from fn(request, context)
+            return call
+
+        kinds = {
+            "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
+            "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
+            "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
+            "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming),
+        }
+        for attr, (make, wrap) in kinds.items():
+            fn = getattr(handler, attr)
+            if fn is not None:
+                return make(wrap(fn), request_deserializer=handler.request_deserializer,
+                            response_serializer=handler.response_serializer)
+        return handler
+
 
 
 def _on_loopback(peer: str) -> bool:
@@ -227,10 +311,14 @@ def _chain(first, rest):
 
 
 def serve(agent: dst.Destination, listen: str, workers: int = 32,
-          device_state=None) -> tuple[grpc.Server, str]:
-    """Starts the gRPC server; returns it and the real address (port 0 resolved)."""
+          device_state=None, tls: TlsConfig | None = None) -> tuple[grpc.Server, str]:
+    """Starts the gRPC server; returns it and the real address (port 0 resolved).
+    tls: mutual TLS, every call's peer checked first (PeerInterceptor); None:
+    plaintext (loopback or --insecure, decided by the caller)."""
+    # the peer is checked before anything else runs for its call
+    peers = [PeerInterceptor(tls, agent.reporter)] if tls is not None else []
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                         interceptors=[ErrorInterceptor()],
+                         interceptors=peers + [ErrorInterceptor()],
                          # no SO_REUSEPORT (gRPC's default): a second agent on the same port
                          # would share its connections, and a source could reach the wrong guest
                          options=CHANNEL_OPTIONS + keepalive_options(agent.source_timeout)
@@ -238,7 +326,8 @@ def serve(agent: dst.Destination, listen: str, workers: int = 32,
     pbg.add_MigrationServicer_to_server(MigrationService(agent, device_state), server)
     host = parse_address(listen, "--listen", "e.g. 127.0.0.1:0").host
     try:
-        bound = server.add_insecure_port(listen)
+        bound = (server.add_secure_port(listen, tls.server_credentials()) if tls is not None
+                 else server.add_insecure_port(listen))
     except RuntimeError:   # newer grpcio raises where older ones returned 0
         bound = 0
     if bound == 0:

@@ -4,7 +4,8 @@ QEMU benchmark measures.
 
   1. boot the source QEMU under TCG on a share=on RAM file (/dev/shm, or a
      hugetlbfs mount) and wait for memfill's "FILLED <pages>"
-  2. start `migrate dest --listen --attach --qmp` (the agent)
+  2. start `migrate dest --listen --attach --qmp` (the agent), with mutual TLS:
+     a CA and the two agents' certificates are made in the lab's work directory
   3. start the destination QEMU with LD_PRELOAD=$(migrate shim-path),
      MIGRATE_ATTACH=<attach socket>, its own empty RAM file, -incoming defer;
      the shim hands its RAM to the agent before QEMU goes on
@@ -29,10 +30,11 @@ import time
 from migrate.qemu.lab import Lab
 from migrate.qemu.shim import shim_path
 from migrate.sim.localrun import Proc  # stamps every event with the wall-clock time it was read ("_t")
+from migrate.sim.localrun import TlsFiles
 
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
-        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False):
+        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -45,12 +47,17 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     and its RAM is still arriving (the source agent serves it from the file).
     kill_dest_qemu: SIGKILL the destination QEMU once its guest runs; returns
     what the agents said and the source QEMU's state (no VERIFY: the guest is
-    lost)."""
+    lost).
+    tls: the agents with mutual TLS (default); False: plaintext (loopback only)."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
         lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
         w = lab.workdir
+        certs = TlsFiles(os.path.join(w, "certs")) if tls else None
+        dest_tls = certs.dest_args() if certs else []
+        source_tls = certs.source_args() if certs else []
+        res["tls"] = bool(tls)
         if hugetlbfs:
             d = lab.hugetlbfs_dir(2 * mem_mb)   # both QEMUs on this machine
             src_ram, dst_ram = (os.path.join(d, f"migrate-{n}-{os.getpid()}") for n in ("src", "dst"))
@@ -75,7 +82,8 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             attach = os.path.join(w, "attach.sock")
             dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
             listen = f"{split.there}:0" if split else "127.0.0.1:0"
-            dest_args = ["dest", "--listen", listen, "--attach", attach, "--qmp", dst_agent_qmp, "--json"]
+            dest_args = ["dest", "--listen", listen, "--attach", attach, "--qmp", dst_agent_qmp, "--json",
+                         *dest_tls]
             if split:
                 dest_args += ["--source-timeout", "2"]
             lab.log("migrate " + " ".join(dest_args))
@@ -100,7 +108,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
 
             # 4. source agent
             src_args = ["source", "--qmp", src_agent_qmp, "--ram", src_ram, "--to", addr, "--json",
-                        *source_args]
+                        *source_tls, *source_args]
             lab.log("migrate " + " ".join(src_args))
             t_src = time.time()
             source = Proc("source", src_args)
@@ -124,7 +132,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 os.kill(dst.pid, signal.SIGCONT)
                 lab.log(f"link restored, destination QEMU let go; dest agent: {lost.get('message')}")
                 source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume",
-                                                lost["session"], "--json"])
+                                         lost["session"], "--json", *source_tls])
                 agents.append(source)
             run_ev = dest.wait_event("guest-running", 60)
             # right now, as the destination reports its guest running: the source must be paused
@@ -143,13 +151,13 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 res["killed_agent_at_received"] = max((e.get("received", 0) for e in dest.lines
                                                        if e.get("event") == "progress"), default=0)
                 res["first_source_rc"] = source.wait(60)
-                dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--json"])
+                dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--json", *dest_tls])
                 agents.append(dest)
                 addr = dest.wait_event("listening", 30)["address"]
                 re_ev = dest.wait_event("reattached", 60)
                 res["pages_prior"] = re_ev.get("pages_prior")
                 lab.log(f"new dest agent: {re_ev.get('message')}")
-                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--json"])
+                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--json", *source_tls])
                 agents.append(source)
             if kill_dest_qemu:
                 # The destination QEMU dies after the switchover: its guest is
@@ -194,7 +202,8 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 split.restore()
                 lab.log(f"link restored; dest agent: {lost.get('message')}")
                 sid = lost["session"]
-                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume", sid, "--json"])
+                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume", sid, "--json",
+                                         *source_tls])
                 agents.append(source)
             v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
             res["verify"] = v.group(0).strip()

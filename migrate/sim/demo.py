@@ -1,5 +1,7 @@
 """`migrate demo`: the embedded default. Writes an image, starts dest, guestsim
-and source as separate processes on loopback, and prints how the pages arrived."""
+and source as separate processes on loopback, the two agents with mutual TLS
+(a CA and their certificates made in the run's work directory), and prints
+how the pages arrived."""
 
 from __future__ import annotations
 
@@ -20,6 +22,13 @@ def run(args) -> int:
         print(f"demo: --size {size} is not a multiple of the {fmt_size(ps)} page size", file=sys.stderr)
         return 2
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr))
+    try:
+        import cryptography  # noqa: F401  (makes the demo's certificates)
+        tls = True
+    except ImportError:
+        # (the agents take plaintext on loopback)
+        say("demo: the cryptography package is missing (pip install 'migrate[tls]'): plaintext on loopback")
+        tls = False
     with tempfile.TemporaryDirectory(prefix="migrate-demo-") as work:
         need = size // ps if huge else 0
         with hugepages.reserved(need) as free:
@@ -28,10 +37,11 @@ def run(args) -> int:
                       f"(echo {need} > /proc/sys/vm/nr_hugepages, as root)", file=sys.stderr)
                 return 2
             with LocalMigration(work, size, backing=args.backing, seed=args.seed, pattern=args.pattern,
-                                vcpus=args.vcpus, placement=args.placement) as lm:
+                                vcpus=args.vcpus, placement=args.placement, tls=tls) as lm:
                 say(f"demo: writing a {fmt_size(size)} RAM image (seed {args.seed}) to {lm.image}")
                 lm.make_image()
-                say(f"demo: dest, guestsim ({args.backing}, {args.pattern}, {args.vcpus} vCPUs), source on loopback")
+                say(f"demo: dest, guestsim ({args.backing}, {args.pattern}, {args.vcpus} vCPUs), source on loopback"
+                    + (f"; the agents with mutual TLS (certificates in {lm.tls.dir})" if lm.tls else ""))
                 out = lm.run(timeout=600)
     d, g, s = out.get("dest") or {}, out.get("guest") or {}, out.get("source") or {}
     ok = out["dest_rc"] == 0 and out["guest_rc"] == 0 and out["source_rc"] == 0 and bool(g.get("verified"))
@@ -43,6 +53,7 @@ def run(args) -> int:
         "pattern": args.pattern,
         "vcpus": args.vcpus,
         "placement": args.placement,
+        "tls": tls,
         "pages_total": d.get("pages_total"),
         "pages_demand": d.get("pages_demand"),
         "pages_pushed": d.get("pages_pushed"),

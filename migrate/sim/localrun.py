@@ -88,6 +88,46 @@ class Proc:
             self.p.wait(10)
 
 
+class TlsFiles:
+    """A CA and the certificates of a local run's two agents (`dest`, `source`),
+    written on first use, and the flags that give them to each: the source
+    names the destination with --dest-name (its --to is an address), the
+    destination takes only the `source` certificate."""
+
+    DEST, SOURCE = "dest", "source"
+
+    def __init__(self, directory: str):
+        self.dir = directory
+        self.paths: dict[str, str] = {}
+
+    def _files(self) -> dict[str, str]:
+        if not self.paths:
+            from migrate.wire.certs import write_certs
+            self.paths = write_certs(self.dir, [self.DEST, self.SOURCE])
+        return self.paths
+
+    def _args(self, host: str) -> list[str]:
+        f = self._files()
+        return ["--tls-cert", f[host], "--tls-key", f[host + ".key"], "--tls-ca", f["ca"]]
+
+    def dest_args(self) -> list[str]:
+        return [*self._args(self.DEST), "--allow-source", self.SOURCE]
+
+    def source_args(self) -> list[str]:
+        return [*self._args(self.SOURCE), "--dest-name", self.DEST]
+
+    def remove(self) -> None:
+        for path in self.paths.values():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(self.dir)
+        except OSError:
+            pass
+
+
 class LocalMigration:
     """mkram'd image + dest + guestsim + source, all local. A context manager that
     kills what it started and removes its files."""
@@ -96,9 +136,12 @@ class LocalMigration:
                  pattern: str = "seq", vcpus: int = 1, zero_fraction: float | None = None,
                  random_fraction: float | None = None, placement: str = "continue",
                  source_args: tuple = (), image: str | None = None, dest_args: tuple = (),
-                 dest_listen: str = "127.0.0.1:0", dest_prefix: tuple = ()):
+                 dest_listen: str = "127.0.0.1:0", dest_prefix: tuple = (), tls: bool | None = None):
         """dest_listen and dest_prefix put the destination elsewhere, e.g. in a
-        network namespace (`ip netns exec NS`) listening on its address."""
+        network namespace (`ip netns exec NS`) listening on its address.
+        tls: both agents with mutual TLS, certificates made in workdir (see
+        TlsFiles); None: TLS when dest_listen is not a loopback address (the
+        agents refuse plaintext there), plaintext on loopback."""
         self.workdir = workdir
         self.size = size
         self.backing = backing
@@ -120,6 +163,10 @@ class LocalMigration:
         tag = f"{os.getpid()}-{id(self) & 0xffff:x}"
         self.image = image or f"/dev/shm/migrate-img-{tag}"
         self.sock = os.path.join(workdir, f"attach-{tag}.sock")
+        if tls is None:
+            from migrate.wire.tls import is_loopback
+            tls = not is_loopback(dest_listen.rpartition(":")[0].strip("[]"))
+        self.tls = TlsFiles(os.path.join(workdir, f"certs-{tag}")) if tls else None
         self.procs: list[Proc] = []
         self.dest = self.guest = self.source = None
         self.address = None
@@ -139,8 +186,9 @@ class LocalMigration:
         write_image(self.image, self.size, ImageSpec(self.seed, **kw))
 
     def start_dest(self, extra: tuple = ()) -> dict:
+        tls = self.tls.dest_args() if self.tls else []
         self.dest = self._spawn("dest", ["dest", "--listen", self.dest_listen, "--attach", self.sock,
-                                         "--placement", self.placement, "--json", *self.dest_args, *extra],
+                                         "--placement", self.placement, "--json", *tls, *self.dest_args, *extra],
                                 self.dest_prefix)
         ev = self.dest.wait_event("listening", 30)
         self.address = ev["address"]
@@ -154,7 +202,8 @@ class LocalMigration:
         self.guest.wait_event("attached", 60)
 
     def start_source(self, extra: tuple = ()) -> Proc:
-        args = ["source", "--ram", self.image, "--to", self.address, "--json", *self.source_args, *extra]
+        tls = self.tls.source_args() if self.tls else []
+        args = ["source", "--ram", self.image, "--to", self.address, "--json", *tls, *self.source_args, *extra]
         if self.page_size != 4096 and "--page-size" not in args:
             args += ["--page-size", str(self.page_size)]
         self.source = self._spawn("source", args)
@@ -193,6 +242,8 @@ class LocalMigration:
     def close(self):
         for p in self.procs:
             p.kill()
+        if self.tls:
+            self.tls.remove()
         for path in (self.image, self.sock):
             if path.startswith("/proc/"):
                 continue   # a memfd's path: it lives as long as its owner's fd

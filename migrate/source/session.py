@@ -28,7 +28,7 @@ from migrate.source.push import Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import Scheduler
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
-from migrate.wire.tls import TlsConfig
+from migrate.wire.tls import TlsConfig, check_destination
 from migrate.wire.tcp import ChannelEnd, channel_end, host_of, parse_address, set_peer_timeout
 
 DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
@@ -169,10 +169,12 @@ class Source:
         Welcome, its version checked, and the scheduler, which skips what the
         destination already has (a resume)."""
         ram = self.ram
-        ctl = channel(self.target, "control")
+        deadline = time.monotonic() + self.connect_timeout
+        check_destination(self.target, self.tls, self.connect_timeout)   # TLS refusals, in words
+        ctl = channel(self.target, "control", self.tls)
         self._channels.append(ctl)
         try:
-            grpc.channel_ready_future(ctl).result(timeout=self.connect_timeout)
+            grpc.channel_ready_future(ctl).result(timeout=max(0.1, deadline - time.monotonic()))
         except grpc.FutureTimeoutError:
             raise SourceError(f"cannot reach the destination at {self.target} within "
                               f"{self.connect_timeout:.0f} s: is `migrate dest --listen` running there?") from None
@@ -243,7 +245,7 @@ class Source:
                                 streams=n, send_buffer=buf)
         else:
             compress = self.compress and welcome.compression == pb.COMPRESSION_ZSTD
-            chans = [channel(self.target, f"push-{i}") for i in range(n)]
+            chans = [channel(self.target, f"push-{i}", self.tls) for i in range(n)]
             self._channels += chans
             for i, ch in enumerate(chans):
                 self._threads.append(self._start_thread(f"push-{i}", self._push_grpc, ch, compress))

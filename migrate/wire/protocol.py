@@ -27,13 +27,17 @@ CHANNEL_OPTIONS = [
 ]
 
 
-def channel(target: str, purpose: str) -> grpc.Channel:
+def channel(target: str, purpose: str, tls=None) -> grpc.Channel:
     """A channel with its own TCP connection: demand traffic never queues behind
-    bulk pushes in the same connection (QEMU's preempt channel, in gRPC terms)."""
-    return grpc.insecure_channel(target, options=CHANNEL_OPTIONS + [
+    bulk pushes in the same connection (QEMU's preempt channel, in gRPC terms).
+    tls: a migrate.wire.tls.TlsConfig for mutual TLS; None: plaintext."""
+    options = CHANNEL_OPTIONS + [
         ("grpc.use_local_subchannel_pool", 1),
         ("migrate.purpose", purpose),
-    ])
+    ]
+    if tls is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, tls.channel_credentials(), options=options + tls.channel_options(target))
 
 
 class BatchEncoder:
