@@ -10,15 +10,23 @@ that fault until the page arrives.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from dataclasses import dataclass, field
 
 
-from migrate.errors import MigrateError
+from migrate.errors import MigrateError, fmt_size
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
+
+
+DEFAULT_MAX_DEVICE_STATE = 1 << 30   # `dest --max-device-state`
+
+
+class DeviceStateTooLarge(QemuError):
+    """The source sent more device state than --max-device-state."""
 
 
 # -- destination --------------------------------------------------------------
@@ -37,8 +45,10 @@ class DeviceStateFeeder:
     """The destination side: gives the device state to the local QEMU
     (`-incoming defer`, started with the shim) and resumes it."""
 
-    def __init__(self, qmp_path: str, reporter: Reporter, timeout: float = 120.0, wait_qemu: float = 3600.0):
+    def __init__(self, qmp_path: str, reporter: Reporter, timeout: float = 120.0, wait_qemu: float = 3600.0,
+                 max_bytes: int = DEFAULT_MAX_DEVICE_STATE):
         self.qmp_path = qmp_path
+        self.max_bytes = max_bytes
         self.reporter = reporter
         self.timeout = timeout
         self.feeds: dict[str, Feed] = {}
@@ -98,7 +108,8 @@ class DeviceStateFeeder:
 
     def feed(self, migration, chunks) -> pb.DeviceStateAck:
         """Never raises: the ack says whether the guest runs (the source resumes its
-        QEMU on guest_running=False)."""
+        QEMU on guest_running=False). The chunks go to QEMU as they arrive, none
+        kept, up to max_bytes in all."""
         f = Feed()
         with self.lock:
             old = self.feeds.get(migration.id)
@@ -107,14 +118,7 @@ class DeviceStateFeeder:
                                          error="device state for this session was already fed")
             self.feeds[migration.id] = f
         try:
-            data = bytearray()
-            for c in chunks:
-                data += c.data
-            f.bytes = len(data)
-            f.received = True
-            migration.reporter.event("device-state", f"{len(data)} bytes of device state received: the "
-                                     "destination QEMU loads them", session=migration.id, bytes=len(data))
-            self._load_and_run(bytes(data), f, migration)
+            self._load_and_run(chunks, f, migration)
         except MigrateError as e:
             f.error = str(e)
             migration.reporter.event("error", f"device state: {e}", session=migration.id)
@@ -125,37 +129,39 @@ class DeviceStateFeeder:
             f.done.set()
         return pb.DeviceStateAck(bytes=f.bytes, guest_running=f.running, error=f.error)
 
-    def _load_and_run(self, data: bytes, f: Feed, m) -> None:
+    def _load_and_run(self, chunks, f: Feed, m) -> None:
         qmp = self._take_qmp()
         try:
             t0 = time.monotonic()
-            r, w = os.pipe2(os.O_CLOEXEC)
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
             try:
                 qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
             finally:
                 os.close(r)   # QEMU has its own copy
-            writer_err: list[BaseException] = []
+            # Loading reads guest RAM (faults served by this agent): QEMU's main
+            # loop, and so QMP, may not answer until those pages arrive. So
+            # migrate-incoming is asked on its own thread while this one writes.
+            asked: list[BaseException | None] = []
 
-            def write():
+            def ask():
                 try:
-                    view = memoryview(data)
-                    while view:
-                        n = os.write(w, view[:1 << 20])
-                        view = view[n:]
-                except OSError as e:
-                    writer_err.append(e)
-                finally:
-                    os.close(w)
+                    qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
+                    asked.append(None)
+                except BaseException as e:  # noqa: BLE001 - reported by the writer
+                    asked.append(e)
 
-            wt = threading.Thread(target=write, name="devstate-tx", daemon=True)
-            wt.start()
-            # Loading reads guest RAM (faults served by this agent): QMP may not
-            # answer until those pages arrive.
-            qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
+            at = threading.Thread(target=ask, name="devstate-incoming", daemon=True)
+            at.start()
+            try:
+                self._write_stream(chunks, w, f, m, asked)
+            finally:
+                os.close(w)   # end of file: the end of the state (or a cut one, which QEMU refuses)
+            at.join(self.timeout)
+            if not asked:
+                raise QemuError(f"QMP {self.qmp_path}: no answer to migrate-incoming within {self.timeout:.0f} s")
+            if asked[0] is not None:
+                raise asked[0]
             qmp.wait_migration(self.timeout, "device-state load")
-            wt.join(5)
-            if writer_err:
-                raise QemuError(f"writing the device state to QEMU: {writer_err[0]}")
             f.load_ms = (time.monotonic() - t0) * 1e3
             qmp.cmd("cont")
             st = qmp.status()
@@ -164,8 +170,42 @@ class DeviceStateFeeder:
             f.running = True
             ev = qmp.event("RESUME")
             f.resume_time = ev["time"] if ev else time.time()
-            m.reporter.event("guest-running", f"destination QEMU resumed: {len(data)} bytes of device state "
-                             f"loaded in {f.load_ms:.1f} ms", session=m.id, bytes=len(data),
+            m.reporter.event("guest-running", f"destination QEMU resumed: {f.bytes} bytes of device state "
+                             f"loaded in {f.load_ms:.1f} ms", session=m.id, bytes=f.bytes,
                              load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
         finally:
             qmp.close()
+
+    def _write_stream(self, chunks, w: int, f: Feed, m, asked: list) -> None:
+        """Writes each chunk to QEMU's pipe as it arrives (w non-blocking), up to
+        max_bytes in all. Gives up when QEMU refused migrate-incoming, stopped
+        reading (it failed the load and closed the pipe), or took nothing for
+        the timeout."""
+        for c in chunks:
+            if f.bytes + len(c.data) > self.max_bytes:
+                raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
+                                          f"{fmt_size(self.max_bytes)}: refused after {f.bytes} bytes "
+                                          f"(the destination QEMU does not load it). Start `migrate dest` with "
+                                          f"a larger --max-device-state")
+            view = memoryview(c.data)
+            stalled = time.monotonic() + self.timeout
+            while view:
+                if asked and asked[0] is not None:
+                    raise asked[0]
+                try:
+                    n = os.write(w, view[:1 << 20])
+                except BlockingIOError:
+                    if time.monotonic() > stalled:
+                        raise QemuError(f"the destination QEMU took no device state for {self.timeout:.0f} s "
+                                        f"(after {f.bytes} bytes)") from None
+                    select.select([], [w], [], 0.2)
+                    continue
+                except BrokenPipeError:
+                    raise QemuError(f"the destination QEMU stopped reading the device state after {f.bytes} "
+                                    "bytes (it failed to load it)") from None
+                view = view[n:]
+                f.bytes += n
+                stalled = time.monotonic() + self.timeout
+        f.received = True
+        m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
+                         "destination QEMU loads them", session=m.id, bytes=f.bytes)
