@@ -28,6 +28,14 @@ CHANNEL_OPTIONS = [
 ]
 
 
+# What the destination's server takes in one message: a batch of the default
+# size is 1 MiB before compression, a device state chunk 256 KiB. gRPC holds a
+# whole message, and protobuf parses a page list to 8 bytes a page, before any
+# handler can look at it: this bounds both.
+MAX_REQUEST = 16 << 20
+SERVER_OPTIONS = [(k, MAX_REQUEST if k == "grpc.max_receive_message_length" else v) for k, v in CHANNEL_OPTIONS]
+
+
 def channel(target: str, purpose: str) -> grpc.Channel:
     """A channel with its own TCP connection: demand traffic never queues behind
     bulk pushes in the same connection (QEMU's preempt channel, in gRPC terms)."""
