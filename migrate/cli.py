@@ -210,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
     d.add_argument("--max-device-state", type=_device_state_size, default=1 << 30, metavar="BYTES",
                    help="with --qmp: refuse device state larger than this (default 1G); it goes to QEMU as it "
-                   "arrives, none of it held here")
+                   "arrives, and only what QEMU has not read yet waits here")
     d.add_argument("--source-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="drop a source that stops answering for this long, so another can resume: its host or "
                    "the network acknowledges nothing, or a demand request waits with nothing arriving on the "

@@ -269,3 +269,19 @@ def test_device_state_larger_than_the_limit(tmp_path):
         finally:
             for p in procs:
                 p.kill()
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value,message", [
+    ("0", "argument --max-device-state: 0: must be more than 0"),
+    ("-1G", "argument --max-device-state: '-1G': a size cannot be negative"),
+    ("lots", "argument --max-device-state: cannot read 'lots' as a size: use e.g. 256M, 1G or a byte count"),
+], ids=["zero", "negative", "not-a-size"])
+def test_max_device_state_must_be_a_size(value, message, capsys):
+    from migrate.cli import build_parser
+    with pytest.raises(SystemExit) as ei:
+        build_parser().parse_args(["dest", "--listen", "127.0.0.1:0", "--attach", "x",
+                                   f"--max-device-state={value}"])
+    assert ei.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"migrate dest: error: {message}"
+    assert build_parser().parse_args(["dest", "--listen", "127.0.0.1:0", "--attach", "x"]).max_device_state == 1 << 30

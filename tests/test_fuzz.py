@@ -194,13 +194,13 @@ def test_attach_hello_is_taken_or_refused(hello, nfds):
 @FAST
 @given(st.lists(st.integers(0, 300_000), max_size=8), st.integers(1, 600_000))
 def test_device_state_goes_to_qemu_as_it_arrives_up_to_the_limit(sizes, limit):
-    """The feeder's writer: each chunk is written through as it comes, and the
-    stream is refused at the first chunk that would pass the limit."""
+    """The feeder's receiving end: each chunk goes into QEMU's pipe in order,
+    and the stream is refused at the first chunk that would pass the limit."""
     from migrate.errors import fmt_size
-    from migrate.qemu.dest import DeviceStateFeeder, DeviceStateTooLarge, Feed
+    from migrate.qemu.dest import DeviceStateFeeder, DeviceStateTooLarge, Feed, QemuPipe
 
-    feeder = DeviceStateFeeder.__new__(DeviceStateFeeder)   # the writer alone: no QMP
-    feeder.max_bytes, feeder.timeout = limit, 5.0
+    feeder = DeviceStateFeeder.__new__(DeviceStateFeeder)   # the receiving end alone: no QMP
+    feeder.max_bytes = limit
     chunks = [pb.DeviceStateChunk(session_id="s", data=bytes([i % 251]) * n) for i, n in enumerate(sizes)]
     m = types.SimpleNamespace(id="s", reporter=Reporter(False, "dest", quiet=True))
     r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -214,13 +214,15 @@ def test_device_state_goes_to_qemu_as_it_arrives_up_to_the_limit(sizes, limit):
     t = threading.Thread(target=qemu)
     t.start()
     f = Feed()
+    pipe = QemuPipe(w)
     try:
-        feeder._write_stream(iter(chunks), w, f, m, [])
+        feeder._receive(iter(chunks), pipe, f, m)
         refused = None
     except DeviceStateTooLarge as e:
         refused = str(e)
     finally:
-        os.close(w)
+        pipe.end()
+        pipe.join(10)
         t.join(10)
         os.close(r)
     total, cut = 0, None
@@ -230,6 +232,7 @@ def test_device_state_goes_to_qemu_as_it_arrives_up_to_the_limit(sizes, limit):
             break
         total += len(c.data)
     assert bytes(got) == b"".join(c.data for c in chunks)[:total] and f.bytes == total
+    assert pipe.error is None
     if cut is None:
         assert refused is None and f.received
     else:

@@ -13,6 +13,7 @@ import os
 import select
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 
@@ -108,8 +109,8 @@ class DeviceStateFeeder:
 
     def feed(self, migration, chunks) -> pb.DeviceStateAck:
         """Never raises: the ack says whether the guest runs (the source resumes its
-        QEMU on guest_running=False). The chunks go to QEMU as they arrive, none
-        kept, up to max_bytes in all."""
+        QEMU on guest_running=False). The chunks go to QEMU as they arrive (only
+        what it has not read yet is kept), up to max_bytes in all."""
         f = Feed()
         with self.lock:
             old = self.feeds.get(migration.id)
@@ -132,36 +133,50 @@ class DeviceStateFeeder:
     def _load_and_run(self, chunks, f: Feed, m) -> None:
         qmp = self._take_qmp()
         try:
-            t0 = time.monotonic()
             r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            try:
-                qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
-            finally:
-                os.close(r)   # QEMU has its own copy
-            # Loading reads guest RAM (faults served by this agent): QEMU's main
-            # loop, and so QMP, may not answer until those pages arrive. So
-            # migrate-incoming is asked on its own thread while this one writes.
+            pipe = QemuPipe(w)
+            # QEMU is asked on its own thread while the state flows in: its
+            # main loop, and so QMP, may not answer for a while (loading reads
+            # guest RAM, faults served by this agent; or it is stopped), and
+            # the state is taken meanwhile all the same.
             asked: list[BaseException | None] = []
 
             def ask():
                 try:
+                    try:
+                        qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
+                    finally:
+                        os.close(r)   # QEMU has its own copy (or, refused, the pipe has no reader)
                     qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
                     asked.append(None)
-                except BaseException as e:  # noqa: BLE001 - reported by the writer
+                except BaseException as e:  # noqa: BLE001 - raised below
                     asked.append(e)
 
             at = threading.Thread(target=ask, name="devstate-incoming", daemon=True)
             at.start()
             try:
-                self._write_stream(chunks, w, f, m, asked)
-            finally:
-                os.close(w)   # end of file: the end of the state (or a cut one, which QEMU refuses)
+                self._receive(chunks, pipe, f, m)
+                pipe.end()
+                t0 = time.monotonic()   # load_ms: from the last byte in (QEMU loads as it comes)
+            except BaseException:
+                pipe.abort()   # QEMU reads a cut stream, which it refuses
+                if pipe.error and asked and asked[0] is not None:
+                    raise asked[0] from None   # QEMU refused first: that is why it reads nothing
+                raise
             at.join(self.timeout)
             if not asked:
+                pipe.abort()
                 raise QemuError(f"QMP {self.qmp_path}: no answer to migrate-incoming within {self.timeout:.0f} s")
             if asked[0] is not None:
+                pipe.abort()
                 raise asked[0]
-            qmp.wait_migration(self.timeout, "device-state load")
+            try:
+                qmp.wait_migration(self.timeout, "device-state load")
+            finally:
+                pipe.abort()   # (nothing left once the load completed)
+                pipe.join(5)
+            if pipe.error:
+                raise pipe.error
             f.load_ms = (time.monotonic() - t0) * 1e3
             qmp.cmd("cont")
             st = qmp.status()
@@ -176,36 +191,88 @@ class DeviceStateFeeder:
         finally:
             qmp.close()
 
-    def _write_stream(self, chunks, w: int, f: Feed, m, asked: list) -> None:
-        """Writes each chunk to QEMU's pipe as it arrives (w non-blocking), up to
-        max_bytes in all. Gives up when QEMU refused migrate-incoming, stopped
-        reading (it failed the load and closed the pipe), or took nothing for
-        the timeout."""
+    def _receive(self, chunks, pipe: QemuPipe, f: Feed, m) -> None:
+        """Hands each chunk to QEMU's pipe as it arrives, up to max_bytes in all,
+        and stops at once when QEMU stopped reading."""
         for c in chunks:
-            if f.bytes + len(c.data) > self.max_bytes:
+            data = c.data
+            if f.bytes + len(data) > self.max_bytes:
                 raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
                                           f"{fmt_size(self.max_bytes)}: refused after {f.bytes} bytes "
                                           f"(the destination QEMU does not load it). Start `migrate dest` with "
                                           f"a larger --max-device-state")
-            view = memoryview(c.data)
-            stalled = time.monotonic() + self.timeout
-            while view:
-                if asked and asked[0] is not None:
-                    raise asked[0]
-                try:
-                    n = os.write(w, view[:1 << 20])
-                except BlockingIOError:
-                    if time.monotonic() > stalled:
-                        raise QemuError(f"the destination QEMU took no device state for {self.timeout:.0f} s "
-                                        f"(after {f.bytes} bytes)") from None
-                    select.select([], [w], [], 0.2)
-                    continue
-                except BrokenPipeError:
-                    raise QemuError(f"the destination QEMU stopped reading the device state after {f.bytes} "
-                                    "bytes (it failed to load it)") from None
-                view = view[n:]
-                f.bytes += n
-                stalled = time.monotonic() + self.timeout
+            pipe.put(data)
+            f.bytes += len(data)
         f.received = True
         m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
                          "destination QEMU loads them", session=m.id, bytes=f.bytes)
+
+
+class QemuPipe:
+    """Writes the device state into QEMU's pipe on its own thread, chunk by
+    chunk in the order they arrived. What QEMU has not read yet waits here
+    (QEMU reads as the state arrives, unless its load waits for guest RAM or it
+    is stopped): at most what --max-device-state lets in, so a source is never
+    held back by QEMU's pace and its state arrives whole. Owns w (non-blocking)
+    and closes it at the end: QEMU reads end of file."""
+
+    def __init__(self, w: int):
+        self.w = w
+        self.chunks: deque[bytes] = deque()
+        self.cond = threading.Condition()
+        self.ended = False
+        self.aborted = False
+        self.error: QemuError | None = None
+        self.thread = threading.Thread(target=self._run, name="devstate-tx", daemon=True)
+        self.thread.start()
+
+    def put(self, data: bytes) -> None:
+        with self.cond:
+            if self.error:
+                raise self.error
+            self.chunks.append(data)
+            self.cond.notify()
+
+    def end(self) -> None:
+        """No more chunks: end of file once the last is written."""
+        with self.cond:
+            self.ended = True
+            self.cond.notify()
+
+    def abort(self) -> None:
+        """End of file now, whatever is left unwritten."""
+        with self.cond:
+            self.ended = self.aborted = True
+            self.chunks.clear()
+            self.cond.notify()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        written = 0
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.chunks or self.ended)
+                    if not self.chunks:
+                        return
+                    view = memoryview(self.chunks.popleft())
+                while view:
+                    try:
+                        n = os.write(self.w, view[:1 << 20])
+                    except BlockingIOError:
+                        # QEMU reads nothing for now: look again, unless given up
+                        select.select([], [self.w], [], 0.2)
+                        if self.aborted:
+                            return
+                        continue
+                    view = view[n:]
+                    written += n
+        except OSError as e:
+            with self.cond:
+                why = "it failed to load it" if isinstance(e, BrokenPipeError) else e.strerror
+                self.error = QemuError(f"the destination QEMU stopped reading the device state after {written} "
+                                       f"bytes ({why})")
+        finally:
+            os.close(self.w)
