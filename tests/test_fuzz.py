@@ -197,10 +197,8 @@ def test_device_state_goes_to_qemu_as_it_arrives_up_to_the_limit(sizes, limit):
     """The feeder's receiving end: each chunk goes into QEMU's pipe in order,
     and the stream is refused at the first chunk that would pass the limit."""
     from migrate.errors import fmt_size
-    from migrate.qemu.dest import DeviceStateFeeder, DeviceStateTooLarge, Feed, QemuPipe
+    from migrate.qemu.dest import DeviceStateTooLarge, Feed, QemuPipe, receive_state
 
-    feeder = DeviceStateFeeder.__new__(DeviceStateFeeder)   # the receiving end alone: no QMP
-    feeder.max_bytes = limit
     chunks = [pb.DeviceStateChunk(session_id="s", data=bytes([i % 251]) * n) for i, n in enumerate(sizes)]
     m = types.SimpleNamespace(id="s", reporter=Reporter(False, "dest", quiet=True))
     r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
@@ -216,7 +214,7 @@ def test_device_state_goes_to_qemu_as_it_arrives_up_to_the_limit(sizes, limit):
     f = Feed()
     pipe = QemuPipe(w)
     try:
-        feeder._receive(iter(chunks), pipe, f, m)
+        receive_state(iter(chunks), pipe, f, m, limit)
         refused = None
     except DeviceStateTooLarge as e:
         refused = str(e)

@@ -155,7 +155,7 @@ class DeviceStateFeeder:
             at = threading.Thread(target=ask, name="devstate-incoming", daemon=True)
             at.start()
             try:
-                self._receive(chunks, pipe, f, m)
+                receive_state(chunks, pipe, f, m, self.max_bytes)
                 pipe.end()
                 t0 = time.monotonic()   # load_ms: from the last byte in (QEMU loads as it comes)
             except BaseException:
@@ -191,21 +191,23 @@ class DeviceStateFeeder:
         finally:
             qmp.close()
 
-    def _receive(self, chunks, pipe: QemuPipe, f: Feed, m) -> None:
-        """Hands each chunk to QEMU's pipe as it arrives, up to max_bytes in all,
-        and stops at once when QEMU stopped reading."""
-        for c in chunks:
-            data = c.data
-            if f.bytes + len(data) > self.max_bytes:
-                raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
-                                          f"{fmt_size(self.max_bytes)}: refused after {f.bytes} bytes "
-                                          f"(the destination QEMU does not load it). Start `migrate dest` with "
-                                          f"a larger --max-device-state")
-            pipe.put(data)
-            f.bytes += len(data)
-        f.received = True
-        m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
-                         "destination QEMU loads them", session=m.id, bytes=f.bytes)
+
+def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int) -> None:
+    """Hands each device state chunk to QEMU's pipe as it arrives, up to
+    max_bytes in all (counted in f.bytes), and stops at once when QEMU stopped
+    reading."""
+    for c in chunks:
+        data = c.data
+        if f.bytes + len(data) > max_bytes:
+            raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
+                                      f"{fmt_size(max_bytes)}: refused after {f.bytes} bytes "
+                                      f"(the destination QEMU does not load it). Start `migrate dest` with "
+                                      f"a larger --max-device-state")
+        pipe.put(data)
+        f.bytes += len(data)
+    f.received = True
+    m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
+                     "destination QEMU loads them", session=m.id, bytes=f.bytes)
 
 
 class QemuPipe:
