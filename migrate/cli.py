@@ -20,6 +20,13 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _device_state_size(text: str) -> int:
+    n = _size(text)
+    if n == 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be more than 0")
+    return n
+
+
 def _buffer(text: str) -> int | None:
     """--push-buffer: auto -> None, kernel -> 0, else a size."""
     if text == "auto":
@@ -118,7 +125,7 @@ def cmd_dest(args) -> int:
     return agent.run(rep, listen=args.listen, attach=args.attach,
                      serve_forever=args.serve_forever, placement=args.placement, prealloc=not args.no_prealloc,
                      qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every,
-                     attach_uids=tuple(args.attach_uid), tls=tls)
+                     attach_uids=tuple(args.attach_uid), tls=tls, max_device_state=args.max_device_state)
 
 
 # -- source -------------------------------------------------------------------
@@ -276,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "then, before any source is served, so pages arrive as one copy; this leaves it to the push)")
     d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
+    d.add_argument("--max-device-state", type=_device_state_size, default=1 << 30, metavar="BYTES",
+                   help="with --qmp: refuse device state larger than this (default 1G); it goes to QEMU as it "
+                   "arrives, and only what QEMU has not read yet waits here")
     d.add_argument("--source-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="drop a source that stops answering for this long, so another can resume: its host or "
                    "the network acknowledges nothing, or a demand request waits with nothing arriving on the "

@@ -44,6 +44,9 @@ static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scra
         if (rc <= 0)
             return rc;
         int zero = h.flags & MG_REPLY_ZERO, sparse = h.flags & MG_REPLY_SPARSE;
+        /* page, flags and length are checked before a byte of the page is
+         * read: the length must be exactly what the flags (and the bitmap)
+         * say, so nothing beyond one page is ever read for a reply */
         if (h.page >= s->npages)
             return refuse(s, MG_BAD_PAGE, h.page, h.length);
         if ((h.flags & ~(uint32_t)(MG_REPLY_ZERO | MG_REPLY_SPARSE)) || (zero && sparse) || (sparse && !nb))

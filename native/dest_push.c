@@ -185,6 +185,13 @@ static int push_receive(struct mg_space *s, int fd, int stop_fd, struct run *r, 
         if (rc <= 0)
             return rc;
         struct run_header h = r->h;
+        /* Every number of the header is checked before a byte more is read or
+         * a page claimed; what follows is bounded by it (the bitmap, count
+         * pages) into buffers sized for MG_PUSH_MAX_RUN. Runs need not ascend
+         * from one to the next (the source jumps back to the pages after its
+         * latest demand), and a page sent twice is claimed once, its second
+         * copy read into scratch: a repeat costs the sender its bytes, never
+         * this side memory. */
         if (h.count == 0 || h.count > MG_PUSH_MAX_RUN || h.first >= s->npages || h.count > s->npages - h.first)
             return refuse(s, MG_BAD_PAGE, h.first, h.count);
         int sparse = h.flags & MG_RUN_SPARSE;

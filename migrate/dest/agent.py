@@ -260,7 +260,7 @@ class Destination:
 
 def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, placement: str, prealloc: bool,
         qmp: str | None, source_timeout: float, progress_every: float, attach_uids: tuple[int, ...] = (),
-        tls: TlsConfig | None = None) -> int:
+        tls: TlsConfig | None = None, max_device_state: int = 1 << 30) -> int:
     """`migrate dest`: serves until the migration ends (or, serve_forever,
     until SIGTERM or SIGINT). Returns the exit status: 0 when it completed, 1
     when it did not, 2 when the agent could not start."""
@@ -277,7 +277,7 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
     feeder = None
     if qmp:
         from migrate.qemu.dest import DeviceStateFeeder
-        feeder = DeviceStateFeeder(qmp, rep)
+        feeder = DeviceStateFeeder(qmp, rep, max_bytes=max_device_state)
     try:
         server, addr = service.serve(agent, listen, device_state=feeder, tls=tls)
     except (OSError, ValueError) as e:

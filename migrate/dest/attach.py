@@ -69,19 +69,24 @@ def _parse_hello(hello: dict, fds: list[int]) -> dict:
     try:
         ps = int(hello["page_size"])
         size = int(hello["ram_size"])
+        pid = int(hello.get("pid", 0))
         regions = [Region(int(r["guest_addr"]), int(r["length"]), int(r["offset"])) for r in hello["regions"]]
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:   # (int(Infinity): OverflowError)
         raise AttachError(f"attach hello is missing or has a bad field: {e}") from None
-    if ps <= 0 or ps & (ps - 1):
-        raise AttachError(f"attach hello page_size {ps} is not a power of two")
+    if ps < 4096 or ps > 1 << 30 or ps & (ps - 1):
+        raise AttachError(f"attach hello page_size {ps} is not a power of two from 4096 to 1 GiB")
+    if size <= 0:
+        raise AttachError(f"attach hello ram_size {size} is not a size")
     if not regions:
         raise AttachError("attach hello lists no regions")
     for r in regions:
+        if r.guest_addr < 0 or r.offset < 0:
+            raise AttachError(f"region {r} has a negative address or offset")
         if r.guest_addr % ps or r.length % ps or r.offset % ps or r.length <= 0:
             raise AttachError(f"region {r} is not aligned to the page size {ps}")
         if r.offset + r.length > size:
             raise AttachError(f"region {r} ends past the RAM size {size}")
-    return {"pid": int(hello.get("pid", 0)), "page_size": ps, "ram_size": size, "regions": regions,
+    return {"pid": pid, "page_size": ps, "ram_size": size, "regions": regions,
             "backing": str(hello.get("backing", "")), "name": str(hello.get("name", "")),
             "reattach": bool(hello.get("reattach", False))}
 

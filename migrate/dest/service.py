@@ -18,7 +18,7 @@ from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.qemu import resume_hint
 from migrate.report import Reporter
-from migrate.wire.protocol import CHANNEL_OPTIONS
+from migrate.wire.protocol import SERVER_OPTIONS
 from migrate.wire.tcp import Address, parse_address
 from migrate.wire.tls import TlsConfig
 
@@ -321,7 +321,7 @@ def serve(agent: dst.Destination, listen: str, workers: int = 32,
                          interceptors=peers + [ErrorInterceptor()],
                          # no SO_REUSEPORT (gRPC's default): a second agent on the same port
                          # would share its connections, and a source could reach the wrong guest
-                         options=CHANNEL_OPTIONS + keepalive_options(agent.source_timeout)
+                         options=SERVER_OPTIONS + keepalive_options(agent.source_timeout)
                          + [("grpc.so_reuseport", 0)])
     pbg.add_MigrationServicer_to_server(MigrationService(agent, device_state), server)
     host = parse_address(listen, "--listen", "e.g. 127.0.0.1:0").host

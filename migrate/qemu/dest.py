@@ -10,15 +10,24 @@ that fault until the page arrives.
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 
-from migrate.errors import MigrateError
+from migrate.errors import MigrateError, fmt_size
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
+
+
+DEFAULT_MAX_DEVICE_STATE = 1 << 30   # `dest --max-device-state`
+
+
+class DeviceStateTooLarge(QemuError):
+    """The source sent more device state than --max-device-state."""
 
 
 # -- destination --------------------------------------------------------------
@@ -37,8 +46,10 @@ class DeviceStateFeeder:
     """The destination side: gives the device state to the local QEMU
     (`-incoming defer`, started with the shim) and resumes it."""
 
-    def __init__(self, qmp_path: str, reporter: Reporter, timeout: float = 120.0, wait_qemu: float = 3600.0):
+    def __init__(self, qmp_path: str, reporter: Reporter, timeout: float = 120.0, wait_qemu: float = 3600.0,
+                 max_bytes: int = DEFAULT_MAX_DEVICE_STATE):
         self.qmp_path = qmp_path
+        self.max_bytes = max_bytes
         self.reporter = reporter
         self.timeout = timeout
         self.feeds: dict[str, Feed] = {}
@@ -98,7 +109,8 @@ class DeviceStateFeeder:
 
     def feed(self, migration, chunks) -> pb.DeviceStateAck:
         """Never raises: the ack says whether the guest runs (the source resumes its
-        QEMU on guest_running=False)."""
+        QEMU on guest_running=False). The chunks go to QEMU as they arrive (only
+        what it has not read yet is kept), up to max_bytes in all."""
         f = Feed()
         with self.lock:
             old = self.feeds.get(migration.id)
@@ -107,14 +119,7 @@ class DeviceStateFeeder:
                                          error="device state for this session was already fed")
             self.feeds[migration.id] = f
         try:
-            data = bytearray()
-            for c in chunks:
-                data += c.data
-            f.bytes = len(data)
-            f.received = True
-            migration.reporter.event("device-state", f"{len(data)} bytes of device state received: the "
-                                     "destination QEMU loads them", session=migration.id, bytes=len(data))
-            self._load_and_run(bytes(data), f, migration)
+            self._load_and_run(chunks, f, migration)
         except MigrateError as e:
             f.error = str(e)
             migration.reporter.event("error", f"device state: {e}", session=migration.id)
@@ -125,37 +130,53 @@ class DeviceStateFeeder:
             f.done.set()
         return pb.DeviceStateAck(bytes=f.bytes, guest_running=f.running, error=f.error)
 
-    def _load_and_run(self, data: bytes, f: Feed, m) -> None:
+    def _load_and_run(self, chunks, f: Feed, m) -> None:
         qmp = self._take_qmp()
         try:
-            t0 = time.monotonic()
-            r, w = os.pipe2(os.O_CLOEXEC)
-            try:
-                qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
-            finally:
-                os.close(r)   # QEMU has its own copy
-            writer_err: list[BaseException] = []
+            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+            pipe = QemuPipe(w)
+            # QEMU is asked on its own thread while the state flows in: its
+            # main loop, and so QMP, may not answer for a while (loading reads
+            # guest RAM, faults served by this agent; or it is stopped), and
+            # the state is taken meanwhile all the same.
+            asked: list[BaseException | None] = []
 
-            def write():
+            def ask():
                 try:
-                    view = memoryview(data)
-                    while view:
-                        n = os.write(w, view[:1 << 20])
-                        view = view[n:]
-                except OSError as e:
-                    writer_err.append(e)
-                finally:
-                    os.close(w)
+                    try:
+                        qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
+                    finally:
+                        os.close(r)   # QEMU has its own copy (or, refused, the pipe has no reader)
+                    qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
+                    asked.append(None)
+                except BaseException as e:  # noqa: BLE001 - raised below
+                    asked.append(e)
 
-            wt = threading.Thread(target=write, name="devstate-tx", daemon=True)
-            wt.start()
-            # Loading reads guest RAM (faults served by this agent): QMP may not
-            # answer until those pages arrive.
-            qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
-            qmp.wait_migration(self.timeout, "device-state load")
-            wt.join(5)
-            if writer_err:
-                raise QemuError(f"writing the device state to QEMU: {writer_err[0]}")
+            at = threading.Thread(target=ask, name="devstate-incoming", daemon=True)
+            at.start()
+            try:
+                receive_state(chunks, pipe, f, m, self.max_bytes)
+                pipe.end()
+                t0 = time.monotonic()   # load_ms: from the last byte in (QEMU loads as it comes)
+            except BaseException:
+                pipe.abort()   # QEMU reads a cut stream, which it refuses
+                if pipe.error and asked and asked[0] is not None:
+                    raise asked[0] from None   # QEMU refused first: that is why it reads nothing
+                raise
+            at.join(self.timeout)
+            if not asked:
+                pipe.abort()
+                raise QemuError(f"QMP {self.qmp_path}: no answer to migrate-incoming within {self.timeout:.0f} s")
+            if asked[0] is not None:
+                pipe.abort()
+                raise asked[0]
+            try:
+                qmp.wait_migration(self.timeout, "device-state load")
+            finally:
+                pipe.abort()   # (nothing left once the load completed)
+                pipe.join(5)
+            if pipe.error:
+                raise pipe.error
             f.load_ms = (time.monotonic() - t0) * 1e3
             qmp.cmd("cont")
             st = qmp.status()
@@ -164,8 +185,96 @@ class DeviceStateFeeder:
             f.running = True
             ev = qmp.event("RESUME")
             f.resume_time = ev["time"] if ev else time.time()
-            m.reporter.event("guest-running", f"destination QEMU resumed: {len(data)} bytes of device state "
-                             f"loaded in {f.load_ms:.1f} ms", session=m.id, bytes=len(data),
+            m.reporter.event("guest-running", f"destination QEMU resumed: {f.bytes} bytes of device state "
+                             f"loaded in {f.load_ms:.1f} ms", session=m.id, bytes=f.bytes,
                              load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
         finally:
             qmp.close()
+
+
+def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int) -> None:
+    """Hands each device state chunk to QEMU's pipe as it arrives, up to
+    max_bytes in all (counted in f.bytes), and stops at once when QEMU stopped
+    reading."""
+    for c in chunks:
+        data = c.data
+        if f.bytes + len(data) > max_bytes:
+            raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
+                                      f"{fmt_size(max_bytes)}: refused after {f.bytes} bytes "
+                                      f"(the destination QEMU does not load it). Start `migrate dest` with "
+                                      f"a larger --max-device-state")
+        pipe.put(data)
+        f.bytes += len(data)
+    f.received = True
+    m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
+                     "destination QEMU loads them", session=m.id, bytes=f.bytes)
+
+
+class QemuPipe:
+    """Writes the device state into QEMU's pipe on its own thread, chunk by
+    chunk in the order they arrived. What QEMU has not read yet waits here
+    (QEMU reads as the state arrives, unless its load waits for guest RAM or it
+    is stopped): at most what --max-device-state lets in, so a source is never
+    held back by QEMU's pace and its state arrives whole. Owns w (non-blocking)
+    and closes it at the end: QEMU reads end of file."""
+
+    def __init__(self, w: int):
+        self.w = w
+        self.chunks: deque[bytes] = deque()
+        self.cond = threading.Condition()
+        self.ended = False
+        self.aborted = False
+        self.error: QemuError | None = None
+        self.thread = threading.Thread(target=self._run, name="devstate-tx", daemon=True)
+        self.thread.start()
+
+    def put(self, data: bytes) -> None:
+        with self.cond:
+            if self.error:
+                raise self.error
+            self.chunks.append(data)
+            self.cond.notify()
+
+    def end(self) -> None:
+        """No more chunks: end of file once the last is written."""
+        with self.cond:
+            self.ended = True
+            self.cond.notify()
+
+    def abort(self) -> None:
+        """End of file now, whatever is left unwritten."""
+        with self.cond:
+            self.ended = self.aborted = True
+            self.chunks.clear()
+            self.cond.notify()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        written = 0
+        try:
+            while True:
+                with self.cond:
+                    self.cond.wait_for(lambda: self.chunks or self.ended)
+                    if not self.chunks:
+                        return
+                    view = memoryview(self.chunks.popleft())
+                while view:
+                    try:
+                        n = os.write(self.w, view[:1 << 20])
+                    except BlockingIOError:
+                        # QEMU reads nothing for now: look again, unless given up
+                        select.select([], [self.w], [], 0.2)
+                        if self.aborted:
+                            return
+                        continue
+                    view = view[n:]
+                    written += n
+        except OSError as e:
+            with self.cond:
+                why = "it failed to load it" if isinstance(e, BrokenPipeError) else e.strerror
+                self.error = QemuError(f"the destination QEMU stopped reading the device state after {written} "
+                                       f"bytes ({why})")
+        finally:
+            os.close(self.w)

@@ -26,7 +26,10 @@ from migrate._binding import ffi, lib
 from migrate.errors import AttachError
 
 ATTACH_VERSION = 1
-_MAX_HELLO = 1 << 20
+# The largest attach message either end takes: a hello lists a handful of
+# regions, an event a few counts. Checked on the length prefix, before the
+# body is read.
+_MAX_HELLO = 64 << 10
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
     fds: list[int] = []
     head = b""
     if want_fds:
-        buf = ffi.new("char[]", 65536)
+        buf = ffi.new("char[]", _MAX_HELLO)
         c_fds = ffi.new("int[]", 8)
         nfds = ffi.new("int *")
         while True:
@@ -111,7 +114,7 @@ def recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
             ready, _, _ = select.select([sock], [], [], sock.gettimeout())
             if not ready:
                 raise AttachError(f"no attach message within {sock.gettimeout()} s")
-            n = lib.mg_recv_fds(sock.fileno(), buf, 65536, c_fds, 8, nfds)
+            n = lib.mg_recv_fds(sock.fileno(), buf, _MAX_HELLO, c_fds, 8, nfds)
             if n != -errno.EAGAIN:
                 break
         if n < 0:
@@ -129,10 +132,16 @@ def recv_msg(sock: socket.socket, want_fds: int = 0) -> tuple[dict, list[int]]:
         body = head[4:]
         if len(body) < length:
             body += recv_exact(sock, length - len(body))
+        if len(body) > length:
+            raise AttachError(f"attach message of {length} bytes is followed by {len(body) - length} more before "
+                              "its answer: one message at a time")
         try:
-            return json.loads(body[:length]), fds
-        except ValueError as e:
+            msg = json.loads(body)
+        except (ValueError, RecursionError) as e:
             raise AttachError(f"attach message is not JSON: {e}") from None
+        if not isinstance(msg, dict):
+            raise AttachError(f"attach message is JSON {type(msg).__name__}, not an object")
+        return msg, fds
     except BaseException:
         for fd in fds:
             os.close(fd)

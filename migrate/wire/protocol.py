@@ -18,6 +18,7 @@ PROTOCOL_VERSION = 1
 MAX_MESSAGE = 64 << 20
 DEFAULT_BATCH_BYTES = 1 << 20
 MIN_BATCH_BYTES = 256 << 10
+ZSTD_MAX_WINDOW = 1 << 23   # window for a zstd frame that does not state its size
 ZSTD_LEVEL = -3   # zstd's fast levels: same ratio on guest pages here, ~3x the speed of level 1
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE),
@@ -25,6 +26,14 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.lookahead_bytes", 8 << 20),
     ("grpc.http2.bdp_probe", 1),
 ]
+
+
+# What the destination's server takes in one message: a batch of the default
+# size is 1 MiB before compression, a device state chunk 256 KiB. gRPC holds a
+# whole message, and protobuf parses a page list to 8 bytes a page, before any
+# handler can look at it: this bounds both.
+MAX_REQUEST = 16 << 20
+SERVER_OPTIONS = [(k, MAX_REQUEST if k == "grpc.max_receive_message_length" else v) for k, v in CHANNEL_OPTIONS]
 
 
 def channel(target: str, purpose: str, tls=None) -> grpc.Channel:
@@ -87,27 +96,39 @@ class DecodedBatch:
 
 
 class BatchDecoder:
-    """Checks and unpacks PageBatch messages (destination side)."""
+    """Checks and unpacks PageBatch messages (destination side). Every count and
+    length is checked against the layout and the batch cap before a byte is
+    reserved for it, and zstd output is bounded by what the batch's pages may
+    hold, whatever its frame header says."""
 
     def __init__(self, npages: int, page_size: int):
         self.npages = npages
         self.ps = page_size
+        # the most page bytes one batch may carry: what fits a message, or one page
+        self.max_bytes = max(MAX_MESSAGE, page_size)
+        self.max_pages = self.max_bytes // page_size
         self._local = threading.local()  # a zstd context is not thread-safe: one per stream thread
 
     @property
     def dctx(self) -> zstandard.ZstdDecompressor:
         d = getattr(self._local, "dctx", None)
         if d is None:
-            d = self._local.dctx = zstandard.ZstdDecompressor()
+            # a frame that does not state its size gets at most this window
+            # (the decoder allocates it); migrate's encoder states the size
+            d = self._local.dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
         return d
 
     def decode(self, b: pb.PageBatch) -> DecodedBatch:
-        pages = b.pages
-        n = len(pages)
+        n = len(b.pages)
+        if n > self.max_pages:
+            raise ProtocolError(f"batch of {n} pages is larger than the {self.max_pages} pages of {self.ps} "
+                                f"bytes a batch may carry: send smaller batches (--batch-bytes)")
         if len(b.zero) != (n + 7) // 8:
             raise ProtocolError(f"batch of {n} pages carries a zero bitmap of {len(b.zero)} bytes, "
                                 f"expected {(n + 7) // 8}")
-        if n and max(pages) >= self.npages:
+        pages = list(b.pages)
+        _check_ascending(pages)
+        if n and pages[-1] >= self.npages:
             bad = next(p for p in pages if p >= self.npages)
             raise ProtocolError(f"batch names page {bad}, outside the layout of {self.npages} pages "
                                 f"of {self.ps} bytes")
@@ -118,10 +139,7 @@ class BatchDecoder:
             raise ProtocolError(f"batch declares {b.raw_length} bytes for {nonzero} non-zero pages of "
                                 f"{self.ps} bytes (expected {want}): truncated or corrupt")
         if b.compression == pb.COMPRESSION_ZSTD:
-            try:
-                data = self.dctx.decompress(b.data, max_output_size=want)
-            except zstandard.ZstdError as e:
-                raise ProtocolError(f"batch of {n} pages: zstd data does not decompress: {e}") from None
+            data = self._decompress(b.data, n, want)
         elif b.compression == pb.COMPRESSION_NONE:
             data = b.data
         else:
@@ -129,7 +147,39 @@ class BatchDecoder:
         if len(data) != want:
             raise ProtocolError(f"batch of {nonzero} non-zero pages carries {len(data)} bytes after "
                                 f"decompression, expected {want}: truncated or corrupt")
-        return DecodedBatch(list(pages), zero_bits.to_bytes((n + 7) // 8, "little"), data, nonzero)
+        return DecodedBatch(pages, zero_bits.to_bytes((n + 7) // 8, "little"), data, nonzero)
+
+    def _decompress(self, data: bytes, n: int, want: int) -> bytes:
+        """At most want + 1 bytes of data's zstd frames (one more than the batch
+        may hold shows it lied). A frame header stating any other size is
+        refused before anything is allocated: zstandard would otherwise
+        allocate what the header states, max_output_size or not."""
+        try:
+            stated = zstandard.frame_content_size(data)
+        except zstandard.ZstdError:
+            raise ProtocolError(f"batch of {n} pages: zstd data does not decompress: error determining "
+                                "content size from frame header") from None
+        try:
+            if stated != -1 and stated != want:
+                raise ProtocolError(f"batch of {n} pages: zstd frame states {stated} bytes, but the batch's "
+                                    f"non-zero pages are {want} bytes: refused before decompressing")
+            out = self.dctx.stream_reader(data, read_across_frames=True).read(want + 1)
+        except zstandard.ZstdError as e:
+            raise ProtocolError(f"batch of {n} pages: zstd data does not decompress: {e}") from None
+        if len(out) > want:
+            raise ProtocolError(f"batch of {n} pages: zstd data decompresses to more than the {want} bytes of "
+                                "its non-zero pages: refused at the first byte beyond")
+        return out
+
+
+def _check_ascending(pages: list[int]) -> None:
+    """A batch names each page once, in ascending order (what the contract says,
+    and what keeps a batch from naming one page a million times)."""
+    for i in range(1, len(pages)):
+        if pages[i] <= pages[i - 1]:
+            p, prev = pages[i], pages[i - 1]
+            what = f"names page {p} twice" if p == prev else f"names page {p} after page {prev}"
+            raise ProtocolError(f"batch {what} (entry {i}): a batch's pages must be strictly ascending")
 
 
 DEMAND_MAGIC = b"MGDEMAND"   # opens the demand channel
