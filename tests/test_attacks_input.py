@@ -88,15 +88,15 @@ def refused_batch(lm: LocalMigration, batch: pb.PageBatch, rss_slack: int = RSS_
     ch, stub, welcome = open_session(lm)
     peak = PeakRss(lm)
     with pytest.raises(grpc.RpcError) as ei:
-        push(stub, welcome.session_id, batch)
+        push(stub, welcome, batch)
     grown = peak.grown()
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT, ei.value.details()
     assert grown < rss_slack, f"the agent's peak RSS grew by {grown / M:.1f} MiB refusing the batch"
     ch.close()
     lm.dest.wait_event("disconnected", 30)
     ch2 = channel(lm.address, "test-finish")
-    fin = pbg.MigrationStub(ch2).Finish(pb.FinishRequest(session_id=welcome.session_id, timeout_seconds=1),
-                                        timeout=30)
+    fin = pbg.MigrationStub(ch2).Finish(pb.FinishRequest(session_id=welcome.session_id, token=welcome.demand_token,
+                                                         timeout_seconds=1), timeout=30)
     ch2.close()
     assert not fin.complete
     assert fin.error == (f"migration is disconnected with 0 of {NPAGES} pages received (the source was "
@@ -168,7 +168,7 @@ def test_message_larger_than_the_server_takes(waiting):
     batch = pb.PageBatch(pages=range(n), zero=bytes((n + 7) // 8), raw_length=n * 4096, data=os.urandom(n * 4096))
     size = batch.ByteSize()
     with pytest.raises(grpc.RpcError) as ei:
-        push(stub, welcome.session_id, batch)
+        push(stub, welcome, batch)
     assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert ei.value.details() == f"SERVER: Received message larger than max ({size} vs. {MAX_REQUEST})"
     # (what gRPC held of it, and nothing more)

@@ -350,7 +350,7 @@ def fuzz_push(lm: LocalMigration) -> None:
         ch, stub, welcome = open_session(lm)
         try:
             with pytest.raises(grpc.RpcError) as ei:
-                push(stub, welcome.session_id, batch)
+                push(stub, welcome, batch)
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert_batch_refusal(ei.value.details())
         finally:
@@ -443,7 +443,8 @@ def fuzz_raw(lm: LocalMigration) -> None:
 
 
 def fuzz_device_state(lm: LocalMigration) -> None:
-    """This agent has no --qmp: every stream is refused, whatever it carries."""
+    """Every stream is refused before anything else is said, whatever it
+    carries: it names no session it holds the token of."""
     ch = channel(lm.address, "fuzz-devstate")
     stub = pbg.MigrationStub(ch)
 
@@ -453,7 +454,13 @@ def fuzz_device_state(lm: LocalMigration) -> None:
         RAN["device_state"] += 1
         with pytest.raises(grpc.RpcError) as ei:
             stub.DeviceState(iter([pb.DeviceStateChunk(session_id=s, data=d) for s, d in chunks]), timeout=30)
-        assert ei.value.details() == "this destination was started without --qmp: it takes no device state"
+        # no stream gets as far as the missing --qmp: a stream must first name
+        # a session and carry its token (migrate.dest.state), and none of
+        # these knows one
+        first = next((s for s, _ in chunks), "")
+        expected = ("first DeviceState chunk must name the session" if not first
+                    else f"unknown session {first!r}: call Open first")
+        assert ei.value.details() == expected
 
     try:
         one()
