@@ -18,6 +18,7 @@ import time
 from migrate.dest import faultspace
 from migrate.dest.attach import AttachListener
 from migrate.wire.attach import AttachProbe
+from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig
 from migrate.errors import AttachError, MigrateError, fmt_size
 from migrate.proto import migration_pb2 as pb
@@ -29,6 +30,7 @@ from migrate.dest.session import Migration
 from migrate.dest.state import SERVED, WAITING
 
 
+RAW_HANDSHAKE_TIMEOUT = 10.0   # s: a raw channel's TLS handshake, before its hello
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
 
 
@@ -40,6 +42,9 @@ class Destination:
                  source_timeout: float = 0, tls: TlsConfig | None = None):
         self.reporter = reporter
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
+        # the raw channels' TLS context (the credentials are loaded here: a
+        # bad file fails the agent before it listens)
+        self.raw_tls = RawTls(tls, server=True) if tls is not None else None
         self.prepare = prepare
         self.source_timeout = source_timeout
         self.serve_forever = serve_forever
@@ -85,7 +90,22 @@ class Destination:
                 return
             threading.Thread(target=self._demand_hello, args=(conn, peer), daemon=True).start()
 
+    def _raw_handshake(self, conn: socket.socket, peer) -> socket.socket | None:
+        """TLS first on a raw channel, when the agent has credentials: the
+        hello then goes inside it. None when refused (reported, closed)."""
+        try:
+            conn = self.raw_tls.handshake(conn, timeout=RAW_HANDSHAKE_TIMEOUT)
+        except TlsError as e:
+            self.reporter.event("error", f"channel from {peer}: {e}")
+            conn.close()
+            return None
+        who = conn.peer_subject()
+        self.reporter.event("tls", f"channel from {peer}: TLS 1.3, source certificate {who}", source=who)
+        return conn
+
     def _demand_hello(self, conn: socket.socket, peer) -> None:
+        if self.raw_tls is not None and (conn := self._raw_handshake(conn, peer)) is None:
+            return
         conn.settimeout(10)
         try:
             hello = b""
