@@ -61,6 +61,7 @@ typedef struct bio_method_st BIO_METHOD;
     X(ssl, int, SSL_CTX_load_verify_locations, (SSL_CTX *, const char *, const char *)) \
     X(ssl, void, SSL_CTX_set_verify, (SSL_CTX *, int, void *)) \
     X(ssl, int, SSL_CTX_set_num_tickets, (SSL_CTX *, size_t)) \
+    X(ssl, int, SSL_CTX_set_ciphersuites, (SSL_CTX *, const char *)) \
     X(ssl, void, SSL_CTX_set_default_read_buffer_len, (SSL_CTX *, size_t)) \
     X(ssl, SSL *, SSL_new, (SSL_CTX *)) \
     X(ssl, void, SSL_free, (SSL *)) \
@@ -204,6 +205,8 @@ struct mg_tls_ctx *mg_tls_ctx_new(int server, const char *cert, const char *key,
     }
     F.SSL_CTX_ctrl(ctx, SSL_CTRL_SET_MIN_PROTO_VERSION, TLS1_3_VERSION, NULL);
     F.SSL_CTX_ctrl(ctx, SSL_CTRL_SET_MAX_PROTO_VERSION, TLS1_3_VERSION, NULL);
+    /* AES-128-GCM first: the fastest with AES-NI (the others stay allowed) */
+    F.SSL_CTX_set_ciphersuites(ctx, "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256");
     /* both ends present a certificate, and both verify the other's */
     F.SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
     /* a write returns once a record is out (wire.c advances its iovecs by it) */
@@ -286,17 +289,12 @@ static int bio_write(BIO *b, const char *buf, int len)
 {
     struct mg_tls *t = F.BIO_get_data(b);
     F.BIO_clear_flags(b, BIO_FLAGS_RWS | BIO_FLAGS_SHOULD_RETRY);
-    if (t->wlen + (size_t)len > WBUF) {
-        int rc = wbuf_send(t);
-        if (rc < 0)
-            return -1;
-        if (t->woff) {      /* part sent: move the rest to the front */
-            memmove(t->wbuf, t->wbuf + t->woff, t->wlen - t->woff);
-            t->wlen -= t->woff;
-            t->woff = 0;
-        }
-    }
-    size_t room = WBUF - t->wlen, n = (size_t)len < room ? (size_t)len : room;
+    /* Full, or part sent already: it is sent whole before more goes in (no
+     * copying of what is left to the front; the socket takes a buffer at a
+     * time). */
+    if ((t->woff || t->wlen + (size_t)len > WBUF) && wbuf_send(t) < 0)
+        return -1;
+    size_t room = t->woff ? 0 : WBUF - t->wlen, n = (size_t)len < room ? (size_t)len : room;
     if (!n) {
         F.BIO_set_flags(b, BIO_FLAGS_WRITE | BIO_FLAGS_SHOULD_RETRY);
         return -1;

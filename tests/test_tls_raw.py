@@ -3,7 +3,7 @@ migrate.wire.rawtls): whole migrations over TLS that the guest verifies, and
 each refusal with its whole message: a wrong CA, an expired certificate, a
 source name not allowed, plaintext to a TLS channel, TLS to a plaintext one.
 
-The agents take their TlsConfig through tests/helpers/raw_tls_agent.py (a
+The agents take their TlsConfig through benchmarks/tls_agent.py (a
 TlsConfig handed to Destination and Source) until the command line has the
 --tls-* flags; the refusals are checked against a Destination in this process,
 on its raw channel port."""
@@ -29,7 +29,7 @@ from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig
 
 M = 1 << 20
-HARNESS = os.path.join(os.path.dirname(__file__), "helpers", "raw_tls_agent.py")
+HARNESS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "tls_agent.py")
 
 
 @pytest.fixture(scope="module")

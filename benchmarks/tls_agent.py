@@ -1,6 +1,7 @@
 """Runs `python -m migrate ...` with a TlsConfig given to the agent's
-Destination or Source, for the raw-channel TLS tests, until the agents take
---tls-cert/--tls-key/--tls-ca on the command line.
+Destination or Source: the benchmark's TLS scenarios and tests/test_tls_raw.py
+run their agents through it, until the agents take --tls-cert/--tls-key/
+--tls-ca on the command line.
 
     python raw_tls_agent.py TLS_JSON python -m migrate dest ...
 
