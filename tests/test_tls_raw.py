@@ -20,6 +20,7 @@ import threading
 
 import pytest
 from conftest import need_backing
+from test_e2e import SLOW_SOURCE, finish_with_a_new_source, wait_until_received
 
 from migrate.dest.agent import Destination
 from migrate.sim.localrun import LocalMigration, Proc
@@ -132,6 +133,28 @@ def test_a_migration_over_tls_raw_channels_verifies(tmp_path, host, huge_pages, 
     streams = next(e["streams"] for e in lm.source.lines if e["event"] == "push")
     assert len(tls) == 1 + streams, tls
     assert {e["source"] for e in tls} == {"/CN=src.test"}
+
+
+@pytest.mark.timeout(180)
+def test_a_source_killed_mid_migration_over_tls_then_a_new_one_resumes(tmp_path, host, pki):
+    """A TLS channel cut mid-stream ends as a plaintext one does: the
+    destination waits, and a new source, with TLS channels of its own,
+    finishes; the guest verifies every byte."""
+    with TlsLocalMigration(str(tmp_path), 256 * M, seed=5, pattern="random", vcpus=2,
+                           source_args=(*SLOW_SOURCE, "--transport", "raw"),
+                           dest_cfg=dest_tls(pki), source_cfg=source_tls(pki)) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first = lm.start_source()
+        lm.start_guest()
+        wait_until_received(lm, 20)
+        first.p.kill()
+        first.p.wait(10)
+        ev = lm.dest.wait_event("disconnected", 30)
+        assert 0 < ev["received"] < ev["total"]
+        finish_with_a_new_source(lm)
+        # two sources, each with a demand channel and one push stream, all TLS
+        assert [e["source"] for e in lm.dest.lines if e["event"] == "tls"] == ["/CN=src.test"] * 4
 
 
 # -- refusals, against a Destination's raw channel port ------------------------
