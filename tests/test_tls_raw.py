@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import os
 import socket
@@ -302,3 +303,47 @@ def test_credentials_that_cannot_be_loaded_are_named(tmp_path, pki):
         RawTls(TlsConfig(g["dest.test"], g["src.test.key"], g["ca"]), server=True)
     assert str(e.value) == (f"--tls-key {g['src.test.key']}: key values mismatch (it must be the key of "
                             f"--tls-cert {g['dest.test']})")
+
+
+@pytest.mark.timeout(60)
+def test_a_peer_that_never_starts_the_handshake_is_dropped_at_the_deadline(agent, monkeypatch):
+    from migrate.dest import agent as agent_module
+    monkeypatch.setattr(agent_module, "RAW_HANDSHAKE_TIMEOUT", 0.5)
+    d, events = agent
+    sock = _connect(d)
+    msg = events.wait("error")
+    peer = msg[len("channel from "):msg.index(": ")]
+    assert msg == f"channel from {peer}: TLS handshake: no answer from the source within 0.5 s"
+    assert sock.recv(1) == b""   # and the connection was closed
+    sock.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_closed_tls_socket_leaves_its_fd_number_plain(pki):
+    """The session is bound to the fd until close: a later socket given the
+    same number is plaintext to the C channel loops."""
+    from migrate._binding import ffi, lib
+    a, b = socket.socketpair()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("s", RawTls(dest_tls(pki, allow=()), server=True)
+                                                        .handshake(a, 5)))
+    t.start()
+    c = RawTls(source_tls(pki), server=False).handshake(b, 5)
+    t.join()
+    s = out["s"]
+    subject = ffi.new("char[]", 256)
+    fd = c.fileno()
+    assert lib.mg_tls_peer_subject(fd, subject, 256) == 0 and ffi.string(subject) == b"/CN=dest.test"
+    assert s.peer_subject() == "/CN=src.test"
+    c.sendall(b"hello")
+    assert s.recv(5) == b"hello"
+    c.close()
+    plain = []
+    try:
+        while not plain or plain[-1].fileno() != fd:   # the lowest free number comes first
+            assert len(plain) < 64
+            plain.append(socket.socket())
+        assert lib.mg_tls_peer_subject(fd, subject, 256) == -errno.EBADF
+    finally:
+        for sock in (*plain, s):
+            sock.close()
