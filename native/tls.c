@@ -651,6 +651,8 @@ int mg_tls_handshake(struct mg_tls_ctx *c, int fd, const char *peer_name, const 
         if (rc < 0)
             goto out;
     }
+    if (!c->server)
+        *stage = MG_TLS_STAGE_ACCEPT;
     rc = accepted(t, c->server, deadline, why, why_len);
     if (rc < 0)
         goto out;

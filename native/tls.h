@@ -48,6 +48,7 @@ void mg_tls_ctx_free(struct mg_tls_ctx *c);
 #define MG_TLS_STAGE_HANDSHAKE 1    /* the TLS handshake itself (protocol, alerts, the peer closed) */
 #define MG_TLS_STAGE_VERIFY 2       /* the peer's certificate did not verify (why: OpenSSL's verdict) */
 #define MG_TLS_STAGE_NAME 3         /* it verified, but names none of the allowed (why: its subject) */
+#define MG_TLS_STAGE_ACCEPT 4       /* client: the handshake was done, then the server did not accept it */
 
 /* The TLS handshake on connected socket fd, within timeout_ms. Client
  * (source): the server's certificate must carry peer_name (DNS SAN, or an IP

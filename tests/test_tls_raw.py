@@ -221,9 +221,10 @@ def _source_handshake(d: Destination, cfg: TlsConfig) -> str:
 @pytest.mark.timeout(60)
 def test_a_source_whose_certificate_another_ca_signed_is_refused(agent, pki):
     d, events = agent
-    said = _source_handshake(d, source_tls(pki, "rogue"))
-    assert said.startswith("TLS handshake with the destination failed: ")
-    assert said.endswith(" (does it serve TLS, with a certificate of --tls-ca?)")
+    cfg = source_tls(pki, "rogue")
+    said = _source_handshake(d, cfg)
+    assert said == ("TLS handshake: the destination refused it with the alert \"decrypt error\" (does it trust the "
+                    f"CA that signed --tls-cert {cfg.cert}, and is that certificate valid now?)")
     msg = events.wait("error")
     peer = msg[len("channel from "):msg.index(": ")]
     # (both CAs are called "migrate CA": OpenSSL finds the issuer by name, and its signature fails)
@@ -234,17 +235,24 @@ def test_a_source_whose_certificate_another_ca_signed_is_refused(agent, pki):
 @pytest.mark.timeout(60)
 def test_a_destination_whose_certificate_another_ca_signed_is_refused(agent, pki):
     """The source checks the destination's certificate against its own CA."""
-    d, _ = agent
+    d, events = agent
     said = _source_handshake(d, source_tls(pki, "rogue", ca=pki["rogue"]["ca"]))
     assert said == (f"TLS handshake: the destination's certificate was refused: certificate signature failure "
                     f"(checked against --tls-ca {pki['rogue']['ca']})")
+    msg = events.wait("error")
+    peer = msg[len("channel from "):msg.index(": ")]
+    assert msg == (f"channel from {peer}: TLS handshake: the source refused it with the alert \"decrypt error\" "
+                   f"(does it trust the CA that signed --tls-cert {pki['good']['dest.test']}, and is that "
+                   "certificate valid now?)")
 
 
 @pytest.mark.timeout(60)
 def test_an_expired_source_certificate_is_refused(agent, pki):
     d, events = agent
-    said = _source_handshake(d, source_tls(pki, "expired"))
-    assert said.startswith("TLS handshake with the destination failed: ")
+    cfg = source_tls(pki, "expired")
+    said = _source_handshake(d, cfg)
+    assert said == ("TLS handshake: the destination refused it with the alert \"certificate expired\" (does it "
+                    f"trust the CA that signed --tls-cert {cfg.cert}, and is that certificate valid now?)")
     msg = events.wait("error")
     peer = msg[len("channel from "):msg.index(": ")]
     assert msg == (f"channel from {peer}: TLS handshake: the source's certificate was refused: certificate has "
@@ -254,9 +262,10 @@ def test_an_expired_source_certificate_is_refused(agent, pki):
 @pytest.mark.timeout(60)
 def test_a_source_name_not_allowed_is_refused(agent, pki):
     d, events = agent
-    said = _source_handshake(d, source_tls(pki, name="other.test"))
-    assert said == "TLS handshake: the destination closed the connection (does it serve TLS, with a certificate " \
-                   "of --tls-ca?)"
+    cfg = source_tls(pki, name="other.test")
+    said = _source_handshake(d, cfg)
+    assert said == ("TLS handshake: the destination closed the connection without accepting this source (is the "
+                    f"name in --tls-cert {cfg.cert} one of its --allow-source?)")
     msg = events.wait("error")
     peer = msg[len("channel from "):msg.index(": ")]
     assert msg == (f"channel from {peer}: TLS handshake: the source's certificate (/CN=other.test) names none of "

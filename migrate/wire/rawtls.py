@@ -76,6 +76,14 @@ class RawTls:
         if err == errno.EPROTO and stage == lib.MG_TLS_STAGE_NAME:
             return (f"TLS handshake: {peer}'s certificate ({why}) names none of --allow-source "
                     f"{', '.join(self.cfg.allow)}")
+        if " alert " in why:
+            # the peer refused us: OpenSSL names the alert it sent ("sslv3 alert certificate expired")
+            alert = why.split(" alert ", 1)[1]
+            return (f"TLS handshake: {peer} refused it with the alert \"{alert}\" (does it trust the CA that "
+                    f"signed --tls-cert {self.cfg.cert}, and is that certificate valid now?)")
+        if stage == lib.MG_TLS_STAGE_ACCEPT and err in (errno.ECONNRESET, errno.EPIPE):
+            return (f"TLS handshake: {peer} closed the connection without accepting this source (is the name "
+                    f"in --tls-cert {self.cfg.cert} one of its --allow-source?)")
         if err == errno.EPROTO:
             return f"TLS handshake with {peer} failed: {why} (does it serve TLS, with a certificate of --tls-ca?)"
         if err in (errno.ECONNRESET, errno.EPIPE):
