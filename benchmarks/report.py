@@ -25,13 +25,20 @@ TARGETS = {
     "qemu_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: total migration time, this engine / QEMU's own post-copy"),
     "qemu_guest_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: guest's time to read all its memory after the switch, "
                                     "this engine / QEMU's own post-copy"),
+    "tls_push_ratio": (">=", 0.7, "background GB/s of guest RAM, all-random content: raw channels over TLS / "
+                                  "plaintext, same run"),
+    "tls_demand_p50_ratio": ("<=", 1.3, "4 KiB demand fault p50 (dest, push running): raw channels over TLS / "
+                                        "plaintext, same run"),
     "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
 }
 
 
 def _pick(results: list[dict], **want) -> dict | None:
-    """The largest successful scenario with these fields."""
-    hits = [r for r in results if r.get("ok") and all(r.get(k) == v for k, v in want.items())]
+    """The largest successful scenario with these fields (plaintext unless
+    tls=True is asked for: results from before TLS have no tls field)."""
+    want = {"tls": False, **want}
+    hits = [r for r in results if r.get("ok") and all(r.get(k, False if k == "tls" else None) == v
+                                                      for k, v in want.items())]
     return max(hits, key=lambda r: r["size"]) if hits else None
 
 
@@ -81,6 +88,18 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
             reps = run.get("push_gbps_reps")
             src[key] = (run["scenario"] + " guest RAM / dest push_s (push channel open to last page)"
                         + (f", best of {', '.join(str(x) for x in reps)} GB/s" if reps else ""))
+    # TLS on the raw channels against the same scenario in plaintext, both
+    # measured in this run (best of their repetitions, as for the floors)
+    for key, want, metric, what in (
+            ("tls_push_ratio", dict(pattern="idle", content="random"),
+             lambda run: run.get("push_gbps") or run["ram_gbps"], "push GB/s"),
+            ("tls_demand_p50_ratio", dict(pattern="random", content="typical"),
+             lambda run: run["dest"].get("fault_p50_us"), "dest fault_p50_us")):
+        plain = _pick(results, backing="tmpfs", vcpus=1, placement="continue", **want)
+        tls = _pick(results, backing="tmpfs", vcpus=1, placement="continue", tls=True, **want)
+        if plain and tls and tls["size"] == plain["size"]:
+            r[key] = _div(metric(tls), metric(plain))
+            src[key] = f"{tls['scenario']} / {plain['scenario']}, {what} ({metric(tls)} / {metric(plain)})"
     c2, p2 = f.get("c_continue_2m"), f.get("c_copy_2m")
     if c2 and p2:
         # placement alone: the ioctl with DONTWAKE (waking the faulting thread

@@ -47,11 +47,12 @@ class Scenario:
     vcpus: int = 1
     content: str = "typical"        # typical (30% zero, 40% text, 30% random) or random (all random)
     placement: str = "continue"     # continue (MINOR + CONTINUE) or copy (MISSING + COPY)
+    tls: bool = False               # the raw demand and push channels over mutual TLS 1.3
 
     @property
     def name(self) -> str:
         return (f"{self.backing}-{_fmt(self.size)}-{self.pattern}-{self.vcpus}v-{self.content}-"
-                f"{self.placement}")
+                f"{self.placement}" + ("-tls" if self.tls else ""))
 
     @property
     def page_size(self) -> int:
@@ -75,6 +76,9 @@ def quick_set() -> list[Scenario]:
         Scenario("tmpfs", G, "seq", 1, "typical", "continue"),      # seq_fault_fraction
         Scenario("tmpfs", G, "idle", 1, "typical", "continue"),     # push, typical content
         Scenario("tmpfs", G, "idle", 1, "random", "continue"),      # push, incompressible
+        # the same two over TLS: tls_demand_p50_ratio, tls_push_ratio
+        Scenario("tmpfs", G, "random", 1, "typical", "continue", tls=True),
+        Scenario("tmpfs", G, "idle", 1, "random", "continue", tls=True),
         Scenario("tmpfs", G, "hotset", 1, "typical", "continue"),
         Scenario("hugetlbfs", 256 << 20, "random", 1, "typical", "continue"),
         Scenario("hugetlbfs", 256 << 20, "random", 1, "random", "continue"),   # no zero blocks to leave out
@@ -97,6 +101,9 @@ def full_set() -> list[Scenario]:
             variants.append(Scenario(backing, size, placement="copy"))
             variants.append(Scenario(backing, size, "idle", content="random"))
             variants.append(Scenario(backing, size, "seq", placement="copy"))
+            if backing == "tmpfs" and size == 1 << 30:   # the TLS ratios' pair to the plaintext base
+                variants.append(Scenario(backing, size, tls=True))
+                variants.append(Scenario(backing, size, "idle", content="random", tls=True))
             out += variants
     return out
 
@@ -173,6 +180,16 @@ class BenchMigration(LocalMigration):
                          zero_fraction=zero, random_fraction=rand, placement=sc.placement,
                          source_args=source_args, image=image)
         self.sc = sc
+        # TLS scenarios: a CA and a certificate per agent, in the scenario's
+        # workdir, given to the agents as their --tls-* flags
+        self.tls: dict = {}
+        if sc.tls:
+            from migrate.wire.certs import write_certs
+            from migrate.wire.tls import TlsConfig
+            c = write_certs(os.path.join(workdir, "pki"), ["dest.bench", "source.bench"])
+            self.tls = {"dest": TlsConfig(c["dest.bench"], c["dest.bench.key"], c["ca"], allow=("source.bench",)),
+                        "source": TlsConfig(c["source.bench"], c["source.bench.key"], c["ca"],
+                                            peer_name="dest.bench")}
         self.lat_path = os.path.join(workdir, "lat.u32")
         self.timeline_path = os.path.join(workdir, "timeline.json")
         self.watch = Watch()
@@ -234,6 +251,12 @@ class BenchMigration(LocalMigration):
         out["peak_hwm_mib"] = {k: round(v / 1024, 1) for k, v in self.watch.hwm_kib.items()}
         out["dest_events"] = [e for e in self.dest.lines if e.get("event") not in ("summary",)]
         return out
+
+    def _spawn(self, name, args, prefix: tuple = ()) -> Proc:
+        cfg = self.tls.get(name)
+        if cfg is not None:
+            args = [*args, *cfg.flags(name)]
+        return super()._spawn(name, args, prefix)
 
     def close(self):
         self.watch.close()

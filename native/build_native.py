@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Below: what is shared, the wire, the destination's side, the source's side,
 # the simulated guest.
 CONCEPTS = ["version", "uffd", "mem", "scm", "bitmap",
-            "wire",
+            "wire", "tls",
             "dest_space", "dest_demand", "dest_push",
             "src_ram", "src_demand", "src_push",
             "pattern", "guestsim"]
@@ -41,7 +41,7 @@ ffibuilder.set_source(
     sources=[os.path.relpath(os.path.join(HERE, s)) for s in SOURCES],
     include_dirs=[os.path.relpath(HERE)],
     extra_compile_args=["-O2", "-std=gnu11", "-Wall"],
-    libraries=["pthread"],
+    libraries=["pthread", "dl"],
 )
 
 if __name__ == "__main__":

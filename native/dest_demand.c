@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "dest_demand.h"
 #include "bitmap.h"
+#include "tls.h"
 
 #include <errno.h>
 #include <string.h>
@@ -18,25 +19,29 @@ int read_sparse(const struct wire_end *e, const struct mg_space *s, uint8_t *dst
     return wire_readv_rest(e, iov, niov);
 }
 
-static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, struct sparse_buf *sb);
+static int demand_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop_fd, uint8_t *scratch,
+                          struct sparse_buf *sb);
 
 int mg_demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
     struct sparse_buf sb = { NULL, NULL };
+    struct mg_tls *tls = mg_tls_get(fd);   /* the channel's TLS session for the call, or NULL */
     int rc = s->block_size && s->page_size > s->block_size ? sparse_alloc(&sb, s->page_size / s->block_size) : 0;
     if (rc == 0)
-        rc = demand_receive(s, fd, stop_fd, scratch, &sb);
+        rc = demand_receive(s, fd, tls, stop_fd, scratch, &sb);
     sparse_free(&sb);
+    mg_tls_put(tls);
     return rc;
 }
 
-static int demand_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch, struct sparse_buf *sb)
+static int demand_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop_fd, uint8_t *scratch,
+                          struct sparse_buf *sb)
 {
     uint64_t ps = s->page_size, nb = sb->bits ? ps / s->block_size : 0;
     uint8_t *bits = sb->bits;
     struct place_target t = place_target(s, PLACER_PAGE);
     /* large pages: while a vCPU waits, poll for its reply rather than sleep */
-    struct wire_end e = { .fd = fd, .stop_fd = stop_fd,
+    struct wire_end e = { .fd = fd, .tls = tls, .stop_fd = stop_fd,
                           .spin = ps > MG_YIELD_PAGE_SIZE ? &s->demand_waiting : NULL };
     for (;;) {
         struct reply_header h;

@@ -2,6 +2,7 @@
 #include "dest_push.h"
 #include "dest_demand.h"
 #include "bitmap.h"
+#include "tls.h"
 #include "wire.h"
 
 #include <errno.h>
@@ -97,7 +98,7 @@ static int read_sparse_run(const struct wire_end *e, const struct run *r, struct
     const struct mg_space *s = r->t->s;
     uint64_t nb = s->page_size / s->block_size;
     /* a block bitmap is read whole, the blocks as the run's payload */
-    struct wire_end head = { .fd = e->fd, .stop_fd = e->stop_fd };
+    struct wire_end head = { .fd = e->fd, .tls = e->tls, .stop_fd = e->stop_fd };
     for (uint32_t i = 0; i < r->h.count; i++) {
         if (run_zero(r, i))
             continue;
@@ -147,7 +148,8 @@ static int place_run(const struct run *r)
     return 0;
 }
 
-static int push_receive(struct mg_space *s, int fd, int stop_fd, struct run *r, struct sparse_buf *blocks);
+static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop_fd, struct run *r,
+                        struct sparse_buf *blocks);
 
 int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
@@ -155,26 +157,29 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
     struct place_target t = place_target(s, PLACER_RUN);
     struct run r = { .t = &t, .scratch = scratch };
     struct sparse_buf sb = { NULL, NULL };
+    struct mg_tls *tls = mg_tls_get(fd);   /* the channel's TLS session for the call, or NULL */
     int rc = 0;
     if (t.staged && !(r.staging = malloc(ps * MG_PUSH_MAX_RUN)))
         rc = -ENOMEM;
     if (rc == 0 && s->block_size && ps > s->block_size)
         rc = sparse_alloc(&sb, ps / s->block_size);
     if (rc == 0)
-        rc = push_receive(s, fd, stop_fd, &r, sb.bits ? &sb : NULL);
+        rc = push_receive(s, fd, tls, stop_fd, &r, sb.bits ? &sb : NULL);
     sparse_free(&sb);
     free(r.staging);
+    mg_tls_put(tls);
     return rc;
 }
 
-static int push_receive(struct mg_space *s, int fd, int stop_fd, struct run *r, struct sparse_buf *blocks)
+static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop_fd, struct run *r,
+                        struct sparse_buf *blocks)
 {
     uint64_t ps = s->page_size;
     struct iovec iov[MG_PUSH_MAX_RUN];
     /* a run's header and bitmap are read whole; its pages in chunks, holding
      * back (large pages) while a demand reply is outstanding */
-    struct wire_end head = { .fd = fd, .stop_fd = stop_fd };
-    struct wire_end payload = { .fd = fd, .stop_fd = stop_fd, .chunked = 1,
+    struct wire_end head = { .fd = fd, .tls = tls, .stop_fd = stop_fd };
+    struct wire_end payload = { .fd = fd, .tls = tls, .stop_fd = stop_fd, .chunked = 1,
                                 .hold = ps > MG_YIELD_PAGE_SIZE ? run_should_hold : NULL, .hold_ctx = r };
     for (;;) {
         /* between runs, when this thread has claimed nothing: a claimed page

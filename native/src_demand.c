@@ -2,12 +2,13 @@
 #include "src_demand.h"
 #include "bitmap.h"
 #include "mem.h"
+#include "tls.h"
 #include "wire.h"
 
 #include <errno.h>
 #include <string.h>
 
-static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf *sb)
+static int send_reply(struct mg_demand_src *d, struct mg_tls *tls, uint64_t page, struct sparse_buf *sb)
 {
     const struct mg_src_ram *r = d->ram;
     uint64_t ps = r->page_size, bs = r->block_size;
@@ -51,7 +52,7 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
         payload = 0;
     }
     /* a reply goes whole: the demand path never holds back */
-    struct wire_end e = { .fd = d->fd, .stop_fd = -1 };
+    struct wire_end e = { .fd = d->fd, .tls = tls, .stop_fd = -1 };
     int rc = wire_writev(&e, iov, niov);
     if (rc < 0)
         return rc;
@@ -63,23 +64,25 @@ static int send_reply(struct mg_demand_src *d, uint64_t page, struct sparse_buf 
     return 0;
 }
 
-static int demand_serve(struct mg_demand_src *d, int stop_fd, struct sparse_buf *sb);
+static int demand_serve(struct mg_demand_src *d, struct mg_tls *tls, int stop_fd, struct sparse_buf *sb);
 
 int mg_demand_serve(struct mg_demand_src *d, int stop_fd)
 {
     const struct mg_src_ram *r = d->ram;
     struct sparse_buf sb = { NULL, NULL };
+    struct mg_tls *tls = mg_tls_get(d->fd);   /* the channel's TLS session for the call, or NULL */
     int rc = src_sparse(r) ? sparse_alloc(&sb, r->page_size / r->block_size) : 0;
     if (rc == 0)
-        rc = demand_serve(d, stop_fd, &sb);
+        rc = demand_serve(d, tls, stop_fd, &sb);
     sparse_free(&sb);
+    mg_tls_put(tls);
     return rc;
 }
 
-static int demand_serve(struct mg_demand_src *d, int stop_fd, struct sparse_buf *sb)
+static int demand_serve(struct mg_demand_src *d, struct mg_tls *tls, int stop_fd, struct sparse_buf *sb)
 {
     const struct mg_src_ram *r = d->ram;
-    struct wire_end e = { .fd = d->fd, .stop_fd = stop_fd };
+    struct wire_end e = { .fd = d->fd, .tls = tls, .stop_fd = stop_fd };
     uint64_t req[64];
     uint64_t have = 0;     /* bytes of req filled */
     uint64_t ahead_end = 0; /* pages before this were read ahead after the last request */
@@ -98,7 +101,7 @@ static int demand_serve(struct mg_demand_src *d, int stop_fd, struct sparse_buf 
             int big = r->page_size > MG_YIELD_PAGE_SIZE;
             if (big)
                 __atomic_store_n(&d->busy, 1, __ATOMIC_RELEASE);
-            int rc = send_reply(d, page, sb);
+            int rc = send_reply(d, tls, page, sb);
             if (big)
                 __atomic_store_n(&d->busy, 0, __ATOMIC_RELEASE);
             if (rc < 0)
@@ -121,7 +124,7 @@ static int demand_serve(struct mg_demand_src *d, int stop_fd, struct sparse_buf 
             for (uint64_t p = page + 1; p < end && have - (i + 1) * 8 < 8; p++) {
                 if (test_bit(d->sent, p))
                     continue;
-                rc = send_reply(d, p, sb);
+                rc = send_reply(d, tls, p, sb);
                 if (rc < 0)
                     return rc;
                 d->readahead++;

@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "src_push.h"
 #include "mem.h"
+#include "tls.h"
 #include "wire.h"
 
 #include <errno.h>
@@ -102,7 +103,8 @@ int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint6
     int sparse = src_sparse(ram);
     /* chunked: at most 64 iovecs and MG_HOLD_CHUNK bytes per writev; large
      * pages wait on the demand server's busy flag before each */
-    struct wire_end e = { .fd = fd, .stop_fd = -1, .chunked = 1,
+    struct mg_tls *tls = mg_tls_get(fd);   /* the channel's TLS session for the call, or NULL */
+    struct wire_end e = { .fd = fd, .tls = tls, .stop_fd = -1, .chunked = 1,
                           .hold = ram->page_size > MG_YIELD_PAGE_SIZE && hold ? hold_flag : NULL,
                           .hold_ctx = hold };
     for (uint64_t i = 0; i < nruns; i++) {
@@ -111,11 +113,15 @@ int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint6
             uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
             int rc = sparse ? send_sparse_run(&e, ram, first, count, &payload)
                             : send_run(&e, ram, first, count, &payload);
-            if (rc < 0)
-                return rc;
+            if (rc < 0) {
+                payload = rc;
+                goto out;
+            }
             first += count;
             left -= count;
         }
     }
+out:
+    mg_tls_put(tls);
     return payload;
 }

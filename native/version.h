@@ -3,7 +3,7 @@
 #define MIGRATE_VERSION_H
 
 /* cdef-begin */
-#define MG_NATIVE_VERSION 2
+#define MG_NATIVE_VERSION 4
 int mg_native_version(void);
 /* cdef-end */
 

@@ -148,10 +148,14 @@ void hold_while(hold_fn hold, const void *ctx);
 /* A hold_fn: ctx is a uint32_t flag, set while the push should step aside. */
 int hold_flag(const void *flag);
 
+struct mg_tls;
+
 /* One end of a channel, as one transfer uses it. A thread that owns fd keeps
  * it open for the whole call; nothing here closes it. */
 struct wire_end {
     int fd;
+    struct mg_tls *tls;     /* the channel's TLS session (tls.h: the loop took it with mg_tls_get for
+                             * the whole call), or NULL: plaintext */
     int stop_fd;            /* reads: readable means stop waiting (-ESHUTDOWN); -1: none */
     int chunked;            /* at most MG_HOLD_CHUNK bytes and 64 iovecs per syscall, asking hold before
                              * each (the push: it shares the CPU with the demand path) */
@@ -177,8 +181,9 @@ int64_t wire_read_some(const struct wire_end *e, void *buf, uint64_t len);
 /* Writes the whole iovec array: 0, or -errno. */
 int wire_writev(const struct wire_end *e, struct iovec *iov, int niov);
 /* One send of a few bytes (a demand request) that is never split: concurrent
- * writers of whole small messages do not interleave on a stream socket.
- * 1 when all of it was sent, 0 when not (the caller resends it later). */
+ * writers of whole small messages do not interleave on a stream socket (over
+ * TLS: one record, the writers take turns). 1 when all of it was sent, 0 when
+ * not (the caller resends it later). */
 int wire_send_small(int fd, const void *buf, uint64_t len);
 
 #endif

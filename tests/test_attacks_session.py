@@ -425,7 +425,7 @@ def test_a_session_answers_only_the_identity_that_opened_it(in_process, monkeypa
                                         metadata=mallory, timeout=30))
         assert (e.code(), e.details()) == (grpc.StatusCode.PERMISSION_DENIED, REFUSED.format("Finish"))
         # a raw channel whose peer certificate names mallory
-        monkeypatch.setattr(agent_module, "channel_identity", lambda conn: "mallory")
+        monkeypatch.setattr(agent_module, "channel_identity", lambda conn, owner: "mallory")
         s = raw_channel(lm, w.demand_port, DEMAND_MAGIC, token)
         assert s.recv(8) == b"", "a channel of another identity was taken"
         s.close()
@@ -448,9 +448,10 @@ def test_a_session_answers_only_the_identity_that_opened_it(in_process, monkeypa
     from migrate.source import session as source_session
     from migrate.source.ramfile import RamImage
     from migrate.source.session import Source
-    monkeypatch.setattr(agent_module, "channel_identity", lambda conn: "alice")
+    monkeypatch.setattr(agent_module, "channel_identity", lambda conn, owner: "alice")
     monkeypatch.setattr(source_session, "channel",
-                        lambda target, purpose: grpc.intercept_channel(channel(target, purpose), AsPeer("alice")))
+                        lambda target, purpose, tls=None: grpc.intercept_channel(channel(target, purpose, tls),
+                                                                                 AsPeer("alice")))
     ram = RamImage(lm.image)
     try:
         res = Source(ram, lm.address, Reporter(quiet=True), transport="grpc").run()

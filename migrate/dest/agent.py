@@ -17,6 +17,7 @@ import time
 from migrate.dest import faultspace
 from migrate.dest.attach import AttachListener
 from migrate.wire.attach import AttachProbe
+from migrate.wire.rawtls import RawTls, TlsError, TlsSocket
 from migrate.wire.tls import TlsConfig
 from migrate.errors import AttachError, MigrateError, fmt_size
 from migrate.proto import migration_pb2 as pb
@@ -28,15 +29,22 @@ from migrate.dest.session import Migration
 from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachine
 
 
+RAW_HANDSHAKE_TIMEOUT = 10.0   # s: a raw channel's TLS handshake, before its hello
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
 
 
-def channel_identity(conn) -> str | None:
-    """The name a raw channel's peer certificate carries, as
-    migrate.dest.service.peer_identity gives it for gRPC calls: a channel
-    joins a session only from the identity that opened it. None for a
-    plaintext channel (the only kind until the raw channels speak TLS)."""
-    return None
+def channel_identity(conn, owner: str | None) -> str | None:
+    """A raw channel's peer as a session owned by owner (the identity that
+    opened it over gRPC: migrate.dest.service.peer_identity) sees it: owner
+    when the channel's TLS certificate carries that name, else the
+    certificate's subject (which is no gRPC identity); None for a plaintext
+    channel, as a plaintext gRPC peer is None. A channel joins a session only
+    from the identity that opened it."""
+    if not isinstance(conn, TlsSocket):
+        return None
+    if owner is not None and conn.peer_is(owner):
+        return owner
+    return conn.peer_subject()
 
 
 class Destination:
@@ -47,6 +55,9 @@ class Destination:
                  source_timeout: float = 0, tls: TlsConfig | None = None, attach_uids: tuple[int, ...] = ()):
         self.reporter = reporter
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
+        # the raw channels' TLS context (the credentials are loaded here: a
+        # bad file fails the agent before it listens)
+        self.raw_tls = RawTls(tls, server=True) if tls is not None else None
         self.prepare = prepare
         self.source_timeout = source_timeout
         self.serve_forever = serve_forever
@@ -93,7 +104,22 @@ class Destination:
                 return
             threading.Thread(target=self._demand_hello, args=(conn, peer), daemon=True).start()
 
+    def _raw_handshake(self, conn: socket.socket, peer) -> socket.socket | None:
+        """TLS first on a raw channel, when the agent has credentials: the
+        hello then goes inside it. None when refused (reported, closed)."""
+        try:
+            conn = self.raw_tls.handshake(conn, timeout=RAW_HANDSHAKE_TIMEOUT)
+        except TlsError as e:
+            self.reporter.event("error", f"channel from {peer}: {e}")
+            conn.close()
+            return None
+        who = conn.peer_subject()
+        self.reporter.event("tls", f"channel from {peer}: TLS 1.3, source certificate {who}", source=who)
+        return conn
+
     def _demand_hello(self, conn: socket.socket, peer) -> None:
+        if self.raw_tls is not None and (conn := self._raw_handshake(conn, peer)) is None:
+            return
         conn.settimeout(10)
         try:
             hello = b""
@@ -108,7 +134,7 @@ class Destination:
             conn.close()
             return
         magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
-        m = self._channel_session(token, channel_identity(conn))
+        m = self._channel_session(token, conn)
         if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
             self.reporter.event("error", f"channel from {peer} with an unknown magic or token: closed")
             conn.close()
@@ -121,12 +147,12 @@ class Destination:
         else:
             m.channels.attach_push(conn)
 
-    def _channel_session(self, token: bytes, identity: str | None) -> Migration | None:
+    def _channel_session(self, token: bytes, conn: socket.socket) -> Migration | None:
         """The migration whose current source a raw channel's hello token
-        belongs to (a dropped source's token opens nothing), when identity (the
-        channel's TLS peer name; None for plaintext) is the session's."""
+        belongs to (a dropped source's token opens nothing), when the channel
+        comes from the identity that opened the session (channel_identity)."""
         for m in list(self.migrations.values()):
-            if m.machine.admit(token, identity) is not None:
+            if m.machine.admit(token, channel_identity(conn, m.machine.owner)) is not None:
                 return m
         return None
 

@@ -28,6 +28,7 @@ from migrate.source.push import Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import Scheduler
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig, check_destination
 from migrate.wire.tcp import ChannelEnd, channel_end, host_of, parse_address, set_peer_timeout
 
@@ -86,6 +87,8 @@ class Source:
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None):
         self.ram = ram
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
+        # the raw channels' TLS context (the credentials are loaded here)
+        self.raw_tls = RawTls(tls, server=False) if tls is not None else None
         self.target = target
         self.reporter = reporter
         self.push_streams = max(1, push_streams)
@@ -314,6 +317,8 @@ class Source:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
             raise SourceError(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
+        if self.raw_tls is not None:
+            sock = self._raw_handshake(sock, what, host, welcome.demand_port)
         self._socks.append(sock)
         set_peer_timeout(sock, self.dest_timeout)
         if magic == DEMAND_MAGIC:
@@ -323,6 +328,15 @@ class Source:
         sock.sendall(magic + self.token)
         sock.settimeout(None)
         return sock
+
+    def _raw_handshake(self, sock: socket.socket, what: str, host: str, port: int) -> socket.socket:
+        """TLS first on a raw channel: the destination's certificate must name
+        the host dialled (or --dest-name); the hello then goes inside it."""
+        try:
+            return self.raw_tls.handshake(sock, self.connect_timeout, self.tls.peer_name or host)
+        except TlsError as e:
+            sock.close()
+            raise SourceError(f"{what} channel to {host}:{port}: {e}") from None
 
     def _channel_error(self, what: str, rc: int) -> SourceError:
         """A raw channel that ended with rc (-errno) before its work was done; a

@@ -60,6 +60,17 @@ class TlsConfig:
     # else the host of `--to`); unused by the destination
     peer_name: str = ""
 
+    def flags(self, side: str) -> list[str]:
+        """The command-line flags that give a `migrate dest` (side "dest") or
+        `migrate source` this config: what harnesses that start agents pass."""
+        out = ["--tls-cert", self.cert, "--tls-key", self.key, "--tls-ca", self.ca]
+        if side == "dest":
+            for name in self.allow:
+                out += ["--allow-source", name]
+        elif self.peer_name:
+            out += ["--dest-name", self.peer_name]
+        return out
+
     # -- checking what the command line named ---------------------------------
     def check(self) -> None:
         """Raises TlsError unless the three files are readable PEM, the key is
