@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from migrate.dest.session import Migration
 
 DEMAND_CONNECT_TIMEOUT = 15.0
+PUSH_CHANNELS = 8   # raw push channels a source may hold open: twice the streams its Welcome offers
 
 
 @contextlib.contextmanager
@@ -89,14 +90,19 @@ class Channels:
             m.guest.notify("switchover")
         threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}", daemon=True).start()
 
-    def attach_push(self, sock: socket.socket) -> None:
-        """A raw push channel of the current source: runs land in the alias from C."""
+    def attach_push(self, sock: socket.socket) -> bool:
+        """A raw push channel of the current source: runs land in the alias
+        from C. False: the source has PUSH_CHANNELS open already (the caller
+        closes this one); each holds a descriptor and a thread."""
         with self.lock:
             gen = self.m.machine.source_gen
+            if sum(g == gen for g in self.push.values()) >= PUSH_CHANNELS:
+                return False
             self.push[sock] = gen
             if self.t_push is None:
                 self.t_push = time.monotonic()
         threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}", daemon=True).start()
+        return True
 
     def _push_rx(self, sock: socket.socket, gen: int) -> None:
         m = self.m
