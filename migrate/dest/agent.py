@@ -4,7 +4,10 @@ It takes guests as they attach (migrate.dest.attach), one `Migration` each
 (migrate.dest.session), and hands each source that opens a session to the
 guest it names. The gRPC servicer (migrate.dest.service) is thin and
 delegates here. `run` is the agent's main loop: it watches the sources,
-reports progress and each migration's end, and stops on a signal.
+reports progress and each migration's end, and stops on a signal. The agent
+also owns the channel port, where each source opens its demand and raw push
+channels with a hello: every connection there is under a deadline and caps
+(ChannelDoor), and the accept loop outlives running out of descriptors.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still a
 HELLO_TIMEOUT = 10.0     # s from accept to the whole hello: a source sends it at once
 HOST_CHANNELS = 16       # connections one host may hold, waiting or open: a source opens 5 (demand + 4 push)
 ALL_CHANNELS = 64        # connections every host together may hold
-OUT_OF_FDS_PAUSE = 0.1   # s the accept loop waits once it found no file descriptor and shed a connection
+OUT_OF_FDS_PAUSE = 0.1   # s, out of descriptors: the most the accept loop waits for a connection, or pauses
 # accept() failures that say the agent is short of something (file
 # descriptors, kernel memory), not that the listener is gone
 _SHORT_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
