@@ -13,10 +13,12 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 
 import grpc
 import pytest
 
+from migrate.wire.tcp import Address
 from migrate.dest import service
 from migrate.dest.session import NoGuestError
 from migrate.dest.state import TOKENS_KEPT, NotAuthorised, Peer, State, StateMachine
@@ -108,9 +110,13 @@ def raw_channel(lm: LocalMigration, port: int, magic: bytes, token: bytes) -> so
 
 def refused_channel(lm: LocalMigration, port: int, magic: bytes, token: bytes) -> None:
     """A raw channel with this token is closed by the destination, which says so."""
+    # the agent reports each kind of refused connection at most once a second
+    # (a flood must not flood its output): one refusal a second is each told
+    time.sleep(1.1)
     s = raw_channel(lm, port, magic, token)
     try:
-        peer = s.getsockname()
+        host, port = s.getsockname()[:2]
+        peer = Address(host, port)
         assert s.recv(8) == b"", "the destination kept a channel with a token it did not issue"
     finally:
         s.close()

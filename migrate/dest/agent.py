@@ -4,15 +4,23 @@ It takes guests as they attach (migrate.dest.attach), one `Migration` each
 (migrate.dest.session), and hands each source that opens a session to the
 guest it names. The gRPC servicer (migrate.dest.service) is thin and
 delegates here. `run` is the agent's main loop: it watches the sources,
-reports progress and each migration's end, and stops on a signal.
+reports progress and each migration's end, and stops on a signal. The agent
+also owns the channel port, where each source opens its demand and raw push
+channels with a hello: every connection there is under a deadline and caps
+(ChannelDoor), and the accept loop outlives running out of descriptors.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import resource
+import select
 import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 
 from migrate.dest import faultspace
 from migrate.dest.attach import AttachListener
@@ -23,7 +31,7 @@ from migrate.errors import AttachError, MigrateError, fmt_size
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
 from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
-from migrate.wire.tcp import host_of, set_peer_timeout
+from migrate.wire.tcp import Address, host_of, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
 from migrate.dest.session import Migration
 from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachine
@@ -31,6 +39,155 @@ from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachin
 
 RAW_HANDSHAKE_TIMEOUT = 10.0   # s: a raw channel's TLS handshake, before its hello
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
+
+# The channel port (the demand and raw push channels, each opened with a hello:
+# a magic and a session's token): what a peer may make the agent hold there
+# (STYLE.md, "Trust at the boundary").
+HELLO_TIMEOUT = 10.0     # s from accept to the whole hello: a source sends it at once
+HOST_CHANNELS = 16       # connections one host may hold, waiting or open: a source opens 5 (demand + 4 push)
+ALL_CHANNELS = 64        # connections every host together may hold
+OUT_OF_FDS_PAUSE = 0.1   # s, out of descriptors: the most the accept loop waits for a connection, or pauses
+# accept() failures that say the agent is short of something (file
+# descriptors, kernel memory), not that the listener is gone
+_SHORT_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM))
+
+
+@dataclass(eq=False)
+class PortConn:
+    """A connection on the channel port: waiting for its hello, then open (a
+    migration's channel, closed by its Channels)."""
+    sock: socket.socket     # (a TLS handshake after accept may put the wrapped socket here)
+    host: str
+    port: int
+    open: bool = False
+
+    def __str__(self) -> str:
+        return str(Address(self.host, self.port))
+
+
+class ChannelDoor:
+    """The connections on the channel port, per host: those waiting for their
+    hello (oldest first) and the open channels. A new connection over a cap
+    makes the one of that host (or of all) that has waited longest for its
+    hello go: a source sends its hello at once, so a connection still waiting
+    belongs to an idle or slow peer, and refusing the newcomer instead would
+    let such peers keep a source out. Only when open channels alone fill a cap
+    is the newcomer refused (only a peer holding a session's token opens
+    channels)."""
+
+    def __init__(self, host_cap: int = HOST_CHANNELS, total_cap: int = ALL_CHANNELS):
+        self.host_cap, self.total_cap = host_cap, total_cap
+        self.lock = threading.Lock()
+        self.conns: dict[PortConn, None] = {}   # (insertion order: the oldest first)
+
+    def admit(self, c: PortConn) -> tuple[bool, str | None]:
+        """Takes c in, waiting for its hello, unless open channels fill a cap.
+        Returns whether it was taken, and what to report (why it was refused,
+        or which waiting connection was closed to make room)."""
+        with self.lock:
+            for old in [old for old in self.conns if old.open and old.sock.fileno() == -1]:
+                del self.conns[old]   # a channel its migration closed
+            host = [x for x in self.conns if x.host == c.host]
+            host_open = sum(x.open for x in host)
+            all_open = sum(x.open for x in self.conns)
+            if host_open >= self.host_cap:
+                return False, (f"channel from {c} refused: {c.host} has {host_open} channels open here, the most "
+                               "one host may")
+            if all_open >= self.total_cap:
+                return False, f"channel from {c} refused: {all_open} channels are open here, the most the agent takes"
+            victim = why = None
+            if len(host) >= self.host_cap:
+                victim = next(x for x in host if not x.open)
+                why = f"{c.host} holds {len(host)} connections here, the most one host may"
+            elif len(self.conns) >= self.total_cap:
+                victim = next(x for x in self.conns if not x.open)
+                why = f"{len(self.conns)} connections are held here, the most the agent takes"
+            if victim is not None:
+                del self.conns[victim]
+            self.conns[c] = None
+        if victim is None:
+            return True, None
+        _wake(victim.sock)   # its hello thread sees the end and closes it
+        return True, f"channel from {victim} closed before its hello to make room for one from {c}: {why}"
+
+    def evict_oldest(self) -> PortConn | None:
+        """Closes the connection that has waited longest for its hello (the
+        agent is out of file descriptors); None when none waits."""
+        with self.lock:
+            victim = next((x for x in self.conns if not x.open), None)
+            if victim is not None:
+                del self.conns[victim]
+        if victim is not None:
+            _wake(victim.sock)
+        return victim
+
+    def opened(self, c: PortConn) -> bool:
+        """c said its hello and becomes a channel; False: it was closed
+        meanwhile to make room."""
+        with self.lock:
+            if c not in self.conns:
+                return False
+            c.open = True
+            return True
+
+    def drop(self, c: PortConn) -> bool:
+        """c goes before it opened a channel; False: it was closed to make
+        room already (that was reported)."""
+        with self.lock:
+            if c not in self.conns:
+                return False
+            del self.conns[c]
+            return True
+
+
+def _wake(sock: socket.socket) -> None:
+    # a shutdown, not a close: close() does not wake a thread blocked in
+    # recv() on the socket, and that thread closes it
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _read_hello(c: PortConn, n: int, deadline: float) -> bytes:
+    """n bytes of c before deadline (time.monotonic()); TimeoutError after
+    it, however slowly they trickle in."""
+    buf = b""
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError
+        c.sock.settimeout(left)
+        chunk = c.sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("closed before the end of its hello")
+        buf += chunk
+    return buf
+
+
+class Throttled:
+    """Reports an event of each kind at most once every `every` s: a flood of
+    refused or idle connections must not flood the agent's output (nor hold
+    its threads on a slow reader of it). The next one reported says how many
+    were left out."""
+
+    def __init__(self, reporter: Reporter, every: float = 1.0):
+        self.reporter = reporter
+        self.every = every
+        self.lock = threading.Lock()
+        self.last: dict[str, tuple[float, int]] = {}   # kind -> (reported at, left out since)
+
+    def event(self, kind: str, event: str, message: str, **fields) -> None:
+        now = time.monotonic()
+        with self.lock:
+            at, left_out = self.last.get(kind, (-self.every, 0))
+            if now - at < self.every:
+                self.last[kind] = (at, left_out + 1)
+                return
+            self.last[kind] = (now, 0)
+        if left_out:
+            message += f" ({left_out} more like it in the last {now - at:.0f} s)"
+        self.reporter.event(event, message, left_out=left_out, **fields)
 
 
 def channel_identity(conn, owner: str | None) -> str | None:
@@ -85,8 +242,13 @@ class Destination:
             self.listener.close()
             raise MigrateError(f"cannot listen on {demand_host}: {e.strerror} (--listen takes an address of "
                                "this host, or 0.0.0.0)") from None
-        self.demand_listener.listen(16)
+        self.demand_listener.listen(128)
         self.demand_port = self.demand_listener.getsockname()[1]
+        self.door = ChannelDoor()
+        self.quiet = Throttled(reporter)
+        # kept to give up when accept() finds no file descriptor, so that one
+        # waiting connection can still be taken and closed (see _out_of_fds)
+        self.spare_fd: int | None = _reserve_fd()
         self.demand_accept_thread = threading.Thread(target=self._demand_accept_loop, name="demand-accept",
                                                      daemon=True)
 
@@ -97,64 +259,153 @@ class Destination:
         self.accept_thread.start()
 
     def _demand_accept_loop(self):
+        """Takes connections on the channel port until close(). A connection
+        gets a thread of its own for its hello (at most ALL_CHANNELS wait at
+        once: ChannelDoor); the loop outlives every failure of accept() but
+        the listener's own end."""
         while not self.closing:
+            if self.spare_fd is None:
+                self.spare_fd = _reserve_fd()
+            try:
+                conn, peer = self.demand_listener.accept()
+            except OSError as e:
+                if self.closing or e.errno in (errno.EBADF, errno.EINVAL):
+                    return   # the listener was closed
+                if e.errno in _SHORT_ERRNOS:
+                    self._out_of_fds(e)
+                # else a connection that failed before it was taken (accept(2)
+                # passes its network errors on): the next one may do
+                continue
+            self._admit(conn, peer)
+
+    def _admit(self, conn: socket.socket, peer) -> bool:
+        """Starts the hello of a new connection, unless ChannelDoor refuses it."""
+        c = PortConn(conn, _host(peer[0]), peer[1])
+        taken, note = self.door.admit(c)
+        if note:
+            self.quiet.event("refused" if not taken else "made-room", "error", note, peer=str(c))
+        if not taken:
+            conn.close()
+            return False
+        threading.Thread(target=self._demand_hello, args=(c,), name="channel-hello", daemon=True).start()
+        return True
+
+    def _out_of_fds(self, e: OSError) -> None:
+        """accept() found no file descriptor (or memory). accept(2) takes the
+        descriptor before it looks at the queue, so this says nothing yet
+        about a connection waiting: first wait a little for one. The spare
+        descriptor kept for this is given up to take it: it replaces the
+        connection that has waited longest for its hello, or, when none
+        waits, it is closed unheard (its peer hears so rather than hanging in
+        a full queue). The loop takes the spare again as soon as a descriptor
+        is free."""
+        poll = select.poll()
+        poll.register(self.demand_listener, select.POLLIN)
+        if not poll.poll(OUT_OF_FDS_PAUSE * 1000):
+            return   # nobody waits
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        what = f"channel port: out of file descriptors ({os.strerror(e.errno)}; ulimit -n is {soft})"
+        advice = "raise the limit (ulimit -n, or LimitNOFILE= of its systemd unit)"
+        conn = None
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
+            self.demand_listener.setblocking(False)   # (the connection may have gone meanwhile)
             try:
                 conn, peer = self.demand_listener.accept()
             except OSError:
-                return
-            threading.Thread(target=self._demand_hello, args=(conn, peer), daemon=True).start()
-
-    def _raw_handshake(self, conn: socket.socket, peer) -> socket.socket | None:
-        """TLS first on a raw channel, when the agent has credentials: the
-        hello then goes inside it. None when refused (reported, closed)."""
-        try:
-            conn = self.raw_tls.handshake(conn, timeout=RAW_HANDSHAKE_TIMEOUT)
-        except TlsError as e:
-            self.reporter.event("error", f"channel from {peer}: {e}")
-            conn.close()
-            return None
-        who = conn.peer_subject()
-        self.reporter.event("tls", f"channel from {peer}: TLS 1.3, source certificate {who}", source=who)
-        return conn
-
-    def _demand_hello(self, conn: socket.socket, peer) -> None:
-        if self.raw_tls is not None and (conn := self._raw_handshake(conn, peer)) is None:
+                pass   # gone, or another thread of the agent took the descriptor first
+            finally:
+                self.demand_listener.setblocking(True)
+        if conn is None:
+            self.quiet.event("out-of-fds", "error", f"{what}: connections wait in the listen queue; {advice}")
+            time.sleep(OUT_OF_FDS_PAUSE)
             return
-        conn.settimeout(10)
-        try:
-            hello = b""
-            want = len(DEMAND_MAGIC) + DEMAND_TOKEN_BYTES
-            while len(hello) < want:
-                chunk = conn.recv(want - len(hello))
-                if not chunk:
-                    raise OSError("closed during the demand hello")
-                hello += chunk
-        except OSError as e:
-            self.reporter.event("error", f"demand channel from {peer}: {e}")
+        newcomer = Address(_host(peer[0]), peer[1])
+        victim = self.door.evict_oldest()
+        if victim is None:
             conn.close()
+            self.quiet.event("out-of-fds", "error", f"{what}: a connection from {newcomer} was closed unheard; "
+                             f"{advice}", peer=str(newcomer))
+            time.sleep(OUT_OF_FDS_PAUSE)
+            return
+        self.quiet.event("out-of-fds", "error", f"{what}: the connection from {victim} that waited longest for its "
+                         f"hello was closed for one from {newcomer}", peer=str(newcomer))
+        self._admit(conn, peer)
+
+    def _raw_handshake(self, c: PortConn, deadline: float) -> bool:
+        """TLS first on a raw channel, when the agent has credentials (within
+        RAW_HANDSHAKE_TIMEOUT and the hello's deadline): c.sock becomes the
+        TLS socket and the hello goes inside it. False when refused (reported,
+        closed)."""
+        try:
+            c.sock = self.raw_tls.handshake(c.sock, timeout=max(0.0, min(RAW_HANDSHAKE_TIMEOUT,
+                                                                         deadline - time.monotonic())))
+        except TlsError as e:
+            c.sock.close()
+            if self.door.drop(c):
+                self.reporter.event("error", f"channel from {c}: {e}", peer=str(c))
+            return False
+        who = c.sock.peer_subject()
+        self.reporter.event("tls", f"channel from {c}: TLS 1.3, source certificate {who}", source=who)
+        return True
+
+    def _demand_hello(self, c: PortConn) -> None:
+        """What follows accept, on a thread of its own: the hello (magic and
+        token) within HELLO_TIMEOUT of the accept, then the connection becomes
+        a channel of the migration whose token it named. A TLS handshake goes
+        here too, before the hello and under the same deadline."""
+        deadline = time.monotonic() + HELLO_TIMEOUT
+        # (a connection that goes is closed before it leaves the door: the
+        # door's waiting connections are never fewer than the descriptors
+        # they hold, which is what _out_of_fds counts on)
+        if self.raw_tls is not None and not self._raw_handshake(c, deadline):
+            return
+        try:
+            hello = _read_hello(c, len(DEMAND_MAGIC) + DEMAND_TOKEN_BYTES, deadline)
+        except OSError as e:
+            c.sock.close()
+            if self.door.drop(c):   # (else it was closed to make room, and that was reported)
+                if isinstance(e, TimeoutError):
+                    self.quiet.event("hello-late", "error", f"channel from {c}: no hello within "
+                                     f"{HELLO_TIMEOUT:g} s of connecting: closed", peer=str(c))
+                else:
+                    self.quiet.event("hello-failed", "error", f"channel from {c}: {e.strerror or e}", peer=str(c))
             return
         magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
-        m = self._channel_session(token, conn)
+        m, gen = self._channel_session(token, c.sock)
         if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
-            self.reporter.event("error", f"channel from {peer} with an unknown magic or token: closed")
-            conn.close()
+            c.sock.close()
+            self.door.drop(c)
+            self.quiet.event("bad-hello", "error", f"channel from {c} with an unknown magic or token: closed",
+                             peer=str(c))
             return
+        if not self.door.opened(c):
+            c.sock.close()   # closed to make room meanwhile (reported)
+            return
+        conn = c.sock
         conn.settimeout(None)
         set_peer_timeout(conn, self.source_timeout)
         if magic == DEMAND_MAGIC:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            m.channels.attach_demand(conn)
+            why = None if m.channels.attach_demand(conn, gen) else "its source is no longer this session's"
         else:
-            m.channels.attach_push(conn)
+            why = m.channels.attach_push(conn, gen)
+        if why is not None:
+            self.quiet.event("channel-refused", "error", f"{'demand' if magic == DEMAND_MAGIC else 'push'} "
+                             f"channel from {c} refused: {why}", session=m.id, peer=str(c))
+            conn.close()
 
-    def _channel_session(self, token: bytes, conn: socket.socket) -> Migration | None:
+    def _channel_session(self, token: bytes, conn: socket.socket) -> tuple[Migration | None, int]:
         """The migration whose current source a raw channel's hello token
         belongs to (a dropped source's token opens nothing), when the channel
-        comes from the identity that opened the session (channel_identity)."""
+        comes from the identity that opened the session (channel_identity),
+        and that source's generation; (None, 0) for none."""
         for m in list(self.migrations.values()):
-            if m.machine.admit(token, channel_identity(conn, m.machine.owner)) is not None:
-                return m
-        return None
+            gen = m.machine.admit(token, channel_identity(conn, m.machine.owner))
+            if gen is not None:
+                return m, gen
+        return None, 0
 
     def _accept_loop(self):
         while not self.closing:
@@ -280,8 +531,25 @@ class Destination:
         self.closing = True
         self.listener.close()
         self.demand_listener.close()
+        if self.spare_fd is not None:
+            os.close(self.spare_fd)
+            self.spare_fd = None
         for m in list(self.migrations.values()):
             m.close()
+
+
+def _reserve_fd() -> int | None:
+    """A descriptor held in reserve for accept() to use when none is left."""
+    try:
+        return os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def _host(addr: str) -> str:
+    """A peer's address as ChannelDoor counts it: an IPv4 peer of a
+    dual-stack (IPv6) listener as the IPv4 address it is."""
+    return addr.removeprefix("::ffff:") if "." in addr else addr
 
 
 def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, placement: str, prealloc: bool,
@@ -311,7 +579,7 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
         rep.event("error", str(e))
         return 2
     rep.event("listening", f"gRPC on {addr} ({'mutual TLS' if tls else 'plaintext'}), attach socket {attach}",
-              address=addr, attach=attach, tls=tls is not None)
+              address=addr, attach=attach, tls=tls is not None, channel_port=agent.demand_port)
     agent.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from migrate.dest.session import Migration
 
 DEMAND_CONNECT_TIMEOUT = 15.0
+PUSH_CHANNELS = 8   # raw push channels a source may hold open: twice the streams its Welcome offers
 
 
 @contextlib.contextmanager
@@ -71,12 +72,16 @@ class Channels:
         if self.demand is None and gen == self.m.machine.source_gen:
             self.m.source_lost(gen, f"no demand channel within {DEMAND_CONNECT_TIMEOUT:.0f} s of Open")
 
-    def attach_demand(self, sock: socket.socket) -> None:
-        """The current source's demand channel: requests go out on it from the
-        fault loop (C), replies are placed by a C receiver thread."""
+    def attach_demand(self, sock: socket.socket, gen: int) -> bool:
+        """The demand channel of source gen (the one whose token its hello
+        carried): requests go out on it from the fault loop (C), replies are
+        placed by a C receiver thread. False when that source is no longer
+        the session's (dropped or replaced since its hello was checked): the
+        caller closes the channel."""
         m = self.m
         with self.lock:
-            gen = m.machine.source_gen
+            if not m.machine.serves(gen):
+                return False
             old, self.demand, self.demand_gen = self.demand, sock, gen
         if old is not None:
             old.close()
@@ -88,15 +93,23 @@ class Channels:
             # the guest may run now: every fault it takes has a source to go to
             m.guest.notify("switchover")
         threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}", daemon=True).start()
+        return True
 
-    def attach_push(self, sock: socket.socket) -> None:
-        """A raw push channel of the current source: runs land in the alias from C."""
+    def attach_push(self, sock: socket.socket, gen: int) -> str | None:
+        """A raw push channel of source gen: runs land in the alias from C.
+        Why not, when it is refused (the caller closes it): the source is no
+        longer the session's, or has PUSH_CHANNELS open already (each holds
+        a descriptor and a thread)."""
         with self.lock:
-            gen = self.m.machine.source_gen
+            if not self.m.machine.serves(gen):
+                return "its source is no longer this session's"
+            if sum(g == gen for g in self.push.values()) >= PUSH_CHANNELS:
+                return f"its source has {PUSH_CHANNELS} push channels open already, the most a source may"
             self.push[sock] = gen
             if self.t_push is None:
                 self.t_push = time.monotonic()
         threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}", daemon=True).start()
+        return None
 
     def _push_rx(self, sock: socket.socket, gen: int) -> None:
         m = self.m

@@ -1,12 +1,18 @@
 """The gRPC face of the destination: thin handlers that delegate to
-migrate.dest.agent, and one interceptor that turns exceptions into status codes.
+migrate.dest.agent, one interceptor that turns exceptions into status codes,
+one that bounds what peers may make the server hold (RpcLimits), and with TLS
+one that checks every call's peer first (PeerInterceptor).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import queue
+import threading
 import urllib.parse
+from collections import Counter
 from concurrent import futures
+from dataclasses import dataclass
 
 import grpc
 
@@ -75,6 +81,193 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 return make(wrap(fn), request_deserializer=handler.request_deserializer,
                             response_serializer=handler.response_serializer)
         return handler
+
+
+@dataclass(frozen=True)
+class RpcLimits:
+    """What the gRPC server lets its peers hold (STYLE.md, "Trust at the
+    boundary"). Each call takes a slot of its kind when it starts, before its
+    first message, and gives it back when it ends: streams (Push, DeviceState)
+    and calls (Open, Finish) have slots of their own, so idle streams never
+    keep a source from opening or finishing its session, and one host cannot
+    take every slot of a kind. A call finding none free ends at once with
+    RESOURCE_EXHAUSTED saying why; none waits in a queue."""
+    streams: int = 32          # Push and DeviceState streams at once, every host
+    calls: int = 16            # Open and Finish at once (Open waits up to 30 s for a guest, Finish for the end)
+    host_streams: int = 16     # one host's streams: a source opens at most 5 (4 push streams, the device state)
+    host_calls: int = 8        # one host's calls: a source makes at most 2 at once
+    first_message: float = 10.0   # s from a call's start to its first message: a source sends it at once
+    idle: float = 120.0        # s between two messages of a stream (a push paced by --max-rate is this slow
+    #                            only below batch x streams / 120 s, about 35 KB/s with the defaults)
+    connections: int = 128     # TCP connections at once (every source opens 1 + its push streams)
+    handshake: float = 10.0    # s for a new connection to finish its HTTP/2 (and TLS) handshake
+
+    @property
+    def workers(self) -> int:
+        # every slot has its thread, and a few more answer the calls refused
+        # for want of a slot; gRPC refuses what comes beyond even that
+        # (maximum_concurrent_rpcs) rather than queueing it
+        return self.streams + self.calls + 8
+
+    def options(self) -> list[tuple[str, int]]:
+        return [("grpc.max_allowed_incoming_connections", self.connections),
+                ("grpc.server_handshake_timeout_ms", int(self.handshake * 1000)),
+                # streams of one connection: a source's channels carry a few each
+                ("grpc.max_concurrent_streams", self.host_streams + self.host_calls)]
+
+
+class StreamIdle(Exception):
+    """A call's next message did not come within its deadline. (Not a
+    MigrateError: the handlers' rules for bad input and failed placement do
+    not apply to silence; Bounds ends the call with DEADLINE_EXCEEDED.)"""
+
+
+class DeadlinedRequests:
+    """A call's requests, each of which has to come within a deadline: the
+    first within `first` s of the call's start, each next within `idle` s of
+    the one before. gRPC's own iterator blocks for as long as the peer sends
+    nothing, so it is read on a thread of its own (one per call, ending with
+    the call) while the handler waits here with a timeout. One message is
+    asked for at a time: nothing is read ahead of the handler, and HTTP/2
+    flow control still holds the peer back."""
+
+    def __init__(self, requests, method: str, first: float, idle: float):
+        self._requests = requests
+        self.method = method
+        self._wait, self._idle = first, idle
+        self._asked = threading.Semaphore(0)
+        self._got: queue.SimpleQueue = queue.SimpleQueue()
+        self._reader: threading.Thread | None = None
+        self._end: BaseException | None = None   # StopIteration, or what ended the requests
+        self._count = 0
+        self._closed = False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self._end is not None:
+            raise self._end
+        if self._reader is None:
+            self._reader = threading.Thread(target=self._read, name=f"grpc-read-{self.method}", daemon=True)
+            self._reader.start()
+        self._asked.release()
+        try:
+            ok, value = self._got.get(timeout=self._wait)
+        except queue.Empty:
+            self._end = StreamIdle(
+                f"nothing came on this {self.method} stream for {self._wait:g} s: dropped" if self._count else
+                f"no {self.method} request within {self._wait:g} s of the call's start: dropped (a source sends "
+                "it at once)")
+            raise self._end from None
+        if not ok:
+            self._end = value
+            raise value
+        self._count += 1
+        self._wait = self._idle
+        return value
+
+    def _read(self) -> None:
+        # ends when the requests do, or the call: a call ended under a
+        # waiting read (a deadline passed) ends that read too
+        while True:
+            self._asked.acquire()
+            if self._closed:
+                return
+            try:
+                self._got.put((True, next(self._requests)))
+            except StopIteration:
+                self._got.put((False, StopIteration()))
+                return
+            except Exception as e:   # noqa: BLE001 - the handler's to raise (grpc.RpcError: the call ended)
+                self._got.put((False, e))
+                return
+
+    def close(self) -> None:
+        """The call has ended: lets the reader go if it waits to be asked."""
+        self._closed = True
+        self._asked.release()
+
+
+def peer_host(peer: str) -> str:
+    """The host of a gRPC peer string ("ipv4:10.0.0.2:5000", "ipv6:%5B::1%5D:5000")."""
+    kind, _, rest = peer.partition(":")
+    if kind not in ("ipv4", "ipv6"):
+        return peer
+    host = urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
+    return host.removeprefix("::ffff:") if "." in host else host   # an IPv4 peer of a dual-stack port
+
+
+class Bounds(grpc.ServerInterceptor):
+    """Bounds every call by RpcLimits: a slot of its kind, taken as the call
+    starts and given back as it ends, and deadlines on its messages. Every
+    call is served as a request stream (the wire is the same for one message
+    and many): that way a unary call also starts in a handler, whose first
+    message can have a deadline, instead of holding a server thread inside
+    gRPC until its message comes."""
+
+    _KINDS = {True: ("stream", "Push and DeviceState streams"), False: ("call", "Open and Finish calls")}
+
+    def __init__(self, limits: RpcLimits):
+        self.limits = limits
+        self.lock = threading.Lock()
+        self.held: Counter = Counter()   # (kind, host) -> calls holding a slot; (kind, None): every host's
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None or handler.response_streaming:
+            return handler   # (the service answers every call with one message)
+        stream = handler.request_streaming
+        inner = handler.stream_unary if stream else handler.unary_unary
+        method = details.method.rpartition("/")[2]
+        lim = self.limits
+
+        def call(requests, context):
+            host = peer_host(context.peer())
+            refused = self._take(stream, host)
+            if refused:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, refused)
+            reqs = DeadlinedRequests(requests, method, lim.first_message, lim.idle)
+            try:
+                if stream:
+                    return inner(reqs, context)
+                try:
+                    request = next(reqs)
+                except StopIteration:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method} call ended without its request")
+                return inner(request, context)
+            except StreamIdle as e:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(e))
+            finally:
+                reqs.close()
+                self._give(stream, host)
+
+        return grpc.stream_unary_rpc_method_handler(call, request_deserializer=handler.request_deserializer,
+                                                    response_serializer=handler.response_serializer)
+
+    def _take(self, stream: bool, host: str) -> str | None:
+        """Takes a slot for a call from host; or says why there is none."""
+        kind, what = self._KINDS[stream]
+        lim = self.limits
+        per_host, total = (lim.host_streams, lim.streams) if stream else (lim.host_calls, lim.calls)
+        with self.lock:
+            if self.held[kind, host] >= per_host:
+                return (f"refused: {host} has {per_host} {what} under way here already, the most one host may "
+                        "hold (a source needs at most 5 streams and 2 calls): end the idle ones")
+            if self.held[kind, None] >= total:
+                return (f"refused: this destination serves {total} {what} already, the most it takes at once: "
+                        "try again when one has ended")
+            self.held[kind, host] += 1
+            self.held[kind, None] += 1
+        return None
+
+    def _give(self, stream: bool, host: str) -> None:
+        kind = self._KINDS[stream][0]
+        with self.lock:
+            self.held[kind, None] -= 1
+            self.held[kind, host] -= 1
+            if not self.held[kind, host]:
+                del self.held[kind, host]
 
 
 # -- who is calling ------------------------------------------------------------
@@ -310,19 +503,21 @@ def _chain(first, rest):
     yield from rest
 
 
-def serve(agent: dst.Destination, listen: str, workers: int = 32,
-          device_state=None, tls: TlsConfig | None = None) -> tuple[grpc.Server, str]:
+def serve(agent: dst.Destination, listen: str, device_state=None, tls: TlsConfig | None = None,
+          limits: RpcLimits = RpcLimits()) -> tuple[grpc.Server, str]:
     """Starts the gRPC server; returns it and the real address (port 0 resolved).
     tls: mutual TLS, every call's peer checked first (PeerInterceptor); None:
     plaintext (loopback or --insecure, decided by the caller)."""
-    # the peer is checked before anything else runs for its call
+    # Bounds first (a call takes its slot, and its first message has a
+    # deadline), then the peer check before anything else runs for the call
     peers = [PeerInterceptor(tls, agent.reporter)] if tls is not None else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="grpc"),
-                         interceptors=peers + [ErrorInterceptor()],
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
+                         interceptors=[Bounds(limits), *peers, ErrorInterceptor()],
                          # no SO_REUSEPORT (gRPC's default): a second agent on the same port
                          # would share its connections, and a source could reach the wrong guest
                          options=SERVER_OPTIONS + keepalive_options(agent.source_timeout)
-                         + [("grpc.so_reuseport", 0)])
+                         + [("grpc.so_reuseport", 0)] + limits.options(),
+                         maximum_concurrent_rpcs=limits.workers)
     pbg.add_MigrationServicer_to_server(MigrationService(agent, device_state), server)
     host = parse_address(listen, "--listen", "e.g. 127.0.0.1:0").host
     try:
