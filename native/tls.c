@@ -664,14 +664,21 @@ out:
     return rc;
 }
 
+/* The peer's certificate (a reference the caller frees), or NULL. */
+static X509 *peer_cert(struct mg_tls *t)
+{
+    pthread_mutex_lock(&t->lock);
+    X509 *cert = F.SSL_get1_peer_certificate(t->ssl);
+    pthread_mutex_unlock(&t->lock);
+    return cert;
+}
+
 int mg_tls_peer_subject(int fd, char *out, size_t out_len)
 {
     struct mg_tls *t = mg_tls_get(fd);
     if (!t)
         return -EBADF;
-    pthread_mutex_lock(&t->lock);
-    X509 *cert = F.SSL_get1_peer_certificate(t->ssl);
-    pthread_mutex_unlock(&t->lock);
+    X509 *cert = peer_cert(t);
     subject(cert, out, out_len);
     if (cert)
         F.X509_free(cert);
@@ -688,9 +695,7 @@ int mg_tls_peer_is(int fd, const char *name)
     struct mg_tls *t = mg_tls_get(fd);
     if (!t)
         return -EBADF;
-    pthread_mutex_lock(&t->lock);
-    X509 *cert = F.SSL_get1_peer_certificate(t->ssl);
-    pthread_mutex_unlock(&t->lock);
+    X509 *cert = peer_cert(t);
     int yes = cert && *name && F.X509_check_host(cert, name, strlen(name), X509_CHECK_FLAG_NO_WILDCARDS, NULL) == 1;
     if (cert)
         F.X509_free(cert);

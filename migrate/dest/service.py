@@ -45,6 +45,24 @@ def _status(exc: BaseException) -> grpc.StatusCode:
     return grpc.StatusCode.INTERNAL
 
 
+def _rewrap(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodHandler:
+    """handler with its behaviour wrapped, whatever kind of call it serves:
+    unary(fn) wraps one that answers with one message, streaming(fn) one
+    that answers with a stream."""
+    kinds = {
+        "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
+        "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
+        "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
+        "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming),
+    }
+    for attr, (make, wrap) in kinds.items():
+        fn = getattr(handler, attr)
+        if fn is not None:
+            return make(wrap(fn), request_deserializer=handler.request_deserializer,
+                        response_serializer=handler.response_serializer)
+    return handler
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Every handler's exceptions become a status with the exception's text."""
 
@@ -69,18 +87,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     context.abort(_status(e), str(e))
             return call
 
-        kinds = {
-            "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
-            "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
-            "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
-            "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming),
-        }
-        for attr, (make, wrap) in kinds.items():
-            fn = getattr(handler, attr)
-            if fn is not None:
-                return make(wrap(fn), request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return _rewrap(handler, unary, streaming)
 
 
 @dataclass(frozen=True)
@@ -348,18 +355,7 @@ class PeerInterceptor(grpc.ServerInterceptor):
                 yield from fn(request, context)
             return call
 
-        kinds = {
-            "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
-            "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
-            "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
-            "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming),
-        }
-        for attr, (make, wrap) in kinds.items():
-            fn = getattr(handler, attr)
-            if fn is not None:
-                return make(wrap(fn), request_deserializer=handler.request_deserializer,
-                            response_serializer=handler.response_serializer)
-        return handler
+        return _rewrap(handler, unary, streaming)
 
 
 
