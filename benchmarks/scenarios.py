@@ -178,18 +178,10 @@ class BenchMigration(LocalMigration):
         zero, rand = CONTENT[sc.content]
         super().__init__(workdir, sc.size, backing=sc.backing, seed=SEED, pattern=sc.pattern, vcpus=sc.vcpus,
                          zero_fraction=zero, random_fraction=rand, placement=sc.placement,
-                         source_args=source_args, image=image)
+                         source_args=source_args, image=image, tls=sc.tls)
+        # (TLS scenarios: LocalMigration writes a CA and a certificate per
+        # agent into the workdir and gives them as the --tls-* flags)
         self.sc = sc
-        # TLS scenarios: a CA and a certificate per agent, in the scenario's
-        # workdir, given to the agents as their --tls-* flags
-        self.tls: dict = {}
-        if sc.tls:
-            from migrate.wire.certs import write_certs
-            from migrate.wire.tls import TlsConfig
-            c = write_certs(os.path.join(workdir, "pki"), ["dest.bench", "source.bench"])
-            self.tls = {"dest": TlsConfig(c["dest.bench"], c["dest.bench.key"], c["ca"], allow=("source.bench",)),
-                        "source": TlsConfig(c["source.bench"], c["source.bench.key"], c["ca"],
-                                            peer_name="dest.bench")}
         self.lat_path = os.path.join(workdir, "lat.u32")
         self.timeline_path = os.path.join(workdir, "timeline.json")
         self.watch = Watch()
@@ -251,12 +243,6 @@ class BenchMigration(LocalMigration):
         out["peak_hwm_mib"] = {k: round(v / 1024, 1) for k, v in self.watch.hwm_kib.items()}
         out["dest_events"] = [e for e in self.dest.lines if e.get("event") not in ("summary",)]
         return out
-
-    def _spawn(self, name, args, prefix: tuple = ()) -> Proc:
-        cfg = self.tls.get(name)
-        if cfg is not None:
-            args = [*args, *cfg.flags(name)]
-        return super()._spawn(name, args, prefix)
 
     def close(self):
         self.watch.close()
