@@ -337,9 +337,10 @@ static int hello_and_ack(struct attachment *a, int reattach, char *why, size_t w
         close(s);
         return UNTRUSTED_AGENT;
     }
-    char msg[2100];
+    char msg[sizeof a->hello + 1];
     size_t total = a->hello_len;
     memcpy(msg, a->hello, total);
+    msg[total] = '\0';   /* the JSON after the length prefix is searched and logged as a string */
     if (reattach) {
         /* "reattach": false -> true, and fix the length prefix */
         char *f = strstr(msg + 4, "\"reattach\": false");
@@ -347,6 +348,7 @@ static int hello_and_ack(struct attachment *a, int reattach, char *why, size_t w
             memmove(f + 16, f + 17, total - (size_t)(f + 17 - msg));
             memcpy(f + 12, "true", 4);
             total -= 1;
+            msg[total] = '\0';
             uint32_t jl = (uint32_t)(total - 4);
             msg[0] = (char)((jl >> 24) & 0xff);
             msg[1] = (char)((jl >> 16) & 0xff);
