@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 
 import pytest
 
 from migrate import hugepages
 from migrate.host import features
 from migrate.hugepages import HUGE_2M
+from migrate.report import Reporter
 
 MEMORY_TYPES = ["tmpfs", "tmpfs-file", "hugetlbfs"]
 HUGE_PAGES_FOR_TESTS = 160   # 320 MiB: the largest hugetlbfs test guest plus headroom
@@ -123,3 +125,28 @@ def split_network():
         yield net
     finally:
         net.close()
+
+
+class Events(Reporter):
+    """A Reporter that keeps what it is told, for an agent run in the test's
+    own process: `lines` (one dict an event, as --json prints them), and
+    wait() for the first event of a kind."""
+
+    def __init__(self):
+        super().__init__(quiet=True)
+        self.lines: list[dict] = []
+        self.cond = threading.Condition()
+
+    def event(self, event: str, message: str = "", **fields) -> None:
+        with self.cond:
+            self.lines.append({"event": event, "message": message, **fields})
+            self.cond.notify_all()
+
+    def summary(self, fields, human) -> None:
+        pass
+
+    def wait(self, event: str, timeout: float = 10) -> str:
+        """The message of the first `event` event, waiting up to timeout s."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: any(e["event"] == event for e in self.lines), timeout), self.lines
+            return next(e["message"] for e in self.lines if e["event"] == event)

@@ -17,6 +17,7 @@ import time
 
 import grpc
 import pytest
+from conftest import Events
 
 from migrate.wire.tcp import Address
 from migrate.dest import service
@@ -340,17 +341,6 @@ def test_a_resume_gets_a_new_token(waiting):
 
 
 # -- identity: a session is its opener's ------------------------------------------
-
-
-class Events(Reporter):
-    """A Reporter that keeps the events of an in-process destination."""
-
-    def __init__(self):
-        super().__init__(quiet=True)
-        self.lines: list[dict] = []
-
-    def event(self, event: str, message: str = "", **fields) -> None:
-        self.lines.append({"event": event, "message": message, **fields})
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pytest
+from conftest import Events
 
 from migrate.dest.service import PeerInterceptor, cert_names, check_peer, peer_identity
 from migrate.proto import migration_pb2 as pb
@@ -304,17 +305,6 @@ def test_a_name_not_allowed_is_refused_on_every_call(tls_server, ca):
             ch.close()
 
 
-class Events(Reporter):
-    """A reporter that keeps its events, for a server run in process."""
-
-    def __init__(self):
-        super().__init__(quiet=True)
-        self.seen: list[dict] = []
-
-    def event(self, event: str, message: str = "", **fields) -> None:
-        self.seen.append({"event": event, "message": message, **fields})
-
-
 def _h2_call(sock, path: str, authority: str) -> None:
     """An HTTP/2 gRPC request by hand (an empty message), for a client gRPC
     will not make: HPACK literals without indexing, one stream."""
@@ -355,10 +345,10 @@ def test_a_call_over_tls12_is_refused(ca):
                 assert conn.version() == top.name.replace("v1_", "v1.")
                 _h2_call(conn, "/migrate.v1.Migration/Finish", "dest")
                 deadline = time.monotonic() + 10
-                while time.monotonic() < deadline and not (called if want else events.seen):
+                while time.monotonic() < deadline and not (called if want else events.lines):
                     time.sleep(0.05)
             assert called == want
-        (refused,) = events.seen
+        (refused,) = events.lines
         assert (refused["event"], refused["code"]) == ("refused", "UNAUTHENTICATED")
         assert refused["message"].endswith(": this destination takes TLS 1.3 only, not TLSv1.2")
     finally:

@@ -16,7 +16,7 @@ import socket
 import threading
 
 import pytest
-from conftest import need_backing
+from conftest import Events, need_backing
 from test_e2e import SLOW_SOURCE, finish_with_a_new_source, wait_until_received
 
 from migrate.dest.agent import Destination
@@ -152,27 +152,6 @@ def test_a_source_killed_mid_migration_over_tls_then_a_new_one_resumes(tmp_path,
 
 
 # -- refusals, against a Destination's raw channel port ------------------------
-
-class Events:
-    """A Reporter that keeps what it is told."""
-
-    def __init__(self):
-        self.events: list[tuple[str, str]] = []
-        self.cond = threading.Condition()
-
-    def event(self, event: str, message: str = "", **fields) -> None:
-        with self.cond:
-            self.events.append((event, message))
-            self.cond.notify_all()
-
-    def summary(self, fields, human) -> None:
-        pass
-
-    def wait(self, event: str, timeout: float = 10) -> str:
-        with self.cond:
-            assert self.cond.wait_for(lambda: any(e == event for e, _ in self.events), timeout), self.events
-            return next(m for e, m in self.events if e == event)
-
 
 def _agent(tmp_path, tls: TlsConfig | None):
     """A Destination in this process (no guest: only its raw channel port)."""
