@@ -8,7 +8,8 @@ import argparse
 import signal
 import sys
 
-from migrate.errors import MigrateError
+from migrate import exits
+from migrate.errors import MigrateError, Stopped
 from migrate.memory import parse_size
 from migrate.report import Reporter, process_usage
 
@@ -140,29 +141,30 @@ def cmd_source(args) -> int:
         host = parse_address(args.to, "--to", "as `migrate dest --listen` printed it").host
     except ValueError as e:
         rep.event("error", str(e))
-        return 1   # (as a --to that does not resolve)
+        return exits.FAILED   # (as a --to that does not resolve)
     ok, tls = _tls(args, "source", host, rep)
     if not ok:
-        return 2
+        return exits.USAGE
     try:
         ram = RamImage(args.ram, page_size=args.page_size, size=args.size)
     except MigrateError as e:
         rep.event("error", str(e))
-        return 2
+        return exits.USAGE
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
               dest_timeout=args.dest_timeout, tls=tls)
     vm = {}
+    _stop_on_signals()
     try:
         if args.qmp and not args.resume:
             from migrate.qemu.source import migrate_vm
-            res, vm = migrate_vm(args.qmp, ram, args.to, rep, **kw)
+            res, vm = migrate_vm(args.qmp, ram, args.to, rep, recovery_window=args.recovery_window, **kw)
         else:  # (with --resume the device state was delivered already)
-            res = Source(ram, args.to, rep, **kw).run()
+            res = _recovery(rep, ram, args.to, args.recovery_window, kw).serve(Source(ram, args.to, rep, **kw))
     except MigrateError as e:
         rep.event("error", str(e))
-        return 1
+        return exits.of(e)
     finally:
         ram.close()
     f = res.finish
@@ -177,7 +179,39 @@ def cmd_source(args) -> int:
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "
                    f"{f.pages_pushed} pushed, {f.pages_zero} zero")
-    return 0
+    return exits.COMPLETED
+
+
+def _recovery(rep: Reporter, ram, target: str, window: float, kw: dict):
+    """The source's Recovery (migrate.source.recovery): each try again is a
+    Source like the first, resuming its session for its guest only."""
+    from migrate.source.recovery import Recovery
+    from migrate.source.session import Source
+
+    def again(session: str, guest: str, connect_timeout: float) -> Source:
+        return Source(ram, target, rep, **{**kw, "resume_session": session}, resume_guest=guest,
+                      connect_timeout=connect_timeout, open_timeout=connect_timeout + 5)
+
+    def vm_state(session: str) -> str:
+        return (f"The destination guest keeps the pages it has and waits for the rest, which only {ram.path} holds: "
+                f"keep it. Once the destination answers again, `migrate source --ram {ram.path} --to {target} "
+                f"--resume {session}` (with this source's TLS flags) serves the rest; if its agent was restarted "
+                "since, the same command without --resume")
+    return Recovery(rep, window, again, vm_state)
+
+
+def _stop_on_signals() -> None:
+    """SIGTERM and SIGINT end the source cleanly: Stopped is raised where the
+    main thread is (a wait, mostly), every channel is closed on the way out
+    (it stops pushing), and a source QEMU whose guest may run on the
+    destination stays paused (migrate.qemu.source decides, as on any error).
+    A second signal meanwhile is ignored."""
+    def stop(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum, f"stopped by {signal.Signals(signum).name} mid-migration")
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
 
 
 def cmd_shim_path(args) -> int:
@@ -319,8 +353,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "fast links); grpc = gRPC streams with zstd (for slow links)")
     s.add_argument("--dest-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="give up on a destination that acknowledges or takes in nothing this long (its host down, "
-                   "the network split, the agent hung): this source exits, to be run again once the destination "
-                   "is reachable (default 10; 0: TCP's own minutes)")
+                   "the network split, the agent hung): this source then tries again for --recovery-window "
+                   "(default 10; 0: TCP's own minutes)")
+    s.add_argument("--recovery-window", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="a source that loses its destination mid-migration (its agent died, its host rebooted, the "
+                   "link cut) tries again this long, and resumes as soon as that destination or a restarted agent "
+                   "with the same guest answers; then it exits with code 4 saying what to do (default 600; 0: "
+                   "exit at once)")
     s.add_argument("--resume", metavar="SESSION", help="resume this session after a failure")
     s.add_argument("--guest", default="", help="serve the destination guest attached with this name "
                    "(default: the first one waiting)")

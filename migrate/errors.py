@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno as _errno
 import os
 
+from migrate import exits
+
 # How a socket ends when its peer's host or the network between went away (the
 # kernel gave up on it), as opposed to a clean end or a local failure.
 PEER_LOST_ERRNOS = frozenset((_errno.ETIMEDOUT, _errno.EHOSTUNREACH, _errno.ENETUNREACH, _errno.EHOSTDOWN,
@@ -24,7 +26,10 @@ def fmt_range(start: int, length: int) -> str:
 
 
 class MigrateError(Exception):
-    """Base of every error this package raises on purpose."""
+    """Base of every error this package raises on purpose. exit_code: what
+    the command exits with when it ends on this error (migrate.exits)."""
+
+    exit_code = exits.FAILED
 
 
 class UnsupportedError(MigrateError):
@@ -78,7 +83,35 @@ class DestinationFailed(SourceError):
     kernel refused a page): no source can finish it."""
 
 
-class DestinationGone(SourceError):
+class GuestLost(DestinationFailed):
+    """The destination guest went away: nothing is left to migrate into."""
+
+    exit_code = exits.GUEST_LOST
+
+
+class DestinationLost(SourceError):
+    """The destination went away or cannot be reached right now (its agent
+    died or was stopped, it is restarting, its guest has not re-attached
+    yet): a source within its --recovery-window tries again."""
+
+
+class DestinationGone(DestinationLost):
     """The destination stopped answering (--dest-timeout): its guest keeps the
     pages it has and waits, and the message already says how to serve it the
     rest (`migrate source --resume SESSION`)."""
+
+
+class RecoveryWindowOver(SourceError):
+    """The destination stayed lost for the whole --recovery-window; the
+    message says what state the VM is in and what to do."""
+
+    exit_code = exits.WINDOW_OVER
+
+
+class Stopped(SourceError):
+    """The source was stopped by a signal (SIGTERM, SIGINT) mid-migration."""
+
+    def __init__(self, signum: int, message: str):
+        super().__init__(message)
+        self.signum = signum
+        self.exit_code = exits.STOPPED_BASE + signum

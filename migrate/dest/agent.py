@@ -22,12 +22,13 @@ import threading
 import time
 from dataclasses import dataclass
 
+from migrate import exits
 from migrate.dest import faultspace
 from migrate.dest.attach import AttachListener
 from migrate.wire.attach import AttachProbe
 from migrate.wire.rawtls import RawTls, TlsError, TlsSocket
 from migrate.wire.tls import TlsConfig
-from migrate.errors import AttachError, MigrateError, fmt_size
+from migrate.errors import AttachError, MigrateError, ProtocolError, fmt_size
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
 from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
@@ -447,12 +448,17 @@ class Destination:
         deadline = time.monotonic() + wait
         with self.changed:
             while True:
-                if hello.resume_session:
+                if hello.resume_guest:
+                    m = self._recovered(hello, peer)
+                    if m is not None:
+                        break
+                elif hello.resume_session:
                     m = self.migrations.get(hello.resume_session)
                     if m is None:
                         raise NoGuestError(f"no session {hello.resume_session} here to resume")
                     break
-                named = [m for m in self.migrations.values() if not hello.guest or m.guest.name == hello.guest]
+                named = [] if hello.resume_guest else \
+                    [m for m in self.migrations.values() if not hello.guest or m.guest.name == hello.guest]
                 # a session waiting for its source to come back is that
                 # source's (its identity's): another peer takes a fresh guest
                 free = [m for m in named if m.state in WAITING]
@@ -467,6 +473,12 @@ class Destination:
                     which = f"migration {live[0].id}" if peer.authenticated else "its guest"
                     raise BusyError(f"destination is busy: {which} already has a source")
                 left = deadline - time.monotonic()
+                if left <= 0 and hello.resume_guest:
+                    # (the restarted agent of a guest that has not re-attached
+                    # yet: its source tries again)
+                    raise NoGuestError(f"the guest of the session this source recovers is not attached "
+                                       f"{'to ' + self.listener.path if peer.authenticated else 'here'} (yet): "
+                                       "it re-attaches by itself once its agent runs again")
                 if left <= 0:
                     which = f"named {hello.guest!r} " if hello.guest else ""
                     where = f"to {self.listener.path}" if peer.authenticated else "here"
@@ -474,6 +486,20 @@ class Destination:
                                        "start the guest (migrate guestsim or QEMU with the shim) first")
                 self.changed.wait(left)
         return m.connect(hello, self.demand_port, peer)
+
+    def _recovered(self, hello: pb.Hello, peer: Peer) -> Migration | None:
+        """The migration a recovering source (Hello.resume_guest) serves: the
+        session it names, on the agent that opened it, else the one of the
+        guest it names, re-attached to this (restarted) agent; None while that
+        guest is not attached here. Never another guest: its RAM is not this
+        source's. Caller holds self.lock."""
+        m = self.migrations.get(hello.resume_session) if hello.resume_session else None
+        if m is None:
+            m = next((x for x in self.migrations.values() if x.instance == hello.resume_guest), None)
+        if m is not None and m.instance != hello.resume_guest:
+            which = f"session {m.id}" if peer.authenticated else "that session"
+            raise ProtocolError(f"{which} serves another guest than the one this source recovers")
+        return m
 
     def finish(self, session_id: str, token: bytes, peer: Peer, timeout: float | None) -> pb.FinishReply:
         """The source's Finish: waits up to timeout for the migration to end.
@@ -556,8 +582,10 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
         qmp: str | None, source_timeout: float, progress_every: float, attach_uids: tuple[int, ...] = (),
         tls: TlsConfig | None = None, max_device_state: int = 1 << 30) -> int:
     """`migrate dest`: serves until the migration ends (or, serve_forever,
-    until SIGTERM or SIGINT). Returns the exit status: 0 when it completed, 1
-    when it did not, 2 when the agent could not start."""
+    until SIGTERM or SIGINT). Returns the exit status (migrate.exits):
+    COMPLETED when it completed or a signal stopped the agent, GUEST_LOST
+    when its guest went away, FAILED when it did not complete otherwise,
+    USAGE when the agent could not start."""
     from migrate.dest import service   # (it imports this module)
 
     rep = reporter
@@ -567,7 +595,7 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
                             source_timeout=source_timeout, attach_uids=attach_uids, tls=tls)
     except (OSError, MigrateError) as e:
         rep.event("error", f"cannot start the destination: {e}")
-        return 2
+        return exits.USAGE
     feeder = None
     if qmp:
         from migrate.qemu.dest import DeviceStateFeeder
@@ -577,13 +605,18 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
     except (OSError, ValueError) as e:
         agent.close()
         rep.event("error", str(e))
-        return 2
+        return exits.USAGE
     rep.event("listening", f"gRPC on {addr} ({'mutual TLS' if tls else 'plaintext'}), attach socket {attach}",
               address=addr, attach=attach, tls=tls is not None, channel_port=agent.demand_port)
     agent.start()
     stop = threading.Event()
+    signalled: list[int] = []
+
+    def on_signal(signum, _frame):
+        signalled.append(signum)
+        stop.set()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     reported = set()
     next_progress = 0.0
     settle: dict = {}
@@ -607,7 +640,8 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
                     # let the source's Finish call be answered before the server goes
                     agent.wait_answered(m.id, 5 if s["state"] == "complete" else 2)
                     rep.summary(s, _summary_text(s))
-                    status = 0 if s["state"] == "complete" else 1
+                    status = exits.COMPLETED if s["state"] == "complete" else \
+                        exits.GUEST_LOST if m.guest_lost else exits.FAILED
                     stop.set()
             for m in list(agent.migrations.values()):
                 m.channels.check_source()
@@ -618,10 +652,24 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
                     if m.t_connect is not None and not m.machine.ended.is_set():
                         rep.event("progress", **m.progress())
             stop.wait(min(0.05, progress_every))
+        if signalled:
+            _report_stopped(rep, signalled[0], agent)
     finally:
         server.stop(grace=1).wait(3)
         agent.close()
     return status
+
+
+def _report_stopped(rep: Reporter, signum: int, agent: Destination) -> None:
+    """A signal stops the agent (a clean end: exit 0, which systemd's
+    Restart=on-failure leaves stopped): what becomes of the migrations it
+    serves."""
+    left = [m for m in agent.migrations.values() if not m.machine.ended.is_set()]
+    sessions = ", ".join(m.id for m in left)
+    rep.event("stopped", f"stopped by {signal.Signals(signum).name}" + (
+        f": session {sessions} not finished; its guest keeps its pages and waits, and re-attaches to the next "
+        f"agent started on {agent.listener.path}; its source (within its --recovery-window) resumes there"
+        if left else ""), signal=signal.Signals(signum).name, sessions=[m.id for m in left])
 
 
 def _device_state_settled(feeder, m: Migration, deadlines: dict, wait: float = 60.0) -> bool:

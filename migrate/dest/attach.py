@@ -9,6 +9,7 @@ the agent's own or one given with `dest --attach-uid`."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import stat
@@ -59,6 +60,25 @@ class AttachedGuest:
                 os.close(fd)
         self.uffd_fd = self.ram_fd = -1
         self.sock.close()
+
+
+def guest_instance(pid: int, ram_fd: int) -> str:
+    """Which guest this is, the same on every agent it attaches to and on no
+    other guest: this boot, the guest process (its pid and its start time,
+    so that a reused pid is another guest) and its RAM file (device and
+    inode), hashed. A source recovering a lost session names it
+    (Hello.resume_guest) so that its RAM goes into that guest only, never into
+    another guest of the same size."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        boot = f.read().strip()
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            # field 22, starttime; the name (field 2) may hold spaces and ')'
+            start = f.read().rpartition(")")[2].split()[19]
+    except (OSError, IndexError):
+        start = "?"   # (then the boot, pid and RAM file still tell guests apart)
+    st = os.fstat(ram_fd)
+    return hashlib.sha256(f"{boot}/{pid}/{start}/{st.st_dev}/{st.st_ino}".encode()).hexdigest()[:32]
 
 
 def _parse_hello(hello: dict, fds: list[int]) -> dict:

@@ -409,6 +409,16 @@ class MigrationService(pbg.MigrationServicer):
             # a source resuming a session whose device state is here already
             # (its first source was lost after sending it) serves only the rest
             # of its RAM, also while the destination QEMU is still loading it
+            if request.resume_guest:
+                # a source recovering a session it lost: on this agent, or on
+                # an agent restarted since, whose QEMU ran already
+                why = self.device_state.why_not_recoverable(request.resume_session)
+                if why:
+                    raise ProtocolError(f"cannot recover session {request.resume_session} without device state: "
+                                        f"{why}. The guest does not run here")
+                welcome = self.agent.open(request, _peer(context))
+                self.device_state.loaded_before(welcome.session_id)
+                return welcome
             if not request.resume_session:
                 raise ProtocolError("this destination feeds a QEMU (--qmp) but the source sends no device state: "
                                     "start `migrate source` with --qmp SOCKET of the source QEMU (or, to serve "

@@ -16,7 +16,7 @@ import uuid
 
 from migrate.dest import faultspace
 from migrate.dest.adopt import adopt_prior_pages, api_once
-from migrate.dest.attach import AttachedGuest
+from migrate.dest.attach import AttachedGuest, guest_instance
 from migrate.dest.channels import Channels
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
 from migrate.dest.state import SERVED, NotAuthorised, Peer, State, StateMachine
@@ -58,6 +58,8 @@ class Migration:
         self.channels = Channels(self)
         self.t_connect: float | None = None
         self.t_complete: float | None = None
+        self.instance = ""        # guest_instance(): which guest this is, across agents
+        self.guest_lost = False   # the migration failed because the guest went away
         self.stop_fd = -1
         self.mem = None
         self.uffd = None
@@ -121,6 +123,7 @@ class Migration:
         self.uffd = Userfaultfd(g.uffd_fd, owned=False)
         api_once(self.uffd, g.reattach)
         self.mem = GuestMemory.from_fd(os.dup(g.ram_fd), g.ram_size, g.page_size)
+        self.instance = guest_instance(g.pid, g.ram_fd)
         mode = Mode.MISSING if self.mode == faultspace.MODE_COPY else Mode.MISSING | Mode.MINOR
         regions = []
         for r in g.regions:
@@ -160,13 +163,18 @@ class Migration:
         self._teardown()
 
     # -- sources ----------------------------------------------------------
-    def fail(self, why: str, err: BaseException | None = None) -> None:
+    def fail(self, why: str, err: BaseException | None = None, guest_lost: bool = False) -> None:
         """err: what raised, if anything. ESRCH from a userfaultfd ioctl means
         the guest's address space is gone: the guest died, and that is the
-        reason to give (whichever thread noticed first)."""
+        reason to give (whichever thread noticed first). guest_lost: the
+        guest went away (the first failure's cause is the one kept)."""
         if getattr(err, "errno", None) == errno.ESRCH:
-            why = self._guest_gone()
-        self.machine.fail(why, lambda: self.reporter.event("error", why, session=self.id))
+            why, guest_lost = self._guest_gone(), True
+
+        def announce():
+            self.guest_lost = guest_lost
+            self.reporter.event("error", why, session=self.id)
+        self.machine.fail(why, announce)
 
     def connect(self, hello: pb.Hello, demand_port: int, peer: Peer = Peer()) -> pb.Welcome:
         """A source's Open: its Welcome, with a new token. Errors to a peer
@@ -203,7 +211,7 @@ class Migration:
                           received_bitmap=self.space.received.to_bytes() if received else b"",
                           batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
                           demand_port=demand_port, demand_token=token,
-                          sparse_block_size=self.space.block_size)
+                          sparse_block_size=self.space.block_size, guest_instance=self.instance)
 
     def admit(self, token: bytes, peer: Peer, call: str) -> int:
         """The generation of the source a Push or DeviceState call comes from;
@@ -285,7 +293,7 @@ class Migration:
                 pass
         except OSError:
             pass
-        self.fail(self._guest_gone())   # (nothing to fail once it ended)
+        self.fail(self._guest_gone(), guest_lost=True)   # (nothing to fail once it ended)
 
     def _guest_gone(self) -> str:
         return f"guest process {self.guest.pid} went away before the migration ended"
@@ -337,4 +345,5 @@ class Migration:
                      "received" + (f" (the source was dropped: {lost_why})" if lost_why else ""))
         return pb.FinishReply(complete=state is State.COMPLETE, pages_total=s["pages_total"],
                               pages_demand=s["pages_demand"], pages_pushed=s["pages_pushed"],
-                              pages_zero=s["pages_zero"], error=error, failed=state is State.FAILED)
+                              pages_zero=s["pages_zero"], error=error, failed=state is State.FAILED,
+                              guest_lost=state is State.FAILED and self.guest_lost)

@@ -12,6 +12,7 @@ says its guest runs; resume it (`cont`) when the destination says it did not.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from migrate.errors import DestinationGone, MigrateError
+from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu import resume_hint
@@ -170,11 +171,22 @@ class DeviceStateSender:
                             running_time=self.running_time)
 
 
-def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw):
+def _explained(e: MigrateError, message: str) -> MigrateError:
+    """e said again with what became of the source QEMU; the same exit code."""
+    err = MigrateError(message)
+    err.exit_code = e.exit_code
+    return err
+
+
+def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_window: float = 0.0, **source_kw):
     """`migrate source --qmp`: open the session, then pause and capture, send the
-    device state, serve RAM. Returns (SourceResult, info dict). On failure: resumes the source
-    QEMU when the destination certainly did not resume the guest, else leaves it
-    paused and says what to do."""
+    device state, serve RAM. Returns (SourceResult, info dict). A destination
+    lost once it may have the device state is recovered for recovery_window
+    seconds (migrate.source.recovery), the source QEMU paused throughout. On
+    failure: resumes the source QEMU when the destination certainly did not
+    resume the guest, else leaves it paused and says what to do (the error
+    keeps its exit code)."""
+    from migrate.source.recovery import Recovery
     from migrate.source.session import DestinationFailed, Source
 
     qmp = QMP(qmp_path)
@@ -201,15 +213,45 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
 
         src = Source(ram, target, reporter, device_state=True, on_session=on_session, push_gate=guest_running,
                      **source_kw)
+
+        def again(session: str, guest: str, connect_timeout: float) -> Source:
+            # the device state is at the destination (or never will be from
+            # here): a try again serves RAM only, the source QEMU stays paused
+            return Source(ram, target, reporter, **{**source_kw, "resume_session": session}, resume_guest=guest,
+                          connect_timeout=connect_timeout, open_timeout=connect_timeout + 5)
+
+        def vm_state(session: str) -> str:
+            runs = "runs on the destination" if sender.ack is not None else \
+                "may run on the destination (its device state went there; whether it loaded is not known here)"
+            return (f"The VM {runs} and waits for the pages it lacks; the source QEMU stays paused, and its RAM "
+                    f"file {ram.path} holds those pages: keep both. Once the destination answers again, "
+                    f"`migrate source --ram {ram.path} --to {target} --resume {session}` (no --qmp; with this "
+                    "source's TLS flags) serves the rest; if its agent was restarted since, the same command without "
+                    "--resume. Resume the source QEMU only if the destination guest is known to be lost and never "
+                    f"ran: {resume_hint(qmp_path)}")
+
+        t0 = time.monotonic()
         try:
-            res = src.run()
+            try:
+                res = src.run()
+            except DestinationLost as e:
+                # recovered only once the destination may have the device
+                # state (before, the source QEMU is resumed: it is the VM), and
+                # not once it said it did not load it
+                if not sender.sent or (sender.ack is not None and not sender.ack.guest_running) \
+                        or not src.session or recovery_window <= 0:
+                    raise
+                res = Recovery(reporter, recovery_window, again, vm_state).recover(src.session, src.guest_instance, e)
+                res = dataclasses.replace(res, seconds=time.monotonic() - t0)
         except MigrateError as e:
             if sender.capture is None:
                 # never paused (or capture_device_state resumed what it paused)
-                raise MigrateError(f"{e} (the source QEMU was not paused: it runs on)") from None
+                raise _explained(e, f"{e} (the source QEMU was not paused: it runs on)") from None
+            if isinstance(e, RecoveryWindowOver):
+                raise   # it says the VM's state and what to do
             if sender.ack is not None and sender.ack.guest_running:
                 if isinstance(e, DestinationFailed):
-                    raise MigrateError(
+                    raise _explained(e,
                         f"{e} (the guest ran on the destination and is lost there; the source QEMU stays paused: "
                         "resuming it would take the VM back to before the migration, after the destination "
                         "guest's own disk writes and network traffic. Only if that is safe for this VM: "
@@ -217,18 +259,18 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                 # a DestinationGone says already how to resume the session
                 how = "" if isinstance(e, DestinationGone) else \
                     f": serve the rest with `migrate source --resume {src.session}`"
-                raise MigrateError(f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \
+                raise _explained(e, f"{e} (the guest runs on the destination; the source QEMU stays paused{how})") \
                     from None
             if not sender.sent or sender.ack is not None:
                 resume_source(qmp, reporter, f"migration failed before the destination resumed the guest ({e})")
-                raise MigrateError(f"{e} (the source QEMU was resumed)") from None
+                raise _explained(e, f"{e} (the source QEMU was resumed)") from None
             # The destination may have the device state and run the guest, or be
             # loading it: resuming the session there is safe either way, and it
             # refuses when the state did not reach it or did not load.
             how = "" if isinstance(e, DestinationGone) else (
                 f"once the destination can be reached, `migrate source --resume {src.session}` serves it the rest; ")
-            raise MigrateError(
-                f"{e} (the destination may have the device state, and its guest may run or be about to, so the "
+            raise _explained(
+                e, f"{e} (the destination may have the device state, and its guest may run or be about to, so the "
                 f"source QEMU stays paused: {how}only if the destination refuses that resume, because the state "
                 f"did not reach it or did not load, resume this one: {resume_hint(qmp_path)})") \
                 from None

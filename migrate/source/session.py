@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import grpc
 
 from migrate._binding import lib
-from migrate.errors import DestinationFailed, DestinationGone, ProtocolError, SourceError, fmt_size
+from migrate.errors import (DestinationFailed, DestinationGone, DestinationLost, GuestLost, ProtocolError,
+                            SourceError, fmt_size)
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
@@ -35,10 +36,18 @@ from migrate.wire.tcp import ChannelEnd, channel_end, host_of, parse_address, se
 DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
 
 
+# gRPC statuses that say the destination cannot take the call now but may
+# later (its agent is gone or restarting, its guest not re-attached yet, the
+# source it dropped not let go yet): a source recovering its session tries again
+_TRANSIENT = frozenset((grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED))
+
+
 def rpc_error(e: grpc.RpcError, what: str) -> SourceError:
-    code = e.code().name if hasattr(e, "code") else "?"
+    code = e.code() if hasattr(e, "code") else None
     details = e.details() if hasattr(e, "details") else str(e)
-    return SourceError(f"{what}: destination said {code}: {details}")
+    kind = DestinationLost if code in _TRANSIENT else SourceError
+    return kind(f"{what}: destination said {code.name if code else '?'}: {details}")
 
 
 def _check_resolves(target: str) -> None:
@@ -53,7 +62,7 @@ def _check_resolves(target: str) -> None:
     try:
         socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise SourceError(f"cannot resolve the destination host {target.rpartition(':')[0]!r}: {e.strerror}") from None
+        raise DestinationLost(f"cannot resolve the destination host {target.rpartition(':')[0]!r}: {e.strerror}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -84,7 +93,8 @@ class Source:
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
-                 sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None):
+                 sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
+                 resume_guest: str = "", open_timeout: float = 60.0):
         self.ram = ram
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
         # the raw channels' TLS context (the credentials are loaded here)
@@ -100,7 +110,12 @@ class Source:
         self.compress = compress
         self.name = name
         self.resume_session = resume_session
+        # recovering a lost session (migrate.source.recovery): only the guest
+        # the first Welcome named (Welcome.guest_instance) may take this RAM
+        self.resume_guest = resume_guest
+        self.guest_instance = ""
         self.connect_timeout = connect_timeout
+        self.open_timeout = open_timeout   # Open waits this long (the destination waits 30 s for a guest)
         # a destination whose host acknowledges nothing this long on a channel
         # is gone (see wire.tcp.set_peer_timeout); 0: TCP's own many minutes
         self.dest_timeout = dest_timeout
@@ -179,25 +194,33 @@ class Source:
         try:
             grpc.channel_ready_future(ctl).result(timeout=max(0.1, deadline - time.monotonic()))
         except grpc.FutureTimeoutError:
-            raise SourceError(f"cannot reach the destination at {self.target} within "
+            raise DestinationLost(f"cannot reach the destination at {self.target} within "
                               f"{self.connect_timeout:.0f} s: is `migrate dest --listen` running there?") from None
         stub = pbg.MigrationStub(ctl)
         try:
-            welcome = stub.Open(self._hello(), timeout=60)
+            welcome = stub.Open(self._hello(), timeout=self.open_timeout)
         except grpc.RpcError as e:
             raise rpc_error(e, "open session") from None
         if welcome.version != PROTOCOL_VERSION:
             raise ProtocolError(f"destination speaks protocol version {welcome.version}, this source "
                                 f"{PROTOCOL_VERSION}: run the same migrate release on both hosts")
+        if self.resume_guest and welcome.guest_instance != self.resume_guest:
+            # (the destination picks by Hello.resume_guest; one that did not
+            # never gets a page of this RAM)
+            raise ProtocolError(f"the destination at {self.target} offered another guest than the one this source "
+                                "recovers: run the same migrate release on both hosts")
         sid = self.session = welcome.session_id
         self.token = welcome.demand_token
+        self.guest_instance = welcome.guest_instance
         already = PageBitmap(ram.npages)
         if welcome.received_bitmap:
             already.load_bytes(welcome.received_bitmap)
         self.sched = Scheduler(ram.npages, max(1, self.batch_bytes // ram.page_size), already)
+        recovering = {"recovered": self.resume_session} if self.resume_guest else {}
         self.reporter.event("connected", f"session {sid} at {self.target}: {fmt_size(ram.size)} in "
-                            f"{ram.npages} pages, {already.count()} already there", session=sid,
-                            target=self.target)
+                            f"{ram.npages} pages, {already.count()} already there"
+                            + (f" (recovering session {self.resume_session})" if recovering else ""),
+                            session=sid, target=self.target, **recovering)
         return stub, welcome
 
     def _hello(self) -> pb.Hello:
@@ -205,7 +228,7 @@ class Source:
                         compression=[pb.COMPRESSION_ZSTD, pb.COMPRESSION_NONE] if self.compress
                         else [pb.COMPRESSION_NONE],
                         resume_session=self.resume_session, source_name=self.name, guest=self.guest,
-                        has_device_state=self.device_state)
+                        has_device_state=self.device_state, resume_guest=self.resume_guest)
 
     @staticmethod
     def _freeze_heap() -> None:
@@ -279,7 +302,7 @@ class Source:
         if fin.complete:
             return fin
         if fin.failed:   # the destination's reason, not what it did to our channels
-            raise DestinationFailed(f"destination ended session {sid}: {fin.error}")
+            raise (GuestLost if fin.guest_lost else DestinationFailed)(f"destination ended session {sid}: {fin.error}")
         if self.errors:
             raise self.errors[0]
         raise SourceError(f"destination did not complete session {sid}: no reason given")
@@ -316,7 +339,7 @@ class Source:
         try:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
-            raise SourceError(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
+            raise DestinationLost(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
         if self.raw_tls is not None:
             sock = self._raw_handshake(sock, what, host, welcome.demand_port)
         self._socks.append(sock)
@@ -342,7 +365,9 @@ class Source:
         """A raw channel that ended with rc (-errno) before its work was done; a
         destination the kernel gave up on is recorded in dest_lost."""
         if channel_end(rc) is not ChannelEnd.PEER_LOST:
-            return SourceError(f"{what} channel: {os.strerror(-rc)}")
+            # the destination's kernel ended it (the agent died or was
+            # stopped: a reset, a closed socket) or this host's did
+            return DestinationLost(f"{what} channel: {os.strerror(-rc)}")
         e = DestinationGone(f"the destination is gone: for --dest-timeout {self.dest_timeout:g} s nothing sent on "
                             f"the {what} channel was acknowledged or taken in ({os.strerror(-rc)}): its host is down, "
                             "the network split, or the agent hangs. Its guest keeps the pages it has and waits: once "
@@ -398,7 +423,7 @@ class Source:
                 raise self._channel_error("push", rc)
         except (SourceError, OSError) as e:
             if not self.stop.is_set():
-                self._fail(e if isinstance(e, SourceError) else SourceError(f"push channel: {e}"))
+                self._fail(e if isinstance(e, SourceError) else DestinationLost(f"push channel: {e}"))
 
     def _push_grpc(self, ch: grpc.Channel, compress: bool) -> None:
         if not self._gate_open():

@@ -1,0 +1,208 @@
+"""Recovery without a person (`source --recovery-window`), the exit codes and
+the agents' clean stop on SIGTERM/SIGINT: real agents as processes, a real
+guest (guestsim, and QEMU in test_qemu_guest_recovers_when_its_agent_is_restarted)
+that verifies every byte."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import time
+
+import pytest
+
+from migrate import exits
+from migrate.sim.localrun import LocalMigration
+
+M = 1 << 20
+SIZE = 256 * M
+SLOW_SOURCE = ("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")
+
+
+def free_port() -> int:
+    """A port nothing listens on now, so that a destination agent can be
+    started again with the very same command line."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until_received(lm: LocalMigration, fraction: int) -> dict:
+    while True:
+        ev = lm.dest.wait_event("progress", 60)
+        if ev["received"] > ev["pages_total"] // fraction:
+            return ev
+
+
+@contextlib.contextmanager
+def mid_migration(tmp_path, seed: int, *, source_args: tuple = (), received: int = 10, **kw):
+    """A 256 MiB guest faulting at random from 2 vCPUs, served by a slow
+    source, from the moment more than 1/received of its pages are in. The
+    destination listens on a fixed port (kw dest_listen, default a free
+    loopback one), so that its command can be run again as it was."""
+    kw.setdefault("dest_listen", f"127.0.0.1:{free_port()}")
+    with LocalMigration(str(tmp_path), SIZE, seed=seed, pattern="random", vcpus=2,
+                        source_args=(*SLOW_SOURCE, *source_args), **kw) as lm:
+        lm.make_image()
+        lm.start_dest()
+        first = lm.start_source()
+        lm.start_guest()
+        wait_until_received(lm, received)
+        yield lm, first
+
+
+def check_verified(lm: LocalMigration, source) -> tuple[dict, dict]:
+    """The source completes, the guest verifies every byte, the destination
+    completes with every page accounted for; the guest's and destination's
+    summaries."""
+    assert source.wait(150) == exits.COMPLETED, source.errors()
+    assert lm.guest.wait(60) == 0
+    g = lm.guest.summary()
+    assert g["verified"] is True and g["mismatches"] == 0
+    assert lm.dest.wait(30) == exits.COMPLETED
+    d = lm.dest.summary()
+    assert d["state"] == "complete"
+    assert d["pages_demand"] + d["pages_pushed"] + d["pages_zero"] + d["pages_prior"] == SIZE // 4096
+    return g, d
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGTERM"])
+def test_destination_agent_restarted_with_the_same_command_and_nothing_else(tmp_path, host, how):
+    """The destination agent dies (kill -9) or is stopped (SIGTERM, which ends
+    it cleanly: exit 0, `stopped`) mid-migration. The same command starts it
+    again, and nothing else is done: the guest re-attaches, the source, which
+    reported `paused` meanwhile and kept trying, resumes its session on the new
+    agent for that guest, and the guest verifies every byte."""
+    with mid_migration(tmp_path, 41) as (lm, first):
+        old, old_address = lm.dest, lm.address
+        old.p.send_signal(getattr(signal, how))
+        rc = old.wait(30)
+        if how == "SIGTERM":
+            assert rc == exits.COMPLETED
+            stopped = old.wait_event("stopped", 5)
+            assert stopped["signal"] == "SIGTERM" and len(stopped["sessions"]) == 1, stopped
+            assert "re-attaches to the next agent" in stopped["message"], stopped
+        lost = first.wait_event("lost", 30)
+        assert lost["state"] == "paused" and lost["reason"] and lost["window"] == 600, lost
+        lm.guest.wait_event("agent_lost", 30)
+        time.sleep(1)                          # the source keeps trying meanwhile
+        assert first.p.poll() is None, first.errors()
+        t_spawn = time.time()
+        listening = lm.start_dest()             # the same command line
+        assert listening["address"] == old_address
+        re = lm.dest.wait_event("reattached", 60)
+        assert 0 < re["pages_prior"] < SIZE // 4096
+        resumed = lm.dest.wait_event("demand", 60)   # the source serves the guest again
+        conn = first.wait_event("connected", 10)
+        assert conn["recovered"] == lost["session"] and conn["session"] != lost["session"], conn
+        g, d = check_verified(lm, first)
+        assert g["agent_reattaches"] == 1 and d["pages_prior"] == re["pages_prior"]
+        print(f"{how}: restart to resumed: {(resumed['_t'] - t_spawn) * 1e3:.0f} ms from the new agent's start, "
+              f"{(resumed['_t'] - listening['_t']) * 1e3:.0f} ms from its `listening` (machine shared and loaded)")
+
+
+@pytest.mark.timeout(240)
+def test_a_link_cut_longer_than_both_timeouts_is_recovered_by_the_first_source(tmp_path, host, split_network):
+    """The destination runs on a second host (a network namespace); the link
+    goes dead for longer than both timeouts (2 s). Both agents give up on each
+    other: the destination drops the source, the source reports `paused`. Once
+    the link is back, the same source resumes the same session by itself."""
+    net = split_network
+    with mid_migration(tmp_path, 43, source_args=("--dest-timeout", "2"), dest_args=("--source-timeout", "2"),
+                       dest_listen=f"{net.there}:0", dest_prefix=net.exec) as (lm, first):
+        net.cut()
+        lost = first.wait_event("lost", 30)
+        assert lost["state"] == "paused" and "--dest-timeout 2" in lost["reason"], lost
+        dropped = lm.dest.wait_event("disconnected", 30)
+        assert 0 < dropped["received"] < dropped["total"]
+        time.sleep(3)                            # longer than both timeouts, and tries fail meanwhile
+        assert first.p.poll() is None, first.errors()
+        net.restore()
+        conn = first.wait_event("connected", 60)
+        assert conn["session"] == lost["session"] == conn["recovered"], conn   # the old agent's own session
+        assert "already there" in conn["message"]
+        g, d = check_verified(lm, first)
+        assert g["agent_reattaches"] == 0 and d["pages_prior"] == 0
+
+
+@pytest.mark.timeout(120)
+def test_the_window_ends_with_its_own_exit_code_and_says_what_to_do(tmp_path, host):
+    """The destination agent is killed and nobody restarts it: once
+    --recovery-window is over, the source exits 4 with a message that says
+    the VM's state and what to do."""
+    with mid_migration(tmp_path, 45, source_args=("--recovery-window", "2")) as (lm, first):
+        lm.dest.kill()
+        lost = first.wait_event("lost", 30)
+        t = time.monotonic()
+        assert first.wait(30) == exits.WINDOW_OVER
+        assert 1.5 < time.monotonic() - t < 10
+        (err,) = first.errors()
+        sid = lost["session"]
+        assert err.startswith(f"the destination of session {sid} stayed lost for --recovery-window 2 s ("), err
+        assert "The destination guest keeps the pages it has and waits for the rest" in err, err
+        assert f"--to {lm.address} --resume {sid}`" in err and "without --resume" in err, err
+        assert [e for e in first.lines if e.get("event") == "retry"], "it tried again meanwhile"
+
+
+@pytest.mark.timeout(120)
+def test_window_zero_exits_at_once_as_before(tmp_path, host):
+    """--recovery-window 0: a lost destination ends the source at once (exit
+    1), as before recovery existed."""
+    with mid_migration(tmp_path, 47, source_args=("--recovery-window", "0")) as (lm, first):
+        lm.dest.kill()
+        assert first.wait(30) == exits.FAILED
+        assert not [e for e in first.lines if e.get("event") == "lost"]
+
+
+@pytest.mark.timeout(120)
+def test_a_source_stopped_by_a_signal_exits_143_and_a_new_one_resumes(tmp_path, host):
+    """SIGTERM ends the source cleanly mid-migration: exit 128 + 15, its
+    channels closed (the destination drops it at once), and a new source
+    resumes the session."""
+    with mid_migration(tmp_path, 49) as (lm, first):
+        first.p.send_signal(signal.SIGTERM)
+        assert first.wait(30) == exits.STOPPED_BASE + signal.SIGTERM
+        assert first.errors() == ["stopped by SIGTERM mid-migration"]
+        ev = lm.dest.wait_event("disconnected", 15)
+        second = lm.start_source()
+        check_verified(lm, second)
+        assert second.lines[0]["session"] == ev["session"]
+
+
+@pytest.mark.timeout(120)
+def test_the_guest_lost_exit_code(tmp_path, host):
+    """The destination guest dies: both agents exit 3 (guest lost), the
+    source at once despite its recovery window: nothing is left to recover."""
+    with mid_migration(tmp_path, 51) as (lm, first):
+        lm.guest.kill()
+        assert lm.dest.wait(30) == exits.GUEST_LOST
+        assert first.wait(30) == exits.GUEST_LOST, first.errors()
+        assert "went away before the migration ended" in first.errors()[0]
+
+
+@pytest.mark.timeout(60)
+def test_usage_and_failed_exit_codes(tmp_path, host):
+    """2 for a command that cannot start (a bad flag, a RAM file that is not
+    there); 1 for a migration that fails (a RAM size the guest does not have)."""
+    from migrate.sim.localrun import Proc
+    bad = Proc("source", ["source", "--ram", "x", "--to", "127.0.0.1:1", "--recovery-window", "-1"])
+    assert bad.wait(30) == exits.USAGE
+    assert "--recovery-window: -1 seconds: must be 0 or more" in " ".join(bad.stderr_lines)
+    missing = Proc("source", ["source", "--ram", str(tmp_path / "nothing"), "--to", "127.0.0.1:1", "--json"])
+    assert missing.wait(30) == exits.USAGE
+    with LocalMigration(str(tmp_path), 16 * M, seed=3) as lm:
+        lm.size = 8 * M                  # the guest is smaller than the source's RAM image
+        lm.start_dest()
+        lm.start_guest()
+        lm.size = 16 * M
+        lm.make_image()
+        src = lm.start_source()
+        assert src.wait(60) == exits.FAILED
+        assert "FAILED_PRECONDITION" in src.errors()[0]
+        lm.dest.p.send_signal(signal.SIGINT)
+        assert lm.dest.wait(30) == exits.COMPLETED          # a signal ends the agent cleanly
+        assert lm.dest.wait_event("stopped", 5)["signal"] == "SIGINT"
+    assert not os.path.exists(lm.sock)
