@@ -13,6 +13,7 @@ import time
 import pytest
 from conftest import need_backing
 
+from migrate import exits
 from migrate.sim.localrun import LocalMigration
 
 M = 1 << 20
@@ -222,11 +223,11 @@ def test_the_guest_dying_mid_migration_ends_both_agents_saying_so(tmp_path, host
         pid = lm.guest.p.pid
         lm.guest.p.kill()
         lm.guest.p.wait(10)
-        assert lm.dest.wait(30) == 1
+        assert lm.dest.wait(30) == exits.GUEST_LOST
         why = f"guest process {pid} went away before the migration ended"
         assert lm.dest.errors() == [why]
         assert lm.dest.summary()["state"] == "failed"
-        assert first.wait(30) == 1
+        assert first.wait(30) == exits.GUEST_LOST
         assert first.errors() == [f"destination ended session {lm.dest.summary()['session']}: {why}"]
 
 
@@ -262,7 +263,8 @@ def test_a_network_split_is_noticed_by_both_sides_and_a_new_source_finishes(tmp_
     TCP retries on one side, waiting for ever on the other), and once the link
     is back a new source finishes the migration."""
     net = split_network
-    with mid_migration(tmp_path, 23, source_args=("--transport", transport, "--dest-timeout", "2"),
+    with mid_migration(tmp_path, 23, source_args=("--transport", transport, "--dest-timeout", "2",
+                                                  "--recovery-window", "0"),
                        dest_args=("--source-timeout", "2"), dest_listen=f"{net.there}:0",
                        dest_prefix=net.exec) as (lm, first):
         lm.guest.p.send_signal(signal.SIGSTOP)
@@ -319,7 +321,7 @@ def test_a_destination_agent_that_hangs_is_given_up_by_its_source(tmp_path, host
     up once nothing it sends is taken in for --dest-timeout and exits saying
     so, instead of waiting for ever; the agent, when it runs again, finds that
     source gone and a new one finishes."""
-    with mid_migration(tmp_path, 29, source_args=("--dest-timeout", "2")) as (lm, first):
+    with mid_migration(tmp_path, 29, source_args=("--dest-timeout", "2", "--recovery-window", "0")) as (lm, first):
         lm.dest.p.send_signal(signal.SIGSTOP)
         t = time.monotonic()
         try:
@@ -342,7 +344,7 @@ def test_agent_killed_mid_migration_then_a_new_agent_takes_over(tmp_path, host):
     its userfaultfd, its faulting vCPUs stay blocked, it re-attaches to a new
     agent, which keeps every page already mapped in the guest (never rewritten)
     and fetches the rest from a new source. Every byte verifies."""
-    with mid_migration(tmp_path, 9, received=10) as (lm, first_src):
+    with mid_migration(tmp_path, 9, received=10, source_args=("--recovery-window", "0")) as (lm, first_src):
         old = lm.dest
         old.p.kill()
         old.p.wait(10)

@@ -22,6 +22,7 @@ import sys
 
 import pytest
 
+from migrate import exits
 from migrate.host import features
 from migrate.qemu import localrun, resume_hint
 from migrate.qemu.lab import Lab
@@ -107,6 +108,21 @@ def test_qemu_guest_survives_its_destination_agent_dying(guest):
 
 
 @pytest.mark.timeout(300)
+def test_qemu_guest_recovers_when_its_agent_is_restarted(guest):
+    """SIGKILL the destination agent right after the guest runs, then run the
+    same `migrate dest --qmp` command again and nothing else: the shim
+    re-attaches QEMU to it, the first source (its QEMU paused throughout)
+    resumes the session for that guest, and the guest's check prints VERIFY OK."""
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), kill_agent=True,
+                       recover=True, source_args=("--max-rate", "100M"))
+    print({k: res.get(k) for k in ("killed_agent_at_received", "pages_prior", "restart_to_resumed_ms", "verify")})
+    assert res["src_status_while_lost"] in ("paused", "postmigrate")
+    assert res["pages_prior"] is not None and res["pages_prior"] < MEM_MB * 256
+    _check_migrated(res)   # the first source completed (exit 0), the source QEMU never resumed
+    assert res["dest"]["pages_prior"] == res["pages_prior"]
+
+
+@pytest.mark.timeout(300)
 def test_qemu_guest_survives_a_network_split(guest, split_network):
     """The destination agent runs on a second host (a network namespace); the
     link to it goes dead while the destination guest reads its memory. Both
@@ -173,9 +189,9 @@ def test_a_destination_qemu_dying_leaves_the_source_paused(guest):
     res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
                            source_args=("--max-rate", "100M"), kill_dest_qemu=True)
     print({k: res.get(k) for k in ("dest_rc", "dest_errors", "source_rc", "source_errors", "src_status_after")})
-    assert res["dest_rc"] == 1 and len(res["dest_errors"]) == 1
+    assert res["dest_rc"] == exits.GUEST_LOST and len(res["dest_errors"]) == 1
     assert res["dest_errors"][0].startswith(f"guest process {res['dst_pid']} went away"), res["dest_errors"]
-    assert res["source_rc"] == 1
+    assert res["source_rc"] == exits.GUEST_LOST
     err = " ".join(res["source_errors"])
     assert "went away before the migration ended" in err and "is lost there" in err, err
     assert "the source QEMU stays paused" in err and "migrate.qemu" in err, err

@@ -410,12 +410,14 @@ class MigrationService(pbg.MigrationServicer):
             # (its first source was lost after sending it) serves only the rest
             # of its RAM, also while the destination QEMU is still loading it
             if request.resume_guest:
-                # a source recovering a session it lost: on this agent, or on
-                # an agent restarted since, whose QEMU ran already
-                why = self.device_state.why_not_recoverable(request.resume_session)
+                # A source recovering a session it lost names its guest only
+                # once the destination said that guest runs (the device state
+                # loaded): on this agent, or on one it re-attached to since.
+                why = self.device_state.why_not_resumable(request.resume_session) \
+                    if request.resume_session in self.device_state.feeds else None
                 if why:
                     raise ProtocolError(f"cannot recover session {request.resume_session} without device state: "
-                                        f"{why}. The guest does not run here")
+                                        f"{why}")
                 welcome = self.agent.open(request, _peer(context))
                 self.device_state.loaded_before(welcome.session_id)
                 return welcome

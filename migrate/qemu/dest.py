@@ -58,7 +58,6 @@ class DeviceStateFeeder:
         # attach), so the guest's downtime does not include connecting to it.
         self._qmp: QMP | None = None
         self._qmp_error = ""
-        self.qemu_status = ""   # what QEMU said it was when the agent connected ("inmigrate": waits for a state)
         self._qmp_ready = threading.Event()
         threading.Thread(target=self._connect, args=(wait_qemu,), name="qmp-connect", daemon=True).start()
 
@@ -66,7 +65,7 @@ class DeviceStateFeeder:
         try:
             q = QMP(self.qmp_path, timeout=wait)
             try:
-                st = self.qemu_status = q.status()
+                st = q.status()
                 if st != "inmigrate":
                     raise QemuError(f"destination QEMU is {st!r}: start it with -incoming defer")
                 q.ignore_shared()
@@ -104,24 +103,11 @@ class DeviceStateFeeder:
             return "the device state of that session is still arriving"
         return None
 
-    def why_not_recoverable(self, session_id: str) -> str | None:
-        """None when a recovering source (Hello.resume_guest) may serve
-        session_id without device state: as why_not_resumable on the agent
-        that took the state, or, on an agent restarted since, when its QEMU
-        ran already as the agent started (its state was loaded under the
-        agent before). Else why not."""
-        if session_id in self.feeds:
-            return self.why_not_resumable(session_id)
-        self._qmp_ready.wait(10)
-        if self.qemu_status in ("", "inmigrate"):
-            return "the destination QEMU has not loaded a device state" + (
-                f" ({self._qmp_error})" if self._qmp_error and not self.qemu_status else "")
-        return None
-
     def loaded_before(self, session_id: str) -> None:
-        """session_id is served without device state by a recovering source:
-        the QEMU runs already (why_not_recoverable), so the migration is not
-        waited on for a device state that will not come."""
+        """session_id is served without device state by a recovering source,
+        whose guest runs here already (its state was loaded under the agent
+        that took it): the migration is not waited on for a device state that
+        will not come."""
         with self.lock:
             if session_id not in self.feeds:
                 f = self.feeds[session_id] = Feed(received=True, running=True)

@@ -33,8 +33,16 @@ from migrate.sim.localrun import Proc  # stamps every event with the wall-clock 
 from migrate.sim.localrun import TlsFiles
 
 
+def _free_port() -> int:
+    """A loopback port nothing listens on now (the agent started again takes it too)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
-        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True):
+        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -48,7 +56,12 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     kill_dest_qemu: SIGKILL the destination QEMU once its guest runs; returns
     what the agents said and the source QEMU's state (no VERIFY: the guest is
     lost).
-    tls: the agents with mutual TLS (default); False: plaintext (loopback only)."""
+    tls: the agents with mutual TLS (default); False: plaintext (loopback only).
+    recover: with kill_agent, start the destination agent again with the same
+    command (its port fixed for that) and nothing else: the first source
+    recovers the session by itself (`source --recovery-window`). Without it,
+    the first source exits when it loses its destination (--recovery-window 0)
+    and a new source is started by hand, as before recovery existed."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -81,7 +94,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             # 2. destination agent
             attach = os.path.join(w, "attach.sock")
             dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
-            listen = f"{split.there}:0" if split else "127.0.0.1:0"
+            listen = f"{split.there}:0" if split else f"127.0.0.1:{_free_port() if recover else 0}"
             dest_args = ["dest", "--listen", listen, "--attach", attach, "--qmp", dst_agent_qmp, "--json",
                          *dest_tls]
             if split:
@@ -107,8 +120,9 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 os.kill(dst.pid, signal.SIGSTOP)
 
             # 4. source agent
+            by_hand = (kill_agent or split) and not recover
             src_args = ["source", "--qmp", src_agent_qmp, "--ram", src_ram, "--to", addr, "--json",
-                        *source_tls, *source_args]
+                        *source_tls, *(("--recovery-window", "0") if by_hand else ()), *source_args]
             lab.log("migrate " + " ".join(src_args))
             t_src = time.time()
             source = Proc("source", src_args)
@@ -141,7 +155,28 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             sd.send("\n")
             t_trigger = time.time()
             lab.log(f"dest agent: {run_ev.get('message')}; source QEMU is {res['src_status_at_dst_running']}")
-            if kill_agent:
+            if kill_agent and recover:
+                # The destination agent dies mid-migration (SIGKILL) and the
+                # same command starts it again, nothing else: the shim
+                # re-attaches QEMU's userfaultfd to it, and the first source,
+                # its QEMU paused throughout, resumes the session for that guest.
+                dest.p.kill()
+                dest.p.wait(10)
+                res["killed_agent_at_received"] = max((e.get("received", 0) for e in dest.lines
+                                                       if e.get("event") == "progress"), default=0)
+                lost = source.wait_event("lost", 60)
+                res["src_status_while_lost"] = qs.cmd("query-status")["status"]
+                t_restart = time.time()
+                dest = Proc("dest", dest_args)
+                agents.append(dest)
+                dest.wait_event("listening", 30)
+                re_ev = dest.wait_event("reattached", 60)
+                res["pages_prior"] = re_ev.get("pages_prior")
+                resumed = dest.wait_event("demand", 60)
+                res["restart_to_resumed_ms"] = round((resumed["_t"] - t_restart) * 1e3, 1)
+                lab.log(f"source: {lost.get('message')}; restarted agent: {re_ev.get('message')}; resumed "
+                        f"{res['restart_to_resumed_ms']} ms after the restart")
+            elif kill_agent:
                 # The destination agent dies mid-migration (SIGKILL). The guest's
                 # vCPUs block on the pages still missing; the shim attaches the
                 # same userfaultfd to a new agent, and a new source (no --qmp:

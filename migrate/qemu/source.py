@@ -216,9 +216,14 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
 
         def again(session: str, guest: str, connect_timeout: float) -> Source:
             # the device state is at the destination (or never will be from
-            # here): a try again serves RAM only, the source QEMU stays paused
-            return Source(ram, target, reporter, **{**source_kw, "resume_session": session}, resume_guest=guest,
-                          connect_timeout=connect_timeout, open_timeout=connect_timeout + 5)
+            # here): a try again serves RAM only, the source QEMU stays paused.
+            # Only a guest the destination said runs is named (its restarted
+            # agent takes it without device state); one that may still be
+            # loading its state is resumed on the agent that has that state.
+            runs = sender.ack is not None and sender.ack.guest_running
+            return Source(ram, target, reporter, **{**source_kw, "resume_session": session},
+                          resume_guest=guest if runs else "", connect_timeout=connect_timeout,
+                          open_timeout=connect_timeout + 5)
 
         def vm_state(session: str) -> str:
             runs = "runs on the destination" if sender.ack is not None else \
