@@ -206,3 +206,73 @@ def test_usage_and_failed_exit_codes(tmp_path, host):
         assert lm.dest.wait(30) == exits.COMPLETED          # a signal ends the agent cleanly
         assert lm.dest.wait_event("stopped", 5)["signal"] == "SIGINT"
     assert not os.path.exists(lm.sock)
+
+
+@pytest.mark.timeout(180)
+def test_a_restarted_agent_with_another_guest_of_the_same_size_is_never_served(tmp_path, host):
+    """The destination agent and its guest both die; the agent is started
+    again with the same command and a NEW guest of the same size attaches
+    to it. The recovering source must not give that guest this RAM: it keeps
+    trying for its own guest (which will never come back), the new guest is
+    never connected, and the window ends with exit 4."""
+    with mid_migration(tmp_path, 53, source_args=("--recovery-window", "8")) as (lm, first):
+        lm.dest.kill()
+        lm.guest.kill()
+        first.wait_event("lost", 30)
+        lm.start_dest()                          # the same command
+        lm.start_guest()                         # another guest, the same size and backing
+        attached = lm.dest.wait_event("attached", 30)
+        assert first.wait(60) == exits.WINDOW_OVER, first.errors()
+        assert not [e for e in lm.dest.lines if e.get("event") in ("connected", "demand")], lm.dest.lines
+        assert lm.guest.p.poll() is None and not [e for e in lm.guest.lines if e.get("event") == "running"]
+        assert "the guest of the session this source recovers is not attached" in " ".join(
+            e.get("reason", "") for e in first.lines if e.get("event") == "retry"), first.lines
+        # the guest it did not take is still free for its own source
+        second = lm.start_source()
+        assert second.wait(120) == exits.COMPLETED, second.errors()
+        assert second.lines[0]["session"] == attached["session"]
+
+
+@pytest.mark.timeout(60)
+def test_hostile_resume_guest_is_refused_before_anything_is_looked_up(tmp_path, host):
+    """Hello.resume_guest comes from the peer: longer than a guest instance,
+    it is refused with INVALID_ARGUMENT saying so; one that names no guest
+    here gets nothing (UNAVAILABLE once Open's wait for it is over), not the
+    guest that is attached."""
+    import grpc
+
+    from migrate.proto import migration_pb2 as pb
+    from migrate.proto import migration_pb2_grpc as pbg
+    from migrate.wire.protocol import PROTOCOL_VERSION, channel
+    with LocalMigration(str(tmp_path), 8 * M, seed=5) as lm:
+        lm.start_dest()
+        lm.start_guest()
+        ch = channel(lm.address, "hostile")
+        try:
+            stub = pbg.MigrationStub(ch)
+            hello = dict(version=PROTOCOL_VERSION, ram_size=8 * M, page_size=4096)
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Open(pb.Hello(**hello, resume_guest="f" * 100000), timeout=10)
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert e.value.details() == ("Hello.resume_guest has 100000 characters: a guest instance "
+                                         "(Welcome.guest_instance) has 32")
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Open(pb.Hello(**hello, resume_guest="0" * 32), timeout=20)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE     # (once the agent waited 5 s for that guest)
+            assert e.value.details() == (f"the guest of the session this source recovers is not attached to {lm.sock} "
+                                         "(yet): it re-attaches by itself once its agent runs again")
+            # the guest attached here was not taken by either
+            w = stub.Open(pb.Hello(**hello), timeout=10)
+            assert len(w.guest_instance) == 32 and w.session_id
+        finally:
+            ch.close()
+        assert [e["event"] for e in lm.dest.lines].count("connected") == 1
+
+
+def test_backoff_doubles_to_its_cap_with_jitter():
+    from migrate.source.recovery import BACKOFF_FIRST, BACKOFF_MAX, backoff
+    low = [d for d, _ in zip(backoff(jitter=lambda: 0.0), range(10))]
+    high = [d for d, _ in zip(backoff(jitter=lambda: 1.0), range(10))]
+    assert high[:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0] and high[9] == BACKOFF_MAX
+    assert low == [h / 2 for h in high] and low[0] == BACKOFF_FIRST / 2
+    assert all(BACKOFF_FIRST / 2 <= d <= BACKOFF_MAX for d, _ in zip(backoff(), range(50)))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from migrate import exits
 from migrate.dest import faultspace
-from migrate.dest.attach import AttachListener
+from migrate.dest.attach import GUEST_INSTANCE_CHARS, AttachListener
 from migrate.wire.attach import AttachProbe
 from migrate.wire.rawtls import RawTls, TlsError, TlsSocket
 from migrate.wire.tls import TlsConfig
@@ -40,6 +40,7 @@ from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachin
 
 RAW_HANDSHAKE_TIMEOUT = 10.0   # s: a raw channel's TLS handshake, before its hello
 ENDED_KEPT = 64          # serve-forever: ended sessions whose Finish is still answered
+RECOVER_WAIT = 5.0       # s an Open naming its guest (Hello.resume_guest) waits for that guest to re-attach
 
 # The channel port (the demand and raw push channels, each opened with a hello:
 # a magic and a session's token): what a peer may make the agent hold there
@@ -445,7 +446,13 @@ class Destination:
     def open(self, hello: pb.Hello, peer: Peer = Peer(), wait: float = 30.0) -> pb.Welcome:
         """A source's Open (peer: who calls; errors to a peer that is not
         authenticated name nothing of the guest): the session it joins."""
+        if hello.resume_guest:
+            # a recovering source tries again by itself, and hears sooner why not
+            wait = min(wait, RECOVER_WAIT)
         deadline = time.monotonic() + wait
+        if len(hello.resume_guest) > GUEST_INSTANCE_CHARS:
+            raise ProtocolError(f"Hello.resume_guest has {len(hello.resume_guest)} characters: a guest instance "
+                                f"(Welcome.guest_instance) has {GUEST_INSTANCE_CHARS}")
         with self.changed:
             while True:
                 if hello.resume_guest:

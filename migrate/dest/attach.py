@@ -62,6 +62,9 @@ class AttachedGuest:
         self.sock.close()
 
 
+GUEST_INSTANCE_CHARS = 32   # hex digits of a guest_instance()
+
+
 def guest_instance(pid: int, ram_fd: int) -> str:
     """Which guest this is, the same on every agent it attaches to and on no
     other guest: this boot, the guest process (its pid and its start time,
@@ -78,7 +81,7 @@ def guest_instance(pid: int, ram_fd: int) -> str:
     except (OSError, IndexError):
         start = "?"   # (then the boot, pid and RAM file still tell guests apart)
     st = os.fstat(ram_fd)
-    return hashlib.sha256(f"{boot}/{pid}/{start}/{st.st_dev}/{st.st_ino}".encode()).hexdigest()[:32]
+    return hashlib.sha256(f"{boot}/{pid}/{start}/{st.st_dev}/{st.st_ino}".encode()).hexdigest()[:GUEST_INSTANCE_CHARS]
 
 
 def _parse_hello(hello: dict, fds: list[int]) -> dict:
