@@ -123,6 +123,24 @@ def test_qemu_guest_recovers_when_its_agent_is_restarted(guest):
 
 
 @pytest.mark.timeout(300)
+def test_a_source_stopped_by_sigterm_leaves_its_qemu_paused(guest):
+    """SIGTERM the source agent once the destination guest runs: it stops
+    pushing and exits 143 saying its QEMU stays paused (the guest runs on
+    the destination), which it does; a new source resumes the session, and
+    the guest prints VERIFY OK."""
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+                       source_args=("--max-rate", "100M"), stop_source=True)
+    assert res["first_source_rc"] == exits.STOPPED_BASE + 15, res["first_source_errors"]
+    (err,) = res["first_source_errors"]
+    # (the signal may come before the source has read the destination's "the
+    # guest runs": then it says the guest may run there; paused either way)
+    assert err.startswith("stopped by SIGTERM mid-migration (") and "the source QEMU stays paused" in err, err
+    assert "--resume" in err, err
+    assert res["src_status_after_first_source"] in ("paused", "postmigrate")
+    _check_migrated(res)
+
+
+@pytest.mark.timeout(300)
 def test_qemu_guest_survives_a_network_split(guest, split_network):
     """The destination agent runs on a second host (a network namespace); the
     link to it goes dead while the destination guest reads its memory. Both

@@ -42,7 +42,8 @@ def _free_port() -> int:
 
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
-        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False):
+        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False,
+        stop_source=False):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -61,7 +62,10 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     command (its port fixed for that) and nothing else: the first source
     recovers the session by itself (`source --recovery-window`). Without it,
     the first source exits when it loses its destination (--recovery-window 0)
-    and a new source is started by hand, as before recovery existed."""
+    and a new source is started by hand, as before recovery existed.
+    stop_source: SIGTERM the source agent once the destination guest runs
+    (it stops pushing, its QEMU stays paused), then resume the session with
+    a new source."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -221,6 +225,16 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 res["source_qemu_killed_at_received"] = max(
                     (e.get("received", 0) for e in dest.lines if e.get("event") == "progress"), default=0)
                 lab.log(f"source QEMU killed (pid {src.pid})")
+            if stop_source:
+                source.p.send_signal(signal.SIGTERM)
+                res["first_source_rc"] = source.wait(60)
+                res["first_source_errors"] = source.errors()
+                res["src_status_after_first_source"] = qs.cmd("query-status")["status"]
+                lost = dest.wait_event("disconnected", 60)
+                lab.log(f"source stopped by SIGTERM; dest agent: {lost.get('message')}")
+                source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume", lost["session"],
+                                         "--json", *source_tls])
+                agents.append(source)
             if split and not split_during_load:
                 # The link to the destination goes dead mid-migration (no FIN,
                 # no RST). Both agents give up on each other after 2 s; the
