@@ -62,7 +62,8 @@ def _check_resolves(target: str) -> None:
     try:
         socket.getaddrinfo(addr.host, addr.port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise DestinationLost(f"cannot resolve the destination host {target.rpartition(':')[0]!r}: {e.strerror}") from None
+        raise DestinationLost(f"cannot resolve the destination host {target.rpartition(':')[0]!r}: "
+                              f"{e.strerror}") from None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,7 +196,7 @@ class Source:
             grpc.channel_ready_future(ctl).result(timeout=max(0.1, deadline - time.monotonic()))
         except grpc.FutureTimeoutError:
             raise DestinationLost(f"cannot reach the destination at {self.target} within "
-                              f"{self.connect_timeout:.0f} s: is `migrate dest --listen` running there?") from None
+                                  f"{self.connect_timeout:.0f} s: is `migrate dest --listen` running there?") from None
         stub = pbg.MigrationStub(ctl)
         try:
             welcome = stub.Open(self._hello(), timeout=self.open_timeout)
