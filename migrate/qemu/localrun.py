@@ -58,7 +58,8 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     what the agents said and the source QEMU's state (no VERIFY: the guest is
     lost).
     tls: the agents with mutual TLS (default); False: plaintext (loopback only).
-    recover: with kill_agent, start the destination agent again with the same
+    recover: with split, cut the link and restore it, nothing else; with
+    kill_agent, start the destination agent again with the same
     command (its port fixed for that) and nothing else: the first source
     recovers the session by itself (`source --recovery-window`). Without it,
     the first source exits when it loses its destination (--recovery-window 0)
@@ -235,7 +236,22 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume", lost["session"],
                                          "--json", *source_tls])
                 agents.append(source)
-            if split and not split_during_load:
+            if split and recover:
+                # The same cut, and nothing else: the first source reports
+                # `lost` (its QEMU stays paused), and once the link is back it
+                # resumes the session on the agent by itself.
+                split.cut()
+                lab.log("link to the destination cut")
+                lost = source.wait_event("lost", 60)
+                res["src_status_while_lost"] = qs.cmd("query-status")["status"]
+                dropped = dest.wait_event("disconnected", 60)
+                res["cut_at_received"] = dropped.get("received")
+                time.sleep(1)
+                split.restore()
+                res["recovered"] = source.wait_event("connected", 60).get("recovered")
+                res["lost_session"] = lost["session"]
+                lab.log(f"link restored; source: {lost.get('message')}")
+            elif split and not split_during_load:
                 # The link to the destination goes dead mid-migration (no FIN,
                 # no RST). Both agents give up on each other after 2 s; the
                 # source QEMU stays paused (its guest runs on the destination),
