@@ -64,6 +64,14 @@ def _count(text: str) -> int:
     return _number(text, int, "a whole number", lambda n: n >= 1, "{}: must be 1 or more")
 
 
+def _window(text: str) -> str:
+    """--locality-window: auto, or a number of pages (0 or more)."""
+    if text == "auto":
+        return text
+    return str(_number(text, int, "a whole number of pages or auto", lambda n: 0 <= n <= 1 << 20,
+                       "{}: must be between 0 and 1048576 pages"))
+
+
 def _uid(text: str) -> int:
     return _number(text, int, "a numeric uid", lambda n: 0 <= n < 0xFFFFFFFF, "{}: not a uid")
 
@@ -126,7 +134,8 @@ def cmd_dest(args) -> int:
     return agent.run(rep, listen=args.listen, attach=args.attach,
                      serve_forever=args.serve_forever, placement=args.placement, prealloc=not args.no_prealloc,
                      qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every,
-                     attach_uids=tuple(args.attach_uid), tls=tls, max_device_state=args.max_device_state)
+                     attach_uids=tuple(args.attach_uid), tls=tls, max_device_state=args.max_device_state,
+                     record_hints=args.record_hints)
 
 
 # -- source -------------------------------------------------------------------
@@ -153,7 +162,15 @@ def cmd_source(args) -> int:
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
-              dest_timeout=args.dest_timeout, tls=tls)
+              dest_timeout=args.dest_timeout, tls=tls,
+              locality_window=None if args.locality_window == "auto" else int(args.locality_window))
+    if args.hints:
+        from migrate.hints import HintsError, read
+        try:
+            kw["hints"] = read(args.hints, ram.page_size, ram.npages)
+        except HintsError as e:
+            rep.event("error", str(e))
+            return exits.USAGE
     vm = {}
     _stop_on_signals()
     try:
@@ -328,6 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--allow-source", action="append", metavar="NAME",
                    help="take only sources whose certificate carries NAME (a DNS name, or the CN of a certificate "
                    "without any); repeatable (default: any the CA signed)")
+    d.add_argument("--record-hints", metavar="FILE", help="at the end of the migration, write the order in which "
+                   "the guest first touched its pages (for source --hints)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dest)
 
@@ -368,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_args(s, "source")
     s.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
                    "(default: the host of --to)")
+    s.add_argument("--hints", metavar="FILE", help="push the pages this file names first, in its order (written "
+                   "by dest --record-hints on an earlier migration of this guest)")
+    s.add_argument("--locality-window", type=_window, default="auto", metavar="PAGES|auto",
+                   help="pages pushed after each demand fault: auto (default) grows while faults stay near "
+                   "each other and shrinks when they jump; a number fixes it")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_source)
 

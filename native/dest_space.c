@@ -390,6 +390,12 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
                 STAT_ADD(s, outside, 1);
                 continue;
             }
+            if (s->touched && !test_and_set_bit(s->touched, (uint64_t)page))
+            {
+                /* the entry is stored before the count that publishes it */
+                s->touch_log[s->touch_count] = (uint64_t)page;
+                __atomic_store_n(&s->touch_count, s->touch_count + 1, __ATOMIC_RELEASE);
+            }
             if (test_bit(s->received, (uint64_t)page)) {
                 uint64_t bad;
                 STAT_ADD(s, fast, 1);

@@ -83,6 +83,13 @@ struct mg_space {
     int nregions;
     struct mg_region regions[16];
     struct mg_fault_stats stats;
+    /* dest --record-hints: the guest's first touch of each page, in order.
+     * touched (a bitmap) is NULL when not recording; touch_log holds npages
+     * entries, so each page is logged at most once. Written only by the
+     * fault loop's thread; read after it stops. */
+    uint64_t *touched;
+    uint64_t *touch_log;
+    uint64_t touch_count;
 };
 
 /* Records pages [first, first+count) as placed and mapped by an earlier agent

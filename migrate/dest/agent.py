@@ -211,8 +211,10 @@ class Destination:
 
     def __init__(self, attach_path: str, reporter: Reporter, *, serve_forever: bool = False,
                  mode: str = faultspace.MODE_CONTINUE, demand_host: str = "127.0.0.1", prepare: bool = True,
-                 source_timeout: float = 0, tls: TlsConfig | None = None, attach_uids: tuple[int, ...] = ()):
+                 source_timeout: float = 0, tls: TlsConfig | None = None, attach_uids: tuple[int, ...] = (),
+                 record_hints: str | None = None):
         self.reporter = reporter
+        self.record_hints = record_hints   # dest --record-hints FILE
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
         # the raw channels' TLS context (the credentials are loaded here: a
         # bad file fails the agent before it listens)
@@ -429,7 +431,8 @@ class Destination:
                 guest.close()
                 continue
             try:
-                m = Migration(guest, self.reporter, self.mode, self.prepare, self.source_timeout)
+                m = Migration(guest, self.reporter, self.mode, self.prepare, self.source_timeout,
+                              record_hints=self.record_hints)
             except MigrateError as e:
                 self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
                 continue
@@ -587,7 +590,7 @@ def _host(addr: str) -> str:
 
 def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, placement: str, prealloc: bool,
         qmp: str | None, source_timeout: float, progress_every: float, attach_uids: tuple[int, ...] = (),
-        tls: TlsConfig | None = None, max_device_state: int = 1 << 30) -> int:
+        tls: TlsConfig | None = None, max_device_state: int = 1 << 30, record_hints: str | None = None) -> int:
     """`migrate dest`: serves until the migration ends (or, serve_forever,
     until SIGTERM or SIGINT). Returns the exit status (migrate.exits):
     COMPLETED when it completed or a signal stopped the agent, GUEST_LOST
@@ -599,7 +602,8 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
     try:
         agent = Destination(attach, rep, serve_forever=serve_forever, mode=placement,
                             demand_host=host_of(listen) or "127.0.0.1", prepare=prealloc,
-                            source_timeout=source_timeout, attach_uids=attach_uids, tls=tls)
+                            source_timeout=source_timeout, attach_uids=attach_uids, tls=tls,
+                            record_hints=record_hints)
     except (OSError, MigrateError) as e:
         rep.event("error", f"cannot start the destination: {e}")
         return exits.USAGE

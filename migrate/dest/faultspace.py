@@ -214,6 +214,22 @@ class FaultSpace:
             self._raise("continue", rc, self._s.error_page)
         return rc
 
+    def record_touches(self) -> None:
+        """Logs the guest's first touch of each page from now on (every fault
+        the loop reads, demand or fast path): dest --record-hints. Pages
+        mapped before the guest touched them (pushed) never fault and are
+        not logged."""
+        self._touched = PageBitmap(self.npages)
+        self._touch_log = ffi.new("uint64_t[]", max(1, self.npages))
+        self._s.touch_log = self._touch_log
+        self._s.touched = self._touched.words
+
+    def touches(self) -> list[int]:
+        """The pages logged by record_touches(), in the order first touched."""
+        if self._s.touched == ffi.NULL:
+            return []
+        return list(ffi.unpack(self._touch_log, self._s.touch_count))
+
     def latencies_us(self) -> list[int]:
         n = min(self._s.stats.lat_count, lib.MG_LAT_RING)
         return list(ffi.unpack(self._lat, n))

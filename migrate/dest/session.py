@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 
+from migrate import hints
 from migrate.dest import faultspace
 from migrate.dest.adopt import adopt_prior_pages, api_once
 from migrate.dest.attach import AttachedGuest, guest_instance
@@ -45,7 +46,7 @@ class Migration:
     (migrate.dest.state)."""
 
     def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultspace.MODE_CONTINUE,
-                 prepare: bool = True, source_timeout: float = 0):
+                 prepare: bool = True, source_timeout: float = 0, record_hints: str | None = None):
         """Registers the guest's range and acks the guest (or nacks it and
         raises); with prepare, allocates its RAM too. Starts no thread: the
         agent calls start()."""
@@ -54,6 +55,7 @@ class Migration:
         self.reporter = reporter
         self.mode = mode
         self.source_timeout = source_timeout   # see Channels.check_source(); 0: never
+        self.record_hints = record_hints       # dest --record-hints FILE, written at completion
         self.machine = StateMachine()
         self.channels = Channels(self)
         self.t_connect: float | None = None
@@ -132,6 +134,8 @@ class Migration:
         self.space = FaultSpace(self.uffd, g.page_size, self.npages, regions,
                                 0 if self.mode == faultspace.MODE_COPY else self.mem.alias_addr, self.mode,
                                 ram_fd=self.mem.fd)
+        if self.record_hints:
+            self.space.record_touches()
         # file pages no region maps can never fault: nothing to map for them
         covered = PageBitmap(self.npages)
         for r in regions:
@@ -270,7 +274,23 @@ class Migration:
         self.space.finish()
         for r in self.guest.regions:
             self.uffd.unregister(r.guest_addr, r.length)
+        if self.record_hints:
+            self._write_hints()
         self.machine.complete(self._announce_complete)
+
+    def _write_hints(self) -> None:
+        """dest --record-hints: the guest's first touches, for source --hints.
+        A file that cannot be written is reported; the migration is done."""
+        pages = self.space.touches()
+        try:
+            size = hints.write(self.record_hints, pages, self.page_size, self.npages)
+        except OSError as e:
+            self.reporter.event("error", f"session {self.id}: hint file {self.record_hints} not written "
+                                f"({e.strerror}): check the directory exists and is writable", session=self.id)
+            return
+        self.reporter.event("hints", f"session {self.id}: {len(pages)} first touches written to "
+                            f"{self.record_hints} ({size} bytes)", session=self.id, hint_pages=len(pages),
+                            hint_bytes=size)
 
     def _announce_complete(self) -> None:
         self.t_complete = time.monotonic()

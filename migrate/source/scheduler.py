@@ -1,5 +1,7 @@
 """What the source pushes next: demand first, then the pages after the most
-recent demand (locality), then a linear scan that skips what was sent."""
+recent demand (locality, a window that adapts), then the working-set hints
+(source --hints: the pages a recorded run of the guest touched, in that
+order), then a linear scan that skips what was sent."""
 
 from __future__ import annotations
 
@@ -7,7 +9,35 @@ import threading
 
 from migrate.pagestate import PageBitmap
 
-LOCALITY_PAGES = 256     # how far past a demand the next pushes go first
+LOCALITY_PAGES = 256     # how far past a demand the next pushes go first (the adaptive window's start)
+LOCALITY_MIN = 4         # the adaptive window never shrinks below this many pages
+LOCALITY_MAX_BYTES = 16 << 20   # nor grows beyond this much RAM
+
+
+class LocalityWindow:
+    """How many pages after a demand fault the push sends next. Adaptive (the
+    idea of CRIU's lazy-pages): a fault that lands within the window of the
+    one before means the guest walks through memory, and the window doubles;
+    a fault that jumps away means it does not, and the window halves, so a
+    random working set does not spend the link on neighbours it never reads.
+    fixed: always this many pages (the policy before this one)."""
+
+    def __init__(self, page_size: int, fixed: int | None = None):
+        self.fixed = fixed
+        self.min = LOCALITY_MIN
+        self.max = max(self.min, LOCALITY_MAX_BYTES // page_size)
+        self.pages = fixed if fixed is not None else min(LOCALITY_PAGES, self.max)
+        self.last: int | None = None
+
+    def after(self, page: int) -> int:
+        """A demand fault on page: how many pages after it to push next."""
+        if self.fixed is None and self.last is not None:
+            if abs(page - self.last) <= self.pages:
+                self.pages = min(self.max, self.pages * 2)
+            else:
+                self.pages = max(self.min, self.pages // 2)
+        self.last = page
+        return self.pages
 READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
 
 
@@ -16,8 +46,14 @@ class Scheduler:
     here, and the first to see a new demand (the C demand server's last page)
     notes it for the others."""
 
-    def __init__(self, npages: int, pages_per_batch: int, already: PageBitmap | None = None):
+    def __init__(self, npages: int, pages_per_batch: int, already: PageBitmap | None = None, *,
+                 window: LocalityWindow | None = None, hints: list[int] | None = None):
+        """hints: pages to push first (after locality), in order; each a
+        page of the layout (migrate.hints validated them)."""
         self.npages = npages
+        self.window = window or LocalityWindow(4096, LOCALITY_PAGES)
+        self.hints = hints or []
+        self.hint_at = 0          # the next hint to look at
         self.per_batch = max(1, pages_per_batch)
         self.sent = already or PageBitmap(npages)
         self.lock = threading.Lock()
@@ -32,7 +68,7 @@ class Scheduler:
                 if p < self.npages:
                     self.sent.set(p)
             last = max(pages)
-            self.near = (last + 1, min(self.npages, last + 1 + LOCALITY_PAGES))
+            self.near = (last + 1, min(self.npages, last + 1 + self.window.after(last)))
 
     def next_runs(self) -> list[tuple[int, int]]:
         """The next batch as ascending (first page, count) runs, marked sent:
@@ -49,6 +85,8 @@ class Scheduler:
                 left = self._take(start, end, runs, left)
                 last = runs[-1][0] + runs[-1][1] if runs else end
                 self.near = (last, end) if last < end else None
+            if left and self.hint_at < len(self.hints):
+                left = self._take_hints(runs, left)
             if left:
                 before = len(runs)
                 self._take(self.cursor, self.npages, runs, left)
@@ -73,6 +111,20 @@ class Scheduler:
             runs.append((p, q - p))
             left -= q - p
             p = q
+        return left
+
+    def _take_hints(self, runs: list[tuple[int, int]], left: int) -> int:
+        """Appends the next unsent hinted pages (up to left) to runs, marking
+        them sent; returns how many more the batch can take."""
+        hints, i = self.hints, self.hint_at
+        while left and i < len(hints):
+            p = hints[i]
+            i += 1
+            if not self.sent.test(p):
+                self.sent.set(p)
+                runs.append((p, 1))
+                left -= 1
+        self.hint_at = i
         return left
 
     def remaining(self) -> int:

@@ -27,7 +27,7 @@ from migrate.report import Reporter
 from migrate.source.demand import DemandServer
 from migrate.source.push import Push, push_send_buffer
 from migrate.source.ramfile import RamImage
-from migrate.source.scheduler import Scheduler
+from migrate.source.scheduler import LocalityWindow, Scheduler
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig, check_destination
@@ -95,8 +95,11 @@ class Source:
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
-                 resume_guest: str = "", open_timeout: float = 60.0):
+                 resume_guest: str = "", open_timeout: float = 60.0, hints: list[int] | None = None,
+                 locality_window: int | None = None):
         self.ram = ram
+        self.hints = hints or []                 # source --hints: pages to push first, validated (migrate.hints)
+        self.locality_window = locality_window   # pages after a demand fault; None: adaptive
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
         # the raw channels' TLS context (the credentials are loaded here)
         self.raw_tls = RawTls(tls, server=False) if tls is not None else None
@@ -216,7 +219,8 @@ class Source:
         already = PageBitmap(ram.npages)
         if welcome.received_bitmap:
             already.load_bytes(welcome.received_bitmap)
-        self.sched = Scheduler(ram.npages, max(1, self.batch_bytes // ram.page_size), already)
+        self.sched = Scheduler(ram.npages, max(1, self.batch_bytes // ram.page_size), already,
+                               window=LocalityWindow(ram.page_size, self.locality_window), hints=self.hints)
         recovering = {"recovered": self.resume_session} if self.resume_guest else {}
         self.reporter.event("connected", f"session {sid} at {self.target}: {fmt_size(ram.size)} in "
                             f"{ram.npages} pages, {already.count()} already there"
