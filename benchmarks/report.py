@@ -29,6 +29,10 @@ TARGETS = {
                                   "plaintext, same run"),
     "tls_demand_p50_ratio": ("<=", 1.3, "4 KiB demand fault p50 (dest, push running): raw channels over TLS / "
                                         "plaintext, same run"),
+    "hints_fault_reduction": (">=", 0.5, "1 - demand faults with source --hints / without, hotset 1 GiB, push at "
+                                         "about 1 Gbit/s"),
+    "hints_time_reduction": (">=", 0.3, "1 - guest's time to finish its workload with source --hints / without, "
+                                        "same runs"),
     "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
 }
 
@@ -48,7 +52,8 @@ def _div(a, b, nd=3):
     return round(a / b, nd)
 
 
-def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple[dict, dict]:
+def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
+           hints: dict | None = None) -> tuple[dict, dict]:
     """Returns (ratios, provenance: which measurement each came from). The QEMU
     keys are there only when the QEMU guest scenario ran."""
     f = floors
@@ -158,6 +163,10 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
             # the lowest qemu_guest_ratio any engine could reach in this run: the
             # guest's own all-local read / QEMU's post-copy read
             r["qemu_guest_ratio_floor"] = _div(e["guest_verify_local_ms"], q["guest_verify_ms"])
+    if hints and not hints.get("error"):
+        for k in ("hints_fault_reduction", "hints_time_reduction"):
+            r[k] = hints.get(k)
+            src[k] = f"{hints['scenario']} at --max-rate {hints['rate']}: record pass (no hints), then with hints"
     return r, src
 
 

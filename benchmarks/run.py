@@ -91,6 +91,19 @@ def _qemu_plan(args, quick: bool, filters: list[str]) -> tuple[bool, str]:
     return (why is None), (why or "")
 
 
+def _hints() -> dict:
+    """Working-set prefetch: the record pass, then with hints (scenarios.measure_hints)."""
+    _log(f"hints: hotset 1 GiB, push at --max-rate {scenarios.HINTS_RATE}, record then replay")
+    images = scenarios.Images()
+    try:
+        return scenarios.measure_hints(images, log=_log)
+    except Exception as e:  # noqa: BLE001 - a broken measurement must not end the run
+        _log(f"hints: ERROR {type(e).__name__}: {e}")
+        return {"scenario": "hints", "error": f"{type(e).__name__}: {e}"}
+    finally:
+        images.close()
+
+
 def run(args) -> int:
     t0 = time.monotonic()
     load0 = list(os.getloadavg())
@@ -130,7 +143,10 @@ def run(args) -> int:
         qemu = {"scenario": QEMU_SCENARIO, **qemu_guest.bench(reps=reps, mem_mb=512, log=_log)}
         if qemu.get("error"):
             _log(f"{QEMU_SCENARIO} failed: {qemu['error']}")
-    r, prov = report.ratios(fl, results, qemu)
+    hints: dict = {"skipped": "not chosen by --scenario"}
+    if not args.matrix and (not filters or any("hints" in f for f in filters)):
+        hints = _hints()
+    r, prov = report.ratios(fl, results, qemu, hints)
     doc = {
         "name": name,
         "git_head": _git_head(),
@@ -147,6 +163,7 @@ def run(args) -> int:
         "floors": fl,
         "scenarios": results,
         "qemu": qemu,
+        "hints": hints,
     }
     if profile:
         doc["profiles"] = {}
@@ -168,6 +185,8 @@ def run(args) -> int:
     failed = [x["scenario"] for x in results if not x.get("ok") and not x.get("skipped")]
     if qemu.get("error"):
         failed.append(QEMU_SCENARIO)
+    if hints.get("error"):
+        failed.append("hints")
     line = {**r, "targets_met": sum(1 for v in doc["targets"].values() if v["met"]),
             "targets_missed": [k for k, v in doc["targets"].items() if v["met"] is False],
             "scenarios_failed": failed, "seconds": doc["seconds"], "json": jpath, "markdown": mpath}

@@ -498,3 +498,42 @@ def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, pr
     finally:
         images.close()
     return results
+
+
+# -- working-set hints ----------------------------------------------------------
+HINTS_RATE = "120M"   # about 1 Gbit/s of guest RAM: the push's --max-rate on loopback
+
+
+def measure_hints(images: Images, rate: str = HINTS_RATE, size: int = 1 << 30, pattern: str = "hotset",
+                  log=print, prefix: tuple = (), listen: str = "127.0.0.1:0") -> dict:
+    """Working-set prefetch, in one run: the guest migrates once with dest
+    --record-hints (that pass is also the one without hints), then again with
+    source --hints. Both pushes are throttled to rate (source --max-rate).
+    prefix and listen put the destination elsewhere (e.g. `ip netns exec NS`
+    behind a shaped link; then pass rate="0" for the link alone to set the
+    pace). Returns the demand faults and the guest's time of each pass and the
+    two reductions (1 - with / without)."""
+    sc = Scenario("tmpfs", size, pattern, 1, "typical", "continue")
+    image = images.get(sc)
+    out: dict = {"scenario": f"hints-{sc.name}", "rate": rate}
+    with tempfile.TemporaryDirectory(prefix="migrate-hints-") as wd:
+        hint_file = os.path.join(wd, "hints.bin")
+        for name, dest_args, source_args in (("without", ("--record-hints", hint_file), ()),
+                                             ("with", (), ("--hints", hint_file))):
+            lm = BenchMigration(wd, sc, image, ("--max-rate", rate, *source_args))
+            lm.dest_args, lm.dest_listen, lm.dest_prefix = list(dest_args), listen, tuple(prefix)
+            try:
+                r = lm.run(timeout=300)
+            finally:
+                lm.close()   # (the image stays: it is the Images')
+            if "failed" in r:
+                raise RuntimeError(f"hints {name}: {r['failed']}")
+            out[name] = {"demand_faults": r["dest"]["demand_requests"], "guest_s": r["guest"]["seconds"],
+                         "pages_pushed": r["dest"]["pages_pushed"], "dest_s": r["dest"]["seconds"],
+                         "fault_p99_us": r["dest"]["fault_p99_us"], "fault_p999_us": r["dest"]["fault_p999_us"]}
+            log(f"  hints {name}: {out[name]}")
+        out["hint_file_bytes"] = os.path.getsize(hint_file)
+    w, wo = out["with"], out["without"]
+    out["hints_fault_reduction"] = round(1 - w["demand_faults"] / max(1, wo["demand_faults"]), 3)
+    out["hints_time_reduction"] = round(1 - w["guest_s"] / wo["guest_s"], 3) if wo["guest_s"] else None
+    return out
