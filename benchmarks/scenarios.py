@@ -505,22 +505,23 @@ HINTS_RATE = "120M"   # about 1 Gbit/s of guest RAM: the push's --max-rate on lo
 
 
 def measure_hints(images: Images, rate: str = HINTS_RATE, size: int = 1 << 30, pattern: str = "hotset",
-                  log=print, prefix: tuple = (), listen: str = "127.0.0.1:0") -> dict:
+                  log=print, prefix: tuple = (), listen: str = "127.0.0.1:0", source_args: tuple = ()) -> dict:
     """Working-set prefetch, in one run: the guest migrates once with dest
     --record-hints (that pass is also the one without hints), then again with
     source --hints. Both pushes are throttled to rate (source --max-rate).
     prefix and listen put the destination elsewhere (e.g. `ip netns exec NS`
     behind a shaped link; then pass rate="0" for the link alone to set the
-    pace). Returns the demand faults and the guest's time of each pass and the
+    pace). source_args go to both sources. Returns the demand faults and the guest's time of each pass and the
     two reductions (1 - with / without)."""
     sc = Scenario("tmpfs", size, pattern, 1, "typical", "continue")
     image = images.get(sc)
     out: dict = {"scenario": f"hints-{sc.name}", "rate": rate}
     with tempfile.TemporaryDirectory(prefix="migrate-hints-") as wd:
         hint_file = os.path.join(wd, "hints.bin")
-        for name, dest_args, source_args in (("without", ("--record-hints", hint_file), ()),
+        extra = tuple(source_args)
+        for name, dest_args, hinted in (("without", ("--record-hints", hint_file), ()),
                                              ("with", (), ("--hints", hint_file))):
-            lm = BenchMigration(wd, sc, image, ("--max-rate", rate, *source_args))
+            lm = BenchMigration(wd, sc, image, ("--max-rate", rate, *extra, *hinted))
             lm.dest_args, lm.dest_listen, lm.dest_prefix = list(dest_args), listen, tuple(prefix)
             try:
                 r = lm.run(timeout=300)
