@@ -61,12 +61,26 @@ class Channels:
         self.push: dict[socket.socket, int] = {}   # push channel -> its source's generation
         self.t_demand_ns = 0                 # the current demand channel opened (time.monotonic_ns)
         self.t_push: float | None = None     # the first push channel opened
+        # the latest source's deadline for its demand channel: cancelled once
+        # the channel opens (a timer left to run out held a thread for 15 s
+        # after every Open, and a long-lived agent grew by one per migration)
+        self.demand_timer: threading.Timer | None = None
 
     def watch_demand_deadline(self, gen: int) -> None:
         """A source that never opens its demand channel is not serving this guest."""
         timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen,))
         timer.daemon = True
+        with self.lock:
+            old, self.demand_timer = self.demand_timer, timer
+        if old is not None:
+            old.cancel()
         timer.start()
+
+    def _cancel_demand_deadline(self) -> None:
+        with self.lock:
+            timer, self.demand_timer = self.demand_timer, None
+        if timer is not None:
+            timer.cancel()
 
     def _demand_deadline(self, gen: int) -> None:
         if self.demand is None and gen == self.m.machine.source_gen:
@@ -86,6 +100,7 @@ class Channels:
         if old is not None:
             old.close()
         self.t_demand_ns = time.monotonic_ns()
+        self._cancel_demand_deadline()
         resent = m.space.set_demand_fd(sock.fileno())
         m.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
                          session=m.id, resent=resent)
@@ -183,6 +198,7 @@ class Channels:
                            f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
 
     def close(self) -> None:
+        self._cancel_demand_deadline()
         with self.lock:
             socks = [s for s in (self.demand, *self.push) if s is not None]
             self.demand, self.push = None, {}
