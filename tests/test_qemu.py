@@ -19,6 +19,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -359,3 +360,94 @@ def test_shim_reads_agent_messages_whatever_their_whitespace(tmp_path, separator
         listener.close()
     assert child.returncode == 0, err
     assert "migration complete for" in err and "went away" not in err, err
+
+
+def _start_under_shim_env(attach_path: str, **env) -> subprocess.Popen:
+    from migrate.qemu.shim import shim_path
+    full = dict(os.environ, LD_PRELOAD=shim_path(), MIGRATE_ATTACH=attach_path, **env)
+    return subprocess.Popen([sys.executable, "-c", _MAPS_RAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full)
+
+
+@pytest.mark.timeout(60)
+def test_shim_waits_for_an_agent_started_after_it(tmp_path):
+    """QEMU may start before its agent: the shim tries the attach socket again
+    until MIGRATE_ATTACH_WAIT runs out (here the agent comes 1.5 s later; a
+    stale socket file nobody listens on counts as no agent)."""
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    from migrate.wire.attach import recv_msg
+
+    path = str(tmp_path / "attach.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)        # a dead agent's socket: bound, never listened on
+    stale.close()
+    child = _start_under_shim_env(path, MIGRATE_ATTACH_WAIT="30")
+    listener = None
+    try:
+        time.sleep(1.5)
+        assert child.poll() is None, child.communicate(timeout=5)
+        os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(20)
+        conn, _ = listener.accept()
+        conn.settimeout(20)
+        hello, fds = recv_msg(conn, want_fds=2)
+        for fd in fds:
+            os.close(fd)
+        assert hello["ram_size"] == 64 << 20
+        body = json.dumps({"ok": True}).encode()
+        conn.sendall(struct.pack(">I", len(body)) + body)
+        assert child.stdout.readline() == "mapped\n"
+        for ev in ({"event": "switchover"}, {"event": "complete", "pages_total": 16384}):
+            body = json.dumps(ev).encode()
+            conn.sendall(struct.pack(">I", len(body)) + body)
+        conn.close()
+        _, err = child.communicate("", timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if listener is not None:
+            listener.close()
+    assert child.returncode == 0, err
+    assert "waiting up to 30 s (MIGRATE_ATTACH_WAIT)" in err, err
+    assert f"the migrate agent at {path} is there" in err, err
+
+
+@pytest.mark.timeout(60)
+def test_shim_gives_up_when_no_agent_comes_within_its_wait(tmp_path):
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    path = str(tmp_path / "attach.sock")
+    t0 = time.monotonic()
+    child = _start_under_shim_env(path, MIGRATE_ATTACH_WAIT="1")
+    out, err = child.communicate("", timeout=30)
+    took = time.monotonic() - t0
+    assert child.returncode == 1 and "mapped" not in out
+    assert "within MIGRATE_ATTACH_WAIT=1 s" in err and f"start `migrate dest --attach {path}`" in err, err
+    assert 1 <= took < 15, took
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value", ["soon", "-1", "1e9", ""])
+def test_shim_refuses_a_bad_attach_wait(tmp_path, value):
+    """A MIGRATE_ATTACH_WAIT that is not a number of seconds is said at once
+    (an empty one is the default)."""
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    child = _start_under_shim_env(str(tmp_path / "attach.sock"), MIGRATE_ATTACH_WAIT=value)
+    if value == "":
+        time.sleep(1)
+        assert child.poll() is None   # waiting its default 60 s
+        child.kill()
+        child.wait()
+        return
+    _, err = child.communicate("", timeout=20)
+    assert child.returncode == 1
+    assert f"MIGRATE_ATTACH_WAIT={value}: not a number of seconds from 0 to 86400" in err, err
