@@ -464,15 +464,16 @@ def test_shim_refuses_a_bad_attach_wait(tmp_path, value):
 
 # -- finding the source QEMU's RAM (source --qmp without --ram) ---------------
 @contextlib.contextmanager
-def bare_qemu(tmp_path, *objects: str, machine: str = "pc,memory-backend=ram0"):
-    """A QEMU that never boots (-S), with these -object arguments and a QMP
-    socket; yields (its process, the QMP socket path). Stopped by pid."""
+def bare_qemu(tmp_path, *objects: str, machine: str = "pc,memory-backend=ram0", run: bool = False):
+    """A QEMU that never boots (-S; run: its firmware runs, finding nothing
+    to boot), with these -object arguments and a QMP socket; yields (its
+    process, the QMP socket path). Stopped by pid."""
     if not shutil.which("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)")
     if os.geteuid() != 0:
         pytest.skip("needs root: the source agent reads QEMU's /proc/PID/fd")
     qmp = str(tmp_path / "bare.qmp")
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-S", "-nodefaults", "-display", "none", "-m", "64M",
+    argv = ["qemu-system-x86_64", "-accel", "tcg", *([] if run else ["-S"]), "-nodefaults", "-display", "none", "-m", "64M",
             "-machine", machine, "-qmp", f"unix:{qmp},server=on,wait=off"]
     for o in objects:
         argv += ["-object", o]
@@ -601,3 +602,29 @@ def test_qemu_without_friction_memfd_no_ram_flag_quit_source(guest, tmp_path):
         finally:
             for p in procs:
                 p.kill()
+
+
+@pytest.mark.timeout(60)
+def test_the_last_word_on_a_source_qemu_holding_a_memfd(tmp_path):
+    """After a migration, a source QEMU left paused is named with the RAM it
+    holds (a memfd has no file that outlives it); --quit-source quits it."""
+    from conftest import Events
+    from migrate.qemu.qmp import QMP
+    from migrate.qemu.source import after_migration, find_ram_backend
+    with bare_qemu(tmp_path, "memory-backend-memfd,id=ram0,size=64M,share=on", run=True) as (p, qmp_path):
+        b = find_ram_backend(qmp_path)
+        events = Events()
+        q = QMP(qmp_path)
+        try:
+            q.cmd("stop")
+            assert after_migration(q, events, b.path, quit=False) == "paused"
+            assert events.lines == [{
+                "event": "source-qemu", "state": "paused", "qmp": qmp_path, "ram_file": None,
+                "message": f"the source QEMU stays paused (QEMU status paused), holding its RAM ({b.path}, no file of "
+                           f"its own) until it quits: once the VM need not go back, `python -m migrate.qemu "
+                           f"{qmp_path} quit` (or give the source --quit-source)"}]
+            assert after_migration(q, events, b.path, quit=True) == "quit"
+            assert events.lines[-1]["message"] == "the source QEMU quit (--quit-source); its RAM went with it"
+        finally:
+            q.close()
+        assert p.wait(20) == 0

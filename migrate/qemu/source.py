@@ -158,30 +158,36 @@ def _qemu_fd(pid: int, size: int, match, what: str, bid: str) -> str:
     return found[0]
 
 
+def ram_file_of(path: str) -> str | None:
+    """The file a served RAM path names that outlives QEMU: None for one of
+    QEMU's own descriptors (/proc/PID/fd/N: a memfd, or a file QEMU unlinked)."""
+    return None if path.startswith("/proc/") else path
+
+
 def after_migration(qmp: QMP, reporter: Reporter, ram_path: str, quit: bool) -> str:
     """Once the migration completed: quits the source QEMU (quit) or leaves
     it paused, and says which and where its RAM still is (the last event
     before the summary). Returns the source status for the summary."""
-    memfd = ram_path.startswith("/proc/")
+    ram_file = ram_file_of(ram_path)
     if quit:
         qmp.cmd("quit")
-        left = ("its RAM went with it" if memfd else
-                f"its RAM file {ram_path} is still there: remove it once nothing needs it")
+        left = ("its RAM went with it" if ram_file is None else
+                f"its RAM file {ram_file} is still there: remove it once nothing needs it")
         reporter.event("source-qemu", f"the source QEMU quit (--quit-source); {left}", state="quit",
-                       qmp=qmp.path, ram_file=None if memfd else ram_path)
+                       qmp=qmp.path, ram_file=ram_file)
         return "quit"
     status = qmp.status()
     # (postmigrate: paused after migrating out, QEMU's own word for it)
     state = "paused" if status in ("paused", "postmigrate") else status
     how = f"stays paused (QEMU status {status})" if state == "paused" else f"is {status}"
     quit_cmd = f"`python -m migrate.qemu {qmp.path} quit`"
-    if memfd:
-        msg = (f"the source QEMU {how}, holding its RAM (a memfd, {ram_path}) until it quits: once the VM need "
-               f"not go back, {quit_cmd} (or give the source --quit-source)")
+    if ram_file is None:
+        msg = (f"the source QEMU {how}, holding its RAM ({ram_path}, no file of its own) until it quits: once the "
+               f"VM need not go back, {quit_cmd} (or give the source --quit-source)")
     else:
         msg = (f"the source QEMU {how} and its RAM file {ram_path} is still there: once the VM need not go back, "
                f"{quit_cmd} and remove the file (or give the source --quit-source)")
-    reporter.event("source-qemu", msg, state=state, qmp=qmp.path, ram_file=None if memfd else ram_path)
+    reporter.event("source-qemu", msg, state=state, qmp=qmp.path, ram_file=ram_file)
     return status
 
 
