@@ -65,6 +65,9 @@ class Channels:
         # the channel opens (a timer left to run out held a thread for 15 s
         # after every Open, and a long-lived agent grew by one per migration)
         self.demand_timer: threading.Timer | None = None
+        # the receiver threads still running: joined when the migration is
+        # torn down, so that it is gone (with its C buffers) once it ended
+        self.receivers: list[threading.Thread] = []
 
     def watch_demand_deadline(self, gen: int) -> None:
         """A source that never opens its demand channel is not serving this guest."""
@@ -107,7 +110,8 @@ class Channels:
         if m.machine.switch_over(gen):
             # the guest may run now: every fault it takes has a source to go to
             m.guest.notify("switchover")
-        threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}", daemon=True).start()
+        self._start(threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}",
+                                     daemon=True))
         return True
 
     def attach_push(self, sock: socket.socket, gen: int) -> str | None:
@@ -123,8 +127,25 @@ class Channels:
             self.push[sock] = gen
             if self.t_push is None:
                 self.t_push = time.monotonic()
-        threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}", daemon=True).start()
+        self._start(threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}",
+                                     daemon=True))
         return None
+
+    def _start(self, t: threading.Thread) -> None:
+        with self.lock:
+            self.receivers = [r for r in self.receivers if r.is_alive()]
+            self.receivers.append(t)
+        t.start()
+
+    def join(self, timeout: float) -> None:
+        """Waits (up to timeout s in all) for the receivers to end: the
+        caller has told them to stop (the migration's stop_fd)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            receivers = list(self.receivers)
+        for t in receivers:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def _push_rx(self, sock: socket.socket, gen: int) -> None:
         m = self.m
