@@ -124,3 +124,39 @@ def test_a_serve_forever_agent_gives_back_what_each_migration_took(tmp_path, hos
         assert lm.dest.p.poll() is None
     finally:
         lm.close()
+
+
+@pytest.mark.timeout(30)
+def test_grpc_worker_threads_end_when_idle():
+    """ShrinkingExecutor (the gRPC server's threads): calls at once get a
+    thread each up to max_workers, results and exceptions reach their
+    futures, and every thread ends `idle` s after its last call."""
+    import threading
+
+    from migrate.dest.service import ShrinkingExecutor
+
+    pool = ShrinkingExecutor(3, idle=0.3, name="test-grpc")
+    release = threading.Event()
+
+    def mine():
+        return {t.name for t in threading.enumerate() if t.name.startswith("test-grpc")}
+
+    def boom():
+        raise ValueError("bad call")
+
+    blocked = [pool.submit(release.wait, 10) for _ in range(4)]   # one more than max_workers: it queues
+    time.sleep(0.2)
+    assert len(mine()) == 3
+    release.set()
+    assert [f.result(5) for f in blocked] == [True] * 4
+    with pytest.raises(ValueError, match="bad call"):
+        pool.submit(boom).result(5)
+    deadline = time.monotonic() + 5
+    while mine() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert mine() == set()
+    assert pool.submit(lambda: 42).result(5) == 42   # a new call after that starts a thread again
+    pool.shutdown()
+    with pytest.raises(RuntimeError):
+        pool.submit(lambda: 0)
+    assert mine() == set()
