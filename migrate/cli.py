@@ -145,8 +145,26 @@ def cmd_source(args) -> int:
     ok, tls = _tls(args, "source", host, rep)
     if not ok:
         return exits.USAGE
+    if args.quit_source and not args.qmp:
+        rep.event("error", "--quit-source quits the source QEMU reached with --qmp SOCKET: give --qmp too")
+        return exits.USAGE
+    ram_path = args.ram
+    if ram_path is None:
+        if not args.qmp:
+            rep.event("error", "--ram FILE is needed without --qmp (with --qmp the source QEMU's RAM backend is "
+                      "found over QMP)")
+            return exits.USAGE
+        from migrate.qemu.source import find_ram_backend
+        try:
+            backend = find_ram_backend(args.qmp)
+        except MigrateError as e:
+            rep.event("error", f"finding the source QEMU's RAM: {e}")
+            return exits.USAGE
+        ram_path = backend.path
+        rep.event("ram", f"serving {backend.describe()}", path=backend.path, backend=backend.id,
+                  kind=backend.kind, size=backend.size, pid=backend.pid)
     try:
-        ram = RamImage(args.ram, page_size=args.page_size, size=args.size)
+        ram = RamImage(ram_path, page_size=args.page_size, size=args.size)
     except MigrateError as e:
         rep.event("error", str(e))
         return exits.USAGE
@@ -159,9 +177,13 @@ def cmd_source(args) -> int:
     try:
         if args.qmp and not args.resume:
             from migrate.qemu.source import migrate_vm
-            res, vm = migrate_vm(args.qmp, ram, args.to, rep, recovery_window=args.recovery_window, **kw)
+            res, vm = migrate_vm(args.qmp, ram, args.to, rep, recovery_window=args.recovery_window,
+                                 quit_source=args.quit_source, **kw)
         else:  # (with --resume the device state was delivered already)
             res = _recovery(rep, ram, args.to, args.recovery_window, kw).serve(Source(ram, args.to, rep, **kw))
+            if args.qmp:
+                from migrate.qemu.source import settle_source_qemu
+                vm = {"source_status": settle_source_qemu(args.qmp, rep, ram.path, args.quit_source)}
     except MigrateError as e:
         rep.event("error", str(e))
         return exits.of(e)
@@ -332,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(fn=cmd_dest)
 
     s = sub.add_parser("source", help="serve a paused VM's RAM file to a destination")
-    s.add_argument("--ram", required=True, help="RAM file (tmpfs, hugetlbfs or a plain file)")
+    s.add_argument("--ram", help="RAM file (tmpfs, hugetlbfs or a plain file); with --qmp it may be left out: "
+                   "the source QEMU's one RAM backend is found over QMP (a file's mem-path, or a memfd)")
     s.add_argument("--to", required=True, help="destination HOST:PORT")
     s.add_argument("--page-size", type=_size, default=None, help="default: the RAM file system's page size")
     s.add_argument("--size", type=_size, default=None, help="bytes to serve (default: the file's size)")
@@ -365,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the first one waiting)")
     s.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the source QEMU: pause it, send its device "
                    "state (x-ignore-shared), then serve --ram; it stays paused once the destination runs")
+    s.add_argument("--quit-source", action="store_true", help="with --qmp: quit the source QEMU once the "
+                   "migration completed (default: it stays paused, its RAM kept, and the last event says where)")
     _add_tls_args(s, "source")
     s.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
                    "(default: the host of --to)")

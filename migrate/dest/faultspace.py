@@ -10,6 +10,7 @@ received only after all of its bytes are in the page cache, and only then mapped
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from dataclasses import dataclass
 
@@ -28,6 +29,14 @@ class SpaceRegion:
     guest_addr: int    # in the guest's address space
     first_page: int    # file offset // page_size
     npages: int
+
+
+def _anon_array(ctype: str, n: int):
+    """n zeroed `ctype`s in an anonymous mapping (pages allocated as they are
+    first written): the mapping object, which owns the memory (unmapped when
+    it goes), and a `ctype *` into it."""
+    m = mmap.mmap(-1, n * ffi.sizeof(ctype))
+    return m, ffi.cast(f"{ctype} *", ffi.from_buffer(m))
 
 
 class FaultSpace:
@@ -49,9 +58,13 @@ class FaultSpace:
         self.mapped = PageBitmap(npages)
         self.claimed = PageBitmap(npages)
         self.requested = PageBitmap(npages)
-        self._inflight = ffi.new("struct mg_inflight[]", lib.MG_INFLIGHT)
-        ffi.memmove(self._inflight, b"\xff" * ffi.sizeof(self._inflight), ffi.sizeof(self._inflight))
-        self._lat = ffi.new("uint32_t[]", lib.MG_LAT_RING)
+        # The two large arrays are mappings of their own, not malloc's: the
+        # heap keeps what it is given back (glibc raises its mmap threshold
+        # to a freed block's size), and a --serve-forever agent grew by
+        # 8 MiB over its first migrations; a mapping goes back whole.
+        self._inflight_map, self._inflight = _anon_array("struct mg_inflight", lib.MG_INFLIGHT)
+        ffi.memmove(self._inflight, b"\xff" * len(self._inflight_map), len(self._inflight_map))
+        self._lat_map, self._lat = _anon_array("uint32_t", lib.MG_LAT_RING)
         s = ffi.new("struct mg_space *")
         s.uffd = uffd.fd
         s.mode = lib.MG_PLACE_COPY if mode == MODE_COPY else lib.MG_PLACE_CONTINUE

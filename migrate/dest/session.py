@@ -151,6 +151,9 @@ class Migration:
             t = self.fault_thread
             if t and t is not threading.current_thread():
                 t.join(5)
+            # the channel receivers wait on stop_fd too: they leave C before
+            # it and their sockets close
+            self.channels.join(5)
             os.close(self.stop_fd)
             self.stop_fd = -1
         self.channels.close()

@@ -284,6 +284,10 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                     res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
                                                         + " | ".join(p.errors() or p.stderr_lines[-5:]))
             done = [e for e in dest.lines if e.get("event") == "completed"]
+            # what the source said of its QEMU and RAM file at the end
+            res["src_ram"] = src_ram
+            res["source_qemu"] = [{k: v for k, v in e.items() if k != "_t"} for e in source.lines
+                                  if e.get("event") == "source-qemu"]
             # the same read with every page local: the guest's own floor for guest_verify_ms
             sd.send("\n")
             v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)

@@ -8,6 +8,12 @@ handed to QEMU with `getfd`, and rides inside the gRPC session (DeviceState).
 The flow: x-ignore-shared, stop, migrate fd:PIPE, read the stream; open the
 session; send the stream; keep the source QEMU paused until the destination
 says its guest runs; resume it (`cont`) when the destination says it did not.
+Once the migration completed, the source QEMU is quit (--quit-source) or left
+paused, and the last event says which and where its RAM still is.
+
+Without --ram, find_ram_backend asks QEMU for its one RAM backend: a file
+backend's mem-path (qom-get), or a memfd backend's descriptor among QEMU's
+own (/proc/PID/fd/N, QEMU's pid from SO_PEERCRED of the QMP socket).
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver
+from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver, fmt_size
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu import resume_hint
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
+from migrate.wire.attach import peer_cred
 
 
 CHUNK_BYTES = 256 << 10
@@ -56,9 +63,9 @@ class Capture:
     qemu_total_ms: int = 0     # QEMU's query-migrate total-time
 
 
-def check_shared_ram(qmp: QMP, ram_size: int) -> None:
-    """Every memory backend must be share=on (x-ignore-shared skips only those),
-    and one of them must be the RAM file served."""
+def shared_backends(qmp: QMP) -> list[dict]:
+    """QEMU's memory backends (query-memdev), every one share=on
+    (x-ignore-shared skips only those), else QemuError."""
     devs = qmp.cmd("query-memdev")
     if not devs:
         raise QemuError(f"QEMU at {qmp.path} has no memory backend object: start it with "
@@ -67,9 +74,139 @@ def check_shared_ram(qmp: QMP, ram_size: int) -> None:
     if private:
         raise QemuError(f"memory backend {private[0]} is not share=on: its RAM would travel inside QEMU's "
                         "stream; start QEMU with share=on on every memory backend")
+    return devs
+
+
+def check_shared_ram(qmp: QMP, ram_size: int) -> None:
+    """Every memory backend must be share=on, and one of them must be the RAM
+    file served."""
+    devs = shared_backends(qmp)
     if ram_size not in [d["size"] for d in devs]:
         raise QemuError(f"--ram is {ram_size} bytes but QEMU's memory backends are "
                         f"{[d['size'] for d in devs]} bytes: pass the backend's file")
+
+
+@dataclass(frozen=True)
+class RamBackend:
+    """The source QEMU's RAM as this agent serves it."""
+    id: str
+    kind: str              # "file" or "memfd"
+    size: int
+    path: str              # what the agent opens: the backend's file, or /proc/PID/fd/N of QEMU
+    file: str | None       # the file that outlives QEMU (a file backend's mem-path), None for a memfd
+    pid: int               # QEMU's
+
+    def describe(self) -> str:
+        what = f"file {self.file}" if self.file else f"{self.kind} {self.path}"
+        return f"memory backend {self.id} of QEMU pid {self.pid}: {fmt_size(self.size)}, {what}"
+
+
+def find_ram_backend(qmp_path: str) -> RamBackend:
+    """The one RAM backend of the QEMU at qmp_path (`source --qmp` without
+    --ram), or QemuError saying why not and what to pass instead."""
+    qmp = QMP(qmp_path)
+    try:
+        devs = shared_backends(qmp)
+        if len(devs) > 1:
+            each = ", ".join(f"{d.get('id', '?')} ({fmt_size(d['size'])})" for d in devs)
+            raise QemuError(f"QEMU at {qmp_path} has {len(devs)} memory backends ({each}) and this engine serves "
+                            "one: pass --ram with the file of the backend to serve (its mem-path, or "
+                            "/proc/PID/fd/N of a memfd)")
+        dev = devs[0]
+        bid, size = dev.get("id", ""), dev["size"]
+        kinds = {c["name"]: c["type"] for c in qmp.cmd("qom-list", path="/objects")}
+        kind = kinds.get(bid, "").removeprefix("child<").removesuffix(">")
+        pid = peer_cred(qmp.sock).pid
+        if kind == "memory-backend-file":
+            mem_path = qmp.cmd("qom-get", path=f"/objects/{bid}", property="mem-path")
+            if os.path.isdir(mem_path):
+                # QEMU made a file in that directory and unlinked it at once
+                fd = _qemu_fd(pid, size, lambda link: link.startswith(mem_path.rstrip("/") + "/"),
+                              f"its unlinked file in {mem_path}", bid)
+                return RamBackend(bid, "file", size, fd, None, pid)
+            return RamBackend(bid, "file", size, mem_path, mem_path, pid)
+        if kind == "memory-backend-memfd":
+            fd = _qemu_fd(pid, size, lambda link: link.startswith("/memfd:"), "its memfd", bid)
+            return RamBackend(bid, "memfd", size, fd, None, pid)
+        raise QemuError(f"memory backend {bid} of QEMU at {qmp_path} is a {kind or 'backend of unknown type'}, "
+                        "which has no file this agent can open: start QEMU with memory-backend-file (on tmpfs or "
+                        "hugetlbfs) or memory-backend-memfd, share=on, or pass --ram")
+    finally:
+        qmp.close()
+
+
+def _qemu_fd(pid: int, size: int, match, what: str, bid: str) -> str:
+    """/proc/PID/fd/N of the one descriptor of QEMU whose target matches and
+    whose file is `size` bytes."""
+    where = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(where)
+    except OSError as e:
+        raise QemuError(f"memory backend {bid}: cannot list QEMU's descriptors in {where} ({e.strerror}): run the "
+                        "source agent as root or as QEMU's user, or pass --ram") from None
+    found = []
+    for n in names:
+        path = f"{where}/{n}"
+        try:
+            if match(os.readlink(path)) and os.stat(path).st_size == size:
+                found.append(path)
+        except OSError:
+            continue   # closed meanwhile
+    if len(found) != 1:
+        how = "none" if not found else f"{len(found)} ({', '.join(found)})"
+        raise QemuError(f"memory backend {bid} ({fmt_size(size)}): looked for {what} among QEMU pid {pid}'s "
+                        f"descriptors and found {how}: pass --ram with the right one")
+    return found[0]
+
+
+def ram_file_of(path: str) -> str | None:
+    """The file a served RAM path names that outlives QEMU: None for one of
+    QEMU's own descriptors (/proc/PID/fd/N: a memfd, or a file QEMU unlinked)."""
+    return None if path.startswith("/proc/") else path
+
+
+def after_migration(qmp: QMP, reporter: Reporter, ram_path: str, quit: bool) -> str:
+    """Once the migration completed: quits the source QEMU (quit) or leaves
+    it paused, and says which and where its RAM still is (the last event
+    before the summary). Returns the source status for the summary."""
+    ram_file = ram_file_of(ram_path)
+    if quit:
+        qmp.cmd("quit")
+        left = ("its RAM went with it" if ram_file is None else
+                f"its RAM file {ram_file} is still there: remove it once nothing needs it")
+        reporter.event("source-qemu", f"the source QEMU quit (--quit-source); {left}", state="quit",
+                       qmp=qmp.path, ram_file=ram_file)
+        return "quit"
+    status = qmp.status()
+    # (postmigrate: paused after migrating out, QEMU's own word for it)
+    state = "paused" if status in ("paused", "postmigrate") else status
+    how = f"stays paused (QEMU status {status})" if state == "paused" else f"is {status}"
+    quit_cmd = f"`python -m migrate.qemu {qmp.path} quit`"
+    if ram_file is None:
+        msg = (f"the source QEMU {how}, holding its RAM ({ram_path}, no file of its own) until it quits: once the "
+               f"VM need not go back, {quit_cmd} (or give the source --quit-source)")
+    else:
+        msg = (f"the source QEMU {how} and its RAM file {ram_path} is still there: once the VM need not go back, "
+               f"{quit_cmd} and remove the file (or give the source --quit-source)")
+    reporter.event("source-qemu", msg, state=state, qmp=qmp.path, ram_file=ram_file)
+    return status
+
+
+def settle_source_qemu(qmp_path: str, reporter: Reporter, ram_path: str, quit: bool) -> str:
+    """after_migration over a connection of its own (a resumed session's
+    source, which did not pause the QEMU itself); "gone" when QEMU is."""
+    try:
+        qmp = QMP(qmp_path, timeout=5)
+    except QemuError as e:
+        reporter.event("source-qemu-gone", f"the source QEMU cannot be reached ({e})", qmp=qmp_path)
+        return "gone"
+    try:
+        return after_migration(qmp, reporter, ram_path, quit)
+    except QemuError as e:
+        reporter.event("source-qemu-gone", f"the source QEMU went away ({e})", qmp=qmp_path)
+        return "gone"
+    finally:
+        qmp.close()
 
 
 def capture_device_state(qmp: QMP, reporter: Reporter, timeout: float = 60.0) -> Capture:
@@ -178,9 +315,11 @@ def _explained(e: MigrateError, message: str) -> MigrateError:
     return err
 
 
-def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_window: float = 0.0, **source_kw):
+def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_window: float = 0.0,
+               quit_source: bool = False, **source_kw):
     """`migrate source --qmp`: open the session, then pause and capture, send the
-    device state, serve RAM. Returns (SourceResult, info dict). A destination
+    device state, serve RAM; then quit the source QEMU (quit_source) or leave it
+    paused. Returns (SourceResult, info dict). A destination
     lost once it may have the device state is recovered for recovery_window
     seconds (migrate.source.recovery), the source QEMU paused throughout. On
     failure: resumes the source QEMU when the destination certainly did not
@@ -280,7 +419,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                 f"did not reach it or did not load, resume this one: {resume_hint(qmp_path)})") \
                 from None
         try:
-            src_status = qmp.status()
+            src_status = after_migration(qmp, reporter, ram.path, quit_source)
         except QemuError as e:
             # The source QEMU died after the destination guest started: nothing
             # is lost, its RAM file (which this agent maps) served the rest.
