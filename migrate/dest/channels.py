@@ -19,7 +19,7 @@ from migrate._binding import lib
 from migrate.dest.state import State
 from migrate.errors import MigrateError, ProtocolError
 from migrate.host import fault_path_priority
-from migrate.wire.tcp import ChannelEnd, channel_end, tcp_silent_s
+from migrate.wire.tcp import ChannelEnd, channel_end, tcp_bytes_received, tcp_silent_s
 
 if TYPE_CHECKING:
     from migrate.dest.session import Migration
@@ -61,6 +61,7 @@ class Channels:
         self.push: dict[socket.socket, int] = {}   # push channel -> its source's generation
         self.t_demand_ns = 0                 # the current demand channel opened (time.monotonic_ns)
         self.t_push: float | None = None     # the first push channel opened
+        self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
 
     def watch_demand_deadline(self, gen: int) -> None:
         """A source that never opens its demand channel is not serving this guest."""
@@ -121,6 +122,7 @@ class Channels:
                 m.source_lost(gen, self._silent_why("push", -rc))
         with self.lock:
             self.push.pop(sock, None)
+            self.bytes_closed += tcp_bytes_received(sock)
         sock.close()
 
     def _demand_rx(self, sock: socket.socket, gen: int) -> None:
@@ -137,6 +139,7 @@ class Channels:
             mine = self.demand is sock
             if mine:
                 self.demand = None
+                self.bytes_closed += tcp_bytes_received(sock)
         if mine:
             m.space.set_demand_fd(-1)
             sock.close()
@@ -182,9 +185,16 @@ class Channels:
         m.source_lost(gen, f"a demand request unanswered for {waited:.1f} s and nothing received on the "
                            f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
 
+    def wire_bytes(self) -> int:
+        """Bytes received from sources on the raw channels (the kernel's
+        count, TLS included; gRPC control and push are not counted)."""
+        with self.lock:
+            return self.bytes_closed + sum(tcp_bytes_received(s) for s in (self.demand, *self.push) if s is not None)
+
     def close(self) -> None:
         with self.lock:
             socks = [s for s in (self.demand, *self.push) if s is not None]
+            self.bytes_closed += sum(tcp_bytes_received(s) for s in socks)
             self.demand, self.push = None, {}
         for s in socks:
             s.close()
