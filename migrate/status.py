@@ -179,8 +179,13 @@ class ControlSocket:
             with conn:
                 try:
                     self._answer(conn)
-                except (OSError, StatusError):
-                    pass   # the asker's problem: it sees the connection end
+                except StatusError as e:   # a request too long, or not JSON: say so
+                    try:
+                        _send(conn, {"ok": False, "error": str(e)})
+                    except OSError:
+                        pass
+                except OSError:
+                    pass   # the asker's problem (silent past CONTROL_TIMEOUT, or gone): it sees the end
 
     def _answer(self, conn: socket.socket) -> None:
         if not _trusted(peer_uid(conn)):
@@ -219,8 +224,11 @@ def progress_line(m: dict) -> str:
     """The live line: percent received, GB/s, ETA, demand faults, fault p99."""
     total = m.get("pages_total") or 1
     pct = 100.0 * m.get("pages_received", 0) / total
-    return (f"{m.get('state', '?')} {pct:5.1f}%  {m.get('gbps', 0):.2f} GB/s  ETA {_eta(m.get('eta_s'))}  "
-            f"demand faults {m.get('faults_demand', 0)}  p99 {m.get('fault_p99_us', 0):.0f} us")
+    line = (f"{m.get('state', '?')} {pct:5.1f}%  {m.get('gbps', 0):.2f} GB/s  ETA {_eta(m.get('eta_s'))}  "
+            f"demand faults {m.get('faults_demand', 0)}")
+    if "fault_p99_us" in m:   # (a source does not see how long a fault waited)
+        line += f"  p99 {m['fault_p99_us']:.0f} us"
+    return line
 
 
 def render(status: dict) -> str:
@@ -235,12 +243,12 @@ def render(status: dict) -> str:
     for m in migrations:
         lines += [f"session {m.get('session') or '-'}: {m.get('state')}, peer {m.get('peer') or '-'}",
                   f"  pages: {m.get('pages_received', 0)} of {m.get('pages_total', 0)} received "
-                  f"({m.get('pages_demand', 0)} demand, {m.get('pages_pushed', 0)} pushed, {m.get('pages_zero', 0)} "
+                  f"({m.get('pages_demand', 0)} demand, {m.get('pages_pushed', 0)} pushed, {m.get('pages_zero', '?')} "
                   "zero)",
                   f"  {m.get('gbps', 0)} GB/s, ETA {_eta(m.get('eta_s'))}, {m.get('seconds', 0)} s since the source "
                   "connected",
-                  f"  faults: {m.get('faults', 0)} ({m.get('faults_fast', 0)} fast, {m.get('faults_demand', 0)} "
-                  f"waited for the source: p50 {m.get('fault_p50_us', 0)} us, p99 {m.get('fault_p99_us', 0)} us)"]
+                  f"  faults: {m.get('faults', '?')} ({m.get('faults_fast', '?')} fast, {m.get('faults_demand', 0)} "
+                  f"waited for the source: p50 {m.get('fault_p50_us', '?')} us, p99 {m.get('fault_p99_us', '?')} us)"]
         for v in m.get("vcpus") or []:
             who = f"vCPU {v['vcpu']}" if v.get("vcpu") is not None else "thread"
             lines.append(f"  {who} (tid {v.get('tid')}): blocked {v.get('blocked_s', 0)} s over "
