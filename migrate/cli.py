@@ -204,6 +204,7 @@ def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
                                                         "pages_total": ram.npages}
 
     out = []
+    rep.listeners.append(Notifier("source"))
     path = args.control or default_control_path()
     try:
         out.append(ControlSocket(path, lambda: {"role": "source", "pid": os.getpid(),
@@ -212,7 +213,6 @@ def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
         rep.event("error", f"control socket: {e}")
         return None
     rep.event("control", f"control socket {path}: `migrate status --source {path}`", control=path, pid=os.getpid())
-    rep.listeners.append(Notifier("source"))
     if args.metrics_listen:
         from migrate.metrics import MetricsError, MetricsServer
         try:

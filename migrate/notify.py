@@ -65,7 +65,9 @@ class Notifier:
             self.next_progress = now + PROGRESS_EVERY
             return (f"session {f.get('session')}: {100.0 * f.get('received', 0) / f['pages_total']:.1f}% received, "
                     f"{f.get('faults', 0)} faults")
-        if event in ("listening", "attached", "reattached", "connected", "disconnected", "completed", "migration",
-                     "error", "qemu", "push"):
+        if event == "summary":
+            return f"finished: {message.splitlines()[0]}"[:400] if message else "finished"
+        if event in ("listening", "control", "attached", "reattached", "connected", "disconnected", "completed",
+                     "migration", "error", "qemu", "push"):
             return f"{event}: {message}"[:400] if message else event
         return None

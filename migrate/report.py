@@ -66,6 +66,8 @@ class Reporter:
             else:
                 sys.stdout.write(human.rstrip("\n") + "\n")
                 sys.stdout.flush()
+        for listener in self.listeners:
+            listener("summary", human, fields)
 
 
 def percentile(sorted_values, q: float) -> float:
