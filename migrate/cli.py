@@ -229,6 +229,41 @@ def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
     return out
 
 
+def _remote_status(args) -> dict:
+    """A destination's status over its gRPC port (the Status call), with the
+    TLS of a source (--tls-*, --dest-name; plaintext only to loopback)."""
+    import json
+
+    import grpc
+
+    from migrate.proto import migration_pb2 as pb
+    from migrate.proto import migration_pb2_grpc as pbg
+    from migrate.status import StatusError
+    from migrate.wire.protocol import channel
+    from migrate.wire.tcp import parse_address
+    from migrate.wire.tls import TlsError, from_args
+
+    try:
+        host = parse_address(args.to, "--to", "as `migrate dest --listen` printed it").host
+        tls = from_args(args, "source", host)
+    except (ValueError, TlsError) as e:
+        raise StatusError(str(e)) from None
+    ch = channel(args.to, "status", tls)
+    try:
+        reply = pbg.MigrationStub(ch).Status(pb.StatusRequest(), timeout=args.timeout)
+    except grpc.RpcError as e:
+        raise StatusError(f"{args.to}: {e.code().name}: {e.details()}") from None
+    finally:
+        ch.close()
+    try:
+        status = json.loads(reply.json)
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        raise StatusError(f"{args.to} answered Status with something that is not a JSON object")
+    return status
+
+
 def cmd_status(args) -> int:
     from migrate.status import StatusError, query, render
 
@@ -236,8 +271,10 @@ def cmd_status(args) -> int:
         if args.attach:
             from migrate.wire.attach import ATTACH_VERSION
             status = query(args.attach, {"version": ATTACH_VERSION, "request": "status"})
-        else:
+        elif args.source:
             status = query(args.source, {"request": "status"})
+        else:
+            status = _remote_status(args)
     except StatusError as e:
         print(f"status: {e}", file=sys.stderr)
         return 1
@@ -412,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--attach", metavar="SOCKET", help="a destination agent's attach socket")
     which.add_argument("--source", metavar="SOCKET", help="a source agent's control socket (its first event "
                        "names it)")
+    which.add_argument("--to", metavar="HOST:PORT", help="a destination agent's gRPC address, with the TLS flags of "
+                       "a source: it tells the migrations this certificate's name opened, and guests not opened yet")
+    _add_tls_args(st, "source")
+    st.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
+                    "(default: the host of --to)")
+    st.add_argument("--timeout", type=_period, default=10.0, metavar="SECONDS", help="with --to: how long to wait "
+                    "(default 10)")
     st.add_argument("--json", action="store_true", help="one JSON object")
     st.set_defaults(fn=cmd_status)
 

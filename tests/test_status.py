@@ -376,3 +376,67 @@ def test_progress_line_only_on_a_terminal(tmp_path, host, terminal):
                 assert "%" in err[name]
             else:
                 assert "GB/s" not in err[name] and "\x1b[K" not in err[name] and "\r" not in err[name], err[name]
+
+
+# -- over the network -------------------------------------------------------
+@pytest.mark.timeout(120)
+def test_status_over_grpc_tells_a_peer_only_its_own_migrations(tmp_path, host):
+    """`migrate status --to` under mutual TLS: an allowed peer sees the guests
+    nobody has opened yet and the migrations it opened, not another peer's;
+    a certificate not allowed is refused with nothing of the guest; no
+    token in any answer."""
+    pytest.importorskip("cryptography", reason="needs cryptography for the certificates")
+    from migrate.wire.certs import write_certs
+
+    with LocalMigration(str(tmp_path), 256 * M, seed=9, pattern="random", vcpus=2, tls=True,
+                        dest_args=("--allow-source", "operator"),
+                        source_args=("--push-streams", "1", "--max-rate", "40M")) as lm:
+        lm.make_image()
+        files = lm.tls._files()
+        extra = write_certs(lm.tls.dir, ["operator", "stranger"])
+        lm.start_dest()
+
+        def status(name: str, files_of=None) -> subprocess.CompletedProcess:
+            f = files_of or extra
+            return migrate_cmd("status", "--to", lm.address, "--json", "--tls-cert", f[name], "--tls-key",
+                               f[name + ".key"], "--tls-ca", files["ca"], "--dest-name", "dest")
+
+        lm.start_guest()
+        lm.dest.wait_event("attached", 60)
+        r = status("operator")
+        assert r.returncode == 0, r.stderr
+        [m] = json.loads(r.stdout)["migrations"]
+        assert m["state"] == "attached" and "attach" not in json.loads(r.stdout)
+
+        r = status("stranger")
+        assert r.returncode == 1
+        assert r.stderr.startswith(f"status: {lm.address}: PERMISSION_DENIED: ") and "session" not in r.stderr
+
+        lm.start_source()
+        wait_received(lm, 10)
+        os.kill(lm.guest.p.pid, signal.SIGSTOP)
+        try:
+            r = status("operator")
+            assert r.returncode == 0 and json.loads(r.stdout)["migrations"] == []   # the source's, not ours
+            r = status("source", files)
+            assert r.returncode == 0, r.stderr
+            [m] = json.loads(r.stdout)["migrations"]
+            assert m["state"] == "running" and 0 < m["pages_received"] < m["pages_total"]
+            assert m["peer"].startswith("source") and "token" not in r.stdout
+        finally:
+            os.kill(lm.guest.p.pid, signal.SIGCONT)
+        assert lm.source.wait(120) == 0, lm.source.errors()
+
+
+@pytest.mark.timeout(60)
+def test_status_over_plaintext_grpc_from_loopback(tmp_path):
+    with LocalMigration(str(tmp_path), 16 * M) as lm:
+        lm.start_dest()
+        lm.start_guest()
+        lm.dest.wait_event("attached", 60)
+        r = migrate_cmd("status", "--to", lm.address, "--json")
+        assert r.returncode == 0, r.stderr
+        d = json.loads(r.stdout)
+        assert d["attach"] == lm.sock and [m["state"] for m in d["migrations"]] == ["attached"]
+        r = migrate_cmd("status", "--to", "127.0.0.1:1", "--timeout", "2")
+        assert r.returncode == 1 and r.stderr.startswith("status: 127.0.0.1:1: ")

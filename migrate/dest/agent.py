@@ -545,6 +545,21 @@ class Destination:
         return {"role": "dest", "pid": os.getpid(), "listen": self.listen, "attach": self.listener.path,
                 "migrations": [m.snapshot(recent) for m in ms], "ended": dict(self.ended_states)}
 
+    def status_for(self, identity: str | None) -> dict:
+        """status() as told over gRPC to identity (None: a plaintext peer on
+        loopback, which is told everything, as a local user is): the
+        migrations it opened and the guests nobody has opened yet, and not
+        where the attach socket is."""
+        s = self.status()
+        if identity is not None:
+            with self.lock:
+                owners = {m.id: m.machine.owner for m in self.migrations.values()}
+            s["migrations"] = [m for m in s["migrations"]
+                               if m["session"] in owners and owners[m["session"]] in (identity, None)]
+            s.pop("attach")
+            s.pop("ended")
+        return s
+
     def _metrics_view(self, m: Migration) -> dict:
         from migrate.metrics import latency_histogram
         vcpus = self.vcpu_threads()
