@@ -87,6 +87,12 @@ def test_qemu_guest_postcopy_tmpfs(guest):
     # the guest writes 379 of its 512 MiB: the source's RAM file keeps holes
     # where it never wrote, found once QEMU paused and sent unread as zero pages
     assert res["source"]["hole_pages"] > 0, res["source"]
+    # blocked time per vCPU: the faults' thread ids mapped to vCPU indexes
+    # through QEMU's query-cpus-fast (other QEMU threads, e.g. the device-state
+    # load's, are listed without one)
+    vcpus = [v for v in res["dest"]["vcpus"] if v["vcpu"] is not None]
+    assert [v["vcpu"] for v in vcpus] == [0] and vcpus[0]["blocked_s"] > 0 and vcpus[0]["faults"] > 0, \
+        res["dest"]["vcpus"]
     assert not glob.glob(f"/dev/shm/migrate-*-{os.getpid()}")
 
 

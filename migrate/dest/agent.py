@@ -438,6 +438,7 @@ class Destination:
             except MigrateError as e:
                 self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
                 continue
+            m.vcpu_threads = lambda: self.vcpu_threads()
             m.start()
             with self.changed:
                 self.migrations[m.id] = m
@@ -538,10 +539,6 @@ class Destination:
         migration it holds (an ended one until it is retired)."""
         with self.lock:
             ms = list(self.migrations.values())
-        vcpus = self.vcpu_threads()
-        for m in ms:
-            if vcpus:
-                m.vcpu_threads = vcpus
         return {"role": "dest", "pid": os.getpid(), "listen": self.listen, "attach": self.listener.path,
                 "migrations": [m.snapshot(recent) for m in ms], "ended": dict(self.ended_states)}
 
@@ -562,9 +559,6 @@ class Destination:
 
     def _metrics_view(self, m: Migration) -> dict:
         from migrate.metrics import latency_histogram
-        vcpus = self.vcpu_threads()
-        if vcpus:
-            m.vcpu_threads = vcpus
         view = m.snapshot(recent=1)
         view["latency"] = latency_histogram(m.space.latencies_us())
         return view

@@ -69,7 +69,8 @@ class Migration:
         self.t_connect: float | None = None
         self.t_complete: float | None = None
         self.peer = ""                          # who serves it: the certificate's name, and the source's own
-        self.vcpu_threads: dict[int, int] = {}  # guest thread id -> vCPU index, from QEMU (query-cpus-fast)
+        # guest thread id -> vCPU index, from QEMU (query-cpus-fast); the agent sets it
+        self.vcpu_threads = lambda: {}
         self._vcpu_names: dict[int, int | None] = {}
         self.stop_fd = -1
         self.mem = None
@@ -323,9 +324,10 @@ class Migration:
         labelled with its vCPU index where known: from QEMU (query-cpus-fast),
         or from the thread's name (guestsim's vcpu-N, QEMU's CPU N/TCG)."""
         out = []
+        known = self.vcpu_threads()
         for t in self.space.thread_blocks():
             tid = t["tid"]
-            vcpu = self.vcpu_threads.get(tid)
+            vcpu = known.get(tid)
             if vcpu is None:
                 vcpu = self._vcpu_named(tid)
             out.append({"vcpu": vcpu, **t})

@@ -72,7 +72,12 @@ class DeviceStateFeeder:
                 q.ignore_shared()
                 # which thread runs which vCPU: per-vCPU blocked time comes
                 # from the faults' thread ids
-                self.vcpu_threads = {int(c["thread-id"]): int(c["cpu-index"]) for c in q.cmd("query-cpus-fast")}
+                try:
+                    self.vcpu_threads = {int(c["thread-id"]): int(c["cpu-index"])
+                                         for c in q.cmd("query-cpus-fast")}
+                except (QemuError, KeyError, TypeError, ValueError) as e:   # (labels only: the migration goes on)
+                    self.reporter.event("qemu", f"QMP {self.qmp_path}: no vCPU thread ids ({e}): blocked time "
+                                        "is reported per thread", qmp=self.qmp_path)
             except BaseException:
                 q.close()
                 raise
