@@ -726,6 +726,8 @@ def _summary_text(s: dict) -> str:
     return (f"session {s['session']}: {s['state']}\n"
             f"  pages: {s['pages_total']} total = {s['pages_demand']} demand + {s['pages_pushed']} pushed + "
             f"{s['pages_zero']} zero ({s['pages_duplicate']} duplicates dropped)\n"
-            f"  demand fault service p50 {s['fault_p50_us']} us, p99 {s['fault_p99_us']} us\n"
+            f"  demand fault service p50 {s['fault_p50_us']} us, p99 {s['fault_p99_us']} us\n" +
+            "".join(f"  {'vCPU ' + str(v['vcpu']) if v['vcpu'] is not None else 'thread ' + str(v['tid'])}: "
+                    f"blocked {v['blocked_s']} s over {v['faults']} faults\n" for v in s.get("vcpus") or ()) +
             f"  {s['seconds']} s from source connect to the last page" +
             (f"\n  error: {s['error']}" if s.get("error") else ""))
