@@ -209,10 +209,16 @@ def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
     try:
         out.append(ControlSocket(path, lambda: {"role": "source", "pid": os.getpid(),
                                                 "migrations": [snapshot()]}).start())
+        rep.event("control", f"control socket {path}: `migrate status --source {path}`", control=path,
+                  pid=os.getpid())
     except (StatusError, OSError) as e:
-        rep.event("error", f"control socket: {e}")
-        return None
-    rep.event("control", f"control socket {path}: `migrate status --source {path}`", control=path, pid=os.getpid())
+        if args.control:
+            rep.event("error", f"control socket: {e}")
+            return None
+        # the default place is not usable (another user made its directory
+        # first?): the migration goes on, without a control socket
+        rep.event("control", f"no control socket ({e}): `migrate status --source` cannot ask this source; "
+                  "give it --control SOCKET in a private directory", control=None, pid=os.getpid(), error=str(e))
     if args.metrics_listen:
         from migrate.metrics import MetricsError, MetricsServer
         try:

@@ -124,8 +124,9 @@ def query(path: str, request: dict, timeout: float = 5.0) -> dict:
 
 def default_control_path() -> str:
     """Where a source's control socket goes unless `source --control` says:
-    a private directory of this user under $XDG_RUNTIME_DIR (else /tmp)."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    a private directory of this user under $XDG_RUNTIME_DIR, else /run for
+    root (nobody else may create there), else /tmp."""
+    base = os.environ.get("XDG_RUNTIME_DIR") or ("/run" if os.geteuid() == 0 and os.path.isdir("/run") else "/tmp")
     return os.path.join(base, f"migrate-{os.geteuid()}", f"source-{os.getpid()}.sock")
 
 

@@ -440,3 +440,33 @@ def test_status_over_plaintext_grpc_from_loopback(tmp_path):
         assert d["attach"] == lm.sock and [m["state"] for m in d["migrations"]] == ["attached"]
         r = migrate_cmd("status", "--to", "127.0.0.1:1", "--timeout", "2")
         assert r.returncode == 1 and r.stderr.startswith("status: 127.0.0.1:1: ")
+
+
+@pytest.mark.timeout(60)
+def test_a_source_whose_default_control_directory_is_taken_goes_on_without_one(tmp_path, host):
+    """Another user made the default control directory first: the source says
+    it has no control socket and migrates; one given --control there fails."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory of another uid")
+    run = tmp_path / "run"
+    taken = run / f"migrate-{os.geteuid()}"
+    taken.mkdir(parents=True)
+    os.chown(taken, NOBODY, NOBODY)
+    with LocalMigration(str(tmp_path), 16 * M) as lm:
+        lm.make_image()
+        lm.start_dest()
+        lm.start_guest()
+        lm.dest.wait_event("attached", 60)
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(run)}
+        from migrate.sim.localrun import Proc
+        src = Proc("source", ["source", "--ram", lm.image, "--to", lm.address, "--json"], env=env)
+        lm.procs.append(src)
+        ev = src.wait_event("control", 30)
+        assert ev["control"] is None and ev["message"].startswith(f"no control socket ({taken}, the control "
+                                                                  "socket's directory, must be a directory of uid")
+        assert src.wait(60) == 0
+        bad = Proc("source", ["source", "--ram", lm.image, "--to", lm.address, "--json", "--control",
+                              str(taken / "s.sock")])
+        lm.procs.append(bad)
+        assert bad.wait(30) == 2
+        assert bad.errors()[0].startswith("control socket: ")
