@@ -368,7 +368,8 @@ int finish_place(const struct place_target *t, uint64_t page, const uint8_t *src
     /* Pairs with the fence in the fault loop: either this sees the page
      * requested, or the fault loop sees it received (a thread's wait ends
      * either way). */
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (s->threads)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (test_bit(s->requested, page)) {
         inflight_done(s, page);
         threads_release(s, page);
@@ -485,9 +486,11 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
                 send_request(s, (uint64_t)page);
             }
             /* see finish_place: a page received meanwhile ends the wait here */
-            __atomic_thread_fence(__ATOMIC_SEQ_CST);
-            if (test_bit(s->received, (uint64_t)page))
-                threads_release(s, (uint64_t)page);
+            if (s->threads) {
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                if (test_bit(s->received, (uint64_t)page))
+                    threads_release(s, (uint64_t)page);
+            }
             if (k < max)
                 need[k++] = (uint64_t)page;
         }
