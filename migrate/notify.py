@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 
 PROGRESS_EVERY = 1.0   # s between STATUS= lines of progress
@@ -45,17 +46,19 @@ class Notifier:
         self.ready = False
         self.next_progress = 0.0
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.lock = threading.Lock()   # (events come from many threads: READY=1 goes once, in order)
 
     def __call__(self, event: str, message: str, fields: dict) -> None:
         if not self.enabled:
             return
-        line = self._status(event, message, fields)
-        if line is None:
-            return
-        ready = ""
-        if not self.ready and (event == "attached" or (self.role == "source" and event == "connected")):
-            self.ready, ready = True, "READY=1\n"
-        notify(f"{ready}STATUS={line}")
+        with self.lock:
+            line = self._status(event, message, fields)
+            if line is None:
+                return
+            ready = ""
+            if not self.ready and (event == "attached" or (self.role == "source" and event == "connected")):
+                self.ready, ready = True, "READY=1\n"
+            notify(f"{ready}STATUS={line}")
 
     def _status(self, event: str, message: str, f: dict) -> str | None:
         if event == "progress":

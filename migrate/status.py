@@ -28,7 +28,6 @@ import stat
 import struct
 import sys
 import threading
-import time
 
 from migrate.errors import MigrateError
 
@@ -293,6 +292,3 @@ class ProgressTicker:
         self.thread.join(2)
         self.reporter.status_line("")
 
-
-def elapsed(t0: float | None) -> float:
-    return round(time.monotonic() - t0, 3) if t0 is not None else 0.0

@@ -708,7 +708,8 @@ def _observers(agent: Destination, rep: Reporter, metrics_listen: str | None, tl
     ticker = None
     if ProgressTicker.wanted():
         def line():
-            live = [m for m in agent.migrations.values() if m.t_connect is not None and not m.machine.ended.is_set()]
+            live = [m for m in list(agent.migrations.values())
+                    if m.t_connect is not None and not m.machine.ended.is_set()]
             return live[0].snapshot(recent=4096) if live else None
         ticker = ProgressTicker(rep, line).start()
     return [metrics, ticker]
