@@ -238,17 +238,20 @@ def render(status: dict) -> str:
         head += f", listening on {status['listen']}"
     lines = [head]
     migrations = status.get("migrations") or []
+    moved = "sent" if status.get("role") == "source" else "received"
     if not migrations:
         lines.append("  no migration")
     for m in migrations:
         lines += [f"session {m.get('session') or '-'}: {m.get('state')}, peer {m.get('peer') or '-'}",
-                  f"  pages: {m.get('pages_received', 0)} of {m.get('pages_total', 0)} received "
-                  f"({m.get('pages_demand', 0)} demand, {m.get('pages_pushed', 0)} pushed, {m.get('pages_zero', '?')} "
-                  "zero)",
+                  f"  pages: {m.get('pages_received', 0)} of {m.get('pages_total', 0)} {moved} "
+                  f"({m.get('pages_demand', 0)} demand, {m.get('pages_pushed', 0)} pushed" +
+                  (f", {m['pages_zero']} zero)" if "pages_zero" in m else ")"),
                   f"  {m.get('gbps', 0)} GB/s, ETA {_eta(m.get('eta_s'))}, {m.get('seconds', 0)} s since the source "
                   "connected",
-                  f"  faults: {m.get('faults', '?')} ({m.get('faults_fast', '?')} fast, {m.get('faults_demand', 0)} "
-                  f"waited for the source: p50 {m.get('fault_p50_us', '?')} us, p99 {m.get('fault_p99_us', '?')} us)"]
+                  f"  faults: {m.get('faults', 0)} ({m.get('faults_fast', 0)} fast, {m.get('faults_demand', 0)} "
+                  f"waited for the source: p50 {m.get('fault_p50_us', 0)} us, p99 {m.get('fault_p99_us', 0)} us)"
+                  if "faults" in m else   # (a source sees the requests, not the faults)
+                  f"  demand requests served: {m.get('faults_demand', 0)}"]
         for v in m.get("vcpus") or []:
             who = f"vCPU {v['vcpu']}" if v.get("vcpu") is not None else "thread"
             lines.append(f"  {who} (tid {v.get('tid')}): blocked {v.get('blocked_s', 0)} s over "

@@ -42,13 +42,13 @@ def wait_received(lm: LocalMigration, fraction: int) -> dict:
 @contextlib.contextmanager
 def paused_mid_migration(tmp_path, *, source_args: tuple = (), dest_args: tuple = (), **kw):
     """A 256 MiB guest faulting at random from 2 vCPUs, stopped (SIGSTOP) once
-    a tenth of its pages are in, while a slow source (1 stream, 40 MB/s)
-    keeps pushing: the migration stays running for seconds. Yields the
-    LocalMigration and the source's control socket; the guest goes on when
-    the block ends."""
+    a tenth of its pages are in, while a slow source (1 stream, 20 MB/s)
+    keeps pushing: the migration stays running for about 10 s more. Yields
+    the LocalMigration and the source's control socket; the guest goes on
+    when the block ends."""
     ctl = str(tmp_path / "ctl" / "source.sock")
     with LocalMigration(str(tmp_path), 256 * M, seed=7, pattern="random", vcpus=2,
-                        source_args=("--push-streams", "1", "--max-rate", "40M", "--control", ctl, *source_args),
+                        source_args=("--push-streams", "1", "--max-rate", "20M", "--control", ctl, *source_args),
                         dest_args=dest_args, **kw) as lm:
         lm.make_image()
         lm.start_dest()
@@ -390,7 +390,7 @@ def test_status_over_grpc_tells_a_peer_only_its_own_migrations(tmp_path, host):
 
     with LocalMigration(str(tmp_path), 256 * M, seed=9, pattern="random", vcpus=2, tls=True,
                         dest_args=("--allow-source", "operator"),
-                        source_args=("--push-streams", "1", "--max-rate", "40M")) as lm:
+                        source_args=("--push-streams", "1", "--max-rate", "20M")) as lm:
         lm.make_image()
         files = lm.tls._files()
         extra = write_certs(lm.tls.dir, ["operator", "stranger"])
