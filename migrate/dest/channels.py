@@ -19,7 +19,7 @@ from migrate._binding import lib
 from migrate.dest.state import State
 from migrate.errors import MigrateError, ProtocolError
 from migrate.host import fault_path_priority
-from migrate.wire.tcp import ChannelEnd, channel_end, tcp_bytes_received, tcp_silent_s
+from migrate.wire.tcp import Address, ChannelEnd, channel_end, tcp_bytes_received, tcp_silent_s
 
 if TYPE_CHECKING:
     from migrate.dest.session import Migration
@@ -87,6 +87,10 @@ class Channels:
         if old is not None:
             old.close()
         self.t_demand_ns = time.monotonic_ns()
+        try:
+            m.peer_address = str(Address(*sock.getpeername()[:2]))   # (for status)
+        except OSError:
+            pass
         resent = m.space.set_demand_fd(sock.fileno())
         m.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
                          session=m.id, resent=resent)

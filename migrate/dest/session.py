@@ -69,6 +69,7 @@ class Migration:
         self.t_connect: float | None = None
         self.t_complete: float | None = None
         self.peer = ""                          # who serves it: the certificate's name, and the source's own
+        self.peer_address = ""                  # where from: its demand channel's address
         # guest thread id -> vCPU index, from QEMU (query-cpus-fast); the agent sets it
         self.vcpu_threads = lambda: {}
         self._vcpu_names: dict[int, int | None] = {}
@@ -353,7 +354,8 @@ class Migration:
         received = st["received"] - st["placed_prior"]
         gbps, eta = rate_and_eta(received, self.npages - st["placed_prior"], self.page_size, seconds)
         state = self.state
-        return {"session": self.id, "state": _STATUS_STATE[state], "peer": self.peer, "guest_pid": self.guest.pid,
+        peer = " ".join(x for x in (self.peer, self.peer_address and f"at {self.peer_address}") if x)
+        return {"session": self.id, "state": _STATUS_STATE[state], "peer": peer, "guest_pid": self.guest.pid,
                 "guest": self.guest.name, "pages_total": self.npages, "pages_received": st["received"],
                 "pages_demand": st["placed_demand"], "pages_pushed": st["placed_push"],
                 "pages_zero": st["placed_zero"], "pages_prior": st["placed_prior"], "page_size": self.page_size,
