@@ -470,3 +470,24 @@ def test_a_source_whose_default_control_directory_is_taken_goes_on_without_one(t
         lm.procs.append(bad)
         assert bad.wait(30) == 2
         assert bad.errors()[0].startswith("control socket: ")
+
+
+@pytest.mark.timeout(60)
+def test_status_over_plaintext_from_another_host_is_refused(tmp_path, split_network):
+    """A destination on a second host (a network namespace) in plaintext
+    (--insecure on both ends): a Status call from here is not authenticated
+    and is refused, naming nothing of the guest; without --insecure the
+    client will not even ask."""
+    net = split_network
+    with LocalMigration(str(tmp_path), 16 * M, dest_listen=f"{net.there}:0", dest_prefix=net.exec,
+                        tls=False, dest_args=("--insecure",)) as lm:
+        lm.start_dest()
+        lm.start_guest()
+        lm.dest.wait_event("attached", 60)
+        r = migrate_cmd("status", "--to", lm.address, "--insecure", "--json")
+        assert r.returncode == 1
+        assert r.stderr == (f"status: {lm.address}: PERMISSION_DENIED: Status refused: it is told over mutual "
+                            "TLS, or in plaintext to this host's loopback only (or ask `migrate status --attach` "
+                            "on the host)\n")
+        r = migrate_cmd("status", "--to", lm.address)
+        assert r.returncode == 1 and r.stderr.startswith("status: ") and "--insecure" in r.stderr
