@@ -491,3 +491,23 @@ def test_status_over_plaintext_from_another_host_is_refused(tmp_path, split_netw
                             "on the host)\n")
         r = migrate_cmd("status", "--to", lm.address)
         assert r.returncode == 1 and r.stderr.startswith("status: ") and "--insecure" in r.stderr
+
+
+@pytest.mark.timeout(120)
+def test_status_says_paused_while_the_guest_waits_for_a_new_source(tmp_path, host):
+    with LocalMigration(str(tmp_path), 256 * M, seed=13, pattern="random", vcpus=2,
+                        source_args=("--push-streams", "1", "--max-rate", "40M")) as lm:
+        lm.make_image()
+        lm.start_dest()
+        lm.start_guest()
+        lm.dest.wait_event("attached", 60)
+        first = lm.start_source()
+        wait_received(lm, 10)
+        first.p.kill()
+        first.p.wait(10)
+        lm.dest.wait_event("disconnected", 30)
+        [m] = json.loads(migrate_cmd("status", "--attach", lm.sock, "--json").stdout)["migrations"]
+        assert m["state"] == "paused" and 0 < m["pages_received"] < m["pages_total"]
+        second = lm.start_source()
+        assert second.wait(120) == 0, second.errors()
+        assert lm.guest.wait(60) == 0 and lm.guest.summary()["verified"] is True
