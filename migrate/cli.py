@@ -235,43 +235,8 @@ def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
     return out
 
 
-def _remote_status(args) -> dict:
-    """A destination's status over its gRPC port (the Status call), with the
-    TLS of a source (--tls-*, --dest-name; plaintext only to loopback)."""
-    import json
-
-    import grpc
-
-    from migrate.proto import migration_pb2 as pb
-    from migrate.proto import migration_pb2_grpc as pbg
-    from migrate.status import StatusError
-    from migrate.wire.protocol import channel
-    from migrate.wire.tcp import parse_address
-    from migrate.wire.tls import TlsError, from_args
-
-    try:
-        host = parse_address(args.to, "--to", "as `migrate dest --listen` printed it").host
-        tls = from_args(args, "source", host)
-    except (ValueError, TlsError) as e:
-        raise StatusError(str(e)) from None
-    ch = channel(args.to, "status", tls)
-    try:
-        reply = pbg.MigrationStub(ch).Status(pb.StatusRequest(), timeout=args.timeout)
-    except grpc.RpcError as e:
-        raise StatusError(f"{args.to}: {e.code().name}: {e.details()}") from None
-    finally:
-        ch.close()
-    try:
-        status = json.loads(reply.json)
-    except ValueError:
-        status = None
-    if not isinstance(status, dict):
-        raise StatusError(f"{args.to} answered Status with something that is not a JSON object")
-    return status
-
-
 def cmd_status(args) -> int:
-    from migrate.status import StatusError, query, render
+    from migrate.status import StatusError, query, query_grpc, render
 
     try:
         if args.attach:
@@ -280,7 +245,14 @@ def cmd_status(args) -> int:
         elif args.source:
             status = query(args.source, {"request": "status"})
         else:
-            status = _remote_status(args)
+            from migrate.wire.tcp import parse_address
+            from migrate.wire.tls import TlsError, from_args
+            try:
+                host = parse_address(args.to, "--to", "as `migrate dest --listen` printed it").host
+                tls = from_args(args, "source", host)
+            except (ValueError, TlsError) as e:
+                raise StatusError(str(e)) from None
+            status = query_grpc(args.to, tls, args.timeout)
     except StatusError as e:
         print(f"status: {e}", file=sys.stderr)
         return 1

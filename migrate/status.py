@@ -1,6 +1,7 @@
 """What a running agent says about itself: the status snapshot that
 `migrate status` prints (human text or JSON), the live progress line drawn on
-a terminal, and the local control socket a source agent answers status on.
+a terminal, the local control socket a source agent answers status on, and
+the clients `migrate status` asks with (a UNIX socket, or gRPC).
 
 The snapshot of one migration is a flat dict, the same keys on both sides:
 
@@ -118,6 +119,31 @@ def query(path: str, request: dict, timeout: float = 5.0) -> dict:
     status = reply.get("status")
     if not isinstance(status, dict):
         raise StatusError(f"{path} answered without a status")
+    return status
+
+
+def query_grpc(target: str, tls, timeout: float = 10.0) -> dict:
+    """A destination's status over its gRPC port (the Status call), with the
+    TLS of a source (tls: a migrate.wire.tls.TlsConfig, None: plaintext)."""
+    import grpc
+
+    from migrate.proto import migration_pb2 as pb
+    from migrate.proto import migration_pb2_grpc as pbg
+    from migrate.wire.protocol import channel
+
+    ch = channel(target, "status", tls)
+    try:
+        reply = pbg.MigrationStub(ch).Status(pb.StatusRequest(), timeout=timeout)
+    except grpc.RpcError as e:
+        raise StatusError(f"{target}: {e.code().name}: {e.details()}") from None
+    finally:
+        ch.close()
+    try:
+        status = json.loads(reply.json)
+    except ValueError:
+        status = None
+    if not isinstance(status, dict):
+        raise StatusError(f"{target} answered Status with something that is not a JSON object")
     return status
 
 
