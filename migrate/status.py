@@ -214,10 +214,16 @@ class ControlSocket:
                     pass   # the asker's problem (silent past CONTROL_TIMEOUT, or gone): it sees the end
 
     def _answer(self, conn: socket.socket) -> None:
+        conn.settimeout(CONTROL_TIMEOUT)
         if not _trusted(peer_uid(conn)):
+            # its request is read (and dropped) first, so that it reads the
+            # refusal rather than a reset (a socket closed with bytes unread)
+            try:
+                _recv(conn, MAX_REQUEST, "control request")
+            except StatusError:
+                pass
             _send(conn, {"ok": False, "error": "not authorised: this socket answers root and its own uid only"})
             return
-        conn.settimeout(CONTROL_TIMEOUT)
         req = _recv(conn, MAX_REQUEST, "control request")
         if req.get("request") != "status":
             _send(conn, {"ok": False, "error": f"unknown request {str(req.get('request'))[:40]!r}: "
