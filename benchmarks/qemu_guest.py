@@ -13,8 +13,10 @@ Each side reports
                     QEMU's own "downtime" figure is kept as qemu_reported_downtime_ms
   guest_verify_ms   the guest's own time to read all of its memory (memfill), started
                     the moment the destination runs, while pages are still arriving
-  postcopy_blocktime_ms   QEMU's postcopy-blocktime (destination); None for the engine,
-                    which reports its demand-fault service latency instead
+  postcopy_blocktime_ms   QEMU's postcopy-blocktime (destination: the time every vCPU was
+                    blocked at once); the engine's is its one vCPU's blocked time (the
+                    summary's `vcpus`, from the faults' thread ids), None with more vCPUs
+  vcpu_blocktime_ms QEMU's postcopy-vcpu-blocktime; the engine's blocked time per vCPU
 `ratio` is engine / QEMU for each (below 1: the engine is faster).
 
 Uses migrate.qemu.lab and migrate.qemu.localrun (the flow examples/qemu/run.sh runs) and
@@ -59,9 +61,11 @@ def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambd
         raise RuntimeError(f"engine run failed: {r.get('verify')} {r.get('errors')}")
     d, s = r.get("dest", {}), r.get("source", {})
     tl = {ev: t for t, who, ev in reversed(r.get("timeline", [])) if who == "source"}
+    blocked = [round(v["blocked_s"] * 1e3, 1) for v in d.get("vcpus", ()) if v["vcpu"] is not None]
     return {"pages": r["pages"], "total_ms": r.get("total_ms"), "downtime_ms": r.get("downtime_ms"),
             "guest_verify_ms": r.get("guest_verify_ms"), "guest_verify_local_ms": r.get("guest_verify_local_ms"),
-            "postcopy_blocktime_ms": None,
+            "postcopy_blocktime_ms": blocked[0] if len(blocked) == 1 else None,
+            "vcpu_blocktime_ms": blocked,
             "demand_faults": d.get("faults"), "fault_p50_us": d.get("fault_p50_us"),
             "fault_p99_us": d.get("fault_p99_us"), "pages_demand": d.get("pages_demand"),
             "pages_pushed": d.get("pages_pushed"), "pages_zero": d.get("pages_zero"),
@@ -154,6 +158,7 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
                 "guest_verify_ms": int(v.group(2)) if v.group(2) else None,
                 "guest_verify_local_ms": int(v2.group(2)) if v2.group(2) else None,
                 "postcopy_blocktime_ms": dinfo.get("postcopy-blocktime"),
+                "vcpu_blocktime_ms": dinfo.get("postcopy-vcpu-blocktime"),
                 "postcopy_requests": ram.get("postcopy-requests"), "ram_transferred": ram.get("transferred"),
                 "verify": v.group(0).strip(), "loadavg": round(load, 2)}
 

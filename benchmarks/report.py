@@ -289,7 +289,7 @@ def qemu_markdown(q: dict | None) -> list[str]:
               "STOP to destination RESUME (QEMU's own timestamps); guest verify = the guest's own time to read "
               "and check all of its memory, triggered the moment the destination runs; local = the same read "
               "again once every page is there (the guest's floor); blocktime = QEMU's postcopy-blocktime "
-              "(destination). Ratios are engine / QEMU; the goal is <= 0.5 for total and guest verify. The guest "
+              "(destination; the engine's: its one vCPU's blocked time, from the faults' thread ids). Ratios are engine / QEMU; the goal is <= 0.5 for total and guest verify. The guest "
               "sits idle until the switch, so QEMU's precopy pass dirties nothing: with a precopy pass first, QEMU "
               "sends most of RAM before or while the source is stopped (see downtime) and the post-copy phase has "
               "little left to do.", ""]

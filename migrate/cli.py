@@ -5,6 +5,7 @@ delegates to its module."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -126,7 +127,8 @@ def cmd_dest(args) -> int:
     return agent.run(rep, listen=args.listen, attach=args.attach,
                      serve_forever=args.serve_forever, placement=args.placement, prealloc=not args.no_prealloc,
                      qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every,
-                     attach_uids=tuple(args.attach_uid), tls=tls, max_device_state=args.max_device_state)
+                     attach_uids=tuple(args.attach_uid), tls=tls, max_device_state=args.max_device_state,
+                     metrics_listen=args.metrics_listen, insecure=args.insecure)
 
 
 # -- source -------------------------------------------------------------------
@@ -172,6 +174,10 @@ def cmd_source(args) -> int:
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
               dest_timeout=args.dest_timeout, tls=tls)
+    observers = _source_observers(args, rep, ram, tls, kw)
+    if observers is None:
+        ram.close()
+        return exits.USAGE
     vm = {}
     _stop_on_signals()
     try:
@@ -188,6 +194,8 @@ def cmd_source(args) -> int:
         rep.event("error", str(e))
         return exits.of(e)
     finally:
+        for x in observers:
+            x.close()
         ram.close()
     f = res.finish
     s = {"session": res.session, "pages_total": res.pages_total, "pages_demand": f.pages_demand,
@@ -234,6 +242,82 @@ def _stop_on_signals() -> None:
         raise Stopped(signum, f"stopped by {signal.Signals(signum).name} mid-migration")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
+
+
+def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
+    """The source's control socket (announced in its first event), its
+    metrics server and the terminal's progress line, started; kw gets the
+    hook that shows them the session. None when one cannot start (reported)."""
+    from migrate.notify import Notifier
+    from migrate.status import ControlSocket, ProgressTicker, StatusError, default_control_path
+
+    held = {}
+    kw["on_created"] = lambda src: held.__setitem__("src", src)
+
+    def snapshot():
+        src = held.get("src")
+        return src.snapshot() if src is not None else {"state": "connecting", "peer": args.to,
+                                                        "pages_total": ram.npages}
+
+    out = []
+    rep.listeners.append(Notifier("source"))
+    path = args.control or default_control_path()
+    try:
+        out.append(ControlSocket(path, lambda: {"role": "source", "pid": os.getpid(),
+                                                "migrations": [snapshot()]}).start())
+        rep.event("control", f"control socket {path}: `migrate status --source {path}`", control=path,
+                  pid=os.getpid())
+    except (StatusError, OSError) as e:
+        if args.control:
+            rep.event("error", f"control socket: {e}")
+            return None
+        # the default place is not usable (another user made its directory
+        # first?): the migration goes on, without a control socket
+        rep.event("control", f"no control socket ({e}): `migrate status --source` cannot ask this source; "
+                  "give it --control SOCKET in a private directory", control=None, pid=os.getpid(), error=str(e))
+    if args.metrics_listen:
+        from migrate.metrics import MetricsError, MetricsServer
+        try:
+            out.append(MetricsServer(args.metrics_listen, lambda: ("source", [snapshot()], {}), tls,
+                                     args.insecure).start())
+        except MetricsError as e:
+            rep.event("error", str(e))
+            for x in out:
+                x.close()
+            return None
+        rep.event("metrics", f"Prometheus metrics on {out[-1].address}", metrics=out[-1].address)
+    if ProgressTicker.wanted():
+        out.append(ProgressTicker(rep, lambda: snapshot() if "src" in held else None).start())
+    return out
+
+
+def cmd_status(args) -> int:
+    from migrate.status import StatusError, query, query_grpc, render
+
+    try:
+        if args.attach:
+            from migrate.wire.attach import ATTACH_VERSION
+            status = query(args.attach, {"version": ATTACH_VERSION, "request": "status"})
+        elif args.source:
+            status = query(args.source, {"request": "status"})
+        else:
+            from migrate.wire.tcp import parse_address
+            from migrate.wire.tls import TlsError, from_args
+            try:
+                host = parse_address(args.to, "--to", "as `migrate dest --listen` printed it").host
+                tls = from_args(args, "source", host)
+            except (ValueError, TlsError) as e:
+                raise StatusError(str(e)) from None
+            status = query_grpc(args.to, tls, args.timeout)
+    except StatusError as e:
+        print(f"status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+        print(json.dumps(status))
+    else:
+        print(render(status))
+    return 0
 
 
 def cmd_shim_path(args) -> int:
@@ -350,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--allow-source", action="append", metavar="NAME",
                    help="take only sources whose certificate carries NAME (a DNS name, or the CN of a certificate "
                    "without any); repeatable (default: any the CA signed)")
+    d.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics there (needs the "
+                   "metrics extra; HTTPS with the --tls-* flags, plaintext only on loopback or with --insecure)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dest)
 
@@ -393,8 +479,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_args(s, "source")
     s.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
                    "(default: the host of --to)")
+    s.add_argument("--control", metavar="SOCKET", help="the control socket `migrate status --source` asks "
+                   "(default: $XDG_RUNTIME_DIR or /tmp, in migrate-UID/source-PID.sock; its first event names it)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics there (needs the "
+                   "metrics extra; HTTPS with the --tls-* flags, plaintext only on loopback or with --insecure)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_source)
+
+    st = sub.add_parser("status", help="what a running agent is doing: state, pages, rate, faults, vCPUs")
+    which = st.add_mutually_exclusive_group(required=True)
+    which.add_argument("--attach", metavar="SOCKET", help="a destination agent's attach socket")
+    which.add_argument("--source", metavar="SOCKET", help="a source agent's control socket (its first event "
+                       "names it)")
+    which.add_argument("--to", metavar="HOST:PORT", help="a destination agent's gRPC address, with the TLS flags of "
+                       "a source: it tells the migrations this certificate's name opened, and guests not opened yet")
+    _add_tls_args(st, "source")
+    st.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
+                    "(default: the host of --to)")
+    st.add_argument("--timeout", type=_period, default=10.0, metavar="SECONDS", help="with --to: how long to wait "
+                    "(default 10)")
+    st.add_argument("--json", action="store_true", help="one JSON object")
+    st.set_defaults(fn=cmd_status)
 
     g = sub.add_parser("guestsim", help="the simulated VM")
     g.add_argument("--attach", required=True)

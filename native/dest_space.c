@@ -180,6 +180,72 @@ static void inflight_done(struct mg_space *s, uint64_t page)
     }
 }
 
+/* ---- blocked time per guest thread ---- */
+
+uint64_t mg_now_ns(void)
+{
+    return now_ns();
+}
+
+/* The entry of thread tid, added when new (the fault loop's thread only). */
+static struct mg_thread_block *thread_entry(struct mg_space *s, uint64_t tid)
+{
+    uint32_t n = __atomic_load_n(&s->nthreads, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++)
+        if (s->threads[i].tid == tid)
+            return &s->threads[i];
+    if (n >= MG_MAX_THREADS)
+        return NULL;
+    struct mg_thread_block *t = &s->threads[n];
+    t->tid = tid;
+    __atomic_store_n(&t->wait_page, UINT64_MAX, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->nthreads, n + 1, __ATOMIC_RELEASE);
+    return t;
+}
+
+/* Ends t's wait for page, if it still waits for it: the receiver that placed
+ * the page and the fault loop may both try, and the exchange lets one win. */
+static void thread_unblock(struct mg_thread_block *t, uint64_t page)
+{
+    uint64_t expect = page;
+    if (!__atomic_compare_exchange_n(&t->wait_page, &expect, UINT64_MAX, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return;
+    uint64_t since = __atomic_load_n(&t->wait_since_ns, __ATOMIC_ACQUIRE);
+    uint64_t now = now_ns();
+    __atomic_fetch_add(&t->blocked_ns, now > since ? now - since : 0, __ATOMIC_RELAXED);
+}
+
+/* Page is received: every thread waiting for it runs again. */
+static void threads_release(struct mg_space *s, uint64_t page)
+{
+    if (!s->threads)
+        return;
+    uint32_t n = __atomic_load_n(&s->nthreads, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++)
+        if (__atomic_load_n(&s->threads[i].wait_page, __ATOMIC_ACQUIRE) == page)
+            thread_unblock(&s->threads[i], page);
+}
+
+/* Thread tid faulted on page, which is not received: it is blocked from now.
+ * A wait still open is closed first (its page came by a path that did not
+ * see it; a thread blocked in a fault cannot fault again). */
+static void thread_wait(struct mg_space *s, uint64_t tid, uint64_t page)
+{
+    if (!s->threads)
+        return;
+    struct mg_thread_block *t = thread_entry(s, tid);
+    if (!t) {
+        __atomic_fetch_add(&s->threads_untracked, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    uint64_t old = __atomic_load_n(&t->wait_page, __ATOMIC_ACQUIRE);
+    if (old != UINT64_MAX)
+        thread_unblock(t, old);
+    __atomic_fetch_add(&t->faults, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->wait_since_ns, now_ns(), __ATOMIC_RELEASE);
+    __atomic_store_n(&t->wait_page, page, __ATOMIC_RELEASE);
+}
+
 static void send_request(struct mg_space *s, uint64_t page)
 {
     int fd = __atomic_load_n(&s->demand_fd, __ATOMIC_ACQUIRE);
@@ -299,8 +365,15 @@ int finish_place(const struct place_target *t, uint64_t page, const uint8_t *src
         STAT_ADD(s, placed_demand, 1);
     else
         STAT_ADD(s, placed_push, 1);
-    if (test_bit(s->requested, page))
+    /* Pairs with the fence in the fault loop: either this sees the page
+     * requested, or the fault loop sees it received (a thread's wait ends
+     * either way). */
+    if (s->threads)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (test_bit(s->requested, page)) {
         inflight_done(s, page);
+        threads_release(s, page);
+    }
     STAT_ADD(s, received, 1);
     return 0;
 }
@@ -407,9 +480,16 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
                 continue;
             }
             STAT_ADD(s, requested, 1);
+            thread_wait(s, ev[i].arg, (uint64_t)page);
             if (!test_and_set_bit(s->requested, (uint64_t)page)) {
                 inflight_add(s, (uint64_t)page);
                 send_request(s, (uint64_t)page);
+            }
+            /* see finish_place: a page received meanwhile ends the wait here */
+            if (s->threads) {
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                if (test_bit(s->received, (uint64_t)page))
+                    threads_release(s, (uint64_t)page);
             }
             if (k < max)
                 need[k++] = (uint64_t)page;

@@ -17,6 +17,9 @@
 #define MG_VIA_DEMAND 1
 #define MG_INFLIGHT 8192
 #define MG_LAT_RING 1048576
+/* Guest threads whose blocked time is kept apart (one per vCPU; a guest with
+ * more faulting threads has the rest counted in threads_untracked). */
+#define MG_MAX_THREADS 64
 /* A receiver's result when every page has been received. */
 #define MG_DEMAND_COMPLETE 1
 /* What was wrong with a refused demand reply or push run (mg_space.error_kind). */
@@ -49,6 +52,18 @@ struct mg_fault_stats {
     uint64_t placed_prior;  /* found mapped in the guest at attach (placed by an earlier agent) */
 };
 
+/* One guest thread that faulted on a page the source had to send, from the
+ * fault event's thread id (UFFD_FEATURE_THREAD_ID). It is blocked from the
+ * fault until the page is received; only the fault loop adds entries, the
+ * receivers end waits. */
+struct mg_thread_block {
+    uint64_t tid;           /* the faulting thread's id, as the kernel gives it */
+    uint64_t wait_page;     /* the page it waits for; UINT64_MAX: not waiting */
+    uint64_t wait_since_ns; /* CLOCK_MONOTONIC ns of that fault */
+    uint64_t blocked_ns;    /* waits that ended, summed */
+    uint64_t faults;        /* its faults on pages not received yet */
+};
+
 /* A demand request in flight: when it was asked for (CLOCK_MONOTONIC ns). */
 struct mg_inflight {
     uint64_t page;          /* UINT64_MAX: free slot */
@@ -70,6 +85,9 @@ struct mg_space {
     int demand_fd;          /* socket to the source's demand server, -1 when none */
     struct mg_inflight *inflight;   /* MG_INFLIGHT slots */
     uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
+    struct mg_thread_block *threads; /* MG_MAX_THREADS entries, NULL: not kept */
+    uint32_t nthreads;      /* entries in use (atomic; only the fault loop adds) */
+    uint64_t threads_untracked; /* demand faults of threads past MG_MAX_THREADS */
     const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
     int ram_fd;             /* the RAM file, for pwritev on shmem when not prepared (-1: the alias) */
     int prepared;           /* every page is allocated and the alias is mapped: write through it */
@@ -121,6 +139,9 @@ int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
  * readable, -errno on failure. With max == 0 it returns only on stop, timeout
  * or failure. */
 int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int timeout_ms);
+
+/* CLOCK_MONOTONIC now, in ns (what wait_since_ns is measured on). */
+uint64_t mg_now_ns(void);
 
 /* Writes a request for every page requested but not received (after a source
  * reconnects). Returns how many, or -errno. */

@@ -98,6 +98,12 @@ def test_qemu_guest_postcopy_tmpfs(guest):
                    "once the VM need not "
                    f"go back, `python -m migrate.qemu {qmp} quit` and remove the file (or give the source "
                    "--quit-source)"}], res["source_qemu"]
+    # blocked time per vCPU: the faults' thread ids mapped to vCPU indexes
+    # through QEMU's query-cpus-fast (other QEMU threads, e.g. the device-state
+    # load's, are listed without one)
+    vcpus = [v for v in res["dest"]["vcpus"] if v["vcpu"] is not None]
+    assert [v["vcpu"] for v in vcpus] == [0] and vcpus[0]["blocked_s"] > 0 and vcpus[0]["faults"] > 0, \
+        res["dest"]["vcpus"]
     assert not glob.glob(f"/dev/shm/migrate-*-{os.getpid()}")
 
 

@@ -19,7 +19,7 @@ from migrate._binding import lib
 from migrate.dest.state import State
 from migrate.errors import MigrateError, ProtocolError
 from migrate.host import fault_path_priority
-from migrate.wire.tcp import ChannelEnd, channel_end, tcp_silent_s
+from migrate.wire.tcp import Address, ChannelEnd, channel_end, tcp_bytes_received, tcp_silent_s
 
 if TYPE_CHECKING:
     from migrate.dest.session import Migration
@@ -68,6 +68,7 @@ class Channels:
         # the receiver threads still running: joined when the migration is
         # torn down, so that it is gone (with its C buffers) once it ended
         self.receivers: list[threading.Thread] = []
+        self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
 
     def watch_demand_deadline(self, gen: int) -> None:
         """A source that never opens its demand channel is not serving this guest."""
@@ -104,6 +105,10 @@ class Channels:
             old.close()
         self.t_demand_ns = time.monotonic_ns()
         self._cancel_demand_deadline()
+        try:
+            m.peer_address = str(Address(*sock.getpeername()[:2]))   # (for status)
+        except OSError:
+            pass
         resent = m.space.set_demand_fd(sock.fileno())
         m.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
                          session=m.id, resent=resent)
@@ -157,6 +162,7 @@ class Channels:
                 m.source_lost(gen, self._silent_why("push", -rc))
         with self.lock:
             self.push.pop(sock, None)
+            self.bytes_closed += tcp_bytes_received(sock)
         sock.close()
 
     def _demand_rx(self, sock: socket.socket, gen: int) -> None:
@@ -173,6 +179,7 @@ class Channels:
             mine = self.demand is sock
             if mine:
                 self.demand = None
+                self.bytes_closed += tcp_bytes_received(sock)
         if mine:
             m.space.set_demand_fd(-1)
             sock.close()
@@ -218,10 +225,17 @@ class Channels:
         m.source_lost(gen, f"a demand request unanswered for {waited:.1f} s and nothing received on the "
                            f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
 
+    def wire_bytes(self) -> int:
+        """Bytes received from sources on the raw channels (the kernel's
+        count, TLS included; gRPC control and push are not counted)."""
+        with self.lock:
+            return self.bytes_closed + sum(tcp_bytes_received(s) for s in (self.demand, *self.push) if s is not None)
+
     def close(self) -> None:
         self._cancel_demand_deadline()
         with self.lock:
             socks = [s for s in (self.demand, *self.push) if s is not None]
+            self.bytes_closed += sum(tcp_bytes_received(s) for s in socks)
             self.demand, self.push = None, {}
         for s in socks:
             s.close()

@@ -78,6 +78,8 @@ class FaultSpace:
         s.demand_fd = -1
         s.inflight = self._inflight
         s.lat_us = self._lat
+        self._threads = ffi.new("struct mg_thread_block[]", lib.MG_MAX_THREADS)
+        s.threads = self._threads
         self._zero_page = ffi.new("uint8_t[]", page_size)
         s.zero_page = self._zero_page
         s.ram_fd = ram_fd   # borrowed, like the alias: the owner keeps it open
@@ -227,9 +229,36 @@ class FaultSpace:
             self._raise("continue", rc, self._s.error_page)
         return rc
 
-    def latencies_us(self) -> list[int]:
-        n = min(self._s.stats.lat_count, lib.MG_LAT_RING)
+    def latencies_us(self, recent: int = 0) -> list[int]:
+        """Demand fault latencies (the ring's); recent > 0: the last that many."""
+        count = self._s.stats.lat_count
+        n = min(count, lib.MG_LAT_RING)
+        if 0 < recent < n:
+            end = count % lib.MG_LAT_RING
+            if end >= recent:
+                return list(ffi.unpack(self._lat + (end - recent), recent))
+            return list(ffi.unpack(self._lat + (lib.MG_LAT_RING - (recent - end)), recent - end)) + \
+                list(ffi.unpack(self._lat, end))
         return list(ffi.unpack(self._lat, n))
+
+    def thread_blocks(self) -> list[dict]:
+        """Per guest thread that faulted on a page the source had to send
+        (the fault's thread id): its demand faults and the seconds it spent
+        blocked on them, a wait still open counted up to now."""
+        now = lib.mg_now_ns()
+        out = []
+        for i in range(min(self._s.nthreads, lib.MG_MAX_THREADS)):
+            t = self._threads[i]
+            ns = t.blocked_ns
+            since, page = t.wait_since_ns, t.wait_page
+            if page != 2**64 - 1 and now > since:
+                ns += now - since
+            out.append({"tid": int(t.tid), "faults": int(t.faults), "blocked_s": round(ns / 1e9, 6)})
+        return out
+
+    @property
+    def threads_untracked(self) -> int:
+        return int(self._s.threads_untracked)
 
     @property
     def stats(self) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import ipaddress
+import json
 import queue
 import threading
 import time
@@ -545,6 +546,13 @@ class MigrationService(pbg.MigrationServicer):
 
     def Finish(self, request, context):
         return self.agent.finish(request.session_id, request.token, _peer(context), request.timeout_seconds or None)
+
+    def Status(self, request, context):
+        peer = _peer(context)
+        if not peer.authenticated:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "Status refused: it is told over mutual TLS, or in "
+                          "plaintext to this host's loopback only (or ask `migrate status --attach` on the host)")
+        return pb.StatusReply(json=json.dumps(self.agent.status_for(peer.identity)))
 
     def DeviceState(self, request_iterator, context):
         first = next(request_iterator, None)

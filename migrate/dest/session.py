@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import threading
 import time
@@ -26,8 +27,17 @@ from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter, percentile, process_usage
+from migrate.status import rate_and_eta
 from migrate.uffd import Mode, Userfaultfd
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchDecoder
+
+
+# how `migrate status` names each state (migrate.status.STATES)
+_STATUS_STATE = {State.ATTACHED: "attached", State.CONNECTED: "connected", State.SWITCHED_OVER: "running",
+                 State.DISCONNECTED: "paused", State.PAUSED: "paused", State.COMPLETING: "running",
+                 State.COMPLETE: "completed", State.FAILED: "failed"}
+# a vCPU thread's name: guestsim's "vcpu-N", QEMU's "CPU N/TCG" (-name debug-threads=on)
+_VCPU_NAME = re.compile(r"^(?:vcpu-(\d+)|CPU (\d+)/\w+)$")
 
 
 class BusyError(MigrateError):
@@ -60,6 +70,11 @@ class Migration:
         self.t_complete: float | None = None
         self.instance = ""        # guest_instance(): which guest this is, across agents
         self.guest_lost = False   # the migration failed because the guest went away
+        self.peer = ""                          # who serves it: the certificate's name, and the source's own
+        self.peer_address = ""                  # where from: its demand channel's address
+        # guest thread id -> vCPU index, from QEMU (query-cpus-fast); the agent sets it
+        self.vcpu_threads = lambda: {}
+        self._vcpu_names: dict[int, int | None] = {}
         self.stop_fd = -1
         self.mem = None
         self.uffd = None
@@ -87,6 +102,11 @@ class Migration:
     @property
     def state(self) -> State:
         return self.machine.state
+
+    @property
+    def status_state(self) -> str:
+        """The state as `migrate status` names it."""
+        return _STATUS_STATE[self.state]
 
     @property
     def error(self) -> str | None:
@@ -203,6 +223,7 @@ class Migration:
                                 "one source per guest (start another guest to run a second migration)")
             raise BusyError(f"{which} is {state.reported}: it takes no source")
         gen, token = joined
+        self.peer = " ".join(x for x in (peer.identity, hello.source_name and f"({hello.source_name})") if x)
         if self.t_connect is None:
             self.t_connect = time.monotonic()
         received = self.space.received_count
@@ -310,6 +331,50 @@ class Migration:
                 "pages_pushed": st["placed_push"], "pages_zero": st["placed_zero"], "faults": st["faults"],
                 "faults_fast": st["fast"]}
 
+    def vcpus(self) -> list[dict]:
+        """Blocked time per guest thread that waited for the source, each
+        labelled with its vCPU index where known: from QEMU (query-cpus-fast),
+        or from the thread's name (guestsim's vcpu-N, QEMU's CPU N/TCG)."""
+        out = []
+        known = self.vcpu_threads()
+        for t in self.space.thread_blocks():
+            tid = t["tid"]
+            vcpu = known.get(tid)
+            if vcpu is None:
+                vcpu = self._vcpu_named(tid)
+            out.append({"vcpu": vcpu, **t})
+        return sorted(out, key=lambda v: (v["vcpu"] is None, v["vcpu"] or 0, v["tid"]))
+
+    def _vcpu_named(self, tid: int) -> int | None:
+        if tid not in self._vcpu_names:
+            try:
+                with open(f"/proc/{self.guest.pid}/task/{tid}/comm") as f:
+                    m = _VCPU_NAME.match(f.read().strip())
+                self._vcpu_names[tid] = int(m.group(1) or m.group(2)) if m else None
+            except (OSError, ValueError):
+                return None   # (gone, or not ours to read: asked again next time)
+        return self._vcpu_names[tid]
+
+    def snapshot(self, recent: int = 0) -> dict:
+        """What `migrate status` shows of this migration (migrate.status); the
+        fault percentiles from the last `recent` demand faults only (0: all
+        of them, as the summary)."""
+        st = self.space.stats
+        lat = sorted(self.space.latencies_us(recent))
+        seconds = (self.t_complete or time.monotonic()) - self.t_connect if self.t_connect else 0.0
+        received = st["received"] - st["placed_prior"]
+        gbps, eta = rate_and_eta(received, self.npages - st["placed_prior"], self.page_size, seconds)
+        state = self.state
+        peer = " ".join(x for x in (self.peer, self.peer_address and f"at {self.peer_address}") if x)
+        return {"session": self.id, "state": _STATUS_STATE[state], "peer": peer, "guest_pid": self.guest.pid,
+                "guest": self.guest.name, "pages_total": self.npages, "pages_received": st["received"],
+                "pages_demand": st["placed_demand"], "pages_pushed": st["placed_push"],
+                "pages_zero": st["placed_zero"], "pages_prior": st["placed_prior"], "page_size": self.page_size,
+                "gbps": gbps, "eta_s": 0.0 if state is State.COMPLETE else eta, "seconds": round(seconds, 3),
+                "wire_bytes": self.channels.wire_bytes(), "faults": st["faults"], "faults_fast": st["fast"],
+                "faults_demand": st["requested"], "fault_p50_us": round(percentile(lat, 50), 1),
+                "fault_p99_us": round(percentile(lat, 99), 1), "vcpus": self.vcpus(), "error": self.error}
+
     def summary(self) -> dict:
         lat = sorted(self.space.latencies_us())
         st = self.space.stats
@@ -335,6 +400,9 @@ class Migration:
             "seconds": round(end - (self.t_connect or end), 3),
             "push_s": round(end - self.channels.t_push, 3) if self.channels.t_push else None,
             "prepare_s": self.prepare_s,
+            "wire_bytes": self.channels.wire_bytes(),
+            "vcpus": self.vcpus(),
+            "blocked_s": round(sum(v["blocked_s"] for v in self.vcpus()), 6),
             **process_usage(),
             "error": self.error,
         }

@@ -58,6 +58,7 @@ class DeviceStateFeeder:
         # attach), so the guest's downtime does not include connecting to it.
         self._qmp: QMP | None = None
         self._qmp_error = ""
+        self.vcpu_threads: dict[int, int] = {}   # QEMU's vCPU thread ids -> cpu-index (query-cpus-fast)
         self._qmp_ready = threading.Event()
         threading.Thread(target=self._connect, args=(wait_qemu,), name="qmp-connect", daemon=True).start()
 
@@ -69,6 +70,14 @@ class DeviceStateFeeder:
                 if st != "inmigrate":
                     raise QemuError(f"destination QEMU is {st!r}: start it with -incoming defer")
                 q.ignore_shared()
+                # which thread runs which vCPU: per-vCPU blocked time comes
+                # from the faults' thread ids
+                try:
+                    self.vcpu_threads = {int(c["thread-id"]): int(c["cpu-index"])
+                                         for c in q.cmd("query-cpus-fast")}
+                except (QemuError, KeyError, TypeError, ValueError) as e:   # (labels only: the migration goes on)
+                    self.reporter.event("qemu", f"QMP {self.qmp_path}: no vCPU thread ids ({e}): blocked time "
+                                        "is reported per thread", qmp=self.qmp_path)
             except BaseException:
                 q.close()
                 raise

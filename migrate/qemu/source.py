@@ -385,6 +385,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                 if not sender.sent or (sender.ack is not None and not sender.ack.guest_running) \
                         or not src.session or recovery_window <= 0:
                     raise
+                src.state = "paused"   # (what `migrate status` shows meanwhile)
                 res = Recovery(reporter, recovery_window, again, vm_state).recover(src.session, src.guest_instance, e)
                 res = dataclasses.replace(res, seconds=time.monotonic() - t0)
         except MigrateError as e:

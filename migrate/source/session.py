@@ -24,6 +24,7 @@ from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.report import Reporter
+from migrate.status import rate_and_eta
 from migrate.source.demand import DemandServer
 from migrate.source.push import Push, push_send_buffer
 from migrate.source.ramfile import RamImage
@@ -95,7 +96,9 @@ class Source:
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
-                 resume_guest: str = "", open_timeout: float = 60.0):
+                 resume_guest: str = "", open_timeout: float = 60.0, on_created=None):
+        """on_created(source): told of this Source once built (the CLI's
+        status and metrics read its snapshot())."""
         self.ram = ram
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
         # the raw channels' TLS context (the credentials are loaded here)
@@ -139,6 +142,12 @@ class Source:
         self.on_session = on_session
         self.errors: list[BaseException] = []
         self.stop = threading.Event()
+        # for `migrate status` (migrate.status): connecting, connected, running, completed, failed;
+        # paused while migrate.source.recovery tries again
+        self.state = "connecting"
+        self.t_open: float | None = None
+        if on_created is not None:
+            on_created(self)
         # what run() opens and starts, for _close to stop and close
         self.sched: Scheduler | None = None
         self.demand: DemandServer | None = None
@@ -156,16 +165,41 @@ class Source:
         _check_resolves(self.target)
         try:
             stub, welcome = self._open_session()
+            self.state, self.t_open = "connected", time.monotonic()
             self._freeze_heap()
             self._start_demand(welcome)
+            self.state = "running"
             self._start_push(welcome)
             if self.on_session is not None:
                 self.on_session(stub, self.session, self.token)
             self._wait_push()
             fin = self._finish(stub)
+            self.state = "completed"
+        except BaseException:
+            self.state = "failed"
+            raise
         finally:
             self._close()
         return self._result(fin, time.monotonic() - t0)
+
+    def snapshot(self) -> dict:
+        """What `migrate status` shows of this session (migrate.status): a
+        source counts the pages it sent (on demand, read ahead, pushed) as
+        the received ones; the guest's faults are the destination's to tell."""
+        ram = self.ram
+        d = self.demand.d if self.demand is not None else None
+        demand = int(d.seq) if d is not None else 0
+        ahead = int(d.readahead) if d is not None else 0
+        pushed = self.push.pages if self.push is not None else 0
+        sent = min(ram.npages, demand + ahead + pushed)
+        seconds = time.monotonic() - self.t_open if self.t_open is not None else 0.0
+        gbps, eta = rate_and_eta(sent, ram.npages, ram.page_size, seconds)
+        wire = (self.push.wire_bytes if self.push is not None else 0) + (int(d.bytes) if d is not None else 0)
+        return {"session": self.session, "state": self.state, "peer": self.target, "pages_total": ram.npages,
+                "pages_received": sent, "pages_demand": demand, "pages_pushed": pushed + ahead,
+                "page_size": ram.page_size, "gbps": gbps, "eta_s": 0.0 if self.state == "completed" else eta,
+                "seconds": round(seconds, 3), "wire_bytes": wire, "faults_demand": demand,
+                "error": str(self.errors[0]) if self.errors else None}
 
     def wait_rpc(self, fut):
         """The result of a gRPC call's future (its RpcError raised as it is); a

@@ -19,6 +19,7 @@ from migrate.errors import PEER_LOST_ERRNOS
 _TCP_INFO_LEN = 104
 _LAST_DATA_RECV = 52    # __u32 tcpi_last_data_recv, ms since data last arrived
 _RTT = 68               # __u32 tcpi_rtt, smoothed round trip, us
+_BYTES_RECEIVED = 128   # __u64 tcpi_bytes_received (Linux 4.1+)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,18 @@ def tcp_silent_s(sock: socket.socket) -> float | None:
     it cannot be read."""
     ms = _tcp_info_u32(sock, _LAST_DATA_RECV)
     return None if ms is None else ms / 1e3
+
+
+def tcp_bytes_received(sock: socket.socket) -> int:
+    """Bytes the kernel received on a TCP socket, TLS records and headers of
+    the channel included (what crossed the wire as payload); 0 where it cannot
+    be read (a closed socket, an old kernel)."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _BYTES_RECEIVED + 8)
+    except (OSError, AttributeError):
+        return 0
+    end = _BYTES_RECEIVED + 8
+    return int.from_bytes(info[_BYTES_RECEIVED:end], "little") if len(info) >= end else 0
 
 
 def tcp_rtt_us(sock: socket.socket) -> int | None:
