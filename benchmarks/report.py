@@ -29,6 +29,11 @@ TARGETS = {
                                   "plaintext, same run"),
     "tls_demand_p50_ratio": ("<=", 1.3, "4 KiB demand fault p50 (dest, push running): raw channels over TLS / "
                                         "plaintext, same run"),
+    "link10g_demand_p99_ratio": ("<=", 3.0, "10 Gbit shaped link: 4 KiB demand fault p99 (dest) with the push filling "
+                                            "the link / the same with the link idle"),
+    "link10g_typical_ram_vs_link": (">=", 1.5, "10 Gbit shaped link: background GB/s of guest RAM, typical content / "
+                                               "the link's measured bulk GB/s"),
+    "link1g_typical_ram_vs_link": (">=", 3.0, "1 Gbit shaped link: the same"),
     "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
 }
 
@@ -36,9 +41,9 @@ TARGETS = {
 def _pick(results: list[dict], **want) -> dict | None:
     """The largest successful scenario with these fields (plaintext unless
     tls=True is asked for: results from before TLS have no tls field)."""
-    want = {"tls": False, **want}
-    hits = [r for r in results if r.get("ok") and all(r.get(k, False if k == "tls" else None) == v
-                                                      for k, v in want.items())]
+    absent = {"tls": False, "link": "", "push_rate": 0}   # fields results from before them lack
+    want = {"tls": False, "link": "", "push_rate": 0, **want}
+    hits = [r for r in results if r.get("ok") and all(r.get(k, absent.get(k)) == v for k, v in want.items())]
     return max(hits, key=lambda r: r["size"]) if hits else None
 
 
@@ -132,6 +137,7 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
     if seq:
         r["seq_fault_fraction"] = seq["fault_fraction"]
         src["seq_fault_fraction"] = seq["scenario"] + " dest faults / pages_total"
+    _link_ratios(results, r, src)
     ok = [x for x in results if x.get("ok") and x.get("peak_rss_mib", {}).get("dest") is not None]
     if ok:
         biggest = max(x["size"] for x in ok)
@@ -159,6 +165,41 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
             # guest's own all-local read / QEMU's post-copy read
             r["qemu_guest_ratio_floor"] = _div(e["guest_verify_local_ms"], q["guest_verify_ms"])
     return r, src
+
+
+LINK_KEYS = {"10gbit": "link10g", "1gbit": "link1g"}
+
+
+def _link_ratios(results: list[dict], r: dict, src: dict) -> None:
+    """The shaped-link keys (issue 19), each from scenarios run over one link
+    in this run, against that link's floors measured just before them."""
+    for rate in dict.fromkeys(x["link"] for x in results if x.get("link")):
+        k = LINK_KEYS.get(rate, "link_" + rate)
+        floor = next((x["link_floor"] for x in results if x.get("link") == rate and x.get("link_floor")), {})
+        bulk = floor.get("bulk_gbps")
+        r[k + "_bulk_gbps"] = bulk
+        r[k + "_rtt_p50_us"] = floor.get("rtt_p50_us")
+        src[k + "_bulk_gbps"] = f"link {rate}: one plaintext TCP stream across it, best of {floor.get('bulk_gbps_reps')}"
+        push = _pick(results, backing="tmpfs", pattern="idle", vcpus=1, content="typical", placement="continue",
+                     tls=True, link=rate)
+        if push and bulk:
+            r[k + "_typical_ram_vs_link"] = _div(push.get("push_gbps"), bulk)
+            src[k + "_typical_ram_vs_link"] = (f"{push['scenario']} push GB/s {push.get('push_gbps')} / link bulk "
+                                               f"{bulk} GB/s")
+        busy = _pick(results, backing="tmpfs", pattern="random", vcpus=1, content="typical", placement="continue",
+                     tls=True, link=rate)
+        idle = [x for x in results if x.get("ok") and x.get("link") == rate and x.get("push_rate")
+                and x.get("pattern") == "random" and x.get("content") == "typical"]
+        if busy and idle:
+            idle = idle[0]
+            r[k + "_demand_p99_ratio"] = _div(busy["dest"].get("fault_p99_us"), idle["dest"].get("fault_p99_us"))
+            r[k + "_demand_p50_ratio"] = _div(busy["dest"].get("fault_p50_us"), idle["dest"].get("fault_p50_us"))
+            src[k + "_demand_p99_ratio"] = (f"{busy['scenario']} dest fault p99 {busy['dest'].get('fault_p99_us')} us "
+                                            f"(push {busy.get('push_gbps')} GB/s) / {idle['scenario']} "
+                                            f"{idle['dest'].get('fault_p99_us')} us")
+        if busy and busy.get("link_bands"):
+            # the marks counted: bytes the source's end sent in the urgent band
+            r[k + "_urgent_band_mib"] = round(busy["link_bands"].get("10:10", {}).get("bytes", 0) / (1 << 20), 1)
 
 
 def verdicts(r: dict) -> dict:
@@ -228,6 +269,10 @@ def markdown(doc: dict) -> str:
     if m and "ns_per_page" in m:
         lines.append(f"| map_4k (mapping received pages, one CPU) | {m['ns_per_page']} ns a page, "
                      f"{m['s_per_gib']} s a GiB | | | | {', '.join(_f(x, 1) for x in m['reps_ns_per_page'])} ns |")
+    for k, v in doc["floors"].items():
+        if k.startswith("link_") and "bulk_gbps" in v:
+            lines.append(f"| {k} (shaped link: one TCP stream; 4 KiB ping-pong) | {v['bulk_gbps']} GB/s; "
+                         f"{_f(v['rtt_p50_us'])} | {_f(v['rtt_p99_us'])} | | | {', '.join(str(x) for x in v['bulk_gbps_reps'])} GB/s |")
     lines += ["", "## Scenarios", "",
               "Times in seconds (source connect to Finish); `RAM GB/s` = guest RAM / that time; `push GB/s` = guest "
               "RAM / the push window at the destination (first push channel to last page); fault latencies in us. "
@@ -368,7 +413,7 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
             cdf(ax, floors["tcp_pingpong"]["_samples_ns"], "raw TCP 4 KiB ping-pong")
         for r in results:
             if r.get("ok") and r["page_size"] == ps and r["pattern"] == "random" and r["vcpus"] == 1 \
-                    and r["content"] == "typical" and r.get("_lat_ns") is not None:
+                    and r["content"] == "typical" and r.get("_lat_ns") is not None and not r.get("link"):
                 lat = r["_lat_ns"]
                 cdf(ax, lat[lat >= 3000], f"engine demand, {r['placement']}, {r['size'] >> 20} MiB (guest)")
         ax.set_xscale("log")
@@ -414,6 +459,30 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
             ax.axis("off")
         fig.tight_layout()
         path = os.path.join(outdir, f"{name}-arrival.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    linked = [r for r in results if r.get("ok") and r.get("link") and r["pattern"] == "random"
+              and r.get("_lat_ns") is not None]
+    if linked:
+        # demand latency over time: the guest's one vCPU touches pages one after
+        # another, so the running sum of its first-access times is its clock
+        fig, ax = plt.subplots(figsize=(14, 5))
+        for r in sorted(linked, key=lambda r: (r["link"], r.get("push_rate", 0))):
+            lat = r["_lat_ns"].astype(np.float64)
+            t = np.cumsum(lat) / 1e9
+            hit = lat >= 3000
+            what = f"push held to {r['push_rate'] >> 20} MB/s (link idle)" if r.get("push_rate") else "push running"
+            ax.plot(t[hit], lat[hit] / 1000.0, ".", markersize=1.5, alpha=0.5,
+                    label=f"{r['link']}: {what} (n={int(hit.sum())}, dest p99 {r['dest'].get('fault_p99_us')} us)")
+        ax.set_yscale("log")
+        ax.set_xlabel("guest's time in its page accesses (s, running sum of first-access times)")
+        ax.set_ylabel("first-access latency of a page the guest waited on (us)")
+        ax.set_title("Demand faults over a shaped link, 4 KiB, 1 vCPU, random")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, markerscale=8)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{name}-link-demand.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         files.append(path)
