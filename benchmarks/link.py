@@ -96,10 +96,13 @@ def remove_namespaces(names: list[str]) -> None:
 class ShapedLink:
     """Two namespaces and a veth pair shaped at `rate` (tc's spelling) both ways."""
 
-    def __init__(self, rate: str, leftovers: str = ""):
+    def __init__(self, rate: str, leftovers: str = "", bands: bool = True):
         """leftovers: a glob of files (e.g. the bench's RAM images in /dev/shm)
-        the guard also removes if the process that made the link is killed."""
+        the guard also removes if the process that made the link is killed.
+        bands=False: tbf alone, one FIFO (what the marks are up against on a
+        link whose queue does not read them)."""
         self.rate = rate
+        self.bands = bands
         self.leftovers = leftovers
         self.bps = parse_rate(rate)
         tag = f"{PREFIX}-{os.getpid()}-{id(self) & 0xfff:x}"
@@ -158,6 +161,8 @@ class ShapedLink:
         tc = ("tc", "-n", ns)
         _run(*tc, "qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", self.rate,
              "burst", str(burst), "latency", "50ms")
+        if not self.bands:
+            return
         _run(*tc, "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "htb", "default", "20")
         # (htb's own buckets are made deep enough never to hold a packet back:
         # the tbf shapes, the htb only orders)
