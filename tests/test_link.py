@@ -294,3 +294,21 @@ def test_over_a_link_demand_is_marked_and_goes_first_and_the_push_is_paced(link_
         bands = link.qdisc_stats("src")
         assert bands["10:10"]["bytes"] > lm.dest.summary()["pages_demand"] * 4096 * 0.9, bands
         assert bands["10:20"]["bytes"] > 0.5 * (96 << 20) * 0.5, bands
+
+
+def test_link_rate_is_read_as_tc_writes_it():
+    from benchmarks.link import parse_rate
+    assert parse_rate("10gbit") == 10_000_000_000
+    assert parse_rate("1gbit") == 1_000_000_000
+    assert parse_rate("500mbit") == 500_000_000
+    for bad in ("10G", "fast", "0gbit", ""):
+        with pytest.raises(ValueError) as e:
+            parse_rate(bad)
+        assert str(e.value) == f"--link {bad!r}: give a rate as tc writes it, e.g. 10gbit, 1gbit or 500mbit"
+
+
+def test_bench_link_refuses_a_rate_it_cannot_read():
+    r = subprocess.run([sys.executable, "-m", "migrate", "bench", "--link", "10G", "--no-plots"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "--link '10G': give a rate as tc writes it" in r.stderr
