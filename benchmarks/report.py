@@ -325,7 +325,9 @@ QEMU_SIDES = (("engine", "this engine (shared RAM file + x-ignore-shared, demand
               ("qemu_postcopy_shm", "QEMU post-copy as above, RAM on a share=on /dev/shm file (the engine's "
                                     "backing)"),
               ("qemu_precopy_postcopy", "QEMU: one precopy pass, then migrate-start-postcopy (libvirt "
-                                        "--postcopy-after-precopy)"))
+                                        "--postcopy-after-precopy)"),
+              ("qemu_postcopy_preempt", "QEMU post-copy with its preempt channel (postcopy-preempt), private RAM, "
+                                        "over the shaped link: the baseline of `--qemu --link`"))
 
 
 def qemu_markdown(q: dict | None) -> list[str]:
@@ -341,7 +343,7 @@ def qemu_markdown(q: dict | None) -> list[str]:
                   "one network namespace, the destination agent and the destination QEMU in the other (the "
                   "engine's QEMUs reach their agents over Unix sockets), so every page crosses the link. The "
                   "engine's channels are mutual TLS (the agents refuse plaintext off loopback); QEMU's migration "
-                  "stream is plain TCP. The columns are as below.", ""]
+                  "stream is plain TCP. Otherwise as below (where it says loopback TCP, read the link).", ""]
     lines += [f"The same busybox guest (Debian kernel, memfill: {q.get('mem_mb')} MiB RAM, most of it filled with a "
               "page-number pattern), TCG, both QEMUs on this machine, loopback TCP; best of "
               f"{q.get('reps')} repetitions per metric (all below). total = start of the migration (engine: the "
@@ -369,7 +371,8 @@ def qemu_markdown(q: dict | None) -> list[str]:
             lines.append(f"| {label} | {_f(b['total_ms'], 0)} | {_f(b['downtime_ms'], 1)} | "
                          f"{_f(b['guest_verify_ms'], 0)} | {_f(b['guest_verify_local_ms'], 0)} | "
                          f"{_f(b['postcopy_blocktime_ms'], 0)} |")
-    for key, side in (("ratio", "QEMU post-copy"), ("ratio_shm", "QEMU post-copy on /dev/shm"),
+    for key, side in (("ratio", "QEMU post-copy" + ("-preempt" if q.get("link") else "")),
+                      ("ratio_shm", "QEMU post-copy on /dev/shm"),
                       ("ratio_precopy", "QEMU precopy pass + post-copy")):
         rr = q.get(key)
         if rr:
