@@ -45,55 +45,116 @@ def test_mark_urgent_sets_priority_and_dscp_ef():
         s.close()
 
 
-def test_link_pacer_measures_caps_probes_and_caps_again():
-    """Driven with its clock given: unpaced while it measures, each stream
-    capped at its share of 0.95 x what was acknowledged, the cap lifted to
-    probe, then set again from the probe."""
-    pairs = [_pair() for _ in range(2)]
-    stop = threading.Event()
+class _Flows:
+    """Two loopback TCP connections, each drained by a reader thread, with
+    bulk writers that run while `bulk` is set."""
 
-    def drain(sock):
-        while not stop.is_set() and sock.recv(1 << 20):
+    def __init__(self):
+        self.pairs = [_pair() for _ in range(2)]
+        self.socks = [c for c, _ in self.pairs]
+        self.bulk = threading.Event()
+        self.done = threading.Event()
+        self.threads = [threading.Thread(target=self._drain, args=(s,), daemon=True) for _, s in self.pairs]
+        self.threads += [threading.Thread(target=self._write, args=(c,), daemon=True) for c in self.socks]
+        for t in self.threads:
+            t.start()
+
+    def _drain(self, sock):
+        while not self.done.is_set() and sock.recv(1 << 20):
             pass
 
-    readers = [threading.Thread(target=drain, args=(s,), daemon=True) for _, s in pairs]
-    for t in readers:
-        t.start()
+    def _write(self, sock):
+        chunk = b"x" * (1 << 20)
+        while not self.done.is_set():
+            if self.bulk.wait(0.05):
+                try:
+                    sock.sendall(chunk)
+                except OSError:
+                    return
+
+    def close(self):
+        self.done.set()
+        for c, s in self.pairs:
+            c.shutdown(socket.SHUT_RDWR)
+            s.close()
+            c.close()
+
+
+def test_link_pacer_caps_at_its_share_of_the_highest_recent_rate():
+    """Driven with its clock given, over real connections: unpaced while it
+    measures, each stream capped at its share of 0.95 x what the peer
+    acknowledged, the cap lifted to probe; a lower probe keeps the cap until
+    it is the highest of the last HISTORY."""
+    flows = _Flows()
     told = []
     pacer = LinkPacer(on_rate=lambda rate, cap: told.append((rate, cap)))
-    socks = [c for c, _ in pairs]
+    socks = flows.socks
     try:
         for c in socks:
             pacer.add(c)
             assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == LinkPacer.NOTSENT_LOWAT
             assert tcp.max_pacing_rate(c) is None
+        flows.bulk.set()
         pacer.tick(100.0)                      # the first tick starts the measurement
-        for c in socks:
-            c.sendall(b"x" * (8 << 20))
-        time.sleep(0.2)                        # (acknowledged by now, on loopback)
+        time.sleep(0.2)
         pacer.tick(100.0 + LinkPacer.MEASURE_S / 2)
         assert pacer.phase == "measure" and pacer.cap is None, "moved on before MEASURE_S"
-        pacer.tick(101.0)                      # 1 s after the start: 16 MiB acknowledged -> 16 MiB/s
-        assert pacer.phase == "cruise"
-        assert 16 << 20 <= pacer.rate <= (16 << 20) + 4096
-        want = int(0.95 * pacer.rate / 2)
-        assert [tcp.max_pacing_rate(c) for c in socks] == [want, want]
-        assert told == [(pacer.rate, want)]
-        pacer.tick(101.0 + LinkPacer.CRUISE_S)   # cruise over: probe, unpaced
-        assert pacer.phase == "probe"
-        assert [tcp.max_pacing_rate(c) for c in socks] == [None, None]
-        for c in socks:
-            c.sendall(b"y" * (4 << 20))
         time.sleep(0.2)
-        pacer.tick(101.0 + LinkPacer.CRUISE_S + 0.5)   # 8 MiB in 0.5 s: the link is 16 MiB/s again
-        assert pacer.phase == "cruise"
-        assert [tcp.max_pacing_rate(c) for c in socks] == [pacer.cap] * 2 and pacer.cap > 0
-        assert len(told) == 2
+        pacer.tick(101.0)
+        assert pacer.phase == "cruise" and pacer.rate > 0
+        first = pacer.rate
+        want = int(0.95 * first / 2)
+        assert [tcp.max_pacing_rate(c) for c in socks] == [want, want]
+        assert told == [(first, want)]
+
+        def probe(at: float, lasting: float) -> None:
+            pacer.tick(at)                     # cruise over: probe, unpaced
+            assert pacer.phase == "probe"
+            assert [tcp.max_pacing_rate(c) for c in socks] == [None, None]
+            for _ in range(3):
+                time.sleep(0.1)
+                pacer.tick(at + LinkPacer.PROBE_S / 2)   # (samples the app-limited mark)
+            pacer.tick(at + lasting)
+            assert pacer.phase == "cruise"
+
+        # probes that (by the clock given) took 1e6 s measure a far slower link
+        t = 101.0 + LinkPacer.CRUISE_S
+        for i in range(LinkPacer.HISTORY - 1):
+            probe(t, 1e6)
+            t += 1e6 + LinkPacer.CRUISE_S
+            assert pacer.rate == first and [tcp.max_pacing_rate(c) for c in socks] == [want, want], i
+        probe(t, 1e6)
+        t += 1e6 + LinkPacer.CRUISE_S
+        assert pacer.rate < first / 100, "the fast measurement aged out"
+        slow = pacer.cap
+        assert [tcp.max_pacing_rate(c) for c in socks] == [slow, slow] and 0 < slow < want
+
     finally:
-        stop.set()
-        for c, s in pairs:
-            c.close()
-            s.close()
+        flows.close()
+
+
+def test_link_pacer_does_not_pace_a_push_this_host_limits():
+    """Streams that never fill the path (the kernel's app-limited mark) say
+    nothing about the link: no cap (a host whose CPU limits the push would
+    otherwise pace it to its own slowest moment)."""
+    flows = _Flows()
+    told = []
+    pacer = LinkPacer(on_rate=lambda rate, cap: told.append((rate, cap)))
+    try:
+        for c in flows.socks:
+            pacer.add(c)
+        pacer.tick(0.0)
+        for c in flows.socks:
+            c.sendall(b"y" * 1000)
+        time.sleep(0.1)
+        assert all(tcp.tcp_app_limited(c) for c in flows.socks)
+        pacer.tick(0.2)
+        pacer.tick(1.0)
+        assert pacer.phase == "cruise"
+        assert [tcp.max_pacing_rate(c) for c in flows.socks] == [None, None]
+        assert told and told[0][1] is None and told[0][0] > 0
+    finally:
+        flows.close()
 
 
 # -- the shaped link --------------------------------------------------------------

@@ -21,7 +21,7 @@ from migrate.proto import migration_pb2_grpc as pbg
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import Scheduler
 from migrate.wire.protocol import BatchEncoder
-from migrate.wire.tcp import set_max_pacing_rate, set_notsent_lowat, tcp_bytes_acked, tcp_rtt_us
+from migrate.wire.tcp import set_max_pacing_rate, set_notsent_lowat, tcp_app_limited, tcp_bytes_acked, tcp_rtt_us
 
 #: --push-buffer auto: bytes in flight a push stream may keep, sized for this
 #: rate over the connection's round trip (between 256 KiB and the kernel's own
@@ -163,9 +163,17 @@ class LinkPacer:
     idle. It measures the link by what the destination acknowledges on all
     the streams together, unpaced for MEASURE_S at the start, then caps each
     stream (SO_MAX_PACING_RATE) at its share of SHARE x that rate. Every
-    CRUISE_S it lifts the caps for PROBE_S and measures again, so a link that
-    got faster or slower (another flow on it) is followed. TCP_NOTSENT_LOWAT
-    keeps what waits unsent in each socket short.
+    CRUISE_S it lifts the caps for PROBE_S and measures again. The link's rate
+    is the highest of the last HISTORY measurements (BBR's windowed maximum):
+    a link that got faster is followed at once, one that got slower (another
+    flow on it) within HISTORY probes, and a dip of this host's own (a busy
+    CPU) does not hold the push down after it. TCP_NOTSENT_LOWAT keeps what
+    waits unsent in each socket short.
+
+    A measurement the kernel marked application-limited most of the time
+    (tcpi_delivery_rate_app_limited: the streams did not keep the path full,
+    this host's CPU is the limit, not the link) is not the link's rate: it is
+    not kept, and until one is the streams stay unpaced.
 
     The streams call tick() between writes; whichever finds a phase over
     moves to the next one, for every stream."""
@@ -174,19 +182,22 @@ class LinkPacer:
     CRUISE_S = 2.0
     PROBE_S = 0.3
     SHARE = 0.95
+    HISTORY = 3
     NOTSENT_LOWAT = 128 << 10
 
     def __init__(self, on_rate=None):
-        """on_rate(link_rate, cap_per_stream, phase): told each time the link is
-        measured (bytes a second), for the session's events."""
+        """on_rate(rate, cap_per_stream): told each time the link is measured
+        (bytes a second; cap None: not paced), for the session's events."""
         self.on_rate = on_rate
         self.socks: list[socket.socket] = []
         self.lock = threading.Lock()
         self.phase = "measure"
         self.t_phase: float | None = None     # when the phase began (first tick)
         self.acked0 = 0
-        self.rate: float | None = None        # the link, as last measured: bytes a second
+        self.rate: float | None = None        # the link: the highest recent measurement, bytes a second
+        self.measured: list[float] = []       # the last HISTORY measurements that were not app-limited
         self.cap: int | None = None           # each stream's cap now (None: unpaced)
+        self.samples = self.app_limited = 0   # this phase: ticks, and those the kernel said app-limited
 
     def add(self, sock: socket.socket) -> None:
         """A stream's socket, before its first write."""
@@ -204,6 +215,10 @@ class LinkPacer:
             if self.t_phase is None:
                 self.t_phase, self.acked0 = now, self._acked()
                 return
+            if self.phase != "cruise":
+                flags = [tcp_app_limited(s) for s in self.socks]
+                self.samples += 1
+                self.app_limited += sum(1 for f in flags if f) * 2 > len(flags)
             dt = now - self.t_phase
             if dt < {"measure": self.MEASURE_S, "probe": self.PROBE_S}.get(self.phase, self.CRUISE_S):
                 return
@@ -213,13 +228,18 @@ class LinkPacer:
                 self._set(None)   # probe: unpaced, to see what the link takes now
                 self.phase = "probe"
             else:
-                if measured > 0:
-                    self.rate = measured
-                    self._set(int(self.SHARE * measured / max(1, len(self.socks))))
+                if measured > 0 and self.app_limited * 2 <= self.samples:
+                    self.measured = [*self.measured, measured][-self.HISTORY:]
+                if self.measured:
+                    self.rate = max(self.measured)
+                    self._set(int(self.SHARE * self.rate / max(1, len(self.socks))))
+                else:
+                    self.rate = measured   # (what the streams did: app-limited, not the link)
                 self.phase = "cruise"
                 if self.on_rate is not None:
                     self.on_rate(self.rate, self.cap)
             self.t_phase, self.acked0 = now, acked
+            self.samples = self.app_limited = 0
         finally:
             self.lock.release()
 

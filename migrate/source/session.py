@@ -264,9 +264,12 @@ class Source:
 
     def _paced(self, rate: float | None, cap: int | None) -> None:
         """LinkPacer measured the link: say so."""
-        if rate:
+        if rate and cap:
             self.reporter.event("pace", f"link measured at {rate * 8 / 1e9:.2f} Gbit/s: each push stream paced "
                                 f"at {cap * 8 / 1e9:.2f} Gbit/s", link_bytes_per_s=int(rate), cap_bytes_per_s=cap)
+        elif rate:
+            self.reporter.event("pace", f"push at {rate * 8 / 1e9:.2f} Gbit/s did not fill the link (this host is "
+                                "the limit): not paced", link_bytes_per_s=int(rate), cap_bytes_per_s=None)
 
     def _wait_push(self) -> None:
         """Waits for the push streams (and the holes walk and block scan, done

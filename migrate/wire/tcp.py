@@ -154,6 +154,17 @@ def set_notsent_lowat(sock: socket.socket, nbytes: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, _TCP_NOTSENT_LOWAT, int(nbytes))
 
 
+def tcp_app_limited(sock: socket.socket) -> bool | None:
+    """Whether the kernel's latest delivery-rate sample of a TCP socket was
+    limited by the application (it did not keep the path full) rather than by
+    the network; None where it cannot be read."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)
+    except (OSError, AttributeError):
+        return None
+    return bool(info[7] & 1) if len(info) >= 8 else None   # tcpi_delivery_rate_app_limited:1, byte 7
+
+
 def tcp_bytes_acked(sock: socket.socket) -> int | None:
     """Bytes the peer acknowledged on a TCP socket so far; None where it
     cannot be read."""
