@@ -32,6 +32,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -128,8 +129,9 @@ class ShapedLink:
         atexit.register(self.close)
         for sig in (signal.SIGTERM, signal.SIGINT):
             # a handler already there (the CLI's: SIGTERM unwinds like ^C) is
-            # kept: unwinding reaches close() through `with`
-            if signal.getsignal(sig) in (signal.SIG_DFL, None):
+            # kept: unwinding reaches close() through `with`. (Off the main
+            # thread no handler can be set: the guard still cleans up.)
+            if signal.getsignal(sig) in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
                 self._prev_handlers[sig] = signal.signal(sig, self._on_signal)
         try:
             _run("ip", "netns", "add", self.src_ns)
