@@ -54,9 +54,10 @@ def _first_event(q, name: str) -> float | None:
     return seen[0]["time"] if seen else None
 
 
-def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None) -> dict:
+def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None, link=None) -> dict:
+    """link: a benchmarks.link.ShapedLink between the two agents."""
     load = os.getloadavg()[0]
-    r = localrun.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log)
+    r = localrun.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log, link=link)
     if not (r.get("verify") or "").startswith("VERIFY OK") or r.get("errors"):
         raise RuntimeError(f"engine run failed: {r.get('verify')} {r.get('errors')}")
     d, s = r.get("dest", {}), r.get("source", {})
@@ -80,7 +81,7 @@ def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambd
 
 
 def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy: str = "none",
-                      backend: str = "ram") -> dict:
+                      backend: str = "ram", link=None, preempt: bool = False) -> dict:
     """QEMU's own post-copy (postcopy-ram), private RAM, over loopback TCP; the
     guest's verify is triggered as soon as the destination runs.
 
@@ -91,28 +92,38 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
 
     total_ms is measured from the same kind of events as the engine's: the start of
     the migration (source MIGRATION "setup"; the engine has no phase before its STOP)
-    to the destination's MIGRATION "completed", QEMU's own timestamps."""
+    to the destination's MIGRATION "completed", QEMU's own timestamps.
+
+    link: a benchmarks.link.ShapedLink: the source QEMU in its source
+    namespace, the destination QEMU in its destination namespace, migrating
+    across it. preempt: QEMU's postcopy-preempt channel (page requests'
+    replies on a connection of their own, as this engine's demand channel)."""
     load = os.getloadavg()[0]
     with Lab(guest, verbose=False) as lab:
         lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
         kw = {}
         if backend == "file":   # the engine's backing: a share=on file on /dev/shm, each side its own
             kw = {"mem_path": lab.shm_path("qemu-postcopy-src")}
-        src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=backend, **kw)
+        src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=backend, prefix=link.src_prefix if link else (), **kw)
         m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=300)
         pages = int(m.group(1))
         if backend == "file":
             kw = {"mem_path": lab.shm_path("qemu-postcopy-dst")}
-        dst, qd, sd = lab.start("dst", mem_mb=mem_mb, backend=backend, incoming="defer", **kw)
-        qs.set_caps(postcopy_ram=True, events=True)
-        qd.set_caps(postcopy_ram=True, postcopy_blocktime=True, events=True)
+        dst, qd, sd = lab.start("dst", mem_mb=mem_mb, backend=backend, incoming="defer",
+                                prefix=link.dst_prefix if link else (), **kw)
+        more = {"postcopy_preempt": True} if preempt else {}
+        qs.set_caps(postcopy_ram=True, events=True, **more)
+        qd.set_caps(postcopy_ram=True, postcopy_blocktime=True, events=True, **more)
         qs.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-        qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        if link is not None:
+            host, port = link.dst_addr, 7000   # (a namespace of this run's own: every port is free)
+        else:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            host, port = "127.0.0.1", s.getsockname()[1]
+            s.close()
+        qd.cmd("migrate-incoming", uri=f"tcp:{host}:{port}")
+        qs.cmd("migrate", uri=f"tcp:{host}:{port}")
         deadline = time.monotonic() + 120
         if precopy == "first-pass":
             while (qs.cmd("query-migrate").get("ram", {}).get("dirty-sync-count", 0) < 2
@@ -147,7 +158,8 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
         # post-copy happened when the switch came before QEMU's own convergence (an idle
         # guest's precopy can finish in one pass plus a stop-and-copy of the rest)
         went_postcopy = bool(qs.seen("MIGRATION", status="postcopy-active"))
-        return {"precopy": precopy, "backend": backend, "pages": pages, "went_postcopy": went_postcopy,
+        return {"precopy": precopy, "backend": backend, "preempt": preempt, "pages": pages,
+                "went_postcopy": went_postcopy,
                 "downtime_bytes": ram.get("downtime-bytes"), "postcopy_bytes": ram.get("postcopy-bytes"),
                 "total_ms": round((done[0]["time"] - t_start) * 1e3, 1) if done and t_start else info.get("total-time"),
                 "qemu_total_time_ms": info.get("total-time"),
@@ -273,6 +285,50 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
         out["ratio_precopy"] = _ratios(b["engine"], b["qemu_precopy_postcopy"])
     if "engine" in b and "qemu_postcopy_shm" in b:
         out["ratio_shm"] = _ratios(b["engine"], b["qemu_postcopy_shm"])
+    return out
+
+
+def bench_link(rate: str, reps: int = 2, mem_mb: int = 512, log=lambda m: None) -> dict:
+    """`migrate bench --qemu --link RATE`: reps x (this engine, QEMU post-copy
+    with its preempt channel), alternating, the same guest, over one shaped
+    link (benchmarks.link) made for the run. Best of each; never raises."""
+    from benchmarks.link import ShapedLink, unavailable
+    out: dict = {"mem_mb": mem_mb, "link": rate, "reps": reps, "runs": {"engine": [], "qemu_postcopy_preempt": []}}
+    why = unavailable()
+    if why:
+        out["error"] = why
+        return out
+    t0 = time.monotonic()
+    try:
+        guest = build_guest()
+        with ShapedLink(rate) as link:
+            out["link_floor"] = link.floors(log)
+            for i in range(reps):
+                for side, fn in (("engine", lambda: run_engine(guest, mem_mb, link=link)),
+                                 ("qemu_postcopy_preempt", lambda: run_qemu_postcopy(guest, mem_mb, link=link,
+                                                                                     preempt=True))):
+                    try:
+                        r = fn()
+                    except Exception as e:  # noqa: BLE001 - one failed run does not stop the others
+                        out.setdefault("errors", []).append(f"{side} rep {i + 1}: {type(e).__name__}: {e}")
+                        log(f"qemu guest over {rate} rep {i + 1}/{reps} {side} failed: {e}")
+                        continue
+                    r.pop("timeline", None)
+                    out["runs"][side].append(r)
+                    log(f"qemu guest over {rate} rep {i + 1}/{reps} {side}: total {r['total_ms']} ms, downtime "
+                        f"{r['downtime_ms']} ms, guest verify {r['guest_verify_ms']} ms "
+                        f"(local {r.get('guest_verify_local_ms')} ms), load {r['loadavg']}")
+    except Exception as e:  # noqa: BLE001 - the report says what failed
+        out["error"] = f"{type(e).__name__}: {e}"
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    out["best"] = {side: _best(runs) for side, runs in out["runs"].items() if runs}
+    b = out["best"]
+    if "engine" in b and "qemu_postcopy_preempt" in b:
+        out["ratio"] = _ratios(b["engine"], b["qemu_postcopy_preempt"])
+        out["qemu_link_total_ratio"] = out["ratio"].get("total_ms")
+        out["qemu_link_guest_ratio"] = out["ratio"].get("guest_verify_ms")
+    elif "error" not in out:
+        out["error"] = "no successful run of each side: " + "; ".join(out.get("errors", []))
     return out
 
 

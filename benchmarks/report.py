@@ -29,6 +29,14 @@ TARGETS = {
                                   "plaintext, same run"),
     "tls_demand_p50_ratio": ("<=", 1.3, "4 KiB demand fault p50 (dest, push running): raw channels over TLS / "
                                         "plaintext, same run"),
+    "link10g_demand_p99_ratio": ("<=", 3.0, "10 Gbit shaped link: 4 KiB demand fault p99 (dest) with the push filling "
+                                            "the link / the same with the link idle"),
+    "link10g_typical_ram_vs_link": (">=", 1.5, "10 Gbit shaped link: background GB/s of guest RAM, typical content / "
+                                               "the link's measured bulk GB/s"),
+    "link1g_typical_ram_vs_link": (">=", 3.0, "1 Gbit shaped link: the same"),
+    "qemu_link_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB, over a shaped link (`--qemu --link`): total migration "
+                                         "time, this engine / QEMU post-copy-preempt"),
+    "qemu_link_guest_ratio": ("<=", 0.5, "the same: the guest's time to read all its memory after the switch"),
     "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
 }
 
@@ -36,9 +44,9 @@ TARGETS = {
 def _pick(results: list[dict], **want) -> dict | None:
     """The largest successful scenario with these fields (plaintext unless
     tls=True is asked for: results from before TLS have no tls field)."""
-    want = {"tls": False, **want}
-    hits = [r for r in results if r.get("ok") and all(r.get(k, False if k == "tls" else None) == v
-                                                      for k, v in want.items())]
+    absent = {"tls": False, "link": "", "push_rate": 0}   # fields results from before them lack
+    want = {"tls": False, "link": "", "push_rate": 0, **want}
+    hits = [r for r in results if r.get("ok") and all(r.get(k, absent.get(k)) == v for k, v in want.items())]
     return max(hits, key=lambda r: r["size"]) if hits else None
 
 
@@ -132,6 +140,7 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
     if seq:
         r["seq_fault_fraction"] = seq["fault_fraction"]
         src["seq_fault_fraction"] = seq["scenario"] + " dest faults / pages_total"
+    _link_ratios(results, r, src)
     ok = [x for x in results if x.get("ok") and x.get("peak_rss_mib", {}).get("dest") is not None]
     if ok:
         biggest = max(x["size"] for x in ok)
@@ -141,7 +150,12 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
         r["dest_hwm_mib"] = worst.get("peak_hwm_mib", {}).get("dest")
         r["guest_gib"] = round(biggest / (1 << 30), 3)
         src["dest_rss_mib"] = worst["scenario"] + " peak RssAnon+RssFile of dest"
-    if qemu and qemu.get("ratio"):
+    if qemu and qemu.get("link") and qemu.get("ratio"):
+        for k in ("qemu_link_total_ratio", "qemu_link_guest_ratio"):
+            r[k] = qemu.get(k)
+            src[k] = (f"qemu over {qemu['link']}: best engine {'total_ms' if 'total' in k else 'guest_verify_ms'} / "
+                      "best QEMU post-copy-preempt, same link, same guest")
+    elif qemu and qemu.get("ratio"):
         for k in ("qemu_total_ratio", "qemu_guest_ratio", "qemu_guest_delay_ratio"):
             if qemu.get(k) is not None:
                 r[k] = qemu[k]
@@ -159,6 +173,41 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
             # guest's own all-local read / QEMU's post-copy read
             r["qemu_guest_ratio_floor"] = _div(e["guest_verify_local_ms"], q["guest_verify_ms"])
     return r, src
+
+
+LINK_KEYS = {"10gbit": "link10g", "1gbit": "link1g"}
+
+
+def _link_ratios(results: list[dict], r: dict, src: dict) -> None:
+    """The shaped-link keys (issue 19), each from scenarios run over one link
+    in this run, against that link's floors measured just before them."""
+    for rate in dict.fromkeys(x["link"] for x in results if x.get("link")):
+        k = LINK_KEYS.get(rate, "link_" + rate)
+        floor = next((x["link_floor"] for x in results if x.get("link") == rate and x.get("link_floor")), {})
+        bulk = floor.get("bulk_gbps")
+        r[k + "_bulk_gbps"] = bulk
+        r[k + "_rtt_p50_us"] = floor.get("rtt_p50_us")
+        src[k + "_bulk_gbps"] = f"link {rate}: one plaintext TCP stream across it, best of {floor.get('bulk_gbps_reps')}"
+        push = _pick(results, backing="tmpfs", pattern="idle", vcpus=1, content="typical", placement="continue",
+                     tls=True, link=rate)
+        if push and bulk:
+            r[k + "_typical_ram_vs_link"] = _div(push.get("push_gbps"), bulk)
+            src[k + "_typical_ram_vs_link"] = (f"{push['scenario']} push GB/s {push.get('push_gbps')} / link bulk "
+                                               f"{bulk} GB/s")
+        busy = _pick(results, backing="tmpfs", pattern="random", vcpus=1, content="typical", placement="continue",
+                     tls=True, link=rate)
+        idle = [x for x in results if x.get("ok") and x.get("link") == rate and x.get("push_rate")
+                and x.get("pattern") == "random" and x.get("content") == "typical"]
+        if busy and idle:
+            idle = idle[0]
+            r[k + "_demand_p99_ratio"] = _div(busy["dest"].get("fault_p99_us"), idle["dest"].get("fault_p99_us"))
+            r[k + "_demand_p50_ratio"] = _div(busy["dest"].get("fault_p50_us"), idle["dest"].get("fault_p50_us"))
+            src[k + "_demand_p99_ratio"] = (f"{busy['scenario']} dest fault p99 {busy['dest'].get('fault_p99_us')} us "
+                                            f"(push {busy.get('push_gbps')} GB/s) / {idle['scenario']} "
+                                            f"{idle['dest'].get('fault_p99_us')} us")
+        if busy and busy.get("link_bands"):
+            # the marks counted: bytes the source's end sent in the urgent band
+            r[k + "_urgent_band_mib"] = round(busy["link_bands"].get("10:10", {}).get("bytes", 0) / (1 << 20), 1)
 
 
 def verdicts(r: dict) -> dict:
@@ -228,6 +277,10 @@ def markdown(doc: dict) -> str:
     if m and "ns_per_page" in m:
         lines.append(f"| map_4k (mapping received pages, one CPU) | {m['ns_per_page']} ns a page, "
                      f"{m['s_per_gib']} s a GiB | | | | {', '.join(_f(x, 1) for x in m['reps_ns_per_page'])} ns |")
+    for k, v in doc["floors"].items():
+        if k.startswith("link_") and "bulk_gbps" in v:
+            lines.append(f"| {k} (shaped link: one TCP stream; 4 KiB ping-pong) | {v['bulk_gbps']} GB/s; "
+                         f"{_f(v['rtt_p50_us'])} | {_f(v['rtt_p99_us'])} | | | {', '.join(str(x) for x in v['bulk_gbps_reps'])} GB/s |")
     lines += ["", "## Scenarios", "",
               "Times in seconds (source connect to Finish); `RAM GB/s` = guest RAM / that time; `push GB/s` = guest "
               "RAM / the push window at the destination (first push channel to last page); fault latencies in us. "
@@ -272,7 +325,9 @@ QEMU_SIDES = (("engine", "this engine (shared RAM file + x-ignore-shared, demand
               ("qemu_postcopy_shm", "QEMU post-copy as above, RAM on a share=on /dev/shm file (the engine's "
                                     "backing)"),
               ("qemu_precopy_postcopy", "QEMU: one precopy pass, then migrate-start-postcopy (libvirt "
-                                        "--postcopy-after-precopy)"))
+                                        "--postcopy-after-precopy)"),
+              ("qemu_postcopy_preempt", "QEMU post-copy with its preempt channel (postcopy-preempt), private RAM, "
+                                        "over the shaped link: the baseline of `--qemu --link`"))
 
 
 def qemu_markdown(q: dict | None) -> list[str]:
@@ -281,6 +336,14 @@ def qemu_markdown(q: dict | None) -> list[str]:
     lines = ["", "## QEMU guest", ""]
     if q.get("skipped") and not q.get("runs"):
         return lines + [f"Not run: {q['skipped']}."]
+    if q.get("link"):
+        fl = q.get("link_floor") or {}
+        lines += [f"Over a shaped link, {q['link']} (benchmarks/link.py; measured bulk {fl.get('bulk_gbps')} GB/s, "
+                  f"idle 4 KiB round trip p50 {fl.get('rtt_p50_us')} us): the source agent and the source QEMU in "
+                  "one network namespace, the destination agent and the destination QEMU in the other (the "
+                  "engine's QEMUs reach their agents over Unix sockets), so every page crosses the link. The "
+                  "engine's channels are mutual TLS (the agents refuse plaintext off loopback); QEMU's migration "
+                  "stream is plain TCP. Otherwise as below (where it says loopback TCP, read the link).", ""]
     lines += [f"The same busybox guest (Debian kernel, memfill: {q.get('mem_mb')} MiB RAM, most of it filled with a "
               "page-number pattern), TCG, both QEMUs on this machine, loopback TCP; best of "
               f"{q.get('reps')} repetitions per metric (all below). total = start of the migration (engine: the "
@@ -308,7 +371,8 @@ def qemu_markdown(q: dict | None) -> list[str]:
             lines.append(f"| {label} | {_f(b['total_ms'], 0)} | {_f(b['downtime_ms'], 1)} | "
                          f"{_f(b['guest_verify_ms'], 0)} | {_f(b['guest_verify_local_ms'], 0)} | "
                          f"{_f(b['postcopy_blocktime_ms'], 0)} |")
-    for key, side in (("ratio", "QEMU post-copy"), ("ratio_shm", "QEMU post-copy on /dev/shm"),
+    for key, side in (("ratio", "QEMU post-copy" + ("-preempt" if q.get("link") else "")),
+                      ("ratio_shm", "QEMU post-copy on /dev/shm"),
                       ("ratio_precopy", "QEMU precopy pass + post-copy")):
         rr = q.get(key)
         if rr:
@@ -368,7 +432,7 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
             cdf(ax, floors["tcp_pingpong"]["_samples_ns"], "raw TCP 4 KiB ping-pong")
         for r in results:
             if r.get("ok") and r["page_size"] == ps and r["pattern"] == "random" and r["vcpus"] == 1 \
-                    and r["content"] == "typical" and r.get("_lat_ns") is not None:
+                    and r["content"] == "typical" and r.get("_lat_ns") is not None and not r.get("link"):
                 lat = r["_lat_ns"]
                 cdf(ax, lat[lat >= 3000], f"engine demand, {r['placement']}, {r['size'] >> 20} MiB (guest)")
         ax.set_xscale("log")
@@ -414,6 +478,30 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
             ax.axis("off")
         fig.tight_layout()
         path = os.path.join(outdir, f"{name}-arrival.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    linked = [r for r in results if r.get("ok") and r.get("link") and r["pattern"] == "random"
+              and r.get("_lat_ns") is not None]
+    if linked:
+        # demand latency over time: the guest's one vCPU touches pages one after
+        # another, so the running sum of its first-access times is its clock
+        fig, ax = plt.subplots(figsize=(14, 5))
+        for r in sorted(linked, key=lambda r: (r["link"], r.get("push_rate", 0))):
+            lat = r["_lat_ns"].astype(np.float64)
+            t = np.cumsum(lat) / 1e9
+            hit = lat >= 3000
+            what = f"push held to {r['push_rate'] >> 20} MB/s (link idle)" if r.get("push_rate") else "push running"
+            ax.plot(t[hit], lat[hit] / 1000.0, ".", markersize=1.5, alpha=0.5,
+                    label=f"{r['link']}: {what} (n={int(hit.sum())}, dest p99 {r['dest'].get('fault_p99_us')} us)")
+        ax.set_yscale("log")
+        ax.set_xlabel("guest's time in its page accesses (s, running sum of first-access times)")
+        ax.set_ylabel("first-access latency of a page the guest waited on (us)")
+        ax.set_title("Demand faults over a shaped link, 4 KiB, 1 vCPU, random")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, markerscale=8)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{name}-link-demand.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         files.append(path)

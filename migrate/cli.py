@@ -173,7 +173,7 @@ def cmd_source(args) -> int:
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
-              dest_timeout=args.dest_timeout, tls=tls)
+              dest_timeout=args.dest_timeout, tls=tls, pace=args.pace)
     observers = _source_observers(args, rep, ram, tls, kw)
     if observers is None:
         ram.close()
@@ -455,6 +455,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--push-buffer", type=_buffer, default=None, metavar="BYTES|auto|kernel",
                    help="send buffer of each push stream (default auto: about 10 GB/s x the round trip, at least "
                    "256K, and the kernel's autotuning past 4M; kernel: always the kernel's autotuning)")
+    s.add_argument("--pace", choices=["auto", "on", "off"], default="auto",
+                   help="keep the raw push just under the link's rate, measured at the start and every few "
+                   "seconds (SO_MAX_PACING_RATE, TCP_NOTSENT_LOWAT), so the bottleneck queue stays short; "
+                   "auto (default): on unless the destination is on loopback")
     s.add_argument("--batch-bytes", type=_size, default=1 << 20, help="background batch size (default 1M)")
     s.add_argument("--no-compress", action="store_true", help="with --transport grpc: send pages without zstd")
     s.add_argument("--transport", choices=["raw", "grpc"], default="raw",
@@ -546,6 +550,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the ratio set only, under 3 minutes")
     b.add_argument("--qemu", action="store_true",
                    help="also run the QEMU guest scenario (engine vs QEMU post-copy, 512 MiB)")
+    b.add_argument("--link", action="append", metavar="RATE",
+                   help="run the agents in two network namespaces joined by a veth pair shaped with tbf at RATE "
+                   "(tc's spelling: 10gbit, 1gbit); only the link scenarios run, with the link's own floors "
+                   "(needs root); repeatable. --quick includes 10gbit and 1gbit")
     b.add_argument("--matrix", action="store_true", help="every combination of the scenario factors (long)")
     b.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the ratios")
     b.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")

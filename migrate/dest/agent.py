@@ -33,7 +33,7 @@ from migrate.errors import AttachError, MigrateError, ProtocolError, fmt_size
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
 from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
-from migrate.wire.tcp import Address, host_of, set_peer_timeout
+from migrate.wire.tcp import Address, host_of, mark_urgent, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
 from migrate.dest.session import Migration
 from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachine
@@ -395,6 +395,7 @@ class Destination:
         set_peer_timeout(conn, self.source_timeout)
         if magic == DEMAND_MAGIC:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            mark_urgent(conn)   # requests (and the acks of replies) ahead of push acks on the way back
             why = None if m.channels.attach_demand(conn, gen) else "its source is no longer this session's"
         else:
             why = m.channels.attach_push(conn, gen)

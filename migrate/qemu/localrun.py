@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
         split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False,
-        stop_source=False):
+        stop_source=False, link=None):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -66,7 +66,10 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     and a new source is started by hand, as before recovery existed.
     stop_source: SIGTERM the source agent once the destination guest runs
     (it stops pushing, its QEMU stays paused), then resume the session with
-    a new source."""
+    a new source.
+    link: a benchmarks.link.ShapedLink: the source agent runs in its source
+    namespace, the destination agent in its destination namespace (the QEMUs
+    reach their agents over Unix sockets, from where they are)."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -99,13 +102,14 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             # 2. destination agent
             attach = os.path.join(w, "attach.sock")
             dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
-            listen = f"{split.there}:0" if split else f"127.0.0.1:{_free_port() if recover else 0}"
+            listen = (f"{split.there}:0" if split else f"{link.dst_addr}:0" if link
+                      else f"127.0.0.1:{_free_port() if recover else 0}")
             dest_args = ["dest", "--listen", listen, "--attach", attach, "--qmp", dst_agent_qmp, "--json",
                          *dest_tls]
             if split:
                 dest_args += ["--source-timeout", "2"]
             lab.log("migrate " + " ".join(dest_args))
-            dest = Proc("dest", dest_args, prefix=split.exec if split else ())
+            dest = Proc("dest", dest_args, prefix=split.exec if split else link.dst_prefix if link else ())
             agents.append(dest)
             addr = dest.wait_event("listening", 30)["address"]
 
@@ -130,7 +134,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                         *source_tls, *(("--recovery-window", "0") if by_hand else ()), *source_args]
             lab.log("migrate " + " ".join(src_args))
             t_src = time.time()
-            source = Proc("source", src_args)
+            source = Proc("source", src_args, prefix=link.src_prefix if link else ())
             agents.append(source)
             if split_during_load:
                 # The link goes dead once the destination has the device state,

@@ -136,9 +136,11 @@ class LocalMigration:
                  pattern: str = "seq", vcpus: int = 1, zero_fraction: float | None = None,
                  random_fraction: float | None = None, placement: str = "continue",
                  source_args: tuple = (), image: str | None = None, dest_args: tuple = (),
-                 dest_listen: str = "127.0.0.1:0", dest_prefix: tuple = (), tls: bool | None = None):
+                 dest_listen: str = "127.0.0.1:0", dest_prefix: tuple = (), tls: bool | None = None,
+                 source_prefix: tuple = ()):
         """dest_listen and dest_prefix put the destination elsewhere, e.g. in a
-        network namespace (`ip netns exec NS`) listening on its address.
+        network namespace (`ip netns exec NS`) listening on its address;
+        source_prefix does the same for the source.
         tls: both agents with mutual TLS, certificates made in workdir (see
         TlsFiles); None: TLS when dest_listen is not a loopback address (the
         agents refuse plaintext there), plaintext on loopback."""
@@ -153,6 +155,7 @@ class LocalMigration:
         self.dest_args = list(dest_args)
         self.dest_listen = dest_listen
         self.dest_prefix = tuple(dest_prefix)
+        self.source_prefix = tuple(source_prefix)
         self.zero_fraction = zero_fraction
         self.random_fraction = random_fraction
         self.image_args = []
@@ -206,7 +209,7 @@ class LocalMigration:
         args = ["source", "--ram", self.image, "--to", self.address, "--json", *tls, *self.source_args, *extra]
         if self.page_size != 4096 and "--page-size" not in args:
             args += ["--page-size", str(self.page_size)]
-        self.source = self._spawn("source", args)
+        self.source = self._spawn("source", args, self.source_prefix)
         return self.source
 
     def _spawn(self, name, args, prefix: tuple = ()) -> Proc:

@@ -26,13 +26,13 @@ from migrate.proto import migration_pb2_grpc as pbg
 from migrate.report import Reporter
 from migrate.status import rate_and_eta
 from migrate.source.demand import DemandServer
-from migrate.source.push import Push, push_send_buffer
+from migrate.source.push import LinkPacer, Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import Scheduler
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 from migrate.wire.rawtls import RawTls, TlsError
-from migrate.wire.tls import TlsConfig, check_destination
-from migrate.wire.tcp import ChannelEnd, channel_end, host_of, parse_address, set_peer_timeout
+from migrate.wire.tls import TlsConfig, check_destination, is_loopback
+from migrate.wire.tcp import ChannelEnd, channel_end, host_of, mark_urgent, parse_address, set_peer_timeout
 
 DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
 
@@ -96,7 +96,8 @@ class Source:
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
-                 resume_guest: str = "", open_timeout: float = 60.0, on_created=None):
+                 resume_guest: str = "", open_timeout: float = 60.0, on_created=None,
+                 pace: str = "auto"):
         """on_created(source): told of this Source once built (the CLI's
         status and metrics read its snapshot())."""
         self.ram = ram
@@ -131,6 +132,11 @@ class Source:
         if transport not in ("raw", "grpc"):
             raise ValueError(f"push transport {transport!r}: use raw or grpc")
         self.transport = transport
+        if pace not in ("auto", "on", "off"):
+            raise ValueError(f"push pacing {pace!r}: use auto, on or off")
+        # the raw push kept just under the link's measured rate (LinkPacer);
+        # auto: unless the destination is on loopback, where no link is shared
+        self.pace = pace == "on" or (pace == "auto" and not is_loopback(host_of(target)))
         self.guest = guest
         # Background push waits for this (QEMU: until the destination guest runs,
         # so the push does not take the CPU from the device-state load); demand
@@ -295,9 +301,12 @@ class Source:
         """Opens the push channels (as many streams as both sides allow) and
         starts the streams together once they are all open."""
         n = min(self.push_streams, max(1, welcome.push_streams or 1))
-        self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate)
+        link = LinkPacer(self._paced) if self.pace and self.transport == "raw" else None
+        self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate, link=link)
         if self.transport == "raw":
             socks = [self._open_channel(welcome, PUSH_MAGIC) for _ in range(n)]
+            for sock in socks if link is not None else ():
+                link.add(sock)
             for i, sock in enumerate(socks):
                 self._threads.append(self._start_thread(f"push-{i}", self._push_raw, sock))
             buf = self.push_buffer_set
@@ -310,6 +319,15 @@ class Source:
             self._channels += chans
             for i, ch in enumerate(chans):
                 self._threads.append(self._start_thread(f"push-{i}", self._push_grpc, ch, compress))
+
+    def _paced(self, rate: float | None, cap: int | None) -> None:
+        """LinkPacer measured the link: say so."""
+        if rate and cap:
+            self.reporter.event("pace", f"link measured at {rate * 8 / 1e9:.2f} Gbit/s: each push stream paced "
+                                f"at {cap * 8 / 1e9:.2f} Gbit/s", link_bytes_per_s=int(rate), cap_bytes_per_s=cap)
+        elif rate:
+            self.reporter.event("pace", f"push at {rate * 8 / 1e9:.2f} Gbit/s did not fill the link (this host is "
+                                "the limit): not paced", link_bytes_per_s=int(rate), cap_bytes_per_s=None)
 
     def _wait_push(self) -> None:
         """Waits for the push streams (and the holes walk and block scan, done
@@ -381,6 +399,7 @@ class Source:
         set_peer_timeout(sock, self.dest_timeout)
         if magic == DEMAND_MAGIC:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            mark_urgent(sock)   # replies go ahead of push data in any queue that sorts by it
         else:
             self.push_buffer_set = push_send_buffer(sock, self.push_buffer)
         sock.sendall(magic + self.token)
