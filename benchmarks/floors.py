@@ -9,7 +9,9 @@
 - the network: raw TCP 4 KiB ping-pong between two processes on loopback and
   raw TCP loopback bandwidth (tcp_peer.py);
 - eager mapping: the engine's mg_map_pages over pages already received, the
-  CPU a push spends on UFFDIO_CONTINUE besides moving bytes.
+  CPU a push spends on UFFDIO_CONTINUE besides moving bytes;
+- the cipher: AES-128-GCM on one CPU (`openssl speed`), what a TLS push costs
+  each side per GiB before anything else.
 
 In the last three the faulting thread is guestsim's C vCPU loop
 (mg_guestsim_run), which runs with the GIL released and times each first
@@ -407,6 +409,29 @@ def _bandwidth_once(total: int, chunk: int, ring: int = 0) -> float:
     return r["bytes"] / r["seconds"] / 1e9
 
 
+def cipher_speed(seconds: int = 1, reps: int = 3, record: int = 16384) -> dict:
+    """AES-128-GCM, the suite the raw channels prefer, on one CPU through the
+    system's OpenSSL (`openssl speed -evp`, the library the agents load), at
+    the push's record size: what each side of a TLS push pays per GiB (one
+    encryption at the source, one decryption at the destination) before any
+    record handling, copy or syscall. Best of reps."""
+    exe = shutil.which("openssl")
+    if not exe:
+        raise RuntimeError("no openssl command on PATH (the TLS cipher floor runs `openssl speed`)")
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run([exe, "speed", "-evp", "aes-128-gcm", "-bytes", str(record), "-seconds", str(seconds)],
+                             capture_output=True, text=True, timeout=60 + 2 * seconds, check=True).stdout
+        # the result line: the name, then thousands of bytes a second per size
+        line = next((x for x in out.splitlines() if x.upper().startswith("AES-128-GCM")), None)
+        if line is None:
+            raise RuntimeError(f"openssl speed printed no AES-128-GCM line: {out[-300:]!r}")
+        runs.append(float(line.split()[-1].rstrip("k")) * 1000 / 1e9)
+    gbps = max(runs)
+    return {"gbps": round(gbps, 3), "reps_gbps": [round(x, 3) for x in runs], "record": record,
+            "s_per_gib": round((1 << 30) / (gbps * 1e9), 3), "cpus": os.cpu_count()}
+
+
 # -- all of them --------------------------------------------------------------
 def _guarded(log, what: str, fn, huge_pages: int = 0, tries: int = 2) -> dict:
     """One floor; an error is recorded, not raised. Huge pages are reserved
@@ -475,6 +500,8 @@ def run_all(quick: bool, huge_ok: bool, log=print, tiny: bool = False) -> dict:
     out["tcp_bandwidth"] = _guarded(log, "tcp_bandwidth", lambda: tcp_bandwidth(bw_bytes))
     log("floor: raw TCP loopback bandwidth, memory to memory")
     out["tcp_bandwidth_cold"] = _guarded(log, "tcp_bandwidth_cold", lambda: tcp_bandwidth(bw_bytes, ring=bw_bytes))
+    log("floor: AES-128-GCM on one CPU (openssl speed, 16 KiB records)")
+    out["aes_gcm"] = _guarded(log, "aes_gcm", lambda: cipher_speed(reps=1 if tiny else 3), tries=1)
     return out
 
 
