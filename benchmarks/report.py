@@ -120,6 +120,19 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
             if a is not None and b is not None:
                 r[f"tls_push_{side}_cpu_s_per_gib"] = round(a - b, 3)
                 src[f"tls_push_{side}_cpu_s_per_gib"] = f"{tls['scenario']} - {plain['scenario']}, {side} CPU s/GiB"
+    # the same two costs on the channel path alone (floors.tls_wire): TLS's
+    # CPU a GiB over plaintext's, both sides together, and the demand round
+    # trip's p50 over plaintext's: the part of tls_demand_p50_ratio that
+    # TLS itself adds, before the CPU its push takes from the demand threads
+    w = f.get("tls_wire", {})
+    if "push_tls" in w:
+        cpu = {m: w[f"push_{m}"]["send_cpu_s_per_gib"] + w[f"push_{m}"]["recv_cpu_s_per_gib"] for m in ("plain", "tls")}
+        r["tls_wire_push_cpu_ratio"] = _div(cpu["tls"], cpu["plain"])
+        src["tls_wire_push_cpu_ratio"] = (f"floors.tls_wire, CPU s a GiB (send + receive): TLS {cpu['tls']:.3f} / "
+                                          f"plaintext {cpu['plain']:.3f}")
+        r["tls_wire_rr_p50_ratio"] = _div(w["rr_tls"]["p50_us"], w["rr_plain"]["p50_us"])
+        src["tls_wire_rr_p50_ratio"] = (f"floors.tls_wire, 4 KiB round trip p50: TLS {w['rr_tls']['p50_us']} us / "
+                                        f"plaintext {w['rr_plain']['p50_us']} us")
     plain_gbps = plain and (plain.get("push_gbps") or plain["ram_gbps"])
     if aes.get("gbps") and plain_gbps:
         r["tls_push_ratio_bound"] = _div(1, 1 + 2 * plain_gbps / ((aes.get("cpus") or 1) * aes["gbps"]))
@@ -253,6 +266,14 @@ def markdown(doc: dict) -> str:
     if m and "ns_per_page" in m:
         lines.append(f"| map_4k (mapping received pages, one CPU) | {m['ns_per_page']} ns a page, "
                      f"{m['s_per_gib']} s a GiB | | | | {', '.join(_f(x, 1) for x in m['reps_ns_per_page'])} ns |")
+    w = doc["floors"].get("tls_wire")
+    if w and "push_tls" in w:
+        for m in ("plain", "tls"):
+            p, rr = w[f"push_{m}"], w[f"rr_{m}"]
+            lines.append(f"| tls_wire {m} (channel path alone): push {p['gbps']} GB/s, CPU s a GiB send "
+                         f"{p['send_cpu_s_per_gib']} receive {p['recv_cpu_s_per_gib']}; 4 KiB round trip | "
+                         f"{_f(rr['p50_us'])} | {_f(rr.get('p99_us'))} | {_f(rr.get('p999_us'))} | | "
+                         f"{', '.join(_f(x) for x in rr.get('reps_p50_us', []))} |")
     a = doc["floors"].get("aes_gcm")
     if a and "gbps" in a:
         lines.append(f"| aes_gcm (AES-128-GCM, {a['record']} B records, one CPU) | {a['gbps']} GB/s, "

@@ -49,8 +49,16 @@ def test_floors_tiny(bench, host):
         assert "error" not in fl["aes_gcm"], fl["aes_gcm"].get("error")
         assert fl["aes_gcm"]["gbps"] > 0 and fl["aes_gcm"]["s_per_gib"] > 0
 
+    # the channel path alone, plaintext and TLS (tls_wire.c checks every byte it receives)
+    assert "error" not in fl["tls_wire"], fl["tls_wire"].get("error")
+    for mode in ("plain", "tls"):
+        assert fl["tls_wire"][f"push_{mode}"]["send_cpu_s_per_gib"] > 0
+        assert fl["tls_wire"][f"push_{mode}"]["recv_cpu_s_per_gib"] > 0
+        assert fl["tls_wire"][f"rr_{mode}"]["n"] == 300 and fl["tls_wire"][f"rr_{mode}"]["p50_us"] > 0
+
     ratios, _ = report.ratios(fl, [])
     assert ratios["fast_path_p50_ratio"] > 0
+    assert ratios["tls_wire_push_cpu_ratio"] > 0 and ratios["tls_wire_rr_p50_ratio"] > 0
     if shutil.which("openssl"):
         assert ratios["tls_cipher_gbps"] == fl["aes_gcm"]["gbps"]
     verdicts = report.verdicts(ratios)
