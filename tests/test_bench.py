@@ -146,3 +146,24 @@ def test_tls_push_keys_say_where_the_time_goes(bench):
     # without the cipher floor (no openssl command) there is no bound, and no error
     r, _ = report.ratios({}, [plain, tls])
     assert "tls_push_ratio_bound" not in r and r["tls_push_source_cpu_s_per_gib"] == 0.35
+
+
+def test_a_process_summary_is_read_even_when_the_process_exits_first(bench, tmp_path):
+    """wait() returns once every line the process printed was read: its last
+    lines can still be in the pipe when it exits (a loaded host, its reader
+    thread waiting for a CPU, showed a guest that verified as one with no
+    summary, failing the scenario). The reader here starts late on purpose."""
+    import time
+
+    from benchmarks.scenarios import ScriptProc
+
+    class LateReader(ScriptProc):
+        def _read(self):
+            time.sleep(0.5)
+            super()._read()
+
+    script = tmp_path / "quick.py"
+    script.write_text("import json\nprint(json.dumps({'event': 'summary', 'verified': True}))\n")
+    p = LateReader("quick", [str(script)])
+    assert p.wait(30) == 0
+    assert p.summary() is not None and p.summary()["verified"] is True
