@@ -555,7 +555,7 @@ def run_all(quick: bool, huge_ok: bool, log=print, tiny: bool = False) -> dict:
     try:
         log("floor: the raw channels' path alone (native/wire.c), plaintext and TLS: push and 4 KiB round trip")
         out["tls_wire"] = _guarded(log, "tls_wire", lambda: tls_wire(
-            compile_tls_wire(work), work, 64 if tiny else 1024, 300 if tiny else n_ping), tries=1)
+            compile_tls_wire(work), work, 64 if tiny else 512 if quick else 2048, 300 if tiny else n_ping), tries=1)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
