@@ -108,6 +108,44 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
         if plain and tls and tls["size"] == plain["size"]:
             r[key] = _div(metric(tls), metric(plain))
             src[key] = f"{tls['scenario']} / {plain['scenario']}, {what} ({metric(tls)} / {metric(plain)})"
+    # Not targets: where the TLS push's time goes. Each agent's CPU seconds a
+    # GiB over its plaintext run's (same scenario, this run: the difference is
+    # TLS), AES-128-GCM's own cost on one CPU, and the highest tls_push_ratio
+    # this host allows if TLS added nothing but that cipher work (one
+    # encryption and one decryption a byte) to a plaintext push that already
+    # keeps every CPU busy: both agents share the CPUs here, so a GB takes
+    # 2 / (cpus x cipher GB/s) seconds longer.
+    aes = f.get("aes_gcm", {})
+    plain = _pick(results, backing="tmpfs", vcpus=1, placement="continue", pattern="idle", content="random")
+    tls = _pick(results, backing="tmpfs", vcpus=1, placement="continue", pattern="idle", content="random", tls=True)
+    if aes.get("gbps"):
+        r["tls_cipher_gbps"] = aes["gbps"]
+        src["tls_cipher_gbps"] = (f"floors.aes_gcm: openssl speed -evp aes-128-gcm, {aes['record']} B, one CPU "
+                                  f"({aes['s_per_gib']} s a GiB)")
+    if plain and tls and tls["size"] == plain["size"]:
+        for side in ("source", "dest"):
+            a, b = tls.get("cpu_s_per_gib", {}).get(side), plain.get("cpu_s_per_gib", {}).get(side)
+            if a is not None and b is not None:
+                r[f"tls_push_{side}_cpu_s_per_gib"] = round(a - b, 3)
+                src[f"tls_push_{side}_cpu_s_per_gib"] = f"{tls['scenario']} - {plain['scenario']}, {side} CPU s/GiB"
+    # the same two costs on the channel path alone (floors.tls_wire): TLS's
+    # CPU a GiB over plaintext's, both sides together, and the demand round
+    # trip's p50 over plaintext's: the part of tls_demand_p50_ratio that
+    # TLS itself adds, before the CPU its push takes from the demand threads
+    w = f.get("tls_wire", {})
+    if "push_tls" in w:
+        cpu = {m: w[f"push_{m}"]["send_cpu_s_per_gib"] + w[f"push_{m}"]["recv_cpu_s_per_gib"] for m in ("plain", "tls")}
+        r["tls_wire_push_cpu_ratio"] = _div(cpu["tls"], cpu["plain"])
+        src["tls_wire_push_cpu_ratio"] = (f"floors.tls_wire, CPU s a GiB (send + receive): TLS {cpu['tls']:.3f} / "
+                                          f"plaintext {cpu['plain']:.3f}")
+        r["tls_wire_rr_p50_ratio"] = _div(w["rr_tls"]["p50_us"], w["rr_plain"]["p50_us"])
+        src["tls_wire_rr_p50_ratio"] = (f"floors.tls_wire, 4 KiB round trip p50: TLS {w['rr_tls']['p50_us']} us / "
+                                        f"plaintext {w['rr_plain']['p50_us']} us")
+    plain_gbps = plain and (plain.get("push_gbps") or plain["ram_gbps"])
+    if aes.get("gbps") and plain_gbps:
+        r["tls_push_ratio_bound"] = _div(1, 1 + 2 * plain_gbps / ((aes.get("cpus") or 1) * aes["gbps"]))
+        src["tls_push_ratio_bound"] = (f"1 / (1 + 2 x plaintext push {plain_gbps} GB/s / ({aes.get('cpus')} CPUs x "
+                                       f"AES-128-GCM {aes['gbps']} GB/s))")
     c2, p2 = f.get("c_continue_2m"), f.get("c_copy_2m")
     if c2 and p2:
         # placement alone: the ioctl with DONTWAKE (waking the faulting thread
@@ -281,6 +319,18 @@ def markdown(doc: dict) -> str:
         if k.startswith("link_") and "bulk_gbps" in v:
             lines.append(f"| {k} (shaped link: one TCP stream; 4 KiB ping-pong) | {v['bulk_gbps']} GB/s; "
                          f"{_f(v['rtt_p50_us'])} | {_f(v['rtt_p99_us'])} | | | {', '.join(str(x) for x in v['bulk_gbps_reps'])} GB/s |")
+    w = doc["floors"].get("tls_wire")
+    if w and "push_tls" in w:
+        for m in ("plain", "tls"):
+            p, rr = w[f"push_{m}"], w[f"rr_{m}"]
+            lines.append(f"| tls_wire {m} (channel path alone): push {p['gbps']} GB/s, CPU s a GiB send "
+                         f"{p['send_cpu_s_per_gib']} receive {p['recv_cpu_s_per_gib']}; 4 KiB round trip | "
+                         f"{_f(rr['p50_us'])} | {_f(rr.get('p99_us'))} | {_f(rr.get('p999_us'))} | | "
+                         f"{', '.join(_f(x) for x in rr.get('reps_p50_us', []))} |")
+    a = doc["floors"].get("aes_gcm")
+    if a and "gbps" in a:
+        lines.append(f"| aes_gcm (AES-128-GCM, {a['record']} B records, one CPU) | {a['gbps']} GB/s, "
+                     f"{a['s_per_gib']} s a GiB | | | | {', '.join(str(x) for x in a['reps_gbps'])} GB/s |")
     lines += ["", "## Scenarios", "",
               "Times in seconds (source connect to Finish); `RAM GB/s` = guest RAM / that time; `push GB/s` = guest "
               "RAM / the push window at the destination (first push channel to last page); fault latencies in us. "

@@ -147,7 +147,8 @@ class ScriptProc(Proc):
         self.events = queue.Queue()
         self.lines, self.stderr_lines = [], []
         self.p = sp.Popen([*prefix, sys.executable, *argv], stdout=sp.PIPE, stderr=sp.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
 

@@ -28,7 +28,8 @@ class Proc:
         self.stderr_lines: list[str] = []
         self.p = subprocess.Popen([*prefix, sys.executable, "-m", "migrate", *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
     def _read(self):
@@ -69,9 +70,14 @@ class Proc:
 
     def wait(self, timeout: float) -> int:
         try:
-            return self.p.wait(timeout)
+            rc = self.p.wait(timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"{self.name} did not exit within {timeout} s") from None
+        # the process is gone, but its last lines (the summary) may still be
+        # in the pipe: a loaded host showed a guest that verified as having
+        # no summary
+        self._reader.join(10)
+        return rc
 
     def summary(self) -> dict | None:
         for ev in reversed(self.lines):

@@ -393,6 +393,13 @@ class Source:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
             raise DestinationLost(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
+        if magic != DEMAND_MAGIC:
+            # Sized from the TCP handshake's round trip, before TLS's: the
+            # kernel's RTT after a TLS handshake counts the peer's signing and
+            # verifying (milliseconds under load), which sized a loopback TLS
+            # push's buffer for a long link (autotuned, or 2 MB) where the
+            # plaintext push had 256 KiB.
+            self.push_buffer_set = push_send_buffer(sock, self.push_buffer)
         if self.raw_tls is not None:
             sock = self._raw_handshake(sock, what, host, welcome.demand_port)
         self._socks.append(sock)
@@ -400,8 +407,6 @@ class Source:
         if magic == DEMAND_MAGIC:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mark_urgent(sock)   # replies go ahead of push data in any queue that sorts by it
-        else:
-            self.push_buffer_set = push_send_buffer(sock, self.push_buffer)
         sock.sendall(magic + self.token)
         sock.settimeout(None)
         return sock
