@@ -436,9 +436,10 @@ class Destination:
                 self.migrations[m.id] = m
                 self.changed.notify_all()
             self.reporter.event("attached", f"guest pid {guest.pid}: {fmt_size(guest.ram_size)} in "
-                                f"{m.npages} pages of {fmt_size(guest.page_size)}, session {m.id}",
-                                session=m.id, pid=guest.pid, ram_size=guest.ram_size, page_size=guest.page_size,
-                                prepare_s=m.prepare_s)
+                                f"{m.npages} pages of {fmt_size(guest.page_size)}, session {m.id}, acked in "
+                                f"{m.ack_ms} ms", session=m.id, pid=guest.pid, ram_size=guest.ram_size,
+                                page_size=guest.page_size, ack_ms=m.ack_ms, allocating=m.alloc is not None)
+            m.allocate()
 
     # -- called by the gRPC service ---------------------------------------
     def open(self, hello: pb.Hello, peer: Peer = Peer(), wait: float = 30.0) -> pb.Welcome:
