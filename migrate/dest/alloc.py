@@ -26,7 +26,10 @@ from migrate._binding import ffi, lib
 from migrate.dest.faultspace import BACKING_FULL, FaultSpace
 from migrate.errors import fmt_size
 
-ALLOC_CHUNK = 2 << 20   # bytes a thread allocates before it looks at stop and at waiting vCPUs again
+# Bytes a thread allocates before it looks at stop and at waiting vCPUs again
+# (a large page at least): as the push's 256 KiB a syscall, so that a waking
+# demand thread gets a CPU soon on a kernel that does not preempt.
+ALLOC_CHUNK = 256 << 10
 ALLOC_THREADS = 16      # at most this many threads (one per CPU the agent may use)
 NICE_MIGRATING = 19     # the threads' nice value once a source connects
 
