@@ -73,9 +73,7 @@ class Migration:
             self._teardown()
             raise
         guest.ack()
-        # from the guest's connection taken to its ack: what the guest (QEMU
-        # inside mmap) waited for
-        self.ack_ms = round((time.monotonic() - guest.accepted_at) * 1000, 2) if guest.accepted_at else None
+        self.ack_ms: float | None = None   # (start())
         if prepare and mode == faultspace.MODE_CONTINUE:
             self.alloc = BackgroundAllocation(self.space, on_end=self._allocated)
 
@@ -86,6 +84,10 @@ class Migration:
         self.fault_thread.start()
         self.monitor = threading.Thread(target=self._watch_guest, name=f"guest-{self.id}", daemon=True)
         self.monitor.start()
+        # From the guest's connection taken to its ack (what QEMU waits for
+        # inside mmap) and its faults served: nothing here waits for its RAM.
+        if self.guest.accepted_at:
+            self.ack_ms = round((time.monotonic() - self.guest.accepted_at) * 1000, 2)
 
     def allocate(self) -> None:
         """Starts allocating the guest's RAM in the background (with prepare),
