@@ -28,6 +28,7 @@ from migrate.wire.attach import AttachProbe
 from migrate.wire.rawtls import RawTls, TlsError, TlsSocket
 from migrate.wire.tls import TlsConfig
 from migrate.errors import AttachError, MigrateError, fmt_size
+from migrate.host import fault_path_priority
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
 from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
@@ -408,6 +409,10 @@ class Destination:
         return None, 0
 
     def _accept_loop(self):
+        # A guest waits for this thread inside mmap (QEMU), and its faults for
+        # the threads it starts (they inherit the priority): on a loaded host
+        # a thread at the default priority waited 80 ms here for a CPU.
+        fault_path_priority()
         while not self.closing:
             try:
                 guest = self.listener.accept(timeout=0.5)

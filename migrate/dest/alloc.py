@@ -31,7 +31,8 @@ from migrate.errors import fmt_size
 # demand thread gets a CPU soon on a kernel that does not preempt.
 ALLOC_CHUNK = 256 << 10
 ALLOC_THREADS = 16      # at most this many threads (one per CPU the agent may use)
-NICE_MIGRATING = 19     # the threads' nice value once a source connects
+NICE_ALONE = 0          # the threads' nice value while no source is connected
+NICE_MIGRATING = 19     # and once one is
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,9 @@ class BackgroundAllocation:
         with self._lock:
             self._tids.append(tid)
             low = self._low
-        if low:
-            _nice(tid)
+        # (not the priority of the thread that started it: the agent's attach
+        # thread runs on the guest's path, above bulk work)
+        _nice(tid, NICE_MIGRATING if low else NICE_ALONE)
         rc = lib.mg_alloc_run(self.space._s, self._a)   # (GIL released for the whole allocation)
         with self._lock:
             self._running -= 1
@@ -113,7 +115,7 @@ class BackgroundAllocation:
             self._low = True
             tids = list(self._tids)
         for tid in tids:
-            _nice(tid)
+            _nice(tid, NICE_MIGRATING)
 
     def stop(self, wait: bool = True, timeout: float = 10.0) -> None:
         """Ends the threads, each after its chunk; wait: until they have."""
@@ -139,8 +141,8 @@ class BackgroundAllocation:
         return max(0.0, min(end, t1) - max(self.t_start, t0))
 
 
-def _nice(tid: int) -> None:
+def _nice(tid: int, nice: int) -> None:
     try:
-        os.setpriority(os.PRIO_PROCESS, tid, NICE_MIGRATING)
+        os.setpriority(os.PRIO_PROCESS, tid, nice)
     except OSError:
         pass   # the thread ended meanwhile
