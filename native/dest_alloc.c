@@ -33,8 +33,7 @@ int mg_alloc_run(struct mg_space *s, struct mg_alloc *a)
             /* runs of pages neither claimed nor allocated: a claimed page is
              * its receiver's to allocate, and populating one a receiver
              * claims meanwhile only maps it (it never changes a byte) */
-            p = bitmap_next_clear(s->claimed, p, end);
-            while (p < end && test_bit(s->allocated, p))
+            while (p < end && (test_bit(s->claimed, p) || test_bit(s->allocated, p)))
                 p++;
             if (p >= end)
                 break;
