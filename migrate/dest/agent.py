@@ -410,8 +410,9 @@ class Destination:
 
     def _accept_loop(self):
         # A guest waits for this thread inside mmap (QEMU), and its faults for
-        # the threads it starts (they inherit the priority): on a loaded host
-        # a thread at the default priority waited 80 ms here for a CPU.
+        # the threads it starts (they inherit the priority): at the default
+        # priority an attach took 85 ms once on a host at load 14, waiting
+        # for CPUs.
         fault_path_priority()
         while not self.closing:
             try:
