@@ -76,6 +76,7 @@ def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambd
             "connected_ms": tl.get("connected"), "load_ms": d.get("device_state_load_ms"),
             "cpu_s": {"dest": round(d.get("cpu_user_s", 0) + d.get("cpu_sys_s", 0), 3),
                       "source": round(s.get("cpu_user_s", 0) + s.get("cpu_sys_s", 0), 3)},
+            "attach_ack_ms": r.get("attach_ack_ms"),
             "verify": r["verify"], "src_status_at_dst_running": r.get("src_status_at_dst_running"),
             "timeline": r.get("timeline"), "loadavg": round(load, 2)}
 
@@ -271,6 +272,8 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
     out["seconds"] = round(time.monotonic() - t0, 1)
     out["best"] = {side: _best(runs) for side, runs in out["runs"].items() if runs}
     b = out["best"]
+    acks = [x["attach_ack_ms"] for x in out["runs"]["engine"] if x.get("attach_ack_ms") is not None]
+    out["attach_ack_ms"] = max(acks) if acks else None   # the longest: the destination QEMU waited that in mmap
     if "engine" in b and "qemu_postcopy" in b:
         out["ratio"] = _ratios(b["engine"], b["qemu_postcopy"])
         out["qemu_total_ratio"] = out["ratio"].get("total_ms")

@@ -237,13 +237,15 @@ class BenchMigration(LocalMigration):
         t0 = time.monotonic()
         self.start_dest(("--progress-every", "0.02"))   # the arrival plot's resolution
         self.watch.add("dest", self.dest.p.pid)
-        # the destination guest is ready (attached, RAM allocated by the agent)
-        # before the source starts, as when a VM is migrated to a prepared host
+        # the destination guest is ready (attached, RAM allocated by the agent
+        # in the background after its ack) before the source starts, as when a
+        # VM is migrated to a prepared host
         self.start_guest()
         self.watch.add("guest", self.guest.p.pid)
         t_attach = time.monotonic()
         attached = self.dest.wait_event("attached", 120)
-        self.prepare_s = attached.get("prepare_s")
+        self.ack_ms = attached.get("ack_ms")
+        self.prepare_s = self.dest.wait_event("prepare", 300).get("prepare_s") if attached.get("allocating") else None
         self.start_source()
         self.watch.add("source", self.source.p.pid)
         profilers = _profile(profile_dir, self.dest.p.pid, self.source.p.pid) if profile_dir else []

@@ -419,8 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--progress-every", type=_period, default=0.2, metavar="SECONDS",
                    help="seconds between `progress` events of a running migration (default 0.2)")
     d.add_argument("--no-prealloc", action="store_true",
-                   help="do not allocate the guest's RAM when it attaches (continue placement allocates it "
-                   "then, before any source is served, so pages arrive as one copy; this leaves it to the push)")
+                   help="do not allocate the guest's RAM after it attaches (continue placement allocates it "
+                   "then, in the background, so pages arrive as one copy; this leaves it to the push)")
     d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
     d.add_argument("--max-device-state", type=_device_state_size, default=1 << 30, metavar="BYTES",

@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "dest_space.h"
 #include "bitmap.h"
+#include "mem.h"
 #include "uffd.h"
 #include "wire.h"
 
@@ -290,18 +291,19 @@ int64_t mg_demand_resend(struct mg_space *s)
 
 /* ---- placement ---- */
 
-struct place_target place_target(struct mg_space *s, enum placer who)
+struct place_target place_target(struct mg_space *s, enum placer who, int allocated)
 {
     struct place_target t = { .s = s, .copy = s->mode == MG_PLACE_COPY };
-    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY. A
-     * prepared RAM file (every page allocated, the alias mapped) takes pages
+    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY.
+     * Pages allocated already (by the background allocation) are received
      * straight into the alias. Otherwise, on shmem, a receiver of runs stages
      * in CONTINUE mode too and then pwritev()s into the RAM file: a full-page
      * write allocates the page-cache page without zeroing it and without a
      * fault on the alias. */
-    t.via_write = who == PLACER_RUN && !t.copy && s->ram_fd >= 0 && s->page_size == 4096 && !s->prepared;
+    t.via_write = who == PLACER_RUN && !t.copy && s->ram_fd >= 0 && s->page_size == 4096 && !allocated;
     t.staged = t.copy || t.via_write;
-    /* zero_fresh is only ever set with prepared: it holds for the alias */
+    /* a page written through the alias is allocated first (ensure_allocated):
+     * in a fresh file it reads zero until its claimant writes it */
     t.zero_skip = !t.staged && s->zero_fresh;
     return t;
 }
@@ -314,6 +316,27 @@ void unclaim(const struct place_target *t, uint64_t page)
     if (t->zero_skip)
         memset(alias_of(t->s, page), 0, t->s->page_size);
     bitmap_clear_range(t->s->claimed, page, 1);
+}
+
+int ensure_allocated(struct mg_space *s, uint64_t first, uint64_t count)
+{
+    uint64_t end = first + count, ps = s->page_size;
+    if (!s->alias_base || bitmap_next_clear(s->allocated, first, end) >= end)
+        return 0;
+    /* Write-populating keeps what a page holds and allocates a zero page
+     * where there is none (tmpfs and hugetlbfs), as the background
+     * allocation does; a full backing is an errno here (EFAULT), where a
+     * write through the alias would be SIGBUS. (fallocate would take the
+     * file's lock, which a push receiver's pwritev holds for a whole run.) */
+    int rc = mg_madvise(s->alias_base + first * ps, count * ps, MG_MADV_POPULATE_WRITE);
+    if (rc < 0) {
+        s->error_kind = MG_ALLOC_FAILED;
+        s->error_page = first;
+        s->error_value = count;
+        return rc;
+    }
+    bitmap_set_range(s->allocated, first, count);
+    return 0;
 }
 
 /* UFFDIO_COPY (ZEROPAGE) of one page. Where a copy's errnos become outcomes. */
@@ -391,7 +414,7 @@ int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
                        int via, uint64_t *bad_page)
 {
     /* a batch's bytes are in our memory already: COPY mode copies from them */
-    struct place_target t = place_target(s, PLACER_PAGE);
+    struct place_target t = place_target(s, PLACER_PAGE, 1);
     uint64_t placed = 0, ps = s->page_size, off = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t page = pages[i];
@@ -412,6 +435,12 @@ int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
             continue; /* duplicate: the first copy won and may be the guest's now */
         if (!t.staged) {
             uint8_t *dst = alias_of(s, page);
+            int rc = ensure_allocated(s, page, 1);
+            if (rc < 0) {
+                bitmap_clear_range(s->claimed, page, 1);   /* (nothing was written) */
+                *bad_page = page;
+                return rc;
+            }
             if (!zero)
                 memcpy(dst, src, ps);
             else if (!t.zero_skip)

@@ -26,6 +26,9 @@
 #define MG_BAD_PAGE 1       /* page outside the layout */
 #define MG_BAD_FLAGS 2      /* unknown flags, or sparse where it cannot be */
 #define MG_BAD_LENGTH 3     /* length does not match the flags (and bitmap) */
+/* A page's memory could not be allocated in the RAM file (the backing is
+ * full): error_page is the first page of the range, error_value its count. */
+#define MG_ALLOC_FAILED 4
 
 struct mg_region {
     uint64_t guest_addr;   /* host virtual address in the guest process */
@@ -89,9 +92,11 @@ struct mg_space {
     uint32_t nthreads;      /* entries in use (atomic; only the fault loop adds) */
     uint64_t threads_untracked; /* demand faults of threads past MG_MAX_THREADS */
     const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
-    int ram_fd;             /* the RAM file, for pwritev on shmem when not prepared (-1: the alias) */
-    int prepared;           /* every page is allocated and the alias is mapped: write through it */
-    int zero_fresh;         /* pages never claimed read as zero: a zero page needs no write */
+    int ram_fd;             /* the RAM file: pwritev on shmem, fallocate (-1: neither) */
+    uint64_t *allocated;    /* in the RAM file's page cache: populated by the background allocation
+                             * or fallocated by a receiver before it writes through the alias */
+    int zero_fresh;         /* the file held no page at attach: an allocated page nobody wrote reads as
+                             * zero, so a zero page or block needs no write */
     uint32_t demand_waiting; /* demand requests in the inflight table (atomic) */
     int finished;           /* set once every page is mapped, before the range is unregistered */
     uint64_t block_size;    /* demand replies may be sparse in blocks of this size (0: never) */
@@ -164,20 +169,30 @@ enum placer {
     PLACER_RUN,
 };
 
-/* How a receiver places the pages it claims, decided once by place_target
- * from the placement mode matrix: the mode (CONTINUE or COPY), whether the
- * RAM file is prepared (and fresh), its page size, and the receiver. */
+/* How a receiver places the pages it claims, decided by place_target from
+ * the placement mode matrix: the mode (CONTINUE or COPY), whether the pages
+ * are allocated already (and the file was fresh), its page size, and the
+ * receiver (once per receiver, or once per run for the push). */
 struct place_target {
     struct mg_space *s;
     int copy;       /* UFFDIO_COPY (or ZEROPAGE) places and maps each page in one step (COPY mode) */
     int staged;     /* the bytes land in the receiver's own memory (scratch, a staging run, a batch),
                      * not in the alias: COPY mode, or via_write */
     int via_write;  /* staged pages reach the RAM file by pwritev, then CONTINUE maps them */
-    int zero_skip;  /* zero pages and zero blocks landing in the alias need no write (a fresh file
-                     * reads zero); staged zero blocks are always written */
+    int zero_skip;  /* zero pages and zero blocks landing in the alias need no write (a fresh file's
+                     * page reads zero once ensure_allocated made it); staged zero blocks are always
+                     * written */
 };
 
-struct place_target place_target(struct mg_space *s, enum placer who);
+/* allocated: every page the target is for is allocated already (a push run
+ * on shmem whose pages are not is staged and written with pwritev). */
+struct place_target place_target(struct mg_space *s, enum placer who, int allocated);
+
+/* Before a receiver writes through the alias into pages [first, first+count):
+ * allocates those not allocated yet (write-populating the alias), so that a backing too small
+ * fails here with -errno (error_kind MG_ALLOC_FAILED) rather than with SIGBUS
+ * in the write. 0 or -errno. */
+int ensure_allocated(struct mg_space *s, uint64_t first, uint64_t count);
 
 /* Claims page for this receiver: 1 = it is ours to write, 0 = it was claimed
  * already (a duplicate, counted; its bytes are read and dropped). */
@@ -191,7 +206,8 @@ static inline int claim(struct mg_space *s, uint64_t page)
 }
 
 /* Gives back a claimed page whose bytes did not all arrive, so that a later
- * copy places it. */
+ * copy places it. The page was allocated (ensure_allocated) before a byte
+ * of it was written through the alias. */
 void unclaim(const struct place_target *t, uint64_t page);
 
 /* The claimed page's bytes are where t puts them (src: the receiver's copy,

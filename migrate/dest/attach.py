@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 
 from migrate.errors import AttachError
@@ -33,6 +34,7 @@ class AttachedGuest:
     backing: str = ""
     name: str = ""
     reattach: bool = False
+    accepted_at: float = 0.0    # time.monotonic() when its connection was taken (0: unknown)
     acked: bool = field(default=False)
 
     def ack(self) -> None:
@@ -269,6 +271,7 @@ class AttachListener:
     def accept(self, timeout: float | None = None) -> AttachedGuest | StatusRequest:
         self.sock.settimeout(timeout)
         conn, _ = self.sock.accept()
+        accepted_at = time.monotonic()
         # Who this is comes from the kernel, before a byte or a descriptor
         # of theirs is taken.
         guest = peer_cred(conn)
@@ -300,7 +303,7 @@ class AttachListener:
         # the pid the kernel gives (in our pid namespace) is the one whose
         # /proc/PID/pagemap a re-attach reads, not the one the hello claims
         h["pid"] = guest.pid
-        return AttachedGuest(conn, fds[0], fds[1], **h)
+        return AttachedGuest(conn, fds[0], fds[1], **h, accepted_at=accepted_at)
 
     def close(self) -> None:
         self.sock.close()

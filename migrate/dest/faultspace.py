@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
-from migrate.errors import ProtocolError, UffdError
+from migrate.errors import MemoryBackendError, ProtocolError, UffdError, fmt_size
 from migrate.pagestate import PageBitmap
 from migrate.uffd import Userfaultfd
 from migrate.wire.tcp import ChannelEnd, channel_end
@@ -44,7 +44,10 @@ class FaultSpace:
     alias mapping are borrowed: they must outlive this object."""
 
     def __init__(self, uffd: Userfaultfd, page_size: int, npages: int, regions: list[SpaceRegion],
-                 alias_addr: int, mode: str = MODE_CONTINUE, ram_fd: int = -1):
+                 alias_addr: int, mode: str = MODE_CONTINUE, ram_fd: int = -1, zero_fresh: bool = False):
+        """zero_fresh: the RAM file held no page when the guest's range was
+        registered (a first attach): a page nobody wrote reads as zero once
+        allocated, so a zero page needs no write (CONTINUE mode only)."""
         if len(regions) > lib.MG_MAX_REGIONS:
             raise ValueError(f"{len(regions)} regions: at most {lib.MG_MAX_REGIONS} are supported")
         if mode not in (MODE_CONTINUE, MODE_COPY):
@@ -58,6 +61,7 @@ class FaultSpace:
         self.mapped = PageBitmap(npages)
         self.claimed = PageBitmap(npages)
         self.requested = PageBitmap(npages)
+        self.allocated = PageBitmap(npages)
         # The two large arrays are mappings of their own, not malloc's: the
         # heap keeps what it is given back (glibc raises its mmap threshold
         # to a freed block's size), and a --serve-forever agent grew by
@@ -83,6 +87,10 @@ class FaultSpace:
         self._zero_page = ffi.new("uint8_t[]", page_size)
         s.zero_page = self._zero_page
         s.ram_fd = ram_fd   # borrowed, like the alias: the owner keeps it open
+        s.allocated = self.allocated.words
+        if zero_fresh and mode != MODE_CONTINUE:
+            raise ValueError("zero_fresh is for CONTINUE placement: COPY writes every page")
+        s.zero_fresh = 1 if zero_fresh else 0
         # large pages may come sparse (zero blocks left out), on both channels
         s.block_size = self.block_size = lib.MG_BLOCK if page_size > lib.MG_BLOCK else 0
         s.nregions = len(regions)
@@ -114,7 +122,7 @@ class FaultSpace:
         rc = lib.mg_place_batch(self._s, c_pages, n, zero_bits, buf, len(data),
                                 lib.MG_VIA_DEMAND if demand else lib.MG_VIA_PUSH, self._bad)
         if rc < 0:
-            self._raise("place" if self.mode == MODE_CONTINUE else "copy", rc, self._bad[0])
+            self._raise("place" if self.mode == MODE_CONTINUE else "copy", rc, self._bad[0], placing=True)
         return rc
 
     def mark_prior(self, first: int, count: int) -> int:
@@ -128,15 +136,6 @@ class FaultSpace:
         if rc < 0:
             self._raise("continue", rc, self._bad[0])
         return rc
-
-    def set_prepared(self, zero_fresh: bool) -> None:
-        """Every page is allocated and the alias is mapped (GuestMemory.prepare):
-        pages are received straight into the alias. zero_fresh: every page not
-        placed yet reads as zero, so a zero page needs no write."""
-        if self.mode != MODE_CONTINUE:
-            raise ValueError("a prepared RAM file is for CONTINUE placement: COPY needs the holes")
-        self._s.prepared = 1
-        self._s.zero_fresh = 1 if zero_fresh else 0
 
     def finish(self) -> None:
         """Every page is mapped; the caller unregisters next. A placement thread
@@ -226,7 +225,7 @@ class FaultSpace:
         closed or reset, or our stop: CLOSED; the kernel gave up on the peer:
         PEER_LOST, -errno one of PEER_LOST_ERRNOS), or lib.MG_DEMAND_COMPLETE."""
         if channel_end(rc) is ChannelEnd.FAILED:
-            self._raise("continue", rc, self._s.error_page)
+            self._raise("continue", rc, self._s.error_page, placing=True)
         return rc
 
     def latencies_us(self, recent: int = 0) -> list[int]:
@@ -270,9 +269,28 @@ class FaultSpace:
     def complete(self) -> bool:
         return self.received.full() and self.mapped.full()
 
-    def _raise(self, op: str, rc: int, page: int):
+    def _raise(self, op: str, rc: int, page: int, placing: bool = False):
+        """placing: rc came from placing pages, which may have failed to
+        allocate them (error_kind says so)."""
+        if placing and self._s.error_kind == lib.MG_ALLOC_FAILED:
+            raise self._alloc_failed(-rc)
         addr = self.addr_of(page)
         raise UffdError(op, -rc, addr, self.page_size, f"page {page}")
+
+
+    def _alloc_failed(self, err: int) -> MemoryBackendError:
+        s = self._s
+        first, count = s.error_page, s.error_value
+        what = f"page {first}" if count == 1 else f"pages {first}-{first + count - 1}"
+        why = (BACKING_FULL if err in (errno.ENOSPC, errno.ENOMEM, errno.EFAULT)
+               else f"{errno.errorcode.get(err, err)}: {os.strerror(err)}")
+        return MemoryBackendError(f"allocate {what} of the RAM file ({fmt_size(count * self.page_size)}) for "
+                                  f"bytes that arrived: {why}; nothing unwritten was mapped into the guest")
+
+
+#: What a backing that cannot hold the guest is, for a person.
+BACKING_FULL = ("the backing is full (its tmpfs size, or the free huge pages, is smaller than the guest): "
+                "give the guest's RAM file more room")
 
 
 def make_stop_fd() -> int:

@@ -17,6 +17,7 @@ import uuid
 
 from migrate.dest import faultspace
 from migrate.dest.adopt import adopt_prior_pages, api_once
+from migrate.dest.alloc import AllocResult, BackgroundAllocation
 from migrate.dest.attach import AttachedGuest, guest_instance
 from migrate.dest.channels import Channels
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
@@ -57,8 +58,9 @@ class Migration:
     def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultspace.MODE_CONTINUE,
                  prepare: bool = True, source_timeout: float = 0):
         """Registers the guest's range and acks the guest (or nacks it and
-        raises); with prepare, allocates its RAM too. Starts no thread: the
-        agent calls start()."""
+        raises), in milliseconds whatever its size; with prepare, allocate()
+        allocates its RAM in the background. Starts no thread: the agent
+        calls start() and allocate()."""
         self.id = uuid.uuid4().hex[:12]
         self.guest = guest
         self.reporter = reporter
@@ -80,7 +82,7 @@ class Migration:
         self.uffd = None
         self.fault_thread: threading.Thread | None = None
         self.monitor: threading.Thread | None = None
-        self.prepare_s: float | None = None
+        self.alloc: BackgroundAllocation | None = None
         try:
             self._setup()
         except BaseException as e:
@@ -88,8 +90,9 @@ class Migration:
             self._teardown()
             raise
         guest.ack()
+        self.ack_ms: float | None = None   # (start())
         if prepare and mode == faultspace.MODE_CONTINUE:
-            self._prepare()
+            self.alloc = BackgroundAllocation(self.space, on_end=self._allocated)
 
     def start(self) -> None:
         """Starts the fault loop (faults the guest took meanwhile wait in the
@@ -98,6 +101,16 @@ class Migration:
         self.fault_thread.start()
         self.monitor = threading.Thread(target=self._watch_guest, name=f"guest-{self.id}", daemon=True)
         self.monitor.start()
+        # From the guest's connection taken to its ack (what QEMU waits for
+        # inside mmap) and its faults served: nothing here waits for its RAM.
+        if self.guest.accepted_at:
+            self.ack_ms = round((time.monotonic() - self.guest.accepted_at) * 1000, 2)
+
+    def allocate(self) -> None:
+        """Starts allocating the guest's RAM in the background (with prepare),
+        once the agent reported the attach."""
+        if self.alloc is not None:
+            self.alloc.start()
 
     @property
     def state(self) -> State:
@@ -117,21 +130,23 @@ class Migration:
         """What the current source sends to open its demand and push channels."""
         return self.machine.token
 
-    def _prepare(self) -> None:
-        """Allocates the guest's RAM and maps the alias before a source is let in
-        (the guest is released already: its faults queue for the source). A
-        backing that cannot hold the guest is reported and the migration goes on
-        unprepared: pages are then allocated as they arrive."""
-        try:
-            r = self.mem.prepare()
-        except MigrateError as e:
-            self.reporter.event("prepare", f"guest RAM not allocated ahead ({e}): pages are allocated as they "
-                                "arrive", session=self.id, error=str(e))
-            return
-        # was_empty is only trusted on a first attach: a re-attached guest's file
-        # holds pages a dead agent wrote that were never mapped
-        self.space.set_prepared(zero_fresh=r["was_empty"] and not self.guest.reattach)
-        self.prepare_s = round(r["seconds"], 3)
+    def _allocated(self, r: AllocResult) -> None:
+        """The background allocation ended (on its last thread). A backing that
+        cannot hold the guest is reported and the migration goes on: the pages
+        left are allocated as they arrive, and one that cannot be fails the
+        migration saying so."""
+        secs = round(r.seconds, 3)
+        overlap = round(self.alloc.seconds_between(self.t_connect, self.t_complete), 3)
+        fields = dict(session=self.id, prepare_s=secs, alloc_pages=r.pages, alloc_overlap_s=overlap)
+        if r.error:
+            self.reporter.event("prepare", f"guest RAM not allocated ahead ({r.error}): pages are allocated as "
+                                "they arrive", error=r.error, **fields)
+        elif r.done:
+            self.reporter.event("prepare", f"guest RAM allocated in {secs} s ({overlap} s of it while a "
+                                "source was migrating)", **fields)
+        else:
+            self.reporter.event("prepare", f"guest RAM allocation stopped after {secs} s: the migration "
+                                "ended first", stopped=True, **fields)
 
     # -- setup ------------------------------------------------------------
     def _setup(self):
@@ -149,9 +164,13 @@ class Migration:
         for r in g.regions:
             self.uffd.register(r.guest_addr, r.length, mode, g.page_size)
             regions.append(SpaceRegion(r.guest_addr, r.offset // g.page_size, r.length // g.page_size))
+        # Looked at once the range is registered (the guest's own writes now
+        # fault), and trusted on a first attach only: a re-attached guest's
+        # file holds pages a dead agent wrote that were never mapped.
+        fresh = os.fstat(self.mem.fd).st_blocks == 0 and not g.reattach
         self.space = FaultSpace(self.uffd, g.page_size, self.npages, regions,
                                 0 if self.mode == faultspace.MODE_COPY else self.mem.alias_addr, self.mode,
-                                ram_fd=self.mem.fd)
+                                ram_fd=self.mem.fd, zero_fresh=fresh and self.mode == faultspace.MODE_CONTINUE)
         # file pages no region maps can never fault: nothing to map for them
         covered = PageBitmap(self.npages)
         for r in regions:
@@ -166,6 +185,8 @@ class Migration:
         self.stop_fd = faultspace.make_stop_fd()
 
     def _teardown(self):
+        if self.alloc is not None:
+            self.alloc.stop()   # (its threads write through the alias: before it is unmapped)
         if self.stop_fd >= 0:
             os.eventfd_write(self.stop_fd, 1)
             t = self.fault_thread
@@ -226,6 +247,8 @@ class Migration:
         self.peer = " ".join(x for x in (peer.identity, hello.source_name and f"({hello.source_name})") if x)
         if self.t_connect is None:
             self.t_connect = time.monotonic()
+        if self.alloc is not None:
+            self.alloc.lower_priority()
         received = self.space.received_count
         comp = pb.COMPRESSION_ZSTD if pb.COMPRESSION_ZSTD in hello.compression else pb.COMPRESSION_NONE
         self.reporter.event("connected", f"source {hello.source_name or '?'} joined session {self.id}",
@@ -299,6 +322,8 @@ class Migration:
     def _announce_complete(self) -> None:
         self.t_complete = time.monotonic()
         os.eventfd_write(self.stop_fd, 1)
+        if self.alloc is not None:
+            self.alloc.stop(wait=False)   # every page is here: nothing is left to allocate (joined at close)
         st = self.space.stats
         self.guest.notify("complete", pages_total=self.npages, pages_demand=st["placed_demand"],
                           pages_pushed=st["placed_push"], pages_zero=st["placed_zero"],
@@ -399,10 +424,15 @@ class Migration:
             "map_calls": st["map_calls"],
             "seconds": round(end - (self.t_connect or end), 3),
             "push_s": round(end - self.channels.t_push, 3) if self.channels.t_push else None,
-            "prepare_s": self.prepare_s,
             "wire_bytes": self.channels.wire_bytes(),
             "vcpus": self.vcpus(),
             "blocked_s": round(sum(v["blocked_s"] for v in self.vcpus()), 6),
+            "ack_ms": self.ack_ms,
+            # the background allocation: how long it ran, and how much of that
+            # while a source was migrating (0: it ended before the source came)
+            "prepare_s": round(self.alloc.seconds, 3) if self.alloc and self.alloc.seconds is not None else None,
+            "alloc_overlap_s": (round(self.alloc.seconds_between(self.t_connect, self.t_complete), 3)
+                                if self.alloc is not None else None),
             **process_usage(),
             "error": self.error,
         }

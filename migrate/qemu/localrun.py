@@ -121,6 +121,8 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             res["dst_pid"] = dst.pid
             att = dest.wait_event("attached", 30)
             lab.log(f"dest agent: {att.get('message')}")
+            # how long the destination QEMU waited inside mmap for the agent's ack
+            res["attach_ack_ms"] = att.get("ack_ms")
             if split_during_load:
                 # once the agent's QMP connection to it is made, the destination
                 # QEMU freezes: its device-state load waits until it is let go

@@ -228,9 +228,9 @@ class LocalMigration:
         if not os.path.exists(self.image):
             self.make_image()
         self.start_dest()
-        # As on a real destination, the guest is there (attached, its RAM
-        # allocated by the agent, its vCPUs waiting for the switchover) before
-        # the source starts the migration.
+        # As on a real destination, the guest is there (attached, its vCPUs
+        # waiting for the switchover) before the source starts the migration;
+        # the agent allocates its RAM meanwhile, in the background.
         self.start_guest()
         self.dest.wait_event("attached", 120)
         self.start_source()
