@@ -39,6 +39,7 @@ class Feed:
     received: bool = False     # every chunk arrived (the source closed its stream)
     load_ms: float = 0.0
     resume_time: float = 0.0   # QEMU's RESUME event (epoch seconds)
+    times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -178,6 +179,8 @@ class DeviceStateFeeder:
             if pipe.error:
                 raise pipe.error
             f.load_ms = (time.monotonic() - t0) * 1e3
+            f.times["loaded"] = time.time()
+            f.times["cont_sent"] = time.time()
             qmp.cmd("cont")
             st = qmp.status()
             if st != "running":
@@ -198,6 +201,8 @@ def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int) -> None:
     reading."""
     for c in chunks:
         data = c.data
+        if "first_chunk" not in f.times:
+            f.times["first_chunk"] = time.time()
         if f.bytes + len(data) > max_bytes:
             raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
                                       f"{fmt_size(max_bytes)}: refused after {f.bytes} bytes "
@@ -205,6 +210,7 @@ def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int) -> None:
                                       f"a larger --max-device-state")
         pipe.put(data)
         f.bytes += len(data)
+    f.times["last_chunk"] = time.time()
     f.received = True
     m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
                      "destination QEMU loads them", session=m.id, bytes=f.bytes)

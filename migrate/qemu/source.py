@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -35,11 +35,12 @@ DEVICE_STATE_TIMEOUT = 120.0
 _NO_BANDWIDTH_LIMIT = 1 << 40   # QEMU's default max-bandwidth is 128 MiB/s
 
 
-def _drain(fd: int, out: bytearray, done: threading.Event) -> None:
+def _drain(fd: int, out: bytearray, done: threading.Event, times: dict) -> None:
     try:
         while True:
             b = os.read(fd, 1 << 20)
             if not b:
+                times["save_end"] = time.time()
                 break
             out += b
     finally:
@@ -53,6 +54,7 @@ class Capture:
     stop_time: float           # QEMU's own clock (the STOP event), seconds since the epoch
     seconds: float             # stop + migrate, measured here
     qemu_total_ms: int = 0     # QEMU's query-migrate total-time
+    times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
 
 
 def check_shared_ram(qmp: QMP, ram_size: int) -> None:
@@ -83,11 +85,14 @@ def capture_device_state(qmp: QMP, reporter: Reporter, timeout: float = 60.0) ->
     r, w = os.pipe2(os.O_CLOEXEC)
     data = bytearray()
     eof = threading.Event()
-    reader = threading.Thread(target=_drain, args=(r, data, eof), name="devstate-rx", daemon=True)
+    times: dict = {}
+    reader = threading.Thread(target=_drain, args=(r, data, eof, times), name="devstate-rx", daemon=True)
     t0 = time.monotonic()
     stopped = False
     try:
+        times["stop_sent"] = time.time()
         qmp.cmd("stop")
+        times["stop_done"] = time.time()
         stopped = True
         reporter.event("paused", f"source QEMU paused ({qmp.path})", qmp=qmp.path)
         reader.start()
@@ -96,6 +101,7 @@ def capture_device_state(qmp: QMP, reporter: Reporter, timeout: float = 60.0) ->
         # reader sees EOF when QEMU closes it at the end of the migration.
         os.close(w)
         w = -1
+        times["migrate_sent"] = time.time()
         qmp.cmd("migrate", uri=f"fd:{DEVSTATE_FD_NAME}")
         info = qmp.wait_migration(timeout, "device-state capture")
         if not eof.wait(timeout):
@@ -112,7 +118,7 @@ def capture_device_state(qmp: QMP, reporter: Reporter, timeout: float = 60.0) ->
     seconds = time.monotonic() - t0
     stop = qmp.event("STOP")
     cap = Capture(bytes(data), stop["time"] if stop else time.time() - seconds, seconds,
-                  int(info.get("total-time", 0)))
+                  int(info.get("total-time", 0)), times)
     reporter.event("device-state", f"captured {len(cap.data)} bytes of device state in "
                    f"{seconds * 1e3:.1f} ms", bytes=len(cap.data), ms=round(seconds * 1e3, 2),
                    stop_time=cap.stop_time)
@@ -149,13 +155,17 @@ class DeviceStateSender:
     def __call__(self, stub, session_id: str, token: bytes) -> None:
         data = self.capture.data
 
+        times = self.capture.times
+
         def chunks():
             # the first chunk names the session and carries its token
             for off in range(0, max(1, len(data)), CHUNK_BYTES):
                 yield pb.DeviceStateChunk(session_id=session_id, token=token if off == 0 else b"",
                                           data=data[off:off + CHUNK_BYTES])
+            times["send_end"] = time.time()
 
         self.sent = True
+        times["send_start"] = time.time()
         # The ack comes once the destination QEMU has loaded the state and runs,
         # which may take long (loading reads guest RAM)
         try:
@@ -245,7 +255,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
         info = {"device_state_bytes": len(cap.data), "capture_ms": round(cap.seconds * 1e3, 2),
                 "stop_time": cap.stop_time, "running_time": sender.running_time,
                 "downtime_ms": round((sender.running_time - cap.stop_time) * 1e3, 2),
-                "source_status": src_status}
+                "source_status": src_status, "switchover": {k: round(v, 6) for k, v in cap.times.items()}}
         return res, info
     finally:
         qmp.close()
