@@ -292,15 +292,15 @@ def _median(vals: list) -> float | None:
 
 def _pause(out: dict) -> None:
     """The pause (source STOP -> destination RESUME) per side: "pause_split",
-    the median over the repetitions of each part (migrate.qemu.switchover; a
-    part QMP does not expose for QEMU is None), and qemu_pause_ratio, the
-    engine's median pause over QEMU post-copy's (private RAM)."""
+    the parts of the repetition whose pause is the median (the lower one of an
+    even count), so that they add up to it (migrate.qemu.switchover; a part
+    QMP does not expose for QEMU is None), and qemu_pause_ratio, the engine's
+    median pause over QEMU post-copy's (private RAM)."""
     out["pause_split"] = {}
     for side, runs in out["runs"].items():
-        splits = [r["pause_split"] for r in runs if r.get("pause_split")]
+        splits = sorted((r["pause_split"] for r in runs if r.get("pause_split")), key=lambda sp: sp["pause_ms"])
         if splits:
-            out["pause_split"][side] = {k: _median([sp[k] for sp in splits]) for k in splits[0]}
-            out["pause_split"][side]["reps"] = len(splits)
+            out["pause_split"][side] = {**splits[(len(splits) - 1) // 2], "reps": len(splits)}
     out["pause_split_notes"] = {
         "engine": "critical path: each part counts only the time after the part before it ended; stop = "
                   "STOP event to the stop command's reply at the source agent; save = migrate to the end of "

@@ -34,7 +34,8 @@ from migrate.sim.localrun import TlsFiles
 
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
-        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True):
+        split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True,
+        qemu_args=()):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -48,7 +49,8 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     kill_dest_qemu: SIGKILL the destination QEMU once its guest runs; returns
     what the agents said and the source QEMU's state (no VERIFY: the guest is
     lost).
-    tls: the agents with mutual TLS (default); False: plaintext (loopback only)."""
+    tls: the agents with mutual TLS (default); False: plaintext (loopback only).
+    qemu_args: more QEMU arguments, the same on both sides (devices)."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -71,7 +73,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             src_agent_qmp = os.path.join(w, "src.agent.qmp")
             t = time.monotonic()
             src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=kind, mem_path=src_ram, extra_args=[
-                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off"])
+                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off", *qemu_args])
             res["src_pid"] = src.pid
             m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=timeout)
             res["pages"] = int(m.group(1))
@@ -95,7 +97,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             env = {"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}
             dst, qd, sd = lab.start("dst", env=env, mem_mb=mem_mb, backend=kind, mem_path=dst_ram,
                                     incoming="defer", extra_args=[
-                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off"])
+                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off", *qemu_args])
             res["dst_pid"] = dst.pid
             att = dest.wait_event("attached", 30)
             lab.log(f"dest agent: {att.get('message')}")

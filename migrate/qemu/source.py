@@ -5,13 +5,17 @@ migration stream carries only device state (~300 KiB whatever the RAM size);
 the RAM travels through this engine. The stream goes through an `fd:` pipe
 handed to QEMU with `getfd`, and rides inside the gRPC session (DeviceState).
 
-The flow: x-ignore-shared, stop, migrate fd:PIPE, read the stream; open the
-session; send the stream; keep the source QEMU paused until the destination
-says its guest runs; resume it (`cont`) when the destination says it did not.
+The flow: open the session (the destination QEMU already waits in
+migrate-incoming); x-ignore-shared, getfd PIPE, open the DeviceState stream;
+migrate fd:PIPE with the VM running, as QEMU migrates: QEMU stops the VM
+itself and writes the device state, which goes on to the destination as it
+is read; keep the source QEMU paused until the destination says its guest
+runs; resume it (`cont`) when the destination says it did not.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
@@ -27,34 +31,37 @@ from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
 
 
 CHUNK_BYTES = 256 << 10
+PIPE_BYTES = 1 << 20   # QEMU's outgoing pipe (the default pipe-max-size)
 
 
 # the whole device-state handoff: sending it, and the destination QEMU loading
 # it (reading guest RAM by demand faults) and resuming
 DEVICE_STATE_TIMEOUT = 120.0
 _NO_BANDWIDTH_LIMIT = 1 << 40   # QEMU's default max-bandwidth is 128 MiB/s
-
-
-def _drain(fd: int, out: bytearray, done: threading.Event, times: dict) -> None:
-    try:
-        while True:
-            b = os.read(fd, 1 << 20)
-            if not b:
-                times["save_end"] = time.time()
-                break
-            out += b
-    finally:
-        done.set()
+# QEMU stops the VM once what is left of its non-shared RAM (ROMs, ACPI
+# tables, a VGA's vram) can go in this long at the rate it measured. Its
+# default, 300 ms, left 3.2 of a 4.5 MB stream (a 4 MiB option ROM) for after
+# the stop; with 1 ms all of it goes while the VM runs, unless the guest keeps
+# rewriting such RAM.
+DOWNTIME_LIMIT_MS = 1
 
 
 # -- source -------------------------------------------------------------------
 @dataclass
 class Capture:
-    data: bytes
-    stop_time: float           # QEMU's own clock (the STOP event), seconds since the epoch
-    seconds: float             # stop + migrate, measured here
+    """The source QEMU's device-state stream, read from its pipe as QEMU writes
+    it and sent on at once (never held whole here)."""
+    bytes: int = 0
+    stop_time: float = 0.0     # QEMU's own clock (the STOP event), seconds since the epoch
+    seconds: float = 0.0       # migrate to QEMU's completed, measured here
     qemu_total_ms: int = 0     # QEMU's query-migrate total-time
+    qemu_downtime_ms: int = 0  # QEMU's query-migrate downtime
     times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
+    reads: list = field(default_factory=list)   # (time.time(), bytes) of each read from QEMU's pipe
+
+    def bytes_after(self, t: float) -> int:
+        """What QEMU wrote after t (its STOP: the part of the stream inside the pause)."""
+        return sum(n for at, n in self.reads if at >= t)
 
 
 def check_shared_ram(qmp: QMP, ram_size: int) -> None:
@@ -73,56 +80,84 @@ def check_shared_ram(qmp: QMP, ram_size: int) -> None:
                         f"{[d['size'] for d in devs]} bytes: pass the backend's file")
 
 
-def capture_device_state(qmp: QMP, reporter: Reporter, timeout: float = 60.0) -> Capture:
-    """Pauses the source QEMU and takes its device-state stream. On failure the
-    QEMU is resumed (when this call paused it) and QemuError raised."""
-    qmp.ignore_shared()
-    qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _NO_BANDWIDTH_LIMIT})
+def prepare_capture(qmp: QMP) -> int:
+    """Everything that can be done before the source QEMU stops: the
+    capabilities, no bandwidth limit, and the pipe QEMU will write its stream
+    into (handed over with getfd). Returns the read end (ours to close)."""
     was = qmp.status()
     if was != "running":
         raise QemuError(f"source QEMU is {was!r}, not running: nothing to migrate "
                         "(a paused source may belong to a migration already under way)")
+    qmp.set_caps(x_ignore_shared=True, events=True)
+    qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _NO_BANDWIDTH_LIMIT, "downtime-limit": DOWNTIME_LIMIT_MS})
     r, w = os.pipe2(os.O_CLOEXEC)
-    data = bytearray()
-    eof = threading.Event()
-    times: dict = {}
-    reader = threading.Thread(target=_drain, args=(r, data, eof, times), name="devstate-rx", daemon=True)
-    t0 = time.monotonic()
-    stopped = False
     try:
-        times["stop_sent"] = time.time()
-        qmp.cmd("stop")
-        times["stop_done"] = time.time()
-        stopped = True
-        reporter.event("paused", f"source QEMU paused ({qmp.path})", qmp=qmp.path)
-        reader.start()
+        try:
+            # the whole device state (300 KiB-1 MiB) fits: QEMU, which writes
+            # it with the VM stopped, never waits for this agent to read
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass   # above /proc/sys/fs/pipe-max-size: the default size works, in more steps
         qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(w,))
-        # QEMU holds its own copy of the write end now; ours must go so that the
-        # reader sees EOF when QEMU closes it at the end of the migration.
-        os.close(w)
-        w = -1
-        times["migrate_sent"] = time.time()
-        qmp.cmd("migrate", uri=f"fd:{DEVSTATE_FD_NAME}")
-        info = qmp.wait_migration(timeout, "device-state capture")
-        if not eof.wait(timeout):
-            raise QemuError("QEMU finished the migration but kept the device-state pipe open")
     except BaseException:
-        if w >= 0:
-            os.close(w)
-        if stopped:
-            resume_source(qmp, reporter, "device-state capture failed")
+        os.close(r)
         raise
     finally:
-        reader.join(5)
+        # QEMU holds its own copy of the write end now; ours must go so that the
+        # reader sees end of file when QEMU closes it at the end of the migration.
+        os.close(w)
+    return r
+
+
+def read_stream(r: int, cap: Capture, session_id: str, token: bytes):
+    """The DeviceState request stream: the first chunk (no data) names the
+    session, then each read from QEMU's pipe as it comes, until QEMU closes it.
+    gRPC's own thread pulls it, so no byte waits for another thread here.
+    Owns r: closes it when the stream ends or is dropped."""
+    try:
+        yield pb.DeviceStateChunk(session_id=session_id, token=token)
+        while True:
+            b = os.read(r, CHUNK_BYTES)
+            if not b:
+                break
+            cap.times["save_end"] = time.time()   # the last read before the end of file
+            cap.reads.append((cap.times["save_end"], len(b)))
+            cap.bytes += len(b)
+            yield pb.DeviceStateChunk(data=b)
+    finally:
         os.close(r)
-    seconds = time.monotonic() - t0
-    stop = qmp.event("STOP")
-    cap = Capture(bytes(data), stop["time"] if stop else time.time() - seconds, seconds,
-                  int(info.get("total-time", 0)), times)
-    reporter.event("device-state", f"captured {len(cap.data)} bytes of device state in "
-                   f"{seconds * 1e3:.1f} ms", bytes=len(cap.data), ms=round(seconds * 1e3, 2),
-                   stop_time=cap.stop_time)
-    return cap
+
+
+def _ack(fut) -> pb.DeviceStateAck | None:
+    try:
+        return fut.result(timeout=0)
+    except Exception:  # noqa: BLE001 - no ack
+        return None
+
+
+def _rpc_outcome(fut) -> str:
+    try:
+        ack = fut.result(timeout=0)
+    except grpc.RpcError as e:
+        return f"it said {e.code().name}: {e.details()}"
+    except Exception as e:  # noqa: BLE001 - the reason is the message
+        return f"{type(e).__name__}: {e}"
+    return ack.error or f"it took {ack.bytes} bytes and gave no reason"
+
+
+def _cancel_migration(qmp: QMP) -> None:
+    """Cancels QEMU's migration if it is still under way (QEMU then closes the
+    pipe and runs the VM again if it had stopped it)."""
+    try:
+        if qmp.cmd("query-migrate").get("status") not in (None, "completed", "failed", "cancelled"):
+            qmp.cmd("migrate_cancel")
+    except QemuError:
+        pass
+
+
+def _migration_event(status: str | tuple):
+    want = (status,) if isinstance(status, str) else status
+    return lambda e: e["event"] == "MIGRATION" and e.get("data", {}).get("status") in want
 
 
 def resume_source(qmp: QMP, reporter: Reporter, why: str) -> bool:
@@ -138,38 +173,91 @@ def resume_source(qmp: QMP, reporter: Reporter, why: str) -> bool:
 
 
 class DeviceStateSender:
-    """The Source's on_session hook: sends the captured stream once the session is
-    open and the demand stream is being served. Records what the destination said,
-    which decides whether the source QEMU may be resumed after a failure."""
+    """The Source's on_session hook. Opens the DeviceState stream before the
+    source QEMU stops (the destination QEMU waits in migrate-incoming already),
+    starts QEMU's own migration to the pipe while the VM runs, the way QEMU
+    migrates: QEMU sends its setup and small non-shared RAM while running,
+    then stops the VM and writes the device state, which streams through to
+    the destination QEMU as it is written; that QEMU starts itself once it has
+    loaded it. Records what the destination said, which decides whether the
+    source QEMU may be resumed after a failure."""
 
-    def __init__(self, capture: Capture | None, reporter: Reporter, wait=lambda fut: fut.result()):
-        self.capture = capture
+    def __init__(self, qmp: QMP, reporter: Reporter, wait=lambda fut: fut.result(),
+                 stopped: threading.Event | None = None, timeout: float = 60.0):
+        self.qmp = qmp
         self.reporter = reporter
         # waits for the call's future: Source.wait_rpc ends the wait when the
         # destination is found gone (gRPC alone would wait for its deadline)
         self.wait = wait
+        self.stopped = stopped or threading.Event()   # set at the source QEMU's STOP
+        self.timeout = timeout
+        self.capture: Capture | None = None   # set once QEMU may stop the VM
         self.sent = False            # the destination may have the stream
         self.ack: pb.DeviceStateAck | None = None
         self.running_time: float | None = None   # when the destination said "running" (time.time())
 
     def __call__(self, stub, session_id: str, token: bytes) -> None:
-        data = self.capture.data
-
-        times = self.capture.times
-
-        def chunks():
-            # the first chunk names the session and carries its token
-            for off in range(0, max(1, len(data)), CHUNK_BYTES):
-                yield pb.DeviceStateChunk(session_id=session_id, token=token if off == 0 else b"",
-                                          data=data[off:off + CHUNK_BYTES])
-            times["send_end"] = time.time()
-
-        self.sent = True
-        times["send_start"] = time.time()
-        # The ack comes once the destination QEMU has loaded the state and runs,
-        # which may take long (loading reads guest RAM)
+        qmp = self.qmp
+        r = prepare_capture(qmp)
+        cap = Capture()
+        since = len(qmp.events)
+        cap.times["send_start"] = time.time()
         try:
-            self.ack = self.wait(stub.DeviceState.future(chunks(), timeout=DEVICE_STATE_TIMEOUT))
+            # from here on the stream owns r (and closes it when it ends)
+            fut = stub.DeviceState.future(read_stream(r, cap, session_id, token), timeout=DEVICE_STATE_TIMEOUT)
+        except BaseException:
+            os.close(r)
+            raise
+        try:
+            t0 = time.monotonic()
+            cap.times["migrate_sent"] = time.time()
+            qmp.cmd("migrate", uri=f"fd:{DEVSTATE_FD_NAME}")
+            self.capture = cap
+            self.sent = True
+            # the destination ends the stream early only when it refused it: then
+            # nothing reads QEMU's pipe, and QEMU would wait on it for ever
+            ev = qmp.wait_event(lambda e: e["event"] == "STOP" or _migration_event(("failed", "cancelled"))(e),
+                                self.timeout, "waiting for QEMU to stop the VM", since, give_up=fut.done)
+            if ev is not None and ev["event"] == "STOP":
+                cap.stop_time = ev["time"]
+                self.stopped.set()   # its RAM no longer changes: demand may be served
+                self.reporter.event("paused", f"source QEMU paused ({qmp.path})", qmp=qmp.path,
+                                    stop_time=cap.stop_time)
+                ev = qmp.wait_event(_migration_event(("completed", "failed", "cancelled")), self.timeout,
+                                    "device-state capture", since, give_up=fut.done)
+            if ev is None:
+                ack = _ack(fut)
+                if ack is not None and ack.guest_running:
+                    # (never seen: the ack comes after the stream's end) the guest
+                    # runs there, so this QEMU must stay stopped whatever it says
+                    self.ack = ack
+                    raise QemuError("the destination runs the guest, but QEMU here did not report its migration "
+                                    "completed")
+                self.sent = False
+                raise QemuError(f"the destination ended the device-state stream before QEMU had written it all: "
+                                f"{_rpc_outcome(fut)}")
+            info = qmp.cmd("query-migrate")
+            cap.seconds = time.monotonic() - t0
+            if ev["data"]["status"] != "completed":
+                # QEMU runs the VM again itself when it had stopped it; the
+                # destination QEMU got a cut stream, which it refuses
+                self.sent = False
+                raise QemuError(f"device-state capture {ev['data']['status']}: "
+                                f"{info.get('error-desc', 'QEMU gave no reason')}")
+        except BaseException:
+            fut.cancel()
+            if self.ack is None:
+                _cancel_migration(qmp)
+            raise
+        cap.qemu_total_ms = int(info.get("total-time", 0))
+        cap.qemu_downtime_ms = int(info.get("downtime", 0))
+        self.reporter.event("device-state", f"QEMU wrote {cap.bytes} bytes of device state, streamed to the "
+                            f"destination as written; {cap.qemu_downtime_ms} ms stopped by QEMU's count",
+                            bytes=cap.bytes, ms=round(cap.seconds * 1e3, 2), stop_time=cap.stop_time)
+        try:
+            # the ack comes once the destination QEMU has loaded the state and
+            # runs, which may take long (loading reads guest RAM)
+            self.ack = self.wait(fut)
         except grpc.RpcError as e:
             raise QemuError(f"device state: destination said {e.code().name}: {e.details()}") from None
         if not self.ack.guest_running:
@@ -190,32 +278,33 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
     qmp = QMP(qmp_path)
     try:
         check_shared_ram(qmp, ram.size)
-        sender = DeviceStateSender(None, reporter, wait=lambda fut: src.wait_rpc(fut))
+        stopped = threading.Event()
+        sender = DeviceStateSender(qmp, reporter, wait=lambda fut: src.wait_rpc(fut), stopped=stopped)
 
         # The background push waits until the destination guest runs: while the
         # destination QEMU loads the device state, the only RAM it needs comes
-        # through demand faults (served from the start), and a push running at
-        # the same time took the CPU from that load (downtime 34-39 ms against
-        # 11-14 ms held back, 512 MiB guest on 2 CPUs; total time unchanged).
+        # through demand faults, and a push running at the same time took the
+        # CPU from that load (downtime 34-39 ms against 11-14 ms held back,
+        # 512 MiB guest on 2 CPUs; total time unchanged).
         guest_running = threading.Event()
 
         def on_session(stub, session_id, token):
             # The session and its channels are open before the source QEMU stops,
-            # so the guest's downtime does not include connecting (about 12 ms
-            # here). Nothing reads RAM before the pause: the push waits for
-            # guest_running, and demand requests only come once the destination
-            # QEMU loads the device state captured below.
-            sender.capture = capture_device_state(qmp, reporter)
+            # so the guest's pause does not include connecting (about 12 ms
+            # here). Nothing reads RAM before the pause: demand is served from
+            # QEMU's STOP on (demand_gate; the destination QEMU reads guest RAM
+            # only as it loads the device state, which QEMU writes after it
+            # stopped the VM), and the push waits for guest_running.
             sender(stub, session_id, token)
             guest_running.set()
 
         src = Source(ram, target, reporter, device_state=True, on_session=on_session, push_gate=guest_running,
-                     **source_kw)
+                     demand_gate=stopped, **source_kw)
         try:
             res = src.run()
         except MigrateError as e:
             if sender.capture is None:
-                # never paused (or capture_device_state resumed what it paused)
+                # QEMU's migration never started: the VM was never stopped
                 raise MigrateError(f"{e} (the source QEMU was not paused: it runs on)") from None
             if sender.ack is not None and sender.ack.guest_running:
                 if isinstance(e, DestinationFailed):
@@ -252,7 +341,8 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, **source_kw)
                            "migration finished from its RAM file, the guest runs on the destination",
                            qmp=qmp_path)
         cap = sender.capture
-        info = {"device_state_bytes": len(cap.data), "capture_ms": round(cap.seconds * 1e3, 2),
+        info = {"device_state_bytes": cap.bytes, "capture_ms": round(cap.seconds * 1e3, 2),
+                "qemu_downtime_ms": cap.qemu_downtime_ms, "device_state_bytes_stopped": cap.bytes_after(cap.stop_time),
                 "stop_time": cap.stop_time, "running_time": sender.running_time,
                 "downtime_ms": round((sender.running_time - cap.stop_time) * 1e3, 2),
                 "source_status": src_status, "switchover": {k: round(v, 6) for k, v in cap.times.items()}}

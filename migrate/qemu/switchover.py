@@ -46,9 +46,10 @@ def engine_split(stop_time: float, resume_time: float, src: dict, dst: dict) -> 
         return (a, b) if a is not None and b is not None else None
 
     spans = {
-        # STOP is QEMU's event at the end of its own stop: this part is the
-        # stop command's reply reaching the source agent
-        "stop": span(stop_time, src.get("stop_done")),
+        # STOP is QEMU's event at the end of its own stop: with a stop command
+        # (before this engine let QEMU stop the VM itself) this part is its
+        # reply reaching the source agent; without, nothing
+        "stop": span(stop_time, src.get("stop_done", stop_time)),
         # QEMU writing its device state into the pipe, until its end of file
         "save": span(src.get("migrate_sent"), src.get("save_end")),
         # the state crossing to the destination agent and into its QEMU's pipe

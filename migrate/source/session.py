@@ -84,7 +84,8 @@ class Source:
                  resume_session: str = "", connect_timeout: float = 30.0, device_state: bool = False,
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
-                 sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None):
+                 sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
+                 demand_gate: threading.Event | None = None):
         self.ram = ram
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
         # the raw channels' TLS context (the credentials are loaded here)
@@ -117,6 +118,10 @@ class Source:
         # so the push does not take the CPU from the device-state load); demand
         # requests are served from the start regardless.
         self.push_gate = push_gate
+        # Demand requests wait for this (QEMU: the source VM's STOP, after which
+        # its RAM no longer changes); the channel is open and they queue on it
+        # meanwhile. None: served from the start.
+        self.demand_gate = demand_gate
         # QEMU (migrate.qemu): Hello says a device-state stream follows, and
         # on_session(stub, session_id, token) sends it once the demand stream is served.
         self.device_state = device_state
@@ -380,6 +385,9 @@ class Source:
     def _serve_demand(self) -> None:
         """Answers demand requests (C, GIL released) until the destination
         closes the channel at the end of the migration."""
+        while self.demand_gate is not None and not self.demand_gate.wait(0.05):
+            if self.stop.is_set():
+                return
         rc = self.demand.serve()
         if rc == -errno.EPROTO:
             self._fail(ProtocolError(f"destination asked for page {self.demand.d.bad_page}, outside the "
