@@ -15,6 +15,8 @@ Each side reports
                     the moment the destination runs, while pages are still arriving
   postcopy_blocktime_ms   QEMU's postcopy-blocktime (destination); None for the engine,
                     which reports its demand-fault service latency instead
+  pause_split       downtime_ms in its parts: stop, save, transfer, load, cont and a
+                    remainder (migrate.qemu.switchover); for QEMU only what QMP exposes
 `ratio` is engine / QEMU for each (below 1: the engine is faster).
 
 Uses migrate.qemu.lab and migrate.qemu.localrun (the flow examples/qemu/run.sh runs) and
@@ -73,6 +75,8 @@ def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambd
                       "source": round(s.get("cpu_user_s", 0) + s.get("cpu_sys_s", 0), 3)},
             "verify": r["verify"], "src_status_at_dst_running": r.get("src_status_at_dst_running"),
             "pause_split": _engine_pause_split(r),
+            "switchover_stamps": {"stop": r.get("src_stop_time"), "resume": r.get("dst_resume_time"),
+                                  "source": s.get("switchover"), "dest": d.get("switchover")},
             "timeline": r.get("timeline"), "loadavg": round(load, 2)}
 
 
