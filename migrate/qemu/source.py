@@ -111,25 +111,35 @@ def read_stream(r: int, cap: Capture, session_id: str, token: bytes):
     """The DeviceState request stream: the first chunk (no data) names the
     session, then each read from QEMU's pipe as it comes, until QEMU closes it.
     gRPC's own thread pulls it, so no byte waits for another thread here.
-    Owns r: closes it when the stream ends or is dropped."""
-    try:
-        yield pb.DeviceStateChunk(session_id=session_id, token=token)
-        while True:
-            b = os.read(r, CHUNK_BYTES)
-            if not b:
+    Reads r, which the DeviceStateSender owns."""
+    yield pb.DeviceStateChunk(session_id=session_id, token=token)
+    while True:
+        b = os.read(r, CHUNK_BYTES)
+        if not b:
+            break
+        # what QEMU wrote meanwhile goes in the same message (fewer hand-offs)
+        while len(b) < CHUNK_BYTES and select.select([r], [], [], 0)[0]:
+            more = os.read(r, CHUNK_BYTES - len(b))
+            if not more:
                 break
-            # what QEMU wrote meanwhile goes in the same message (fewer hand-offs)
-            while len(b) < CHUNK_BYTES and select.select([r], [], [], 0)[0]:
-                more = os.read(r, CHUNK_BYTES - len(b))
-                if not more:
-                    break
-                b += more
-            cap.times["save_end"] = time.time()   # the last read before the end of file
-            cap.reads.append((cap.times["save_end"], len(b)))
-            cap.bytes += len(b)
-            yield pb.DeviceStateChunk(data=b)
-    finally:
-        os.close(r)
+            b += more
+        cap.times["save_end"] = time.time()   # the last read before the end of file
+        cap.reads.append((cap.times["save_end"], len(b)))
+        cap.bytes += len(b)
+        yield pb.DeviceStateChunk(data=b)
+
+
+def _drain_and_close(r: int) -> None:
+    """After a failure nothing sends QEMU's stream on: reads it to its end (QEMU
+    closes the pipe once its migration is cancelled or over, and would
+    otherwise wait on a full pipe for ever), then closes r."""
+    def run():
+        try:
+            while os.read(r, 1 << 20):
+                pass
+        finally:
+            os.close(r)
+    threading.Thread(target=run, name="devstate-drain", daemon=True).start()
 
 
 def _ack(fut) -> pb.DeviceStateAck | None:
@@ -206,8 +216,9 @@ class DeviceStateSender:
         cap = Capture()
         since = len(qmp.events)
         cap.times["send_start"] = time.time()
+        # r is ours: the stream reads it until QEMU's end of file; closed once the
+        # call is over, or by the drain after a failure
         try:
-            # from here on the stream owns r (and closes it when it ends)
             fut = stub.DeviceState.future(read_stream(r, cap, session_id, token), timeout=DEVICE_STATE_TIMEOUT)
         except BaseException:
             os.close(r)
@@ -239,6 +250,9 @@ class DeviceStateSender:
                     raise QemuError("the destination runs the guest, but QEMU here did not report its migration "
                                     "completed")
                 self.sent = False
+                if ack is not None:   # it refused the state: its QEMU did not and will not run the guest
+                    self.ack = ack
+                    raise QemuError(f"the destination did not resume the guest: {ack.error or 'no reason given'}")
                 raise QemuError(f"the destination ended the device-state stream before QEMU had written it all: "
                                 f"{_rpc_outcome(fut)}")
             info = qmp.cmd("query-migrate")
@@ -251,8 +265,9 @@ class DeviceStateSender:
                                 f"{info.get('error-desc', 'QEMU gave no reason')}")
         except BaseException:
             fut.cancel()
-            if self.ack is None:
+            if self.ack is None or not self.ack.guest_running:
                 _cancel_migration(qmp)
+                _drain_and_close(r)
             raise
         cap.qemu_total_ms = int(info.get("total-time", 0))
         cap.qemu_downtime_ms = int(info.get("downtime", 0))
@@ -265,6 +280,8 @@ class DeviceStateSender:
             self.ack = self.wait(fut)
         except grpc.RpcError as e:
             raise QemuError(f"device state: destination said {e.code().name}: {e.details()}") from None
+        finally:
+            os.close(r)   # (the stream read QEMU's end of file: QEMU's migration completed)
         if not self.ack.guest_running:
             raise QemuError(f"the destination did not resume the guest: {self.ack.error or 'no reason given'}")
         self.running_time = time.time()
