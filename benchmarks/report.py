@@ -284,9 +284,11 @@ def _pause_markdown(q: dict) -> list[str]:
     ps = q.get("pause_split") or {}
     if not ps:
         return []
-    out = ["", f"The pause (source STOP -> destination RESUME) in its parts, median of the repetitions, ms; "
-               f"qemu_pause_ratio (median engine / median QEMU post-copy): {_f(q.get('qemu_pause_ratio'), 3)}. "
-               "-: QMP does not expose that part for QEMU.", "",
+    out = ["", f"The pause (source STOP -> destination RESUME) in its parts, ms, of the repetition with the median "
+               f"pause; qemu_pause_ratio (median engine / median QEMU post-copy): {_f(q.get('qemu_pause_ratio'), 3)}. "
+               "Each part counts only the time after the one before it ended, so they add up to the pause. -: for "
+               "QEMU, a part QMP does not expose (its save includes the stop and the send); for both, no `cont` "
+               "(the destination QEMU starts itself).", "",
            "| | pause | stop | save | transfer | load | cont | remainder |", "|---|---|---|---|---|---|---|---|"]
     for side, label in QEMU_SIDES:
         p = ps.get(side)
