@@ -17,6 +17,8 @@ Each side reports
                     blocked at once); the engine's is its one vCPU's blocked time (the
                     summary's `vcpus`, from the faults' thread ids), None with more vCPUs
   vcpu_blocktime_ms QEMU's postcopy-vcpu-blocktime; the engine's blocked time per vCPU
+  pause_split       downtime_ms in its parts: stop, save, transfer, load, cont and a
+                    remainder (migrate.qemu.switchover); for QEMU only what QMP exposes
 `ratio` is engine / QEMU for each (below 1: the engine is faster).
 
 Uses migrate.qemu.lab and migrate.qemu.localrun (the flow examples/qemu/run.sh runs) and
@@ -33,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from migrate.qemu import localrun
+from migrate.qemu import localrun, switchover
 from migrate.qemu.lab import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +80,18 @@ def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambd
                       "source": round(s.get("cpu_user_s", 0) + s.get("cpu_sys_s", 0), 3)},
             "attach_ack_ms": r.get("attach_ack_ms"),
             "verify": r["verify"], "src_status_at_dst_running": r.get("src_status_at_dst_running"),
+            "pause_split": _engine_pause_split(r),
+            "switchover_stamps": {"stop": r.get("src_stop_time"), "resume": r.get("dst_resume_time"),
+                                  "source": s.get("switchover"), "dest": d.get("switchover")},
             "timeline": r.get("timeline"), "loadavg": round(load, 2)}
+
+
+def _engine_pause_split(r: dict) -> dict | None:
+    """The pause (STOP -> RESUME) in its parts, from the agents' switchover stamps."""
+    d, s = r.get("dest", {}), r.get("source", {})
+    if not (r.get("src_stop_time") and r.get("dst_resume_time") and d.get("switchover") and s.get("switchover")):
+        return None
+    return switchover.engine_split(r["src_stop_time"], r["dst_resume_time"], s["switchover"], d["switchover"])
 
 
 def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy: str = "none",
@@ -168,6 +181,7 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
                 "postcopy_ms": round((done[0]["time"] - stop) * 1e3, 1) if done and stop else None,
                 "downtime_ms": round((resume - stop) * 1e3, 1) if stop and resume else None,
                 "qemu_reported_downtime_ms": info.get("downtime"),
+                "pause_split": switchover.qemu_split(stop, resume, info.get("downtime")) if stop and resume else None,
                 "guest_verify_ms": int(v.group(2)) if v.group(2) else None,
                 "guest_verify_local_ms": int(v2.group(2)) if v2.group(2) else None,
                 "postcopy_blocktime_ms": dinfo.get("postcopy-blocktime"),
@@ -288,6 +302,7 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
         out["ratio_precopy"] = _ratios(b["engine"], b["qemu_precopy_postcopy"])
     if "engine" in b and "qemu_postcopy_shm" in b:
         out["ratio_shm"] = _ratios(b["engine"], b["qemu_postcopy_shm"])
+    _pause(out)
     return out
 
 
@@ -333,6 +348,41 @@ def bench_link(rate: str, reps: int = 2, mem_mb: int = 512, log=lambda m: None) 
     elif "error" not in out:
         out["error"] = "no successful run of each side: " + "; ".join(out.get("errors", []))
     return out
+
+
+def _median(vals: list) -> float | None:
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    n = len(vals)
+    return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2
+
+
+def _pause(out: dict) -> None:
+    """The pause (source STOP -> destination RESUME) per side: "pause_split",
+    the parts of the repetition whose pause is the median (the lower one of an
+    even count), so that they add up to it (migrate.qemu.switchover; a part
+    QMP does not expose for QEMU is None), and qemu_pause_ratio, the engine's
+    median pause over QEMU post-copy's (private RAM)."""
+    out["pause_split"] = {}
+    for side, runs in out["runs"].items():
+        splits = sorted((r["pause_split"] for r in runs if r.get("pause_split")), key=lambda sp: sp["pause_ms"])
+        if splits:
+            out["pause_split"][side] = {**splits[(len(splits) - 1) // 2], "reps": len(splits)}
+    out["pause_split_notes"] = {
+        "engine": "critical path: each part counts only the time after the part before it ended; stop = "
+                  "STOP event to the stop command's reply at the source agent; save = migrate to the end of "
+                  "the device-state pipe; transfer = until the last byte reached the destination QEMU's pipe; "
+                  "load = until the destination QEMU's migration completed; cont = cont to RESUME; remainder = "
+                  "time in none of these (QMP replies, thread hand-offs, poll intervals)",
+        "qemu": "QMP exposes only STOP, the source's query-migrate downtime (whole ms, from just before the "
+                "stop to the device state written to the socket) and RESUME: save = that downtime (it "
+                "includes the stop and the send); load = the rest (the destination's load and its own start: "
+                "QEMU needs no cont); stop, transfer and cont are not separable (None)"}
+    med = {side: _median([r.get("downtime_ms") for r in runs]) for side, runs in out["runs"].items()}
+    out["pause_ms_median"] = med
+    if med.get("engine") and med.get("qemu_postcopy"):
+        out["qemu_pause_ratio"] = round(med["engine"] / med["qemu_postcopy"], 3)
 
 
 if __name__ == "__main__":

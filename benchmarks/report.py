@@ -25,6 +25,8 @@ TARGETS = {
     "qemu_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: total migration time, this engine / QEMU's own post-copy"),
     "qemu_guest_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: guest's time to read all its memory after the switch, "
                                     "this engine / QEMU's own post-copy"),
+    "qemu_pause_ratio": ("<=", 1.0, "QEMU guest, 512 MiB: source STOP -> destination RESUME, median of the reps, "
+                                    "this engine / QEMU's own post-copy"),
     "tls_push_ratio": (">=", 0.7, "background GB/s of guest RAM, all-random content: raw channels over TLS / "
                                   "plaintext, same run"),
     "tls_demand_p50_ratio": ("<=", 1.3, "4 KiB demand fault p50 (dest, push running): raw channels over TLS / "
@@ -205,6 +207,9 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None) -> tuple
         for k in ("qemu_total_ratio", "qemu_guest_ratio", "qemu_guest_delay_ratio"):
             if qemu.get(k) is not None:
                 r[k] = qemu[k]
+        if qemu.get("qemu_pause_ratio") is not None:
+            r["qemu_pause_ratio"] = qemu["qemu_pause_ratio"]
+            src["qemu_pause_ratio"] = "qemu: median engine downtime_ms / median QEMU post-copy (private RAM) downtime_ms"
         src["qemu_total_ratio"] = "qemu: best engine total_ms / best QEMU post-copy (private RAM) total_ms"
         src["qemu_guest_ratio"] = ("qemu: best engine guest_verify_ms / best QEMU post-copy (private RAM) "
                                    "guest_verify_ms")
@@ -388,6 +393,24 @@ QEMU_SIDES = (("engine", "this engine (shared RAM file + x-ignore-shared, demand
                                         "over the shaped link: the baseline of `--qemu --link`"))
 
 
+def _pause_markdown(q: dict) -> list[str]:
+    ps = q.get("pause_split") or {}
+    if not ps:
+        return []
+    out = ["", f"The pause (source STOP -> destination RESUME) in its parts, ms, of the repetition with the median "
+               f"pause; qemu_pause_ratio (median engine / median QEMU post-copy): {_f(q.get('qemu_pause_ratio'), 3)}. "
+               "Each part counts only the time after the one before it ended, so they add up to the pause. -: for "
+               "QEMU, a part QMP does not expose (its save includes the stop and the send); for both, no `cont` "
+               "(the destination QEMU starts itself).", "",
+           "| | pause | stop | save | transfer | load | cont | remainder |", "|---|---|---|---|---|---|---|---|"]
+    for side, label in QEMU_SIDES:
+        p = ps.get(side)
+        if p:
+            out.append(f"| {label} | " + " | ".join(_f(p.get(k), 2) if p.get(k) is not None else "-" for k in (
+                "pause_ms", "stop_ms", "save_ms", "transfer_ms", "load_ms", "cont_ms", "remainder_ms")) + " |")
+    return out
+
+
 def qemu_markdown(q: dict | None) -> list[str]:
     if not q:
         return []
@@ -436,6 +459,7 @@ def qemu_markdown(q: dict | None) -> list[str]:
         if rr:
             lines.append(f"| **engine / {side}** | {_f(rr.get('total_ms'), 3)} | {_f(rr.get('downtime_ms'), 3)} | "
                          f"{_f(rr.get('guest_verify_ms'), 3)} | | |")
+    lines += _pause_markdown(q)
     pre = q.get("runs", {}).get("qemu_precopy_postcopy", [])
     if pre and not any(r.get("went_postcopy") for r in pre):
         lines += ["", "In every precopy-first run QEMU converged on its own before the switch (the idle guest "

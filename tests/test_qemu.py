@@ -693,3 +693,66 @@ def test_the_last_word_on_a_source_qemu_holding_a_memfd(tmp_path):
         finally:
             q.close()
         assert p.wait(20) == 0
+
+
+def _parts_add_up(sp: dict) -> None:
+    from migrate.qemu.switchover import PHASES
+    assert set(sp) >= {"pause_ms", "remainder_ms", *(f"{p}_ms" for p in PHASES)}, sp
+    parts = [sp[f"{p}_ms"] for p in PHASES if sp[f"{p}_ms"] is not None]
+    assert all(v >= 0 for v in parts), sp
+    assert abs(sum(parts) + sp["remainder_ms"] - sp["pause_ms"]) < 0.01, sp
+
+
+def test_pause_split_counts_each_moment_once():
+    """Parts that overlap (the state sent while QEMU still writes it) count
+    only what they add after the part before; gaps are the remainder."""
+    from migrate.qemu.switchover import split
+    sp = split(10.0, 10.020, {"stop": (10.0, 10.001), "save": (9.9, 10.008), "transfer": (9.95, 10.010),
+                              "load": (10.011, 10.016), "cont": None})
+    assert sp == {"pause_ms": 20.0, "stop_ms": 1.0, "save_ms": 7.0, "transfer_ms": 2.0, "load_ms": 5.0,
+                  "cont_ms": None, "remainder_ms": 5.0}
+    _parts_add_up(sp)
+    # a part that ends after the pause (QEMU's completed event after its RESUME) stops at the RESUME
+    assert split(0.0, 0.010, {"load": (0.002, 0.015)})["load_ms"] == 8.0
+
+
+@pytest.mark.timeout(300)
+def test_pause_split_adds_up_for_both_engines(guest):
+    """`migrate bench --qemu`'s pause_split, for this engine and for QEMU's own
+    post-copy: every part there, none negative, and they add up to the pause
+    (STOP -> RESUME, QEMU's own timestamps)."""
+    from benchmarks.qemu_guest import run_engine, run_qemu_postcopy
+    e = run_engine(guest, 256, log=lambda m: print(m, flush=True))
+    q = run_qemu_postcopy(guest, 256, log=lambda m: print(m, flush=True))
+    print(e["pause_split"], q["pause_split"])
+    for r in (e, q):
+        _parts_add_up(r["pause_split"])
+        assert abs(r["pause_split"]["pause_ms"] - r["downtime_ms"]) <= 0.1, r["pause_split"]
+    # the engine: QEMU stops the VM itself (no stop command), the destination
+    # QEMU starts itself (no cont); the save, transfer and load were measured
+    sp = e["pause_split"]
+    assert sp["stop_ms"] == 0 and sp["cont_ms"] is None, sp
+    assert None not in (sp["save_ms"], sp["transfer_ms"], sp["load_ms"]), sp
+    # QEMU: what QMP cannot split is None, its downtime figure is the save
+    qs = q["pause_split"]
+    assert qs["transfer_ms"] is None and qs["cont_ms"] is None, qs
+    assert qs["save_ms"] == min(q["qemu_reported_downtime_ms"], qs["pause_ms"]), qs
+
+
+@pytest.mark.timeout(300)
+def test_device_state_of_several_mib_streams_through(guest, tmp_path):
+    """A device with a 4 MiB option ROM of random bytes puts over 4 MiB into
+    QEMU's stream (more than 60 pipe buffers). It goes through as QEMU writes
+    it: the destination QEMU has its first bytes before the source QEMU has
+    written its last, and the ROM travels while the source VM still runs, so
+    little of the stream is inside the pause."""
+    rom = tmp_path / "rom4m.bin"
+    rom.write_bytes(os.urandom(4 << 20))
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+                       qemu_args=("-device", f"pci-testdev,romfile={rom}"))
+    _check_migrated(res)
+    s, d = res["source"], res["dest"]
+    print({k: s.get(k) for k in ("device_state_bytes", "device_state_bytes_stopped", "switchover")}, d["switchover"])
+    assert s["device_state_bytes"] > 4 << 20 and d["device_state_bytes"] == s["device_state_bytes"]
+    assert d["switchover"]["first_chunk"] < s["switchover"]["save_end"], (s["switchover"], d["switchover"])
+    assert s["device_state_bytes_stopped"] < 1 << 20, s

@@ -714,7 +714,8 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
                     if feeder is not None and m.id in feeder.feeds:
                         f = feeder.feeds[m.id]
                         s.update(guest_running=f.running, device_state_bytes=f.bytes,
-                                 device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
+                                 device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time,
+                                 switchover={k: round(v, 6) for k, v in f.times.items()})
                     if serve_forever:
                         rep.event("migration", f"session {m.id} {s['state']}", **s)
                         agent.retire(m)   # its source's Finish is still answered

@@ -481,6 +481,10 @@ class MigrationService(pbg.MigrationServicer):
         if request.has_device_state and self.device_state is None:
             raise ProtocolError("the source sends QEMU device state but this destination was started "
                                 "without --qmp: start `migrate dest` with --qmp SOCKET of the destination QEMU")
+        if request.has_device_state:
+            # the source stops its QEMU once this answers: the destination QEMU
+            # must wait in migrate-incoming by then
+            self.device_state.ready()
         if self.device_state is not None and not request.has_device_state:
             # a source resuming a session whose device state is here already
             # (its first source was lost after sending it) serves only the rest

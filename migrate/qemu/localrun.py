@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
         split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False,
-        stop_source=False, link=None):
+        stop_source=False, link=None, qemu_args=()):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -69,7 +69,8 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     a new source.
     link: a benchmarks.link.ShapedLink: the source agent runs in its source
     namespace, the destination agent in its destination namespace (the QEMUs
-    reach their agents over Unix sockets, from where they are)."""
+    reach their agents over Unix sockets, from where they are).
+    qemu_args: more QEMU arguments, the same on both sides (devices)."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -92,7 +93,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             src_agent_qmp = os.path.join(w, "src.agent.qmp")
             t = time.monotonic()
             src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=kind, mem_path=src_ram, extra_args=[
-                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off"])
+                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off", *qemu_args])
             res["src_pid"] = src.pid
             m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=timeout)
             res["pages"] = int(m.group(1))
@@ -117,7 +118,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             env = {"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}
             dst, qd, sd = lab.start("dst", env=env, mem_mb=mem_mb, backend=kind, mem_path=dst_ram,
                                     incoming="defer", extra_args=[
-                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off"])
+                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off", *qemu_args])
             res["dst_pid"] = dst.pid
             att = dest.wait_event("attached", 30)
             lab.log(f"dest agent: {att.get('message')}")

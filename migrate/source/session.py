@@ -97,7 +97,7 @@ class Source:
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
                  resume_guest: str = "", open_timeout: float = 60.0, on_created=None,
-                 pace: str = "auto"):
+                 pace: str = "auto", demand_gate: threading.Event | None = None):
         """on_created(source): told of this Source once built (the CLI's
         status and metrics read its snapshot())."""
         self.ram = ram
@@ -142,6 +142,10 @@ class Source:
         # so the push does not take the CPU from the device-state load); demand
         # requests are served from the start regardless.
         self.push_gate = push_gate
+        # Demand requests wait for this (QEMU: the source VM's STOP, after which
+        # its RAM no longer changes); the channel is open and they queue on it
+        # meanwhile. None: served from the start.
+        self.demand_gate = demand_gate
         # QEMU (migrate.qemu): Hello says a device-state stream follows, and
         # on_session(stub, session_id, token) sends it once the demand stream is served.
         self.device_state = device_state
@@ -464,6 +468,9 @@ class Source:
     def _serve_demand(self) -> None:
         """Answers demand requests (C, GIL released) until the destination
         closes the channel at the end of the migration."""
+        while self.demand_gate is not None and not self.demand_gate.wait(0.05):
+            if self.stop.is_set():
+                return
         rc = self.demand.serve()
         if rc == -errno.EPROTO:
             self._fail(ProtocolError(f"destination asked for page {self.demand.d.bad_page}, outside the "
