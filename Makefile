@@ -12,7 +12,7 @@ all: install
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard native/*.c native/*.h native/*.py)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench,tls]'
+	$(PY) -m pip install -q -e '.[test,bench,tls,metrics]'
 	touch $@
 
 install: $(VENV)/.installed

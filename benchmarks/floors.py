@@ -9,7 +9,12 @@
 - the network: raw TCP 4 KiB ping-pong between two processes on loopback and
   raw TCP loopback bandwidth (tcp_peer.py);
 - eager mapping: the engine's mg_map_pages over pages already received, the
-  CPU a push spends on UFFDIO_CONTINUE besides moving bytes.
+  CPU a push spends on UFFDIO_CONTINUE besides moving bytes;
+- the cipher: AES-128-GCM on one CPU (`openssl speed`), what a TLS push costs
+  each side per GiB before anything else;
+- the raw channels' own path (tls_wire.c over native/wire.c and native/tls.c),
+  plaintext and TLS: a push's CPU per GiB on each side and a 4 KiB demand
+  round trip, without userfaultfd or Python: what TLS itself costs.
 
 In the last three the faulting thread is guestsim's C vCPU loop
 (mg_guestsim_run), which runs with the GIL released and times each first
@@ -407,6 +412,75 @@ def _bandwidth_once(total: int, chunk: int, ring: int = 0) -> float:
     return r["bytes"] / r["seconds"] / 1e9
 
 
+def cipher_speed(seconds: int = 1, reps: int = 3, record: int = 16384) -> dict:
+    """AES-128-GCM, the suite the raw channels prefer, on one CPU through the
+    system's OpenSSL (`openssl speed -evp`, the library the agents load), at
+    the push's record size: what each side of a TLS push pays per GiB (one
+    encryption at the source, one decryption at the destination) before any
+    record handling, copy or syscall. Best of reps."""
+    exe = shutil.which("openssl")
+    if not exe:
+        raise RuntimeError("no openssl command on PATH (the TLS cipher floor runs `openssl speed`)")
+    runs = []
+    for _ in range(reps):
+        out = subprocess.run([exe, "speed", "-evp", "aes-128-gcm", "-bytes", str(record), "-seconds", str(seconds)],
+                             capture_output=True, text=True, timeout=60 + 2 * seconds, check=True).stdout
+        # the result line: the name, then thousands of bytes a second per size
+        line = next((x for x in out.splitlines() if x.upper().startswith("AES-128-GCM")), None)
+        if line is None:
+            raise RuntimeError(f"openssl speed printed no AES-128-GCM line: {out[-300:]!r}")
+        runs.append(float(line.split()[-1].rstrip("k")) * 1000 / 1e9)
+    gbps = max(runs)
+    return {"gbps": round(gbps, 3), "reps_gbps": [round(x, 3) for x in runs], "record": record,
+            "s_per_gib": round((1 << 30) / (gbps * 1e9), 3), "cpus": os.cpu_count()}
+
+
+def compile_tls_wire(workdir: str) -> str:
+    """tls_wire.c built with the engine's own channel path (native/wire.c,
+    native/tls.c): the floor measures that code, not a copy of it."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        raise RuntimeError("no C compiler (cc) on PATH: the C floors are built at run time")
+    native = os.path.join(os.path.dirname(HERE), "native")
+    exe = os.path.join(workdir, "tls_wire")
+    subprocess.run([cc, "-O2", "-std=gnu11", "-pthread", "-I", native, "-o", exe, os.path.join(HERE, "tls_wire.c"),
+                    *(os.path.join(native, c) for c in ("tls.c", "wire.c", "uffd.c")), "-ldl"],
+                   check=True, capture_output=True, text=True)
+    return exe
+
+
+def tls_wire(exe: str, workdir: str, push_mib: int, rounds: int, reps: int = 2) -> dict:
+    """The raw channels' path alone (tls_wire.c), plaintext and TLS taken in
+    turn so that what else runs on the host weighs on both: a push's CPU a GiB
+    on each side (the lowest of the reps) and GB/s (the highest), and the
+    demand round trip's latency (the rep with the lowest p50)."""
+    from migrate.wire.certs import write_certs
+    certs = os.path.join(workdir, "tls-wire-certs")
+    os.makedirs(certs, exist_ok=True)
+    write_certs(certs, ["a", "b"])
+    push: dict = {"plain": [], "tls": []}
+    rr: dict = {"plain": [], "tls": []}
+
+    def run(*args) -> dict:
+        p = subprocess.run([exe, *map(str, args)], capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            raise RuntimeError(f"tls_wire {' '.join(map(str, args[:3]))}: {p.stderr.strip()[-300:]}")
+        return json.loads(p.stdout)
+
+    for _ in range(reps):
+        for mode, tls in (("plain", 0), ("tls", 1)):
+            push[mode].append(run("push", push_mib, tls, certs))
+            rr[mode].append(stats_us(run("rr", rounds, tls, certs)["samples_ns"]))
+    out: dict = {"push_mib": push_mib, "rounds": rounds}
+    for mode in ("plain", "tls"):
+        out[f"push_{mode}"] = {"gbps": max(r["gbps"] for r in push[mode]),
+                               "send_cpu_s_per_gib": min(r["send_cpu_s_per_gib"] for r in push[mode]),
+                               "recv_cpu_s_per_gib": min(r["recv_cpu_s_per_gib"] for r in push[mode]),
+                               "reps_gbps": [r["gbps"] for r in push[mode]]}
+        out[f"rr_{mode}"] = _best(rr[mode])
+    return out
+
+
 # -- all of them --------------------------------------------------------------
 def _guarded(log, what: str, fn, huge_pages: int = 0, tries: int = 2) -> dict:
     """One floor; an error is recorded, not raised. Huge pages are reserved
@@ -475,6 +549,15 @@ def run_all(quick: bool, huge_ok: bool, log=print, tiny: bool = False) -> dict:
     out["tcp_bandwidth"] = _guarded(log, "tcp_bandwidth", lambda: tcp_bandwidth(bw_bytes))
     log("floor: raw TCP loopback bandwidth, memory to memory")
     out["tcp_bandwidth_cold"] = _guarded(log, "tcp_bandwidth_cold", lambda: tcp_bandwidth(bw_bytes, ring=bw_bytes))
+    log("floor: AES-128-GCM on one CPU (openssl speed, 16 KiB records)")
+    out["aes_gcm"] = _guarded(log, "aes_gcm", lambda: cipher_speed(reps=1 if tiny else 3), tries=1)
+    work = tempfile.mkdtemp(prefix="migrate-bench-")
+    try:
+        log("floor: the raw channels' path alone (native/wire.c), plaintext and TLS: push and 4 KiB round trip")
+        out["tls_wire"] = _guarded(log, "tls_wire", lambda: tls_wire(
+            compile_tls_wire(work), work, 64 if tiny else 512 if quick else 2048, 300 if tiny else n_ping), tries=1)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 

@@ -13,8 +13,12 @@ Each side reports
                     QEMU's own "downtime" figure is kept as qemu_reported_downtime_ms
   guest_verify_ms   the guest's own time to read all of its memory (memfill), started
                     the moment the destination runs, while pages are still arriving
-  postcopy_blocktime_ms   QEMU's postcopy-blocktime (destination); None for the engine,
-                    which reports its demand-fault service latency instead
+  postcopy_blocktime_ms   QEMU's postcopy-blocktime (destination: the time every vCPU was
+                    blocked at once); the engine's is its one vCPU's blocked time (the
+                    summary's `vcpus`, from the faults' thread ids), None with more vCPUs
+  vcpu_blocktime_ms QEMU's postcopy-vcpu-blocktime; the engine's blocked time per vCPU
+  pause_split       downtime_ms in its parts: stop, save, transfer, load, cont and a
+                    remainder (migrate.qemu.switchover); for QEMU only what QMP exposes
 `ratio` is engine / QEMU for each (below 1: the engine is faster).
 
 Uses migrate.qemu.lab and migrate.qemu.localrun (the flow examples/qemu/run.sh runs) and
@@ -31,7 +35,7 @@ import sys
 import tempfile
 import time
 
-from migrate.qemu import localrun
+from migrate.qemu import localrun, switchover
 from migrate.qemu.lab import Lab
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -52,16 +56,19 @@ def _first_event(q, name: str) -> float | None:
     return seen[0]["time"] if seen else None
 
 
-def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None) -> dict:
+def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None, link=None) -> dict:
+    """link: a benchmarks.link.ShapedLink between the two agents."""
     load = os.getloadavg()[0]
-    r = localrun.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log)
+    r = localrun.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log, link=link)
     if not (r.get("verify") or "").startswith("VERIFY OK") or r.get("errors"):
         raise RuntimeError(f"engine run failed: {r.get('verify')} {r.get('errors')}")
     d, s = r.get("dest", {}), r.get("source", {})
     tl = {ev: t for t, who, ev in reversed(r.get("timeline", [])) if who == "source"}
+    blocked = [round(v["blocked_s"] * 1e3, 1) for v in d.get("vcpus", ()) if v["vcpu"] is not None]
     return {"pages": r["pages"], "total_ms": r.get("total_ms"), "downtime_ms": r.get("downtime_ms"),
             "guest_verify_ms": r.get("guest_verify_ms"), "guest_verify_local_ms": r.get("guest_verify_local_ms"),
-            "postcopy_blocktime_ms": None,
+            "postcopy_blocktime_ms": blocked[0] if len(blocked) == 1 else None,
+            "vcpu_blocktime_ms": blocked,
             "demand_faults": d.get("faults"), "fault_p50_us": d.get("fault_p50_us"),
             "fault_p99_us": d.get("fault_p99_us"), "pages_demand": d.get("pages_demand"),
             "pages_pushed": d.get("pages_pushed"), "pages_zero": d.get("pages_zero"),
@@ -71,12 +78,24 @@ def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambd
             "connected_ms": tl.get("connected"), "load_ms": d.get("device_state_load_ms"),
             "cpu_s": {"dest": round(d.get("cpu_user_s", 0) + d.get("cpu_sys_s", 0), 3),
                       "source": round(s.get("cpu_user_s", 0) + s.get("cpu_sys_s", 0), 3)},
+            "attach_ack_ms": r.get("attach_ack_ms"),
             "verify": r["verify"], "src_status_at_dst_running": r.get("src_status_at_dst_running"),
+            "pause_split": _engine_pause_split(r),
+            "switchover_stamps": {"stop": r.get("src_stop_time"), "resume": r.get("dst_resume_time"),
+                                  "source": s.get("switchover"), "dest": d.get("switchover")},
             "timeline": r.get("timeline"), "loadavg": round(load, 2)}
 
 
+def _engine_pause_split(r: dict) -> dict | None:
+    """The pause (STOP -> RESUME) in its parts, from the agents' switchover stamps."""
+    d, s = r.get("dest", {}), r.get("source", {})
+    if not (r.get("src_stop_time") and r.get("dst_resume_time") and d.get("switchover") and s.get("switchover")):
+        return None
+    return switchover.engine_split(r["src_stop_time"], r["dst_resume_time"], s["switchover"], d["switchover"])
+
+
 def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy: str = "none",
-                      backend: str = "ram") -> dict:
+                      backend: str = "ram", link=None, preempt: bool = False) -> dict:
     """QEMU's own post-copy (postcopy-ram), private RAM, over loopback TCP; the
     guest's verify is triggered as soon as the destination runs.
 
@@ -87,28 +106,38 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
 
     total_ms is measured from the same kind of events as the engine's: the start of
     the migration (source MIGRATION "setup"; the engine has no phase before its STOP)
-    to the destination's MIGRATION "completed", QEMU's own timestamps."""
+    to the destination's MIGRATION "completed", QEMU's own timestamps.
+
+    link: a benchmarks.link.ShapedLink: the source QEMU in its source
+    namespace, the destination QEMU in its destination namespace, migrating
+    across it. preempt: QEMU's postcopy-preempt channel (page requests'
+    replies on a connection of their own, as this engine's demand channel)."""
     load = os.getloadavg()[0]
     with Lab(guest, verbose=False) as lab:
         lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
         kw = {}
         if backend == "file":   # the engine's backing: a share=on file on /dev/shm, each side its own
             kw = {"mem_path": lab.shm_path("qemu-postcopy-src")}
-        src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=backend, **kw)
+        src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=backend, prefix=link.src_prefix if link else (), **kw)
         m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=300)
         pages = int(m.group(1))
         if backend == "file":
             kw = {"mem_path": lab.shm_path("qemu-postcopy-dst")}
-        dst, qd, sd = lab.start("dst", mem_mb=mem_mb, backend=backend, incoming="defer", **kw)
-        qs.set_caps(postcopy_ram=True, events=True)
-        qd.set_caps(postcopy_ram=True, postcopy_blocktime=True, events=True)
+        dst, qd, sd = lab.start("dst", mem_mb=mem_mb, backend=backend, incoming="defer",
+                                prefix=link.dst_prefix if link else (), **kw)
+        more = {"postcopy_preempt": True} if preempt else {}
+        qs.set_caps(postcopy_ram=True, events=True, **more)
+        qd.set_caps(postcopy_ram=True, postcopy_blocktime=True, events=True, **more)
         qs.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-        s.close()
-        qd.cmd("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
-        qs.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+        if link is not None:
+            host, port = link.dst_addr, 7000   # (a namespace of this run's own: every port is free)
+        else:
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            host, port = "127.0.0.1", s.getsockname()[1]
+            s.close()
+        qd.cmd("migrate-incoming", uri=f"tcp:{host}:{port}")
+        qs.cmd("migrate", uri=f"tcp:{host}:{port}")
         deadline = time.monotonic() + 120
         if precopy == "first-pass":
             while (qs.cmd("query-migrate").get("ram", {}).get("dirty-sync-count", 0) < 2
@@ -143,7 +172,8 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
         # post-copy happened when the switch came before QEMU's own convergence (an idle
         # guest's precopy can finish in one pass plus a stop-and-copy of the rest)
         went_postcopy = bool(qs.seen("MIGRATION", status="postcopy-active"))
-        return {"precopy": precopy, "backend": backend, "pages": pages, "went_postcopy": went_postcopy,
+        return {"precopy": precopy, "backend": backend, "preempt": preempt, "pages": pages,
+                "went_postcopy": went_postcopy,
                 "downtime_bytes": ram.get("downtime-bytes"), "postcopy_bytes": ram.get("postcopy-bytes"),
                 "total_ms": round((done[0]["time"] - t_start) * 1e3, 1) if done and t_start else info.get("total-time"),
                 "qemu_total_time_ms": info.get("total-time"),
@@ -151,9 +181,11 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
                 "postcopy_ms": round((done[0]["time"] - stop) * 1e3, 1) if done and stop else None,
                 "downtime_ms": round((resume - stop) * 1e3, 1) if stop and resume else None,
                 "qemu_reported_downtime_ms": info.get("downtime"),
+                "pause_split": switchover.qemu_split(stop, resume, info.get("downtime")) if stop and resume else None,
                 "guest_verify_ms": int(v.group(2)) if v.group(2) else None,
                 "guest_verify_local_ms": int(v2.group(2)) if v2.group(2) else None,
                 "postcopy_blocktime_ms": dinfo.get("postcopy-blocktime"),
+                "vcpu_blocktime_ms": dinfo.get("postcopy-vcpu-blocktime"),
                 "postcopy_requests": ram.get("postcopy-requests"), "ram_transferred": ram.get("transferred"),
                 "verify": v.group(0).strip(), "loadavg": round(load, 2)}
 
@@ -254,6 +286,8 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
     out["seconds"] = round(time.monotonic() - t0, 1)
     out["best"] = {side: _best(runs) for side, runs in out["runs"].items() if runs}
     b = out["best"]
+    acks = [x["attach_ack_ms"] for x in out["runs"]["engine"] if x.get("attach_ack_ms") is not None]
+    out["attach_ack_ms"] = max(acks) if acks else None   # the longest: the destination QEMU waited that in mmap
     if "engine" in b and "qemu_postcopy" in b:
         out["ratio"] = _ratios(b["engine"], b["qemu_postcopy"])
         out["qemu_total_ratio"] = out["ratio"].get("total_ms")
@@ -268,7 +302,87 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
         out["ratio_precopy"] = _ratios(b["engine"], b["qemu_precopy_postcopy"])
     if "engine" in b and "qemu_postcopy_shm" in b:
         out["ratio_shm"] = _ratios(b["engine"], b["qemu_postcopy_shm"])
+    _pause(out)
     return out
+
+
+def bench_link(rate: str, reps: int = 2, mem_mb: int = 512, log=lambda m: None) -> dict:
+    """`migrate bench --qemu --link RATE`: reps x (this engine, QEMU post-copy
+    with its preempt channel), alternating, the same guest, over one shaped
+    link (benchmarks.link) made for the run. Best of each; never raises."""
+    from benchmarks.link import ShapedLink, unavailable
+    out: dict = {"mem_mb": mem_mb, "link": rate, "reps": reps, "runs": {"engine": [], "qemu_postcopy_preempt": []}}
+    why = unavailable()
+    if why:
+        out["error"] = why
+        return out
+    t0 = time.monotonic()
+    try:
+        guest = build_guest()
+        with ShapedLink(rate) as link:
+            out["link_floor"] = link.floors(log)
+            for i in range(reps):
+                for side, fn in (("engine", lambda: run_engine(guest, mem_mb, link=link)),
+                                 ("qemu_postcopy_preempt", lambda: run_qemu_postcopy(guest, mem_mb, link=link,
+                                                                                     preempt=True))):
+                    try:
+                        r = fn()
+                    except Exception as e:  # noqa: BLE001 - one failed run does not stop the others
+                        out.setdefault("errors", []).append(f"{side} rep {i + 1}: {type(e).__name__}: {e}")
+                        log(f"qemu guest over {rate} rep {i + 1}/{reps} {side} failed: {e}")
+                        continue
+                    r.pop("timeline", None)
+                    out["runs"][side].append(r)
+                    log(f"qemu guest over {rate} rep {i + 1}/{reps} {side}: total {r['total_ms']} ms, downtime "
+                        f"{r['downtime_ms']} ms, guest verify {r['guest_verify_ms']} ms "
+                        f"(local {r.get('guest_verify_local_ms')} ms), load {r['loadavg']}")
+    except Exception as e:  # noqa: BLE001 - the report says what failed
+        out["error"] = f"{type(e).__name__}: {e}"
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    out["best"] = {side: _best(runs) for side, runs in out["runs"].items() if runs}
+    b = out["best"]
+    if "engine" in b and "qemu_postcopy_preempt" in b:
+        out["ratio"] = _ratios(b["engine"], b["qemu_postcopy_preempt"])
+        out["qemu_link_total_ratio"] = out["ratio"].get("total_ms")
+        out["qemu_link_guest_ratio"] = out["ratio"].get("guest_verify_ms")
+    elif "error" not in out:
+        out["error"] = "no successful run of each side: " + "; ".join(out.get("errors", []))
+    return out
+
+
+def _median(vals: list) -> float | None:
+    vals = sorted(v for v in vals if v is not None)
+    if not vals:
+        return None
+    n = len(vals)
+    return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) / 2
+
+
+def _pause(out: dict) -> None:
+    """The pause (source STOP -> destination RESUME) per side: "pause_split",
+    the parts of the repetition whose pause is the median (the lower one of an
+    even count), so that they add up to it (migrate.qemu.switchover; a part
+    QMP does not expose for QEMU is None), and qemu_pause_ratio, the engine's
+    median pause over QEMU post-copy's (private RAM)."""
+    out["pause_split"] = {}
+    for side, runs in out["runs"].items():
+        splits = sorted((r["pause_split"] for r in runs if r.get("pause_split")), key=lambda sp: sp["pause_ms"])
+        if splits:
+            out["pause_split"][side] = {**splits[(len(splits) - 1) // 2], "reps": len(splits)}
+    out["pause_split_notes"] = {
+        "engine": "critical path: each part counts only the time after the part before it ended; stop = "
+                  "STOP event to the stop command's reply at the source agent; save = migrate to the end of "
+                  "the device-state pipe; transfer = until the last byte reached the destination QEMU's pipe; "
+                  "load = until the destination QEMU's migration completed; cont = cont to RESUME; remainder = "
+                  "time in none of these (QMP replies, thread hand-offs, poll intervals)",
+        "qemu": "QMP exposes only STOP, the source's query-migrate downtime (whole ms, from just before the "
+                "stop to the device state written to the socket) and RESUME: save = that downtime (it "
+                "includes the stop and the send); load = the rest (the destination's load and its own start: "
+                "QEMU needs no cont); stop, transfer and cont are not separable (None)"}
+    med = {side: _median([r.get("downtime_ms") for r in runs]) for side, runs in out["runs"].items()}
+    out["pause_ms_median"] = med
+    if med.get("engine") and med.get("qemu_postcopy"):
+        out["qemu_pause_ratio"] = round(med["engine"] / med["qemu_postcopy"], 3)
 
 
 if __name__ == "__main__":

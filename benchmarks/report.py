@@ -25,6 +25,8 @@ TARGETS = {
     "qemu_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: total migration time, this engine / QEMU's own post-copy"),
     "qemu_guest_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: guest's time to read all its memory after the switch, "
                                     "this engine / QEMU's own post-copy"),
+    "qemu_pause_ratio": ("<=", 1.0, "QEMU guest, 512 MiB: source STOP -> destination RESUME, median of the reps, "
+                                    "this engine / QEMU's own post-copy"),
     "tls_push_ratio": (">=", 0.7, "background GB/s of guest RAM, all-random content: raw channels over TLS / "
                                   "plaintext, same run"),
     "tls_demand_p50_ratio": ("<=", 1.3, "4 KiB demand fault p50 (dest, push running): raw channels over TLS / "
@@ -33,6 +35,16 @@ TARGETS = {
                                          "about 1 Gbit/s"),
     "hints_time_reduction": (">=", 0.3, "1 - guest's time to finish its workload with source --hints / without, "
                                         "same runs"),
+    "link10g_demand_p99_ratio": ("<=", 3.0, "10 Gbit shaped link: 4 KiB demand fault p99 (dest) with the push filling "
+                                            "the link / the same with the link idle"),
+    "link10g_typical_ram_vs_link": (">=", 1.5, "10 Gbit shaped link: background GB/s of guest RAM, typical content / "
+                                               "the link's measured bulk GB/s"),
+    "link1g_typical_ram_vs_link": (">=", 3.0, "1 Gbit shaped link: the same"),
+    "qemu_link_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB, over a shaped link (`--qemu --link`): total migration "
+                                         "time, this engine / QEMU post-copy-preempt"),
+    "qemu_link_guest_ratio": ("<=", 0.5, "the same: the guest's time to read all its memory after the switch"),
+    "attach_ack_ms": ("<=", 50.0, "longest attach ack over the run's scenarios (QEMU's too): from the guest's "
+                                  "connection to its ack, while its RAM is allocated in the background"),
     "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
 }
 
@@ -40,9 +52,9 @@ TARGETS = {
 def _pick(results: list[dict], **want) -> dict | None:
     """The largest successful scenario with these fields (plaintext unless
     tls=True is asked for: results from before TLS have no tls field)."""
-    want = {"tls": False, **want}
-    hits = [r for r in results if r.get("ok") and all(r.get(k, False if k == "tls" else None) == v
-                                                      for k, v in want.items())]
+    absent = {"tls": False, "link": "", "push_rate": 0}   # fields results from before them lack
+    want = {"tls": False, "link": "", "push_rate": 0, **want}
+    hits = [r for r in results if r.get("ok") and all(r.get(k, absent.get(k)) == v for k, v in want.items())]
     return max(hits, key=lambda r: r["size"]) if hits else None
 
 
@@ -105,6 +117,44 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
         if plain and tls and tls["size"] == plain["size"]:
             r[key] = _div(metric(tls), metric(plain))
             src[key] = f"{tls['scenario']} / {plain['scenario']}, {what} ({metric(tls)} / {metric(plain)})"
+    # Not targets: where the TLS push's time goes. Each agent's CPU seconds a
+    # GiB over its plaintext run's (same scenario, this run: the difference is
+    # TLS), AES-128-GCM's own cost on one CPU, and the highest tls_push_ratio
+    # this host allows if TLS added nothing but that cipher work (one
+    # encryption and one decryption a byte) to a plaintext push that already
+    # keeps every CPU busy: both agents share the CPUs here, so a GB takes
+    # 2 / (cpus x cipher GB/s) seconds longer.
+    aes = f.get("aes_gcm", {})
+    plain = _pick(results, backing="tmpfs", vcpus=1, placement="continue", pattern="idle", content="random")
+    tls = _pick(results, backing="tmpfs", vcpus=1, placement="continue", pattern="idle", content="random", tls=True)
+    if aes.get("gbps"):
+        r["tls_cipher_gbps"] = aes["gbps"]
+        src["tls_cipher_gbps"] = (f"floors.aes_gcm: openssl speed -evp aes-128-gcm, {aes['record']} B, one CPU "
+                                  f"({aes['s_per_gib']} s a GiB)")
+    if plain and tls and tls["size"] == plain["size"]:
+        for side in ("source", "dest"):
+            a, b = tls.get("cpu_s_per_gib", {}).get(side), plain.get("cpu_s_per_gib", {}).get(side)
+            if a is not None and b is not None:
+                r[f"tls_push_{side}_cpu_s_per_gib"] = round(a - b, 3)
+                src[f"tls_push_{side}_cpu_s_per_gib"] = f"{tls['scenario']} - {plain['scenario']}, {side} CPU s/GiB"
+    # the same two costs on the channel path alone (floors.tls_wire): TLS's
+    # CPU a GiB over plaintext's, both sides together, and the demand round
+    # trip's p50 over plaintext's: the part of tls_demand_p50_ratio that
+    # TLS itself adds, before the CPU its push takes from the demand threads
+    w = f.get("tls_wire", {})
+    if "push_tls" in w:
+        cpu = {m: w[f"push_{m}"]["send_cpu_s_per_gib"] + w[f"push_{m}"]["recv_cpu_s_per_gib"] for m in ("plain", "tls")}
+        r["tls_wire_push_cpu_ratio"] = _div(cpu["tls"], cpu["plain"])
+        src["tls_wire_push_cpu_ratio"] = (f"floors.tls_wire, CPU s a GiB (send + receive): TLS {cpu['tls']:.3f} / "
+                                          f"plaintext {cpu['plain']:.3f}")
+        r["tls_wire_rr_p50_ratio"] = _div(w["rr_tls"]["p50_us"], w["rr_plain"]["p50_us"])
+        src["tls_wire_rr_p50_ratio"] = (f"floors.tls_wire, 4 KiB round trip p50: TLS {w['rr_tls']['p50_us']} us / "
+                                        f"plaintext {w['rr_plain']['p50_us']} us")
+    plain_gbps = plain and (plain.get("push_gbps") or plain["ram_gbps"])
+    if aes.get("gbps") and plain_gbps:
+        r["tls_push_ratio_bound"] = _div(1, 1 + 2 * plain_gbps / ((aes.get("cpus") or 1) * aes["gbps"]))
+        src["tls_push_ratio_bound"] = (f"1 / (1 + 2 x plaintext push {plain_gbps} GB/s / ({aes.get('cpus')} CPUs x "
+                                       f"AES-128-GCM {aes['gbps']} GB/s))")
     c2, p2 = f.get("c_continue_2m"), f.get("c_copy_2m")
     if c2 and p2:
         # placement alone: the ioctl with DONTWAKE (waking the faulting thread
@@ -137,6 +187,7 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
     if seq:
         r["seq_fault_fraction"] = seq["fault_fraction"]
         src["seq_fault_fraction"] = seq["scenario"] + " dest faults / pages_total"
+    _link_ratios(results, r, src)
     ok = [x for x in results if x.get("ok") and x.get("peak_rss_mib", {}).get("dest") is not None]
     if ok:
         biggest = max(x["size"] for x in ok)
@@ -146,10 +197,24 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
         r["dest_hwm_mib"] = worst.get("peak_hwm_mib", {}).get("dest")
         r["guest_gib"] = round(biggest / (1 << 30), 3)
         src["dest_rss_mib"] = worst["scenario"] + " peak RssAnon+RssFile of dest"
-    if qemu and qemu.get("ratio"):
+    acks = [(x["dest"]["ack_ms"], x["scenario"]) for x in results if x.get("ok") and x.get("dest", {}).get("ack_ms")]
+    if qemu and qemu.get("attach_ack_ms") is not None:
+        acks.append((qemu["attach_ack_ms"], "qemu engine runs"))
+    if acks:
+        r["attach_ack_ms"], where = max(acks)
+        src["attach_ack_ms"] = f"{where} dest ack_ms, the longest of {len(acks)}"
+    if qemu and qemu.get("link") and qemu.get("ratio"):
+        for k in ("qemu_link_total_ratio", "qemu_link_guest_ratio"):
+            r[k] = qemu.get(k)
+            src[k] = (f"qemu over {qemu['link']}: best engine {'total_ms' if 'total' in k else 'guest_verify_ms'} / "
+                      "best QEMU post-copy-preempt, same link, same guest")
+    elif qemu and qemu.get("ratio"):
         for k in ("qemu_total_ratio", "qemu_guest_ratio", "qemu_guest_delay_ratio"):
             if qemu.get(k) is not None:
                 r[k] = qemu[k]
+        if qemu.get("qemu_pause_ratio") is not None:
+            r["qemu_pause_ratio"] = qemu["qemu_pause_ratio"]
+            src["qemu_pause_ratio"] = "qemu: median engine downtime_ms / median QEMU post-copy (private RAM) downtime_ms"
         src["qemu_total_ratio"] = "qemu: best engine total_ms / best QEMU post-copy (private RAM) total_ms"
         src["qemu_guest_ratio"] = ("qemu: best engine guest_verify_ms / best QEMU post-copy (private RAM) "
                                    "guest_verify_ms")
@@ -168,6 +233,41 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
             r[k] = hints.get(k)
             src[k] = f"{hints['scenario']} at --max-rate {hints['rate']}: record pass (no hints), then with hints"
     return r, src
+
+
+LINK_KEYS = {"10gbit": "link10g", "1gbit": "link1g"}
+
+
+def _link_ratios(results: list[dict], r: dict, src: dict) -> None:
+    """The shaped-link keys (issue 19), each from scenarios run over one link
+    in this run, against that link's floors measured just before them."""
+    for rate in dict.fromkeys(x["link"] for x in results if x.get("link")):
+        k = LINK_KEYS.get(rate, "link_" + rate)
+        floor = next((x["link_floor"] for x in results if x.get("link") == rate and x.get("link_floor")), {})
+        bulk = floor.get("bulk_gbps")
+        r[k + "_bulk_gbps"] = bulk
+        r[k + "_rtt_p50_us"] = floor.get("rtt_p50_us")
+        src[k + "_bulk_gbps"] = f"link {rate}: one plaintext TCP stream across it, best of {floor.get('bulk_gbps_reps')}"
+        push = _pick(results, backing="tmpfs", pattern="idle", vcpus=1, content="typical", placement="continue",
+                     tls=True, link=rate)
+        if push and bulk:
+            r[k + "_typical_ram_vs_link"] = _div(push.get("push_gbps"), bulk)
+            src[k + "_typical_ram_vs_link"] = (f"{push['scenario']} push GB/s {push.get('push_gbps')} / link bulk "
+                                               f"{bulk} GB/s")
+        busy = _pick(results, backing="tmpfs", pattern="random", vcpus=1, content="typical", placement="continue",
+                     tls=True, link=rate)
+        idle = [x for x in results if x.get("ok") and x.get("link") == rate and x.get("push_rate")
+                and x.get("pattern") == "random" and x.get("content") == "typical"]
+        if busy and idle:
+            idle = idle[0]
+            r[k + "_demand_p99_ratio"] = _div(busy["dest"].get("fault_p99_us"), idle["dest"].get("fault_p99_us"))
+            r[k + "_demand_p50_ratio"] = _div(busy["dest"].get("fault_p50_us"), idle["dest"].get("fault_p50_us"))
+            src[k + "_demand_p99_ratio"] = (f"{busy['scenario']} dest fault p99 {busy['dest'].get('fault_p99_us')} us "
+                                            f"(push {busy.get('push_gbps')} GB/s) / {idle['scenario']} "
+                                            f"{idle['dest'].get('fault_p99_us')} us")
+        if busy and busy.get("link_bands"):
+            # the marks counted: bytes the source's end sent in the urgent band
+            r[k + "_urgent_band_mib"] = round(busy["link_bands"].get("10:10", {}).get("bytes", 0) / (1 << 20), 1)
 
 
 def verdicts(r: dict) -> dict:
@@ -237,6 +337,22 @@ def markdown(doc: dict) -> str:
     if m and "ns_per_page" in m:
         lines.append(f"| map_4k (mapping received pages, one CPU) | {m['ns_per_page']} ns a page, "
                      f"{m['s_per_gib']} s a GiB | | | | {', '.join(_f(x, 1) for x in m['reps_ns_per_page'])} ns |")
+    for k, v in doc["floors"].items():
+        if k.startswith("link_") and "bulk_gbps" in v:
+            lines.append(f"| {k} (shaped link: one TCP stream; 4 KiB ping-pong) | {v['bulk_gbps']} GB/s; "
+                         f"{_f(v['rtt_p50_us'])} | {_f(v['rtt_p99_us'])} | | | {', '.join(str(x) for x in v['bulk_gbps_reps'])} GB/s |")
+    w = doc["floors"].get("tls_wire")
+    if w and "push_tls" in w:
+        for m in ("plain", "tls"):
+            p, rr = w[f"push_{m}"], w[f"rr_{m}"]
+            lines.append(f"| tls_wire {m} (channel path alone): push {p['gbps']} GB/s, CPU s a GiB send "
+                         f"{p['send_cpu_s_per_gib']} receive {p['recv_cpu_s_per_gib']}; 4 KiB round trip | "
+                         f"{_f(rr['p50_us'])} | {_f(rr.get('p99_us'))} | {_f(rr.get('p999_us'))} | | "
+                         f"{', '.join(_f(x) for x in rr.get('reps_p50_us', []))} |")
+    a = doc["floors"].get("aes_gcm")
+    if a and "gbps" in a:
+        lines.append(f"| aes_gcm (AES-128-GCM, {a['record']} B records, one CPU) | {a['gbps']} GB/s, "
+                     f"{a['s_per_gib']} s a GiB | | | | {', '.join(str(x) for x in a['reps_gbps'])} GB/s |")
     lines += ["", "## Scenarios", "",
               "Times in seconds (source connect to Finish); `RAM GB/s` = guest RAM / that time; `push GB/s` = guest "
               "RAM / the push window at the destination (first push channel to last page); fault latencies in us. "
@@ -281,7 +397,27 @@ QEMU_SIDES = (("engine", "this engine (shared RAM file + x-ignore-shared, demand
               ("qemu_postcopy_shm", "QEMU post-copy as above, RAM on a share=on /dev/shm file (the engine's "
                                     "backing)"),
               ("qemu_precopy_postcopy", "QEMU: one precopy pass, then migrate-start-postcopy (libvirt "
-                                        "--postcopy-after-precopy)"))
+                                        "--postcopy-after-precopy)"),
+              ("qemu_postcopy_preempt", "QEMU post-copy with its preempt channel (postcopy-preempt), private RAM, "
+                                        "over the shaped link: the baseline of `--qemu --link`"))
+
+
+def _pause_markdown(q: dict) -> list[str]:
+    ps = q.get("pause_split") or {}
+    if not ps:
+        return []
+    out = ["", f"The pause (source STOP -> destination RESUME) in its parts, ms, of the repetition with the median "
+               f"pause; qemu_pause_ratio (median engine / median QEMU post-copy): {_f(q.get('qemu_pause_ratio'), 3)}. "
+               "Each part counts only the time after the one before it ended, so they add up to the pause. -: for "
+               "QEMU, a part QMP does not expose (its save includes the stop and the send); for both, no `cont` "
+               "(the destination QEMU starts itself).", "",
+           "| | pause | stop | save | transfer | load | cont | remainder |", "|---|---|---|---|---|---|---|---|"]
+    for side, label in QEMU_SIDES:
+        p = ps.get(side)
+        if p:
+            out.append(f"| {label} | " + " | ".join(_f(p.get(k), 2) if p.get(k) is not None else "-" for k in (
+                "pause_ms", "stop_ms", "save_ms", "transfer_ms", "load_ms", "cont_ms", "remainder_ms")) + " |")
+    return out
 
 
 def qemu_markdown(q: dict | None) -> list[str]:
@@ -290,6 +426,14 @@ def qemu_markdown(q: dict | None) -> list[str]:
     lines = ["", "## QEMU guest", ""]
     if q.get("skipped") and not q.get("runs"):
         return lines + [f"Not run: {q['skipped']}."]
+    if q.get("link"):
+        fl = q.get("link_floor") or {}
+        lines += [f"Over a shaped link, {q['link']} (benchmarks/link.py; measured bulk {fl.get('bulk_gbps')} GB/s, "
+                  f"idle 4 KiB round trip p50 {fl.get('rtt_p50_us')} us): the source agent and the source QEMU in "
+                  "one network namespace, the destination agent and the destination QEMU in the other (the "
+                  "engine's QEMUs reach their agents over Unix sockets), so every page crosses the link. The "
+                  "engine's channels are mutual TLS (the agents refuse plaintext off loopback); QEMU's migration "
+                  "stream is plain TCP. Otherwise as below (where it says loopback TCP, read the link).", ""]
     lines += [f"The same busybox guest (Debian kernel, memfill: {q.get('mem_mb')} MiB RAM, most of it filled with a "
               "page-number pattern), TCG, both QEMUs on this machine, loopback TCP; best of "
               f"{q.get('reps')} repetitions per metric (all below). total = start of the migration (engine: the "
@@ -298,7 +442,7 @@ def qemu_markdown(q: dict | None) -> list[str]:
               "STOP to destination RESUME (QEMU's own timestamps); guest verify = the guest's own time to read "
               "and check all of its memory, triggered the moment the destination runs; local = the same read "
               "again once every page is there (the guest's floor); blocktime = QEMU's postcopy-blocktime "
-              "(destination). Ratios are engine / QEMU; the goal is <= 0.5 for total and guest verify. The guest "
+              "(destination; the engine's: its one vCPU's blocked time, from the faults' thread ids). Ratios are engine / QEMU; the goal is <= 0.5 for total and guest verify. The guest "
               "sits idle until the switch, so QEMU's precopy pass dirties nothing: with a precopy pass first, QEMU "
               "sends most of RAM before or while the source is stopped (see downtime) and the post-copy phase has "
               "little left to do.", ""]
@@ -317,12 +461,14 @@ def qemu_markdown(q: dict | None) -> list[str]:
             lines.append(f"| {label} | {_f(b['total_ms'], 0)} | {_f(b['downtime_ms'], 1)} | "
                          f"{_f(b['guest_verify_ms'], 0)} | {_f(b['guest_verify_local_ms'], 0)} | "
                          f"{_f(b['postcopy_blocktime_ms'], 0)} |")
-    for key, side in (("ratio", "QEMU post-copy"), ("ratio_shm", "QEMU post-copy on /dev/shm"),
+    for key, side in (("ratio", "QEMU post-copy" + ("-preempt" if q.get("link") else "")),
+                      ("ratio_shm", "QEMU post-copy on /dev/shm"),
                       ("ratio_precopy", "QEMU precopy pass + post-copy")):
         rr = q.get(key)
         if rr:
             lines.append(f"| **engine / {side}** | {_f(rr.get('total_ms'), 3)} | {_f(rr.get('downtime_ms'), 3)} | "
                          f"{_f(rr.get('guest_verify_ms'), 3)} | | |")
+    lines += _pause_markdown(q)
     pre = q.get("runs", {}).get("qemu_precopy_postcopy", [])
     if pre and not any(r.get("went_postcopy") for r in pre):
         lines += ["", "In every precopy-first run QEMU converged on its own before the switch (the idle guest "
@@ -377,7 +523,7 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
             cdf(ax, floors["tcp_pingpong"]["_samples_ns"], "raw TCP 4 KiB ping-pong")
         for r in results:
             if r.get("ok") and r["page_size"] == ps and r["pattern"] == "random" and r["vcpus"] == 1 \
-                    and r["content"] == "typical" and r.get("_lat_ns") is not None:
+                    and r["content"] == "typical" and r.get("_lat_ns") is not None and not r.get("link"):
                 lat = r["_lat_ns"]
                 cdf(ax, lat[lat >= 3000], f"engine demand, {r['placement']}, {r['size'] >> 20} MiB (guest)")
         ax.set_xscale("log")
@@ -423,6 +569,30 @@ def plots(outdir: str, name: str, floors: dict, results: list[dict]) -> list[str
             ax.axis("off")
         fig.tight_layout()
         path = os.path.join(outdir, f"{name}-arrival.png")
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        files.append(path)
+    linked = [r for r in results if r.get("ok") and r.get("link") and r["pattern"] == "random"
+              and r.get("_lat_ns") is not None]
+    if linked:
+        # demand latency over time: the guest's one vCPU touches pages one after
+        # another, so the running sum of its first-access times is its clock
+        fig, ax = plt.subplots(figsize=(14, 5))
+        for r in sorted(linked, key=lambda r: (r["link"], r.get("push_rate", 0))):
+            lat = r["_lat_ns"].astype(np.float64)
+            t = np.cumsum(lat) / 1e9
+            hit = lat >= 3000
+            what = f"push held to {r['push_rate'] >> 20} MB/s (link idle)" if r.get("push_rate") else "push running"
+            ax.plot(t[hit], lat[hit] / 1000.0, ".", markersize=1.5, alpha=0.5,
+                    label=f"{r['link']}: {what} (n={int(hit.sum())}, dest p99 {r['dest'].get('fault_p99_us')} us)")
+        ax.set_yscale("log")
+        ax.set_xlabel("guest's time in its page accesses (s, running sum of first-access times)")
+        ax.set_ylabel("first-access latency of a page the guest waited on (us)")
+        ax.set_title("Demand faults over a shaped link, 4 KiB, 1 vCPU, random")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, markerscale=8)
+        fig.tight_layout()
+        path = os.path.join(outdir, f"{name}-link-demand.png")
         fig.savefig(path, dpi=100)
         plt.close(fig)
         files.append(path)

@@ -92,11 +92,21 @@ def _qemu_plan(args, quick: bool, filters: list[str]) -> tuple[bool, str]:
 
 
 def _hints() -> dict:
-    """Working-set prefetch: the record pass, then with hints (scenarios.measure_hints)."""
-    _log(f"hints: hotset 1 GiB, push at --max-rate {scenarios.HINTS_RATE}, record then replay")
+    """Working-set prefetch: the record pass, then with hints
+    (scenarios.measure_hints), over a 1 Gbit shaped link when this host can
+    make one (root, veth, tbf), else on loopback with the push at --max-rate
+    HINTS_RATE."""
+    from benchmarks.link import ShapedLink, unavailable
+    why = unavailable()
+    where = f"push at --max-rate {scenarios.HINTS_RATE} on loopback ({why})" if why else "over a 1gbit shaped link"
+    _log(f"hints: hotset 1 GiB, {where}, record then replay")
     images = scenarios.Images()
     try:
-        return scenarios.measure_hints(images, log=_log)
+        if why:
+            return scenarios.measure_hints(images, log=_log)
+        with ShapedLink("1gbit", leftovers=f"/dev/shm/migrate-bench-{os.getpid()}-*") as link:
+            floor = link.floors(_log)
+            return {**scenarios.measure_hints(images, log=_log, link=link), "link_floor": floor}
     except Exception as e:  # noqa: BLE001 - a broken measurement must not end the run
         _log(f"hints: ERROR {type(e).__name__}: {e}")
         return {"scenario": "hints", "error": f"{type(e).__name__}: {e}"}
@@ -112,20 +122,40 @@ def run(args) -> int:
     name = args.name or ("quick" if quick else "full")
     outdir = os.path.abspath(args.out or DEFAULT_OUT)
     filters = list(args.scenario or [])
-    if args.matrix:
+    links = list(getattr(args, "link", None) or [])
+    from benchmarks.link import parse_rate
+    try:
+        for rate in links:
+            parse_rate(rate)
+    except ValueError as e:
+        print(f"bench: {e}", file=sys.stderr)
+        return 2
+    if links:
+        # only the scenarios over these links (each brings its own floors)
+        chosen = [s for rate in links for s in scenarios.link_set(rate, quick)]
+    elif args.matrix:
         chosen = scenarios.matrix_set()
     else:
         chosen = scenarios.quick_set() if quick else scenarios.full_set()
+        if quick:
+            chosen += [s for rate in scenarios.QUICK_LINKS for s in scenarios.link_set(rate)]
     chosen = [s for s in chosen if s.matches(filters)]
     run_qemu, qemu_why = _qemu_plan(args, quick, filters)
-    if not run_qemu:
+    qemu_link = None
+    if links and not (getattr(args, "qemu", False) or os.environ.get("MIGRATE_BENCH_QEMU") == "1"):
+        run_qemu, qemu_why = False, "not part of a --link run (pass --qemu)"
+    if run_qemu and links:
+        # over the first link instead of loopback: this engine against QEMU's
+        # post-copy with its preempt channel
+        qemu_link, run_qemu = links[0], False
+    if not run_qemu and not qemu_link:
         _log(f"QEMU guest scenario skipped: {qemu_why}")
     need_huge = any(s.backing == "hugetlbfs" for s in chosen) or not args.no_floors
 
     from migrate.host import features
     hf = features()
     fl: dict = {}
-    if not args.no_floors:
+    if not args.no_floors and not links:
         fl = floors.run_all(quick, need_huge and hf.why_not("minor_hugetlbfs") is None, _log)
     profile = set()
     if args.profile:
@@ -135,6 +165,9 @@ def run(args) -> int:
             profile = set()
     prof_root = os.path.join(outdir, f"{name}-profiles")
     results = scenarios.run_all(chosen, _log, profile, prof_root)
+    for x in results:
+        if x.get("link_floor"):
+            fl.setdefault(f"link_{x['link']}", x["link_floor"])
     qemu: dict = {"scenario": QEMU_SCENARIO, "skipped": qemu_why}
     if run_qemu:
         from benchmarks import qemu_guest
@@ -143,6 +176,14 @@ def run(args) -> int:
         qemu = {"scenario": QEMU_SCENARIO, **qemu_guest.bench(reps=reps, mem_mb=512, log=_log)}
         if qemu.get("error"):
             _log(f"{QEMU_SCENARIO} failed: {qemu['error']}")
+    if qemu_link:
+        from benchmarks import qemu_guest
+        reps = int(getattr(args, "qemu_reps", None) or os.environ.get("MIGRATE_BENCH_QEMU_REPS") or 2)
+        name_q = f"{QEMU_SCENARIO}-link{qemu_link}"
+        _log(f"{name_q}: this engine vs QEMU post-copy-preempt over the {qemu_link} link, {reps} repetitions")
+        qemu = {"scenario": name_q, **qemu_guest.bench_link(qemu_link, reps=reps, mem_mb=512, log=_log)}
+        if qemu.get("error"):
+            _log(f"{name_q} failed: {qemu['error']}")
     hints: dict = {"skipped": "not chosen by --scenario"}
     if not args.matrix and (not filters or any("hints" in f for f in filters)):
         hints = _hints()
@@ -184,7 +225,7 @@ def run(args) -> int:
     _log(f"wrote {jpath}, {mpath}" + "".join(f", {p}" for p in pngs))
     failed = [x["scenario"] for x in results if not x.get("ok") and not x.get("skipped")]
     if qemu.get("error"):
-        failed.append(QEMU_SCENARIO)
+        failed.append(qemu["scenario"])
     if hints.get("error"):
         failed.append("hints")
     line = {**r, "targets_met": sum(1 for v in doc["targets"].values() if v["met"]),

@@ -48,11 +48,14 @@ class Scenario:
     content: str = "typical"        # typical (30% zero, 40% text, 30% random) or random (all random)
     placement: str = "continue"     # continue (MINOR + CONTINUE) or copy (MISSING + COPY)
     tls: bool = False               # the raw demand and push channels over mutual TLS 1.3
+    link: str = ""                  # a shaped link between the agents (tc's rate, e.g. 10gbit; benchmarks.link)
+    push_rate: int = 0              # source --max-rate with one push stream (0: the default push)
 
     @property
     def name(self) -> str:
         return (f"{self.backing}-{_fmt(self.size)}-{self.pattern}-{self.vcpus}v-{self.content}-"
-                f"{self.placement}" + ("-tls" if self.tls else ""))
+                f"{self.placement}" + ("-tls" if self.tls else "") + (f"-link{self.link}" if self.link else "")
+                + (f"-push{_fmt(self.push_rate)}" if self.push_rate else ""))
 
     @property
     def page_size(self) -> int:
@@ -65,6 +68,24 @@ class Scenario:
 
 def _fmt(size: int) -> str:
     return f"{size >> 30}G" if size % (1 << 30) == 0 else f"{size >> 20}M"
+
+
+def link_set(rate: str, quick: bool = True) -> list[Scenario]:
+    """Migrations over a shaped link (agents in two network namespaces, so
+    over mutual TLS as off loopback they must be). At 10 Gbit: demand faults
+    with the push filling the link, the same with the link idle (a 64 MiB
+    guest, its push held to 4 MB/s: the faults fetch almost every page), and
+    the push alone; at other rates (and in --quick) the push alone."""
+    G = 1 << 30
+    out = [Scenario("tmpfs", G, "idle", 1, "typical", "continue", tls=True, link=rate)]
+    if rate == "10gbit" or not quick:
+        out += [Scenario("tmpfs", G, "random", 1, "typical", "continue", tls=True, link=rate),
+                Scenario("tmpfs", 64 << 20, "random", 1, "typical", "continue", tls=True, link=rate,
+                         push_rate=4 << 20)]
+    return out
+
+
+QUICK_LINKS = ("10gbit", "1gbit")
 
 
 def quick_set() -> list[Scenario]:
@@ -119,14 +140,15 @@ def matrix_set() -> list[Scenario]:
 class ScriptProc(Proc):
     """Proc for a Python script that is not `python -m migrate`."""
 
-    def __init__(self, name: str, argv: list[str]):
+    def __init__(self, name: str, argv: list[str], prefix: tuple = ()):
         import queue
         import subprocess as sp
         self.name, self.args = name, argv
         self.events = queue.Queue()
         self.lines, self.stderr_lines = [], []
-        self.p = sp.Popen([sys.executable, *argv], stdout=sp.PIPE, stderr=sp.PIPE, text=True)
-        threading.Thread(target=self._read, daemon=True).start()
+        self.p = sp.Popen([*prefix, sys.executable, *argv], stdout=sp.PIPE, stderr=sp.PIPE, text=True)
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
 
@@ -174,11 +196,19 @@ class BenchMigration(LocalMigration):
     timeline, an idle pattern), a shared image it does not delete, and
     per-process CPU and peak RSS."""
 
-    def __init__(self, workdir: str, sc: Scenario, image: str, source_args: tuple = ()):
+    def __init__(self, workdir: str, sc: Scenario, image: str, source_args: tuple = (), link=None):
+        """link: a benchmarks.link.ShapedLink the scenario runs over: the
+        destination agent and the guest in its destination namespace, the
+        source agent in its source namespace."""
         zero, rand = CONTENT[sc.content]
+        if sc.push_rate:
+            source_args = (*source_args, "--max-rate", str(sc.push_rate), "--push-streams", "1")
+        net = dict(dest_listen=f"{link.dst_addr}:0", dest_prefix=link.dst_prefix,
+                   source_prefix=link.src_prefix) if link is not None else {}
         super().__init__(workdir, sc.size, backing=sc.backing, seed=SEED, pattern=sc.pattern, vcpus=sc.vcpus,
                          zero_fraction=zero, random_fraction=rand, placement=sc.placement,
-                         source_args=source_args, image=image, tls=sc.tls)
+                         source_args=source_args, image=image, tls=sc.tls, **net)
+        self.guest_prefix = link.dst_prefix if link is not None else ()
         # (TLS scenarios: LocalMigration writes a CA and a certificate per
         # agent into the workdir and gives them as the --tls-* flags)
         self.sc = sc
@@ -196,7 +226,7 @@ class BenchMigration(LocalMigration):
                 "--zero-fraction", str(DEFAULT_ZERO_FRACTION if zero is None else zero),
                 "--random-fraction", str(DEFAULT_RANDOM_FRACTION if rand is None else rand),
                 "--lat-out", self.lat_path, "--timeline-out", self.timeline_path, *extra]
-        self.guest = ScriptProc("guest", argv)
+        self.guest = ScriptProc("guest", argv, self.guest_prefix)
         self.procs.append(self.guest)
         try:
             self.guest.wait_event("attached", 60)
@@ -207,13 +237,15 @@ class BenchMigration(LocalMigration):
         t0 = time.monotonic()
         self.start_dest(("--progress-every", "0.02"))   # the arrival plot's resolution
         self.watch.add("dest", self.dest.p.pid)
-        # the destination guest is ready (attached, RAM allocated by the agent)
-        # before the source starts, as when a VM is migrated to a prepared host
+        # the destination guest is ready (attached, RAM allocated by the agent
+        # in the background after its ack) before the source starts, as when a
+        # VM is migrated to a prepared host
         self.start_guest()
         self.watch.add("guest", self.guest.p.pid)
         t_attach = time.monotonic()
         attached = self.dest.wait_event("attached", 120)
-        self.prepare_s = attached.get("prepare_s")
+        self.ack_ms = attached.get("ack_ms")
+        self.prepare_s = self.dest.wait_event("prepare", 300).get("prepare_s") if attached.get("allocating") else None
         self.start_source()
         self.watch.add("source", self.source.p.pid)
         profilers = _profile(profile_dir, self.dest.p.pid, self.source.p.pid) if profile_dir else []
@@ -242,6 +274,8 @@ class BenchMigration(LocalMigration):
         out["peak_rss_mib"] = {k: round(v / 1024, 1) for k, v in self.watch.own_kib.items()}
         out["peak_hwm_mib"] = {k: round(v / 1024, 1) for k, v in self.watch.hwm_kib.items()}
         out["dest_events"] = [e for e in self.dest.lines if e.get("event") not in ("summary",)]
+        out["pace"] = [{k: v for k, v in e.items() if k not in ("event", "message")}
+                       for e in self.source.lines if e.get("event") == "pace"]
         return out
 
     def close(self):
@@ -364,7 +398,7 @@ def _pct(a: np.ndarray, q: float) -> float:
 
 
 def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = None,
-            source_args: tuple = ()) -> dict:
+            source_args: tuple = (), link=None) -> dict:
     need_huge = sc.size // HUGE if sc.backing == "hugetlbfs" else 0
     rec = {"scenario": sc.name, **asdict(sc), "page_size": sc.page_size}
     try:
@@ -378,13 +412,20 @@ def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = N
             return rec
         work = tempfile.mkdtemp(prefix="migrate-bench-")
         try:
-            with BenchMigration(work, sc, image, source_args) as lm:
+            bands0 = link.qdisc_stats() if link is not None else None
+            with BenchMigration(work, sc, image, source_args, link) as lm:
                 out = lm.run(timeout=600, profile_dir=profile_dir)
                 lat = np.fromfile(lm.lat_path, np.uint32) if os.path.exists(lm.lat_path) else np.zeros(0, np.uint32)
                 timeline = None
                 if os.path.exists(lm.timeline_path):
                     with open(lm.timeline_path) as f:
                         timeline = json.load(f)
+            if link is not None:
+                # what the source's end of the link sent in each band: the
+                # urgent one carries the demand replies when the marks count
+                bands1 = link.qdisc_stats()
+                rec["link_bands"] = {b: {k: v - bands0.get(b, {}).get(k, 0) for k, v in st.items()}
+                                     for b, st in bands1.items()}
         finally:
             shutil.rmtree(work, ignore_errors=True)
     d, g, s = out.get("dest") or {}, out.get("guest") or {}, out.get("source") or {}
@@ -421,6 +462,8 @@ def measure(sc: Scenario, images: Images, log=print, profile_dir: str | None = N
         "peak_rss_mib": out["peak_rss_mib"],
         "peak_hwm_mib": out["peak_hwm_mib"],
     })
+    if out.get("pace"):
+        rec["pace"] = out["pace"]   # the source's link measurements (LinkPacer), in order
     # kept out of the JSON (big); the report draws plots from them
     rec["_lat_ns"] = lat
     rec["_timeline"] = timeline
@@ -481,11 +524,14 @@ def feeds_demand_ratio(sc: Scenario) -> bool:
 def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, profile_root: str | None = None) -> list[dict]:
     images = Images()
     results = []
-    # group by image so each is written once and dropped when no longer needed
-    order = sorted(scenarios, key=lambda s: (s.size, s.content))
+    # group by image so each is written once and dropped when no longer needed;
+    # the shaped links after loopback, one link at a time
+    order = sorted(scenarios, key=lambda s: (s.link != "", s.link, s.size, s.content))
+    linked = [s for s in order if s.link]
+    order = [s for s in order if not s.link]
     try:
         for i, sc in enumerate(order):
-            log(f"scenario {i + 1}/{len(order)}: {sc.name}")
+            log(f"scenario {i + 1}/{len(order) + len(linked)}: {sc.name}")
             pdir = os.path.join(profile_root, sc.name) if profile and sc.name in profile and profile_root else None
             try:
                 results.append(measure_push(sc, images, log, pdir) if sc.pattern == "idle"
@@ -494,10 +540,48 @@ def run_all(scenarios: list[Scenario], log=print, profile: set | None = None, pr
             except Exception as e:  # noqa: BLE001 - one broken scenario must not end the run
                 log(f"  {sc.name}: ERROR {type(e).__name__}: {e}")
                 results.append({"scenario": sc.name, **asdict(sc), "page_size": sc.page_size, "ok": False, "error": f"{type(e).__name__}: {e}"})
-            images.drop_except({images.key(s) for s in order[i + 1:]})
+            images.drop_except({images.key(s) for s in order[i + 1:] + linked})
+        for rate in dict.fromkeys(s.link for s in linked):
+            group = [s for s in linked if s.link == rate]
+            results += _run_link(rate, group, images, log, len(order) + linked.index(group[0]), len(order) + len(linked),
+                                 {images.key(s) for s in linked[linked.index(group[-1]) + 1:]})
     finally:
         images.close()
     return results
+
+
+def _run_link(rate: str, group: list[Scenario], images: Images, log, done: int, total: int, keep: set) -> list[dict]:
+    """The scenarios of one shaped link: the link is made, its floors
+    measured, each scenario run over it, and the link removed (also when
+    something fails)."""
+    from benchmarks.link import ShapedLink, unavailable
+
+    def failed(sc, why, key="error"):
+        return {"scenario": sc.name, **asdict(sc), "page_size": sc.page_size, "ok": False, key: why}
+
+    why = unavailable()
+    if why:
+        log(f"link {rate}: skipped: {why}")
+        return [failed(sc, why, "skipped") for sc in group]
+    out = []
+    try:
+        # (killed, the bench leaves its RAM images: the link's guard removes them)
+        with ShapedLink(rate, leftovers=f"/dev/shm/migrate-bench-{os.getpid()}-*") as link:
+            floor = link.floors(log)
+            for j, sc in enumerate(group):
+                log(f"scenario {done + j + 1}/{total}: {sc.name}")
+                try:
+                    rec = measure(sc, images, log, link=link)
+                except Exception as e:  # noqa: BLE001 - one broken scenario must not end the run
+                    log(f"  {sc.name}: ERROR {type(e).__name__}: {e}")
+                    rec = failed(sc, f"{type(e).__name__}: {e}")
+                rec["link_floor"] = floor
+                out.append(rec)
+                images.drop_except({images.key(s) for s in group[j + 1:]} | keep)
+    except (RuntimeError, OSError, ValueError) as e:
+        log(f"link {rate}: ERROR {e}")
+        out += [failed(sc, f"link {rate}: {e}") for sc in group[len(out):]]
+    return out
 
 
 # -- working-set hints ----------------------------------------------------------
@@ -505,24 +589,32 @@ HINTS_RATE = "120M"   # about 1 Gbit/s of guest RAM: the push's --max-rate on lo
 
 
 def measure_hints(images: Images, rate: str = HINTS_RATE, size: int = 1 << 30, pattern: str = "hotset",
-                  log=print, prefix: tuple = (), listen: str = "127.0.0.1:0", source_args: tuple = ()) -> dict:
+                  log=print, prefix: tuple = (), listen: str = "127.0.0.1:0", source_args: tuple = (),
+                  link=None) -> dict:
     """Working-set prefetch, in one run: the guest migrates once with dest
     --record-hints (that pass is also the one without hints), then again with
     source --hints. Both pushes are throttled to rate (source --max-rate).
     prefix and listen put the destination elsewhere (e.g. `ip netns exec NS`
     behind a shaped link; then pass rate="0" for the link alone to set the
-    pace). source_args go to both sources. Returns the demand faults and the guest's time of each pass and the
+    pace). link: a benchmarks.link.ShapedLink both passes run over (agents in
+    its namespaces, over mutual TLS; the link sets the pace, rate is not
+    used). source_args go to both sources. Returns the demand faults and the guest's time of each pass and the
     two reductions (1 - with / without)."""
-    sc = Scenario("tmpfs", size, pattern, 1, "typical", "continue")
+    sc = Scenario("tmpfs", size, pattern, 1, "typical", "continue", tls=link is not None,
+                  link=link.rate if link is not None else "")
     image = images.get(sc)
-    out: dict = {"scenario": f"hints-{sc.name}", "rate": rate}
+    out: dict = {"scenario": f"hints-{sc.name}", "rate": link.rate if link is not None else rate}
     with tempfile.TemporaryDirectory(prefix="migrate-hints-") as wd:
         hint_file = os.path.join(wd, "hints.bin")
         extra = tuple(source_args)
         for name, dest_args, hinted in (("without", ("--record-hints", hint_file), ()),
                                              ("with", (), ("--hints", hint_file))):
-            lm = BenchMigration(wd, sc, image, ("--max-rate", rate, *extra, *hinted))
-            lm.dest_args, lm.dest_listen, lm.dest_prefix = list(dest_args), listen, tuple(prefix)
+            if link is not None:
+                lm = BenchMigration(wd, sc, image, (*extra, *hinted), link=link)
+                lm.dest_args = list(dest_args)
+            else:
+                lm = BenchMigration(wd, sc, image, ("--max-rate", rate, *extra, *hinted))
+                lm.dest_args, lm.dest_listen, lm.dest_prefix = list(dest_args), listen, tuple(prefix)
             try:
                 r = lm.run(timeout=300)
             finally:

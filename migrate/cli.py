@@ -5,6 +5,7 @@ delegates to its module."""
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 
@@ -135,7 +136,7 @@ def cmd_dest(args) -> int:
                      serve_forever=args.serve_forever, placement=args.placement, prealloc=not args.no_prealloc,
                      qmp=args.qmp, source_timeout=args.source_timeout, progress_every=args.progress_every,
                      attach_uids=tuple(args.attach_uid), tls=tls, max_device_state=args.max_device_state,
-                     record_hints=args.record_hints)
+                     record_hints=args.record_hints, metrics_listen=args.metrics_listen, insecure=args.insecure)
 
 
 # -- source -------------------------------------------------------------------
@@ -154,15 +155,33 @@ def cmd_source(args) -> int:
     ok, tls = _tls(args, "source", host, rep)
     if not ok:
         return exits.USAGE
+    if args.quit_source and not args.qmp:
+        rep.event("error", "--quit-source quits the source QEMU reached with --qmp SOCKET: give --qmp too")
+        return exits.USAGE
+    ram_path = args.ram
+    if ram_path is None:
+        if not args.qmp:
+            rep.event("error", "--ram FILE is needed without --qmp (with --qmp the source QEMU's RAM backend is "
+                      "found over QMP)")
+            return exits.USAGE
+        from migrate.qemu.source import find_ram_backend
+        try:
+            backend = find_ram_backend(args.qmp)
+        except MigrateError as e:
+            rep.event("error", f"finding the source QEMU's RAM: {e}")
+            return exits.USAGE
+        ram_path = backend.path
+        rep.event("ram", f"serving {backend.describe()}", path=backend.path, backend=backend.id,
+                  kind=backend.kind, size=backend.size, pid=backend.pid)
     try:
-        ram = RamImage(args.ram, page_size=args.page_size, size=args.size)
+        ram = RamImage(ram_path, page_size=args.page_size, size=args.size)
     except MigrateError as e:
         rep.event("error", str(e))
         return exits.USAGE
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
-              dest_timeout=args.dest_timeout, tls=tls,
+              dest_timeout=args.dest_timeout, tls=tls, pace=args.pace,
               locality_window=None if args.locality_window == "auto" else int(args.locality_window))
     if args.hints:
         from migrate.hints import HintsError, read
@@ -170,19 +189,30 @@ def cmd_source(args) -> int:
             kw["hints"] = read(args.hints, ram.page_size, ram.npages)
         except HintsError as e:
             rep.event("error", str(e))
+            ram.close()
             return exits.USAGE
+    observers = _source_observers(args, rep, ram, tls, kw)
+    if observers is None:
+        ram.close()
+        return exits.USAGE
     vm = {}
     _stop_on_signals()
     try:
         if args.qmp and not args.resume:
             from migrate.qemu.source import migrate_vm
-            res, vm = migrate_vm(args.qmp, ram, args.to, rep, recovery_window=args.recovery_window, **kw)
+            res, vm = migrate_vm(args.qmp, ram, args.to, rep, recovery_window=args.recovery_window,
+                                 quit_source=args.quit_source, **kw)
         else:  # (with --resume the device state was delivered already)
             res = _recovery(rep, ram, args.to, args.recovery_window, kw).serve(Source(ram, args.to, rep, **kw))
+            if args.qmp:
+                from migrate.qemu.source import settle_source_qemu
+                vm = {"source_status": settle_source_qemu(args.qmp, rep, ram.path, args.quit_source)}
     except MigrateError as e:
         rep.event("error", str(e))
         return exits.of(e)
     finally:
+        for x in observers:
+            x.close()
         ram.close()
     f = res.finish
     s = {"session": res.session, "pages_total": res.pages_total, "pages_demand": f.pages_demand,
@@ -229,6 +259,82 @@ def _stop_on_signals() -> None:
         raise Stopped(signum, f"stopped by {signal.Signals(signum).name} mid-migration")
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
+
+
+def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
+    """The source's control socket (announced in its first event), its
+    metrics server and the terminal's progress line, started; kw gets the
+    hook that shows them the session. None when one cannot start (reported)."""
+    from migrate.notify import Notifier
+    from migrate.status import ControlSocket, ProgressTicker, StatusError, default_control_path
+
+    held = {}
+    kw["on_created"] = lambda src: held.__setitem__("src", src)
+
+    def snapshot():
+        src = held.get("src")
+        return src.snapshot() if src is not None else {"state": "connecting", "peer": args.to,
+                                                        "pages_total": ram.npages}
+
+    out = []
+    rep.listeners.append(Notifier("source"))
+    path = args.control or default_control_path()
+    try:
+        out.append(ControlSocket(path, lambda: {"role": "source", "pid": os.getpid(),
+                                                "migrations": [snapshot()]}).start())
+        rep.event("control", f"control socket {path}: `migrate status --source {path}`", control=path,
+                  pid=os.getpid())
+    except (StatusError, OSError) as e:
+        if args.control:
+            rep.event("error", f"control socket: {e}")
+            return None
+        # the default place is not usable (another user made its directory
+        # first?): the migration goes on, without a control socket
+        rep.event("control", f"no control socket ({e}): `migrate status --source` cannot ask this source; "
+                  "give it --control SOCKET in a private directory", control=None, pid=os.getpid(), error=str(e))
+    if args.metrics_listen:
+        from migrate.metrics import MetricsError, MetricsServer
+        try:
+            out.append(MetricsServer(args.metrics_listen, lambda: ("source", [snapshot()], {}), tls,
+                                     args.insecure).start())
+        except MetricsError as e:
+            rep.event("error", str(e))
+            for x in out:
+                x.close()
+            return None
+        rep.event("metrics", f"Prometheus metrics on {out[-1].address}", metrics=out[-1].address)
+    if ProgressTicker.wanted():
+        out.append(ProgressTicker(rep, lambda: snapshot() if "src" in held else None).start())
+    return out
+
+
+def cmd_status(args) -> int:
+    from migrate.status import StatusError, query, query_grpc, render
+
+    try:
+        if args.attach:
+            from migrate.wire.attach import ATTACH_VERSION
+            status = query(args.attach, {"version": ATTACH_VERSION, "request": "status"})
+        elif args.source:
+            status = query(args.source, {"request": "status"})
+        else:
+            from migrate.wire.tcp import parse_address
+            from migrate.wire.tls import TlsError, from_args
+            try:
+                host = parse_address(args.to, "--to", "as `migrate dest --listen` printed it").host
+                tls = from_args(args, "source", host)
+            except (ValueError, TlsError) as e:
+                raise StatusError(str(e)) from None
+            status = query_grpc(args.to, tls, args.timeout)
+    except StatusError as e:
+        print(f"status: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        import json
+        print(json.dumps(status))
+    else:
+        print(render(status))
+    return 0
 
 
 def cmd_shim_path(args) -> int:
@@ -330,8 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--progress-every", type=_period, default=0.2, metavar="SECONDS",
                    help="seconds between `progress` events of a running migration (default 0.2)")
     d.add_argument("--no-prealloc", action="store_true",
-                   help="do not allocate the guest's RAM when it attaches (continue placement allocates it "
-                   "then, before any source is served, so pages arrive as one copy; this leaves it to the push)")
+                   help="do not allocate the guest's RAM after it attaches (continue placement allocates it "
+                   "then, in the background, so pages arrive as one copy; this leaves it to the push)")
     d.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the destination QEMU (-incoming defer, "
                    "started with LD_PRELOAD=$(migrate shim-path)): feed it the device state and resume it")
     d.add_argument("--max-device-state", type=_device_state_size, default=1 << 30, metavar="BYTES",
@@ -347,11 +453,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "without any); repeatable (default: any the CA signed)")
     d.add_argument("--record-hints", metavar="FILE", help="at the end of the migration, write the order in which "
                    "the guest first touched its pages (for source --hints)")
+    d.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics there (needs the "
+                   "metrics extra; HTTPS with the --tls-* flags, plaintext only on loopback or with --insecure)")
     d.add_argument("--json", action="store_true")
     d.set_defaults(fn=cmd_dest)
 
     s = sub.add_parser("source", help="serve a paused VM's RAM file to a destination")
-    s.add_argument("--ram", required=True, help="RAM file (tmpfs, hugetlbfs or a plain file)")
+    s.add_argument("--ram", help="RAM file (tmpfs, hugetlbfs or a plain file); with --qmp it may be left out: "
+                   "the source QEMU's one RAM backend is found over QMP (a file's mem-path, or a memfd)")
     s.add_argument("--to", required=True, help="destination HOST:PORT")
     s.add_argument("--page-size", type=_size, default=None, help="default: the RAM file system's page size")
     s.add_argument("--size", type=_size, default=None, help="bytes to serve (default: the file's size)")
@@ -365,6 +474,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--push-buffer", type=_buffer, default=None, metavar="BYTES|auto|kernel",
                    help="send buffer of each push stream (default auto: about 10 GB/s x the round trip, at least "
                    "256K, and the kernel's autotuning past 4M; kernel: always the kernel's autotuning)")
+    s.add_argument("--pace", choices=["auto", "on", "off"], default="auto",
+                   help="keep the raw push just under the link's rate, measured at the start and every few "
+                   "seconds (SO_MAX_PACING_RATE, TCP_NOTSENT_LOWAT), so the bottleneck queue stays short; "
+                   "auto (default): on unless the destination is on loopback")
     s.add_argument("--batch-bytes", type=_size, default=1 << 20, help="background batch size (default 1M)")
     s.add_argument("--no-compress", action="store_true", help="with --transport grpc: send pages without zstd")
     s.add_argument("--transport", choices=["raw", "grpc"], default="raw",
@@ -384,6 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: the first one waiting)")
     s.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the source QEMU: pause it, send its device "
                    "state (x-ignore-shared), then serve --ram; it stays paused once the destination runs")
+    s.add_argument("--quit-source", action="store_true", help="with --qmp: quit the source QEMU once the "
+                   "migration completed (default: it stays paused, its RAM kept, and the last event says where)")
     _add_tls_args(s, "source")
     s.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
                    "(default: the host of --to)")
@@ -392,8 +507,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--locality-window", type=_window, default="auto", metavar="PAGES|auto",
                    help="pages pushed after each demand fault: auto (default) grows while faults stay near "
                    "each other and shrinks when they jump; a number fixes it")
+    s.add_argument("--control", metavar="SOCKET", help="the control socket `migrate status --source` asks "
+                   "(default: $XDG_RUNTIME_DIR or /tmp, in migrate-UID/source-PID.sock; its first event names it)")
+    s.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics there (needs the "
+                   "metrics extra; HTTPS with the --tls-* flags, plaintext only on loopback or with --insecure)")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_source)
+
+    st = sub.add_parser("status", help="what a running agent is doing: state, pages, rate, faults, vCPUs")
+    which = st.add_mutually_exclusive_group(required=True)
+    which.add_argument("--attach", metavar="SOCKET", help="a destination agent's attach socket")
+    which.add_argument("--source", metavar="SOCKET", help="a source agent's control socket (its first event "
+                       "names it)")
+    which.add_argument("--to", metavar="HOST:PORT", help="a destination agent's gRPC address, with the TLS flags of "
+                       "a source: it tells the migrations this certificate's name opened, and guests not opened yet")
+    _add_tls_args(st, "source")
+    st.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
+                    "(default: the host of --to)")
+    st.add_argument("--timeout", type=_period, default=10.0, metavar="SECONDS", help="with --to: how long to wait "
+                    "(default 10)")
+    st.add_argument("--json", action="store_true", help="one JSON object")
+    st.set_defaults(fn=cmd_status)
 
     g = sub.add_parser("guestsim", help="the simulated VM")
     g.add_argument("--attach", required=True)
@@ -440,6 +574,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the ratio set only, under 3 minutes")
     b.add_argument("--qemu", action="store_true",
                    help="also run the QEMU guest scenario (engine vs QEMU post-copy, 512 MiB)")
+    b.add_argument("--link", action="append", metavar="RATE",
+                   help="run the agents in two network namespaces joined by a veth pair shaped with tbf at RATE "
+                   "(tc's spelling: 10gbit, 1gbit); only the link scenarios run, with the link's own floors "
+                   "(needs root); repeatable. --quick includes 10gbit and 1gbit")
     b.add_argument("--matrix", action="store_true", help="every combination of the scenario factors (long)")
     b.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the ratios")
     b.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")

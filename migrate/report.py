@@ -18,28 +18,56 @@ class Reporter:
         self.quiet = quiet
         self._lock = threading.Lock()
         self.t0 = time.monotonic()
+        self.line = ""           # the live progress line on stderr (a terminal), "" when none is drawn
+        self.listeners = []      # called with (event, message, fields) after each event (sd_notify)
 
     def event(self, event: str, message: str = "", **fields) -> None:
         with self._lock:
+            self._clear_line()
             if self.as_json:
                 rec = {"event": event, **fields}
                 if message:
                     rec["message"] = message
                 sys.stdout.write(json.dumps(rec) + "\n")
                 sys.stdout.flush()
-            elif not self.quiet:
+            elif not self.quiet and not (event == "progress" and self.line):
+                # (on a terminal the live line shows progress instead)
                 text = message or " ".join(f"{k}={v}" for k, v in fields.items())
                 sys.stderr.write(f"[{self.name} {time.monotonic() - self.t0:7.3f}s] {event}: {text}\n")
                 sys.stderr.flush()
+            self._draw_line()
+        for listener in self.listeners:
+            listener(event, message, fields)
+
+    def status_line(self, text: str) -> None:
+        """Draws text as the live line at the bottom of stderr (a terminal:
+        migrate.status.ProgressTicker decides); "" takes it away."""
+        with self._lock:
+            self._clear_line()
+            self.line = text
+            self._draw_line()
+
+    def _clear_line(self) -> None:
+        if self.line:
+            sys.stderr.write("\r\x1b[K")
+
+    def _draw_line(self) -> None:
+        if self.line:
+            sys.stderr.write(f"\r{self.line}\x1b[K")
+        sys.stderr.flush()
 
     def summary(self, fields: dict, human: str) -> None:
         with self._lock:
+            self._clear_line()
+            self.line = ""
             if self.as_json:
                 sys.stdout.write(json.dumps({"event": "summary", **fields}) + "\n")
                 sys.stdout.flush()
             else:
                 sys.stdout.write(human.rstrip("\n") + "\n")
                 sys.stdout.flush()
+        for listener in self.listeners:
+            listener("summary", human, fields)
 
 
 def percentile(sorted_values, q: float) -> float:

@@ -39,7 +39,7 @@ static int demand_receive(struct mg_space *s, int fd, struct mg_tls *tls, int st
 {
     uint64_t ps = s->page_size, nb = sb->bits ? ps / s->block_size : 0;
     uint8_t *bits = sb->bits;
-    struct place_target t = place_target(s, PLACER_PAGE);
+    struct place_target t = place_target(s, PLACER_PAGE, 1);
     /* large pages: while a vCPU waits, poll for its reply rather than sleep */
     struct wire_end e = { .fd = fd, .tls = tls, .stop_fd = stop_fd,
                           .spin = ps > MG_YIELD_PAGE_SIZE ? &s->demand_waiting : NULL };
@@ -69,6 +69,10 @@ static int demand_receive(struct mg_space *s, int fd, struct mg_tls *tls, int st
         } else if (h.length != (zero ? 0 : ps))
             return refuse(s, MG_BAD_LENGTH, h.page, h.length);
         int mine = claim(s, h.page);
+        if (mine && !t.staged && (rc = ensure_allocated(s, h.page, 1)) < 0) {
+            bitmap_clear_range(s->claimed, h.page, 1);   /* (nothing was written) */
+            return rc;
+        }
         /* ours and not staged: straight into the alias; else scratch (a
          * duplicate's bytes are dropped, COPY mode copies from there) */
         uint8_t *dst = mine && !t.staged ? alias_of(s, h.page) : scratch;

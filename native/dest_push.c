@@ -17,9 +17,9 @@ struct run {
     struct run_header h;
     uint8_t bits[MG_PUSH_MAX_RUN / 8];   /* bit i: page first+i is zero */
     uint8_t mine[MG_PUSH_MAX_RUN];       /* 1: this receiver claimed page first+i */
-    uint8_t *staging;                    /* MG_PUSH_MAX_RUN pages when the target stages, else NULL */
+    uint8_t *staging;                    /* MG_PUSH_MAX_RUN pages when a run may be staged, else NULL */
     uint8_t *scratch;                    /* one page: where a duplicate's bytes are read and dropped */
-    const struct place_target *t;
+    struct place_target t;               /* how this run's pages are placed (place_target, per run) */
 };
 
 static inline int run_zero(const struct run *r, uint32_t i)
@@ -33,14 +33,14 @@ static inline uint8_t *run_dst(const struct run *r, uint32_t i)
 {
     if (!r->mine[i])
         return r->scratch;
-    return r->staging ? r->staging + (uint64_t)i * r->t->s->page_size : alias_of(r->t->s, r->h.first + i);
+    return r->t.staged ? r->staging + (uint64_t)i * r->t.s->page_size : alias_of(r->t.s, r->h.first + i);
 }
 
 /* pwritev()s the claimed pages of a run into the RAM file: staged bytes for
  * non-zero pages, the zero page for zero pages; consecutive pages in one call. */
 static int write_claimed(const struct run *r)
 {
-    const struct mg_space *s = r->t->s;
+    const struct mg_space *s = r->t.s;
     uint64_t ps = s->page_size;
     struct iovec iov[IOV_MAX];
     uint32_t i = 0;
@@ -80,7 +80,7 @@ static int write_claimed(const struct run *r)
 static int run_should_hold(const void *ctx)
 {
     const struct run *r = ctx;
-    const struct mg_space *s = r->t->s;
+    const struct mg_space *s = r->t.s;
     if (!__atomic_load_n(&s->demand_waiting, __ATOMIC_ACQUIRE))
         return 0;
     for (uint32_t i = 0; i < r->h.count; i++)
@@ -95,7 +95,7 @@ static int run_should_hold(const void *ctx)
  * block bitmap. e: the run's payload end. */
 static int read_sparse_run(const struct wire_end *e, const struct run *r, struct sparse_buf *blocks)
 {
-    const struct mg_space *s = r->t->s;
+    const struct mg_space *s = r->t.s;
     uint64_t nb = s->page_size / s->block_size;
     /* a block bitmap is read whole, the blocks as the run's payload */
     struct wire_end head = { .fd = e->fd, .tls = e->tls, .stop_fd = e->stop_fd };
@@ -105,7 +105,7 @@ static int read_sparse_run(const struct wire_end *e, const struct run *r, struct
         int rc = wire_read_rest(&head, blocks->bits, nb / 8);
         if (rc < 0)
             return rc;
-        rc = read_sparse(e, s, run_dst(r, i), blocks->bits, blocks->iov, !r->mine[i] || r->t->zero_skip);
+        rc = read_sparse(e, s, run_dst(r, i), blocks->bits, blocks->iov, !r->mine[i] || r->t.zero_skip);
         if (rc < 0)
             return rc;
     }
@@ -116,12 +116,15 @@ static int read_sparse_run(const struct wire_end *e, const struct run *r, struct
  * -errno with s->error_page set. */
 static int place_run(const struct run *r)
 {
-    const struct place_target *t = r->t;
+    const struct place_target *t = &r->t;
     struct mg_space *s = t->s;
     if (t->via_write) {
         int rc = write_claimed(r);
         if (rc < 0) {
+            /* ENOSPC: the backing is full (the write allocates the pages) */
+            s->error_kind = MG_ALLOC_FAILED;
             s->error_page = r->h.first;
+            s->error_value = r->h.count;
             return rc;
         }
     }
@@ -132,7 +135,7 @@ static int place_run(const struct run *r)
         int zero = run_zero(r, i);
         if (zero && !t->staged && !t->zero_skip)
             memset(alias_of(s, page), 0, s->page_size);
-        int rc = finish_place(t, page, r->staging ? r->staging + (uint64_t)i * s->page_size : NULL, zero,
+        int rc = finish_place(t, page, t->staged ? r->staging + (uint64_t)i * s->page_size : NULL, zero,
                               MG_VIA_PUSH);
         if (rc < 0) {
             s->error_page = page;
@@ -154,12 +157,12 @@ static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop
 int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
     uint64_t ps = s->page_size;
-    struct place_target t = place_target(s, PLACER_RUN);
-    struct run r = { .t = &t, .scratch = scratch };
+    struct run r = { .scratch = scratch };
     struct sparse_buf sb = { NULL, NULL };
     struct mg_tls *tls = mg_tls_get(fd);   /* the channel's TLS session for the call, or NULL */
     int rc = 0;
-    if (t.staged && !(r.staging = malloc(ps * MG_PUSH_MAX_RUN)))
+    /* a run whose pages are not all allocated yet may be staged */
+    if (place_target(s, PLACER_RUN, 0).staged && !(r.staging = malloc(ps * MG_PUSH_MAX_RUN)))
         rc = -ENOMEM;
     if (rc == 0 && s->block_size && ps > s->block_size)
         rc = sparse_alloc(&sb, ps / s->block_size);
@@ -205,9 +208,21 @@ static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop
         rc = wire_read_rest(&head, r->bits, (h.count + 7) / 8);
         if (rc < 0)
             return rc;
-        int niov = 0;
+        int niov = 0, any = 0;
+        for (uint32_t i = 0; i < h.count; i++)
+            any |= r->mine[i] = (uint8_t)claim(s, h.first + i);
+        /* into the alias when the run's pages are allocated already (the
+         * background allocation got there first), else staged where that is
+         * cheaper (place_target); the alias is allocated before it is written */
+        r->t = place_target(s, PLACER_RUN, bitmap_next_clear(s->allocated, h.first, h.first + h.count) >=
+                                           h.first + h.count);
+        if (any && !r->t.staged && (rc = ensure_allocated(s, h.first, h.count)) < 0) {
+            for (uint32_t i = 0; i < h.count; i++)
+                if (r->mine[i])
+                    bitmap_clear_range(s->claimed, h.first + i, 1);   /* (nothing was written) */
+            return rc;
+        }
         for (uint32_t i = 0; i < h.count; i++) {
-            r->mine[i] = (uint8_t)claim(s, h.first + i);
             if (run_zero(r, i) || sparse)
                 continue;
             iov_append(iov, &niov, 0, run_dst(r, i), ps);
@@ -217,7 +232,7 @@ static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop
             /* claimed pages that did not arrive whole: give them back */
             for (uint32_t i = 0; i < h.count; i++)
                 if (r->mine[i])
-                    unclaim(r->t, h.first + i);
+                    unclaim(&r->t, h.first + i);
             return rc;
         }
         rc = place_run(r);

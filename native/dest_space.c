@@ -1,6 +1,7 @@
 #define _GNU_SOURCE
 #include "dest_space.h"
 #include "bitmap.h"
+#include "mem.h"
 #include "uffd.h"
 #include "wire.h"
 
@@ -180,6 +181,72 @@ static void inflight_done(struct mg_space *s, uint64_t page)
     }
 }
 
+/* ---- blocked time per guest thread ---- */
+
+uint64_t mg_now_ns(void)
+{
+    return now_ns();
+}
+
+/* The entry of thread tid, added when new (the fault loop's thread only). */
+static struct mg_thread_block *thread_entry(struct mg_space *s, uint64_t tid)
+{
+    uint32_t n = __atomic_load_n(&s->nthreads, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++)
+        if (s->threads[i].tid == tid)
+            return &s->threads[i];
+    if (n >= MG_MAX_THREADS)
+        return NULL;
+    struct mg_thread_block *t = &s->threads[n];
+    t->tid = tid;
+    __atomic_store_n(&t->wait_page, UINT64_MAX, __ATOMIC_RELAXED);
+    __atomic_store_n(&s->nthreads, n + 1, __ATOMIC_RELEASE);
+    return t;
+}
+
+/* Ends t's wait for page, if it still waits for it: the receiver that placed
+ * the page and the fault loop may both try, and the exchange lets one win. */
+static void thread_unblock(struct mg_thread_block *t, uint64_t page)
+{
+    uint64_t expect = page;
+    if (!__atomic_compare_exchange_n(&t->wait_page, &expect, UINT64_MAX, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+        return;
+    uint64_t since = __atomic_load_n(&t->wait_since_ns, __ATOMIC_ACQUIRE);
+    uint64_t now = now_ns();
+    __atomic_fetch_add(&t->blocked_ns, now > since ? now - since : 0, __ATOMIC_RELAXED);
+}
+
+/* Page is received: every thread waiting for it runs again. */
+static void threads_release(struct mg_space *s, uint64_t page)
+{
+    if (!s->threads)
+        return;
+    uint32_t n = __atomic_load_n(&s->nthreads, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++)
+        if (__atomic_load_n(&s->threads[i].wait_page, __ATOMIC_ACQUIRE) == page)
+            thread_unblock(&s->threads[i], page);
+}
+
+/* Thread tid faulted on page, which is not received: it is blocked from now.
+ * A wait still open is closed first (its page came by a path that did not
+ * see it; a thread blocked in a fault cannot fault again). */
+static void thread_wait(struct mg_space *s, uint64_t tid, uint64_t page)
+{
+    if (!s->threads)
+        return;
+    struct mg_thread_block *t = thread_entry(s, tid);
+    if (!t) {
+        __atomic_fetch_add(&s->threads_untracked, 1, __ATOMIC_RELAXED);
+        return;
+    }
+    uint64_t old = __atomic_load_n(&t->wait_page, __ATOMIC_ACQUIRE);
+    if (old != UINT64_MAX)
+        thread_unblock(t, old);
+    __atomic_fetch_add(&t->faults, 1, __ATOMIC_RELAXED);
+    __atomic_store_n(&t->wait_since_ns, now_ns(), __ATOMIC_RELEASE);
+    __atomic_store_n(&t->wait_page, page, __ATOMIC_RELEASE);
+}
+
 static void send_request(struct mg_space *s, uint64_t page)
 {
     int fd = __atomic_load_n(&s->demand_fd, __ATOMIC_ACQUIRE);
@@ -224,18 +291,19 @@ int64_t mg_demand_resend(struct mg_space *s)
 
 /* ---- placement ---- */
 
-struct place_target place_target(struct mg_space *s, enum placer who)
+struct place_target place_target(struct mg_space *s, enum placer who, int allocated)
 {
     struct place_target t = { .s = s, .copy = s->mode == MG_PLACE_COPY };
-    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY. A
-     * prepared RAM file (every page allocated, the alias mapped) takes pages
+    /* COPY mode needs each page's bytes in our memory before UFFDIO_COPY.
+     * Pages allocated already (by the background allocation) are received
      * straight into the alias. Otherwise, on shmem, a receiver of runs stages
      * in CONTINUE mode too and then pwritev()s into the RAM file: a full-page
      * write allocates the page-cache page without zeroing it and without a
      * fault on the alias. */
-    t.via_write = who == PLACER_RUN && !t.copy && s->ram_fd >= 0 && s->page_size == 4096 && !s->prepared;
+    t.via_write = who == PLACER_RUN && !t.copy && s->ram_fd >= 0 && s->page_size == 4096 && !allocated;
     t.staged = t.copy || t.via_write;
-    /* zero_fresh is only ever set with prepared: it holds for the alias */
+    /* a page written through the alias is allocated first (ensure_allocated):
+     * in a fresh file it reads zero until its claimant writes it */
     t.zero_skip = !t.staged && s->zero_fresh;
     return t;
 }
@@ -248,6 +316,27 @@ void unclaim(const struct place_target *t, uint64_t page)
     if (t->zero_skip)
         memset(alias_of(t->s, page), 0, t->s->page_size);
     bitmap_clear_range(t->s->claimed, page, 1);
+}
+
+int ensure_allocated(struct mg_space *s, uint64_t first, uint64_t count)
+{
+    uint64_t end = first + count, ps = s->page_size;
+    if (!s->alias_base || bitmap_next_clear(s->allocated, first, end) >= end)
+        return 0;
+    /* Write-populating keeps what a page holds and allocates a zero page
+     * where there is none (tmpfs and hugetlbfs), as the background
+     * allocation does; a full backing is an errno here (EFAULT), where a
+     * write through the alias would be SIGBUS. (fallocate would take the
+     * file's lock, which a push receiver's pwritev holds for a whole run.) */
+    int rc = mg_madvise(s->alias_base + first * ps, count * ps, MG_MADV_POPULATE_WRITE);
+    if (rc < 0) {
+        s->error_kind = MG_ALLOC_FAILED;
+        s->error_page = first;
+        s->error_value = count;
+        return rc;
+    }
+    bitmap_set_range(s->allocated, first, count);
+    return 0;
 }
 
 /* UFFDIO_COPY (ZEROPAGE) of one page. Where a copy's errnos become outcomes. */
@@ -299,8 +388,15 @@ int finish_place(const struct place_target *t, uint64_t page, const uint8_t *src
         STAT_ADD(s, placed_demand, 1);
     else
         STAT_ADD(s, placed_push, 1);
-    if (test_bit(s->requested, page))
+    /* Pairs with the fence in the fault loop: either this sees the page
+     * requested, or the fault loop sees it received (a thread's wait ends
+     * either way). */
+    if (s->threads)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (test_bit(s->requested, page)) {
         inflight_done(s, page);
+        threads_release(s, page);
+    }
     STAT_ADD(s, received, 1);
     return 0;
 }
@@ -318,7 +414,7 @@ int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
                        int via, uint64_t *bad_page)
 {
     /* a batch's bytes are in our memory already: COPY mode copies from them */
-    struct place_target t = place_target(s, PLACER_PAGE);
+    struct place_target t = place_target(s, PLACER_PAGE, 1);
     uint64_t placed = 0, ps = s->page_size, off = 0;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t page = pages[i];
@@ -339,6 +435,12 @@ int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
             continue; /* duplicate: the first copy won and may be the guest's now */
         if (!t.staged) {
             uint8_t *dst = alias_of(s, page);
+            int rc = ensure_allocated(s, page, 1);
+            if (rc < 0) {
+                bitmap_clear_range(s->claimed, page, 1);   /* (nothing was written) */
+                *bad_page = page;
+                return rc;
+            }
             if (!zero)
                 memcpy(dst, src, ps);
             else if (!t.zero_skip)
@@ -413,9 +515,16 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
                 continue;
             }
             STAT_ADD(s, requested, 1);
+            thread_wait(s, ev[i].arg, (uint64_t)page);
             if (!test_and_set_bit(s->requested, (uint64_t)page)) {
                 inflight_add(s, (uint64_t)page);
                 send_request(s, (uint64_t)page);
+            }
+            /* see finish_place: a page received meanwhile ends the wait here */
+            if (s->threads) {
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);
+                if (test_bit(s->received, (uint64_t)page))
+                    threads_release(s, (uint64_t)page);
             }
             if (k < max)
                 need[k++] = (uint64_t)page;

@@ -17,12 +17,18 @@
 #define MG_VIA_DEMAND 1
 #define MG_INFLIGHT 8192
 #define MG_LAT_RING 1048576
+/* Guest threads whose blocked time is kept apart (one per vCPU; a guest with
+ * more faulting threads has the rest counted in threads_untracked). */
+#define MG_MAX_THREADS 64
 /* A receiver's result when every page has been received. */
 #define MG_DEMAND_COMPLETE 1
 /* What was wrong with a refused demand reply or push run (mg_space.error_kind). */
 #define MG_BAD_PAGE 1       /* page outside the layout */
 #define MG_BAD_FLAGS 2      /* unknown flags, or sparse where it cannot be */
 #define MG_BAD_LENGTH 3     /* length does not match the flags (and bitmap) */
+/* A page's memory could not be allocated in the RAM file (the backing is
+ * full): error_page is the first page of the range, error_value its count. */
+#define MG_ALLOC_FAILED 4
 
 struct mg_region {
     uint64_t guest_addr;   /* host virtual address in the guest process */
@@ -49,6 +55,18 @@ struct mg_fault_stats {
     uint64_t placed_prior;  /* found mapped in the guest at attach (placed by an earlier agent) */
 };
 
+/* One guest thread that faulted on a page the source had to send, from the
+ * fault event's thread id (UFFD_FEATURE_THREAD_ID). It is blocked from the
+ * fault until the page is received; only the fault loop adds entries, the
+ * receivers end waits. */
+struct mg_thread_block {
+    uint64_t tid;           /* the faulting thread's id, as the kernel gives it */
+    uint64_t wait_page;     /* the page it waits for; UINT64_MAX: not waiting */
+    uint64_t wait_since_ns; /* CLOCK_MONOTONIC ns of that fault */
+    uint64_t blocked_ns;    /* waits that ended, summed */
+    uint64_t faults;        /* its faults on pages not received yet */
+};
+
 /* A demand request in flight: when it was asked for (CLOCK_MONOTONIC ns). */
 struct mg_inflight {
     uint64_t page;          /* UINT64_MAX: free slot */
@@ -70,10 +88,15 @@ struct mg_space {
     int demand_fd;          /* socket to the source's demand server, -1 when none */
     struct mg_inflight *inflight;   /* MG_INFLIGHT slots */
     uint32_t *lat_us;       /* MG_LAT_RING demand latencies, microseconds */
+    struct mg_thread_block *threads; /* MG_MAX_THREADS entries, NULL: not kept */
+    uint32_t nthreads;      /* entries in use (atomic; only the fault loop adds) */
+    uint64_t threads_untracked; /* demand faults of threads past MG_MAX_THREADS */
     const uint8_t *zero_page; /* page_size zero bytes (COPY mode's source for zero pages) */
-    int ram_fd;             /* the RAM file, for pwritev on shmem when not prepared (-1: the alias) */
-    int prepared;           /* every page is allocated and the alias is mapped: write through it */
-    int zero_fresh;         /* pages never claimed read as zero: a zero page needs no write */
+    int ram_fd;             /* the RAM file: pwritev on shmem, fallocate (-1: neither) */
+    uint64_t *allocated;    /* in the RAM file's page cache: populated by the background allocation
+                             * or fallocated by a receiver before it writes through the alias */
+    int zero_fresh;         /* the file held no page at attach: an allocated page nobody wrote reads as
+                             * zero, so a zero page or block needs no write */
     uint32_t demand_waiting; /* demand requests in the inflight table (atomic) */
     int finished;           /* set once every page is mapped, before the range is unregistered */
     uint64_t block_size;    /* demand replies may be sparse in blocks of this size (0: never) */
@@ -129,6 +152,9 @@ int64_t mg_place_batch(struct mg_space *s, const uint64_t *pages, uint64_t n,
  * or failure. */
 int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int timeout_ms);
 
+/* CLOCK_MONOTONIC now, in ns (what wait_since_ns is measured on). */
+uint64_t mg_now_ns(void);
+
 /* Writes a request for every page requested but not received (after a source
  * reconnects). Returns how many, or -errno. */
 int64_t mg_demand_resend(struct mg_space *s);
@@ -150,20 +176,30 @@ enum placer {
     PLACER_RUN,
 };
 
-/* How a receiver places the pages it claims, decided once by place_target
- * from the placement mode matrix: the mode (CONTINUE or COPY), whether the
- * RAM file is prepared (and fresh), its page size, and the receiver. */
+/* How a receiver places the pages it claims, decided by place_target from
+ * the placement mode matrix: the mode (CONTINUE or COPY), whether the pages
+ * are allocated already (and the file was fresh), its page size, and the
+ * receiver (once per receiver, or once per run for the push). */
 struct place_target {
     struct mg_space *s;
     int copy;       /* UFFDIO_COPY (or ZEROPAGE) places and maps each page in one step (COPY mode) */
     int staged;     /* the bytes land in the receiver's own memory (scratch, a staging run, a batch),
                      * not in the alias: COPY mode, or via_write */
     int via_write;  /* staged pages reach the RAM file by pwritev, then CONTINUE maps them */
-    int zero_skip;  /* zero pages and zero blocks landing in the alias need no write (a fresh file
-                     * reads zero); staged zero blocks are always written */
+    int zero_skip;  /* zero pages and zero blocks landing in the alias need no write (a fresh file's
+                     * page reads zero once ensure_allocated made it); staged zero blocks are always
+                     * written */
 };
 
-struct place_target place_target(struct mg_space *s, enum placer who);
+/* allocated: every page the target is for is allocated already (a push run
+ * on shmem whose pages are not is staged and written with pwritev). */
+struct place_target place_target(struct mg_space *s, enum placer who, int allocated);
+
+/* Before a receiver writes through the alias into pages [first, first+count):
+ * allocates those not allocated yet (write-populating the alias), so that a backing too small
+ * fails here with -errno (error_kind MG_ALLOC_FAILED) rather than with SIGBUS
+ * in the write. 0 or -errno. */
+int ensure_allocated(struct mg_space *s, uint64_t first, uint64_t count);
 
 /* Claims page for this receiver: 1 = it is ours to write, 0 = it was claimed
  * already (a duplicate, counted; its bytes are read and dropped). */
@@ -177,7 +213,8 @@ static inline int claim(struct mg_space *s, uint64_t page)
 }
 
 /* Gives back a claimed page whose bytes did not all arrive, so that a later
- * copy places it. */
+ * copy places it. The page was allocated (ensure_allocated) before a byte
+ * of it was written through the alias. */
 void unclaim(const struct place_target *t, uint64_t page);
 
 /* The claimed page's bytes are where t puts them (src: the receiver's copy,

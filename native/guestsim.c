@@ -7,6 +7,7 @@
 
 #include <errno.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -107,7 +108,11 @@ static void *vcpu_main(void *arg)
 {
     struct vcpu *v = arg;
     const struct sim *s = v->sim;
+    char name[16];
 
+    /* the agent labels this thread's blocked time "vCPU <index>" by this name */
+    snprintf(name, sizeof(name), "vcpu-%d", v->index);
+    pthread_setname_np(pthread_self(), name);
     switch (s->pattern) {
     case MG_GUESTSIM_SEQ:
         for (uint64_t pg = v->lo; pg < v->hi; pg++)

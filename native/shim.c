@@ -11,6 +11,8 @@
  *                      so processes QEMU spawns never attach.
  *   MIGRATE_MIN_RAM    smallest mapping treated as guest RAM, bytes (suffix K/M/G
  *                      allowed), default 64M.
+ *   MIGRATE_ATTACH_WAIT seconds to wait at start-up for an agent on MIGRATE_ATTACH
+ *                      (nobody listening there yet), default 60; 0: do not wait.
  *   MIGRATE_SHIM_DEBUG set to print what the shim does on stderr.
  *
  * What it does: it interposes mmap and mmap64 (QEMU 7.2 imports mmap64).  For a
@@ -24,6 +26,9 @@
  *   3. waits for the ack; on {"ok": false, ...}, EOF or any error it prints the
  *      reason and exits the process (status 1): running on without the agent
  *      would let the guest read RAM that has not arrived.
+ *      While nobody listens on the path (no socket yet, or a dead agent's), it
+ *      tries again every 100 ms for MIGRATE_ATTACH_WAIT seconds first, so QEMU
+ *      and the agent may be started in either order.
  * The uffd and the socket stay open for the life of the process (never closed).
  * Every other mapping is passed through untouched.
  *
@@ -50,6 +55,7 @@
 #include <sys/statfs.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 #include <linux/userfaultfd.h>
 #include <pthread.h>
@@ -73,6 +79,7 @@ static mmap_fn real_mmap64;
 static __thread int in_shim;            /* no recursion through our own calls */
 static int debug;
 static char attach_path[108];           /* MIGRATE_ATTACH, captured at load time */
+static double attach_wait = 60.0;       /* MIGRATE_ATTACH_WAIT, seconds */
 
 static void say(const char *fmt, ...)
 {
@@ -127,7 +134,17 @@ __attribute__((constructor)) static void shim_init(void)
          * spawns (exec: migration helpers, ifup scripts) inherit LD_PRELOAD but
          * must not attach to the agent themselves. */
         unsetenv("MIGRATE_ATTACH");
-        DBG("loaded, attach socket %s", attach_path);
+        const char *w = getenv("MIGRATE_ATTACH_WAIT");
+        if (w && *w) {
+            char *end;
+            errno = 0;
+            double v = strtod(w, &end);
+            if (errno || end == w || *end != '\0' || !(v >= 0) || v > 86400)
+                die("MIGRATE_ATTACH_WAIT=%s: not a number of seconds from 0 to 86400 (how long to wait at "
+                    "start-up for `migrate dest` on MIGRATE_ATTACH; default 60)", w);
+            attach_wait = v;
+        }
+        DBG("loaded, attach socket %s, waits up to %g s for its agent", attach_path, attach_wait);
     }
 }
 
@@ -294,10 +311,12 @@ struct attachment {
 };
 
 #define UNTRUSTED_AGENT (-2)
+#define NO_AGENT (-3)         /* nobody listens on the path (yet, or any more) */
 
 /* Connects, sends the hello with [uffd, ramfd] and reads the ack. Returns the
  * connected socket, or -1 with why[] filled (the caller decides to die or
- * retry), UNTRUSTED_AGENT when the listener is neither root nor our uid. */
+ * retry), UNTRUSTED_AGENT when the listener is neither root nor our uid,
+ * NO_AGENT when nobody listens on the path. */
 static int hello_and_ack(struct attachment *a, int reattach, char *why, size_t why_cap)
 {
     int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -312,10 +331,11 @@ static int hello_and_ack(struct attachment *a, int reattach, char *why, size_t w
     while (connect(s, (struct sockaddr *)&sa, sizeof sa) < 0) {
         if (errno == EINTR)
             continue;
+        int err = errno;
         snprintf(why, why_cap, "cannot connect to the migrate agent at MIGRATE_ATTACH=%s: %s "
-                 "(start `migrate dest` first, or unset MIGRATE_ATTACH)", attach_path, strerror(errno));
+                 "(start `migrate dest` first, or unset MIGRATE_ATTACH)", attach_path, strerror(err));
         close(s);
-        return -1;
+        return (err == ENOENT || err == ECONNREFUSED || err == EAGAIN) ? NO_AGENT : -1;
     }
     /* Before a byte, above all the descriptors, goes out: whoever listens on
      * the path gets the guest's userfaultfd and all of its RAM.  The kernel
@@ -473,6 +493,41 @@ static void *watch(void *arg)
     }
 }
 
+/* The first attach. While nobody listens on the path (the agent not started
+ * yet) it tries again every 100 ms for MIGRATE_ATTACH_WAIT seconds; a listener
+ * of another user is said once and waited out the same way. Anything else (the
+ * agent refused the guest, or broke off) exits the process at once. QEMU waits
+ * meanwhile inside its mmap of the RAM, before the guest has run. */
+static int first_attach(struct attachment *a)
+{
+    char why[1024], said[1024] = "";
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int waited = 0;
+    for (;;) {
+        int s = hello_and_ack(a, 0, why, sizeof why);
+        if (s >= 0) {
+            if (waited)
+                say("the migrate agent at %s is there: attached %s", attach_path, a->target);
+            return s;
+        }
+        if (s != NO_AGENT && s != UNTRUSTED_AGENT)
+            die("%s", why);
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        double spent = (double)(now.tv_sec - t0.tv_sec) + (double)(now.tv_nsec - t0.tv_nsec) / 1e9;
+        if (spent >= attach_wait)
+            die("no migrate agent took %s within MIGRATE_ATTACH_WAIT=%g s: %s; start `migrate dest --attach %s` "
+                "(before this process, or within that time), or set MIGRATE_ATTACH_WAIT higher",
+                a->target, attach_wait, why, attach_path);
+        if (!waited || (s == UNTRUSTED_AGENT && strcmp(why, said) != 0)) {
+            say("%s; waiting up to %g s (MIGRATE_ATTACH_WAIT) for it", why, attach_wait);
+            strcpy(said, why);
+        }
+        waited = 1;
+        usleep(100 * 1000);
+    }
+}
+
 static void attach(void *addr, size_t len, int ramfd, off_t off, const struct statfs *sfs)
 {
     struct stat st;
@@ -522,10 +577,7 @@ static void attach(void *addr, size_t len, int ramfd, off_t off, const struct st
     a->hello[3] = (char)(jl & 0xff);
     a->hello_len = (size_t)jl + 4;
 
-    char why[1024];
-    a->sock = hello_and_ack(a, 0, why, sizeof why);
-    if (a->sock < 0)
-        die("%s", why);
+    a->sock = first_attach(a);
     DBG("attached %s (%s, page %llu) %p+%zu offset %lld", a->target, backing,
         (unsigned long long)page_size, addr, len, (long long)off);
     pthread_t t;

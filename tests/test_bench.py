@@ -45,8 +45,22 @@ def test_floors_tiny(bench, host):
     assert fl["map_4k"]["npages"] == 4096 and len(fl["map_4k"]["reps_ns_per_page"]) == 3
     assert fl["map_4k"]["ns_per_page"] > 0
 
+    if shutil.which("openssl"):
+        assert "error" not in fl["aes_gcm"], fl["aes_gcm"].get("error")
+        assert fl["aes_gcm"]["gbps"] > 0 and fl["aes_gcm"]["s_per_gib"] > 0
+
+    # the channel path alone, plaintext and TLS (tls_wire.c checks every byte it receives)
+    assert "error" not in fl["tls_wire"], fl["tls_wire"].get("error")
+    for mode in ("plain", "tls"):
+        assert fl["tls_wire"][f"push_{mode}"]["send_cpu_s_per_gib"] > 0
+        assert fl["tls_wire"][f"push_{mode}"]["recv_cpu_s_per_gib"] > 0
+        assert fl["tls_wire"][f"rr_{mode}"]["n"] == 300 and fl["tls_wire"][f"rr_{mode}"]["p50_us"] > 0
+
     ratios, _ = report.ratios(fl, [])
     assert ratios["fast_path_p50_ratio"] > 0
+    assert ratios["tls_wire_push_cpu_ratio"] > 0 and ratios["tls_wire_rr_p50_ratio"] > 0
+    if shutil.which("openssl"):
+        assert ratios["tls_cipher_gbps"] == fl["aes_gcm"]["gbps"]
     verdicts = report.verdicts(ratios)
     assert set(report.TARGETS) <= set(verdicts)
 
@@ -111,3 +125,45 @@ def test_a_bench_stopped_with_sigterm_gives_back_huge_pages_and_processes(tmp_pa
         if int(open(nr).read()) != before:
             with open(nr, "w") as f:
                 f.write(str(before))
+
+
+def test_tls_push_keys_say_where_the_time_goes(bench):
+    """The TLS push's non-target keys: each agent's extra CPU a GiB over the
+    plaintext run, and the ratio bound the cipher alone sets (2 CPUs, AES at
+    4 GB/s, plaintext at 2 GB/s: 1 / (1 + 2 x 2 / (2 x 4)) = 0.667)."""
+    _, report = bench
+    run = dict(ok=True, backing="tmpfs", vcpus=1, placement="continue", pattern="idle", content="random",
+               size=1 << 30, ram_gbps=1.0)
+    plain = dict(run, scenario="p", push_gbps=2.0, cpu_s_per_gib={"source": 0.5, "dest": 1.25})
+    tls = dict(run, scenario="t", tls=True, push_gbps=0.9, cpu_s_per_gib={"source": 0.85, "dest": 1.75})
+    aes = {"gbps": 4.0, "s_per_gib": 0.268, "record": 16384, "cpus": 2}
+    r, src = report.ratios({"aes_gcm": aes}, [plain, tls])
+    assert r["tls_push_ratio"] == 0.45
+    assert (r["tls_push_source_cpu_s_per_gib"], r["tls_push_dest_cpu_s_per_gib"]) == (0.35, 0.5)
+    assert r["tls_cipher_gbps"] == 4.0
+    assert r["tls_push_ratio_bound"] == 0.667
+    assert src["tls_push_ratio_bound"] == "1 / (1 + 2 x plaintext push 2.0 GB/s / (2 CPUs x AES-128-GCM 4.0 GB/s))"
+    # without the cipher floor (no openssl command) there is no bound, and no error
+    r, _ = report.ratios({}, [plain, tls])
+    assert "tls_push_ratio_bound" not in r and r["tls_push_source_cpu_s_per_gib"] == 0.35
+
+
+def test_a_process_summary_is_read_even_when_the_process_exits_first(bench, tmp_path):
+    """wait() returns once every line the process printed was read: its last
+    lines can still be in the pipe when it exits (a loaded host, its reader
+    thread waiting for a CPU, showed a guest that verified as one with no
+    summary, failing the scenario). The reader here starts late on purpose."""
+    import time
+
+    from benchmarks.scenarios import ScriptProc
+
+    class LateReader(ScriptProc):
+        def _read(self):
+            time.sleep(0.5)
+            super()._read()
+
+    script = tmp_path / "quick.py"
+    script.write_text("import json\nprint(json.dumps({'event': 'summary', 'verified': True}))\n")
+    p = LateReader("quick", [str(script)])
+    assert p.wait(30) == 0
+    assert p.summary() is not None and p.summary()["verified"] is True

@@ -11,6 +11,7 @@ given back by migrate.qemu.lab.Lab.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import json
@@ -19,6 +20,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -80,14 +82,37 @@ def _check_migrated(res: dict):
     assert res["dst_status_after"] == "running"
 
 
+def _check_attach_did_not_wait(res: dict):
+    """The destination QEMU waits inside mmap (the shim) for the agent's ack
+    only: its RAM is allocated after the ack, in the background."""
+    d = res["dest"]
+    assert res["attach_ack_ms"] == d["ack_ms"] and 0 < d["ack_ms"] < 500, d
+    assert d["ack_ms"] < d["prepare_s"] * 1000, d
+
+
 @pytest.mark.timeout(300)
 def test_qemu_guest_postcopy_tmpfs(guest):
     res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True))
     print({k: res.get(k) for k in ("downtime_ms", "total_ms", "guest_verify_ms")})
     _check_migrated(res)
+    _check_attach_did_not_wait(res)
     # the guest writes 379 of its 512 MiB: the source's RAM file keeps holes
     # where it never wrote, found once QEMU paused and sent unread as zero pages
     assert res["source"]["hole_pages"] > 0, res["source"]
+    # without --quit-source the last word on the source QEMU: paused, and its RAM file named
+    ram, qmp = res["src_ram"], res["source_qemu"][0]["qmp"]
+    assert res["source_qemu"] == [{
+        "event": "source-qemu", "state": "paused", "qmp": qmp, "ram_file": ram,
+        "message": f"the source QEMU stays paused (QEMU status postmigrate) and its RAM file {ram} is still there: "
+                   "once the VM need not "
+                   f"go back, `python -m migrate.qemu {qmp} quit` and remove the file (or give the source "
+                   "--quit-source)"}], res["source_qemu"]
+    # blocked time per vCPU: the faults' thread ids mapped to vCPU indexes
+    # through QEMU's query-cpus-fast (other QEMU threads, e.g. the device-state
+    # load's, are listed without one)
+    vcpus = [v for v in res["dest"]["vcpus"] if v["vcpu"] is not None]
+    assert [v["vcpu"] for v in vcpus] == [0] and vcpus[0]["blocked_s"] > 0 and vcpus[0]["faults"] > 0, \
+        res["dest"]["vcpus"]
     assert not glob.glob(f"/dev/shm/migrate-*-{os.getpid()}")
 
 
@@ -245,6 +270,7 @@ def test_qemu_guest_postcopy_hugetlbfs(guest):
             pytest.skip(f"not enough 2 MiB huge pages for two {MEM_MB} MiB guests: {e}")
         raise
     _check_migrated(res)
+    _check_attach_did_not_wait(res)
     assert res["dest"]["page_size"] == 2 << 20
     # hugetlbfs reports no holes: the source probed for the huge pages its
     # guest never wrote and sent them unread (reading one would allocate it)
@@ -408,3 +434,325 @@ def test_shim_reads_agent_messages_whatever_their_whitespace(tmp_path, separator
         listener.close()
     assert child.returncode == 0, err
     assert "migration complete for" in err and "went away" not in err, err
+
+
+def _start_under_shim_env(attach_path: str, **env) -> subprocess.Popen:
+    from migrate.qemu.shim import shim_path
+    full = dict(os.environ, LD_PRELOAD=shim_path(), MIGRATE_ATTACH=attach_path, **env)
+    return subprocess.Popen([sys.executable, "-c", _MAPS_RAM], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=full)
+
+
+@pytest.mark.timeout(60)
+def test_shim_waits_for_an_agent_started_after_it(tmp_path):
+    """QEMU may start before its agent: the shim tries the attach socket again
+    until MIGRATE_ATTACH_WAIT runs out (here the agent comes 1.5 s later; a
+    stale socket file nobody listens on counts as no agent)."""
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    from migrate.wire.attach import recv_msg
+
+    path = str(tmp_path / "attach.sock")
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(path)        # a dead agent's socket: bound, never listened on
+    stale.close()
+    child = _start_under_shim_env(path, MIGRATE_ATTACH_WAIT="30")
+    listener = None
+    try:
+        time.sleep(1.5)
+        assert child.poll() is None, child.communicate(timeout=5)
+        os.unlink(path)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(20)
+        conn, _ = listener.accept()
+        conn.settimeout(20)
+        hello, fds = recv_msg(conn, want_fds=2)
+        for fd in fds:
+            os.close(fd)
+        assert hello["ram_size"] == 64 << 20
+        body = json.dumps({"ok": True}).encode()
+        conn.sendall(struct.pack(">I", len(body)) + body)
+        assert child.stdout.readline() == "mapped\n"
+        for ev in ({"event": "switchover"}, {"event": "complete", "pages_total": 16384}):
+            body = json.dumps(ev).encode()
+            conn.sendall(struct.pack(">I", len(body)) + body)
+        conn.close()
+        _, err = child.communicate("", timeout=20)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        if listener is not None:
+            listener.close()
+    assert child.returncode == 0, err
+    assert "waiting up to 30 s (MIGRATE_ATTACH_WAIT)" in err, err
+    assert f"the migrate agent at {path} is there" in err, err
+
+
+@pytest.mark.timeout(60)
+def test_shim_gives_up_when_no_agent_comes_within_its_wait(tmp_path):
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    path = str(tmp_path / "attach.sock")
+    t0 = time.monotonic()
+    child = _start_under_shim_env(path, MIGRATE_ATTACH_WAIT="1")
+    out, err = child.communicate("", timeout=30)
+    took = time.monotonic() - t0
+    assert child.returncode == 1 and "mapped" not in out
+    assert "within MIGRATE_ATTACH_WAIT=1 s" in err and f"start `migrate dest --attach {path}`" in err, err
+    assert 1 <= took < 15, took
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("value", ["soon", "-1", "1e9", ""])
+def test_shim_refuses_a_bad_attach_wait(tmp_path, value):
+    """A MIGRATE_ATTACH_WAIT that is not a number of seconds is said at once
+    (an empty one is the default)."""
+    why = features().why_not("uffd")
+    if why:
+        pytest.skip(why)
+    child = _start_under_shim_env(str(tmp_path / "attach.sock"), MIGRATE_ATTACH_WAIT=value)
+    if value == "":
+        time.sleep(1)
+        assert child.poll() is None   # waiting its default 60 s
+        child.kill()
+        child.wait()
+        return
+    _, err = child.communicate("", timeout=20)
+    assert child.returncode == 1
+    assert f"MIGRATE_ATTACH_WAIT={value}: not a number of seconds from 0 to 86400" in err, err
+
+
+# -- finding the source QEMU's RAM (source --qmp without --ram) ---------------
+@contextlib.contextmanager
+def bare_qemu(tmp_path, *objects: str, machine: str = "pc,memory-backend=ram0", run: bool = False):
+    """A QEMU that never boots (-S; run: its firmware runs, finding nothing
+    to boot), with these -object arguments and a QMP socket; yields (its
+    process, the QMP socket path). Stopped by pid."""
+    if not shutil.which("qemu-system-x86_64"):
+        pytest.skip("qemu-system-x86_64 is missing (apt-get install qemu-system-x86)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the source agent reads QEMU's /proc/PID/fd")
+    qmp = str(tmp_path / "bare.qmp")
+    argv = ["qemu-system-x86_64", "-accel", "tcg", *([] if run else ["-S"]), "-nodefaults", "-display", "none", "-m", "64M",
+            "-machine", machine, "-qmp", f"unix:{qmp},server=on,wait=off"]
+    for o in objects:
+        argv += ["-object", o]
+    p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        yield p, qmp
+    finally:
+        p.kill()
+        p.wait(10)
+
+
+@pytest.mark.timeout(60)
+def test_source_finds_a_memfd_backend_among_qemus_descriptors(tmp_path):
+    from migrate.qemu.source import find_ram_backend
+    with bare_qemu(tmp_path, "memory-backend-memfd,id=ram0,size=64M,share=on") as (p, qmp):
+        b = find_ram_backend(qmp)
+        assert (b.id, b.kind, b.size, b.pid, b.file) == ("ram0", "memfd", 64 << 20, p.pid, None)
+        assert b.path.startswith(f"/proc/{p.pid}/fd/")
+        assert os.readlink(b.path).startswith("/memfd:") and os.stat(b.path).st_size == 64 << 20
+        assert b.describe() == f"memory backend ram0 of QEMU pid {p.pid}: 64 MiB, memfd {b.path}"
+
+
+@pytest.mark.timeout(60)
+def test_source_finds_a_file_backend_by_its_mem_path(tmp_path):
+    from migrate.qemu.source import find_ram_backend
+    ram = f"/dev/shm/migrate-bare-{os.getpid()}"
+    try:
+        with bare_qemu(tmp_path, f"memory-backend-file,id=ram0,size=64M,mem-path={ram},share=on") as (p, qmp):
+            b = find_ram_backend(qmp)
+            assert (b.kind, b.path, b.file, b.size) == ("file", ram, ram, 64 << 20)
+        # a mem-path that is a directory: QEMU's file there is unlinked, and
+        # found among its descriptors
+        d = tmp_path / "ramdir"
+        d.mkdir()
+        shm = f"/dev/shm/migrate-bare-dir-{os.getpid()}"
+        os.mkdir(shm)
+        try:
+            with bare_qemu(tmp_path, f"memory-backend-file,id=ram0,size=64M,mem-path={shm},share=on") as (p, qmp):
+                b = find_ram_backend(qmp)
+                assert b.kind == "file" and b.file is None and b.path.startswith(f"/proc/{p.pid}/fd/")
+                assert os.readlink(b.path).startswith(shm + "/")
+        finally:
+            os.rmdir(shm)
+    finally:
+        if os.path.exists(ram):
+            os.unlink(ram)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("objects,machine,message", [
+    ((), "pc", "memory backend pc.ram is not share=on: its RAM would travel inside QEMU's stream; start QEMU with "
+     "share=on on every memory backend"),
+    (("memory-backend-memfd,id=ram0,size=64M,share=on", "memory-backend-memfd,id=ram1,size=32M,share=on"),
+     "pc,memory-backend=ram0", "QEMU at QMP has 2 memory backends (ram1 (32 MiB), ram0 (64 MiB)) and this engine serves one: "
+     "pass --ram with the file of the backend to serve (its mem-path, or /proc/PID/fd/N of a memfd)"),
+    (("memory-backend-ram,id=ram0,size=64M,share=on",), "pc,memory-backend=ram0",
+     "memory backend ram0 of QEMU at QMP is a memory-backend-ram, which has no file this agent can open: start QEMU "
+     "with memory-backend-file (on tmpfs or hugetlbfs) or memory-backend-memfd, share=on, or pass --ram"),
+], ids=["private-ram", "two-backends", "anonymous-shared"])
+def test_source_says_why_it_cannot_find_the_ram(tmp_path, objects, machine, message):
+    """source --qmp without --ram, on a QEMU whose RAM it cannot serve: exit 2,
+    saying what is wrong and what to pass."""
+    from migrate.sim.localrun import Proc
+    with bare_qemu(tmp_path, *objects, machine=machine) as (p, qmp):
+        src = Proc("source", ["source", "--qmp", qmp, "--to", "127.0.0.1:1", "--json"])
+        try:
+            assert src.wait(30) == 2
+        finally:
+            src.kill()
+        assert src.errors() == [f"finding the source QEMU's RAM: {message.replace('QMP', qmp)}"]
+
+
+@pytest.mark.timeout(300)
+def test_qemu_without_friction_memfd_no_ram_flag_quit_source(guest, tmp_path):
+    """The flow an operator tried by hand, with none of its friction: the
+    source QEMU's RAM is a memfd, and `source --qmp` finds it itself (no
+    --ram); the destination QEMU starts before its agent, and the shim waits
+    for the agent; --quit-source quits the source QEMU once the migration
+    completed. The guest's own check of every page passes."""
+    import threading
+    from migrate.qemu.shim import shim_path
+    from migrate.sim.localrun import Proc
+
+    mem_mb = 256
+    with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
+        src_qmp, dst_qmp = str(tmp_path / "src.agent.qmp"), str(tmp_path / "dst.agent.qmp")
+        src, qs, ss = lab.start("src", mem_mb=mem_mb, backend="memfd",
+                                extra_args=["-qmp", f"unix:{src_qmp},server=on,wait=off"])
+        pages = int(ss.wait_for(r"FILLED (\d+) ", timeout=120).group(1))
+        attach = str(tmp_path / "agent" / "attach.sock")
+        started = []
+        # the destination QEMU first: its shim waits in QEMU's mmap of the RAM
+        t = threading.Thread(target=lambda: started.append(lab.start(
+            "dst", env={"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}, mem_mb=mem_mb, backend="memfd",
+            incoming="defer", extra_args=["-qmp", f"unix:{dst_qmp},server=on,wait=off"])), daemon=True)
+        t.start()
+        procs = []
+        try:
+            time.sleep(2)
+            dst_proc = lab.procs[-1]
+            assert dst_proc.poll() is None, "the destination QEMU did not wait for its agent"
+            dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", dst_qmp, "--json"])
+            procs.append(dest)
+            addr = dest.wait_event("listening", 30)["address"]
+            dest.wait_event("attached", 60)
+            t.join(60)
+            assert started, "the destination QEMU did not come up once its agent was there"
+            _, qd, sd = started[0]
+            source = Proc("source", ["source", "--qmp", src_qmp, "--to", addr, "--quit-source", "--json"])
+            procs.append(source)
+            ram = source.wait_event("ram", 30)
+            assert ram["kind"] == "memfd" and ram["path"].startswith(f"/proc/{src.pid}/fd/"), ram
+            assert ram["size"] == mem_mb << 20 and ram["pid"] == src.pid
+            dest.wait_event("guest-running", 120)
+            sd.send("\n")
+            v = sd.wait_for(r"VERIFY (OK (\d+) \d+ ms|BAD [^\n]*)\n", timeout=180)
+            assert v.group(0).startswith("VERIFY OK") and int(v.group(2)) == pages, v.group(0)
+            assert source.wait(120) == 0, source.errors()
+            assert dest.wait(60) == 0, dest.errors()
+            end = [e for e in source.lines if e["event"] == "source-qemu"]
+            assert len(end) == 1 and end[0]["state"] == "quit" and end[0]["ram_file"] is None, end
+            assert end[0]["message"] == "the source QEMU quit (--quit-source); its RAM went with it"
+            assert source.summary()["source_status"] == "quit"
+            assert src.wait(30) == 0          # QEMU's own exit after quit
+            assert qd.cmd("query-status")["status"] == "running"
+        finally:
+            for p in procs:
+                p.kill()
+
+
+@pytest.mark.timeout(60)
+def test_the_last_word_on_a_source_qemu_holding_a_memfd(tmp_path):
+    """After a migration, a source QEMU left paused is named with the RAM it
+    holds (a memfd has no file that outlives it); --quit-source quits it."""
+    from conftest import Events
+    from migrate.qemu.qmp import QMP
+    from migrate.qemu.source import after_migration, find_ram_backend
+    with bare_qemu(tmp_path, "memory-backend-memfd,id=ram0,size=64M,share=on", run=True) as (p, qmp_path):
+        b = find_ram_backend(qmp_path)
+        events = Events()
+        q = QMP(qmp_path)
+        try:
+            q.cmd("stop")
+            assert after_migration(q, events, b.path, quit=False) == "paused"
+            assert events.lines == [{
+                "event": "source-qemu", "state": "paused", "qmp": qmp_path, "ram_file": None,
+                "message": f"the source QEMU stays paused (QEMU status paused), holding its RAM ({b.path}, no file of "
+                           f"its own) until it quits: once the VM need not go back, `python -m migrate.qemu "
+                           f"{qmp_path} quit` (or give the source --quit-source)"}]
+            assert after_migration(q, events, b.path, quit=True) == "quit"
+            assert events.lines[-1]["message"] == "the source QEMU quit (--quit-source); its RAM went with it"
+        finally:
+            q.close()
+        assert p.wait(20) == 0
+
+
+def _parts_add_up(sp: dict) -> None:
+    from migrate.qemu.switchover import PHASES
+    assert set(sp) >= {"pause_ms", "remainder_ms", *(f"{p}_ms" for p in PHASES)}, sp
+    parts = [sp[f"{p}_ms"] for p in PHASES if sp[f"{p}_ms"] is not None]
+    assert all(v >= 0 for v in parts), sp
+    assert abs(sum(parts) + sp["remainder_ms"] - sp["pause_ms"]) < 0.01, sp
+
+
+def test_pause_split_counts_each_moment_once():
+    """Parts that overlap (the state sent while QEMU still writes it) count
+    only what they add after the part before; gaps are the remainder."""
+    from migrate.qemu.switchover import split
+    sp = split(10.0, 10.020, {"stop": (10.0, 10.001), "save": (9.9, 10.008), "transfer": (9.95, 10.010),
+                              "load": (10.011, 10.016), "cont": None})
+    assert sp == {"pause_ms": 20.0, "stop_ms": 1.0, "save_ms": 7.0, "transfer_ms": 2.0, "load_ms": 5.0,
+                  "cont_ms": None, "remainder_ms": 5.0}
+    _parts_add_up(sp)
+    # a part that ends after the pause (QEMU's completed event after its RESUME) stops at the RESUME
+    assert split(0.0, 0.010, {"load": (0.002, 0.015)})["load_ms"] == 8.0
+
+
+@pytest.mark.timeout(300)
+def test_pause_split_adds_up_for_both_engines(guest):
+    """`migrate bench --qemu`'s pause_split, for this engine and for QEMU's own
+    post-copy: every part there, none negative, and they add up to the pause
+    (STOP -> RESUME, QEMU's own timestamps)."""
+    from benchmarks.qemu_guest import run_engine, run_qemu_postcopy
+    e = run_engine(guest, 256, log=lambda m: print(m, flush=True))
+    q = run_qemu_postcopy(guest, 256, log=lambda m: print(m, flush=True))
+    print(e["pause_split"], q["pause_split"])
+    for r in (e, q):
+        _parts_add_up(r["pause_split"])
+        assert abs(r["pause_split"]["pause_ms"] - r["downtime_ms"]) <= 0.1, r["pause_split"]
+    # the engine: QEMU stops the VM itself (no stop command), the destination
+    # QEMU starts itself (no cont); the save, transfer and load were measured
+    sp = e["pause_split"]
+    assert sp["stop_ms"] == 0 and sp["cont_ms"] is None, sp
+    assert None not in (sp["save_ms"], sp["transfer_ms"], sp["load_ms"]), sp
+    # QEMU: what QMP cannot split is None, its downtime figure is the save
+    qs = q["pause_split"]
+    assert qs["transfer_ms"] is None and qs["cont_ms"] is None, qs
+    assert qs["save_ms"] == min(q["qemu_reported_downtime_ms"], qs["pause_ms"]), qs
+
+
+@pytest.mark.timeout(300)
+def test_device_state_of_several_mib_streams_through(guest, tmp_path):
+    """A device with a 4 MiB option ROM of random bytes puts over 4 MiB into
+    QEMU's stream (more than 60 pipe buffers). It goes through as QEMU writes
+    it: the destination QEMU has its first bytes before the source QEMU has
+    written its last, and the ROM travels while the source VM still runs, so
+    little of the stream is inside the pause."""
+    rom = tmp_path / "rom4m.bin"
+    rom.write_bytes(os.urandom(4 << 20))
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True),
+                       qemu_args=("-device", f"pci-testdev,romfile={rom}"))
+    _check_migrated(res)
+    s, d = res["source"], res["dest"]
+    print({k: s.get(k) for k in ("device_state_bytes", "device_state_bytes_stopped", "switchover")}, d["switchover"])
+    assert s["device_state_bytes"] > 4 << 20 and d["device_state_bytes"] == s["device_state_bytes"]
+    assert d["switchover"]["first_chunk"] < s["switchover"]["save_end"], (s["switchover"], d["switchover"])
+    assert s["device_state_bytes_stopped"] < 1 << 20, s

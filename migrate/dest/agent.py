@@ -13,6 +13,7 @@ channels with a hello: every connection there is under a deadline and caps
 from __future__ import annotations
 
 import errno
+import gc
 import os
 import resource
 import select
@@ -24,15 +25,16 @@ from dataclasses import dataclass
 
 from migrate import exits
 from migrate.dest import faultspace
-from migrate.dest.attach import GUEST_INSTANCE_CHARS, AttachListener
+from migrate.dest.attach import GUEST_INSTANCE_CHARS, AttachListener, StatusRequest
 from migrate.wire.attach import AttachProbe
 from migrate.wire.rawtls import RawTls, TlsError, TlsSocket
 from migrate.wire.tls import TlsConfig
 from migrate.errors import AttachError, MigrateError, ProtocolError, fmt_size
+from migrate.host import fault_path_priority
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
 from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
-from migrate.wire.tcp import Address, host_of, set_peer_timeout
+from migrate.wire.tcp import Address, host_of, mark_urgent, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
 from migrate.dest.session import Migration
 from migrate.dest.state import SERVED, WAITING, NotAuthorised, Peer, StateMachine
@@ -230,6 +232,10 @@ class Destination:
         # tokens): the last ENDED_KEPT of them
         self.ended: dict[str, tuple[pb.FinishReply, StateMachine]] = {}
         self.answered: set[str] = set()   # sessions whose source got a Finish reply
+        self.listen = ""                  # where gRPC listens, once it does (for status)
+        self.vcpu_threads = lambda: {}    # guest thread id -> vCPU index (QEMU's, with --qmp)
+        self.ended_states: dict[str, int] = {}   # migrations retired, by their status state (metrics)
+        self.retired: dict[str, dict] = {}       # the last ENDED_KEPT retired migrations' final metrics
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.closing = False
@@ -392,6 +398,7 @@ class Destination:
         set_peer_timeout(conn, self.source_timeout)
         if magic == DEMAND_MAGIC:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            mark_urgent(conn)   # requests (and the acks of replies) ahead of push acks on the way back
             why = None if m.channels.attach_demand(conn, gen) else "its source is no longer this session's"
         else:
             why = m.channels.attach_push(conn, gen)
@@ -412,6 +419,11 @@ class Destination:
         return None, 0
 
     def _accept_loop(self):
+        # A guest waits for this thread inside mmap (QEMU), and its faults for
+        # the threads it starts (they inherit the priority): at the default
+        # priority an attach took 85 ms once on a host at load 14, waiting
+        # for CPUs.
+        fault_path_priority()
         while not self.closing:
             try:
                 guest = self.listener.accept(timeout=0.5)
@@ -424,6 +436,9 @@ class Destination:
                 if self.closing:
                     return
                 raise
+            if isinstance(guest, StatusRequest):
+                guest.answer(self.status())
+                continue
             with self.lock:
                 busy = not self.serve_forever and self.migrations
             if busy:
@@ -436,14 +451,16 @@ class Destination:
             except MigrateError as e:
                 self.reporter.event("error", f"attach of pid {guest.pid} failed: {e}")
                 continue
+            m.vcpu_threads = lambda: self.vcpu_threads()
             m.start()
             with self.changed:
                 self.migrations[m.id] = m
                 self.changed.notify_all()
             self.reporter.event("attached", f"guest pid {guest.pid}: {fmt_size(guest.ram_size)} in "
-                                f"{m.npages} pages of {fmt_size(guest.page_size)}, session {m.id}",
-                                session=m.id, pid=guest.pid, ram_size=guest.ram_size, page_size=guest.page_size,
-                                prepare_s=m.prepare_s)
+                                f"{m.npages} pages of {fmt_size(guest.page_size)}, session {m.id}, acked in "
+                                f"{m.ack_ms} ms", session=m.id, pid=guest.pid, ram_size=guest.ram_size,
+                                page_size=guest.page_size, ack_ms=m.ack_ms, allocating=m.alloc is not None)
+            m.allocate()
 
     # -- called by the gRPC service ---------------------------------------
     def open(self, hello: pb.Hello, peer: Peer = Peer(), wait: float = 30.0) -> pb.Welcome:
@@ -549,13 +566,59 @@ class Destination:
         """Drops an ended migration (serve-forever), keeping what Finish
         answers for it: its source may ask after this."""
         reply = m.finish_reply()
+        view = self._metrics_view(m)
         with self.lock:
+            self.ended_states[view["state"]] = self.ended_states.get(view["state"], 0) + 1
+            self.retired[m.id] = view
+            while len(self.retired) > ENDED_KEPT:
+                self.retired.pop(next(iter(self.retired)))
             self.ended[m.id] = (reply, m.machine)
             while len(self.ended) > ENDED_KEPT:
                 self.ended.pop(next(iter(self.ended)))
             self.migrations.pop(m.id, None)
             self.answered.discard(m.id)
         m.close()
+
+    def status(self, recent: int = 0) -> dict:
+        """What `migrate status` shows (migrate.status): the agent, and each
+        migration it holds (an ended one until it is retired)."""
+        with self.lock:
+            ms = list(self.migrations.values())
+        return {"role": "dest", "pid": os.getpid(), "listen": self.listen, "attach": self.listener.path,
+                "migrations": [m.snapshot(recent) for m in ms], "ended": dict(self.ended_states)}
+
+    def status_for(self, identity: str | None) -> dict:
+        """status() as told over gRPC to identity (None: a plaintext peer on
+        loopback, which is told everything, as a local user is): the
+        migrations it opened and the guests nobody has opened yet, and not
+        where the attach socket is."""
+        s = self.status()
+        if identity is not None:
+            with self.lock:
+                owners = {m.id: m.machine.owner for m in self.migrations.values()}
+            s["migrations"] = [m for m in s["migrations"]
+                               if m["session"] in owners and owners[m["session"]] in (identity, None)]
+            s.pop("attach")
+            s.pop("ended")
+        return s
+
+    def _metrics_view(self, m: Migration) -> dict:
+        from migrate.metrics import latency_histogram
+        view = m.snapshot(recent=1)
+        view["latency"] = latency_histogram(m.space.latencies_us())
+        return view
+
+    def metrics_views(self) -> tuple[str, list[dict], dict]:
+        """What a metrics scrape reads (migrate.metrics): every migration held
+        and the last retired ones; retired ones are counted by state in
+        ended, except those listed (which count by their own state)."""
+        with self.lock:
+            ms = list(self.migrations.values())
+            retired = list(self.retired.values())
+            ended = dict(self.ended_states)
+        for v in retired:
+            ended[v["state"]] -= 1
+        return "dest", [self._metrics_view(m) for m in ms] + retired, ended
 
     def migration(self, session_id: str) -> Migration:
         m = self.migrations.get(session_id)
@@ -590,15 +653,18 @@ def _host(addr: str) -> str:
 
 def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, placement: str, prealloc: bool,
         qmp: str | None, source_timeout: float, progress_every: float, attach_uids: tuple[int, ...] = (),
-        tls: TlsConfig | None = None, max_device_state: int = 1 << 30, record_hints: str | None = None) -> int:
+        tls: TlsConfig | None = None, max_device_state: int = 1 << 30, metrics_listen: str | None = None,
+        insecure: bool = False, record_hints: str | None = None) -> int:
     """`migrate dest`: serves until the migration ends (or, serve_forever,
     until SIGTERM or SIGINT). Returns the exit status (migrate.exits):
     COMPLETED when it completed or a signal stopped the agent, GUEST_LOST
     when its guest went away, FAILED when it did not complete otherwise,
     USAGE when the agent could not start."""
     from migrate.dest import service   # (it imports this module)
+    from migrate.notify import Notifier
 
     rep = reporter
+    rep.listeners.append(Notifier("dest"))
     try:
         agent = Destination(attach, rep, serve_forever=serve_forever, mode=placement,
                             demand_host=host_of(listen) or "127.0.0.1", prepare=prealloc,
@@ -617,8 +683,17 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
         agent.close()
         rep.event("error", str(e))
         return exits.USAGE
+    agent.listen = addr
+    if feeder is not None:
+        agent.vcpu_threads = lambda: feeder.vcpu_threads
+    extras = _observers(agent, rep, metrics_listen, tls, insecure)
+    if extras is None:
+        server.stop(grace=0)
+        agent.close()
+        return exits.USAGE
     rep.event("listening", f"gRPC on {addr} ({'mutual TLS' if tls else 'plaintext'}), attach socket {attach}",
-              address=addr, attach=attach, tls=tls is not None, channel_port=agent.demand_port)
+              address=addr, attach=attach, tls=tls is not None, channel_port=agent.demand_port,
+              **({"metrics": extras[0].address} if extras and extras[0] else {}))
     agent.start()
     stop = threading.Event()
     signalled: list[int] = []
@@ -643,10 +718,17 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
                     if feeder is not None and m.id in feeder.feeds:
                         f = feeder.feeds[m.id]
                         s.update(guest_running=f.running, device_state_bytes=f.bytes,
-                                 device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
+                                 device_state_load_ms=round(f.load_ms, 2), resume_time=f.resume_time,
+                                 switchover={k: round(v, 6) for k, v in f.times.items()})
                     if serve_forever:
                         rep.event("migration", f"session {m.id} {s['state']}", **s)
                         agent.retire(m)   # its source's Finish is still answered
+                        # A migration's objects refer to each other (its
+                        # channels, its threads' targets), so only the cyclic
+                        # collector frees them, with the C buffers they own
+                        # (4 MiB of fault latencies each): left to its own
+                        # pace, a long-lived agent grew 4 MiB a migration.
+                        gc.collect()
                         continue
                     # let the source's Finish call be answered before the server goes
                     agent.wait_answered(m.id, 5 if s["state"] == "complete" else 2)
@@ -666,6 +748,9 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
         if signalled:
             _report_stopped(rep, signalled[0], agent)
     finally:
+        for x in extras:
+            if x is not None:
+                x.close()
         server.stop(grace=1).wait(3)
         agent.close()
     return status
@@ -683,6 +768,28 @@ def _report_stopped(rep: Reporter, signum: int, agent: Destination) -> None:
         if left else ""), signal=signal.Signals(signum).name, sessions=[m.id for m in left])
 
 
+def _observers(agent: Destination, rep: Reporter, metrics_listen: str | None, tls, insecure: bool):
+    """[the metrics server or None, the terminal's progress line or None],
+    started; None when --metrics-listen cannot be served (reported)."""
+    from migrate.status import ProgressTicker
+    metrics = None
+    if metrics_listen:
+        from migrate.metrics import MetricsError, MetricsServer
+        try:
+            metrics = MetricsServer(metrics_listen, agent.metrics_views, tls, insecure).start()
+        except MetricsError as e:
+            rep.event("error", str(e))
+            return None
+    ticker = None
+    if ProgressTicker.wanted():
+        def line():
+            live = [m for m in list(agent.migrations.values())
+                    if m.t_connect is not None and not m.machine.ended.is_set()]
+            return live[0].snapshot(recent=4096) if live else None
+        ticker = ProgressTicker(rep, line).start()
+    return [metrics, ticker]
+
+
 def _device_state_settled(feeder, m: Migration, deadlines: dict, wait: float = 60.0) -> bool:
     """With --qmp a migration is reported once its device state was fed too (or
     never came within `wait` s of the last page)."""
@@ -695,6 +802,8 @@ def _summary_text(s: dict) -> str:
     return (f"session {s['session']}: {s['state']}\n"
             f"  pages: {s['pages_total']} total = {s['pages_demand']} demand + {s['pages_pushed']} pushed + "
             f"{s['pages_zero']} zero ({s['pages_duplicate']} duplicates dropped)\n"
-            f"  demand fault service p50 {s['fault_p50_us']} us, p99 {s['fault_p99_us']} us\n"
+            f"  demand fault service p50 {s['fault_p50_us']} us, p99 {s['fault_p99_us']} us\n" +
+            "".join(f"  {'vCPU ' + str(v['vcpu']) if v['vcpu'] is not None else 'thread ' + str(v['tid'])}: "
+                    f"blocked {v['blocked_s']} s over {v['faults']} faults\n" for v in s.get("vcpus") or ()) +
             f"  {s['seconds']} s from source connect to the last page" +
             (f"\n  error: {s['error']}" if s.get("error") else ""))

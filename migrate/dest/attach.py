@@ -14,6 +14,7 @@ import os
 import socket
 import stat
 import struct
+import time
 from dataclasses import dataclass, field
 
 from migrate.errors import AttachError
@@ -33,6 +34,7 @@ class AttachedGuest:
     backing: str = ""
     name: str = ""
     reattach: bool = False
+    accepted_at: float = 0.0    # time.monotonic() when its connection was taken (0: unknown)
     acked: bool = field(default=False)
 
     def ack(self) -> None:
@@ -82,6 +84,48 @@ def guest_instance(pid: int, ram_fd: int) -> str:
         start = "?"   # (then the boot, pid and RAM file still tell guests apart)
     st = os.fstat(ram_fd)
     return hashlib.sha256(f"{boot}/{pid}/{start}/{st.st_dev}/{st.st_ino}".encode()).hexdigest()[:GUEST_INSTANCE_CHARS]
+
+
+@dataclass
+class StatusRequest:
+    """`migrate status --attach SOCKET`: a process of root or the agent's own
+    uid asking what the agent does (docs/attach-protocol.md, "Status"). The
+    agent answers once and closes; owns the socket until then."""
+    sock: socket.socket
+    pid: int
+
+    def answer(self, status: dict) -> None:
+        try:
+            send_msg(self.sock, {"ok": True, "status": status})
+        except OSError:
+            pass   # the asker went away
+        finally:
+            self.sock.close()
+
+
+def _status_request(conn: socket.socket, asker, hello: dict, fds: list[int]) -> StatusRequest:
+    """A hello asking for the status: it carries no descriptors and comes from
+    root or the agent's own uid (an --attach-uid may attach its guests, not
+    read about every guest here). Else AttachError, after a refusal."""
+    for fd in fds:
+        os.close(fd)
+    why = None
+    if hello["request"] != "status":
+        why = (f"unknown request {str(hello['request'])[:40]!r}: the attach socket takes a guest's hello or "
+               '{"request": "status"}')
+    elif fds:
+        why = f"a status request carried {len(fds)} descriptors: it carries none"
+    elif asker.uid not in (0, os.geteuid()):
+        why = (f"status refused to pid {asker.pid} of uid {asker.uid}: this agent tells root and its own uid "
+               f"{os.geteuid()} only")
+    if why is None:
+        return StatusRequest(conn, asker.pid)
+    try:
+        send_msg(conn, {"ok": False, "error": why})
+    except OSError:
+        pass
+    conn.close()
+    raise AttachError(why)
 
 
 def _parse_hello(hello: dict, fds: list[int]) -> dict:
@@ -224,9 +268,10 @@ class AttachListener:
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def accept(self, timeout: float | None = None) -> AttachedGuest:
+    def accept(self, timeout: float | None = None) -> AttachedGuest | StatusRequest:
         self.sock.settimeout(timeout)
         conn, _ = self.sock.accept()
+        accepted_at = time.monotonic()
         # Who this is comes from the kernel, before a byte or a descriptor
         # of theirs is taken.
         guest = peer_cred(conn)
@@ -242,6 +287,8 @@ class AttachListener:
         except BaseException:
             conn.close()
             raise
+        if "request" in hello:
+            return _status_request(conn, guest, hello, fds)
         try:
             h = _parse_hello(hello, fds)
         except AttachError as e:
@@ -256,7 +303,7 @@ class AttachListener:
         # the pid the kernel gives (in our pid namespace) is the one whose
         # /proc/PID/pagemap a re-attach reads, not the one the hello claims
         h["pid"] = guest.pid
-        return AttachedGuest(conn, fds[0], fds[1], **h)
+        return AttachedGuest(conn, fds[0], fds[1], **h, accepted_at=accepted_at)
 
     def close(self) -> None:
         self.sock.close()

@@ -19,7 +19,7 @@ from migrate._binding import lib
 from migrate.dest.state import State
 from migrate.errors import MigrateError, ProtocolError
 from migrate.host import fault_path_priority
-from migrate.wire.tcp import ChannelEnd, channel_end, tcp_silent_s
+from migrate.wire.tcp import Address, ChannelEnd, channel_end, tcp_bytes_received, tcp_silent_s
 
 if TYPE_CHECKING:
     from migrate.dest.session import Migration
@@ -61,12 +61,30 @@ class Channels:
         self.push: dict[socket.socket, int] = {}   # push channel -> its source's generation
         self.t_demand_ns = 0                 # the current demand channel opened (time.monotonic_ns)
         self.t_push: float | None = None     # the first push channel opened
+        # the latest source's deadline for its demand channel: cancelled once
+        # the channel opens (a timer left to run out held a thread for 15 s
+        # after every Open, and a long-lived agent grew by one per migration)
+        self.demand_timer: threading.Timer | None = None
+        # the receiver threads still running: joined when the migration is
+        # torn down, so that it is gone (with its C buffers) once it ended
+        self.receivers: list[threading.Thread] = []
+        self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
 
     def watch_demand_deadline(self, gen: int) -> None:
         """A source that never opens its demand channel is not serving this guest."""
         timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen,))
         timer.daemon = True
+        with self.lock:
+            old, self.demand_timer = self.demand_timer, timer
+        if old is not None:
+            old.cancel()
         timer.start()
+
+    def _cancel_demand_deadline(self) -> None:
+        with self.lock:
+            timer, self.demand_timer = self.demand_timer, None
+        if timer is not None:
+            timer.cancel()
 
     def _demand_deadline(self, gen: int) -> None:
         if self.demand is None and gen == self.m.machine.source_gen:
@@ -86,13 +104,19 @@ class Channels:
         if old is not None:
             old.close()
         self.t_demand_ns = time.monotonic_ns()
+        self._cancel_demand_deadline()
+        try:
+            m.peer_address = str(Address(*sock.getpeername()[:2]))   # (for status)
+        except OSError:
+            pass
         resent = m.space.set_demand_fd(sock.fileno())
         m.reporter.event("demand", f"demand channel open ({resent} outstanding requests sent again)",
                          session=m.id, resent=resent)
         if m.machine.switch_over(gen):
             # the guest may run now: every fault it takes has a source to go to
             m.guest.notify("switchover")
-        threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}", daemon=True).start()
+        self._start(threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}",
+                                     daemon=True))
         return True
 
     def attach_push(self, sock: socket.socket, gen: int) -> str | None:
@@ -108,8 +132,25 @@ class Channels:
             self.push[sock] = gen
             if self.t_push is None:
                 self.t_push = time.monotonic()
-        threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}", daemon=True).start()
+        self._start(threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}",
+                                     daemon=True))
         return None
+
+    def _start(self, t: threading.Thread) -> None:
+        with self.lock:
+            self.receivers = [r for r in self.receivers if r.is_alive()]
+            self.receivers.append(t)
+        t.start()
+
+    def join(self, timeout: float) -> None:
+        """Waits (up to timeout s in all) for the receivers to end: the
+        caller has told them to stop (the migration's stop_fd)."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            receivers = list(self.receivers)
+        for t in receivers:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def _push_rx(self, sock: socket.socket, gen: int) -> None:
         m = self.m
@@ -121,6 +162,7 @@ class Channels:
                 m.source_lost(gen, self._silent_why("push", -rc))
         with self.lock:
             self.push.pop(sock, None)
+            self.bytes_closed += tcp_bytes_received(sock)
         sock.close()
 
     def _demand_rx(self, sock: socket.socket, gen: int) -> None:
@@ -137,6 +179,7 @@ class Channels:
             mine = self.demand is sock
             if mine:
                 self.demand = None
+                self.bytes_closed += tcp_bytes_received(sock)
         if mine:
             m.space.set_demand_fd(-1)
             sock.close()
@@ -182,9 +225,17 @@ class Channels:
         m.source_lost(gen, f"a demand request unanswered for {waited:.1f} s and nothing received on the "
                            f"demand channel for {silent:.1f} s (--source-timeout {timeout:g})")
 
+    def wire_bytes(self) -> int:
+        """Bytes received from sources on the raw channels (the kernel's
+        count, TLS included; gRPC control and push are not counted)."""
+        with self.lock:
+            return self.bytes_closed + sum(tcp_bytes_received(s) for s in (self.demand, *self.push) if s is not None)
+
     def close(self) -> None:
+        self._cancel_demand_deadline()
         with self.lock:
             socks = [s for s in (self.demand, *self.push) if s is not None]
+            self.bytes_closed += sum(tcp_bytes_received(s) for s in socks)
             self.demand, self.push = None, {}
         for s in socks:
             s.close()

@@ -10,11 +10,12 @@ received only after all of its bytes are in the page cache, and only then mapped
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
-from migrate.errors import ProtocolError, UffdError
+from migrate.errors import MemoryBackendError, ProtocolError, UffdError, fmt_size
 from migrate.pagestate import PageBitmap
 from migrate.uffd import Userfaultfd
 from migrate.wire.tcp import ChannelEnd, channel_end
@@ -30,12 +31,23 @@ class SpaceRegion:
     npages: int
 
 
+def _anon_array(ctype: str, n: int):
+    """n zeroed `ctype`s in an anonymous mapping (pages allocated as they are
+    first written): the mapping object, which owns the memory (unmapped when
+    it goes), and a `ctype *` into it."""
+    m = mmap.mmap(-1, n * ffi.sizeof(ctype))
+    return m, ffi.cast(f"{ctype} *", ffi.from_buffer(m))
+
+
 class FaultSpace:
     """Owns the bitmaps and the struct the C fault path reads. The uffd and the
     alias mapping are borrowed: they must outlive this object."""
 
     def __init__(self, uffd: Userfaultfd, page_size: int, npages: int, regions: list[SpaceRegion],
-                 alias_addr: int, mode: str = MODE_CONTINUE, ram_fd: int = -1):
+                 alias_addr: int, mode: str = MODE_CONTINUE, ram_fd: int = -1, zero_fresh: bool = False):
+        """zero_fresh: the RAM file held no page when the guest's range was
+        registered (a first attach): a page nobody wrote reads as zero once
+        allocated, so a zero page needs no write (CONTINUE mode only)."""
         if len(regions) > lib.MG_MAX_REGIONS:
             raise ValueError(f"{len(regions)} regions: at most {lib.MG_MAX_REGIONS} are supported")
         if mode not in (MODE_CONTINUE, MODE_COPY):
@@ -49,9 +61,14 @@ class FaultSpace:
         self.mapped = PageBitmap(npages)
         self.claimed = PageBitmap(npages)
         self.requested = PageBitmap(npages)
-        self._inflight = ffi.new("struct mg_inflight[]", lib.MG_INFLIGHT)
-        ffi.memmove(self._inflight, b"\xff" * ffi.sizeof(self._inflight), ffi.sizeof(self._inflight))
-        self._lat = ffi.new("uint32_t[]", lib.MG_LAT_RING)
+        self.allocated = PageBitmap(npages)
+        # The two large arrays are mappings of their own, not malloc's: the
+        # heap keeps what it is given back (glibc raises its mmap threshold
+        # to a freed block's size), and a --serve-forever agent grew by
+        # 8 MiB over its first migrations; a mapping goes back whole.
+        self._inflight_map, self._inflight = _anon_array("struct mg_inflight", lib.MG_INFLIGHT)
+        ffi.memmove(self._inflight, b"\xff" * len(self._inflight_map), len(self._inflight_map))
+        self._lat_map, self._lat = _anon_array("uint32_t", lib.MG_LAT_RING)
         s = ffi.new("struct mg_space *")
         s.uffd = uffd.fd
         s.mode = lib.MG_PLACE_COPY if mode == MODE_COPY else lib.MG_PLACE_CONTINUE
@@ -65,9 +82,15 @@ class FaultSpace:
         s.demand_fd = -1
         s.inflight = self._inflight
         s.lat_us = self._lat
+        self._threads = ffi.new("struct mg_thread_block[]", lib.MG_MAX_THREADS)
+        s.threads = self._threads
         self._zero_page = ffi.new("uint8_t[]", page_size)
         s.zero_page = self._zero_page
         s.ram_fd = ram_fd   # borrowed, like the alias: the owner keeps it open
+        s.allocated = self.allocated.words
+        if zero_fresh and mode != MODE_CONTINUE:
+            raise ValueError("zero_fresh is for CONTINUE placement: COPY writes every page")
+        s.zero_fresh = 1 if zero_fresh else 0
         # large pages may come sparse (zero blocks left out), on both channels
         s.block_size = self.block_size = lib.MG_BLOCK if page_size > lib.MG_BLOCK else 0
         s.nregions = len(regions)
@@ -99,7 +122,7 @@ class FaultSpace:
         rc = lib.mg_place_batch(self._s, c_pages, n, zero_bits, buf, len(data),
                                 lib.MG_VIA_DEMAND if demand else lib.MG_VIA_PUSH, self._bad)
         if rc < 0:
-            self._raise("place" if self.mode == MODE_CONTINUE else "copy", rc, self._bad[0])
+            self._raise("place" if self.mode == MODE_CONTINUE else "copy", rc, self._bad[0], placing=True)
         return rc
 
     def mark_prior(self, first: int, count: int) -> int:
@@ -113,15 +136,6 @@ class FaultSpace:
         if rc < 0:
             self._raise("continue", rc, self._bad[0])
         return rc
-
-    def set_prepared(self, zero_fresh: bool) -> None:
-        """Every page is allocated and the alias is mapped (GuestMemory.prepare):
-        pages are received straight into the alias. zero_fresh: every page not
-        placed yet reads as zero, so a zero page needs no write."""
-        if self.mode != MODE_CONTINUE:
-            raise ValueError("a prepared RAM file is for CONTINUE placement: COPY needs the holes")
-        self._s.prepared = 1
-        self._s.zero_fresh = 1 if zero_fresh else 0
 
     def finish(self) -> None:
         """Every page is mapped; the caller unregisters next. A placement thread
@@ -211,7 +225,7 @@ class FaultSpace:
         closed or reset, or our stop: CLOSED; the kernel gave up on the peer:
         PEER_LOST, -errno one of PEER_LOST_ERRNOS), or lib.MG_DEMAND_COMPLETE."""
         if channel_end(rc) is ChannelEnd.FAILED:
-            self._raise("continue", rc, self._s.error_page)
+            self._raise("continue", rc, self._s.error_page, placing=True)
         return rc
 
     def record_touches(self) -> None:
@@ -230,9 +244,36 @@ class FaultSpace:
             return []
         return list(ffi.unpack(self._touch_log, self._s.touch_count))
 
-    def latencies_us(self) -> list[int]:
-        n = min(self._s.stats.lat_count, lib.MG_LAT_RING)
+    def latencies_us(self, recent: int = 0) -> list[int]:
+        """Demand fault latencies (the ring's); recent > 0: the last that many."""
+        count = self._s.stats.lat_count
+        n = min(count, lib.MG_LAT_RING)
+        if 0 < recent < n:
+            end = count % lib.MG_LAT_RING
+            if end >= recent:
+                return list(ffi.unpack(self._lat + (end - recent), recent))
+            return list(ffi.unpack(self._lat + (lib.MG_LAT_RING - (recent - end)), recent - end)) + \
+                list(ffi.unpack(self._lat, end))
         return list(ffi.unpack(self._lat, n))
+
+    def thread_blocks(self) -> list[dict]:
+        """Per guest thread that faulted on a page the source had to send
+        (the fault's thread id): its demand faults and the seconds it spent
+        blocked on them, a wait still open counted up to now."""
+        now = lib.mg_now_ns()
+        out = []
+        for i in range(min(self._s.nthreads, lib.MG_MAX_THREADS)):
+            t = self._threads[i]
+            ns = t.blocked_ns
+            since, page = t.wait_since_ns, t.wait_page
+            if page != 2**64 - 1 and now > since:
+                ns += now - since
+            out.append({"tid": int(t.tid), "faults": int(t.faults), "blocked_s": round(ns / 1e9, 6)})
+        return out
+
+    @property
+    def threads_untracked(self) -> int:
+        return int(self._s.threads_untracked)
 
     @property
     def stats(self) -> dict:
@@ -244,9 +285,28 @@ class FaultSpace:
     def complete(self) -> bool:
         return self.received.full() and self.mapped.full()
 
-    def _raise(self, op: str, rc: int, page: int):
+    def _raise(self, op: str, rc: int, page: int, placing: bool = False):
+        """placing: rc came from placing pages, which may have failed to
+        allocate them (error_kind says so)."""
+        if placing and self._s.error_kind == lib.MG_ALLOC_FAILED:
+            raise self._alloc_failed(-rc)
         addr = self.addr_of(page)
         raise UffdError(op, -rc, addr, self.page_size, f"page {page}")
+
+
+    def _alloc_failed(self, err: int) -> MemoryBackendError:
+        s = self._s
+        first, count = s.error_page, s.error_value
+        what = f"page {first}" if count == 1 else f"pages {first}-{first + count - 1}"
+        why = (BACKING_FULL if err in (errno.ENOSPC, errno.ENOMEM, errno.EFAULT)
+               else f"{errno.errorcode.get(err, err)}: {os.strerror(err)}")
+        return MemoryBackendError(f"allocate {what} of the RAM file ({fmt_size(count * self.page_size)}) for "
+                                  f"bytes that arrived: {why}; nothing unwritten was mapped into the guest")
+
+
+#: What a backing that cannot hold the guest is, for a person.
+BACKING_FULL = ("the backing is full (its tmpfs size, or the free huge pages, is smaller than the guest): "
+                "give the guest's RAM file more room")
 
 
 def make_stop_fd() -> int:

@@ -6,9 +6,12 @@ one that checks every call's peer first (PeerInterceptor).
 
 from __future__ import annotations
 
+import collections
 import ipaddress
+import json
 import queue
 import threading
+import time
 import urllib.parse
 from collections import Counter
 from concurrent import futures
@@ -121,6 +124,79 @@ class RpcLimits:
                 ("grpc.server_handshake_timeout_ms", int(self.handshake * 1000)),
                 # streams of one connection: a source's channels carry a few each
                 ("grpc.max_concurrent_streams", self.host_streams + self.host_calls)]
+
+
+WORKER_IDLE = 5.0   # s a gRPC worker thread waits for another call before it ends
+
+
+class ShrinkingExecutor(futures.Executor):
+    """The gRPC server's threads: up to max_workers, started as calls come,
+    each ending once it has waited `idle` s with no call to run.
+    futures.ThreadPoolExecutor never gives a thread back, so a long-lived
+    agent kept, for good, a thread for every call it ever ran at once (a
+    round of migrations at once left one behind each). The server refuses
+    calls beyond max_workers (maximum_concurrent_rpcs), so the queue here
+    stays that short."""
+
+    def __init__(self, max_workers: int, idle: float = WORKER_IDLE, name: str = "grpc"):
+        self.max_workers = max_workers
+        self.idle = idle
+        self.name = name
+        self._cond = threading.Condition()
+        self._work: collections.deque = collections.deque()
+        self._threads: set[threading.Thread] = set()
+        self._waiting = 0        # threads waiting for work
+        self._shutdown = False
+
+    def submit(self, fn, /, *args, **kwargs) -> futures.Future:
+        f = futures.Future()
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new calls after shutdown")
+            self._work.append((f, fn, args, kwargs))
+            if len(self._work) > self._waiting and len(self._threads) < self.max_workers:
+                t = threading.Thread(target=self._worker, name=f"{self.name}-{len(self._threads)}", daemon=True)
+                self._threads.add(t)
+                t.start()
+            else:
+                self._cond.notify()
+        return f
+
+    def _worker(self) -> None:
+        me = threading.current_thread()
+        while True:
+            with self._cond:
+                self._waiting += 1
+                deadline = time.monotonic() + self.idle
+                while not self._work and not self._shutdown:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+                self._waiting -= 1
+                if not self._work:
+                    self._threads.discard(me)
+                    return
+                f, fn, args, kwargs = self._work.popleft()
+            if f.set_running_or_notify_cancel():
+                try:
+                    f.set_result(fn(*args, **kwargs))
+                except BaseException as e:  # noqa: BLE001 - handed to the future, as ThreadPoolExecutor does
+                    f.set_exception(e)
+            del f, fn, args, kwargs
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        with self._cond:
+            self._shutdown = True
+            if cancel_futures:
+                while self._work:
+                    self._work.popleft()[0].cancel()
+            threads = list(self._threads)
+            self._cond.notify_all()
+        if wait:
+            for t in threads:
+                if t is not threading.current_thread():
+                    t.join()
 
 
 class StreamIdle(Exception):
@@ -405,6 +481,10 @@ class MigrationService(pbg.MigrationServicer):
         if request.has_device_state and self.device_state is None:
             raise ProtocolError("the source sends QEMU device state but this destination was started "
                                 "without --qmp: start `migrate dest` with --qmp SOCKET of the destination QEMU")
+        if request.has_device_state:
+            # the source stops its QEMU once this answers: the destination QEMU
+            # must wait in migrate-incoming by then
+            self.device_state.ready()
         if self.device_state is not None and not request.has_device_state:
             # a source resuming a session whose device state is here already
             # (its first source was lost after sending it) serves only the rest
@@ -471,6 +551,13 @@ class MigrationService(pbg.MigrationServicer):
     def Finish(self, request, context):
         return self.agent.finish(request.session_id, request.token, _peer(context), request.timeout_seconds or None)
 
+    def Status(self, request, context):
+        peer = _peer(context)
+        if not peer.authenticated:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, "Status refused: it is told over mutual TLS, or in "
+                          "plaintext to this host's loopback only (or ask `migrate status --attach` on the host)")
+        return pb.StatusReply(json=json.dumps(self.agent.status_for(peer.identity)))
+
     def DeviceState(self, request_iterator, context):
         first = next(request_iterator, None)
         if first is None or not first.session_id:
@@ -519,7 +606,7 @@ def serve(agent: dst.Destination, listen: str, device_state=None, tls: TlsConfig
     # Bounds first (a call takes its slot, and its first message has a
     # deadline), then the peer check before anything else runs for the call
     peers = [PeerInterceptor(tls, agent.reporter)] if tls is not None else []
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="grpc"),
+    server = grpc.server(ShrinkingExecutor(limits.workers),
                          interceptors=[Bounds(limits), *peers, ErrorInterceptor()],
                          # no SO_REUSEPORT (gRPC's default): a second agent on the same port
                          # would share its connections, and a source could reach the wrong guest

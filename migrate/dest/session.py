@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import socket
 import threading
 import time
@@ -17,6 +18,7 @@ import uuid
 from migrate import hints
 from migrate.dest import faultspace
 from migrate.dest.adopt import adopt_prior_pages, api_once
+from migrate.dest.alloc import AllocResult, BackgroundAllocation
 from migrate.dest.attach import AttachedGuest, guest_instance
 from migrate.dest.channels import Channels
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
@@ -27,8 +29,17 @@ from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter, percentile, process_usage
+from migrate.status import rate_and_eta
 from migrate.uffd import Mode, Userfaultfd
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchDecoder
+
+
+# how `migrate status` names each state (migrate.status.STATES)
+_STATUS_STATE = {State.ATTACHED: "attached", State.CONNECTED: "connected", State.SWITCHED_OVER: "running",
+                 State.DISCONNECTED: "paused", State.PAUSED: "paused", State.COMPLETING: "running",
+                 State.COMPLETE: "completed", State.FAILED: "failed"}
+# a vCPU thread's name: guestsim's "vcpu-N", QEMU's "CPU N/TCG" (-name debug-threads=on)
+_VCPU_NAME = re.compile(r"^(?:vcpu-(\d+)|CPU (\d+)/\w+)$")
 
 
 class BusyError(MigrateError):
@@ -48,8 +59,9 @@ class Migration:
     def __init__(self, guest: AttachedGuest, reporter: Reporter, mode: str = faultspace.MODE_CONTINUE,
                  prepare: bool = True, source_timeout: float = 0, record_hints: str | None = None):
         """Registers the guest's range and acks the guest (or nacks it and
-        raises); with prepare, allocates its RAM too. Starts no thread: the
-        agent calls start()."""
+        raises), in milliseconds whatever its size; with prepare, allocate()
+        allocates its RAM in the background. Starts no thread: the agent
+        calls start() and allocate()."""
         self.id = uuid.uuid4().hex[:12]
         self.guest = guest
         self.reporter = reporter
@@ -62,12 +74,17 @@ class Migration:
         self.t_complete: float | None = None
         self.instance = ""        # guest_instance(): which guest this is, across agents
         self.guest_lost = False   # the migration failed because the guest went away
+        self.peer = ""                          # who serves it: the certificate's name, and the source's own
+        self.peer_address = ""                  # where from: its demand channel's address
+        # guest thread id -> vCPU index, from QEMU (query-cpus-fast); the agent sets it
+        self.vcpu_threads = lambda: {}
+        self._vcpu_names: dict[int, int | None] = {}
         self.stop_fd = -1
         self.mem = None
         self.uffd = None
         self.fault_thread: threading.Thread | None = None
         self.monitor: threading.Thread | None = None
-        self.prepare_s: float | None = None
+        self.alloc: BackgroundAllocation | None = None
         try:
             self._setup()
         except BaseException as e:
@@ -75,8 +92,9 @@ class Migration:
             self._teardown()
             raise
         guest.ack()
+        self.ack_ms: float | None = None   # (start())
         if prepare and mode == faultspace.MODE_CONTINUE:
-            self._prepare()
+            self.alloc = BackgroundAllocation(self.space, on_end=self._allocated)
 
     def start(self) -> None:
         """Starts the fault loop (faults the guest took meanwhile wait in the
@@ -85,10 +103,25 @@ class Migration:
         self.fault_thread.start()
         self.monitor = threading.Thread(target=self._watch_guest, name=f"guest-{self.id}", daemon=True)
         self.monitor.start()
+        # From the guest's connection taken to its ack (what QEMU waits for
+        # inside mmap) and its faults served: nothing here waits for its RAM.
+        if self.guest.accepted_at:
+            self.ack_ms = round((time.monotonic() - self.guest.accepted_at) * 1000, 2)
+
+    def allocate(self) -> None:
+        """Starts allocating the guest's RAM in the background (with prepare),
+        once the agent reported the attach."""
+        if self.alloc is not None:
+            self.alloc.start()
 
     @property
     def state(self) -> State:
         return self.machine.state
+
+    @property
+    def status_state(self) -> str:
+        """The state as `migrate status` names it."""
+        return _STATUS_STATE[self.state]
 
     @property
     def error(self) -> str | None:
@@ -99,21 +132,23 @@ class Migration:
         """What the current source sends to open its demand and push channels."""
         return self.machine.token
 
-    def _prepare(self) -> None:
-        """Allocates the guest's RAM and maps the alias before a source is let in
-        (the guest is released already: its faults queue for the source). A
-        backing that cannot hold the guest is reported and the migration goes on
-        unprepared: pages are then allocated as they arrive."""
-        try:
-            r = self.mem.prepare()
-        except MigrateError as e:
-            self.reporter.event("prepare", f"guest RAM not allocated ahead ({e}): pages are allocated as they "
-                                "arrive", session=self.id, error=str(e))
-            return
-        # was_empty is only trusted on a first attach: a re-attached guest's file
-        # holds pages a dead agent wrote that were never mapped
-        self.space.set_prepared(zero_fresh=r["was_empty"] and not self.guest.reattach)
-        self.prepare_s = round(r["seconds"], 3)
+    def _allocated(self, r: AllocResult) -> None:
+        """The background allocation ended (on its last thread). A backing that
+        cannot hold the guest is reported and the migration goes on: the pages
+        left are allocated as they arrive, and one that cannot be fails the
+        migration saying so."""
+        secs = round(r.seconds, 3)
+        overlap = round(self.alloc.seconds_between(self.t_connect, self.t_complete), 3)
+        fields = dict(session=self.id, prepare_s=secs, alloc_pages=r.pages, alloc_overlap_s=overlap)
+        if r.error:
+            self.reporter.event("prepare", f"guest RAM not allocated ahead ({r.error}): pages are allocated as "
+                                "they arrive", error=r.error, **fields)
+        elif r.done:
+            self.reporter.event("prepare", f"guest RAM allocated in {secs} s ({overlap} s of it while a "
+                                "source was migrating)", **fields)
+        else:
+            self.reporter.event("prepare", f"guest RAM allocation stopped after {secs} s: the migration "
+                                "ended first", stopped=True, **fields)
 
     # -- setup ------------------------------------------------------------
     def _setup(self):
@@ -131,9 +166,13 @@ class Migration:
         for r in g.regions:
             self.uffd.register(r.guest_addr, r.length, mode, g.page_size)
             regions.append(SpaceRegion(r.guest_addr, r.offset // g.page_size, r.length // g.page_size))
+        # Looked at once the range is registered (the guest's own writes now
+        # fault), and trusted on a first attach only: a re-attached guest's
+        # file holds pages a dead agent wrote that were never mapped.
+        fresh = os.fstat(self.mem.fd).st_blocks == 0 and not g.reattach
         self.space = FaultSpace(self.uffd, g.page_size, self.npages, regions,
                                 0 if self.mode == faultspace.MODE_COPY else self.mem.alias_addr, self.mode,
-                                ram_fd=self.mem.fd)
+                                ram_fd=self.mem.fd, zero_fresh=fresh and self.mode == faultspace.MODE_CONTINUE)
         if self.record_hints:
             self.space.record_touches()
         # file pages no region maps can never fault: nothing to map for them
@@ -150,11 +189,16 @@ class Migration:
         self.stop_fd = faultspace.make_stop_fd()
 
     def _teardown(self):
+        if self.alloc is not None:
+            self.alloc.stop()   # (its threads write through the alias: before it is unmapped)
         if self.stop_fd >= 0:
             os.eventfd_write(self.stop_fd, 1)
             t = self.fault_thread
             if t and t is not threading.current_thread():
                 t.join(5)
+            # the channel receivers wait on stop_fd too: they leave C before
+            # it and their sockets close
+            self.channels.join(5)
             os.close(self.stop_fd)
             self.stop_fd = -1
         self.channels.close()
@@ -204,8 +248,11 @@ class Migration:
                                 "one source per guest (start another guest to run a second migration)")
             raise BusyError(f"{which} is {state.reported}: it takes no source")
         gen, token = joined
+        self.peer = " ".join(x for x in (peer.identity, hello.source_name and f"({hello.source_name})") if x)
         if self.t_connect is None:
             self.t_connect = time.monotonic()
+        if self.alloc is not None:
+            self.alloc.lower_priority()
         received = self.space.received_count
         comp = pb.COMPRESSION_ZSTD if pb.COMPRESSION_ZSTD in hello.compression else pb.COMPRESSION_NONE
         self.reporter.event("connected", f"source {hello.source_name or '?'} joined session {self.id}",
@@ -295,6 +342,8 @@ class Migration:
     def _announce_complete(self) -> None:
         self.t_complete = time.monotonic()
         os.eventfd_write(self.stop_fd, 1)
+        if self.alloc is not None:
+            self.alloc.stop(wait=False)   # every page is here: nothing is left to allocate (joined at close)
         st = self.space.stats
         self.guest.notify("complete", pages_total=self.npages, pages_demand=st["placed_demand"],
                           pages_pushed=st["placed_push"], pages_zero=st["placed_zero"],
@@ -327,6 +376,50 @@ class Migration:
                 "pages_pushed": st["placed_push"], "pages_zero": st["placed_zero"], "faults": st["faults"],
                 "faults_fast": st["fast"]}
 
+    def vcpus(self) -> list[dict]:
+        """Blocked time per guest thread that waited for the source, each
+        labelled with its vCPU index where known: from QEMU (query-cpus-fast),
+        or from the thread's name (guestsim's vcpu-N, QEMU's CPU N/TCG)."""
+        out = []
+        known = self.vcpu_threads()
+        for t in self.space.thread_blocks():
+            tid = t["tid"]
+            vcpu = known.get(tid)
+            if vcpu is None:
+                vcpu = self._vcpu_named(tid)
+            out.append({"vcpu": vcpu, **t})
+        return sorted(out, key=lambda v: (v["vcpu"] is None, v["vcpu"] or 0, v["tid"]))
+
+    def _vcpu_named(self, tid: int) -> int | None:
+        if tid not in self._vcpu_names:
+            try:
+                with open(f"/proc/{self.guest.pid}/task/{tid}/comm") as f:
+                    m = _VCPU_NAME.match(f.read().strip())
+                self._vcpu_names[tid] = int(m.group(1) or m.group(2)) if m else None
+            except (OSError, ValueError):
+                return None   # (gone, or not ours to read: asked again next time)
+        return self._vcpu_names[tid]
+
+    def snapshot(self, recent: int = 0) -> dict:
+        """What `migrate status` shows of this migration (migrate.status); the
+        fault percentiles from the last `recent` demand faults only (0: all
+        of them, as the summary)."""
+        st = self.space.stats
+        lat = sorted(self.space.latencies_us(recent))
+        seconds = (self.t_complete or time.monotonic()) - self.t_connect if self.t_connect else 0.0
+        received = st["received"] - st["placed_prior"]
+        gbps, eta = rate_and_eta(received, self.npages - st["placed_prior"], self.page_size, seconds)
+        state = self.state
+        peer = " ".join(x for x in (self.peer, self.peer_address and f"at {self.peer_address}") if x)
+        return {"session": self.id, "state": _STATUS_STATE[state], "peer": peer, "guest_pid": self.guest.pid,
+                "guest": self.guest.name, "pages_total": self.npages, "pages_received": st["received"],
+                "pages_demand": st["placed_demand"], "pages_pushed": st["placed_push"],
+                "pages_zero": st["placed_zero"], "pages_prior": st["placed_prior"], "page_size": self.page_size,
+                "gbps": gbps, "eta_s": 0.0 if state is State.COMPLETE else eta, "seconds": round(seconds, 3),
+                "wire_bytes": self.channels.wire_bytes(), "faults": st["faults"], "faults_fast": st["fast"],
+                "faults_demand": st["requested"], "fault_p50_us": round(percentile(lat, 50), 1),
+                "fault_p99_us": round(percentile(lat, 99), 1), "vcpus": self.vcpus(), "error": self.error}
+
     def summary(self) -> dict:
         lat = sorted(self.space.latencies_us())
         st = self.space.stats
@@ -351,7 +444,15 @@ class Migration:
             "map_calls": st["map_calls"],
             "seconds": round(end - (self.t_connect or end), 3),
             "push_s": round(end - self.channels.t_push, 3) if self.channels.t_push else None,
-            "prepare_s": self.prepare_s,
+            "wire_bytes": self.channels.wire_bytes(),
+            "vcpus": self.vcpus(),
+            "blocked_s": round(sum(v["blocked_s"] for v in self.vcpus()), 6),
+            "ack_ms": self.ack_ms,
+            # the background allocation: how long it ran, and how much of that
+            # while a source was migrating (0: it ended before the source came)
+            "prepare_s": round(self.alloc.seconds, 3) if self.alloc and self.alloc.seconds is not None else None,
+            "alloc_overlap_s": (round(self.alloc.seconds_between(self.t_connect, self.t_complete), 3)
+                                if self.alloc is not None else None),
             **process_usage(),
             "error": self.error,
         }

@@ -54,6 +54,11 @@ class MigrationStub:
                 request_serializer=migration__pb2.FinishRequest.SerializeToString,
                 response_deserializer=migration__pb2.FinishReply.FromString,
                 _registered_method=True)
+        self.Status = channel.unary_unary(
+                '/migrate.v1.Migration/Status',
+                request_serializer=migration__pb2.StatusRequest.SerializeToString,
+                response_deserializer=migration__pb2.StatusReply.FromString,
+                _registered_method=True)
 
 
 class MigrationServicer:
@@ -86,6 +91,12 @@ class MigrationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Status(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -108,6 +119,11 @@ def add_MigrationServicer_to_server(servicer, server):
                     servicer.Finish,
                     request_deserializer=migration__pb2.FinishRequest.FromString,
                     response_serializer=migration__pb2.FinishReply.SerializeToString,
+            ),
+            'Status': grpc.unary_unary_rpc_method_handler(
+                    servicer.Status,
+                    request_deserializer=migration__pb2.StatusRequest.FromString,
+                    response_serializer=migration__pb2.StatusReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -218,6 +234,33 @@ class Migration:
             '/migrate.v1.Migration/Finish',
             migration__pb2.FinishRequest.SerializeToString,
             migration__pb2.FinishReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Status(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Migration/Status',
+            migration__pb2.StatusRequest.SerializeToString,
+            migration__pb2.StatusReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,14 +1,17 @@
 """QEMU on the destination (`migrate dest --qmp`): feeds the device state the
-source sent to a QEMU started with `-incoming defer`, and resumes it.
+source sends, as it arrives, to a QEMU started with `-incoming defer`, which
+waits in migrate-incoming on a pipe from the moment it is up, and starts the
+guest once loaded.
 
-The guest is attached (shim) and a source is connected and serving demand
-faults BEFORE migrate-incoming: loading the device state reads guest RAM
-(kvmvapic reads the option ROM at 0xc0000), and QEMU's main thread blocks on
-that fault until the page arrives.
+Loading the device state reads guest RAM (kvmvapic reads the option ROM at
+0xc0000), and QEMU's main thread blocks on that fault until the page
+arrives: the state only comes through a session whose source is connected
+and serves demand faults.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import threading
@@ -24,6 +27,7 @@ from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
 
 
 DEFAULT_MAX_DEVICE_STATE = 1 << 30   # `dest --max-device-state`
+PIPE_BYTES = 1 << 20                 # QEMU's incoming pipe (the default pipe-max-size)
 
 
 class DeviceStateTooLarge(QemuError):
@@ -39,12 +43,14 @@ class Feed:
     received: bool = False     # every chunk arrived (the source closed its stream)
     load_ms: float = 0.0
     resume_time: float = 0.0   # QEMU's RESUME event (epoch seconds)
+    times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
     done: threading.Event = field(default_factory=threading.Event)
 
 
 class DeviceStateFeeder:
     """The destination side: gives the device state to the local QEMU
-    (`-incoming defer`, started with the shim) and resumes it."""
+    (`-incoming defer`, started with the shim) as it arrives; that QEMU starts
+    the guest itself once it has loaded it (`cont` only if it stays paused)."""
 
     def __init__(self, qmp_path: str, reporter: Reporter, timeout: float = 120.0, wait_qemu: float = 3600.0,
                  max_bytes: int = DEFAULT_MAX_DEVICE_STATE):
@@ -54,10 +60,14 @@ class DeviceStateFeeder:
         self.timeout = timeout
         self.feeds: dict[str, Feed] = {}
         self.lock = threading.Lock()
-        # The QMP connection is made ahead, as soon as QEMU is up (after the shim's
-        # attach), so the guest's downtime does not include connecting to it.
+        # The QMP connection is made ahead, as soon as QEMU is up (after the
+        # shim's attach), and QEMU is put in migrate-incoming on a pipe right
+        # away: it waits there for the first byte, so the guest's pause
+        # includes neither connecting nor asking it.
         self._qmp: QMP | None = None
+        self._pipe_w = -1          # the write end of QEMU's incoming pipe (non-blocking)
         self._qmp_error = ""
+        self.vcpu_threads: dict[int, int] = {}   # QEMU's vCPU thread ids -> cpu-index (query-cpus-fast)
         self._qmp_ready = threading.Event()
         threading.Thread(target=self._connect, args=(wait_qemu,), name="qmp-connect", daemon=True).start()
 
@@ -68,26 +78,50 @@ class DeviceStateFeeder:
                 st = q.status()
                 if st != "inmigrate":
                     raise QemuError(f"destination QEMU is {st!r}: start it with -incoming defer")
-                q.ignore_shared()
+                q.set_caps(x_ignore_shared=True, events=True)
+                # which thread runs which vCPU: per-vCPU blocked time comes
+                # from the faults' thread ids
+                try:
+                    self.vcpu_threads = {int(c["thread-id"]): int(c["cpu-index"])
+                                         for c in q.cmd("query-cpus-fast")}
+                except (QemuError, KeyError, TypeError, ValueError) as e:   # (labels only: the migration goes on)
+                    self.reporter.event("qemu", f"QMP {self.qmp_path}: no vCPU thread ids ({e}): blocked time "
+                                        "is reported per thread", qmp=self.qmp_path)
+                self._pipe_w = incoming_pipe(q)
             except BaseException:
                 q.close()
                 raise
             self._qmp = q
             self.reporter.event("qemu", f"QMP {self.qmp_path}: QEMU {q.version.get('major')}."
-                                f"{q.version.get('minor')}.{q.version.get('micro')} waits for its device state",
-                                qmp=self.qmp_path)
+                                f"{q.version.get('minor')}.{q.version.get('micro')} waits for its device state "
+                                "in migrate-incoming", qmp=self.qmp_path)
         except MigrateError as e:
             self._qmp_error = str(e)
         finally:
             self._qmp_ready.set()
 
-    def _take_qmp(self, wait: float = 30.0) -> QMP:
+    def ready(self, wait: float = 30.0) -> None:
+        """Returns once the destination QEMU waits in migrate-incoming (a source
+        opening a session stops its QEMU only after that); else QemuError."""
         if not self._qmp_ready.wait(wait):
             raise QemuError(f"no QMP connection to the destination QEMU at {self.qmp_path} after {wait:.0f} s")
-        if self._qmp is None:
-            raise QemuError(self._qmp_error or f"no QMP connection to {self.qmp_path}")
-        q, self._qmp = self._qmp, None
-        return q
+        with self.lock:
+            if self._qmp is None:
+                raise QemuError(self._qmp_error or f"the destination QEMU at {self.qmp_path} took a device state "
+                                "already: start a new one with -incoming defer")
+
+    def _take(self) -> tuple[QMP, int]:
+        self.ready()
+        with self.lock:
+            if self._qmp is None:
+                raise QemuError(self._qmp_error or f"no QMP connection to {self.qmp_path}")
+            q, w, self._qmp, self._pipe_w = self._qmp, self._pipe_w, None, -1
+        return q, w
+
+    def _give_back(self, q: QMP, w: int) -> None:
+        """QEMU read nothing of a stream that failed: it still waits, for the next."""
+        with self.lock:
+            self._qmp, self._pipe_w = q, w
 
     def why_not_resumable(self, session_id: str) -> str | None:
         """None when a source may resume session_id without device state: its
@@ -141,73 +175,132 @@ class DeviceStateFeeder:
         return pb.DeviceStateAck(bytes=f.bytes, guest_running=f.running, error=f.error)
 
     def _load_and_run(self, chunks, f: Feed, m) -> None:
-        qmp = self._take_qmp()
+        qmp, w = self._take()
+        pipe = QemuPipe(w)
+        # QEMU's events are read on their own thread from the first byte on:
+        # the guest runs the moment QEMU has loaded the state, whether or not
+        # the source has closed its stream yet.
+        watch = RunWatch(qmp, f, m, self.timeout)
         try:
-            r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-            pipe = QemuPipe(w)
-            # QEMU is asked on its own thread while the state flows in: its
-            # main loop, and so QMP, may not answer for a while (loading reads
-            # guest RAM, faults served by this agent; or it is stopped), and
-            # the state is taken meanwhile all the same.
-            asked: list[BaseException | None] = []
-
-            def ask():
-                try:
-                    try:
-                        qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
-                    finally:
-                        os.close(r)   # QEMU has its own copy (or, refused, the pipe has no reader)
-                    qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
-                    asked.append(None)
-                except BaseException as e:  # noqa: BLE001 - raised below
-                    asked.append(e)
-
-            at = threading.Thread(target=ask, name="devstate-incoming", daemon=True)
-            at.start()
-            try:
-                receive_state(chunks, pipe, f, m, self.max_bytes)
-                pipe.end()
-                t0 = time.monotonic()   # load_ms: from the last byte in (QEMU loads as it comes)
-            except BaseException:
-                pipe.abort()   # QEMU reads a cut stream, which it refuses
-                if pipe.error and asked and asked[0] is not None:
-                    raise asked[0] from None   # QEMU refused first: that is why it reads nothing
+            receive_state(chunks, pipe, f, m, self.max_bytes, on_first=watch.start)
+            pipe.end()
+        except BaseException:
+            if f.bytes == 0 and not watch.started:
+                pipe.release()
+                self._give_back(qmp, w)   # QEMU read nothing: it waits on, for another source
                 raise
-            at.join(self.timeout)
-            if not asked:
-                pipe.abort()
-                raise QemuError(f"QMP {self.qmp_path}: no answer to migrate-incoming within {self.timeout:.0f} s")
-            if asked[0] is not None:
-                pipe.abort()
-                raise asked[0]
-            try:
-                qmp.wait_migration(self.timeout, "device-state load")
-            finally:
-                pipe.abort()   # (nothing left once the load completed)
-                pipe.join(5)
+            pipe.abort()   # QEMU reads a cut stream, which it refuses
+            if watch.started:
+                watch.join(5)
+            qmp.close()
+            if pipe.error and watch.error is not None:
+                raise watch.error from None   # QEMU refused first: that is why it reads nothing
+            raise
+        try:
+            if not watch.started:   # (an empty stream)
+                watch.start()
+            watch.join(self.timeout)
+            if watch.thread.is_alive():
+                raise QemuError(f"QMP {self.qmp_path}: the destination QEMU neither loaded the device state nor "
+                                f"failed within {self.timeout:.0f} s")
+            if watch.error is not None:
+                raise watch.error
             if pipe.error:
                 raise pipe.error
-            f.load_ms = (time.monotonic() - t0) * 1e3
-            qmp.cmd("cont")
-            st = qmp.status()
-            if st != "running":
-                raise QemuError(f"destination QEMU is {st!r} after cont")
-            f.running = True
-            ev = qmp.event("RESUME")
-            f.resume_time = ev["time"] if ev else time.time()
-            m.reporter.event("guest-running", f"destination QEMU resumed: {f.bytes} bytes of device state "
-                             f"loaded in {f.load_ms:.1f} ms", session=m.id, bytes=f.bytes,
-                             load_ms=round(f.load_ms, 2), resume_time=f.resume_time)
         finally:
+            pipe.abort()   # (nothing left once the load completed)
+            pipe.join(5)
             qmp.close()
+        if pipe.last_write:
+            f.times["last_chunk"] = pipe.last_write
 
 
-def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int) -> None:
+def incoming_pipe(qmp: QMP) -> int:
+    """Puts QEMU in migrate-incoming on a new pipe and returns its write end
+    (non-blocking, ours). QEMU waits on the pipe for its first byte; its
+    monitor answers meanwhile."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        try:
+            # a typical device state (300 KiB-1 MiB) fits whole: QEMU is never
+            # waited for while it comes
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_BYTES)
+        except OSError:
+            pass   # above /proc/sys/fs/pipe-max-size: the default size works, in more steps
+        try:
+            qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(r,))
+        finally:
+            os.close(r)   # QEMU has its own copy
+        qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
+    except BaseException:
+        os.close(w)
+        raise
+    return w
+
+
+def _run_or_loaded(e: dict) -> bool:
+    return e["event"] == "RESUME" or (e["event"] == "MIGRATION" and e.get("data", {}).get("status") in (
+        "completed", "failed", "cancelled"))
+
+
+class RunWatch:
+    """Waits on the destination QEMU's events until its guest runs: QEMU
+    starts it itself once the state is loaded (the source QEMU ran when its
+    migration began); a QEMU that stays paused after the load (started with
+    -S, or a source stopped before its migration) is sent `cont`. Owns the QMP
+    connection while it runs."""
+
+    def __init__(self, qmp: QMP, f: Feed, m, timeout: float):
+        self.qmp, self.f, self.m, self.timeout = qmp, f, m, timeout
+        self.since = len(qmp.events)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="devstate-load", daemon=True)
+        self.started = False
+
+    def start(self) -> None:
+        self.started = True
+        self.thread.start()
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        f, qmp = self.f, self.qmp
+        t0 = time.monotonic()
+        try:
+            ev = qmp.wait_event(_run_or_loaded, self.timeout, "device-state load", self.since)
+            if ev["event"] == "MIGRATION":
+                st = ev["data"]["status"]
+                if st != "completed":
+                    raise QemuError(f"device-state load {st}: "
+                                    f"{qmp.cmd('query-migrate').get('error-desc', 'QEMU gave no reason')}")
+                f.times["loaded"] = ev["time"]
+                f.times["cont_sent"] = time.time()
+                qmp.cmd("cont")
+                ev = qmp.wait_event(lambda e: e["event"] == "RESUME", self.timeout, "cont", self.since)
+            else:
+                f.times["loaded"] = ev["time"]   # QEMU starts the guest in the step that ends its load
+            f.load_ms = (time.monotonic() - t0) * 1e3
+            f.running = True   # (RESUME: QEMU's vm_start has run)
+            f.resume_time = ev["time"]
+            self.m.reporter.event("guest-running", f"destination QEMU runs: {f.bytes} bytes of device state "
+                                  "loaded", session=self.m.id, bytes=f.bytes, load_ms=round(f.load_ms, 2),
+                                  resume_time=f.resume_time)
+        except BaseException as e:  # noqa: BLE001 - raised by the feed
+            self.error = e
+
+
+def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int, on_first=lambda: None) -> None:
     """Hands each device state chunk to QEMU's pipe as it arrives, up to
     max_bytes in all (counted in f.bytes), and stops at once when QEMU stopped
-    reading."""
+    reading. on_first: called before the first byte goes to QEMU."""
     for c in chunks:
         data = c.data
+        if not data:
+            continue
+        if f.bytes == 0:
+            f.times["first_chunk"] = time.time()
+            on_first()
         if f.bytes + len(data) > max_bytes:
             raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
                                       f"{fmt_size(max_bytes)}: refused after {f.bytes} bytes "
@@ -215,25 +308,32 @@ def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int) -> None:
                                       f"a larger --max-device-state")
         pipe.put(data)
         f.bytes += len(data)
+    f.times["received"] = time.time()
     f.received = True
     m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
                      "destination QEMU loads them", session=m.id, bytes=f.bytes)
 
 
 class QemuPipe:
-    """Writes the device state into QEMU's pipe on its own thread, chunk by
-    chunk in the order they arrived. What QEMU has not read yet waits here
-    (QEMU reads as the state arrives, unless its load waits for guest RAM or it
-    is stopped): at most what --max-device-state lets in, so a source is never
-    held back by QEMU's pace and its state arrives whole. Owns w (non-blocking)
-    and closes it at the end: QEMU reads end of file."""
+    """Writes the device state into QEMU's pipe, chunk by chunk in the order
+    they arrived: straight from the caller's thread while the pipe has room
+    (a typical state fits whole), else on its own thread. What QEMU has not
+    read yet waits here (QEMU reads as the state arrives, unless its load
+    waits for guest RAM or it is stopped): at most what --max-device-state
+    lets in, so a source is never held back by QEMU's pace and its state
+    arrives whole. Owns w (non-blocking) and closes it at the end (QEMU reads
+    end of file), unless released."""
 
     def __init__(self, w: int):
         self.w = w
-        self.chunks: deque[bytes] = deque()
+        self.chunks: deque[memoryview] = deque()
         self.cond = threading.Condition()
+        self.busy = False          # the thread is writing a chunk it took
         self.ended = False
         self.aborted = False
+        self.released = False
+        self.written = 0
+        self.last_write = 0.0      # time.time() of the last byte written
         self.error: QemuError | None = None
         self.thread = threading.Thread(target=self._run, name="devstate-tx", daemon=True)
         self.thread.start()
@@ -242,8 +342,12 @@ class QemuPipe:
         with self.cond:
             if self.error:
                 raise self.error
-            self.chunks.append(data)
-            self.cond.notify()
+            view = memoryview(data)
+            if not self.chunks and not self.busy:
+                view = self._write(view)
+            if view:
+                self.chunks.append(view)
+                self.cond.notify()
 
     def end(self) -> None:
         """No more chunks: end of file once the last is written."""
@@ -258,33 +362,55 @@ class QemuPipe:
             self.chunks.clear()
             self.cond.notify()
 
+    def release(self) -> None:
+        """Stops, leaving w open and not ours (nothing was written)."""
+        with self.cond:
+            self.released = self.ended = self.aborted = True
+            self.chunks.clear()
+            self.cond.notify()
+        self.thread.join(5)
+
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
 
+    def _write(self, view: memoryview) -> memoryview:
+        """Writes what the pipe takes now; returns the rest. OSError: QEMU
+        stopped reading (recorded in self.error, raised)."""
+        try:
+            while view:
+                n = os.write(self.w, view[:1 << 20])
+                view = view[n:]
+                self.written += n
+                self.last_write = time.time()
+        except BlockingIOError:
+            pass
+        except OSError as e:
+            why = "it failed to load it" if isinstance(e, BrokenPipeError) else e.strerror
+            self.error = QemuError(f"the destination QEMU stopped reading the device state after {self.written} "
+                                   f"bytes ({why})")
+            raise self.error from None
+        return view
+
     def _run(self) -> None:
-        written = 0
         try:
             while True:
                 with self.cond:
+                    self.busy = False
                     self.cond.wait_for(lambda: self.chunks or self.ended)
                     if not self.chunks:
                         return
-                    view = memoryview(self.chunks.popleft())
-                while view:
-                    try:
-                        n = os.write(self.w, view[:1 << 20])
-                    except BlockingIOError:
-                        # QEMU reads nothing for now: look again, unless given up
-                        select.select([], [self.w], [], 0.2)
-                        if self.aborted:
-                            return
-                        continue
-                    view = view[n:]
-                    written += n
-        except OSError as e:
-            with self.cond:
-                why = "it failed to load it" if isinstance(e, BrokenPipeError) else e.strerror
-                self.error = QemuError(f"the destination QEMU stopped reading the device state after {written} "
-                                       f"bytes ({why})")
+                    view = self.chunks.popleft()
+                    self.busy = True
+                while True:
+                    view = self._write(view)
+                    if not view:
+                        break
+                    # QEMU reads nothing for now: look again, unless given up
+                    select.select([], [self.w], [], 0.2)
+                    if self.aborted:
+                        return
+        except QemuError:
+            pass   # kept in self.error
         finally:
-            os.close(self.w)
+            if not self.released:
+                os.close(self.w)

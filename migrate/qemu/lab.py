@@ -166,11 +166,13 @@ class Lab:
         self.mounts.append(mnt)
         return mnt
 
-    def start(self, name: str, env: dict | None = None, **kw) -> tuple[subprocess.Popen, QMP, Serial]:
+    def start(self, name: str, env: dict | None = None, prefix: tuple = (), **kw) -> tuple[subprocess.Popen, QMP, Serial]:
         """Starts one QEMU (keywords: qemu_argv's); env: extra environment (e.g.
-        LD_PRELOAD, MIGRATE_ATTACH). Returns the process, a QMP connection and
-        its serial console."""
+        LD_PRELOAD, MIGRATE_ATTACH); prefix: a command that execs QEMU
+        elsewhere (`ip netns exec NS`: the pid stays QEMU's). Returns the
+        process, a QMP connection and its serial console."""
         argv, qmp_sock, serial = qemu_argv(name, self.workdir, self.kernel, self.initrd, **kw)
+        argv = [*prefix, *argv]
         err_path = os.path.join(self.workdir, f"{name}.stderr")
         with open(err_path, "w") as out:
             p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
         split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False,
-        stop_source=False):
+        stop_source=False, link=None, qemu_args=()):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -66,7 +66,11 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     and a new source is started by hand, as before recovery existed.
     stop_source: SIGTERM the source agent once the destination guest runs
     (it stops pushing, its QEMU stays paused), then resume the session with
-    a new source."""
+    a new source.
+    link: a benchmarks.link.ShapedLink: the source agent runs in its source
+    namespace, the destination agent in its destination namespace (the QEMUs
+    reach their agents over Unix sockets, from where they are).
+    qemu_args: more QEMU arguments, the same on both sides (devices)."""
     res = {"mem_mb": mem_mb, "backing": "hugetlbfs" if hugetlbfs else "tmpfs-file", "verify": None}
     agents = []
     with Lab(guest, verbose=False) as lab:
@@ -89,7 +93,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             src_agent_qmp = os.path.join(w, "src.agent.qmp")
             t = time.monotonic()
             src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=kind, mem_path=src_ram, extra_args=[
-                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off"])
+                "-qmp", f"unix:{src_agent_qmp},server=on,wait=off", *qemu_args])
             res["src_pid"] = src.pid
             m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=timeout)
             res["pages"] = int(m.group(1))
@@ -99,13 +103,14 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             # 2. destination agent
             attach = os.path.join(w, "attach.sock")
             dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
-            listen = f"{split.there}:0" if split else f"127.0.0.1:{_free_port() if recover else 0}"
+            listen = (f"{split.there}:0" if split else f"{link.dst_addr}:0" if link
+                      else f"127.0.0.1:{_free_port() if recover else 0}")
             dest_args = ["dest", "--listen", listen, "--attach", attach, "--qmp", dst_agent_qmp, "--json",
                          *dest_tls]
             if split:
                 dest_args += ["--source-timeout", "2"]
             lab.log("migrate " + " ".join(dest_args))
-            dest = Proc("dest", dest_args, prefix=split.exec if split else ())
+            dest = Proc("dest", dest_args, prefix=split.exec if split else link.dst_prefix if link else ())
             agents.append(dest)
             addr = dest.wait_event("listening", 30)["address"]
 
@@ -113,10 +118,12 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             env = {"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}
             dst, qd, sd = lab.start("dst", env=env, mem_mb=mem_mb, backend=kind, mem_path=dst_ram,
                                     incoming="defer", extra_args=[
-                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off"])
+                                        "-qmp", f"unix:{dst_agent_qmp},server=on,wait=off", *qemu_args])
             res["dst_pid"] = dst.pid
             att = dest.wait_event("attached", 30)
             lab.log(f"dest agent: {att.get('message')}")
+            # how long the destination QEMU waited inside mmap for the agent's ack
+            res["attach_ack_ms"] = att.get("ack_ms")
             if split_during_load:
                 # once the agent's QMP connection to it is made, the destination
                 # QEMU freezes: its device-state load waits until it is let go
@@ -130,7 +137,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                         *source_tls, *(("--recovery-window", "0") if by_hand else ()), *source_args]
             lab.log("migrate " + " ".join(src_args))
             t_src = time.time()
-            source = Proc("source", src_args)
+            source = Proc("source", src_args, prefix=link.src_prefix if link else ())
             agents.append(source)
             if split_during_load:
                 # The link goes dead once the destination has the device state,
@@ -284,6 +291,10 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                     res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
                                                         + " | ".join(p.errors() or p.stderr_lines[-5:]))
             done = [e for e in dest.lines if e.get("event") == "completed"]
+            # what the source said of its QEMU and RAM file at the end
+            res["src_ram"] = src_ram
+            res["source_qemu"] = [{k: v for k, v in e.items() if k != "_t"} for e in source.lines
+                                  if e.get("event") == "source-qemu"]
             # the same read with every page local: the guest's own floor for guest_verify_ms
             sd.send("\n")
             v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)

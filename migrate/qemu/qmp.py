@@ -26,6 +26,10 @@ class QemuError(MigrateError):
     """QEMU refused a command, went away, or did not reach the expected state."""
 
 
+class QMPTimeout(QemuError):
+    """QEMU said nothing within the time given."""
+
+
 class QMPCommandError(QemuError):
     def __init__(self, path: str, command: str, error: dict):
         self.command = command
@@ -89,12 +93,12 @@ class QMP:
         while b"\n" not in self.buf:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise QemuError(f"QMP {self.path}: no answer within {timeout:.0f} s")
+                raise QMPTimeout(f"QMP {self.path}: no answer within {timeout:.0f} s")
             self.sock.settimeout(left)
             try:
                 data = self.sock.recv(65536)
             except socket.timeout:
-                raise QemuError(f"QMP {self.path}: no answer within {timeout:.0f} s") from None
+                raise QMPTimeout(f"QMP {self.path}: no answer within {timeout:.0f} s") from None
             except OSError as e:
                 raise QemuError(f"QMP {self.path}: {e.strerror}: did QEMU exit?") from None
             if not data:
@@ -148,6 +152,36 @@ class QMP:
         self.cmd("query-status")
         return [e for e in self.events if e["event"] == name
                 and all(e.get("data", {}).get(k) == v for k, v in data.items())]
+
+    def wait_event(self, match, timeout: float, what: str, since: int = 0, give_up=None) -> dict | None:
+        """The first event from index `since` of self.events on for which
+        match(event) is true, reading QEMU's socket (blocking: an event is
+        taken the moment it comes) until one does; QemuError after `timeout` s
+        or when QEMU goes away. give_up: looked at every 0.1 s while QEMU is
+        quiet; once it is true and QEMU has said nothing more for 0.2 s, None
+        is returned."""
+        deadline = time.monotonic() + timeout
+        i = since
+        gave_up = False
+        while True:
+            while i < len(self.events):
+                if match(self.events[i]):
+                    return self.events[i]
+                i += 1
+            if give_up is not None and give_up():
+                # what QEMU said before that may still be on its way
+                give_up, gave_up = None, True
+                deadline = min(deadline, time.monotonic() + 0.2)
+                continue
+            left = deadline - time.monotonic()
+            if left <= 0:
+                if gave_up:
+                    return None
+                raise QMPTimeout(f"QMP {self.path}: {what}: nothing within {timeout:.0f} s")
+            try:
+                self._read(min(left, 0.1) if give_up is not None else left)
+            except QMPTimeout:
+                continue
 
     def migration_end(self, timeout: float, what: str = "migration", poll: float = 0.002) -> dict:
         """Polls query-migrate until the migration is completed, failed or

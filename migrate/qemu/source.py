@@ -5,26 +5,37 @@ migration stream carries only device state (~300 KiB whatever the RAM size);
 the RAM travels through this engine. The stream goes through an `fd:` pipe
 handed to QEMU with `getfd`, and rides inside the gRPC session (DeviceState).
 
-The flow: x-ignore-shared, stop, migrate fd:PIPE, read the stream; open the
-session; send the stream; keep the source QEMU paused until the destination
-says its guest runs; resume it (`cont`) when the destination says it did not.
+The flow: open the session (the destination QEMU already waits in
+migrate-incoming); x-ignore-shared, getfd PIPE, open the DeviceState stream;
+migrate fd:PIPE with the VM running, as QEMU migrates: QEMU stops the VM
+itself and writes the device state, which goes on to the destination as it
+is read; keep the source QEMU paused until the destination says its guest
+runs; resume it (`cont`) when the destination says it did not.
+Once the migration completed, the source QEMU is quit (--quit-source) or left
+paused, and the last event says which and where its RAM still is.
+
+Without --ram, find_ram_backend asks QEMU for its one RAM backend: a file
+backend's mem-path (qom-get), or a memfd backend's descriptor among QEMU's
+own (/proc/PID/fd/N, QEMU's pid from SO_PEERCRED of the QMP socket).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import select
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 
-from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver
+from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver, fmt_size
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu import resume_hint
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
+from migrate.wire.attach import peer_cred
 
 
 CHUNK_BYTES = 256 << 10
@@ -34,31 +45,35 @@ CHUNK_BYTES = 256 << 10
 # it (reading guest RAM by demand faults) and resuming
 DEVICE_STATE_TIMEOUT = 120.0
 _NO_BANDWIDTH_LIMIT = 1 << 40   # QEMU's default max-bandwidth is 128 MiB/s
-
-
-def _drain(fd: int, out: bytearray, done: threading.Event) -> None:
-    try:
-        while True:
-            b = os.read(fd, 1 << 20)
-            if not b:
-                break
-            out += b
-    finally:
-        done.set()
+# QEMU stops the VM once what is left of its non-shared RAM (ROMs, ACPI
+# tables, a VGA's vram) can go in this long at the rate it measured. Its
+# default, 300 ms, left 3.2 of a 4.5 MB stream (a 4 MiB option ROM) for after
+# the stop; with 1 ms all of it goes while the VM runs, unless the guest keeps
+# rewriting such RAM.
+DOWNTIME_LIMIT_MS = 1
 
 
 # -- source -------------------------------------------------------------------
 @dataclass
 class Capture:
-    data: bytes
-    stop_time: float           # QEMU's own clock (the STOP event), seconds since the epoch
-    seconds: float             # stop + migrate, measured here
+    """The source QEMU's device-state stream, read from its pipe as QEMU writes
+    it and sent on at once (never held whole here)."""
+    bytes: int = 0
+    stop_time: float = 0.0     # QEMU's own clock (the STOP event), seconds since the epoch
+    seconds: float = 0.0       # migrate to QEMU's completed, measured here
     qemu_total_ms: int = 0     # QEMU's query-migrate total-time
+    qemu_downtime_ms: int = 0  # QEMU's query-migrate downtime
+    times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
+    reads: list = field(default_factory=list)   # (time.time(), bytes) of each read from QEMU's pipe
+
+    def bytes_after(self, t: float) -> int:
+        """What QEMU wrote after t (its STOP: the part of the stream inside the pause)."""
+        return sum(n for at, n in self.reads if at >= t)
 
 
-def check_shared_ram(qmp: QMP, ram_size: int) -> None:
-    """Every memory backend must be share=on (x-ignore-shared skips only those),
-    and one of them must be the RAM file served."""
+def shared_backends(qmp: QMP) -> list[dict]:
+    """QEMU's memory backends (query-memdev), every one share=on
+    (x-ignore-shared skips only those), else QemuError."""
     devs = qmp.cmd("query-memdev")
     if not devs:
         raise QemuError(f"QEMU at {qmp.path} has no memory backend object: start it with "
@@ -67,57 +82,234 @@ def check_shared_ram(qmp: QMP, ram_size: int) -> None:
     if private:
         raise QemuError(f"memory backend {private[0]} is not share=on: its RAM would travel inside QEMU's "
                         "stream; start QEMU with share=on on every memory backend")
+    return devs
+
+
+def check_shared_ram(qmp: QMP, ram_size: int) -> None:
+    """Every memory backend must be share=on, and one of them must be the RAM
+    file served."""
+    devs = shared_backends(qmp)
     if ram_size not in [d["size"] for d in devs]:
         raise QemuError(f"--ram is {ram_size} bytes but QEMU's memory backends are "
                         f"{[d['size'] for d in devs]} bytes: pass the backend's file")
 
 
-def capture_device_state(qmp: QMP, reporter: Reporter, timeout: float = 60.0) -> Capture:
-    """Pauses the source QEMU and takes its device-state stream. On failure the
-    QEMU is resumed (when this call paused it) and QemuError raised."""
-    qmp.ignore_shared()
-    qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _NO_BANDWIDTH_LIMIT})
+@dataclass(frozen=True)
+class RamBackend:
+    """The source QEMU's RAM as this agent serves it."""
+    id: str
+    kind: str              # "file" or "memfd"
+    size: int
+    path: str              # what the agent opens: the backend's file, or /proc/PID/fd/N of QEMU
+    file: str | None       # the file that outlives QEMU (a file backend's mem-path), None for a memfd
+    pid: int               # QEMU's
+
+    def describe(self) -> str:
+        what = f"file {self.file}" if self.file else f"{self.kind} {self.path}"
+        return f"memory backend {self.id} of QEMU pid {self.pid}: {fmt_size(self.size)}, {what}"
+
+
+def find_ram_backend(qmp_path: str) -> RamBackend:
+    """The one RAM backend of the QEMU at qmp_path (`source --qmp` without
+    --ram), or QemuError saying why not and what to pass instead."""
+    qmp = QMP(qmp_path)
+    try:
+        devs = shared_backends(qmp)
+        if len(devs) > 1:
+            each = ", ".join(f"{d.get('id', '?')} ({fmt_size(d['size'])})" for d in devs)
+            raise QemuError(f"QEMU at {qmp_path} has {len(devs)} memory backends ({each}) and this engine serves "
+                            "one: pass --ram with the file of the backend to serve (its mem-path, or "
+                            "/proc/PID/fd/N of a memfd)")
+        dev = devs[0]
+        bid, size = dev.get("id", ""), dev["size"]
+        kinds = {c["name"]: c["type"] for c in qmp.cmd("qom-list", path="/objects")}
+        kind = kinds.get(bid, "").removeprefix("child<").removesuffix(">")
+        pid = peer_cred(qmp.sock).pid
+        if kind == "memory-backend-file":
+            mem_path = qmp.cmd("qom-get", path=f"/objects/{bid}", property="mem-path")
+            if os.path.isdir(mem_path):
+                # QEMU made a file in that directory and unlinked it at once
+                fd = _qemu_fd(pid, size, lambda link: link.startswith(mem_path.rstrip("/") + "/"),
+                              f"its unlinked file in {mem_path}", bid)
+                return RamBackend(bid, "file", size, fd, None, pid)
+            return RamBackend(bid, "file", size, mem_path, mem_path, pid)
+        if kind == "memory-backend-memfd":
+            fd = _qemu_fd(pid, size, lambda link: link.startswith("/memfd:"), "its memfd", bid)
+            return RamBackend(bid, "memfd", size, fd, None, pid)
+        raise QemuError(f"memory backend {bid} of QEMU at {qmp_path} is a {kind or 'backend of unknown type'}, "
+                        "which has no file this agent can open: start QEMU with memory-backend-file (on tmpfs or "
+                        "hugetlbfs) or memory-backend-memfd, share=on, or pass --ram")
+    finally:
+        qmp.close()
+
+
+def _qemu_fd(pid: int, size: int, match, what: str, bid: str) -> str:
+    """/proc/PID/fd/N of the one descriptor of QEMU whose target matches and
+    whose file is `size` bytes."""
+    where = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(where)
+    except OSError as e:
+        raise QemuError(f"memory backend {bid}: cannot list QEMU's descriptors in {where} ({e.strerror}): run the "
+                        "source agent as root or as QEMU's user, or pass --ram") from None
+    found = []
+    for n in names:
+        path = f"{where}/{n}"
+        try:
+            if match(os.readlink(path)) and os.stat(path).st_size == size:
+                found.append(path)
+        except OSError:
+            continue   # closed meanwhile
+    if len(found) != 1:
+        how = "none" if not found else f"{len(found)} ({', '.join(found)})"
+        raise QemuError(f"memory backend {bid} ({fmt_size(size)}): looked for {what} among QEMU pid {pid}'s "
+                        f"descriptors and found {how}: pass --ram with the right one")
+    return found[0]
+
+
+def ram_file_of(path: str) -> str | None:
+    """The file a served RAM path names that outlives QEMU: None for one of
+    QEMU's own descriptors (/proc/PID/fd/N: a memfd, or a file QEMU unlinked)."""
+    return None if path.startswith("/proc/") else path
+
+
+def after_migration(qmp: QMP, reporter: Reporter, ram_path: str, quit: bool) -> str:
+    """Once the migration completed: quits the source QEMU (quit) or leaves
+    it paused, and says which and where its RAM still is (the last event
+    before the summary). Returns the source status for the summary."""
+    ram_file = ram_file_of(ram_path)
+    if quit:
+        qmp.cmd("quit")
+        left = ("its RAM went with it" if ram_file is None else
+                f"its RAM file {ram_file} is still there: remove it once nothing needs it")
+        reporter.event("source-qemu", f"the source QEMU quit (--quit-source); {left}", state="quit",
+                       qmp=qmp.path, ram_file=ram_file)
+        return "quit"
+    status = qmp.status()
+    # (postmigrate: paused after migrating out, QEMU's own word for it)
+    state = "paused" if status in ("paused", "postmigrate") else status
+    how = f"stays paused (QEMU status {status})" if state == "paused" else f"is {status}"
+    quit_cmd = f"`python -m migrate.qemu {qmp.path} quit`"
+    if ram_file is None:
+        msg = (f"the source QEMU {how}, holding its RAM ({ram_path}, no file of its own) until it quits: once the "
+               f"VM need not go back, {quit_cmd} (or give the source --quit-source)")
+    else:
+        msg = (f"the source QEMU {how} and its RAM file {ram_path} is still there: once the VM need not go back, "
+               f"{quit_cmd} and remove the file (or give the source --quit-source)")
+    reporter.event("source-qemu", msg, state=state, qmp=qmp.path, ram_file=ram_file)
+    return status
+
+
+def settle_source_qemu(qmp_path: str, reporter: Reporter, ram_path: str, quit: bool) -> str:
+    """after_migration over a connection of its own (a resumed session's
+    source, which did not pause the QEMU itself); "gone" when QEMU is."""
+    try:
+        qmp = QMP(qmp_path, timeout=5)
+    except QemuError as e:
+        reporter.event("source-qemu-gone", f"the source QEMU cannot be reached ({e})", qmp=qmp_path)
+        return "gone"
+    try:
+        return after_migration(qmp, reporter, ram_path, quit)
+    except QemuError as e:
+        reporter.event("source-qemu-gone", f"the source QEMU went away ({e})", qmp=qmp_path)
+        return "gone"
+    finally:
+        qmp.close()
+
+
+def prepare_capture(qmp: QMP) -> int:
+    """Everything that can be done before the source QEMU stops: the
+    capabilities, no bandwidth limit, and the pipe QEMU will write its stream
+    into (handed over with getfd). Returns the read end (ours to close)."""
     was = qmp.status()
     if was != "running":
         raise QemuError(f"source QEMU is {was!r}, not running: nothing to migrate "
                         "(a paused source may belong to a migration already under way)")
+    qmp.set_caps(x_ignore_shared=True, events=True)
+    qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _NO_BANDWIDTH_LIMIT, "downtime-limit": DOWNTIME_LIMIT_MS})
+    # The pipe keeps its default 64 KiB: QEMU's pass over its non-shared RAM,
+    # before it stops the VM, can then end only once all but the last 64 KiB
+    # of it were read and sent on; what is left for the pause is the device
+    # state. (With a 1 MiB pipe QEMU stopped the VM about 5 ms after migrate,
+    # with its whole 320 KB stream still to travel.)
     r, w = os.pipe2(os.O_CLOEXEC)
-    data = bytearray()
-    eof = threading.Event()
-    reader = threading.Thread(target=_drain, args=(r, data, eof), name="devstate-rx", daemon=True)
-    t0 = time.monotonic()
-    stopped = False
     try:
-        qmp.cmd("stop")
-        stopped = True
-        reporter.event("paused", f"source QEMU paused ({qmp.path})", qmp=qmp.path)
-        reader.start()
         qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(w,))
-        # QEMU holds its own copy of the write end now; ours must go so that the
-        # reader sees EOF when QEMU closes it at the end of the migration.
-        os.close(w)
-        w = -1
-        qmp.cmd("migrate", uri=f"fd:{DEVSTATE_FD_NAME}")
-        info = qmp.wait_migration(timeout, "device-state capture")
-        if not eof.wait(timeout):
-            raise QemuError("QEMU finished the migration but kept the device-state pipe open")
     except BaseException:
-        if w >= 0:
-            os.close(w)
-        if stopped:
-            resume_source(qmp, reporter, "device-state capture failed")
+        os.close(r)
         raise
     finally:
-        reader.join(5)
-        os.close(r)
-    seconds = time.monotonic() - t0
-    stop = qmp.event("STOP")
-    cap = Capture(bytes(data), stop["time"] if stop else time.time() - seconds, seconds,
-                  int(info.get("total-time", 0)))
-    reporter.event("device-state", f"captured {len(cap.data)} bytes of device state in "
-                   f"{seconds * 1e3:.1f} ms", bytes=len(cap.data), ms=round(seconds * 1e3, 2),
-                   stop_time=cap.stop_time)
-    return cap
+        # QEMU holds its own copy of the write end now; ours must go so that the
+        # reader sees end of file when QEMU closes it at the end of the migration.
+        os.close(w)
+    return r
+
+
+def read_stream(r: int, cap: Capture, session_id: str, token: bytes):
+    """The DeviceState request stream: the first chunk (no data) names the
+    session, then each read from QEMU's pipe as it comes, until QEMU closes it.
+    gRPC's own thread pulls it, so no byte waits for another thread here.
+    Reads r, which the DeviceStateSender owns."""
+    yield pb.DeviceStateChunk(session_id=session_id, token=token)
+    while True:
+        b = os.read(r, CHUNK_BYTES)
+        if not b:
+            break
+        # what QEMU wrote meanwhile goes in the same message (fewer hand-offs)
+        while len(b) < CHUNK_BYTES and select.select([r], [], [], 0)[0]:
+            more = os.read(r, CHUNK_BYTES - len(b))
+            if not more:
+                break
+            b += more
+        cap.times["save_end"] = time.time()   # the last read before the end of file
+        cap.reads.append((cap.times["save_end"], len(b)))
+        cap.bytes += len(b)
+        yield pb.DeviceStateChunk(data=b)
+
+
+def _drain_and_close(r: int) -> None:
+    """After a failure nothing sends QEMU's stream on: reads it to its end (QEMU
+    closes the pipe once its migration is cancelled or over, and would
+    otherwise wait on a full pipe for ever), then closes r."""
+    def run():
+        try:
+            while os.read(r, 1 << 20):
+                pass
+        finally:
+            os.close(r)
+    threading.Thread(target=run, name="devstate-drain", daemon=True).start()
+
+
+def _ack(fut) -> pb.DeviceStateAck | None:
+    try:
+        return fut.result(timeout=0)
+    except Exception:  # noqa: BLE001 - no ack
+        return None
+
+
+def _rpc_outcome(fut) -> str:
+    try:
+        ack = fut.result(timeout=0)
+    except grpc.RpcError as e:
+        return f"it said {e.code().name}: {e.details()}"
+    except Exception as e:  # noqa: BLE001 - the reason is the message
+        return f"{type(e).__name__}: {e}"
+    return ack.error or f"it took {ack.bytes} bytes and gave no reason"
+
+
+def _cancel_migration(qmp: QMP) -> None:
+    """Cancels QEMU's migration if it is still under way (QEMU then closes the
+    pipe and runs the VM again if it had stopped it)."""
+    try:
+        if qmp.cmd("query-migrate").get("status") not in (None, "completed", "failed", "cancelled"):
+            qmp.cmd("migrate_cancel")
+    except QemuError:
+        pass
+
+
+def _migration_event(status: str | tuple):
+    want = (status,) if isinstance(status, str) else status
+    return lambda e: e["event"] == "MIGRATION" and e.get("data", {}).get("status") in want
 
 
 def resume_source(qmp: QMP, reporter: Reporter, why: str) -> bool:
@@ -133,36 +325,101 @@ def resume_source(qmp: QMP, reporter: Reporter, why: str) -> bool:
 
 
 class DeviceStateSender:
-    """The Source's on_session hook: sends the captured stream once the session is
-    open and the demand stream is being served. Records what the destination said,
-    which decides whether the source QEMU may be resumed after a failure."""
+    """The Source's on_session hook. Opens the DeviceState stream before the
+    source QEMU stops (the destination QEMU waits in migrate-incoming already),
+    starts QEMU's own migration to the pipe while the VM runs, the way QEMU
+    migrates: QEMU sends its setup and small non-shared RAM while running,
+    then stops the VM and writes the device state, which streams through to
+    the destination QEMU as it is written; that QEMU starts itself once it has
+    loaded it. Records what the destination said, which decides whether the
+    source QEMU may be resumed after a failure."""
 
-    def __init__(self, capture: Capture | None, reporter: Reporter, wait=lambda fut: fut.result()):
-        self.capture = capture
+    def __init__(self, qmp: QMP, reporter: Reporter, wait=lambda fut: fut.result(),
+                 stopped: threading.Event | None = None, timeout: float = 60.0):
+        self.qmp = qmp
         self.reporter = reporter
         # waits for the call's future: Source.wait_rpc ends the wait when the
         # destination is found gone (gRPC alone would wait for its deadline)
         self.wait = wait
+        self.stopped = stopped or threading.Event()   # set at the source QEMU's STOP
+        self.timeout = timeout
+        self.capture: Capture | None = None   # set once QEMU may stop the VM
         self.sent = False            # the destination may have the stream
         self.ack: pb.DeviceStateAck | None = None
         self.running_time: float | None = None   # when the destination said "running" (time.time())
 
     def __call__(self, stub, session_id: str, token: bytes) -> None:
-        data = self.capture.data
-
-        def chunks():
-            # the first chunk names the session and carries its token
-            for off in range(0, max(1, len(data)), CHUNK_BYTES):
-                yield pb.DeviceStateChunk(session_id=session_id, token=token if off == 0 else b"",
-                                          data=data[off:off + CHUNK_BYTES])
-
-        self.sent = True
-        # The ack comes once the destination QEMU has loaded the state and runs,
-        # which may take long (loading reads guest RAM)
+        qmp = self.qmp
+        r = prepare_capture(qmp)
+        cap = Capture()
+        since = len(qmp.events)
+        cap.times["send_start"] = time.time()
+        # r is ours: the stream reads it until QEMU's end of file; closed once the
+        # call is over, or by the drain after a failure
         try:
-            self.ack = self.wait(stub.DeviceState.future(chunks(), timeout=DEVICE_STATE_TIMEOUT))
+            fut = stub.DeviceState.future(read_stream(r, cap, session_id, token), timeout=DEVICE_STATE_TIMEOUT)
+        except BaseException:
+            os.close(r)
+            raise
+        try:
+            t0 = time.monotonic()
+            cap.times["migrate_sent"] = time.time()
+            qmp.cmd("migrate", uri=f"fd:{DEVSTATE_FD_NAME}")
+            self.capture = cap
+            self.sent = True
+            # the destination ends the stream early only when it refused it: then
+            # nothing reads QEMU's pipe, and QEMU would wait on it for ever
+            ev = qmp.wait_event(lambda e: e["event"] == "STOP" or _migration_event(("failed", "cancelled"))(e),
+                                self.timeout, "waiting for QEMU to stop the VM", since, give_up=fut.done)
+            if ev is not None and ev["event"] == "STOP":
+                cap.stop_time = ev["time"]
+                cap.times["stop_seen"] = time.time()
+                self.stopped.set()   # its RAM no longer changes: demand may be served
+                self.reporter.event("paused", f"source QEMU paused ({qmp.path})", qmp=qmp.path,
+                                    stop_time=cap.stop_time)
+                ev = qmp.wait_event(_migration_event(("completed", "failed", "cancelled")), self.timeout,
+                                    "device-state capture", since, give_up=fut.done)
+            if ev is None:
+                ack = _ack(fut)
+                if ack is not None and ack.guest_running:
+                    # (never seen: the ack comes after the stream's end) the guest
+                    # runs there, so this QEMU must stay stopped whatever it says
+                    self.ack = ack
+                    raise QemuError("the destination runs the guest, but QEMU here did not report its migration "
+                                    "completed")
+                self.sent = False
+                if ack is not None:   # it refused the state: its QEMU did not and will not run the guest
+                    self.ack = ack
+                    raise QemuError(f"the destination did not resume the guest: {ack.error or 'no reason given'}")
+                raise QemuError(f"the destination ended the device-state stream before QEMU had written it all: "
+                                f"{_rpc_outcome(fut)}")
+            info = qmp.cmd("query-migrate")
+            cap.seconds = time.monotonic() - t0
+            if ev["data"]["status"] != "completed":
+                # QEMU runs the VM again itself when it had stopped it; the
+                # destination QEMU got a cut stream, which it refuses
+                self.sent = False
+                raise QemuError(f"device-state capture {ev['data']['status']}: "
+                                f"{info.get('error-desc', 'QEMU gave no reason')}")
+        except BaseException:
+            fut.cancel()
+            if self.ack is None or not self.ack.guest_running:
+                _cancel_migration(qmp)
+                _drain_and_close(r)
+            raise
+        cap.qemu_total_ms = int(info.get("total-time", 0))
+        cap.qemu_downtime_ms = int(info.get("downtime", 0))
+        self.reporter.event("device-state", f"QEMU wrote {cap.bytes} bytes of device state, streamed to the "
+                            f"destination as written; {cap.qemu_downtime_ms} ms stopped by QEMU's count",
+                            bytes=cap.bytes, ms=round(cap.seconds * 1e3, 2), stop_time=cap.stop_time)
+        try:
+            # the ack comes once the destination QEMU has loaded the state and
+            # runs, which may take long (loading reads guest RAM)
+            self.ack = self.wait(fut)
         except grpc.RpcError as e:
             raise QemuError(f"device state: destination said {e.code().name}: {e.details()}") from None
+        finally:
+            os.close(r)   # (the stream read QEMU's end of file: QEMU's migration completed)
         if not self.ack.guest_running:
             raise QemuError(f"the destination did not resume the guest: {self.ack.error or 'no reason given'}")
         self.running_time = time.time()
@@ -178,9 +435,11 @@ def _explained(e: MigrateError, message: str) -> MigrateError:
     return err
 
 
-def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_window: float = 0.0, **source_kw):
+def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_window: float = 0.0,
+               quit_source: bool = False, **source_kw):
     """`migrate source --qmp`: open the session, then pause and capture, send the
-    device state, serve RAM. Returns (SourceResult, info dict). A destination
+    device state, serve RAM; then quit the source QEMU (quit_source) or leave it
+    paused. Returns (SourceResult, info dict). A destination
     lost once it may have the device state is recovered for recovery_window
     seconds (migrate.source.recovery), the source QEMU paused throughout. On
     failure: resumes the source QEMU when the destination certainly did not
@@ -192,27 +451,28 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
     qmp = QMP(qmp_path)
     try:
         check_shared_ram(qmp, ram.size)
-        sender = DeviceStateSender(None, reporter, wait=lambda fut: src.wait_rpc(fut))
+        stopped = threading.Event()
+        sender = DeviceStateSender(qmp, reporter, wait=lambda fut: src.wait_rpc(fut), stopped=stopped)
 
         # The background push waits until the destination guest runs: while the
         # destination QEMU loads the device state, the only RAM it needs comes
-        # through demand faults (served from the start), and a push running at
-        # the same time took the CPU from that load (downtime 34-39 ms against
-        # 11-14 ms held back, 512 MiB guest on 2 CPUs; total time unchanged).
+        # through demand faults, and a push running at the same time took the
+        # CPU from that load (downtime 34-39 ms against 11-14 ms held back,
+        # 512 MiB guest on 2 CPUs; total time unchanged).
         guest_running = threading.Event()
 
         def on_session(stub, session_id, token):
             # The session and its channels are open before the source QEMU stops,
-            # so the guest's downtime does not include connecting (about 12 ms
-            # here). Nothing reads RAM before the pause: the push waits for
-            # guest_running, and demand requests only come once the destination
-            # QEMU loads the device state captured below.
-            sender.capture = capture_device_state(qmp, reporter)
+            # so the guest's pause does not include connecting (about 12 ms
+            # here). Nothing reads RAM before the pause: demand is served from
+            # QEMU's STOP on (demand_gate; the destination QEMU reads guest RAM
+            # only as it loads the device state, which QEMU writes after it
+            # stopped the VM), and the push waits for guest_running.
             sender(stub, session_id, token)
             guest_running.set()
 
         src = Source(ram, target, reporter, device_state=True, on_session=on_session, push_gate=guest_running,
-                     **source_kw)
+                     demand_gate=stopped, **source_kw)
 
         def again(session: str, guest: str, connect_timeout: float) -> Source:
             # the device state is at the destination (or never will be from
@@ -246,11 +506,12 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                 if not sender.sent or (sender.ack is not None and not sender.ack.guest_running) \
                         or not src.session or recovery_window <= 0:
                     raise
+                src.state = "paused"   # (what `migrate status` shows meanwhile)
                 res = Recovery(reporter, recovery_window, again, vm_state).recover(src.session, src.guest_instance, e)
                 res = dataclasses.replace(res, seconds=time.monotonic() - t0)
         except MigrateError as e:
             if sender.capture is None:
-                # never paused (or capture_device_state resumed what it paused)
+                # QEMU's migration never started: the VM was never stopped
                 raise _explained(e, f"{e} (the source QEMU was not paused: it runs on)") from None
             if isinstance(e, RecoveryWindowOver):
                 raise   # it says the VM's state and what to do
@@ -280,7 +541,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                 f"did not reach it or did not load, resume this one: {resume_hint(qmp_path)})") \
                 from None
         try:
-            src_status = qmp.status()
+            src_status = after_migration(qmp, reporter, ram.path, quit_source)
         except QemuError as e:
             # The source QEMU died after the destination guest started: nothing
             # is lost, its RAM file (which this agent maps) served the rest.
@@ -289,10 +550,11 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                            "migration finished from its RAM file, the guest runs on the destination",
                            qmp=qmp_path)
         cap = sender.capture
-        info = {"device_state_bytes": len(cap.data), "capture_ms": round(cap.seconds * 1e3, 2),
+        info = {"device_state_bytes": cap.bytes, "capture_ms": round(cap.seconds * 1e3, 2),
+                "qemu_downtime_ms": cap.qemu_downtime_ms, "device_state_bytes_stopped": cap.bytes_after(cap.stop_time),
                 "stop_time": cap.stop_time, "running_time": sender.running_time,
                 "downtime_ms": round((sender.running_time - cap.stop_time) * 1e3, 2),
-                "source_status": src_status}
+                "source_status": src_status, "switchover": {k: round(v, 6) for k, v in cap.times.items()}}
         return res, info
     finally:
         qmp.close()

@@ -66,14 +66,17 @@ def run(args) -> int:
         "throughput_gbps": round(size / secs / 1e9, 3) if secs else None,
         "wire_bytes": s.get("wire_bytes"),
         "seconds": secs,
+        "ack_ms": d.get("ack_ms"),
         "prepare_s": d.get("prepare_s"),
+        "alloc_overlap_s": d.get("alloc_overlap_s"),
         "exit_codes": {"dest": out["dest_rc"], "guestsim": out["guest_rc"], "source": out["source_rc"]},
     }
     if args.json:
         print(json.dumps({"event": "summary", **summary}))
     else:
         prep = summary["prepare_s"]
-        prep_line = (f"  (before the source started, the destination allocated the guest's RAM in {prep} s)\n"
+        prep_line = (f"  (the destination acked the guest's attach in {summary['ack_ms']} ms, then allocated its RAM "
+                     f"in the background in {prep} s, {summary['alloc_overlap_s']} s of it during the migration)\n"
                      if prep is not None else "")
         print(f"""migrated {fmt_size(size)} ({args.backing}, {summary['pages_total']} pages of {fmt_size(ps)}) in {secs} s
 {prep_line}  pages by how they arrived: {summary['pages_demand']} demand, {summary['pages_pushed']} pushed, {summary['pages_zero']} zero

@@ -28,7 +28,8 @@ class Proc:
         self.stderr_lines: list[str] = []
         self.p = subprocess.Popen([*prefix, sys.executable, "-m", "migrate", *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, env=env)
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         threading.Thread(target=self._read_err, daemon=True).start()
 
     def _read(self):
@@ -69,9 +70,14 @@ class Proc:
 
     def wait(self, timeout: float) -> int:
         try:
-            return self.p.wait(timeout)
+            rc = self.p.wait(timeout)
         except subprocess.TimeoutExpired:
             raise TimeoutError(f"{self.name} did not exit within {timeout} s") from None
+        # the process is gone, but its last lines (the summary) may still be
+        # in the pipe: a loaded host showed a guest that verified as having
+        # no summary
+        self._reader.join(10)
+        return rc
 
     def summary(self) -> dict | None:
         for ev in reversed(self.lines):
@@ -136,9 +142,11 @@ class LocalMigration:
                  pattern: str = "seq", vcpus: int = 1, zero_fraction: float | None = None,
                  random_fraction: float | None = None, placement: str = "continue",
                  source_args: tuple = (), image: str | None = None, dest_args: tuple = (),
-                 dest_listen: str = "127.0.0.1:0", dest_prefix: tuple = (), tls: bool | None = None):
+                 dest_listen: str = "127.0.0.1:0", dest_prefix: tuple = (), tls: bool | None = None,
+                 source_prefix: tuple = ()):
         """dest_listen and dest_prefix put the destination elsewhere, e.g. in a
-        network namespace (`ip netns exec NS`) listening on its address.
+        network namespace (`ip netns exec NS`) listening on its address;
+        source_prefix does the same for the source.
         tls: both agents with mutual TLS, certificates made in workdir (see
         TlsFiles); None: TLS when dest_listen is not a loopback address (the
         agents refuse plaintext there), plaintext on loopback."""
@@ -153,6 +161,7 @@ class LocalMigration:
         self.dest_args = list(dest_args)
         self.dest_listen = dest_listen
         self.dest_prefix = tuple(dest_prefix)
+        self.source_prefix = tuple(source_prefix)
         self.zero_fraction = zero_fraction
         self.random_fraction = random_fraction
         self.image_args = []
@@ -206,7 +215,7 @@ class LocalMigration:
         args = ["source", "--ram", self.image, "--to", self.address, "--json", *tls, *self.source_args, *extra]
         if self.page_size != 4096 and "--page-size" not in args:
             args += ["--page-size", str(self.page_size)]
-        self.source = self._spawn("source", args)
+        self.source = self._spawn("source", args, self.source_prefix)
         return self.source
 
     def _spawn(self, name, args, prefix: tuple = ()) -> Proc:
@@ -219,9 +228,9 @@ class LocalMigration:
         if not os.path.exists(self.image):
             self.make_image()
         self.start_dest()
-        # As on a real destination, the guest is there (attached, its RAM
-        # allocated by the agent, its vCPUs waiting for the switchover) before
-        # the source starts the migration.
+        # As on a real destination, the guest is there (attached, its vCPUs
+        # waiting for the switchover) before the source starts the migration;
+        # the agent allocates its RAM meanwhile, in the background.
         self.start_guest()
         self.dest.wait_event("attached", 120)
         self.start_source()

@@ -21,7 +21,7 @@ from migrate.proto import migration_pb2_grpc as pbg
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import Scheduler
 from migrate.wire.protocol import BatchEncoder
-from migrate.wire.tcp import tcp_rtt_us
+from migrate.wire.tcp import set_max_pacing_rate, set_notsent_lowat, tcp_app_limited, tcp_bytes_acked, tcp_rtt_us
 
 #: --push-buffer auto: bytes in flight a push stream may keep, sized for this
 #: rate over the connection's round trip (between 256 KiB and the kernel's own
@@ -61,7 +61,7 @@ class Push:
     own thread until the pages run out or `stop` is set."""
 
     def __init__(self, ram: RamImage, sched: Scheduler, demand, stop: threading.Event, *, streams: int,
-                 max_rate: int):
+                 max_rate: int, link: LinkPacer | None = None):
         self.ram = ram
         self.sched = sched
         # the session's DemandServer (migrate.source.demand), which outlives the
@@ -71,6 +71,7 @@ class Push:
         self.stop = stop
         self.streams = streams
         self.max_rate = max_rate
+        self.link = link        # keeps the raw streams just under the link's rate (None: not paced)
         self.lock = threading.Lock()
         self.pages = 0          # pages pushed, every stream
         self.wire_bytes = 0     # bytes they took on the wire
@@ -86,6 +87,8 @@ class Push:
         hold = ffi.addressof(self.demand.d, "busy")
         while not self.stop.is_set():
             pace.wait()
+            if self.link is not None:
+                self.link.tick()
             runs = self.sched.next_runs()
             if not runs:
                 break
@@ -151,3 +154,99 @@ class Pacer:
 
     def pushed(self, nbytes: int) -> None:
         self.done += nbytes
+
+
+class LinkPacer:
+    """Keeps a session's raw push streams just under the rate of the link they
+    cross, so that the bottleneck queue stays short (a demand reply behind it
+    waits less, even where nothing sorts it ahead) without leaving the link
+    idle. It measures the link by what the destination acknowledges on all
+    the streams together, unpaced for MEASURE_S at the start, then caps each
+    stream (SO_MAX_PACING_RATE) at its share of SHARE x that rate. Every
+    CRUISE_S it lifts the caps for PROBE_S and measures again. The link's rate
+    is the highest of the last HISTORY measurements (BBR's windowed maximum):
+    a link that got faster is followed at once, one that got slower (another
+    flow on it) within HISTORY probes, and a dip of this host's own (a busy
+    CPU) does not hold the push down after it. TCP_NOTSENT_LOWAT keeps what
+    waits unsent in each socket short.
+
+    A measurement the kernel marked application-limited most of the time
+    (tcpi_delivery_rate_app_limited: the streams did not keep the path full,
+    this host's CPU is the limit, not the link) is not the link's rate: it is
+    not kept, and until one is the streams stay unpaced.
+
+    The streams call tick() between writes; whichever finds a phase over
+    moves to the next one, for every stream."""
+
+    MEASURE_S = 0.3
+    CRUISE_S = 2.0
+    PROBE_S = 0.3
+    SHARE = 0.95
+    HISTORY = 3
+    NOTSENT_LOWAT = 128 << 10
+
+    def __init__(self, on_rate=None):
+        """on_rate(rate, cap_per_stream): told each time the link is measured
+        (bytes a second; cap None: not paced), for the session's events."""
+        self.on_rate = on_rate
+        self.socks: list[socket.socket] = []
+        self.lock = threading.Lock()
+        self.phase = "measure"
+        self.t_phase: float | None = None     # when the phase began (first tick)
+        self.acked0 = 0
+        self.rate: float | None = None        # the link: the highest recent measurement, bytes a second
+        self.measured: list[float] = []       # the last HISTORY measurements that were not app-limited
+        self.cap: int | None = None           # each stream's cap now (None: unpaced)
+        self.samples = self.app_limited = 0   # this phase: ticks, and those the kernel said app-limited
+
+    def add(self, sock: socket.socket) -> None:
+        """A stream's socket, before its first write."""
+        set_notsent_lowat(sock, self.NOTSENT_LOWAT)
+        self.socks.append(sock)
+
+    def _acked(self) -> int:
+        return sum(tcp_bytes_acked(s) or 0 for s in self.socks)
+
+    def tick(self, now: float | None = None) -> None:
+        if not self.lock.acquire(blocking=False):
+            return   # another stream is moving the phase on
+        try:
+            now = time.monotonic() if now is None else now
+            if self.t_phase is None:
+                self.t_phase, self.acked0 = now, self._acked()
+                return
+            if self.phase != "cruise":
+                flags = [tcp_app_limited(s) for s in self.socks]
+                self.samples += 1
+                self.app_limited += sum(1 for f in flags if f) * 2 > len(flags)
+            dt = now - self.t_phase
+            if dt < {"measure": self.MEASURE_S, "probe": self.PROBE_S}.get(self.phase, self.CRUISE_S):
+                return
+            acked = self._acked()
+            measured = (acked - self.acked0) / dt
+            if self.phase == "cruise":
+                self._set(None)   # probe: unpaced, to see what the link takes now
+                self.phase = "probe"
+            else:
+                if measured > 0 and self.app_limited * 2 <= self.samples:
+                    self.measured = [*self.measured, measured][-self.HISTORY:]
+                if self.measured:
+                    self.rate = max(self.measured)
+                    self._set(int(self.SHARE * self.rate / max(1, len(self.socks))))
+                else:
+                    self.rate = measured   # (what the streams did: app-limited, not the link)
+                self.phase = "cruise"
+                if self.on_rate is not None:
+                    self.on_rate(self.rate, self.cap)
+            self.t_phase, self.acked0 = now, acked
+            self.samples = self.app_limited = 0
+        finally:
+            self.lock.release()
+
+    def _set(self, cap: int | None) -> None:
+        self.cap = cap
+        for s in self.socks:
+            try:
+                set_max_pacing_rate(s, cap)
+            except OSError:
+                pass   # a stream whose socket is closing: its loop ends on its own

@@ -64,6 +64,7 @@ class Recovery:
         except DestinationLost as e:
             if not first.session or self.window <= 0:
                 raise   # nothing was opened (nothing to recover), or recovery is off: as it says
+            first.state = "paused"   # (what `migrate status` shows meanwhile)
             res = self.recover(first.session, first.guest_instance, e)
         return dataclasses.replace(res, seconds=time.monotonic() - t0)
 
@@ -85,11 +86,13 @@ class Recovery:
             time.sleep(min(next(waits), left))
             left = self.window - (time.monotonic() - lost_at)
             src = self.again(session, guest, max(0.1, min(CONNECT_MAX, left)))
+            src.state = "paused"   # until it connects (`migrate status`)
             tries += 1
             try:
                 return src.run()
             except DestinationLost as e:
                 why = e
+                src.state = "paused"
                 if src.session:   # it resumed, then lost the destination again: a new window
                     session, lost_at, waits = src.session, time.monotonic(), backoff()
                     self._report_lost(session, why)

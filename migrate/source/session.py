@@ -24,14 +24,15 @@ from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.report import Reporter
+from migrate.status import rate_and_eta
 from migrate.source.demand import DemandServer
-from migrate.source.push import Push, push_send_buffer
+from migrate.source.push import LinkPacer, Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import LocalityWindow, Scheduler
 from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 from migrate.wire.rawtls import RawTls, TlsError
-from migrate.wire.tls import TlsConfig, check_destination
-from migrate.wire.tcp import ChannelEnd, channel_end, host_of, parse_address, set_peer_timeout
+from migrate.wire.tls import TlsConfig, check_destination, is_loopback
+from migrate.wire.tcp import ChannelEnd, channel_end, host_of, mark_urgent, parse_address, set_peer_timeout
 
 DEST_TIMEOUT = 10.0       # seconds of silence from the destination's host before it is taken as gone
 
@@ -95,8 +96,11 @@ class Source:
                  on_session=None, transport: str = "raw", guest: str = "",
                  push_gate: threading.Event | None = None, max_rate: int = 0, push_buffer: int | None = None,
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
-                 resume_guest: str = "", open_timeout: float = 60.0, hints: list[int] | None = None,
-                 locality_window: int | None = None):
+                 resume_guest: str = "", open_timeout: float = 60.0, on_created=None,
+                 pace: str = "auto", demand_gate: threading.Event | None = None,
+                 hints: list[int] | None = None, locality_window: int | None = None):
+        """on_created(source): told of this Source once built (the CLI's
+        status and metrics read its snapshot())."""
         self.ram = ram
         self.hints = hints or []                 # source --hints: pages to push first, validated (migrate.hints)
         self.locality_window = locality_window   # pages after a demand fault; None: adaptive
@@ -131,17 +135,32 @@ class Source:
         if transport not in ("raw", "grpc"):
             raise ValueError(f"push transport {transport!r}: use raw or grpc")
         self.transport = transport
+        if pace not in ("auto", "on", "off"):
+            raise ValueError(f"push pacing {pace!r}: use auto, on or off")
+        # the raw push kept just under the link's measured rate (LinkPacer);
+        # auto: unless the destination is on loopback, where no link is shared
+        self.pace = pace == "on" or (pace == "auto" and not is_loopback(host_of(target)))
         self.guest = guest
         # Background push waits for this (QEMU: until the destination guest runs,
         # so the push does not take the CPU from the device-state load); demand
         # requests are served from the start regardless.
         self.push_gate = push_gate
+        # Demand requests wait for this (QEMU: the source VM's STOP, after which
+        # its RAM no longer changes); the channel is open and they queue on it
+        # meanwhile. None: served from the start.
+        self.demand_gate = demand_gate
         # QEMU (migrate.qemu): Hello says a device-state stream follows, and
         # on_session(stub, session_id, token) sends it once the demand stream is served.
         self.device_state = device_state
         self.on_session = on_session
         self.errors: list[BaseException] = []
         self.stop = threading.Event()
+        # for `migrate status` (migrate.status): connecting, connected, running, completed, failed;
+        # paused while migrate.source.recovery tries again
+        self.state = "connecting"
+        self.t_open: float | None = None
+        if on_created is not None:
+            on_created(self)
         # what run() opens and starts, for _close to stop and close
         self.sched: Scheduler | None = None
         self.demand: DemandServer | None = None
@@ -159,16 +178,41 @@ class Source:
         _check_resolves(self.target)
         try:
             stub, welcome = self._open_session()
+            self.state, self.t_open = "connected", time.monotonic()
             self._freeze_heap()
             self._start_demand(welcome)
+            self.state = "running"
             self._start_push(welcome)
             if self.on_session is not None:
                 self.on_session(stub, self.session, self.token)
             self._wait_push()
             fin = self._finish(stub)
+            self.state = "completed"
+        except BaseException:
+            self.state = "failed"
+            raise
         finally:
             self._close()
         return self._result(fin, time.monotonic() - t0)
+
+    def snapshot(self) -> dict:
+        """What `migrate status` shows of this session (migrate.status): a
+        source counts the pages it sent (on demand, read ahead, pushed) as
+        the received ones; the guest's faults are the destination's to tell."""
+        ram = self.ram
+        d = self.demand.d if self.demand is not None else None
+        demand = int(d.seq) if d is not None else 0
+        ahead = int(d.readahead) if d is not None else 0
+        pushed = self.push.pages if self.push is not None else 0
+        sent = min(ram.npages, demand + ahead + pushed)
+        seconds = time.monotonic() - self.t_open if self.t_open is not None else 0.0
+        gbps, eta = rate_and_eta(sent, ram.npages, ram.page_size, seconds)
+        wire = (self.push.wire_bytes if self.push is not None else 0) + (int(d.bytes) if d is not None else 0)
+        return {"session": self.session, "state": self.state, "peer": self.target, "pages_total": ram.npages,
+                "pages_received": sent, "pages_demand": demand, "pages_pushed": pushed + ahead,
+                "page_size": ram.page_size, "gbps": gbps, "eta_s": 0.0 if self.state == "completed" else eta,
+                "seconds": round(seconds, 3), "wire_bytes": wire, "faults_demand": demand,
+                "error": str(self.errors[0]) if self.errors else None}
 
     def wait_rpc(self, fut):
         """The result of a gRPC call's future (its RpcError raised as it is); a
@@ -265,9 +309,12 @@ class Source:
         """Opens the push channels (as many streams as both sides allow) and
         starts the streams together once they are all open."""
         n = min(self.push_streams, max(1, welcome.push_streams or 1))
-        self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate)
+        link = LinkPacer(self._paced) if self.pace and self.transport == "raw" else None
+        self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate, link=link)
         if self.transport == "raw":
             socks = [self._open_channel(welcome, PUSH_MAGIC) for _ in range(n)]
+            for sock in socks if link is not None else ():
+                link.add(sock)
             for i, sock in enumerate(socks):
                 self._threads.append(self._start_thread(f"push-{i}", self._push_raw, sock))
             buf = self.push_buffer_set
@@ -280,6 +327,15 @@ class Source:
             self._channels += chans
             for i, ch in enumerate(chans):
                 self._threads.append(self._start_thread(f"push-{i}", self._push_grpc, ch, compress))
+
+    def _paced(self, rate: float | None, cap: int | None) -> None:
+        """LinkPacer measured the link: say so."""
+        if rate and cap:
+            self.reporter.event("pace", f"link measured at {rate * 8 / 1e9:.2f} Gbit/s: each push stream paced "
+                                f"at {cap * 8 / 1e9:.2f} Gbit/s", link_bytes_per_s=int(rate), cap_bytes_per_s=cap)
+        elif rate:
+            self.reporter.event("pace", f"push at {rate * 8 / 1e9:.2f} Gbit/s did not fill the link (this host is "
+                                "the limit): not paced", link_bytes_per_s=int(rate), cap_bytes_per_s=None)
 
     def _wait_push(self) -> None:
         """Waits for the push streams (and the holes walk and block scan, done
@@ -345,14 +401,20 @@ class Source:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
             raise DestinationLost(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
+        if magic != DEMAND_MAGIC:
+            # Sized from the TCP handshake's round trip, before TLS's: the
+            # kernel's RTT after a TLS handshake counts the peer's signing and
+            # verifying (milliseconds under load), which sized a loopback TLS
+            # push's buffer for a long link (autotuned, or 2 MB) where the
+            # plaintext push had 256 KiB.
+            self.push_buffer_set = push_send_buffer(sock, self.push_buffer)
         if self.raw_tls is not None:
             sock = self._raw_handshake(sock, what, host, welcome.demand_port)
         self._socks.append(sock)
         set_peer_timeout(sock, self.dest_timeout)
         if magic == DEMAND_MAGIC:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        else:
-            self.push_buffer_set = push_send_buffer(sock, self.push_buffer)
+            mark_urgent(sock)   # replies go ahead of push data in any queue that sorts by it
         sock.sendall(magic + self.token)
         sock.settimeout(None)
         return sock
@@ -410,6 +472,9 @@ class Source:
     def _serve_demand(self) -> None:
         """Answers demand requests (C, GIL released) until the destination
         closes the channel at the end of the migration."""
+        while self.demand_gate is not None and not self.demand_gate.wait(0.05):
+            if self.stop.is_set():
+                return
         rc = self.demand.serve()
         if rc == -errno.EPROTO:
             self._fail(ProtocolError(f"destination asked for page {self.demand.d.bad_page}, outside the "
