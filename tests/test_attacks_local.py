@@ -324,10 +324,11 @@ def test_an_attach_directory_others_can_enter_is_refused(tmp_path, case):
 def test_the_shim_does_not_attach_to_another_uids_socket(reachable, other_python):
     """QEMU under the shim (here the small _MAPS_RAM process of the shim
     harness) finds a listener of another uid, not root, on MIGRATE_ATTACH: it
-    exits 1 with the reason before sending the hello or its descriptors."""
+    sends it neither the hello nor its descriptors, waits (MIGRATE_ATTACH_WAIT,
+    here 1 s) for a trusted agent in its place, and exits 1 with the reason."""
     from conftest import need_feature
     from migrate.host import features
-    from test_qemu import start_under_shim
+    from test_qemu import _start_under_shim_env
     need_feature(features(), "uffd")
     opened = reachable / "open"
     opened.mkdir()
@@ -335,7 +336,7 @@ def test_the_shim_does_not_attach_to_another_uids_socket(reachable, other_python
     path = str(opened / "attach.sock")
     attacker = OtherUidListener(other_python, path)
     try:
-        child = start_under_shim(path)
+        child = _start_under_shim_env(path, MIGRATE_ATTACH_WAIT="1")
         try:
             out, err = child.communicate("", timeout=30)
         finally:
@@ -346,11 +347,15 @@ def test_the_shim_does_not_attach_to_another_uids_socket(reachable, other_python
         got = attacker.stop()
     assert child.returncode == 1 and out == "", (out, err)
     fatal = [line for line in err.splitlines() if ": fatal: " in line]
-    assert fatal == [f"migrate-shim[{child.pid}]: fatal: the attach socket MIGRATE_ATTACH={path} is served by pid "
-                     f"{attacker.pid} of uid {NOBODY}, which is neither root nor this process's uid 0: not handing it "
-                     "the guest's userfaultfd and RAM (/memfd:guest-ram (deleted); another user took the path "
-                     "over?); run `migrate dest` as root or as uid 0, in a directory only it can enter"]
-    assert got == {"connections": 1, "bytes": 0, "fds": 0}
+    why = (f"the attach socket MIGRATE_ATTACH={path} is served by pid {attacker.pid} of uid {NOBODY}, which is "
+           "neither root nor this process's uid 0: not handing it the guest's userfaultfd and RAM (/memfd:guest-ram "
+           "(deleted); another user took the path over?); run `migrate dest` as root or as uid 0, in a directory "
+           "only it can enter")
+    assert fatal == [f"migrate-shim[{child.pid}]: fatal: no migrate agent took /memfd:guest-ram (deleted) within "
+                     f"MIGRATE_ATTACH_WAIT=1 s: {why}; start `migrate dest --attach {path}` (before this process, or "
+                     "within that time), or set MIGRATE_ATTACH_WAIT higher"], err
+    # it looked again every 100 ms, and never sent a byte or a descriptor
+    assert got["connections"] >= 2 and got["bytes"] == 0 and got["fds"] == 0, got
 
 
 @pytest.mark.timeout(60)
@@ -386,7 +391,7 @@ def test_the_shim_re_attaching_after_a_dead_agent_skips_another_uids_socket(reac
     from conftest import need_feature
     from migrate.host import features
     from migrate.wire.attach import recv_msg, send_msg
-    from test_qemu import start_under_shim
+    from test_qemu import _start_under_shim_env
     need_feature(features(), "uffd")
     opened = reachable / "open"
     opened.mkdir()

@@ -276,3 +276,33 @@ def test_backoff_doubles_to_its_cap_with_jitter():
     assert high[:7] == [0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 5.0] and high[9] == BACKOFF_MAX
     assert low == [h / 2 for h in high] and low[0] == BACKOFF_FIRST / 2
     assert all(BACKOFF_FIRST / 2 <= d <= BACKOFF_MAX for d, _ in zip(backoff(), range(50)))
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("sent_all", [False, True])
+def test_window_over_says_when_every_page_had_been_sent(sent_all):
+    """A source lost after it had sent every page (only its Finish was lost)
+    cannot tell whether the destination completed and exited: at the window's
+    end its message says that the VM most likely runs there, and how to tell;
+    a source lost earlier does not say so."""
+    from conftest import Events
+    from migrate.errors import DestinationLost, RecoveryWindowOver
+    from migrate.source.recovery import Recovery
+
+    class Unreachable:   # one more try: the destination never answers
+        session, sent_all, state = "", False, ""
+
+        def run(self):
+            raise DestinationLost("cannot reach 127.0.0.1:9: Connection refused")
+
+    events = Events()
+    r = Recovery(events, 0.3, lambda *_: Unreachable(), lambda sid: f"VM STATE {sid}")
+    with pytest.raises(RecoveryWindowOver) as e:
+        r.recover("S1", "G1", DestinationLost("push channel: Connection reset by peer"), sent_all=sent_all)
+    msg = str(e.value)
+    assert msg.startswith("the destination of session S1 stayed lost for --recovery-window 0.3 s (")
+    assert msg.endswith("VM STATE S1")
+    assert ("Every page had been sent before the destination was lost, so it has most likely completed" in msg) \
+        == sent_all, msg
+    assert e.value.exit_code == exits.WINDOW_OVER
+    assert [x["event"] for x in events.lines][0] == "lost"

@@ -172,6 +172,11 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 # same command starts it again, nothing else: the shim
                 # re-attaches QEMU's userfaultfd to it, and the first source,
                 # its QEMU paused throughout, resumes the session for that guest.
+                # (Killed once the source has heard that the guest runs: an
+                # agent killed between its QEMU starting and that answer leaves
+                # the source unsure the device state loaded, and it recovers
+                # only on the agent that has the state; see docs/operations.md.)
+                source.wait_event("guest-running", 60)
                 dest.p.kill()
                 dest.p.wait(10)
                 res["killed_agent_at_received"] = max((e.get("received", 0) for e in dest.lines

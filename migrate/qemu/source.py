@@ -507,7 +507,8 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                         or not src.session or recovery_window <= 0:
                     raise
                 src.state = "paused"   # (what `migrate status` shows meanwhile)
-                res = Recovery(reporter, recovery_window, again, vm_state).recover(src.session, src.guest_instance, e)
+                res = Recovery(reporter, recovery_window, again, vm_state).recover(src.session, src.guest_instance, e,
+                                                                                     sent_all=src.sent_all)
                 res = dataclasses.replace(res, seconds=time.monotonic() - t0)
         except MigrateError as e:
             if sender.capture is None:

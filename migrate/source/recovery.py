@@ -65,14 +65,16 @@ class Recovery:
             if not first.session or self.window <= 0:
                 raise   # nothing was opened (nothing to recover), or recovery is off: as it says
             first.state = "paused"   # (what `migrate status` shows meanwhile)
-            res = self.recover(first.session, first.guest_instance, e)
+            res = self.recover(first.session, first.guest_instance, e, sent_all=first.sent_all)
         return dataclasses.replace(res, seconds=time.monotonic() - t0)
 
-    def recover(self, session: str, guest: str, why: DestinationLost) -> SourceResult:
+    def recover(self, session: str, guest: str, why: DestinationLost, sent_all: bool = False) -> SourceResult:
         """Tries again until a try completes the session, one fails for good
         (raised as it is), or the destination stays lost for the window
         (RecoveryWindowOver). A try that resumed the session and then lost it
-        again starts a new window."""
+        again starts a new window. sent_all: the lost source had sent every
+        page the destination lacked (only its Finish was lost), so the
+        destination has likely completed and exited: the message says so."""
         lost_at = time.monotonic()
         waits = backoff()
         self._report_lost(session, why)
@@ -80,9 +82,12 @@ class Recovery:
         while True:
             left = self.window - (time.monotonic() - lost_at)
             if left <= 0:
+                done = ("Every page had been sent before the destination was lost, so it has most likely "
+                        "completed (its summary, or `migrate status` on its host, tells); if it did, the VM runs "
+                        "there and nothing is left to do. Otherwise: " if sent_all else "")
                 raise RecoveryWindowOver(
                     f"the destination of session {session} stayed lost for --recovery-window {self.window:g} s "
-                    f"({tries} tries; the last said: {why}). {self.vm_state(session)}")
+                    f"({tries} tries; the last said: {why}). {done}{self.vm_state(session)}")
             time.sleep(min(next(waits), left))
             left = self.window - (time.monotonic() - lost_at)
             src = self.again(session, guest, max(0.1, min(CONNECT_MAX, left)))
@@ -94,7 +99,7 @@ class Recovery:
                 why = e
                 src.state = "paused"
                 if src.session:   # it resumed, then lost the destination again: a new window
-                    session, lost_at, waits = src.session, time.monotonic(), backoff()
+                    session, lost_at, waits, sent_all = src.session, time.monotonic(), backoff(), src.sent_all
                     self._report_lost(session, why)
                 else:
                     self.reporter.event("retry", f"try {tries} to recover session {session}: {e}",

@@ -158,6 +158,7 @@ class Source:
         # for `migrate status` (migrate.status): connecting, connected, running, completed, failed;
         # paused while migrate.source.recovery tries again
         self.state = "connecting"
+        self.sent_all = False
         self.t_open: float | None = None
         if on_created is not None:
             on_created(self)
@@ -186,6 +187,7 @@ class Source:
             if self.on_session is not None:
                 self.on_session(stub, self.session, self.token)
             self._wait_push()
+            self.sent_all = not self.errors   # every page the destination lacked went out (Finish may still be lost)
             fin = self._finish(stub)
             self.state = "completed"
         except BaseException:
