@@ -228,10 +228,11 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
             # the lowest qemu_guest_ratio any engine could reach in this run: the
             # guest's own all-local read / QEMU's post-copy read
             r["qemu_guest_ratio_floor"] = _div(e["guest_verify_local_ms"], q["guest_verify_ms"])
-    if hints and not hints.get("error"):
+    if hints and "scenario" in hints and not hints.get("error"):   # (not skipped)
+        where = f"over a {hints['rate']} shaped link" if hints.get("link_floor") else f"at --max-rate {hints['rate']}"
         for k in ("hints_fault_reduction", "hints_time_reduction"):
             r[k] = hints.get(k)
-            src[k] = f"{hints['scenario']} at --max-rate {hints['rate']}: record pass (no hints), then with hints"
+            src[k] = f"{hints['scenario']} {where}: record pass (no hints), then with hints"
     return r, src
 
 

@@ -167,3 +167,18 @@ def test_a_process_summary_is_read_even_when_the_process_exits_first(bench, tmp_
     p = LateReader("quick", [str(script)])
     assert p.wait(30) == 0
     assert p.summary() is not None and p.summary()["verified"] is True
+
+
+def test_hints_keys_are_left_out_when_the_hints_run_was_skipped_or_failed(bench):
+    """`migrate bench --qemu --scenario qemu` skips the hints measurement: the
+    report then has no hints keys (it raised KeyError once), and a failed run
+    gives none either; a run over a link says so in the keys' provenance."""
+    _, report = bench
+    for hints in ({"skipped": "not chosen by --scenario"}, {"scenario": "hints", "error": "RuntimeError: x"}, {}):
+        r, src = report.ratios({}, [], None, hints)
+        assert "hints_fault_reduction" not in r and "hints_time_reduction" not in src
+    done = {"scenario": "hints-x", "rate": "1gbit", "link_floor": {"bulk_gbps": 0.12},
+            "hints_fault_reduction": 0.6, "hints_time_reduction": 0.35}
+    r, src = report.ratios({}, [], None, done)
+    assert (r["hints_fault_reduction"], r["hints_time_reduction"]) == (0.6, 0.35)
+    assert src["hints_fault_reduction"] == "hints-x over a 1gbit shaped link: record pass (no hints), then with hints"
