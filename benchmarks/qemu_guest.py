@@ -56,10 +56,12 @@ def _first_event(q, name: str) -> float | None:
     return seen[0]["time"] if seen else None
 
 
-def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None, link=None) -> dict:
-    """link: a benchmarks.link.ShapedLink between the two agents."""
+def run_engine(guest: str, mem_mb: int = 512, hugetlbfs: bool = False, log=lambda m: None, link=None,
+               tls: bool = True) -> dict:
+    """link: a benchmarks.link.ShapedLink between the two agents (then always
+    mutual TLS); tls=False: plaintext on loopback, like QEMU's own stream."""
     load = os.getloadavg()[0]
-    r = localrun.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log, link=link)
+    r = localrun.run(guest, mem_mb, hugetlbfs=hugetlbfs, log=log, link=link, tls=tls or link is not None)
     if not (r.get("verify") or "").startswith("VERIFY OK") or r.get("errors"):
         raise RuntimeError(f"engine run failed: {r.get('verify')} {r.get('errors')}")
     d, s = r.get("dest", {}), r.get("source", {})
@@ -250,9 +252,13 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
     """`migrate bench`'s QEMU guest scenario: reps x (engine, QEMU pure post-copy on
     private RAM (QEMU's usual setup, the baseline of the ratios), QEMU post-copy after
     one precopy pass, QEMU pure post-copy on a share=on /dev/shm file like the
-    engine's), alternating, best of each and all.
+    engine's), alternating, best of each and all. The engine's channels are
+    plaintext, as QEMU's migration stream is here, so that the ratios compare
+    like with like; "engine_tls" runs it with mutual TLS (its default off
+    loopback), for qemu_total_ratio_tls and qemu_guest_ratio_tls.
     Never raises: a failure is recorded under "error"."""
-    out: dict = {"mem_mb": mem_mb, "backing": "tmpfs-file", "reps": reps, "runs": {"engine": [], "qemu_postcopy": []}}
+    out: dict = {"mem_mb": mem_mb, "backing": "tmpfs-file", "reps": reps,
+                 "runs": {"engine": [], "engine_tls": [], "qemu_postcopy": []}}
     if precopy:
         out["runs"]["qemu_precopy_postcopy"] = []
     if same_backing:
@@ -261,7 +267,8 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
     try:
         guest = build_guest()
         for i in range(reps):
-            for side, fn in (("engine", lambda: run_engine(guest, mem_mb)),
+            for side, fn in (("engine", lambda: run_engine(guest, mem_mb, tls=False)),
+                             ("engine_tls", lambda: run_engine(guest, mem_mb, tls=True)),
                              ("qemu_postcopy", lambda: run_qemu_postcopy(guest, mem_mb)),
                              ("qemu_precopy_postcopy", lambda: run_qemu_postcopy(guest, mem_mb, precopy="first-pass")),
                              ("qemu_postcopy_shm", lambda: run_qemu_postcopy(guest, mem_mb, backend="file"))):
@@ -286,12 +293,17 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
     out["seconds"] = round(time.monotonic() - t0, 1)
     out["best"] = {side: _best(runs) for side, runs in out["runs"].items() if runs}
     b = out["best"]
-    acks = [x["attach_ack_ms"] for x in out["runs"]["engine"] if x.get("attach_ack_ms") is not None]
+    acks = [x["attach_ack_ms"] for side in ("engine", "engine_tls") for x in out["runs"][side]
+            if x.get("attach_ack_ms") is not None]
     out["attach_ack_ms"] = max(acks) if acks else None   # the longest: the destination QEMU waited that in mmap
     if "engine" in b and "qemu_postcopy" in b:
         out["ratio"] = _ratios(b["engine"], b["qemu_postcopy"])
         out["qemu_total_ratio"] = out["ratio"].get("total_ms")
         out["qemu_guest_ratio"] = out["ratio"].get("guest_verify_ms")
+        if "engine_tls" in b:
+            tls_ratio = _ratios(b["engine_tls"], b["qemu_postcopy"])
+            out["qemu_total_ratio_tls"] = tls_ratio.get("total_ms")
+            out["qemu_guest_ratio_tls"] = tls_ratio.get("guest_verify_ms")
         e, q = b["engine"], b["qemu_postcopy"]
         if all(x.get("guest_verify_ms") and x.get("guest_verify_local_ms") for x in (e, q)):
             # what the migration adds to the guest's own time, above its all-local floor

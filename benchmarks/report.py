@@ -209,13 +209,16 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
             src[k] = (f"qemu over {qemu['link']}: best engine {'total_ms' if 'total' in k else 'guest_verify_ms'} / "
                       "best QEMU post-copy-preempt, same link, same guest")
     elif qemu and qemu.get("ratio"):
-        for k in ("qemu_total_ratio", "qemu_guest_ratio", "qemu_guest_delay_ratio"):
+        for k in ("qemu_total_ratio", "qemu_guest_ratio", "qemu_guest_delay_ratio", "qemu_total_ratio_tls",
+                  "qemu_guest_ratio_tls"):
             if qemu.get(k) is not None:
                 r[k] = qemu[k]
         if qemu.get("qemu_pause_ratio") is not None:
             r["qemu_pause_ratio"] = qemu["qemu_pause_ratio"]
             src["qemu_pause_ratio"] = "qemu: median engine downtime_ms / median QEMU post-copy (private RAM) downtime_ms"
-        src["qemu_total_ratio"] = "qemu: best engine total_ms / best QEMU post-copy (private RAM) total_ms"
+        src["qemu_total_ratio"] = ("qemu: best engine total_ms (plaintext channels, as QEMU's stream) / best QEMU "
+                                   "post-copy (private RAM) total_ms")
+        src["qemu_total_ratio_tls"] = "qemu: the same with the engine's channels over mutual TLS"
         src["qemu_guest_ratio"] = ("qemu: best engine guest_verify_ms / best QEMU post-copy (private RAM) "
                                    "guest_verify_ms")
         shm = qemu.get("ratio_shm") or {}

@@ -391,7 +391,7 @@ def test_the_shim_re_attaching_after_a_dead_agent_skips_another_uids_socket(reac
     from conftest import need_feature
     from migrate.host import features
     from migrate.wire.attach import recv_msg, send_msg
-    from test_qemu import _start_under_shim_env
+    from test_qemu import start_under_shim
     need_feature(features(), "uffd")
     opened = reachable / "open"
     opened.mkdir()
