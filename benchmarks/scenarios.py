@@ -592,9 +592,8 @@ def measure_hints(images: Images, rate: str = HINTS_RATE, size: int = 1 << 30, p
                   log=print, prefix: tuple = (), listen: str = "127.0.0.1:0", source_args: tuple = (),
                   link=None) -> dict:
     """Working-set prefetch, in one run: the guest migrates once with dest
-    --record-hints (not measured: recording maps each pushed page only when
-    the guest touches it, which costs the guest a fault per page), once
-    without hints and once with source --hints. Both pushes are throttled to rate (source --max-rate).
+    --record-hints (that pass is also the one without hints), then again with
+    source --hints. Both pushes are throttled to rate (source --max-rate).
     prefix and listen put the destination elsewhere (e.g. `ip netns exec NS`
     behind a shaped link; then pass rate="0" for the link alone to set the
     pace). link: a benchmarks.link.ShapedLink both passes run over (agents in
@@ -608,7 +607,7 @@ def measure_hints(images: Images, rate: str = HINTS_RATE, size: int = 1 << 30, p
     with tempfile.TemporaryDirectory(prefix="migrate-hints-") as wd:
         hint_file = os.path.join(wd, "hints.bin")
         extra = tuple(source_args)
-        for name, dest_args, hinted in (("record", ("--record-hints", hint_file), ()), ("without", (), ()),
+        for name, dest_args, hinted in (("without", ("--record-hints", hint_file), ()),
                                              ("with", (), ("--hints", hint_file))):
             if link is not None:
                 lm = BenchMigration(wd, sc, image, (*extra, *hinted), link=link)
