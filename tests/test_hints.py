@@ -196,6 +196,15 @@ def test_hinted_pages_go_first_in_order_then_the_scan():
     assert s.next_batch() == [9, 10, 11, 12]  # 7 and 8 were sent
 
 
+def test_consecutive_hints_go_as_one_run():
+    """A recorded sweep is consecutive pages: one run each batch, not one a
+    page (a header, a placement and a CONTINUE each at the destination)."""
+    s = Scheduler(100, 8, hints=[40, 41, 42, 43, 10, 11, 44, 45])
+    assert s.next_runs() == [(10, 2), (40, 6)]
+    s = Scheduler(100, 8, hints=[3, 4])
+    assert s.next_runs() == [(0, 8)]          # the hints and the scan after them join too
+
+
 def test_adaptive_window_grows_on_near_faults_and_shrinks_on_jumps():
     w = LocalityWindow(PAGE)
     assert w.after(1000) == 256

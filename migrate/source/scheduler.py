@@ -41,6 +41,19 @@ class LocalityWindow:
 READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
 
 
+def _coalesce(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """runs sorted, adjacent ones joined: hinted pages come one run a page,
+    and a recorded sweep (consecutive pages) would otherwise cost a run
+    header, and a placement and a CONTINUE at the destination, per page."""
+    out: list[tuple[int, int]] = []
+    for first, count in sorted(runs):
+        if out and out[-1][0] + out[-1][1] == first:
+            out[-1] = (out[-1][0], out[-1][1] + count)
+        else:
+            out.append((first, count))
+    return out
+
+
 class Scheduler:
     """What to push next. Thread-safe: every push stream takes its batches
     here, and the first to see a new demand (the C demand server's last page)
@@ -92,7 +105,7 @@ class Scheduler:
                 self._take(self.cursor, self.npages, runs, left)
                 if len(runs) > before:
                     self.cursor = runs[-1][0] + runs[-1][1]
-            return sorted(runs)
+            return _coalesce(runs)
 
     def next_batch(self) -> list[int]:
         """next_runs() as a list of page indexes."""
