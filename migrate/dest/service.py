@@ -7,6 +7,7 @@ one that checks every call's peer first (PeerInterceptor).
 from __future__ import annotations
 
 import collections
+import contextlib
 import ipaddress
 import json
 import queue
@@ -66,31 +67,39 @@ def _rewrap(handler: grpc.RpcMethodHandler, unary, streaming) -> grpc.RpcMethodH
     return handler
 
 
+def _guarded(handler: grpc.RpcMethodHandler, guard) -> grpc.RpcMethodHandler:
+    """handler with each of its calls run inside guard(context), a context
+    manager (a check before the call, a rule for its errors), whatever kind
+    of call it serves."""
+    def unary(fn):
+        def call(request, context):
+            with guard(context):
+                return fn(request, context)
+        return call
+
+    def streaming(fn):
+        def call(request, context):
+            with guard(context):
+                yield from fn(request, context)
+        return call
+
+    return _rewrap(handler, unary, streaming)
+
+
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Every handler's exceptions become a status with the exception's text."""
 
+    @staticmethod
+    @contextlib.contextmanager
+    def _as_status(context):
+        try:
+            yield
+        except MigrateError as e:
+            context.abort(_status(e), str(e))
+
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None:
-            return None
-
-        def unary(fn):
-            def call(request, context):
-                try:
-                    return fn(request, context)
-                except MigrateError as e:
-                    context.abort(_status(e), str(e))
-            return call
-
-        def streaming(fn):
-            def call(request, context):
-                try:
-                    yield from fn(request, context)
-                except MigrateError as e:
-                    context.abort(_status(e), str(e))
-            return call
-
-        return _rewrap(handler, unary, streaming)
+        return None if handler is None else _guarded(handler, self._as_status)
 
 
 @dataclass(frozen=True)
@@ -414,24 +423,14 @@ class PeerInterceptor(grpc.ServerInterceptor):
                                 code=code.name)
             context.abort(code, message)
 
+    @contextlib.contextmanager
+    def _checked(self, context):
+        self._refuse(context)
+        yield
+
     def intercept_service(self, continuation, details):
         handler = continuation(details)
-        if handler is None:
-            return None
-
-        def unary(fn):
-            def call(request, context):
-                self._refuse(context)
-                return fn(request, context)
-            return call
-
-        def streaming(fn):
-            def call(request, context):
-                self._refuse(context)
-                yield from fn(request, context)
-            return call
-
-        return _rewrap(handler, unary, streaming)
+        return None if handler is None else _guarded(handler, self._checked)
 
 
 
