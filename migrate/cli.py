@@ -96,8 +96,9 @@ def _spec(args):
 
 
 def _add_tls_args(p, side: str):
-    """--tls-cert/--tls-key/--tls-ca and --insecure; plaintext without them
-    only on loopback (migrate.wire.tls.from_args decides)."""
+    """--tls-cert/--tls-key/--tls-ca and --insecure (a source's also
+    --dest-name); plaintext without them only on loopback
+    (migrate.wire.tls.from_args decides)."""
     peer = "sources" if side == "dest" else "the destination"
     p.add_argument("--tls-cert", metavar="FILE", help="this agent's certificate (PEM): mutual TLS 1.3 on every "
                    "channel (`migrate certs` writes one)")
@@ -106,6 +107,9 @@ def _add_tls_args(p, side: str):
     p.add_argument("--insecure", action="store_true",
                    help="plaintext although not on loopback (both agents must say so): only on a network that "
                    "nobody else can reach")
+    if side == "source":
+        p.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
+                       "(default: the host of --to)")
 
 
 def _tls(args, side: str, host: str, rep: Reporter):
@@ -500,8 +504,6 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quit-source", action="store_true", help="with --qmp: quit the source QEMU once the "
                    "migration completed (default: it stays paused, its RAM kept, and the last event says where)")
     _add_tls_args(s, "source")
-    s.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
-                   "(default: the host of --to)")
     s.add_argument("--hints", metavar="FILE", help="push the pages this file names first, in its order (written "
                    "by dest --record-hints on an earlier migration of this guest)")
     s.add_argument("--locality-window", type=_window, default="auto", metavar="PAGES|auto",
@@ -522,8 +524,6 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--to", metavar="HOST:PORT", help="a destination agent's gRPC address, with the TLS flags of "
                        "a source: it tells the migrations this certificate's name opened, and guests not opened yet")
     _add_tls_args(st, "source")
-    st.add_argument("--dest-name", metavar="NAME", help="the name the destination's certificate must carry "
-                    "(default: the host of --to)")
     st.add_argument("--timeout", type=_period, default=10.0, metavar="SECONDS", help="with --to: how long to wait "
                     "(default 10)")
     st.add_argument("--json", action="store_true", help="one JSON object")
