@@ -247,6 +247,27 @@ def _best(runs: list[dict]) -> dict:
     return out
 
 
+def _alternate(out: dict, reps: int, sides, log, label: str, first_timeline: bool) -> None:
+    """reps x each (side, run) of sides, alternating: each result goes to
+    out["runs"][side], each failure to out["errors"] (one failed run does not
+    stop the others). first_timeline: the first repetition keeps its
+    timeline (the others drop theirs)."""
+    for i in range(reps):
+        for side, fn in sides:
+            try:
+                r = fn()
+            except Exception as e:  # noqa: BLE001 - one failed run does not stop the others
+                out.setdefault("errors", []).append(f"{side} rep {i + 1}: {type(e).__name__}: {e}")
+                log(f"{label} rep {i + 1}/{reps} {side} failed: {e}")
+                continue
+            if i or not first_timeline:
+                r.pop("timeline", None)
+            out["runs"][side].append(r)
+            log(f"{label} rep {i + 1}/{reps} {side}: total {r['total_ms']} ms, downtime "
+                f"{r['downtime_ms']} ms, guest verify {r['guest_verify_ms']} ms "
+                f"(local {r.get('guest_verify_local_ms')} ms), load {r['loadavg']}")
+
+
 def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: bool = True,
           log=lambda m: None) -> dict:
     """`migrate bench`'s QEMU guest scenario: reps x (engine, QEMU pure post-copy on
@@ -266,25 +287,13 @@ def bench(reps: int = 2, mem_mb: int = 512, precopy: bool = True, same_backing: 
     t0 = time.monotonic()
     try:
         guest = build_guest()
-        for i in range(reps):
-            for side, fn in (("engine", lambda: run_engine(guest, mem_mb, tls=False)),
-                             ("engine_tls", lambda: run_engine(guest, mem_mb, tls=True)),
-                             ("qemu_postcopy", lambda: run_qemu_postcopy(guest, mem_mb)),
-                             ("qemu_precopy_postcopy", lambda: run_qemu_postcopy(guest, mem_mb, precopy="first-pass")),
-                             ("qemu_postcopy_shm", lambda: run_qemu_postcopy(guest, mem_mb, backend="file"))):
-                if side not in out["runs"]:
-                    continue
-                try:
-                    r = fn()
-                except Exception as e:  # noqa: BLE001 - one failed run does not stop the others
-                    out.setdefault("errors", []).append(f"{side} rep {i + 1}: {type(e).__name__}: {e}")
-                    log(f"qemu guest rep {i + 1}/{reps} {side} failed: {e}")
-                    continue
-                r.pop("timeline", None) if i else None
-                out["runs"][side].append(r)
-                log(f"qemu guest rep {i + 1}/{reps} {side}: total {r['total_ms']} ms, downtime "
-                    f"{r['downtime_ms']} ms, guest verify {r['guest_verify_ms']} ms "
-                    f"(local {r.get('guest_verify_local_ms')} ms), load {r['loadavg']}")
+        sides = (("engine", lambda: run_engine(guest, mem_mb, tls=False)),
+                 ("engine_tls", lambda: run_engine(guest, mem_mb, tls=True)),
+                 ("qemu_postcopy", lambda: run_qemu_postcopy(guest, mem_mb)),
+                 ("qemu_precopy_postcopy", lambda: run_qemu_postcopy(guest, mem_mb, precopy="first-pass")),
+                 ("qemu_postcopy_shm", lambda: run_qemu_postcopy(guest, mem_mb, backend="file")))
+        _alternate(out, reps, [(side, fn) for side, fn in sides if side in out["runs"]], log, "qemu guest",
+                   first_timeline=True)
     except Exception as e:  # noqa: BLE001 - the report says what failed
         out["error"] = f"{type(e).__name__}: {e}"
     for side in ("engine", "qemu_postcopy"):
@@ -333,21 +342,10 @@ def bench_link(rate: str, reps: int = 2, mem_mb: int = 512, log=lambda m: None) 
         guest = build_guest()
         with ShapedLink(rate) as link:
             out["link_floor"] = link.floors(log)
-            for i in range(reps):
-                for side, fn in (("engine", lambda: run_engine(guest, mem_mb, link=link)),
-                                 ("qemu_postcopy_preempt", lambda: run_qemu_postcopy(guest, mem_mb, link=link,
-                                                                                     preempt=True))):
-                    try:
-                        r = fn()
-                    except Exception as e:  # noqa: BLE001 - one failed run does not stop the others
-                        out.setdefault("errors", []).append(f"{side} rep {i + 1}: {type(e).__name__}: {e}")
-                        log(f"qemu guest over {rate} rep {i + 1}/{reps} {side} failed: {e}")
-                        continue
-                    r.pop("timeline", None)
-                    out["runs"][side].append(r)
-                    log(f"qemu guest over {rate} rep {i + 1}/{reps} {side}: total {r['total_ms']} ms, downtime "
-                        f"{r['downtime_ms']} ms, guest verify {r['guest_verify_ms']} ms "
-                        f"(local {r.get('guest_verify_local_ms')} ms), load {r['loadavg']}")
+            _alternate(out, reps, (("engine", lambda: run_engine(guest, mem_mb, link=link)),
+                                   ("qemu_postcopy_preempt",
+                                    lambda: run_qemu_postcopy(guest, mem_mb, link=link, preempt=True))),
+                       log, f"qemu guest over {rate}", first_timeline=False)
     except Exception as e:  # noqa: BLE001 - the report says what failed
         out["error"] = f"{type(e).__name__}: {e}"
     out["seconds"] = round(time.monotonic() - t0, 1)
