@@ -72,7 +72,9 @@ def test_bench_command_parses():
     assert args.quick and args.json and args.scenario == ["tmpfs", "hugetlbfs-*-copy"]
 
 
-def _session_pids(sid: int) -> list[int]:
+def _session_pids(sid: int, zombies: bool = True) -> list[int]:
+    """The processes of session sid (zombies: also those exited and not
+    yet reaped)."""
     pids = []
     for d in os.listdir("/proc"):
         if d.isdigit():
@@ -81,7 +83,7 @@ def _session_pids(sid: int) -> list[int]:
                     fields = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[3]) == sid:
+            if int(fields[3]) == sid and (zombies or fields[0] != "Z"):
                 pids.append(int(d))
     return pids
 

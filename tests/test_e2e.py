@@ -149,12 +149,13 @@ def test_serve_forever_answers_finish_after_the_session_is_retired(tmp_path, hos
         assert fin.complete and fin.pages_total == 32 * M // 4096 and not fin.error
 
 
-def wait_until_received(lm: LocalMigration, fraction: int) -> None:
-    """Until the destination reports more than 1/fraction of the pages in."""
+def wait_until_received(lm: LocalMigration, fraction: int) -> dict:
+    """Until the destination reports more than 1/fraction of the pages in;
+    returns that progress event."""
     while True:
         ev = lm.dest.wait_event("progress", 60)
         if ev["received"] > ev["pages_total"] // fraction:
-            return
+            return ev
 
 
 SLOW_SOURCE = ("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")

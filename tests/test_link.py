@@ -15,6 +15,7 @@ import threading
 import time
 
 import pytest
+from test_bench import _session_pids
 
 from migrate.source.push import LinkPacer
 from migrate.wire import tcp
@@ -249,36 +250,22 @@ def test_a_bench_over_a_link_stopped_leaves_nothing(link_ok, host, tmp_path, how
         p.send_signal(how)
         p.wait(60)
         deadline = time.monotonic() + 30
-        while (_mine(tag) or _session_pids(p.pid)) and time.monotonic() < deadline:
+        while (_mine(tag) or _session_pids(p.pid, zombies=False)) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert _mine(tag) == [], "namespaces left behind"
-        assert _session_pids(p.pid) == [], "processes the bench started are still running"
+        assert _session_pids(p.pid, zombies=False) == [], "processes the bench started are still running"
         assert [f for f in os.listdir("/dev/shm") if f.startswith(f"migrate-bench-{p.pid}-")] == []
     finally:
         if p.poll() is None:
             p.kill()
             p.wait(10)
-        for pid in _session_pids(p.pid):
+        for pid in _session_pids(p.pid, zombies=False):
             os.kill(pid, signal.SIGKILL)
         from benchmarks.link import remove_namespaces
         remove_namespaces(_mine(tag))
         for f in os.listdir("/dev/shm"):
             if f.startswith(f"migrate-bench-{p.pid}-"):
                 os.unlink(os.path.join("/dev/shm", f))
-
-
-def _session_pids(sid: int) -> list[int]:
-    pids = []
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(d))
-    return pids
 
 
 # -- the agents over the link -----------------------------------------------------

@@ -12,13 +12,13 @@ import socket
 import time
 
 import pytest
+from test_e2e import mid_migration as e2e_mid_migration
 
 from migrate import exits
 from migrate.sim.localrun import LocalMigration
 
 M = 1 << 20
 SIZE = 256 * M
-SLOW_SOURCE = ("--push-streams", "1", "--batch-bytes", "256K", "--max-rate", "100M")
 
 
 def free_port() -> int:
@@ -29,27 +29,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until_received(lm: LocalMigration, fraction: int) -> dict:
-    while True:
-        ev = lm.dest.wait_event("progress", 60)
-        if ev["received"] > ev["pages_total"] // fraction:
-            return ev
-
-
 @contextlib.contextmanager
 def mid_migration(tmp_path, seed: int, *, source_args: tuple = (), received: int = 10, **kw):
-    """A 256 MiB guest faulting at random from 2 vCPUs, served by a slow
-    source, from the moment more than 1/received of its pages are in. The
-    destination listens on a fixed port (kw dest_listen, default a free
-    loopback one), so that its command can be run again as it was."""
+    """test_e2e's mid_migration (a 256 MiB guest faulting at random from 2
+    vCPUs, served by a slow source, from the moment more than 1/received of
+    its pages are in), with the destination on a fixed port (kw dest_listen,
+    default a free loopback one), so that its command can be run again as
+    it was."""
     kw.setdefault("dest_listen", f"127.0.0.1:{free_port()}")
-    with LocalMigration(str(tmp_path), SIZE, seed=seed, pattern="random", vcpus=2,
-                        source_args=(*SLOW_SOURCE, *source_args), **kw) as lm:
-        lm.make_image()
-        lm.start_dest()
-        first = lm.start_source()
-        lm.start_guest()
-        wait_until_received(lm, received)
+    with e2e_mid_migration(tmp_path, seed, received=received, source_args=source_args, **kw) as (lm, first):
         yield lm, first
 
 

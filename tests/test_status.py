@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_e2e import wait_until_received
 
 from migrate.sim.localrun import LocalMigration
 from migrate.status import ControlSocket, StatusError, query
@@ -30,13 +31,6 @@ NOBODY = 65534
 
 def migrate_cmd(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "migrate", *args], capture_output=True, text=True, timeout=timeout)
-
-
-def wait_received(lm: LocalMigration, fraction: int) -> dict:
-    while True:
-        ev = lm.dest.wait_event("progress", 60)
-        if ev["received"] > ev["pages_total"] // fraction:
-            return ev
 
 
 @contextlib.contextmanager
@@ -56,7 +50,7 @@ def paused_mid_migration(tmp_path, *, source_args: tuple = (), dest_args: tuple 
         lm.dest.wait_event("attached", 60)
         lm.start_source()
         assert lm.source.wait_event("control", 30)["control"] == ctl
-        wait_received(lm, 10)
+        wait_until_received(lm, 10)
         os.kill(lm.guest.p.pid, signal.SIGSTOP)
         try:
             yield lm, ctl
@@ -413,7 +407,7 @@ def test_status_over_grpc_tells_a_peer_only_its_own_migrations(tmp_path, host):
         assert r.stderr.startswith(f"status: {lm.address}: PERMISSION_DENIED: ") and "session" not in r.stderr
 
         lm.start_source()
-        wait_received(lm, 10)
+        wait_until_received(lm, 10)
         os.kill(lm.guest.p.pid, signal.SIGSTOP)
         try:
             r = status("operator")
@@ -502,7 +496,7 @@ def test_status_says_paused_while_the_guest_waits_for_a_new_source(tmp_path, hos
         lm.start_guest()
         lm.dest.wait_event("attached", 60)
         first = lm.start_source()
-        wait_received(lm, 10)
+        wait_until_received(lm, 10)
         first.p.kill()
         first.p.wait(10)
         lm.dest.wait_event("disconnected", 30)
