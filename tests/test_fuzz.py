@@ -426,6 +426,11 @@ def fuzz_raw(lm: LocalMigration) -> None:
         try:
             demand.sendall(DEMAND_MAGIC + welcome.demand_token)
             if kind == "push":
+                # the demand channel first, as a source opens it: a push
+                # channel taken before it would drop the source on its bad
+                # run, and the demand hello would then be refused as a
+                # revoked token, an error event racing the one asserted here
+                lm.dest.wait_event("demand", 30)
                 raw = socket.create_connection((host, welcome.demand_port), timeout=10)
                 raw.sendall(PUSH_MAGIC + welcome.demand_token + data)
             else:
