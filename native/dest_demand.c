@@ -97,7 +97,7 @@ static int demand_receive(struct mg_space *s, int fd, struct mg_tls *tls, int st
             return rc;
         }
         uint64_t bad;
-        int64_t m = mg_map_pages(s, h.page, 1, &bad);
+        int64_t m = mg_map_placed(s, h.page, 1, &bad);
         if (m < 0) {
             s->error_page = bad;
             return (int)m;

@@ -143,7 +143,7 @@ static int place_run(const struct run *r)
         }
     }
     uint64_t bad;
-    int64_t m = mg_map_pages(s, r->h.first, r->h.count, &bad);
+    int64_t m = mg_map_placed(s, r->h.first, r->h.count, &bad);
     if (m < 0) {
         s->error_page = bad;
         return (int)m;

@@ -136,6 +136,27 @@ int64_t mg_map_pages(struct mg_space *s, uint64_t first, uint64_t count, uint64_
     return (int64_t)total;
 }
 
+int64_t mg_map_placed(struct mg_space *s, uint64_t first, uint64_t count, uint64_t *bad_page)
+{
+    if (!s->touched || s->mode == MG_PLACE_COPY)
+        return mg_map_pages(s, first, count, bad_page);
+    /* Pairs with the fault loop's fence: it logs a touch, then looks for the
+     * page received; we marked the pages received, then look for touches.
+     * One of the two sees the other, so a waiting guest is always mapped. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int64_t total = 0;
+    uint64_t end = first + count > s->npages ? s->npages : first + count;
+    for (uint64_t p = first; p < end; p++) {
+        if (!test_bit(s->touched, p))
+            continue;
+        int64_t rc = mg_map_pages(s, p, 1, bad_page);
+        if (rc < 0)
+            return rc;
+        total += rc;
+    }
+    return total;
+}
+
 /* ---- demand bookkeeping: in-flight requests and their latencies ---- */
 
 static void inflight_add(struct mg_space *s, uint64_t page)
@@ -498,6 +519,8 @@ int mg_fault_serve(struct mg_space *s, int stop_fd, uint64_t *need, int max, int
                 s->touch_log[s->touch_count] = (uint64_t)page;
                 __atomic_store_n(&s->touch_count, s->touch_count + 1, __ATOMIC_RELEASE);
             }
+            if (s->touched)
+                __atomic_thread_fence(__ATOMIC_SEQ_CST);   /* see mg_map_placed */
             if (test_bit(s->received, (uint64_t)page)) {
                 uint64_t bad;
                 STAT_ADD(s, fast, 1);

@@ -161,6 +161,14 @@ int64_t mg_demand_resend(struct mg_space *s);
 /* When the oldest demand request still unanswered was made (CLOCK_MONOTONIC
  * ns; 0: none waiting). */
 uint64_t mg_oldest_request_ns(struct mg_space *s);
+/* Maps what placement just wrote of pages [first, first+count), as
+ * mg_map_pages. While dest --record-hints records, only the pages the guest
+ * already faulted on (it waits for them): the others stay placed but
+ * unmapped, so the guest's first touch of each still faults (the fast path
+ * maps it) and is logged. Mapped at once, a pushed page's touch would go
+ * unseen and the hint file would hold only the pages the push had not
+ * reached yet. (COPY maps as it places: there it logs demand only.) */
+int64_t mg_map_placed(struct mg_space *s, uint64_t first, uint64_t count, uint64_t *bad_page);
 /* cdef-end */
 
 /* ---- for the receivers (dest_demand, dest_push) ---- */

@@ -67,6 +67,23 @@ def test_record_matches_the_guests_first_touches(tmp_path):
     assert os.path.getsize(path) < hints.HEADER_SIZE + 200 * 2   # compact: about a varint an entry
 
 
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", ["raw", "grpc"])
+def test_record_holds_pages_the_push_sent_before_the_guest_read_them(tmp_path, transport):
+    """The guest reads page 1000 (it waits for the source), then 60 pages of
+    the first 64 in a random order, 10 ms apart: the push (from page 0, 512
+    pages a second) has sent most of them before they are read. Those reads
+    are first touches too, and the file holds every one, in order: a pushed
+    page is mapped only when the guest touches it while recording (before,
+    the push mapped it at once, the read never faulted, and the file held
+    only the pages the push had not reached; replayed, it missed the rest)."""
+    order = [1000, *random.Random(7).sample(range(64), 60)]
+    path = str(tmp_path / "hints.bin")
+    out = _touch_run(tmp_path, order, 0.01, dest_args=("--record-hints", path), source_args=("--transport", transport))
+    assert hints.read(path, PAGE, 1024) == order
+    assert out["summary"]["pages_pushed"] >= 64
+
+
 @pytest.mark.timeout(120)
 def test_hints_cut_demand_faults_on_a_throttled_push(tmp_path):
     """The guest reads 200 pages of the top quarter, 5 ms apart. Without

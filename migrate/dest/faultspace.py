@@ -137,6 +137,15 @@ class FaultSpace:
             self._raise("continue", rc, self._bad[0])
         return rc
 
+    def map_placed(self, first: int, count: int) -> int:
+        """map() of pages just placed, but while record_touches() logs, only
+        those the guest already faulted on (mg_map_placed): the others fault
+        at their first touch, which is logged."""
+        rc = lib.mg_map_placed(self._s, first, count, self._bad)
+        if rc < 0:
+            self._raise("continue", rc, self._bad[0])
+        return rc
+
     def finish(self) -> None:
         """Every page is mapped; the caller unregisters next. A placement thread
         whose CONTINUE then finds the range gone (ENOENT) knows why."""
@@ -230,9 +239,10 @@ class FaultSpace:
 
     def record_touches(self) -> None:
         """Logs the guest's first touch of each page from now on (every fault
-        the loop reads, demand or fast path): dest --record-hints. Pages
-        mapped before the guest touched them (pushed) never fault and are
-        not logged."""
+        the loop reads, demand or fast path): dest --record-hints. In
+        CONTINUE mode pushed pages stay unmapped until the guest touches them
+        (mg_map_placed), so those touches are logged too; in COPY mode a page
+        is mapped as it is placed, and only the faults before it are."""
         self._touched = PageBitmap(self.npages)
         self._touch_log = ffi.new("uint64_t[]", max(1, self.npages))
         self._s.touch_log = self._touch_log

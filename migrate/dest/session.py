@@ -305,7 +305,7 @@ class Migration:
         if not dec.pages:
             return 0
         n = self.space.place_batch(dec.pages, dec.zero, dec.data)
-        self.space.map(min(dec.pages), max(dec.pages) - min(dec.pages) + 1)   # eager: the guest needn't fault
+        self.space.map_placed(min(dec.pages), max(dec.pages) - min(dec.pages) + 1)   # eager: the guest needn't fault
         if n and self.space.received_count == self.npages:
             self.complete()
         return n
