@@ -534,7 +534,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=_size, required=True)
     g.add_argument("--backing", choices=["tmpfs", "tmpfs-file", "hugetlbfs", "hugetlbfs-file", "hugetlbfs-1g"],
                    default="tmpfs")
-    g.add_argument("--pattern", choices=["seq", "random", "hotset"], default="seq")
+    g.add_argument("--pattern", choices=["seq", "random", "hotset", "workingset"], default="seq")
     g.add_argument("--vcpus", type=_count, default=1)
     g.add_argument("--name", default="guestsim", help="the name it attaches with (source --guest picks it)")
     g.add_argument("--start-on", choices=["switchover", "attach"], default="switchover",
@@ -563,7 +563,7 @@ def build_parser() -> argparse.ArgumentParser:
     de = sub.add_parser("demo", help="mkram + dest + guestsim + source on loopback, then a summary")
     de.add_argument("--size", type=_size, default=1 << 30)
     de.add_argument("--backing", choices=["tmpfs", "hugetlbfs"], default="tmpfs")
-    de.add_argument("--pattern", choices=["seq", "random", "hotset"], default="random")
+    de.add_argument("--pattern", choices=["seq", "random", "hotset", "workingset"], default="random")
     de.add_argument("--vcpus", type=_count, default=2)
     de.add_argument("--placement", choices=["continue", "copy"], default="continue")
     de.add_argument("--seed", type=int, default=42)

@@ -10,6 +10,7 @@
 #define MG_GUESTSIM_SEQ 0
 #define MG_GUESTSIM_RANDOM 1
 #define MG_GUESTSIM_HOTSET 2
+#define MG_GUESTSIM_WORKINGSET 3
 
 struct mg_guestsim_result {
     uint64_t pages_touched;  /* backing pages given a timed first access */
@@ -27,6 +28,12 @@ struct mg_guestsim_result {
  *   MG_GUESTSIM_HOTSET: a seeded 20% of the pages is hot; each vCPU walks the hot
  *     pages of its contiguous slice three times in random order, then the rest
  *     of its slice in order.
+ *   MG_GUESTSIM_WORKINGSET: a seeded 10% of the pages is the working set; each
+ *     vCPU walks the working-set pages of its slice three times, each time in
+ *     a new seeded random order, and after each touch computes over the page
+ *     (a fixed number of multiply rounds over its words). Other pages are never
+ *     touched and their lat_ns entries are left as they were. The first pass's
+ *     order is the same on every run with the same seed.
  * lat_ns (size / page_size entries, owned by the caller, or NULL): entry i = ns
  * the first 8-byte load of page i took, saturating at 4294967295. The call
  * blocks until every page is touched: a fault that is never resolved hangs it.

@@ -100,6 +100,72 @@ def test_hints_cut_demand_faults_on_a_throttled_push(tmp_path):
     assert with_hints["pages_pushed"] > without["pages_pushed"]
 
 
+def _workingset(size: int, seed: int, corrupt: int | None = None) -> tuple[list[int], dict]:
+    """guestsim's workingset pattern on plain memory holding the image (no
+    migration): the pages it read, and its result."""
+    import mmap
+
+    from migrate._binding import ffi, lib
+    from migrate.sim.guestsim import PATTERNS
+    from migrate.sim.ramimage import ImageSpec
+    spec = ImageSpec(seed)
+    buf = mmap.mmap(-1, size)
+    try:
+        addr = ffi.cast("uintptr_t", ffi.from_buffer(buf))
+        spec.fill(int(addr), 0, size // 4096)
+        if corrupt is not None:
+            buf[corrupt * PAGE + 100] ^= 0x5A
+        n = size // PAGE
+        lat = ffi.new("uint32_t[]", n)
+        ffi.memmove(lat, b"\xff" * (4 * n), 4 * n)
+        res = ffi.new("struct mg_guestsim_result *")
+        rc = lib.mg_guestsim_run(ffi.cast("uint8_t *", addr), size, PAGE, seed, spec.zero_ppm, spec.random_ppm,
+                                 PATTERNS["workingset"], 1, lat, res)
+        assert rc == 0
+        read = [i for i in range(n) if lat[i] != 0xFFFFFFFF]
+        return read, {"touched": res.pages_touched, "mismatches": res.mismatches}
+    finally:
+        del addr
+        buf.close()
+
+
+@pytest.mark.timeout(60)
+def test_workingset_guest_reads_the_same_tenth_of_its_ram_every_run():
+    """The benchmark's working-set guest: a tenth of its pages, the same
+    ones on every run with a seed (what a record and a replay rely on),
+    others with another seed; cold pages are never read (a corrupted one goes
+    unseen, a corrupted working-set page is found)."""
+    size = 8 * M
+    read, res = _workingset(size, 5)
+    assert len(read) == res["touched"] == size // PAGE // 10 and res["mismatches"] == 0
+    assert _workingset(size, 5)[0] == read
+    assert _workingset(size, 6)[0] != read
+    cold = next(p for p in range(size // PAGE) if p not in set(read))
+    assert _workingset(size, 5, corrupt=cold)[1]["mismatches"] == 0
+    assert _workingset(size, 5, corrupt=read[len(read) // 2])[1]["mismatches"] == 1
+
+
+@pytest.mark.timeout(120)
+def test_record_holds_the_whole_working_set_pushed_or_demanded(tmp_path):
+    """A workingset guest migrated with dest --record-hints while the push
+    runs at 8 MB/s from page 0 (1 s for its 8 MiB): some of its pages arrive
+    pushed before it reads them, the rest it faults on. The file holds every
+    page it read, and only those: its working set, what a replay must push
+    (a file of the faults alone missed what the push had brought in time)."""
+    size, seed = 8 * M, 7
+    path = str(tmp_path / "hints.bin")
+    with LocalMigration(str(tmp_path), size, seed=seed, pattern="workingset", dest_args=("--record-hints", path),
+                        source_args=("--max-rate", "8M", "--batch-bytes", "64K")) as lm:
+        out = lm.run(timeout=60)
+    assert "failed" not in out, out["failed"]
+    assert out["guest"]["verified"] and out["dest"]["state"] == "complete"
+    working_set = _workingset(size, seed)[0]
+    # both ways in this run: faults, and pages the push brought first
+    assert 0 < out["dest"]["demand_requests"] < len(working_set), (out["dest"], len(working_set))
+    recorded = hints.read(path, PAGE, size // PAGE)
+    assert sorted(recorded) == working_set
+
+
 # -- bad hint files ---------------------------------------------------------------
 def _file(pages, page=PAGE, npages=1000, **change) -> bytes:
     data = bytearray(hints.encode(pages, page, npages))

@@ -15,7 +15,7 @@ from migrate.sim.ramimage import ImageSpec
 from migrate.uffd import Userfaultfd
 from migrate.wire.attach import AttachError, GuestLink, Region
 
-PATTERNS = {"seq": 0, "random": 1, "hotset": 2}
+PATTERNS = {"seq": 0, "random": 1, "hotset": 2, "workingset": 3}
 #: A first access slower than this waited on a fault: a mapped page takes well
 #: under 1 us, the kernel's own fault round trip alone is about 6 us here.
 FAULTED_US = 3.0

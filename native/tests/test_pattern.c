@@ -291,11 +291,34 @@ static void test_guestsim(void)
               "two bad: mismatches %" PRIu64 " first_bad %" PRId64, r.mismatches, r.first_bad_unit);
         a[5 * UNIT + 1] ^= 0x01;
         a[off] ^= 0x55;
+
+        /* WORKINGSET: a tenth of the pages, the same ones on every run, and
+         * nothing else read (untouched pages keep their latency slot). */
+        for (int vi = 1; vi <= 4; vi += 3) {
+            struct mg_guestsim_result w;
+            memset(lat, 0xff, np * sizeof(*lat));
+            int rc = mg_guestsim_run(a, len, psz, seed, 300000, 300000, MG_GUESTSIM_WORKINGSET, vi, lat, &w);
+            uint64_t set = 0, expect_set = 0;
+            for (uint64_t i = 0; i < np; i++)
+                set += lat[i] != UINT32_MAX;
+            printf("guestsim workingset page %7" PRIu64 " vcpus %d: rc %d touched %" PRIu64 " %.3f s\n",
+                   psz, vi, rc, w.pages_touched, w.seconds);
+            CHECK(rc == 0 && w.mismatches == 0, "workingset rc %d mismatches %" PRIu64, rc, w.mismatches);
+            CHECK(w.pages_touched == np / 10 && set == np / 10, "workingset touched %" PRIu64 " set %" PRIu64,
+                  w.pages_touched, set);
+            uint32_t *again = malloc(np * sizeof(*again));
+            memset(again, 0xff, np * sizeof(*again));
+            mg_guestsim_run(a, len, psz, seed, 300000, 300000, MG_GUESTSIM_WORKINGSET, vi, again, &w);
+            for (uint64_t i = 0; i < np; i++)
+                expect_set += (lat[i] != UINT32_MAX) == (again[i] != UINT32_MAX);
+            CHECK(expect_set == np, "workingset chose other pages on a second run");
+            free(again);
+        }
         free(lat);
     }
 
     struct mg_guestsim_result r;
-    CHECK(mg_guestsim_run(a, len, 4096, seed, 0, 0, 3, 1, NULL, &r) == -22, "bad pattern");
+    CHECK(mg_guestsim_run(a, len, 4096, seed, 0, 0, 4, 1, NULL, &r) == -22, "bad pattern");
     CHECK(mg_guestsim_run(a, len, 4096, seed, 0, 0, 0, 0, NULL, &r) == -22, "zero vcpus");
     CHECK(mg_guestsim_run(a, len - 1, 4096, seed, 0, 0, 0, 1, NULL, &r) == -22, "ragged size");
     CHECK(mg_guestsim_run(a, len, 1000, seed, 0, 0, 0, 1, NULL, &r) == -22, "bad page size");
