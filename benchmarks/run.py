@@ -99,14 +99,20 @@ def _hints() -> dict:
     from benchmarks.link import ShapedLink, unavailable
     why = unavailable()
     where = f"push at --max-rate {scenarios.HINTS_RATE} on loopback ({why})" if why else "over a 1gbit shaped link"
-    _log(f"hints: hotset 1 GiB, {where}, record then replay")
+    _log(f"hints: {scenarios.HINTS_PATTERN} 1 GiB, {where}: record, then without hints, then with them")
     images = scenarios.Images()
     try:
         if why:
             return scenarios.measure_hints(images, log=_log)
         with ShapedLink("1gbit", leftovers=f"/dev/shm/migrate-bench-{os.getpid()}-*") as link:
             floor = link.floors(_log)
-            return {**scenarios.measure_hints(images, log=_log, link=link), "link_floor": floor}
+            out = {**scenarios.measure_hints(images, log=_log, link=link), "link_floor": floor}
+            try:
+                out["locality"] = scenarios.measure_locality(images, link, log=_log)
+            except Exception as e:  # noqa: BLE001 - reported beside the hints, which stand
+                _log(f"locality: ERROR {type(e).__name__}: {e}")
+                out["locality"] = {"error": f"{type(e).__name__}: {e}"}
+            return out
     except Exception as e:  # noqa: BLE001 - a broken measurement must not end the run
         _log(f"hints: ERROR {type(e).__name__}: {e}")
         return {"scenario": "hints", "error": f"{type(e).__name__}: {e}"}
@@ -217,7 +223,7 @@ def run(args) -> int:
     pngs = []
     if not args.no_plots:
         try:
-            pngs = report.plots(outdir, name, fl, results)
+            pngs = report.plots(outdir, name, fl, results, hints=hints)
         except ImportError as e:
             _log(f"no plots: {e} (pip install matplotlib, or the [bench] extra)")
     doc["seconds"] = round(time.monotonic() - t0, 1)

@@ -309,3 +309,29 @@ def test_scheduler_pushes_the_window_after_a_demand_fault():
     assert s.next_batch() == list(range(101, 109))
     s.note_demand([5000])                    # a jump: 128 pages after it
     assert s.near == (5001, 5001 + 128)
+
+
+# -- the benchmark's report of them -------------------------------------------------
+def test_bench_report_takes_the_hints_and_locality_keys_and_plots_arrival(tmp_path):
+    """report.ratios takes the two hints keys and locality_auto_vs_fixed
+    (the worse of seq and random) from the hints measurement, their verdicts
+    follow the targets, and the arrival plot of the passes is drawn."""
+    pytest.importorskip("matplotlib")
+    from benchmarks import report
+    passes = {p: {"demand_faults": f, "guest_s": t} for p, f, t in
+              (("record", 900, 9.0), ("without", 1000, 8.0), ("with", 20, 4.0))}
+    loc = {"scenario": "locality-1gbit", "fixed_pages": 256,
+           "seq": {"time_auto_vs_fixed": 0.9, "faults_auto_vs_fixed": 0.35},
+           "random": {"time_auto_vs_fixed": 1.1, "faults_auto_vs_fixed": 1.3}, "locality_auto_vs_fixed": 1.1}
+    arrival = {p: {"guest_s": passes[p]["guest_s"], "page_size": PAGE,
+                   "samples": [(0.0, 0, 0), (1.0, 1000, passes[p]["demand_faults"])]} for p in passes}
+    h = {"scenario": "hints-x", "rate": "1gbit", "link_floor": {}, **passes, "hints_fault_reduction": 0.98,
+         "hints_time_reduction": 0.5, "locality": loc, "_arrival": arrival}
+    r, src = report.ratios({}, [], None, h)
+    assert (r["hints_fault_reduction"], r["hints_time_reduction"], r["locality_auto_vs_fixed"]) == (0.98, 0.5, 1.1)
+    assert r["locality_auto_vs_fixed_seq_faults"] == 0.35 and "locality-1gbit" in src["locality_auto_vs_fixed"]
+    v = report.verdicts(r)
+    assert v["hints_fault_reduction"]["met"] and v["hints_time_reduction"]["met"]
+    assert not v["locality_auto_vs_fixed"]["met"]
+    files = report.plots(str(tmp_path), "t", {}, [], hints=h)
+    assert str(tmp_path / "t-hints-arrival.png") in files and os.path.getsize(tmp_path / "t-hints-arrival.png") > 0
