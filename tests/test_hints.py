@@ -311,6 +311,19 @@ def test_scheduler_pushes_the_window_after_a_demand_fault():
     assert s.near == (5001, 5001 + 128)
 
 
+def test_a_demand_on_a_hinted_page_opens_no_window():
+    """With hints, a fault on a page they name means the push is behind the
+    recorded order: the hints go on, not its neighbours. A fault on a page
+    they do not name opens the window as without hints."""
+    s = Scheduler(10_000, 4, window=LocalityWindow(PAGE), hints=[9000, 300, 7000, 20, 4000, 5000, 6000])
+    s.note_demand([300])
+    assert s.near is None
+    assert s.next_batch() == [20, 4000, 7000, 9000]   # (300 was demanded: sent)
+    s.note_demand([2000])
+    assert s.near == (2001, 2001 + 128)     # 1700 pages from the fault before: the window halved
+    assert s.next_batch() == [2001, 2002, 2003, 2004]
+
+
 # -- the benchmark's report of them -------------------------------------------------
 def test_bench_report_takes_the_hints_and_locality_keys_and_plots_arrival(tmp_path):
     """report.ratios takes the two hints keys and locality_auto_vs_fixed

@@ -1,7 +1,8 @@
 """What the source pushes next: demand first, then the pages after the most
-recent demand (locality, a window that adapts), then the working-set hints
-(source --hints: the pages a recorded run of the guest touched, in that
-order), then a linear scan that skips what was sent."""
+recent demand (locality, a window that adapts; none after a demand on a
+hinted page), then the working-set hints (source --hints: the pages a
+recorded run of the guest touched, in that order), then a linear scan that
+skips what was sent."""
 
 from __future__ import annotations
 
@@ -67,6 +68,9 @@ class Scheduler:
         self.window = window or LocalityWindow(4096, LOCALITY_PAGES)
         self.hints = hints or []
         self.hint_at = 0          # the next hint to look at
+        self.hinted = PageBitmap(npages) if self.hints else None
+        for p in self.hints:
+            self.hinted.set(p)
         self.per_batch = max(1, pages_per_batch)
         self.sent = already or PageBitmap(npages)
         self.lock = threading.Lock()
@@ -81,7 +85,14 @@ class Scheduler:
                 if p < self.npages:
                     self.sent.set(p)
             last = max(pages)
-            self.near = (last + 1, min(self.npages, last + 1 + self.window.after(last)))
+            after = self.window.after(last)
+            # A fault on a hinted page means the push is behind the recorded
+            # order, not that the guest reads its neighbours: the hints that
+            # follow are the better guess, so no window (a window of a page
+            # each such fault put 1 MiB ahead of them).
+            if self.hinted is not None and last < self.npages and self.hinted.test(last):
+                return
+            self.near = (last + 1, min(self.npages, last + 1 + after))
 
     def next_runs(self) -> list[tuple[int, int]]:
         """The next batch as ascending (first page, count) runs, marked sent:
