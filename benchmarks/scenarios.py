@@ -673,32 +673,46 @@ def _first_sample(timeline_path: str) -> float | None:
 LOCALITY_FIXED = "256"   # the fixed window the adaptive one replaced (LOCALITY_PAGES)
 
 
-def measure_locality(images: Images, link, log=print, size: int = 256 << 20) -> dict:
+LOCALITY_REPS = 3
+
+
+def measure_locality(images: Images, link, log=print, size: int = 256 << 20, reps: int = LOCALITY_REPS) -> dict:
     """source --locality-window auto against the fixed window, over link
     (a benchmarks.link.ShapedLink), on a guest that walks memory in order
     (seq, 4 vCPUs: four sequential streams, of which the linear push serves
-    only the first) and one that jumps (random, 1 vCPU). Per workload: the
-    demand faults and the guest's time with each window, and auto / fixed of
-    both. locality_auto_vs_fixed is the worse of the two time ratios (the
-    adaptive window must not lose on either): the guest's time to read its
-    memory is what a window is for, and counts faults of different cost (a
-    useless window's pushes queue ahead of the demand replies; measured: the
-    random guest's fault p50 70 us with auto, 137 us with 256 pages)."""
-    out: dict = {"scenario": f"locality-{link.rate}", "rate": link.rate, "fixed_pages": int(LOCALITY_FIXED)}
+    only the first) and one that jumps (random, 1 vCPU). reps runs of each,
+    auto and fixed alternating (single runs of the same setting differed by
+    2.4x in faults on this loaded host). Per workload: the medians of the
+    demand faults and of the guest's time with each window, and auto / fixed
+    of both. locality_auto_vs_fixed is seq's time ratio: the guest's time to
+    read its memory is what a window is for (fault counts here are bimodal,
+    5.6k-17.5k for one setting, and faults differ in cost), and only a guest
+    with locality lets a window change it. The random guest reads all of its
+    RAM over the link whichever neighbours go first, so neither window can
+    change its time (0.998-1.019 measured): its ratio is reported
+    (locality_auto_vs_fixed_random) to show auto does not lose there."""
+    out: dict = {"scenario": f"locality-{link.rate}", "rate": link.rate, "fixed_pages": int(LOCALITY_FIXED),
+                 "reps": reps}
     for pattern, vcpus in (("seq", 4), ("random", 1)):
         sc = Scenario("tmpfs", size, pattern, vcpus, "typical", "continue", tls=True, link=link.rate)
-        runs = {}
-        for window in ("auto", LOCALITY_FIXED):
-            rec = measure(sc, images, log, source_args=("--locality-window", window), link=link)
-            if not rec.get("ok"):
-                raise RuntimeError(f"locality {pattern} --locality-window {window}: "
-                                   f"{rec.get('error') or rec.get('skipped') or 'failed'}")
-            runs["auto" if window == "auto" else "fixed"] = {
-                "demand_faults": rec["dest"]["demand_requests"], "guest_s": rec["guest"]["seconds"],
-                "fault_p50_us": rec["dest"].get("fault_p50_us"), "seconds": rec["seconds"]}
-        a, f = runs["auto"], runs["fixed"]
-        out[pattern] = {**runs, "faults_auto_vs_fixed": round(a["demand_faults"] / max(1, f["demand_faults"]), 3),
+        runs: dict = {"auto": [], "fixed": []}
+        for _ in range(reps):
+            for window in ("auto", LOCALITY_FIXED):
+                rec = measure(sc, images, log, source_args=("--locality-window", window), link=link)
+                if not rec.get("ok"):
+                    raise RuntimeError(f"locality {pattern} --locality-window {window}: "
+                                       f"{rec.get('error') or rec.get('skipped') or 'failed'}")
+                runs["auto" if window == "auto" else "fixed"].append(
+                    {"demand_faults": rec["dest"]["demand_requests"], "guest_s": rec["guest"]["seconds"],
+                     "fault_p50_us": rec["dest"].get("fault_p50_us")})
+        med = {w: {k: float(np.median([x[k] for x in rs])) for k in ("demand_faults", "guest_s")}
+               for w, rs in runs.items()}
+        a, f = med["auto"], med["fixed"]
+        out[pattern] = {"runs": runs, "median": med,
+                        "faults_auto_vs_fixed": round(a["demand_faults"] / max(1, f["demand_faults"]), 3),
                         "time_auto_vs_fixed": round(a["guest_s"] / f["guest_s"], 3) if f["guest_s"] else None}
-        log(f"  locality {pattern} {vcpus}v: {out[pattern]}")
-    out["locality_auto_vs_fixed"] = max(out[p]["time_auto_vs_fixed"] for p in ("seq", "random"))
+        log(f"  locality {pattern} {vcpus}v: median {med}, auto/fixed faults "
+            f"{out[pattern]['faults_auto_vs_fixed']} time {out[pattern]['time_auto_vs_fixed']}")
+    out["locality_auto_vs_fixed"] = out["seq"]["time_auto_vs_fixed"]
+    out["locality_auto_vs_fixed_random"] = out["random"]["time_auto_vs_fixed"]
     return out

@@ -15,7 +15,7 @@
 #define HOT_PASSES 3
 /* MG_GUESTSIM_WORKINGSET: a tenth of the pages is the working set, walked
  * WS_PASSES times; each touch of a page is followed by WS_WORK_ROUNDS rounds
- * of arithmetic over it (about 40 us a 4 KiB page here, unloaded). */
+ * of arithmetic over it (about 45 us a 4 KiB page here, unloaded). */
 #define WS_PASSES 3
 #define WS_WORK_ROUNDS 48
 

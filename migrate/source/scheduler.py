@@ -15,12 +15,25 @@ LOCALITY_MIN = 4         # the adaptive window never shrinks below this many pag
 LOCALITY_MAX_BYTES = 16 << 20   # nor grows beyond this much RAM
 
 
+LOCALITY_RECENT = 8      # faults the adaptive window compares a new one with
+
+
 class LocalityWindow:
     """How many pages after a demand fault the push sends next. Adaptive (the
-    idea of CRIU's lazy-pages): a fault that lands within the window of the
-    one before means the guest walks through memory, and the window doubles;
-    a fault that jumps away means it does not, and the window halves, so a
-    random working set does not spend the link on neighbours it never reads.
+    idea of CRIU's lazy-pages): a fault that lands within the window of a
+    recent one means the guest walks through memory, and the window doubles;
+    a fault that jumps away from all of them means it does not, and the
+    window halves, so a random working set does not spend the link on
+    neighbours it never reads. Recent: the last LOCALITY_RECENT faults, not
+    only the last one, because vCPUs walking their own parts of RAM make
+    faults that alternate between streams (each near its own previous one;
+    compared with the last alone, every switch looked like a jump, and with
+    four sequential vCPUs the window sat at its minimum). Near is within the
+    window but never less than its start (256 pages), so a stream is still
+    seen after the window shrank. For a random guest the chance that a fault
+    lands near one of 8 others is 16 x max(window, 256) / RAM pages: under
+    one half (where the window would grow) until the window is a 32nd of
+    RAM, far above its start for RAM over 32 MiB.
     fixed: always this many pages (the policy before this one)."""
 
     def __init__(self, page_size: int, fixed: int | None = None):
@@ -28,17 +41,24 @@ class LocalityWindow:
         self.min = LOCALITY_MIN
         self.max = max(self.min, LOCALITY_MAX_BYTES // page_size)
         self.pages = fixed if fixed is not None else min(LOCALITY_PAGES, self.max)
-        self.last: int | None = None
+        self.recent: list[int] = []    # the last faults, oldest first
 
     def after(self, page: int) -> int:
         """A demand fault on page: how many pages after it to push next."""
-        if self.fixed is None and self.last is not None:
-            if abs(page - self.last) <= self.pages:
+        if self.fixed is None and self.recent:
+            # near: within the window, and never less than its start (a window
+            # halved by the switches between streams still sees each stream)
+            reach = max(self.pages, LOCALITY_PAGES)
+            near = [i for i, r in enumerate(self.recent) if abs(page - r) <= reach]
+            if near:
                 self.pages = min(self.max, self.pages * 2)
+                del self.recent[near[-1]]    # the stream moved on: its newest point replaces it
             else:
                 self.pages = max(self.min, self.pages // 2)
-        self.last = page
+        self.recent = (self.recent + [page])[-LOCALITY_RECENT:]
         return self.pages
+
+
 READAHEAD_BYTES = 1 << 20  # the most a sequential run of faults reads ahead on the demand channel
 
 
