@@ -183,4 +183,5 @@ def test_hints_keys_are_left_out_when_the_hints_run_was_skipped_or_failed(bench)
             "hints_fault_reduction": 0.6, "hints_time_reduction": 0.35}
     r, src = report.ratios({}, [], None, done)
     assert (r["hints_fault_reduction"], r["hints_time_reduction"]) == (0.6, 0.35)
-    assert src["hints_fault_reduction"] == "hints-x over a 1gbit shaped link: record pass (no hints), then with hints"
+    assert src["hints_fault_reduction"] == ("hints-x over a 1gbit shaped link: a record pass, then without hints, "
+                                            "then with them")
