@@ -345,6 +345,12 @@ class Migration:
         if self.alloc is not None:
             self.alloc.stop(wait=False)   # every page is here: nothing is left to allocate (joined at close)
         st = self.space.stats
+        if self.machine.completing_from in (State.CONNECTED, State.DISCONNECTED):
+            # Every page arrived before the source's demand channel was taken
+            # (its push channels' hellos were served first, on a loaded host):
+            # the guest was never released. It may run now, on memory that is
+            # all here. (A guest that hears `complete` first runs too.)
+            self.guest.notify("switchover")
         self.guest.notify("complete", pages_total=self.npages, pages_demand=st["placed_demand"],
                           pages_pushed=st["placed_push"], pages_zero=st["placed_zero"],
                           pages_prior=st["placed_prior"])
