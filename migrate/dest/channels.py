@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from migrate.dest.session import Migration
 
 DEMAND_CONNECT_TIMEOUT = 15.0
-PUSH_CHANNELS = 8   # raw push channels a source may hold open: twice the streams its Welcome offers
+PUSH_STREAMS = 4                    # push streams a Welcome offers a source
+PUSH_CHANNELS = 2 * PUSH_STREAMS    # raw push channels a source may hold open
 
 
 @contextlib.contextmanager

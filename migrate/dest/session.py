@@ -20,7 +20,7 @@ from migrate.dest import faultspace
 from migrate.dest.adopt import adopt_prior_pages, api_once
 from migrate.dest.alloc import AllocResult, BackgroundAllocation
 from migrate.dest.attach import AttachedGuest, guest_instance
-from migrate.dest.channels import Channels
+from migrate.dest.channels import PUSH_STREAMS, Channels
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
 from migrate.dest.state import SERVED, NotAuthorised, Peer, State, StateMachine
 from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
@@ -260,7 +260,7 @@ class Migration:
         self.channels.watch_demand_deadline(gen)
         return pb.Welcome(version=PROTOCOL_VERSION, session_id=self.id, compression=comp,
                           received_bitmap=self.space.received.to_bytes() if received else b"",
-                          batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
+                          batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=PUSH_STREAMS,
                           demand_port=demand_port, demand_token=token,
                           sparse_block_size=self.space.block_size, guest_instance=self.instance)
 
