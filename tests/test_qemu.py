@@ -148,6 +148,22 @@ def test_qemu_guest_recovers_when_its_agent_is_restarted(guest):
 
 
 @pytest.mark.timeout(300)
+def test_qemu_guest_recovers_when_its_agent_dies_as_it_says_the_guest_runs(guest):
+    """SIGKILL the destination agent the moment it reports its guest running,
+    before (mostly) its answer reaches the source, then run the same `migrate
+    dest --qmp` again: the source, unsure the state loaded, names the guest
+    because it sent that state; the restarted agent asks its QEMU (status
+    running, incoming migration completed) and takes it. VERIFY OK, exit 0.
+    (Before, the source named no guest, and ended with exit 4.)"""
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), kill_agent=True,
+                       recover=True, kill_unheard=True, source_args=("--max-rate", "100M"))
+    print({k: res.get(k) for k in ("source_heard_running", "pages_prior", "restart_to_resumed_ms", "verify")})
+    assert res["src_status_while_lost"] in ("paused", "postmigrate")
+    _check_migrated(res)   # the first source completed (exit 0), the source QEMU never resumed
+    assert res["dest"]["pages_prior"] == res["pages_prior"]
+
+
+@pytest.mark.timeout(300)
 def test_a_source_stopped_by_sigterm_leaves_its_qemu_paused(guest):
     """SIGTERM the source agent once the destination guest runs: it stops
     pushing and exits 143 saying its QEMU stays paused (the guest runs on
