@@ -236,6 +236,22 @@ class Source:
         finally:
             fut.cancel()   # nothing once it is done
 
+    def ended_complete(self, session: str, token: bytes, timeout: float = 5.0) -> pb.FinishReply | None:
+        """The destination's FinishReply when it says session completed, asked
+        with the token of a source that served it (the agent keeps a completed
+        session's answer for a late Finish: with --serve-forever, or for 5 s
+        after its end); None when it cannot say so now (unreachable, the
+        session unknown or not over)."""
+        ctl = channel(self.target, "control", self.tls)
+        try:
+            fin = pbg.MigrationStub(ctl).Finish(pb.FinishRequest(session_id=session, token=token,
+                                                                 timeout_seconds=0.1), timeout=timeout)
+        except grpc.RpcError:
+            return None
+        finally:
+            ctl.close()
+        return fin if fin.complete else None
+
     # -- the steps of run() ---------------------------------------------------
     def _open_session(self) -> tuple[pbg.MigrationStub, pb.Welcome]:
         """Connects the control channel and opens the session: the destination's
