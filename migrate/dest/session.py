@@ -26,6 +26,7 @@ from migrate.dest.state import SERVED, NotAuthorised, Peer, State, StateMachine
 from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
 from migrate.host import fault_path_priority
 from migrate.memory import GuestMemory
+from migrate.metrics import LatencyHistogram
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter, percentile, process_usage
@@ -69,6 +70,7 @@ class Migration:
         self.source_timeout = source_timeout   # see Channels.check_source(); 0: never
         self.record_hints = record_hints       # dest --record-hints FILE, written at completion
         self.machine = StateMachine()
+        self.latency = LatencyHistogram()       # demand latencies for metrics, counted as they come
         self.channels = Channels(self)
         self.t_connect: float | None = None
         self.t_complete: float | None = None
