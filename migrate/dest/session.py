@@ -191,6 +191,7 @@ class Migration:
         self.stop_fd = faultspace.make_stop_fd()
 
     def _teardown(self):
+        self.channels.stop_taking()   # (a channel taken late starts no receiver on what goes now)
         if self.alloc is not None:
             self.alloc.stop()   # (its threads write through the alias: before it is unmapped)
         if self.stop_fd >= 0:
