@@ -163,6 +163,57 @@ def test_qemu_guest_recovers_when_its_agent_dies_as_it_says_the_guest_runs(guest
     assert res["dest"]["pages_prior"] == res["pages_prior"]
 
 
+@pytest.mark.timeout(120)
+def test_a_recovering_source_is_refused_by_a_qemu_that_loaded_no_device_state(guest, tmp_path):
+    """A source recovering its guest (Hello.resume_guest, no device state)
+    meets a `dest --qmp` whose QEMU waits in migrate-incoming (it never
+    loaded a state): refused, saying the guest never ran there, so that the
+    source does not serve a guest that will not run while its own QEMU stays
+    paused. (An agent restarted after its QEMU loaded the state takes it:
+    test_qemu_guest_recovers_when_its_agent_dies_as_it_says_the_guest_runs.)"""
+    import grpc
+
+    from migrate.dest.attach import guest_instance
+    from migrate.proto import migration_pb2 as pb
+    from migrate.proto import migration_pb2_grpc as pbg
+    from migrate.qemu.shim import shim_path
+    from migrate.sim.localrun import Proc
+    from migrate.wire.protocol import PROTOCOL_VERSION, channel
+
+    with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
+        ram = lab.shm_path("migrate-unloaded")
+        attach, agent_qmp = str(tmp_path / "a" / "attach.sock"), str(tmp_path / "dst.agent.qmp")
+        dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", agent_qmp, "--json"])
+        try:
+            addr = dest.wait_event("listening", 30)["address"]
+            dst, _, _ = lab.start("dst", env={"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}, mem_mb=256,
+                                  backend="file", mem_path=ram, incoming="defer",
+                                  extra_args=["-qmp", f"unix:{agent_qmp},server=on,wait=off"])
+            dest.wait_event("attached", 30)
+            dest.wait_event("qemu", 30)   # its QEMU waits in migrate-incoming
+            fd = os.open(ram, os.O_RDONLY)
+            try:
+                instance = guest_instance(dst.pid, fd)   # the one its first agent would have named
+            finally:
+                os.close(fd)
+            ch = channel(addr, "test")
+            try:
+                with pytest.raises(grpc.RpcError) as e:
+                    pbg.MigrationStub(ch).Open(pb.Hello(
+                        version=PROTOCOL_VERSION, ram_size=256 << 20, page_size=4096, source_name="recovering",
+                        compression=[pb.COMPRESSION_NONE], resume_session="0123456789ab",
+                        resume_guest=instance), timeout=30)
+            finally:
+                ch.close()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+            assert e.value.details() == (
+                "cannot recover session 0123456789ab without device state: the destination QEMU here has not "
+                "loaded a device state (it is inmigrate), so the guest never ran here"), e.value.details()
+            assert dest.p.poll() is None
+        finally:
+            dest.kill()
+
+
 @pytest.mark.timeout(300)
 def test_a_source_stopped_by_sigterm_leaves_its_qemu_paused(guest):
     """SIGTERM the source agent once the destination guest runs: it stops
