@@ -36,19 +36,49 @@ METRICS_TIMEOUT = 5.0
 # on loopback, a WAN round trip is ms)
 LATENCY_BUCKETS = (10e-6, 25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 0.1,
                    0.25, 1.0)
+_BOUNDS_US = [b * 1e6 for b in LATENCY_BUCKETS]
 
 
 class MetricsError(MigrateError):
     """--metrics-listen cannot be served."""
 
 
-def latency_histogram(latencies_us) -> tuple[list[tuple[str, int]], float]:
-    """Cumulative (le, count) buckets and the sum in seconds of demand latencies
-    given in microseconds."""
-    lat = sorted(latencies_us)
-    buckets = [(repr(b), bisect.bisect_right(lat, b * 1e6)) for b in LATENCY_BUCKETS]
-    buckets.append(("+Inf", len(lat)))
-    return buckets, sum(lat) / 1e6
+class LatencyHistogram:
+    """A migration's demand latencies counted into LATENCY_BUCKETS as they
+    come: each update() reads only the latencies recorded since the last one
+    (a scrape, or the migration's retirement), where a scrape sorted the
+    whole ring (a million entries) each time. The C ring keeps the last
+    MG_LAT_RING: latencies overwritten before an update read them (more than
+    a million faults between two scrapes) are not counted."""
+
+    def __init__(self):
+        self.lock = threading.Lock()    # (a scrape and a retirement may update at once)
+        self.per_bucket = [0] * (len(LATENCY_BUCKETS) + 1)   # the last: above every bound
+        self.sum_us = 0
+        self.seen = 0                   # latencies recorded when last read (the C count)
+
+    def update(self, space) -> None:
+        """Counts what space (a FaultSpace) recorded since the last update."""
+        with self.lock:
+            new, self.seen = space.latencies_since(self.seen)
+            new.sort()
+            below = 0
+            for i, bound in enumerate(_BOUNDS_US):
+                at = bisect.bisect_right(new, bound)   # (le: a latency equal to a bound is in its bucket)
+                self.per_bucket[i] += at - below
+                below = at
+            self.per_bucket[-1] += len(new) - below
+            self.sum_us += sum(new)
+
+    def buckets(self) -> tuple[list[tuple[str, int]], float]:
+        """Cumulative (le, count) buckets and the sum in seconds."""
+        with self.lock:
+            out, n = [], 0
+            for b, c in zip(LATENCY_BUCKETS, self.per_bucket):
+                n += c
+                out.append((repr(b), n))
+            out.append(("+Inf", n + self.per_bucket[-1]))
+            return out, self.sum_us / 1e6
 
 
 class Collector:

@@ -159,12 +159,19 @@ int64_t mg_map_placed(struct mg_space *s, uint64_t first, uint64_t count, uint64
 
 /* ---- demand bookkeeping: in-flight requests and their latencies ---- */
 
+/* A request's slot is found within this many slots of page % MG_INFLIGHT,
+ * or it goes untimed: a lookup stops there too, where a page with no entry
+ * (requested before its entry was added, or untimed) walked all MG_INFLIGHT
+ * slots on every placement. Requests in flight are about one per blocked
+ * vCPU thread, far fewer than the slots. */
+#define INFLIGHT_PROBE 64
+
 static void inflight_add(struct mg_space *s, uint64_t page)
 {
     if (!s->inflight)
         return;
     uint64_t t = now_ns();
-    for (uint64_t i = 0; i < MG_INFLIGHT; i++) {
+    for (uint64_t i = 0; i < INFLIGHT_PROBE; i++) {
         struct mg_inflight *e = &s->inflight[(page + i) % MG_INFLIGHT];
         uint64_t free_slot = UINT64_MAX;
         if (__atomic_compare_exchange_n(&e->page, &free_slot, page, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
@@ -173,14 +180,14 @@ static void inflight_add(struct mg_space *s, uint64_t page)
             return;
         }
     }
-    /* table full: this request goes untimed */
+    /* no free slot near: this request goes untimed */
 }
 
 static void inflight_done(struct mg_space *s, uint64_t page)
 {
     if (!s->inflight)
         return;
-    for (uint64_t i = 0; i < MG_INFLIGHT; i++) {
+    for (uint64_t i = 0; i < INFLIGHT_PROBE; i++) {
         struct mg_inflight *e = &s->inflight[(page + i) % MG_INFLIGHT];
         uint64_t cur = __atomic_load_n(&e->page, __ATOMIC_ACQUIRE);
         if (cur == page) {

@@ -148,6 +148,73 @@ def test_qemu_guest_recovers_when_its_agent_is_restarted(guest):
 
 
 @pytest.mark.timeout(300)
+def test_qemu_guest_recovers_when_its_agent_dies_as_it_says_the_guest_runs(guest):
+    """SIGKILL the destination agent the moment it reports its guest running,
+    before (mostly) its answer reaches the source, then run the same `migrate
+    dest --qmp` again: the source, unsure the state loaded, names the guest
+    because it sent that state; the restarted agent asks its QEMU (status
+    running, incoming migration completed) and takes it. VERIFY OK, exit 0.
+    (Before, the source named no guest, and ended with exit 4.)"""
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), kill_agent=True,
+                       recover=True, kill_unheard=True, source_args=("--max-rate", "100M"))
+    print({k: res.get(k) for k in ("source_heard_running", "pages_prior", "restart_to_resumed_ms", "verify")})
+    assert res["src_status_while_lost"] in ("paused", "postmigrate")
+    _check_migrated(res)   # the first source completed (exit 0), the source QEMU never resumed
+    assert res["dest"]["pages_prior"] == res["pages_prior"]
+
+
+@pytest.mark.timeout(120)
+def test_a_recovering_source_is_refused_by_a_qemu_that_loaded_no_device_state(guest, tmp_path):
+    """A source recovering its guest (Hello.resume_guest, no device state)
+    meets a `dest --qmp` whose QEMU waits in migrate-incoming (it never
+    loaded a state): refused, saying the guest never ran there, so that the
+    source does not serve a guest that will not run while its own QEMU stays
+    paused. (An agent restarted after its QEMU loaded the state takes it:
+    test_qemu_guest_recovers_when_its_agent_dies_as_it_says_the_guest_runs.)"""
+    import grpc
+
+    from migrate.dest.attach import guest_instance
+    from migrate.proto import migration_pb2 as pb
+    from migrate.proto import migration_pb2_grpc as pbg
+    from migrate.qemu.shim import shim_path
+    from migrate.sim.localrun import Proc
+    from migrate.wire.protocol import PROTOCOL_VERSION, channel
+
+    with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
+        ram = lab.shm_path("migrate-unloaded")
+        attach, agent_qmp = str(tmp_path / "a" / "attach.sock"), str(tmp_path / "dst.agent.qmp")
+        dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", agent_qmp, "--json"])
+        try:
+            addr = dest.wait_event("listening", 30)["address"]
+            dst, _, _ = lab.start("dst", env={"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}, mem_mb=256,
+                                  backend="file", mem_path=ram, incoming="defer",
+                                  extra_args=["-qmp", f"unix:{agent_qmp},server=on,wait=off"])
+            dest.wait_event("attached", 30)
+            dest.wait_event("qemu", 30)   # its QEMU waits in migrate-incoming
+            fd = os.open(ram, os.O_RDONLY)
+            try:
+                instance = guest_instance(dst.pid, fd)   # the one its first agent would have named
+            finally:
+                os.close(fd)
+            ch = channel(addr, "test")
+            try:
+                with pytest.raises(grpc.RpcError) as e:
+                    pbg.MigrationStub(ch).Open(pb.Hello(
+                        version=PROTOCOL_VERSION, ram_size=256 << 20, page_size=4096, source_name="recovering",
+                        compression=[pb.COMPRESSION_NONE], resume_session="0123456789ab",
+                        resume_guest=instance), timeout=30)
+            finally:
+                ch.close()
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value
+            assert e.value.details() == (
+                "cannot recover session 0123456789ab without device state: the destination QEMU here has not "
+                "loaded a device state (it is inmigrate), so the guest never ran here"), e.value.details()
+            assert dest.p.poll() is None
+        finally:
+            dest.kill()
+
+
+@pytest.mark.timeout(300)
 def test_a_source_stopped_by_sigterm_leaves_its_qemu_paused(guest):
     """SIGTERM the source agent once the destination guest runs: it stops
     pushing and exits 143 saying its QEMU stays paused (the guest runs on

@@ -116,6 +116,40 @@ def test_a_link_cut_longer_than_both_timeouts_is_recovered_by_the_first_source(t
         assert g["agent_reattaches"] == 0 and d["pages_prior"] == 0
 
 
+@pytest.mark.timeout(180)
+def test_a_session_completed_while_its_source_was_lost_ends_that_source_with_exit_0(tmp_path, host):
+    """The first source freezes mid-migration (SIGSTOP); the destination
+    (--serve-forever) drops it and a second source resumes the session,
+    slowly (the guest stopped meanwhile). The first, let go, finds its channels shut and the session not
+    over: it is lost, and its tries are refused while the second serves. The
+    second completes; the first's next try asks how the session ended (Finish,
+    with its own token) and hears it completed: exit 0, not exit 4 when its
+    window ends."""
+    with mid_migration(tmp_path, 47, source_args=("--recovery-window", "40"),
+                       dest_args=("--serve-forever", "--source-timeout", "2")) as (lm, first):
+        first.p.send_signal(signal.SIGSTOP)
+        dropped = lm.dest.wait_event("disconnected", 30)
+        sid = dropped["session"]
+        # the guest holds still meanwhile (its faults would fetch the rest in
+        # a second): the second source pushes for several seconds
+        lm.guest.p.send_signal(signal.SIGSTOP)
+        try:
+            second = lm.start_source(("--resume", sid, "--max-rate", "20M"))
+            second.wait_event("connected", 30)
+            first.p.send_signal(signal.SIGCONT)
+            lost = first.wait_event("lost", 30)
+            assert lost["session"] == sid, lost
+            assert second.wait(120) == exits.COMPLETED, second.errors()
+            assert first.wait(60) == exits.COMPLETED, first.errors()
+        finally:
+            lm.guest.p.send_signal(signal.SIGCONT)
+        done = [e for e in first.lines if e.get("event") == "completed"]
+        assert done and done[0]["session"] == sid and "completed at the destination while this source was cut " \
+            "off" in done[0]["message"], first.lines[-5:]
+        assert first.summary()["pages_total"] == SIZE // 4096
+        assert lm.guest.wait(60) == 0 and lm.guest.summary()["verified"] is True
+
+
 @pytest.mark.timeout(120)
 def test_the_window_ends_with_its_own_exit_code_and_says_what_to_do(tmp_path, host):
     """The destination agent is killed and nobody restarts it: once

@@ -58,6 +58,25 @@ def settled(pid: int, want: tuple[int, int] | None) -> tuple[int, int, int]:
         time.sleep(0.5)
 
 
+def guest_exit(g: Proc, timeout: float) -> int:
+    """g's exit code; a guest that does not exit fails the test naming what
+    it heard and where each of its threads waits (a guest that waited for a
+    switchover that never came showed one thread, in futex_do_wait, and no
+    `running` event)."""
+    try:
+        return g.wait(timeout)
+    except TimeoutError:
+        threads = []
+        for t in sorted(os.listdir(f"/proc/{g.p.pid}/task")):
+            try:
+                with open(f"/proc/{g.p.pid}/task/{t}/comm") as c, open(f"/proc/{g.p.pid}/task/{t}/wchan") as w:
+                    threads.append(f"{t} {c.read().strip()} {w.read()}")
+            except OSError:
+                pass
+        raise AssertionError(f"guest pid {g.p.pid} did not exit within {timeout} s; it said "
+                             f"{[e.get('event') for e in g.lines]}; its threads wait in {threads}") from None
+
+
 class Agent:
     """The --serve-forever agent and the guests and sources of its rounds;
     every guest runs on the same image (one file, read by every source)."""
@@ -87,7 +106,7 @@ class Agent:
         for s in sources:
             assert s.wait(120) == 0, s.errors()
         for g, name in guests:
-            assert g.wait(60) == 0, (name, g.errors())
+            assert guest_exit(g, 60) == 0, (name, g.errors())
             assert g.summary()["verified"] is True
         ended = [lm.dest.wait_event("migration", 30) for _ in range(k)]
         assert [e["state"] for e in ended] == ["complete"] * k

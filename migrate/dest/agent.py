@@ -603,9 +603,9 @@ class Destination:
         return s
 
     def _metrics_view(self, m: Migration) -> dict:
-        from migrate.metrics import latency_histogram
         view = m.snapshot(recent=1)
-        view["latency"] = latency_histogram(m.space.latencies_us())
+        m.latency.update(m.space)
+        view["latency"] = m.latency.buckets()
         return view
 
     def metrics_views(self) -> tuple[str, list[dict], dict]:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:
     from migrate.dest.session import Migration
 
 DEMAND_CONNECT_TIMEOUT = 15.0
-PUSH_CHANNELS = 8   # raw push channels a source may hold open: twice the streams its Welcome offers
+PUSH_STREAMS = 4                    # push streams a Welcome offers a source
+PUSH_CHANNELS = 2 * PUSH_STREAMS    # raw push channels a source may hold open
 
 
 @contextlib.contextmanager
@@ -68,6 +69,7 @@ class Channels:
         # the receiver threads still running: joined when the migration is
         # torn down, so that it is gone (with its C buffers) once it ended
         self.receivers: list[threading.Thread] = []
+        self.taking = True    # False once the migration is torn down: no receiver starts after
         self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
 
     def watch_demand_deadline(self, gen: int) -> None:
@@ -98,7 +100,7 @@ class Channels:
         caller closes the channel."""
         m = self.m
         with self.lock:
-            if not m.machine.serves(gen):
+            if not self.taking or not m.machine.serves(gen):
                 return False
             old, self.demand, self.demand_gen = self.demand, sock, gen
         if old is not None:
@@ -115,9 +117,8 @@ class Channels:
         if m.machine.switch_over(gen):
             # the guest may run now: every fault it takes has a source to go to
             m.guest.notify("switchover")
-        self._start(threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}",
-                                     daemon=True))
-        return True
+        return self._start(threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}",
+                                            daemon=True))
 
     def attach_push(self, sock: socket.socket, gen: int) -> str | None:
         """A raw push channel of source gen: runs land in the alias from C.
@@ -125,6 +126,8 @@ class Channels:
         longer the session's, or has PUSH_CHANNELS open already (each holds
         a descriptor and a thread)."""
         with self.lock:
+            if not self.taking:
+                return "its migration has ended"
             if not self.m.machine.serves(gen):
                 return "its source is no longer this session's"
             if sum(g == gen for g in self.push.values()) >= PUSH_CHANNELS:
@@ -132,15 +135,32 @@ class Channels:
             self.push[sock] = gen
             if self.t_push is None:
                 self.t_push = time.monotonic()
-        self._start(threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}",
-                                     daemon=True))
+        if not self._start(threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}",
+                                            daemon=True)):
+            with self.lock:
+                self.push.pop(sock, None)
+            return "its migration has ended"
         return None
 
-    def _start(self, t: threading.Thread) -> None:
+    def _start(self, t: threading.Thread) -> bool:
+        """Starts a receiver, unless the migration is being torn down (False):
+        started under the lock, so that join() never finds one listed and not
+        started (that raised, and a --serve-forever agent retiring a migration
+        whose late push channel was just taken exited), and none starts on a
+        migration whose memory is going."""
         with self.lock:
+            if not self.taking:
+                return False
             self.receivers = [r for r in self.receivers if r.is_alive()]
             self.receivers.append(t)
-        t.start()
+            t.start()
+        return True
+
+    def stop_taking(self) -> None:
+        """The migration is being torn down: channels opened from now on are
+        refused, and no receiver starts."""
+        with self.lock:
+            self.taking = False
 
     def join(self, timeout: float) -> None:
         """Waits (up to timeout s in all) for the receivers to end: the

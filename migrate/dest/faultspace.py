@@ -266,6 +266,13 @@ class FaultSpace:
                 list(ffi.unpack(self._lat, end))
         return list(ffi.unpack(self._lat, n))
 
+    def latencies_since(self, seen: int) -> tuple[list[int], int]:
+        """The demand latencies recorded since the count was seen (at most the
+        ring's last MG_LAT_RING), and the count now."""
+        count = self._s.stats.lat_count
+        new = count - seen
+        return (self.latencies_us(min(new, lib.MG_LAT_RING)) if new > 0 else []), count
+
     def thread_blocks(self) -> list[dict]:
         """Per guest thread that faulted on a page the source had to send
         (the fault's thread id): its demand faults and the seconds it spent

@@ -489,16 +489,19 @@ class MigrationService(pbg.MigrationServicer):
             # (its first source was lost after sending it) serves only the rest
             # of its RAM, also while the destination QEMU is still loading it
             if request.resume_guest:
-                # A source recovering a session it lost names its guest only
-                # once the destination said that guest runs (the device state
-                # loaded): on this agent, or on one it re-attached to since.
-                why = self.device_state.why_not_resumable(request.resume_session) \
-                    if request.resume_session in self.device_state.feeds else None
+                # A source recovering a session it lost names its guest once
+                # its device state was sent: this agent has that state (it
+                # may still be loading), or, restarted since, runs a QEMU that
+                # says it loaded one; else the guest never ran here.
+                why = self.device_state.why_not_recoverable(request.resume_session)
                 if why:
                     raise ProtocolError(f"cannot recover session {request.resume_session} without device state: "
                                         f"{why}")
+                fed = request.resume_session in self.device_state.feeds
                 welcome = self.agent.open(request, _peer(context))
                 self.device_state.loaded_before(welcome.session_id)
+                if not fed:
+                    self.device_state.verify_loaded(self.agent.migration(welcome.session_id))
                 return welcome
             if not request.resume_session:
                 raise ProtocolError("this destination feeds a QEMU (--qmp) but the source sends no device state: "

@@ -20,12 +20,13 @@ from migrate.dest import faultspace
 from migrate.dest.adopt import adopt_prior_pages, api_once
 from migrate.dest.alloc import AllocResult, BackgroundAllocation
 from migrate.dest.attach import AttachedGuest, guest_instance
-from migrate.dest.channels import Channels
+from migrate.dest.channels import PUSH_STREAMS, Channels
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
 from migrate.dest.state import SERVED, NotAuthorised, Peer, State, StateMachine
 from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
 from migrate.host import fault_path_priority
 from migrate.memory import GuestMemory
+from migrate.metrics import LatencyHistogram
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter, percentile, process_usage
@@ -69,6 +70,7 @@ class Migration:
         self.source_timeout = source_timeout   # see Channels.check_source(); 0: never
         self.record_hints = record_hints       # dest --record-hints FILE, written at completion
         self.machine = StateMachine()
+        self.latency = LatencyHistogram()       # demand latencies for metrics, counted as they come
         self.channels = Channels(self)
         self.t_connect: float | None = None
         self.t_complete: float | None = None
@@ -189,6 +191,7 @@ class Migration:
         self.stop_fd = faultspace.make_stop_fd()
 
     def _teardown(self):
+        self.channels.stop_taking()   # (a channel taken late starts no receiver on what goes now)
         if self.alloc is not None:
             self.alloc.stop()   # (its threads write through the alias: before it is unmapped)
         if self.stop_fd >= 0:
@@ -260,7 +263,7 @@ class Migration:
         self.channels.watch_demand_deadline(gen)
         return pb.Welcome(version=PROTOCOL_VERSION, session_id=self.id, compression=comp,
                           received_bitmap=self.space.received.to_bytes() if received else b"",
-                          batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
+                          batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=PUSH_STREAMS,
                           demand_port=demand_port, demand_token=token,
                           sparse_block_size=self.space.block_size, guest_instance=self.instance)
 
@@ -345,6 +348,12 @@ class Migration:
         if self.alloc is not None:
             self.alloc.stop(wait=False)   # every page is here: nothing is left to allocate (joined at close)
         st = self.space.stats
+        if self.machine.completing_from in (State.CONNECTED, State.DISCONNECTED):
+            # Every page arrived before the source's demand channel was taken
+            # (its push channels' hellos were served first, on a loaded host):
+            # the guest was never released. It may run now, on memory that is
+            # all here. (A guest that hears `complete` first runs too.)
+            self.guest.notify("switchover")
         self.guest.notify("complete", pages_total=self.npages, pages_demand=st["placed_demand"],
                           pages_pushed=st["placed_push"], pages_zero=st["placed_zero"],
                           pages_prior=st["placed_prior"])

@@ -149,6 +149,9 @@ class StateMachine:
         # name; None for plaintext): every later call must come from it
         self.owner: str | None = None
         self.why: str | None = None   # why the last source was dropped, or why the migration failed
+        # the state the migration completed from: CONNECTED or DISCONNECTED
+        # means the guest was never released (no demand channel had opened)
+        self.completing_from: State | None = None
         self.ended = threading.Event()   # set by the move into COMPLETE or FAILED, never cleared
 
     def _move(self, new: State) -> bool:
@@ -245,7 +248,11 @@ class StateMachine:
         """Every page is received: True for the one thread that maps the
         last and unregisters."""
         with self.lock:
-            return self._move(State.COMPLETING)
+            was = self.state
+            if not self._move(State.COMPLETING):
+                return False
+            self.completing_from = was
+            return True
 
     def complete(self, announce: Callable[[], None]) -> bool:
         """COMPLETING -> COMPLETE (see _end)."""

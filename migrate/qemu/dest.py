@@ -44,6 +44,7 @@ class Feed:
     load_ms: float = 0.0
     resume_time: float = 0.0   # QEMU's RESUME event (epoch seconds)
     times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
+    recovered: bool = False    # not fed here: a recovering source's guest loaded it under an earlier agent
     done: threading.Event = field(default_factory=threading.Event)
 
 
@@ -67,6 +68,11 @@ class DeviceStateFeeder:
         self._qmp: QMP | None = None
         self._pipe_w = -1          # the write end of QEMU's incoming pipe (non-blocking)
         self._qmp_error = ""
+        # the QEMU runs a guest it loaded from a device state before this
+        # agent started (an agent restarted after the load): a source
+        # recovering that guest may serve it without device state
+        self.loaded_guest = False
+        self.qemu_status = ""
         self.vcpu_threads: dict[int, int] = {}   # QEMU's vCPU thread ids -> cpu-index (query-cpus-fast)
         self._qmp_ready = threading.Event()
         threading.Thread(target=self._connect, args=(wait_qemu,), name="qmp-connect", daemon=True).start()
@@ -75,18 +81,13 @@ class DeviceStateFeeder:
         try:
             q = QMP(self.qmp_path, timeout=wait)
             try:
-                st = q.status()
+                st = self.qemu_status = q.status()
+                if st != "inmigrate" and self._loaded(q, st):
+                    return
                 if st != "inmigrate":
                     raise QemuError(f"destination QEMU is {st!r}: start it with -incoming defer")
                 q.set_caps(x_ignore_shared=True, events=True)
-                # which thread runs which vCPU: per-vCPU blocked time comes
-                # from the faults' thread ids
-                try:
-                    self.vcpu_threads = {int(c["thread-id"]): int(c["cpu-index"])
-                                         for c in q.cmd("query-cpus-fast")}
-                except (QemuError, KeyError, TypeError, ValueError) as e:   # (labels only: the migration goes on)
-                    self.reporter.event("qemu", f"QMP {self.qmp_path}: no vCPU thread ids ({e}): blocked time "
-                                        "is reported per thread", qmp=self.qmp_path)
+                self._vcpu_threads(q)
                 self._pipe_w = incoming_pipe(q)
             except BaseException:
                 q.close()
@@ -99,6 +100,35 @@ class DeviceStateFeeder:
             self._qmp_error = str(e)
         finally:
             self._qmp_ready.set()
+
+    def _loaded(self, q: QMP, status: str) -> bool:
+        """Whether the QEMU (status, not inmigrate) runs a guest it loaded
+        from a device state: its incoming migration completed (an agent
+        restarted after its QEMU loaded the state, whose source may not have
+        heard so). A guest left paused after its load is sent `cont`, as
+        RunWatch would have. Closes q when it returns True."""
+        if status not in ("running", "paused") or q.cmd("query-migrate").get("status") != "completed":
+            return False
+        if status == "paused":
+            q.cmd("cont")
+        self._vcpu_threads(q)
+        q.close()
+        self.loaded_guest = True
+        self._qmp_error = (f"the destination QEMU at {self.qmp_path} runs a guest it loaded already: it takes no "
+                           "device state (start a new one with -incoming defer)")
+        self.reporter.event("qemu", f"QMP {self.qmp_path}: QEMU runs a guest whose device state it loaded "
+                            f"({status} after its incoming migration completed): a source recovering that guest "
+                            "serves it the rest", qmp=self.qmp_path, loaded=True)
+        return True
+
+    def _vcpu_threads(self, q: QMP) -> None:
+        """Which thread runs which vCPU: per-vCPU blocked time comes from the
+        faults' thread ids."""
+        try:
+            self.vcpu_threads = {int(c["thread-id"]): int(c["cpu-index"]) for c in q.cmd("query-cpus-fast")}
+        except (QemuError, KeyError, TypeError, ValueError) as e:   # (labels only: the migration goes on)
+            self.reporter.event("qemu", f"QMP {self.qmp_path}: no vCPU thread ids ({e}): blocked time "
+                                "is reported per thread", qmp=self.qmp_path)
 
     def ready(self, wait: float = 30.0) -> None:
         """Returns once the destination QEMU waits in migrate-incoming (a source
@@ -137,6 +167,40 @@ class DeviceStateFeeder:
             return "the device state of that session is still arriving"
         return None
 
+    def why_not_recoverable(self, session_id: str, wait: float = 2.0) -> str | None:
+        """None when a recovering source (Hello.resume_guest) may serve its
+        guest here without device state: the session's state arrived here
+        whole and did not fail to load, or (an agent restarted since) the
+        QEMU here runs a guest it loaded, or cannot say yet (its monitor may
+        wait for a page only a source can serve: verify_loaded decides once
+        it answers). Else why not."""
+        if session_id in self.feeds:
+            return self.why_not_resumable(session_id)
+        if not self._qmp_ready.wait(wait) or self.loaded_guest:
+            return None
+        return self._not_loaded()
+
+    def _not_loaded(self) -> str:
+        return (f"the destination QEMU here has not loaded a device state (it is {self.qemu_status or 'not reached'}"
+                f"{': ' + self._qmp_error if self._qmp_error and not self.qemu_status else ''}), so the guest never "
+                "ran here")
+
+    def verify_loaded(self, m, wait: float = 3600.0) -> None:
+        """m is served by a recovering source on the word of an agent
+        restarted since: once the QEMU here answers, a QEMU that did not load
+        a device state (it never ran the guest) fails the migration, so that
+        its source hears the guest does not run here."""
+        def check():
+            if self._qmp_ready.wait(wait) and not self.loaded_guest and m.id not in self._fed_here():
+                m.fail(f"cannot recover session {m.id} without device state: {self._not_loaded()}")
+        if not self.loaded_guest:
+            threading.Thread(target=check, name="qemu-loaded", daemon=True).start()
+
+    def _fed_here(self) -> set[str]:
+        """Sessions whose device state this agent fed (not marked loaded_before)."""
+        with self.lock:
+            return {sid for sid, f in self.feeds.items() if not f.recovered}
+
     def loaded_before(self, session_id: str) -> None:
         """session_id is served without device state by a recovering source,
         whose guest runs here already (its state was loaded under the agent
@@ -144,7 +208,7 @@ class DeviceStateFeeder:
         will not come."""
         with self.lock:
             if session_id not in self.feeds:
-                f = self.feeds[session_id] = Feed(received=True, running=True)
+                f = self.feeds[session_id] = Feed(received=True, running=True, recovered=True)
                 f.done.set()
 
     def settled(self, session_id: str) -> bool:

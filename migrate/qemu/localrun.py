@@ -43,7 +43,7 @@ def _free_port() -> int:
 
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
         split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False,
-        stop_source=False, link=None, qemu_args=()):
+        stop_source=False, link=None, qemu_args=(), kill_unheard=False):
     """The whole flow. Returns a dict of results (res["verify"] is the guest's
     line); cleans up every process, socket, file, mount and huge page it made.
     split: run the destination agent on a second host (an object with exec, a
@@ -52,6 +52,9 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
     split_during_load: cut it instead while the destination QEMU loads the
     device state (held there by SIGSTOP until the first source has given up),
     then restore it, let QEMU go on, and resume the session with a new source.
+    kill_unheard (with kill_agent and recover): SIGKILL the destination agent
+    the moment it reports its guest running, not once the source heard so
+    (res["source_heard_running"] says whether its answer got out first).
     kill_source_qemu: SIGKILL the source QEMU once the destination guest runs
     and its RAM is still arriving (the source agent serves it from the file).
     kill_dest_qemu: SIGKILL the destination QEMU once its guest runs; returns
@@ -161,6 +164,10 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                                          lost["session"], "--json", *source_tls])
                 agents.append(source)
             run_ev = dest.wait_event("guest-running", 60)
+            if kill_agent and recover and kill_unheard:
+                # before anything else: the answer that the guest runs may
+                # still be on its way to the source (DeviceStateAck)
+                dest.p.kill()
             # right now, as the destination reports its guest running: the source must be paused
             res["src_status_at_dst_running"] = qs.cmd("query-status")["status"]
             # 5. the guest touches all of its memory while pages still arrive
@@ -172,16 +179,18 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 # same command starts it again, nothing else: the shim
                 # re-attaches QEMU's userfaultfd to it, and the first source,
                 # its QEMU paused throughout, resumes the session for that guest.
-                # (Killed once the source has heard that the guest runs: an
-                # agent killed between its QEMU starting and that answer leaves
-                # the source unsure the device state loaded, and it recovers
-                # only on the agent that has the state; see docs/operations.md.)
-                source.wait_event("guest-running", 60)
+                # (Killed once the source has heard that the guest runs, or with
+                # kill_unheard as the destination said it: then the source may
+                # not know the state loaded, names the guest all the same, and
+                # the restarted agent asks its QEMU whether it runs a loaded one.)
+                if not kill_unheard:
+                    source.wait_event("guest-running", 60)
                 dest.p.kill()
                 dest.p.wait(10)
                 res["killed_agent_at_received"] = max((e.get("received", 0) for e in dest.lines
                                                        if e.get("event") == "progress"), default=0)
                 lost = source.wait_event("lost", 60)
+                res["source_heard_running"] = any(e.get("event") == "guest-running" for e in source.lines)
                 res["src_status_while_lost"] = qs.cmd("query-status")["status"]
                 t_restart = time.time()
                 dest = Proc("dest", dest_args)

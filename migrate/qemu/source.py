@@ -417,7 +417,10 @@ class DeviceStateSender:
             # runs, which may take long (loading reads guest RAM)
             self.ack = self.wait(fut)
         except grpc.RpcError as e:
-            raise QemuError(f"device state: destination said {e.code().name}: {e.details()}") from None
+            # (an agent killed before its answer: a lost destination, which
+            # the source recovers, as any other lost call)
+            from migrate.source.session import rpc_error
+            raise rpc_error(e, "device state") from None
         finally:
             os.close(r)   # (the stream read QEMU's end of file: QEMU's migration completed)
         if not self.ack.guest_running:
@@ -477,12 +480,13 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
         def again(session: str, guest: str, connect_timeout: float) -> Source:
             # the device state is at the destination (or never will be from
             # here): a try again serves RAM only, the source QEMU stays paused.
-            # Only a guest the destination said runs is named (its restarted
-            # agent takes it without device state); one that may still be
-            # loading its state is resumed on the agent that has that state.
-            runs = sender.ack is not None and sender.ack.guest_running
+            # The guest is named whenever its state was sent, also when the
+            # answer that it runs was lost with the agent: the agent that has
+            # the session resumes it (loaded or still loading), and a restarted
+            # one takes the guest only if its QEMU says it runs a guest it
+            # loaded (migrate.qemu.dest, DeviceStateFeeder.loaded_guest).
             return Source(ram, target, reporter, **{**source_kw, "resume_session": session},
-                          resume_guest=guest if runs else "", connect_timeout=connect_timeout,
+                          resume_guest=guest if sender.sent else "", connect_timeout=connect_timeout,
                           open_timeout=connect_timeout + 5)
 
         def vm_state(session: str) -> str:
@@ -508,7 +512,8 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                     raise
                 src.state = "paused"   # (what `migrate status` shows meanwhile)
                 res = Recovery(reporter, recovery_window, again, vm_state).recover(src.session, src.guest_instance, e,
-                                                                                     sent_all=src.sent_all)
+                                                                                     sent_all=src.sent_all,
+                                                                                     token=src.token)
                 res = dataclasses.replace(res, seconds=time.monotonic() - t0)
         except MigrateError as e:
             if sender.capture is None:
@@ -554,7 +559,9 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
         info = {"device_state_bytes": cap.bytes, "capture_ms": round(cap.seconds * 1e3, 2),
                 "qemu_downtime_ms": cap.qemu_downtime_ms, "device_state_bytes_stopped": cap.bytes_after(cap.stop_time),
                 "stop_time": cap.stop_time, "running_time": sender.running_time,
-                "downtime_ms": round((sender.running_time - cap.stop_time) * 1e3, 2),
+                # (None when the answer that the guest runs was lost with its agent)
+                "downtime_ms": (round((sender.running_time - cap.stop_time) * 1e3, 2)
+                                if sender.running_time is not None else None),
                 "source_status": src_status, "switchover": {k: round(v, 6) for k, v in cap.times.items()}}
         return res, info
     finally:

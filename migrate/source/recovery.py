@@ -11,7 +11,10 @@ destination agent for that guest answers:
   no other guest, of whatever size, is ever given this RAM.
 
 Either way the destination's Welcome lists the pages its guest already holds,
-and only the rest is sent. Errors that say the migration cannot go on (the
+and only the rest is sent. A session that completed meanwhile (every page had
+arrived, only the answer was lost) is not resumed: each try first asks the
+destination how it ended (Finish, with the token of the source that served
+it), and an agent that still holds that answer says it completed. Errors that say the migration cannot go on (the
 guest died, a refusal, a mismatch) end it at once; so does a signal.
 """
 
@@ -65,16 +68,19 @@ class Recovery:
             if not first.session or self.window <= 0:
                 raise   # nothing was opened (nothing to recover), or recovery is off: as it says
             first.state = "paused"   # (what `migrate status` shows meanwhile)
-            res = self.recover(first.session, first.guest_instance, e, sent_all=first.sent_all)
+            res = self.recover(first.session, first.guest_instance, e, sent_all=first.sent_all, token=first.token)
         return dataclasses.replace(res, seconds=time.monotonic() - t0)
 
-    def recover(self, session: str, guest: str, why: DestinationLost, sent_all: bool = False) -> SourceResult:
+    def recover(self, session: str, guest: str, why: DestinationLost, sent_all: bool = False,
+                token: bytes = b"") -> SourceResult:
         """Tries again until a try completes the session, one fails for good
         (raised as it is), or the destination stays lost for the window
         (RecoveryWindowOver). A try that resumed the session and then lost it
         again starts a new window. sent_all: the lost source had sent every
         page the destination lacked (only its Finish was lost), so the
-        destination has likely completed and exited: the message says so."""
+        destination has likely completed and exited: the message says so.
+        token: the session's token of the source that lost it (how a try
+        asks whether the session completed meanwhile)."""
         lost_at = time.monotonic()
         waits = backoff()
         self._report_lost(session, why)
@@ -93,6 +99,14 @@ class Recovery:
             src = self.again(session, guest, max(0.1, min(CONNECT_MAX, left)))
             src.state = "paused"   # until it connects (`migrate status`)
             tries += 1
+            fin = src.ended_complete(session, token, max(0.1, min(5.0, left))) if token else None
+            if fin is not None:
+                src.state = "completed"
+                self.reporter.event("completed", f"session {session} completed at the destination while this "
+                                    f"source was cut off from it ({why}): its agent says so now; the VM runs there",
+                                    session=session, recovered=session)
+                return SourceResult(session=session, pages_total=fin.pages_total, pages_sent_push=0,
+                                    pages_sent_demand=0, wire_bytes=0, seconds=0.0, finish=fin)
             try:
                 return src.run()
             except DestinationLost as e:
@@ -100,6 +114,7 @@ class Recovery:
                 src.state = "paused"
                 if src.session:   # it resumed, then lost the destination again: a new window
                     session, lost_at, waits, sent_all = src.session, time.monotonic(), backoff(), src.sent_all
+                    token = src.token
                     self._report_lost(session, why)
                 else:
                     self.reporter.event("retry", f"try {tries} to recover session {session}: {e}",

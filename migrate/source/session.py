@@ -154,6 +154,11 @@ class Source:
         self.device_state = device_state
         self.on_session = on_session
         self.errors: list[BaseException] = []
+        # a raw push channel the destination closed or reset: the normal end
+        # when every page had arrived meanwhile (the agent stops its receivers
+        # at completion, and a stream still writing pages that came another
+        # way is reset), else the destination is gone. Finish tells which.
+        self.push_closed: DestinationLost | None = None
         self.stop = threading.Event()
         # for `migrate status` (migrate.status): connecting, connected, running, completed, failed;
         # paused while migrate.source.recovery tries again
@@ -187,7 +192,7 @@ class Source:
             if self.on_session is not None:
                 self.on_session(stub, self.session, self.token)
             self._wait_push()
-            self.sent_all = not self.errors   # every page the destination lacked went out (Finish may still be lost)
+            self.sent_all = not self.errors and self.push_closed is None   # every page the destination lacked went out (Finish may still be lost)
             fin = self._finish(stub)
             self.state = "completed"
         except BaseException:
@@ -230,6 +235,22 @@ class Source:
                         raise self.dest_lost from None
         finally:
             fut.cancel()   # nothing once it is done
+
+    def ended_complete(self, session: str, token: bytes, timeout: float = 5.0) -> pb.FinishReply | None:
+        """The destination's FinishReply when it says session completed, asked
+        with the token of a source that served it (the agent keeps a completed
+        session's answer for a late Finish: with --serve-forever, or for 5 s
+        after its end); None when it cannot say so now (unreachable, the
+        session unknown or not over)."""
+        ctl = channel(self.target, "control", self.tls)
+        try:
+            fin = pbg.MigrationStub(ctl).Finish(pb.FinishRequest(session_id=session, token=token,
+                                                                 timeout_seconds=0.1), timeout=timeout)
+        except grpc.RpcError:
+            return None
+        finally:
+            ctl.close()
+        return fin if fin.complete else None
 
     # -- the steps of run() ---------------------------------------------------
     def _open_session(self) -> tuple[pbg.MigrationStub, pb.Welcome]:
@@ -358,16 +379,19 @@ class Source:
         sid = self.session
         try:
             fin = self.wait_rpc(stub.Finish.future(
-                pb.FinishRequest(session_id=sid, token=self.token, timeout_seconds=5 if self.errors else 120),
+                pb.FinishRequest(session_id=sid, token=self.token,
+                                 timeout_seconds=5 if self.errors or self.push_closed else 120),
                 timeout=150))
         except grpc.RpcError as e:
-            raise (self.errors[0] if self.errors else rpc_error(e, "finish")) from None
+            raise (self.errors[0] if self.errors else self.push_closed or rpc_error(e, "finish")) from None
         if fin.complete:
             return fin
         if fin.failed:   # the destination's reason, not what it did to our channels
             raise (GuestLost if fin.guest_lost else DestinationFailed)(f"destination ended session {sid}: {fin.error}")
         if self.errors:
             raise self.errors[0]
+        if self.push_closed is not None:
+            raise self.push_closed
         raise SourceError(f"destination did not complete session {sid}: no reason given")
 
     def _close(self) -> None:
@@ -489,13 +513,25 @@ class Source:
             return
         try:
             rc = self.push.raw(sock)
-            if rc < 0:
-                # even the destination closing the channel: it would not while
-                # pages are left to send, and Finish tells if none were
+            if rc < 0 and channel_end(rc) is ChannelEnd.CLOSED:
+                self._push_ended(DestinationLost(f"push channel: {os.strerror(-rc)}"))
+            elif rc < 0:
                 raise self._channel_error("push", rc)
-        except (SourceError, OSError) as e:
+        except OSError as e:
+            # (the shutdown at the end of the pages, on a channel the
+            # destination closed meanwhile)
+            self._push_ended(DestinationLost(f"push channel: {e.strerror or e}"))
+        except SourceError as e:
             if not self.stop.is_set():
-                self._fail(e if isinstance(e, SourceError) else DestinationLost(f"push channel: {e}"))
+                self._fail(e)
+
+    def _push_ended(self, e: DestinationLost) -> None:
+        """The destination closed or reset a push channel: the streams stop
+        (it takes nothing more, or is gone) and Finish says whether that was
+        the end of the migration; not an error unless it was not."""
+        if self.push_closed is None:
+            self.push_closed = e
+        self.stop.set()
 
     def _push_grpc(self, ch: grpc.Channel, compress: bool) -> None:
         if not self._gate_open():

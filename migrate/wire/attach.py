@@ -228,6 +228,10 @@ class GuestLink:
                     elif msg.get("event") == "complete":
                         self.final = msg
                         self.complete.set()
+                        # every page is here: a guest still waiting to be
+                        # released runs now (an agent may have completed
+                        # before it could send switchover)
+                        self.switchover.set()
             except (AttachError, OSError):
                 pass  # end of file
             if self.complete.is_set():
