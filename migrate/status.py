@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import stat
 import struct
@@ -168,6 +169,36 @@ def _private_dir(d: str) -> None:
                           "0700 (it is not): give --control a path in a private directory (a missing one is created)")
 
 
+_DEFAULT_NAME = re.compile(r"source-([0-9]{1,10})\.sock")
+
+
+def _sweep_dead(d: str) -> None:
+    """Removes the default-named sockets (source-PID.sock) in d whose source
+    is gone: a source killed with SIGKILL cannot remove its own. d is our
+    private directory; a pid that runs again (reused) keeps its file."""
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return
+    for name in names:
+        m = _DEFAULT_NAME.fullmatch(name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue   # alive (or not ours to signal): leave it
+        except ProcessLookupError:
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        p = os.path.join(d, name)
+        try:
+            if stat.S_ISSOCK(os.lstat(p).st_mode):
+                os.unlink(p)
+        except OSError:
+            pass
+
+
 class ControlSocket:
     """A source's control socket: answers status requests from root or its own
     uid, one at a time, each within CONTROL_TIMEOUT. Owns the socket file and
@@ -177,6 +208,7 @@ class ControlSocket:
         self.path = path
         self.snapshot = snapshot
         _private_dir(os.path.dirname(os.path.abspath(path)))
+        _sweep_dead(os.path.dirname(os.path.abspath(path)))
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
                 raise StatusError(f"{path} exists and is not a socket: give --control another path")

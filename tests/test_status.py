@@ -505,3 +505,35 @@ def test_status_says_paused_while_the_guest_waits_for_a_new_source(tmp_path, hos
         second = lm.start_source()
         assert second.wait(120) == 0, second.errors()
         assert lm.guest.wait(60) == 0 and lm.guest.summary()["verified"] is True
+
+
+def test_a_new_control_socket_removes_those_of_sources_that_died(tmp_path):
+    """A source killed with SIGKILL leaves its source-PID.sock behind; the next
+    source to open its control socket in that directory removes it, and
+    leaves a live source's socket and any other name alone."""
+    d = tmp_path / "ctl"
+    d.mkdir(mode=0o700)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=30)
+    stale = []
+    for pid in (dead.pid,):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(d / f"source-{pid}.sock"))
+        s.close()
+        stale.append(d / f"source-{pid}.sock")
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.bind(str(d / f"source-{live.pid}.sock"))
+        s.close()
+        (d / "notes.sock").write_text("not ours")
+        ctl = ControlSocket(str(d / f"source-{os.getpid()}.sock"), lambda: {}).start()
+        try:
+            assert not any(p.exists() for p in stale)
+            assert (d / f"source-{live.pid}.sock").exists()
+            assert (d / "notes.sock").read_text() == "not ours"
+        finally:
+            ctl.close()
+    finally:
+        live.kill()
+        live.wait(timeout=30)
