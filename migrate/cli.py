@@ -319,7 +319,7 @@ def _precopy_guest(args, rep: Reporter):
     rep.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of {guest.page_size}",
               pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
     gp = GuestPause(guest)
-    policy = SwitchPolicy(below=args.switch_below, after=args.switch_after)
+    policy = SwitchPolicy(below=args.switch_below, after=args.switch_after, stall=args.switch_stall)
     return _PrecopyGuest(listener, guest, Precopy(tracker, rep, policy, pause=gp.pause, resume=gp.resume))
 
 
@@ -625,7 +625,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attach-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                    help="(--precopy) how long to wait for the source guest (default 60)")
     s.add_argument("--switch-below", type=int, default=1024, metavar="PAGES",
-                   help="(--precopy) switch once a round leaves at most this many pages written (default 1024)")
+                   help="(--precopy) switch once a round leaves at most this many pages written (default 1024; -1: "
+                        "never for this reason)")
+    s.add_argument("--switch-stall", type=int, default=3, metavar="ROUNDS",
+                   help="(--precopy) switch once the pages written per round stopped shrinking for this many "
+                        "rounds (default 3; 0: never for this reason)")
     s.add_argument("--switch-after", type=_seconds, default=0.0, metavar="SECONDS",
                    help="(--precopy) switch after this long in pre-copy (default 0: no limit); SIGUSR1 or "
                         "`migrate status --source PATH --switch` switches after the current round")

@@ -59,7 +59,7 @@ class SwitchPolicy:
         if self.after and elapsed >= self.after:
             return f"--switch-after {self.after:g} s"
         recent = history[-(self.stall + 1):]
-        if len(recent) > self.stall and all(b >= a for a, b in zip(recent, recent[1:])):
+        if self.stall > 0 and len(recent) > self.stall and all(b >= a for a, b in zip(recent, recent[1:])):
             return f"the written set stopped shrinking ({', '.join(map(str, recent))} pages)"
         return None
 
