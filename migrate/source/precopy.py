@@ -139,12 +139,22 @@ class Precopy:
         count = pages.count()
 
         def batches():
+            # a batch takes pages from several runs: written pages are mostly scattered
             yield pb.PageBatch(session_id=src.session, token=src.token)
+            batch: list[int] = []
             for first, n in pages.runs():
-                for at in range(first, first + n, per):
-                    if src.stop.is_set():
-                        return
-                    yield enc.encode(list(range(at, min(first + n, at + per))))
+                at = first
+                while at < first + n:
+                    take = min(first + n - at, per - len(batch))
+                    batch.extend(range(at, at + take))
+                    at += take
+                    if len(batch) == per:
+                        if src.stop.is_set():
+                            return
+                        yield enc.encode(batch)
+                        batch = []
+            if batch:
+                yield enc.encode(batch)
 
         t0 = time.monotonic()
         try:
