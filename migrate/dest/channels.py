@@ -145,6 +145,10 @@ class Channels:
         p = self.m.precopy
         return p is None or p.switched
 
+    def start_receiver(self, t: threading.Thread) -> None:
+        """Starts a thread that places or maps pages (joined at teardown)."""
+        self._start(t)
+
     def _start(self, t: threading.Thread) -> None:
         with self.lock:
             self.receivers = [r for r in self.receivers if r.is_alive()]

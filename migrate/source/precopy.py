@@ -82,6 +82,7 @@ class Precopy:
         self.final_pages = 0
         self.paused = False
         self.switched = False
+        self.switch_ms = 0.0      # from asking the guest to pause to the destination's answer to Switch
 
     def request_switch(self) -> dict:
         """A person asked for the switch (control socket): after the current round."""
@@ -116,19 +117,24 @@ class Precopy:
         t_pause = time.monotonic()
         self.pause()
         self.paused = True
+        t_paused = time.monotonic()
         final = self.tracker.scan(pending)
         self.final_pages = pending.count()
         written = [p for first, n in pending.runs() for p in range(first, first + n)]
-        # the guest no longer writes: its RAM is as it will be served
-        self.tracker.close()
+        t_rpc = time.monotonic()
         reply = src.wait_rpc(stub.Switch.future(pb.SwitchRequest(session_id=src.session, token=src.token,
                                                                  written=written)))
         self.switched = True
+        t_end = time.monotonic()
+        # the guest no longer writes: its RAM is as it will be served (off the switch's path)
+        self.tracker.close()
+        self.switch_ms = round((t_end - t_pause) * 1000, 2)
         self.reporter.event("switch", f"switched after {len(self.rounds)} rounds ({why}): {self.final_pages} "
-                            f"pages written since their copy are fetched again, {reply.pages_received} mapped at "
-                            f"the destination", rounds=len(self.rounds), reason=why, pages_written=self.final_pages,
-                            pages_received=reply.pages_received, final_scan_ms=round(final.seconds * 1000, 3),
-                            switch_ms=round((time.monotonic() - t_pause) * 1000, 2))
+                            f"pages written since their copy are fetched again, {reply.pages_received} received at "
+                            f"the destination ({self.switch_ms} ms from the pause)", rounds=len(self.rounds),
+                            reason=why, pages_written=self.final_pages, pages_received=reply.pages_received,
+                            pause_ms=round((t_paused - t_pause) * 1000, 2), final_scan_ms=round(final.seconds * 1000, 3),
+                            switch_rpc_ms=round((t_end - t_rpc) * 1000, 2), switch_ms=self.switch_ms)
         return reply
 
     def _round(self, src, stub, pages: PageBitmap) -> tuple[int, float]:
@@ -176,7 +182,7 @@ class Precopy:
     def summary(self) -> dict:
         return {"precopy_rounds": len(self.rounds), "precopy_protect_ms": self.protect_ms,
                 "precopy_pages_sent": sum(r["pages_sent"] for r in self.rounds),
-                "precopy_final_written": self.final_pages,
+                "precopy_final_written": self.final_pages, "precopy_switch_ms": self.switch_ms,
                 "precopy_scan_ms_max": max((r["scan_ms"] for r in self.rounds), default=0.0),
                 "rounds": self.rounds}
 
