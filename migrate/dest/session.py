@@ -300,7 +300,7 @@ class Migration:
         self.reporter.event("switch", f"pre-copy ended: {n} pages received ({self.precopy.commit_s * 1000:.2f} ms), "
                             f"{again} written since to fetch again", session=self.id, pages_received=n,
                             pages_written=again, commit_ms=round(self.precopy.commit_s * 1000, 3))
-        self.channels.watch_demand_deadline(gen)
+        self.channels.watch_demand_deadline(gen, "Switch")
         self.channels.start_receiver(threading.Thread(target=self._map_precopied, args=(gen,),
                                                       name=f"precopy-map-{self.id}", daemon=True))
         return pb.SwitchReply(pages_received=n, received_bitmap=self.space.received.to_bytes())
