@@ -370,3 +370,15 @@ def test_no_demand_or_push_channel_before_the_switch(waiting):
                                          else "push channels open after the switch"))
     assert not [e for e in lm.guest.lines if e.get("event") == "running"]
     ch.close()
+
+
+@pytest.mark.timeout(180)
+def test_bench_precopy_reports_the_fault_fraction(host, huge_pages):
+    need_wp(host, "tmpfs", huge_pages)
+    from benchmarks import precopy
+    r = precopy.measure(size=32 * M, log=lambda _: None)
+    assert r["ok"], r
+    assert r["pages_total"] == 32 * M // 4096
+    assert 0 <= r["precopy_fault_fraction"] == r["demand_faults_after_switch"] / r["pages_total"]
+    assert r["pages_per_round"][0] == r["pages_total"] and r["rounds"] == len(r["pages_per_round"])
+    assert r["protect_all_ms"] > 0 and r["scan_ms_max"] > 0 and r["precopy_guest_slowdown"] > 0
