@@ -401,3 +401,27 @@ def test_bench_precopy_reports_the_fault_fraction(host, huge_pages):
     assert 0 <= r["precopy_fault_fraction"] == r["demand_faults_after_switch"] / r["pages_total"]
     assert r["pages_per_round"][0] == r["pages_total"] and r["rounds"] == len(r["pages_per_round"])
     assert r["protect_all_ms"] > 0 and r["scan_ms_max"] > 0 and r["precopy_guest_slowdown"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_destination_killed_after_the_switch_leaves_the_source_guest_paused(tmp_path, host, huge_pages):
+    """After the switch the guest may run at the destination: a source guest
+    whose agent gives up then stays paused (never two running copies)."""
+    need_wp(host, "tmpfs", huge_pages)
+    with PrecopyMigration(str(tmp_path), 32 * M, **busy(dict(seed=12, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0", "--max-rate", "1M", "--recovery-window", "0")))) as lm:
+        lm.start()
+        os.kill(lm.guest.p.pid, signal.SIGSTOP)   # no demand: the push alone, slowly, brings the rest
+        lm.source.wait_event("round", 60)
+        os.kill(lm.source.p.pid, signal.SIGUSR1)
+        sw = lm.source.wait_event("switch", 60)
+        assert sw["pages_written"] > 0
+        lm.dest.kill()
+        os.kill(lm.guest.p.pid, signal.SIGCONT)
+        assert lm.source.wait(60) == 1
+        ev = lm.source_guest.wait_event("agent_lost", 30)
+        assert ev["paused"] is True
+        a = lm.source_guest.wait_event("writes", 30)
+        b = lm.source_guest.wait_event("writes", 30)
+        assert a["writes"] == b["writes"] == ev["writes"]
+        assert lm.source_guest.p.poll() is None
