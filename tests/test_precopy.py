@@ -193,6 +193,10 @@ def test_switch_when_asked(tmp_path, host, huge_pages, how):
         if how == "signal":
             os.kill(lm.source.p.pid, signal.SIGUSR1)
         else:
+            r = subprocess.run([sys.executable, "-m", "migrate", "status", "--source", lm.control, "--json"],
+                               capture_output=True, text=True, timeout=30)
+            m = json.loads(r.stdout)["migrations"][0]
+            assert m["state"] == "connected" and m["precopy_rounds"][-1]["round"] >= 2
             r = subprocess.run([sys.executable, "-m", "migrate", "status", "--source", lm.control, "--switch"],
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 0, r.stderr
