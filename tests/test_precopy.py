@@ -412,11 +412,12 @@ def test_destination_killed_after_the_switch_leaves_the_source_guest_paused(tmp_
     """After the switch the guest may run at the destination: a source guest
     whose agent gives up then stays paused (never two running copies)."""
     need_wp(host, "tmpfs", huge_pages)
-    with PrecopyMigration(str(tmp_path), 32 * M, **busy(dict(seed=12, source_args=(
-            "--switch-below", "-1", "--switch-stall", "0", "--max-rate", "1M", "--recovery-window", "0")))) as lm:
+    with PrecopyMigration(str(tmp_path), 16 * M, **busy(dict(seed=12, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0", "--max-rate", "4M", "--recovery-window", "0")))) as lm:
         lm.start()
         os.kill(lm.guest.p.pid, signal.SIGSTOP)   # no demand: the push alone, slowly, brings the rest
-        lm.source.wait_event("round", 60)
+        r1 = lm.source.wait_event("round", 60)
+        assert r1["seconds"] >= 0.9 * 16 / 4   # --max-rate paces pre-copy too
         os.kill(lm.source.p.pid, signal.SIGUSR1)
         sw = lm.source.wait_event("switch", 60)
         assert sw["pages_written"] > 0
