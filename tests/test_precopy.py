@@ -430,3 +430,22 @@ def test_destination_killed_after_the_switch_leaves_the_source_guest_paused(tmp_
         b = lm.source_guest.wait_event("writes", 30)
         assert a["writes"] == b["writes"] == ev["writes"]
         assert lm.source_guest.p.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_source_guest_gone_mid_precopy(tmp_path, host, huge_pages):
+    """The source guest's process exits during pre-copy: the source agent
+    says so and exits 1; the destination drops it and waits."""
+    need_wp(host, "tmpfs", huge_pages)
+    with PrecopyMigration(str(tmp_path), 32 * M, **busy(dict(seed=13, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0")))) as lm:
+        lm.start()
+        lm.source.wait_event("round", 60)
+        pid = lm.source_guest.p.pid
+        lm.source_guest.kill()
+        assert lm.source.wait(60) == 1
+        # (no switch comes here: the next scan finds it gone)
+        assert lm.source.errors()[-1] == (f"the source guest (pid {pid}) went away during pre-copy: nothing is "
+                                          "left to migrate")
+        ev = lm.dest.wait_event("disconnected", 30)
+        assert ev["received"] == 0

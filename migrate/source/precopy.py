@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from migrate.errors import AttachError, SourceError
+from migrate.errors import AttachError, SourceError, SourceGuestGone
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
@@ -264,7 +264,8 @@ class GuestPause:
             sock.settimeout(PAUSE_TIMEOUT)
             msg, _ = recv_msg(sock)
         except (OSError, AttachError) as e:
-            raise SourceError(f"pausing the source guest (pid {self.guest.pid}): {e}") from None
+            raise SourceGuestGone(f"pausing the source guest (pid {self.guest.pid}): it went away ({e}): nothing "
+                                  "is left to migrate") from None
         finally:
             sock.settimeout(None)
         if msg.get("event") != "paused":
