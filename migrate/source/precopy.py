@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from migrate.errors import AttachError, SourceError, SourceGuestGone
+from migrate.errors import AttachError, MigrateError, SourceError, SourceGuestGone
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
@@ -273,3 +273,75 @@ class GuestPause:
 
     def resume(self) -> None:
         self.guest.notify("resume")
+
+
+class SourceGuest:
+    """`source --precopy`: the source guest attached to this agent, its write
+    tracking and its Precopy. Owns the attach listener and the guest's
+    descriptors until close()."""
+
+    def __init__(self, listener, guest, precopy: Precopy):
+        self.listener, self.guest, self.precopy = listener, guest, precopy
+        self.completed = False   # the migration completed: the guest runs at the destination
+
+    @classmethod
+    def accept(cls, path: str, timeout: float, reporter: Reporter, policy: SwitchPolicy) -> "SourceGuest":
+        """Listens on path (the attach protocol's agent end, as a destination
+        agent listens: migrate.dest.attach) for the source guest, sets up its
+        write tracking and acks it. Raises a MigrateError saying why not."""
+        import os
+        import socket
+
+        from migrate.dest.attach import AttachListener, StatusRequest
+        from migrate.uffd import Userfaultfd
+
+        listener = AttachListener(path)
+        reporter.event("listening", f"waiting for the source guest on {path}", attach=path)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    if left <= 0:
+                        raise socket.timeout()
+                    got = listener.accept(timeout=left)
+                except socket.timeout:
+                    raise SourceError(f"no source guest attached to {path} within {timeout:g} s") from None
+                except AttachError as e:
+                    reporter.event("error", f"attach refused: {e}")
+                    continue
+                if isinstance(got, StatusRequest):
+                    got.answer({"role": "source", "pid": os.getpid(), "migrations": []})
+                    continue
+                break
+        except BaseException:
+            listener.close()
+            raise
+        guest = got
+        try:
+            tracker = WriteTracker(Userfaultfd(guest.uffd_fd, owned=False), guest.pid, guest.regions,
+                                   guest.page_size)
+        except MigrateError as e:
+            guest.nack(str(e))
+            guest.close()
+            listener.close()
+            raise SourceError(f"write tracking for the source guest: {e}") from None
+        guest.ack()
+        reporter.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of "
+                       f"{guest.page_size}", pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
+        gp = GuestPause(guest)
+        return cls(listener, guest, Precopy(tracker, reporter, policy, pause=gp.pause, resume=gp.resume))
+
+    @property
+    def ram_path(self) -> str:
+        """Where this agent opens the guest's RAM (the fd it received)."""
+        return f"/proc/self/fd/{self.guest.ram_fd}"
+
+    def close(self) -> None:
+        """Closing the attach socket before the switch lets the guest write
+        on (the agent has resumed it); after the switch the guest stays
+        paused whatever happened, and hears "complete" only if it is."""
+        if self.completed:
+            self.guest.notify("complete")
+        self.guest.close()
+        self.listener.close()
