@@ -208,10 +208,14 @@ def cmd_source(args) -> int:
         except HintsError as e:
             rep.event("error", str(e))
             ram.close()
+            if pre is not None:
+                pre.close()
             return exits.USAGE
     observers = _source_observers(args, rep, ram, tls, kw)
     if observers is None:
         ram.close()
+        if pre is not None:
+            pre.close()
         return exits.USAGE
     vm = {}
     _stop_on_signals()
