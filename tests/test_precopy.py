@@ -449,3 +449,28 @@ def test_source_guest_gone_mid_precopy(tmp_path, host, huge_pages):
                                           "left to migrate")
         ev = lm.dest.wait_event("disconnected", 30)
         assert ev["received"] == 0
+
+
+@pytest.mark.parametrize("args, error", [
+    ([], "--precopy needs --attach SOCKET: the source guest attaches there (guestsim --role source, or QEMU "
+         "with the shim)"),
+    (["--attach", "/nonexistent-dir/x.sock", "--ram", "/dev/null"],
+     "--precopy takes the guest's RAM from its attach: give neither --ram, --qmp nor --resume"),
+])
+@pytest.mark.timeout(60)
+def test_precopy_usage_errors(args, error):
+    r = subprocess.run([sys.executable, "-m", "migrate", "source", "--precopy", "--to", "127.0.0.1:9", "--json",
+                        *args], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 2
+    assert json.loads(r.stdout.splitlines()[-1]) == {"event": "error", "message": error}
+
+
+@pytest.mark.timeout(60)
+def test_no_source_guest_attaches(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "migrate", "source", "--precopy", "--to", "127.0.0.1:9", "--json",
+                        "--attach", str(tmp_path / "src.sock"), "--attach-timeout", "0.5"],
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode == 2
+    assert json.loads(r.stdout.splitlines()[-1])["message"] == (
+        f"no source guest attached to {tmp_path / 'src.sock'} within 0.5 s")
+    assert not os.path.exists(tmp_path / "src.sock")
