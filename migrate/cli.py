@@ -577,9 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attach", metavar="SOCKET", help="(--precopy) where the source guest attaches")
     s.add_argument("--attach-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                    help="(--precopy) how long to wait for the source guest (default 60)")
-    s.add_argument("--switch-below", type=int, default=1024, metavar="PAGES",
-                   help="(--precopy) switch once a round leaves at most this many pages written (default 1024; -1: "
-                        "never for this reason)")
+    s.add_argument("--switch-below", type=int, default=None, metavar="PAGES",
+                   help="(--precopy) switch once a round leaves at most this many pages written (default: 4 MiB "
+                        "of them, 1024 pages of 4 KiB; -1: never for this reason)")
     s.add_argument("--switch-stall", type=int, default=3, metavar="ROUNDS",
                    help="(--precopy) switch once the pages written per round stopped shrinking for this many "
                         "rounds (default 3; 0: never for this reason)")

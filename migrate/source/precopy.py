@@ -26,6 +26,7 @@ removed and the guest is resumed if it was paused. See docs/precopy.md.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -41,15 +42,25 @@ from migrate.source.session import rpc_error
 from migrate.source.wp import WriteTracker
 from migrate.wire.protocol import BatchEncoder
 
+SWITCH_BELOW_BYTES = 4 << 20   # --switch-below's default, as RAM: 1024 pages of 4 KiB
 STALL_ROUNDS = 3          # rounds whose written set did not shrink before the switch comes anyway
 PAUSE_TIMEOUT = 10.0      # s the guest may take to say it paused
 
 
 @dataclass(frozen=True)
 class SwitchPolicy:
-    below: int = 1024     # --switch-below PAGES: switch once a round leaves at most this many written
+    # --switch-below PAGES: switch once a round leaves at most this many
+    # written; None: SWITCH_BELOW_BYTES of the guest's pages (for_pages)
+    below: int | None = None
     after: float = 0.0    # --switch-after SECONDS: switch after this long in pre-copy (0: no limit)
     stall: int = STALL_ROUNDS
+
+    def for_pages(self, page_size: int) -> "SwitchPolicy":
+        """The policy with its default below for pages of page_size (1024 of
+        4 KiB, 2 of 2 MiB: the same RAM left to fetch after the switch)."""
+        if self.below is not None:
+            return self
+        return dataclasses.replace(self, below=max(1, SWITCH_BELOW_BYTES // page_size))
 
     def why(self, written: int, history: list[int], elapsed: float, asked: bool) -> str | None:
         """Why to switch now, or None to go on with another round."""
@@ -74,7 +85,7 @@ class Precopy:
     def __init__(self, tracker: WriteTracker, reporter: Reporter, policy: SwitchPolicy, *, pause, resume):
         self.tracker = tracker
         self.reporter = reporter
-        self.policy = policy
+        self.policy = policy.for_pages(tracker.page_size)
         self.pause = pause
         self.resume = resume
         self.switch_now = threading.Event()
