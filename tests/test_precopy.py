@@ -474,3 +474,30 @@ def test_no_source_guest_attaches(tmp_path):
     assert json.loads(r.stdout.splitlines()[-1])["message"] == (
         f"no source guest attached to {tmp_path / 'src.sock'} within 0.5 s")
     assert not os.path.exists(tmp_path / "src.sock")
+
+
+@pytest.mark.timeout(120)
+def test_an_idle_guest_waits_between_scans(tmp_path, host, huge_pages):
+    """Rounds that find nothing written wait IDLE_ROUND before the next scan
+    (and keep the stream alive) rather than spin."""
+    need_wp(host, "tmpfs", huge_pages)
+    from migrate.source.precopy import IDLE_ROUND
+    with PrecopyMigration(str(tmp_path), 16 * M, write_pages=1, write_every_ms=600_000, seed=14, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0", "--switch-after", "1")) as lm:
+        out = lm.run(100)
+        check_verified(out)
+        rounds = events(lm.source, "round")
+        idle = [r for r in rounds if r["pages_sent"] == 0]
+        assert idle and all(r["seconds"] >= IDLE_ROUND for r in idle)
+        assert len(rounds) <= 2 + 1.0 / IDLE_ROUND
+
+
+@pytest.mark.timeout(120)
+def test_a_precopy_stream_on_a_plain_session_is_refused(waiting):
+    lm = waiting
+    ch, stub, w = open_precopy(lm, precopy=False)
+    e = refusal(lambda: precopy_pages(stub, w, [1]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "Precopy stream on a session opened without Hello.precopy"
+    lm.dest.wait_event("disconnected", 30)
+    ch.close()

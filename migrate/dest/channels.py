@@ -81,6 +81,10 @@ class Channels:
             old.cancel()
         timer.start()
 
+    def cancel_demand_deadline(self) -> None:
+        """(A pre-copy source's stream is open: migrate.dest.precopy.)"""
+        self._cancel_demand_deadline()
+
     def _cancel_demand_deadline(self) -> None:
         with self.lock:
             timer, self.demand_timer = self.demand_timer, None

@@ -44,6 +44,7 @@ from migrate.wire.protocol import BatchEncoder
 
 SWITCH_BELOW_BYTES = 4 << 20   # --switch-below's default, as RAM: 1024 pages of 4 KiB
 STALL_ROUNDS = 3          # rounds whose written set did not shrink before the switch comes anyway
+IDLE_ROUND = 0.05         # s a round with nothing to send waits before the next scan
 PAUSE_TIMEOUT = 10.0      # s the guest may take to say it paused
 
 
@@ -105,6 +106,9 @@ class Precopy:
         """The rounds and the switch, on src's open session (migrate.source.session.Source)."""
         ram = src.ram
         npages = ram.npages
+        # the stream first: the destination wants it within 15 s of Open,
+        # and protecting a large guest takes about 10 ms a GiB
+        stream = _Stream(src, stub)
         self.protect_ms = round(self.tracker.protect_all() * 1000, 3)
         self.reporter.event("precopy", f"write tracking on {npages} pages ({self.protect_ms} ms to protect all)",
                             pages=npages, protect_ms=self.protect_ms)
@@ -115,7 +119,6 @@ class Precopy:
         # One Precopy stream for every round: while it is open the destination
         # knows its source is there (a source lost between two streams would
         # leave it waiting); it ends, all written, before the Switch.
-        stream = _Stream(src, stub)
         while True:
             sent, secs = self._round(stream, src, pending)
             scan = self.tracker.scan()
@@ -158,9 +161,17 @@ class Precopy:
         """Sends pages on the pre-copy stream; returns (pages, seconds) once
         gRPC has taken the last batch."""
         ram = src.ram
+        t0 = time.monotonic()
+        if not pages.count():
+            # nothing written since: wait a little before the next scan rather
+            # than spin, and keep the stream alive (the destination drops a
+            # stream silent for 2 minutes)
+            stream.put(pb.PageBatch())
+            time.sleep(IDLE_ROUND)
+            stream.drain()
+            return 0, time.monotonic() - t0
         per = max(1, src.batch_bytes // ram.page_size)
         enc = BatchEncoder(ram.addr, ram.page_size, per, src.compress)
-        t0 = time.monotonic()
         sent = 0
 
         def put(batch: list[int]) -> None:
