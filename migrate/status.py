@@ -13,9 +13,12 @@ The snapshot of one migration is a flat dict, the same keys on both sides:
 | `gbps`, `eta_s` | guest RAM moved per second since the source connected, and the time left at that rate |
 | `faults`, `faults_fast`, `faults_demand`, `fault_p50_us`, `fault_p99_us` | the guest's faults, those answered at once, those that waited for the source, and that wait |
 | `vcpus` | per guest thread that waited for the source: `tid`, `vcpu` (an index where known), `faults`, `blocked_s` |
+| `precopy_rounds` | `source --precopy` only: its last three `round` events (docs/precopy.md) |
 
 The control socket speaks the attach framing (`[u32 BE length][JSON]`): the
-request `{"request": "status"}`, the answer `{"ok": true, "status": {...}}`.
+request `{"request": "status"}`, the answer `{"ok": true, "status": {...}}`
+(a `source --precopy` also takes `{"request": "switch"}`: switch after the
+current round).
 It lives in a private directory (0700) as a 0600 socket, and both ends ask the
 kernel who is on the other (SO_PEERCRED): root or the same uid only.
 """
@@ -204,9 +207,12 @@ class ControlSocket:
     uid, one at a time, each within CONTROL_TIMEOUT. Owns the socket file and
     removes it on close(). snapshot() gives the status to answer."""
 
-    def __init__(self, path: str, snapshot):
+    def __init__(self, path: str, snapshot, actions: dict | None = None):
         self.path = path
         self.snapshot = snapshot
+        # requests beyond status, name -> fn() returning the answer's fields
+        # (source --precopy: "switch")
+        self.actions = actions or {}
         _private_dir(os.path.dirname(os.path.abspath(path)))
         _sweep_dead(os.path.dirname(os.path.abspath(path)))
         if os.path.lexists(path):
@@ -257,6 +263,10 @@ class ControlSocket:
             _send(conn, {"ok": False, "error": "not authorised: this socket answers root and its own uid only"})
             return
         req = _recv(conn, MAX_REQUEST, "control request")
+        action = self.actions.get(req.get("request"))
+        if action is not None:
+            _send(conn, {"ok": True, "status": action()})
+            return
         if req.get("request") != "status":
             _send(conn, {"ok": False, "error": f"unknown request {str(req.get('request'))[:40]!r}: "
                          "this socket answers {\"request\": \"status\"}"})

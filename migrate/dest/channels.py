@@ -72,9 +72,10 @@ class Channels:
         self.taking = True    # False once the migration is torn down: no receiver starts after
         self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
 
-    def watch_demand_deadline(self, gen: int) -> None:
-        """A source that never opens its demand channel is not serving this guest."""
-        timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen,))
+    def watch_demand_deadline(self, gen: int, since: str = "Open") -> None:
+        """A source that never opens its demand channel is not serving this
+        guest. since: what it was due after (Open, or pre-copy's end)."""
+        timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen, since))
         timer.daemon = True
         with self.lock:
             old, self.demand_timer = self.demand_timer, timer
@@ -82,15 +83,19 @@ class Channels:
             old.cancel()
         timer.start()
 
+    def cancel_demand_deadline(self) -> None:
+        """(A pre-copy source's stream is open: migrate.dest.precopy.)"""
+        self._cancel_demand_deadline()
+
     def _cancel_demand_deadline(self) -> None:
         with self.lock:
             timer, self.demand_timer = self.demand_timer, None
         if timer is not None:
             timer.cancel()
 
-    def _demand_deadline(self, gen: int) -> None:
+    def _demand_deadline(self, gen: int, since: str = "Open") -> None:
         if self.demand is None and gen == self.m.machine.source_gen:
-            self.m.source_lost(gen, f"no demand channel within {DEMAND_CONNECT_TIMEOUT:.0f} s of Open")
+            self.m.source_lost(gen, f"no demand channel within {DEMAND_CONNECT_TIMEOUT:.0f} s of {since}")
 
     def attach_demand(self, sock: socket.socket, gen: int) -> bool:
         """The demand channel of source gen (the one whose token its hello
@@ -100,7 +105,7 @@ class Channels:
         caller closes the channel."""
         m = self.m
         with self.lock:
-            if not self.taking or not m.machine.serves(gen):
+            if not self.taking or not m.machine.serves(gen) or not self._switched():
                 return False
             old, self.demand, self.demand_gen = self.demand, sock, gen
         if old is not None:
@@ -117,6 +122,9 @@ class Channels:
         if m.machine.switch_over(gen):
             # the guest may run now: every fault it takes has a source to go to
             m.guest.notify("switchover")
+            if m.space.received_count == m.npages:
+                m.complete()   # pre-copy brought every page and none was written since
+                return True    # (nothing is left to ask for: the channel closes with the migration)
         return self._start(threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}",
                                             daemon=True))
 
@@ -130,6 +138,8 @@ class Channels:
                 return "its migration has ended"
             if not self.m.machine.serves(gen):
                 return "its source is no longer this session's"
+            if not self._switched():
+                return "its source is still in pre-copy: push channels open after the switch"
             if sum(g == gen for g in self.push.values()) >= PUSH_CHANNELS:
                 return f"its source has {PUSH_CHANNELS} push channels open already, the most a source may"
             self.push[sock] = gen
@@ -141,6 +151,15 @@ class Channels:
                 self.push.pop(sock, None)
             return "its migration has ended"
         return None
+
+    def _switched(self) -> bool:
+        """Not in pre-copy, or past its switch: the guest may be served."""
+        p = self.m.precopy
+        return p is None or p.switched
+
+    def start_receiver(self, t: threading.Thread) -> bool:
+        """Starts a thread that places or maps pages (joined at teardown)."""
+        return self._start(t)
 
     def _start(self, t: threading.Thread) -> bool:
         """Starts a receiver, unless the migration is being torn down (False):
