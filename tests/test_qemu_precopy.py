@@ -1,0 +1,109 @@
+"""Pre-copy with a real QEMU (issue 20): the writing guest, and QEMU's own
+pre-copy-then-post-copy, the baseline `migrate bench --qemu --precopy`
+compares this engine's pre-copy with.
+
+The guest is examples/qemu's memfill with its writer on (memfill_write=N on
+the guest's kernel command line): N random pages every 100 ms, each with a
+per-page generation kept in guest RAM, and VERIFY checks every page against
+its last one, so a write a migration lost shows as VERIFY BAD. The first
+test checks that on the host, without QEMU: memfill is an ordinary static
+Linux program, and a lost write is made by hand through /proc/PID/mem.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+
+from tests.test_qemu import EXAMPLES, guest  # noqa: F401 - the module-scoped guest fixture
+
+MEM_MB = 384
+M64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & M64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & M64
+    return x ^ (x >> 31)
+
+
+def _page(p: int, gen: int) -> bytes:
+    """Page p at generation gen, as memfill writes it."""
+    return struct.pack("<512Q", *(_splitmix64((p * 512 + i) ^ (gen << 40)) for i in range(512)))
+
+
+def _anon_mapping(pid: int, size: int) -> int:
+    """The start of pid's one private anonymous mapping of exactly `size` bytes."""
+    found = []
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if hi - lo == size and len(parts) == 5:
+                found.append(lo)
+    assert len(found) == 1, f"mappings of {size} bytes in pid {pid}: {found}"
+    return found[0]
+
+
+def _read_until(proc, pattern: str, timeout: float = 30) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        m = re.search(pattern, line)
+        if m:
+            return m
+    raise AssertionError(f"memfill printed no /{pattern}/ within {timeout} s")
+
+
+@pytest.mark.timeout(60)
+def test_the_writers_verify_catches_a_lost_write(tmp_path):
+    """memfill -w on the host: every page verifies against its last
+    generation after the writer's ticks; then one written page is put back
+    to its fill pattern (a write a migration would have lost, the page sent
+    before it was written and never again) and VERIFY names that page."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is missing (apt-get install gcc)")
+    if os.geteuid() != 0:
+        pytest.skip("needs root: writes another process's memory through /proc/PID/mem")
+    exe = tmp_path / "memfill"
+    subprocess.run(["gcc", "-static", "-O2", "-o", str(exe), os.path.join(EXAMPLES, "guest", "memfill.c")],
+                   check=True, timeout=60)
+    pages = 4096   # 16 MiB; its generation table is 16 KiB
+    # a tick of 200 ms: the page is put back well inside the pause after a
+    # verify, before the writer's next tick
+    proc = subprocess.Popen([str(exe), "-m", "16", "-w", "256", "-t", "200"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True, bufsize=1)
+    try:
+        _read_until(proc, r"WRITER 256 pages every 200 ms")
+        ticks = [int(_read_until(proc, r"TICK (\d+) \d+").group(1)) for _ in range(4)]
+        assert ticks == [1, 2, 3, 4]
+        proc.stdin.write("\n")
+        assert _read_until(proc, r"VERIFY \w+ \d+").group(0) == f"VERIFY OK {pages}"
+        proc.send_signal(signal.SIGSTOP)   # no tick while the page is put back
+        buf = _anon_mapping(proc.pid, pages * 4096)
+        table = _anon_mapping(proc.pid, pages * 4)
+        with open(f"/proc/{proc.pid}/mem", "r+b", buffering=0) as mem:
+            mem.seek(table)
+            gens = struct.unpack(f"<{pages}I", mem.read(pages * 4))
+            assert sum(gens) == 4 * 256   # four ticks of 256 pages
+            lost = next(p for p, g in enumerate(gens) if g >= 2)
+            mem.seek(buf + lost * 4096)
+            assert mem.read(4096) == _page(lost, gens[lost])   # memfill's pattern, computed here
+            mem.seek(buf + lost * 4096)
+            mem.write(_page(lost, gens[lost] - 1))   # its write before last: the last one lost
+        proc.stdin.write("\n")   # read before the next tick is due
+        proc.send_signal(signal.SIGCONT)
+        m = _read_until(proc, r"VERIFY (OK|BAD) (\d+)[^\n]*")
+        assert m.group(1) == "BAD" and int(m.group(2)) == lost, m.group(0)
+        assert m.group(0).endswith(f" gen {gens[lost]}"), m.group(0)
+    finally:
+        proc.kill()
+        proc.wait(10)
