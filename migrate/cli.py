@@ -163,6 +163,12 @@ def cmd_source(args) -> int:
         rep.event("error", "--quit-source quits the source QEMU reached with --qmp SOCKET: give --qmp too")
         return exits.USAGE
     ram_path = args.ram
+    pre = None
+    if args.precopy:
+        pre = _precopy_guest(args, rep)
+        if pre is None:
+            return exits.USAGE
+        ram_path = f"/proc/self/fd/{pre.guest.ram_fd}"
     if ram_path is None:
         if not args.qmp:
             rep.event("error", "--ram FILE is needed without --qmp (with --qmp the source QEMU's RAM backend is "
@@ -178,15 +184,23 @@ def cmd_source(args) -> int:
         rep.event("ram", f"serving {backend.describe()}", path=backend.path, backend=backend.id,
                   kind=backend.kind, size=backend.size, pid=backend.pid)
     try:
-        ram = RamImage(ram_path, page_size=args.page_size, size=args.size)
+        ram = RamImage(ram_path, page_size=pre.guest.page_size if pre else args.page_size,
+                       size=pre.guest.ram_size if pre else args.size)
     except MigrateError as e:
         rep.event("error", str(e))
+        if pre is not None:
+            pre.close()
         return exits.USAGE
+    if pre is not None:
+        ram.path = f"the source guest's RAM (pid {pre.guest.pid})"
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
               dest_timeout=args.dest_timeout, tls=tls, pace=args.pace,
               locality_window=None if args.locality_window == "auto" else int(args.locality_window))
+    if pre is not None:
+        kw["precopy"] = pre.precopy
+        signal.signal(signal.SIGUSR1, lambda *_: pre.precopy.switch_now.set())
     if args.hints:
         from migrate.hints import HintsError, read
         try:
@@ -218,6 +232,8 @@ def cmd_source(args) -> int:
         for x in observers:
             x.close()
         ram.close()
+        if pre is not None:
+            pre.close()
     f = res.finish
     s = {"session": res.session, "pages_total": res.pages_total, "pages_demand": f.pages_demand,
          "pages_pushed": f.pages_pushed, "pages_zero": f.pages_zero, "pages_sent_push": res.pages_sent_push,
@@ -226,11 +242,85 @@ def cmd_source(args) -> int:
          "demand_prescanned": res.prescanned,
          "push_zero_blocks": res.push_zero_blocks, "hole_pages": res.hole_pages,
          "seconds": round(res.seconds, 3),
-         "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage()}
+         "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage(),
+         **(pre.precopy.summary() if pre is not None else {})}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
                    f"{res.wire_bytes} wire bytes); destination placed {f.pages_demand} demand, "
                    f"{f.pages_pushed} pushed, {f.pages_zero} zero")
     return exits.COMPLETED
+
+
+class _PrecopyGuest:
+    """source --precopy: the attached source guest, its write tracking and
+    its Precopy (migrate.source.precopy). Owns the listener and the guest."""
+
+    def __init__(self, listener, guest, precopy):
+        self.listener, self.guest, self.precopy = listener, guest, precopy
+
+    def close(self) -> None:
+        if self.precopy.switched:
+            self.guest.notify("complete")   # its RAM was served; the guest stays paused until it exits
+        self.guest.close()
+        self.listener.close()
+
+
+def _precopy_guest(args, rep: Reporter):
+    """Waits for the source guest's attach on --attach and sets up its write
+    tracking; None when it cannot (reported)."""
+    from migrate.dest.attach import AttachListener, StatusRequest
+    from migrate.source.precopy import GuestPause, Precopy, SwitchPolicy
+    from migrate.source.wp import WriteTracker
+    from migrate.uffd import Userfaultfd
+
+    import socket
+    import time
+
+    if not args.attach:
+        rep.event("error", "--precopy needs --attach SOCKET: the source guest attaches there (guestsim --role "
+                  "source, or QEMU with the shim)")
+        return None
+    if args.ram or args.qmp or args.resume:
+        rep.event("error", "--precopy takes the guest's RAM from its attach: give neither --ram, --qmp nor --resume")
+        return None
+    try:
+        listener = AttachListener(args.attach)
+    except MigrateError as e:
+        rep.event("error", str(e))
+        return None
+    rep.event("listening", f"waiting for the source guest on {args.attach}", attach=args.attach)
+    deadline = time.monotonic() + args.attach_timeout
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            if left <= 0:
+                raise socket.timeout()
+            got = listener.accept(timeout=left)
+        except socket.timeout:
+            rep.event("error", f"no source guest attached to {args.attach} within {args.attach_timeout:g} s")
+            listener.close()
+            return None
+        except MigrateError as e:
+            rep.event("error", f"attach refused: {e}")
+            continue
+        if isinstance(got, StatusRequest):
+            got.answer({"role": "source", "pid": os.getpid(), "migrations": []})
+            continue
+        break
+    guest = got
+    try:
+        tracker = WriteTracker(Userfaultfd(guest.uffd_fd, owned=False), guest.pid, guest.regions, guest.page_size)
+    except MigrateError as e:
+        guest.nack(str(e))
+        guest.close()
+        listener.close()
+        rep.event("error", f"write tracking for the source guest: {e}")
+        return None
+    guest.ack()
+    rep.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of {guest.page_size}",
+              pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
+    gp = GuestPause(guest)
+    policy = SwitchPolicy(below=args.switch_below, after=args.switch_after, stall=args.switch_stall)
+    return _PrecopyGuest(listener, guest, Precopy(tracker, rep, policy, pause=gp.pause, resume=gp.resume))
 
 
 def _recovery(rep: Reporter, ram, target: str, window: float, kw: dict):
@@ -240,7 +330,8 @@ def _recovery(rep: Reporter, ram, target: str, window: float, kw: dict):
     from migrate.source.session import Source
 
     def again(session: str, guest: str, connect_timeout: float) -> Source:
-        return Source(ram, target, rep, **{**kw, "resume_session": session}, resume_guest=guest,
+        # (a pre-copy session resumes as post-copy: the switch happened before it could be lost)
+        return Source(ram, target, rep, **{**kw, "resume_session": session, "precopy": None}, resume_guest=guest,
                       connect_timeout=connect_timeout, open_timeout=connect_timeout + 5)
 
     def vm_state(session: str) -> str:
@@ -284,8 +375,10 @@ def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
     rep.listeners.append(Notifier("source"))
     path = args.control or default_control_path()
     try:
+        pre = kw.get("precopy")
         out.append(ControlSocket(path, lambda: {"role": "source", "pid": os.getpid(),
-                                                "migrations": [snapshot()]}).start())
+                                                "migrations": [snapshot()]},
+                                 actions={"switch": pre.request_switch} if pre is not None else None).start())
         rep.event("control", f"control socket {path}: `migrate status --source {path}`", control=path,
                   pid=os.getpid())
     except (StatusError, OSError) as e:
@@ -313,12 +406,21 @@ def _source_observers(args, rep: Reporter, ram, tls, kw: dict) -> list | None:
 
 
 def cmd_status(args) -> int:
+    import json
+
     from migrate.status import StatusError, query, query_grpc, render
 
+    if args.switch and not args.source:
+        print("status: --switch asks a source's control socket: give --source SOCKET", file=sys.stderr)
+        return 2
     try:
         if args.attach:
             from migrate.wire.attach import ATTACH_VERSION
             status = query(args.attach, {"version": ATTACH_VERSION, "request": "status"})
+        elif args.source and args.switch:
+            # source --precopy: switch after the current round
+            print(json.dumps(query(args.source, {"request": "switch"})))
+            return 0
         elif args.source:
             status = query(args.source, {"request": "status"})
         else:
@@ -334,7 +436,6 @@ def cmd_status(args) -> int:
         print(f"status: {e}", file=sys.stderr)
         return 1
     if args.json:
-        import json
         print(json.dumps(status))
     else:
         print(render(status))
@@ -356,9 +457,11 @@ def cmd_guestsim(args) -> int:
     from migrate.sim import guestsim
 
     rep = Reporter(args.json, "guestsim")
+    if args.role == "source":
+        return _guestsim_source(args, rep)
     try:
         s = guestsim.run(args.attach, args.size, args.backing, _spec(args), args.pattern, args.vcpus, rep,
-                         name=args.name, start_on=args.start_on)
+                         name=args.name, start_on=args.start_on, writes=args.writes)
     except (MigrateError, OSError, ValueError) as e:
         rep.event("error", str(e))
         return 2
@@ -366,6 +469,22 @@ def cmd_guestsim(args) -> int:
                    f"first access p50 {s['access_p50_us']} us p99 {s['access_p99_us']} us, "
                    f"{s['seconds']} s" + ("" if s["verified"] else f", first bad 4 KiB unit {s['first_bad_unit']}"))
     return 0 if s["verified"] else 1
+
+
+def _guestsim_source(args, rep) -> int:
+    """guestsim --role source: the running VM of a pre-copy (migrate.sim.writer)."""
+    from migrate.sim import writer
+
+    try:
+        s = writer.run(args.attach, args.size, args.backing, _spec(args), rep,
+                       name=args.name if args.name != "guestsim" else "source-guest",
+                       write_pages=args.write_pages, every_ms=args.write_every, hold=args.hold)
+    except (MigrateError, OSError, ValueError) as e:
+        rep.event("error", str(e))
+        return 2
+    rep.summary(s, f"source guest: {s['writes']} writes, "
+                   + ("migrated" if s["complete"] else "its agent went away" if s["agent_lost"] else "held"))
+    return 0
 
 
 def cmd_mkram(args) -> int:
@@ -499,6 +618,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="SESSION", help="resume this session after a failure")
     s.add_argument("--guest", default="", help="serve the destination guest attached with this name "
                    "(default: the first one waiting)")
+    s.add_argument("--precopy", action="store_true",
+                   help="pre-copy first, then post-copy: the source guest attaches on --attach and runs while "
+                        "rounds of pages go out (docs/precopy.md)")
+    s.add_argument("--attach", metavar="SOCKET", help="(--precopy) where the source guest attaches")
+    s.add_argument("--attach-timeout", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="(--precopy) how long to wait for the source guest (default 60)")
+    s.add_argument("--switch-below", type=int, default=1024, metavar="PAGES",
+                   help="(--precopy) switch once a round leaves at most this many pages written (default 1024; -1: "
+                        "never for this reason)")
+    s.add_argument("--switch-stall", type=int, default=3, metavar="ROUNDS",
+                   help="(--precopy) switch once the pages written per round stopped shrinking for this many "
+                        "rounds (default 3; 0: never for this reason)")
+    s.add_argument("--switch-after", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="(--precopy) switch after this long in pre-copy (default 0: no limit); SIGUSR1 or "
+                        "`migrate status --source PATH --switch` switches after the current round")
     s.add_argument("--qmp", metavar="SOCKET", help="QMP socket of the source QEMU: pause it, send its device "
                    "state (x-ignore-shared), then serve --ram; it stays paused once the destination runs")
     s.add_argument("--quit-source", action="store_true", help="with --qmp: quit the source QEMU once the "
@@ -526,6 +660,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_tls_args(st, "source")
     st.add_argument("--timeout", type=_period, default=10.0, metavar="SECONDS", help="with --to: how long to wait "
                     "(default 10)")
+    st.add_argument("--switch", action="store_true", help="with --source of a `source --precopy`: switch to "
+                    "post-copy after the current round")
     st.add_argument("--json", action="store_true", help="one JSON object")
     st.set_defaults(fn=cmd_status)
 
@@ -540,6 +676,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--start-on", choices=["switchover", "attach"], default="switchover",
                    help="start the vCPUs when a source starts serving (default, as a VM resumed on the "
                         "destination) or right after the attach")
+    g.add_argument("--role", choices=["dest", "source"], default="dest",
+                   help="dest (default): the VM being filled; source: the running VM of a pre-copy, "
+                        "attached to `migrate source --precopy --attach` and writing until it is paused")
+    g.add_argument("--write-pages", type=_count, default=256, help="(--role source) pages written each time")
+    g.add_argument("--write-every", type=float, default=100.0, metavar="MS",
+                   help="(--role source) milliseconds between writes (default 100)")
+    g.add_argument("--hold", type=float, default=600.0, metavar="SECONDS",
+                   help="(--role source) the longest it runs")
+    g.add_argument("--writes", action="store_true",
+                   help="(--role dest) the source guest wrote during pre-copy: verify against its "
+                        "generation table, and report the RAM's sha256")
     _add_image_args(g)
     g.add_argument("--json", action="store_true")
     g.set_defaults(fn=cmd_guestsim)

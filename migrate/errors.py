@@ -108,6 +108,14 @@ class RecoveryWindowOver(SourceError):
     exit_code = exits.WINDOW_OVER
 
 
+class PrecopyAbandoned(SourceError):
+    """Pre-copy failed before the switch (the destination or the link was
+    lost, or it refused): nothing was mapped there, and the source guest runs
+    on, unprotected. Not tried again: run the migration again."""
+
+    exit_code = exits.PRECOPY_ABANDONED
+
+
 class Stopped(SourceError):
     """The source was stopped by a signal (SIGTERM, SIGINT) mid-migration."""
 

@@ -10,6 +10,7 @@ FAILED = 1         # it failed; the `error` event says why
 USAGE = 2          # it could not start: bad arguments, files, flags, addresses
 GUEST_LOST = 3     # the destination guest went away: nothing is left to migrate into
 WINDOW_OVER = 4    # source: the destination stayed lost for the whole --recovery-window
+PRECOPY_ABANDONED = 5   # source --precopy: it failed before the switch; the source guest runs on, untouched
 # source: stopped by SIGTERM or SIGINT mid-migration, the shell's 128 + the
 # signal's number (143, 130): it stopped pushing, its QEMU stays paused
 STOPPED_BASE = 128

@@ -34,6 +34,14 @@ class HostFeatures:
     def uffd(self) -> bool:
         return self.uffd_syscall or self.uffd_dev
 
+    @property
+    def wp_async(self) -> bool:
+        """Async write-protect on shmem and hugetlbfs (pre-copy's write
+        tracking, Linux 6.7): read from the offered features."""
+        want = (lib.MG_UFFD_FEATURE_WP_ASYNC | lib.MG_UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+                | lib.MG_UFFD_FEATURE_WP_UNPOPULATED)
+        return self.features & want == want
+
     def free_huge_pages(self, page_size: int) -> int:
         return self.huge_free.get(page_size, 0)
 
@@ -45,6 +53,8 @@ class HostFeatures:
             return "kernel lacks UFFD_FEATURE_MINOR_SHMEM"
         if need == "minor_hugetlbfs" and not self.minor_hugetlbfs:
             return "kernel lacks UFFD_FEATURE_MINOR_HUGETLBFS"
+        if need == "wp_async" and not self.wp_async:
+            return "kernel lacks UFFD_FEATURE_WP_ASYNC with WP_HUGETLBFS_SHMEM and WP_UNPOPULATED (Linux 6.7)"
         return None
 
 

@@ -173,9 +173,12 @@ class ControlSocket:
     uid, one at a time, each within CONTROL_TIMEOUT. Owns the socket file and
     removes it on close(). snapshot() gives the status to answer."""
 
-    def __init__(self, path: str, snapshot):
+    def __init__(self, path: str, snapshot, actions: dict | None = None):
         self.path = path
         self.snapshot = snapshot
+        # requests beyond status, name -> fn() returning the answer's fields
+        # (source --precopy: "switch")
+        self.actions = actions or {}
         _private_dir(os.path.dirname(os.path.abspath(path)))
         if os.path.lexists(path):
             if not stat.S_ISSOCK(os.lstat(path).st_mode):
@@ -225,6 +228,10 @@ class ControlSocket:
             _send(conn, {"ok": False, "error": "not authorised: this socket answers root and its own uid only"})
             return
         req = _recv(conn, MAX_REQUEST, "control request")
+        action = self.actions.get(req.get("request"))
+        if action is not None:
+            _send(conn, {"ok": True, "status": action()})
+            return
         if req.get("request") != "status":
             _send(conn, {"ok": False, "error": f"unknown request {str(req.get('request'))[:40]!r}: "
                          "this socket answers {\"request\": \"status\"}"})

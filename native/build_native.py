@@ -17,8 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # the simulated guest.
 CONCEPTS = ["version", "uffd", "mem", "scm", "bitmap",
             "wire", "tls",
-            "dest_space", "dest_demand", "dest_push", "dest_alloc",
-            "src_ram", "src_demand", "src_push",
+            "dest_space", "dest_demand", "dest_push", "dest_alloc", "dest_precopy",
+            "src_ram", "src_demand", "src_push", "src_wp",
             "pattern", "guestsim"]
 HEADERS = [f"{c}.h" for c in CONCEPTS]
 SOURCES = [f"{c}.c" for c in CONCEPTS]

@@ -399,7 +399,9 @@ class Destination:
         if magic == DEMAND_MAGIC:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mark_urgent(conn)   # requests (and the acks of replies) ahead of push acks on the way back
-            why = None if m.channels.attach_demand(conn, gen) else "its source is no longer this session's"
+            why = None if m.channels.attach_demand(conn, gen) else (
+                "its source is still in pre-copy: the demand channel opens after the switch"
+                if m.precopy is not None and not m.precopy.switched else "its source is no longer this session's")
         else:
             why = m.channels.attach_push(conn, gen)
         if why is not None:

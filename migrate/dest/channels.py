@@ -98,7 +98,7 @@ class Channels:
         caller closes the channel."""
         m = self.m
         with self.lock:
-            if not m.machine.serves(gen):
+            if not m.machine.serves(gen) or not self._switched():
                 return False
             old, self.demand, self.demand_gen = self.demand, sock, gen
         if old is not None:
@@ -115,6 +115,8 @@ class Channels:
         if m.machine.switch_over(gen):
             # the guest may run now: every fault it takes has a source to go to
             m.guest.notify("switchover")
+            if m.space.received_count == m.npages:
+                m.complete()   # pre-copy brought every page and none was written since
         self._start(threading.Thread(target=self._demand_rx, args=(sock, gen), name=f"demand-rx-{m.id}",
                                      daemon=True))
         return True
@@ -127,6 +129,8 @@ class Channels:
         with self.lock:
             if not self.m.machine.serves(gen):
                 return "its source is no longer this session's"
+            if not self._switched():
+                return "its source is still in pre-copy: push channels open after the switch"
             if sum(g == gen for g in self.push.values()) >= PUSH_CHANNELS:
                 return f"its source has {PUSH_CHANNELS} push channels open already, the most a source may"
             self.push[sock] = gen
@@ -135,6 +139,11 @@ class Channels:
         self._start(threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}",
                                      daemon=True))
         return None
+
+    def _switched(self) -> bool:
+        """Not in pre-copy, or past its switch: the guest may be served."""
+        p = self.m.precopy
+        return p is None or p.switched
 
     def _start(self, t: threading.Thread) -> None:
         with self.lock:

@@ -125,6 +125,28 @@ class FaultSpace:
             self._raise("place" if self.mode == MODE_CONTINUE else "copy", rc, self._bad[0], placing=True)
         return rc
 
+    def precopy_write(self, staged: PageBitmap, pages, zero_bits: bytes, data: bytes) -> int:
+        """Pre-copy (migrate.dest.precopy): writes the pages into the page
+        cache through the alias, maps nothing, and sets them in staged. A
+        page placed already is refused (ProtocolError). Returns pages written."""
+        n = len(pages)
+        if n == 0:
+            return 0
+        c_pages = ffi.new("uint64_t[]", pages)
+        buf = ffi.from_buffer(data) if len(data) else ffi.NULL
+        rc = lib.mg_precopy_write(self._s, staged.words, c_pages, n, zero_bits, buf, len(data), self._bad)
+        if rc == -errno.EPROTO:
+            raise ProtocolError(f"pre-copy page {self._bad[0]} is placed already: pre-copy pages come "
+                                "before the switch only")
+        if rc < 0:
+            self._raise("pre-copy write", rc, self._bad[0], placing=True)
+        return rc
+
+    def precopy_commit(self, staged: PageBitmap, written: PageBitmap) -> int:
+        """The switch: pages in staged and not in written become received
+        (not mapped yet: map() does that). Returns how many."""
+        return lib.mg_precopy_commit(self._s, staged.words, written.words)
+
     def mark_prior(self, first: int, count: int) -> int:
         """Pages an earlier agent placed and the guest has mapped: never rewrite."""
         return lib.mg_mark_prior(self._s, first, count)

@@ -547,6 +547,34 @@ class MigrationService(pbg.MigrationServicer):
                                f"for --source-timeout {m.source_timeout:g} s")
         return pb.PushSummary(pages_placed=n)
 
+    def Precopy(self, request_iterator, context):
+        """Pre-copy pages (Hello.precopy): into the page cache only, until the
+        switch (migrate.dest.precopy)."""
+        first = _first(request_iterator, "Precopy")
+        m = self.agent.migration(first.session_id)
+        gen = m.admit(first.token, _peer(context), "Precopy")
+        n = 0
+        try:
+            with taking_pages(m, gen, bad="bad pre-copy batch", placing="writing pre-copy pages", reraise=True):
+                for batch in request_iterator:
+                    if not m.machine.serves(gen):
+                        context.abort(grpc.StatusCode.ABORTED, f"the destination dropped this source: {m.machine.why}")
+                    n += m.precopy_receive(batch)
+                    if m.error:
+                        context.abort(grpc.StatusCode.ABORTED, f"the migration failed at the destination: {m.error}")
+        except grpc.RpcError:
+            pass
+        if not context.is_active():
+            m.source_lost(gen, "a pre-copy stream broke: the source closed it, or its host answered nothing")
+        return pb.PushSummary(pages_placed=n)
+
+    def Switch(self, request, context):
+        """The end of pre-copy: the final written list (bounded and checked)."""
+        m = self.agent.migration(request.session_id)
+        gen = m.admit(request.token, _peer(context), "Switch")
+        with taking_pages(m, gen, bad="bad switch", placing="mapping pre-copied pages", reraise=True):
+            return m.switch(gen, request.written)
+
     def Finish(self, request, context):
         return self.agent.finish(request.session_id, request.token, _peer(context), request.timeout_seconds or None)
 

@@ -22,6 +22,7 @@ from migrate.dest.alloc import AllocResult, BackgroundAllocation
 from migrate.dest.attach import AttachedGuest, guest_instance
 from migrate.dest.channels import Channels
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
+from migrate.dest.precopy import Precopy
 from migrate.dest.state import SERVED, NotAuthorised, Peer, State, StateMachine
 from migrate.errors import AttachError, LayoutMismatch, MigrateError, ProtocolError, fmt_size
 from migrate.host import fault_path_priority
@@ -73,6 +74,8 @@ class Migration:
         self.t_connect: float | None = None
         self.t_complete: float | None = None
         self.instance = ""        # guest_instance(): which guest this is, across agents
+        # the current source's pre-copy (Hello.precopy), until and after its switch; None: none
+        self.precopy: Precopy | None = None
         self.guest_lost = False   # the migration failed because the guest went away
         self.peer = ""                          # who serves it: the certificate's name, and the source's own
         self.peer_address = ""                  # where from: its demand channel's address
@@ -239,6 +242,8 @@ class Migration:
                 f"{source}, but the guest "
                 f"attached here has {fmt_size(self.guest.ram_size)} in pages of {fmt_size(self.page_size)}: "
                 "start the destination guest with the source's RAM size and backing")
+        if hello.precopy:
+            self._check_precopy(hello)
         joined = self.machine.join(peer.identity)
         if joined is None:
             state = self.machine.state
@@ -257,12 +262,47 @@ class Migration:
         comp = pb.COMPRESSION_ZSTD if pb.COMPRESSION_ZSTD in hello.compression else pb.COMPRESSION_NONE
         self.reporter.event("connected", f"source {hello.source_name or '?'} joined session {self.id}",
                             session=self.id, source=hello.source_name, resumed=received > 0)
-        self.channels.watch_demand_deadline(gen)
+        dropped = self.precopy.staged.count() if self.precopy and not self.precopy.switched else 0
+        if dropped:
+            self.reporter.event("precopy_dropped", f"{dropped} pages an earlier source pre-copied are dropped "
+                                "(none was mapped)", session=self.id, pages=dropped)
+        # pre-copy: the demand channel opens only after the switch, whenever that is
+        self.precopy = Precopy(self.space) if hello.precopy else None
+        if not hello.precopy:
+            self.channels.watch_demand_deadline(gen)
         return pb.Welcome(version=PROTOCOL_VERSION, session_id=self.id, compression=comp,
                           received_bitmap=self.space.received.to_bytes() if received else b"",
                           batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
                           demand_port=demand_port, demand_token=token,
                           sparse_block_size=self.space.block_size, guest_instance=self.instance)
+
+    def _check_precopy(self, hello: pb.Hello) -> None:
+        if self.mode != faultspace.MODE_CONTINUE:
+            raise ProtocolError("pre-copy needs CONTINUE placement (pages wait in the page cache until the "
+                                "switch): start `migrate dest` without --placement copy")
+        if hello.resume_session or hello.resume_guest or self.space.received_count:
+            raise ProtocolError("pre-copy starts a session, it cannot resume one: this guest holds pages "
+                                "already; resume it without --precopy")
+
+    def precopy_receive(self, batch: pb.PageBatch) -> int:
+        """A Precopy batch: checked in full, then written into the page cache only."""
+        if self.precopy is None:
+            raise ProtocolError("Precopy batch on a session opened without Hello.precopy")
+        return self.precopy.write(self.decoder.decode(batch))
+
+    def switch(self, gen: int, written) -> pb.SwitchReply:
+        """The end of pre-copy: staged pages not written since become
+        received and mapped; the written ones are fetched again. The demand
+        channel is due from now on."""
+        if self.precopy is None:
+            raise ProtocolError("Switch on a session opened without Hello.precopy")
+        n, again = self.precopy.switch(written)
+        self.reporter.event("switch", f"pre-copy ended: {n} pages received and mapped in "
+                            f"{self.precopy.switch_s * 1000:.1f} ms, {again} written since to fetch again",
+                            session=self.id, pages_received=n, pages_written=again,
+                            map_ms=round(self.precopy.switch_s * 1000, 2))
+        self.channels.watch_demand_deadline(gen)
+        return pb.SwitchReply(pages_received=n, received_bitmap=self.space.received.to_bytes())
 
     def admit(self, token: bytes, peer: Peer, call: str) -> int:
         """The generation of the source a Push or DeviceState call comes from;

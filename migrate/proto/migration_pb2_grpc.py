@@ -44,6 +44,16 @@ class MigrationStub:
                 request_serializer=migration__pb2.PageBatch.SerializeToString,
                 response_deserializer=migration__pb2.PushSummary.FromString,
                 _registered_method=True)
+        self.Precopy = channel.stream_unary(
+                '/migrate.v1.Migration/Precopy',
+                request_serializer=migration__pb2.PageBatch.SerializeToString,
+                response_deserializer=migration__pb2.PushSummary.FromString,
+                _registered_method=True)
+        self.Switch = channel.unary_unary(
+                '/migrate.v1.Migration/Switch',
+                request_serializer=migration__pb2.SwitchRequest.SerializeToString,
+                response_deserializer=migration__pb2.SwitchReply.FromString,
+                _registered_method=True)
         self.DeviceState = channel.stream_unary(
                 '/migrate.v1.Migration/DeviceState',
                 request_serializer=migration__pb2.DeviceStateChunk.SerializeToString,
@@ -73,6 +83,22 @@ class MigrationServicer:
     def Push(self, request_iterator, context):
         """Demand requests and replies travel on the demand channel (proto/README.md),
         a plain TCP connection served in C on both sides, never through gRPC.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Precopy(self, request_iterator, context):
+        """Pre-copy (Hello.precopy): pages copied while the source guest runs,
+        written into the destination's page cache only; a page may come again.
+        The first message carries only session_id and token, as Push's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Switch(self, request, context):
+        """The end of pre-copy: the final written list (SwitchRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -109,6 +135,16 @@ def add_MigrationServicer_to_server(servicer, server):
                     servicer.Push,
                     request_deserializer=migration__pb2.PageBatch.FromString,
                     response_serializer=migration__pb2.PushSummary.SerializeToString,
+            ),
+            'Precopy': grpc.stream_unary_rpc_method_handler(
+                    servicer.Precopy,
+                    request_deserializer=migration__pb2.PageBatch.FromString,
+                    response_serializer=migration__pb2.PushSummary.SerializeToString,
+            ),
+            'Switch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Switch,
+                    request_deserializer=migration__pb2.SwitchRequest.FromString,
+                    response_serializer=migration__pb2.SwitchReply.SerializeToString,
             ),
             'DeviceState': grpc.stream_unary_rpc_method_handler(
                     servicer.DeviceState,
@@ -180,6 +216,60 @@ class Migration:
             '/migrate.v1.Migration/Push',
             migration__pb2.PageBatch.SerializeToString,
             migration__pb2.PushSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Precopy(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/migrate.v1.Migration/Precopy',
+            migration__pb2.PageBatch.SerializeToString,
+            migration__pb2.PushSummary.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Switch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrate.v1.Migration/Switch',
+            migration__pb2.SwitchRequest.SerializeToString,
+            migration__pb2.SwitchReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,6 +12,8 @@ from migrate._binding import ffi, lib
 from migrate.memory import Backing, GuestMemory
 from migrate.report import Reporter, percentile
 from migrate.sim.ramimage import ImageSpec
+from migrate.sim.writer import ram_digest
+from migrate.sim.writer import verify as verify_written
 from migrate.uffd import Userfaultfd
 from migrate.wire.attach import AttachError, GuestLink, Region
 
@@ -23,7 +25,10 @@ FAULTED_US = 3.0
 
 def run(attach: str, size: int, backing: str, spec: ImageSpec, pattern: str, vcpus: int,
         reporter: Reporter, name: str = "guestsim", wait_complete: float = 60.0,
-        start_on: str = "switchover") -> dict:
+        start_on: str = "switchover", writes: bool = False) -> dict:
+    """writes: the source guest wrote while pre-copy ran (guestsim --role
+    source, migrate.sim.writer): verify against its generation table rather
+    than the image alone, and report the RAM's digest."""
     if pattern not in PATTERNS:
         raise ValueError(f"--pattern {pattern!r}: use one of {', '.join(PATTERNS)}")
     if vcpus < 1 or vcpus > 256:
@@ -72,6 +77,12 @@ def run(attach: str, size: int, backing: str, spec: ImageSpec, pattern: str, vcp
             "fault_p99_us": round(percentile(waited, 99), 2),
             "seconds": round(seconds, 3),
         }
+        if writes:
+            # every page was touched (and so received): check what the source's writer left
+            v = verify_written(mem.guest_addr, size, mem.page_size, spec)
+            summary.update(verified=v["mismatches"] == 0, mismatches=v["mismatches"],
+                           first_bad_unit=None, first_bad_page=v["first_bad_page"],
+                           pages_written=v["pages_written"], ram_sha256=ram_digest(mem.guest_addr, size))
         # The agent says "complete" once every page is received and mapped.
         summary["migration_complete"] = link.wait_complete(wait_complete)
         for key in ("pages_demand", "pages_pushed", "pages_zero", "pages_prior"):

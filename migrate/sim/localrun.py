@@ -266,3 +266,72 @@ class LocalMigration:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class PrecopyMigration(LocalMigration):
+    """Pre-copy, then post-copy, all local (docs/precopy.md): dest + guestsim
+    (--writes) as LocalMigration, then `source --precopy --attach` and the
+    source guest (`guestsim --role source`) writing on its own RAM while
+    pre-copy runs. No image file: the source guest's RAM is the image."""
+
+    def __init__(self, workdir: str, size: int, *, write_pages: int = 256, write_every_ms: float = 100.0,
+                 **kw):
+        super().__init__(workdir, size, **kw)
+        self.write_pages = write_pages
+        self.write_every_ms = write_every_ms
+        tag = os.path.basename(self.sock)[len("attach-"):-len(".sock")]
+        self.source_sock = os.path.join(workdir, f"source-attach-{tag}.sock")
+        self.control = os.path.join(workdir, f"control-{tag}.sock")
+        self.source_guest = None
+
+    def start_guest(self, extra: tuple = ()) -> None:
+        super().start_guest(("--writes", *extra))
+
+    def start_source(self, extra: tuple = ()) -> Proc:
+        tls = self.tls.source_args() if self.tls else []
+        self.source = self._spawn("source", ["source", "--precopy", "--attach", self.source_sock,
+                                             "--to", self.address, "--control", self.control, "--json", *tls,
+                                             *self.source_args, *extra], self.source_prefix)
+        self.source.wait_event("listening", 60)
+        return self.source
+
+    def start_source_guest(self, extra: tuple = ()) -> Proc:
+        self.source_guest = self._spawn("source-guest", [
+            "guestsim", "--role", "source", "--attach", self.source_sock, "--size", str(self.size),
+            "--backing", self.backing, "--seed", str(self.seed), "--write-pages", str(self.write_pages),
+            "--write-every", str(self.write_every_ms), *self.image_args, "--json", *extra])
+        self.source_guest.wait_event("attached", 60)
+        return self.source_guest
+
+    def start(self) -> None:
+        """Everything up to the first pre-copy round under way."""
+        self.start_dest()
+        self.start_guest()
+        self.dest.wait_event("attached", 120)
+        self.start_source()
+        self.start_source_guest()
+
+    def run(self, timeout: float = 300) -> dict:
+        """The whole flow; returns the four summaries (source_guest too)."""
+        self.start()
+        out = {}
+        for name, p in (("source", self.source), ("guest", self.guest), ("dest", self.dest),
+                        ("source_guest", self.source_guest)):
+            try:
+                rc = p.wait(timeout)
+            except TimeoutError:
+                rc = None
+            out[name] = p.summary()
+            out[name + "_rc"] = rc
+            if rc != 0:
+                out["failed"] = f"{name} exited {rc}: " + " | ".join(p.errors() or p.stderr_lines[-5:])
+                timeout = 5
+        return out
+
+    def close(self):
+        super().close()
+        for path in (self.source_sock, self.control):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

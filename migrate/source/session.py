@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import grpc
 
 from migrate._binding import lib
-from migrate.errors import (DestinationFailed, DestinationGone, DestinationLost, GuestLost, ProtocolError,
-                            SourceError, fmt_size)
+from migrate.errors import (DestinationFailed, DestinationGone, DestinationLost, GuestLost, MigrateError,
+                            PrecopyAbandoned, ProtocolError, SourceError, Stopped, fmt_size)
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
@@ -98,10 +98,13 @@ class Source:
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
                  resume_guest: str = "", open_timeout: float = 60.0, on_created=None,
                  pace: str = "auto", demand_gate: threading.Event | None = None,
-                 hints: list[int] | None = None, locality_window: int | None = None):
+                 hints: list[int] | None = None, locality_window: int | None = None, precopy=None):
         """on_created(source): told of this Source once built (the CLI's
         status and metrics read its snapshot())."""
         self.ram = ram
+        # migrate.source.precopy.Precopy: rounds while the guest runs, then the
+        # switch, between Open and the demand channel; None: post-copy only
+        self.precopy = precopy
         self.hints = hints or []                 # source --hints: pages to push first, validated (migrate.hints)
         self.locality_window = locality_window   # pages after a demand fault; None: adaptive
         self.tls = tls   # None: plaintext channels (loopback or --insecure)
@@ -180,6 +183,9 @@ class Source:
         try:
             stub, welcome = self._open_session()
             self.state, self.t_open = "connected", time.monotonic()
+            if self.precopy is not None:
+                self.state = "precopy"
+                self._precopy(stub)
             self._freeze_heap()
             self._start_demand(welcome)
             self.state = "running"
@@ -192,10 +198,34 @@ class Source:
             self.state = "completed"
         except BaseException:
             self.state = "failed"
+            if self.precopy is not None and not self.precopy.switched:
+                self.precopy.abandon()   # the guest runs on, unprotected
             raise
         finally:
             self._close()
         return self._result(fin, time.monotonic() - t0)
+
+    def _precopy(self, stub: pbg.MigrationStub) -> None:
+        """Pre-copy rounds and the switch (migrate.source.precopy); then the
+        scheduler skips what the destination holds, and the holes are found
+        in the RAM as the paused guest left it."""
+        try:
+            reply = self.precopy.run(self, stub)
+        except MigrateError as e:
+            if self.precopy.switched or isinstance(e, Stopped):
+                raise
+            # nothing is mapped at the destination: the guest is the source's,
+            # which runs on (run() unprotects and resumes it); no retry
+            raise PrecopyAbandoned(f"pre-copy failed before the switch: {e}. The source guest runs on, "
+                                   "untouched; run the migration again") from None
+        already = PageBitmap(self.ram.npages)
+        already.load_bytes(reply.received_bitmap)
+        self.sched = Scheduler(self.ram.npages, max(1, self.batch_bytes // self.ram.page_size), already,
+                               window=LocalityWindow(self.ram.page_size, self.locality_window), hints=self.hints)
+        try:
+            self.ram.open_holes = self.ram.holes()
+        except SourceError:
+            self.ram.open_holes = None
 
     def snapshot(self) -> dict:
         """What `migrate status` shows of this session (migrate.status): a
@@ -279,7 +309,8 @@ class Source:
                         compression=[pb.COMPRESSION_ZSTD, pb.COMPRESSION_NONE] if self.compress
                         else [pb.COMPRESSION_NONE],
                         resume_session=self.resume_session, source_name=self.name, guest=self.guest,
-                        has_device_state=self.device_state, resume_guest=self.resume_guest)
+                        has_device_state=self.device_state, resume_guest=self.resume_guest,
+                        precopy=self.precopy is not None)
 
     @staticmethod
     def _freeze_heap() -> None:

@@ -1,0 +1,196 @@
+"""Pre-copy, then post-copy (`migrate source --precopy`): most of the RAM
+moves while the source guest still runs.
+
+The source guest attaches to this agent as a destination guest attaches to
+its own (docs/attach-protocol.md; `migrate.dest.attach.AttachListener` is the
+one agent end): it hands over its userfaultfd and RAM file. The agent
+registers the guest's regions for async write-protect and protects all of it
+(`migrate.source.wp`); then, within the session the `Source` opened with
+`Hello.precopy`:
+
+1. round 1 sends every page on a `Precopy` stream;
+2. each later round scans the pages written meanwhile (one PAGEMAP_SCAN,
+   which protects them again) and sends those;
+3. after a round, the switch comes when the pages written meanwhile are at
+   most `--switch-below`, when that count stopped shrinking for
+   STALL_ROUNDS rounds, after `--switch-after` seconds, or when asked
+   (SIGUSR1, or `migrate status --source PATH --switch`);
+4. the switch pauses the guest (`pause()`: guestsim stops its writer; QEMU is
+   stopped over QMP), takes the final scan and sends the final written list
+   (`Switch`); the destination maps every other page it has, and the
+   session goes on as post-copy, from the pages it lacks.
+
+A failure before the switch leaves the guest as it was: the protection is
+removed and the guest is resumed if it was paused. See docs/precopy.md.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+
+from migrate.errors import AttachError, SourceError
+from migrate.pagestate import PageBitmap
+from migrate.proto import migration_pb2 as pb
+from migrate.report import Reporter
+from migrate.source.session import rpc_error
+from migrate.source.wp import WriteTracker
+from migrate.wire.protocol import BatchEncoder
+
+STALL_ROUNDS = 3          # rounds whose written set did not shrink before the switch comes anyway
+PAUSE_TIMEOUT = 10.0      # s the guest may take to say it paused
+
+
+@dataclass(frozen=True)
+class SwitchPolicy:
+    below: int = 1024     # --switch-below PAGES: switch once a round leaves at most this many written
+    after: float = 0.0    # --switch-after SECONDS: switch after this long in pre-copy (0: no limit)
+    stall: int = STALL_ROUNDS
+
+    def why(self, written: int, history: list[int], elapsed: float, asked: bool) -> str | None:
+        """Why to switch now, or None to go on with another round."""
+        if asked:
+            return "asked to"
+        if written <= self.below:
+            return f"{written} pages written, at most --switch-below {self.below}"
+        if self.after and elapsed >= self.after:
+            return f"--switch-after {self.after:g} s"
+        recent = history[-(self.stall + 1):]
+        if self.stall > 0 and len(recent) > self.stall and all(b >= a for a, b in zip(recent, recent[1:])):
+            return f"the written set stopped shrinking ({', '.join(map(str, recent))} pages)"
+        return None
+
+
+class Precopy:
+    """The pre-copy of one source guest. Borrows the tracker (and its
+    guest's userfaultfd) and the RAM mapping; pause() and resume() act on the
+    guest. switch_now is set from another thread (a signal, the control
+    socket) to switch after the current round."""
+
+    def __init__(self, tracker: WriteTracker, reporter: Reporter, policy: SwitchPolicy, *, pause, resume):
+        self.tracker = tracker
+        self.reporter = reporter
+        self.policy = policy
+        self.pause = pause
+        self.resume = resume
+        self.switch_now = threading.Event()
+        self.rounds: list[dict] = []
+        self.protect_ms = 0.0
+        self.final_pages = 0
+        self.paused = False
+        self.switched = False
+
+    def request_switch(self) -> dict:
+        """A person asked for the switch (control socket): after the current round."""
+        self.switch_now.set()
+        return {"switch": "after the current round" if not self.switched else "done already"}
+
+    def run(self, src, stub) -> pb.SwitchReply:
+        """The rounds and the switch, on src's open session (migrate.source.session.Source)."""
+        ram = src.ram
+        npages = ram.npages
+        self.protect_ms = round(self.tracker.protect_all() * 1000, 3)
+        self.reporter.event("precopy", f"write tracking on {npages} pages ({self.protect_ms} ms to protect all)",
+                            pages=npages, protect_ms=self.protect_ms)
+        t0 = time.monotonic()
+        pending = PageBitmap(npages)
+        pending.set(0, npages)
+        history: list[int] = []
+        while True:
+            sent, secs = self._round(src, stub, pending)
+            scan = self.tracker.scan()
+            pending = scan.written
+            history.append(scan.pages)
+            r = {"round": len(self.rounds) + 1, "pages_sent": sent, "pages_written": scan.pages,
+                 "seconds": round(secs, 4), "gbps": round(sent * ram.page_size / secs / 1e9, 3) if secs else 0.0,
+                 "scan_ms": round(scan.seconds * 1000, 3)}
+            self.rounds.append(r)
+            self.reporter.event("round", f"round {r['round']}: {sent} pages sent in {r['seconds']} s "
+                                f"({r['gbps']} GB/s), {scan.pages} written meanwhile (scan {r['scan_ms']} ms)", **r)
+            why = self.policy.why(scan.pages, history, time.monotonic() - t0, self.switch_now.is_set())
+            if why:
+                break
+        t_pause = time.monotonic()
+        self.pause()
+        self.paused = True
+        final = self.tracker.scan(pending)
+        self.final_pages = pending.count()
+        written = [p for first, n in pending.runs() for p in range(first, first + n)]
+        # the guest no longer writes: its RAM is as it will be served
+        self.tracker.close()
+        reply = src.wait_rpc(stub.Switch.future(pb.SwitchRequest(session_id=src.session, token=src.token,
+                                                                 written=written)))
+        self.switched = True
+        self.reporter.event("switch", f"switched after {len(self.rounds)} rounds ({why}): {self.final_pages} "
+                            f"pages written since their copy are fetched again, {reply.pages_received} mapped at "
+                            f"the destination", rounds=len(self.rounds), reason=why, pages_written=self.final_pages,
+                            pages_received=reply.pages_received, final_scan_ms=round(final.seconds * 1000, 3),
+                            switch_ms=round((time.monotonic() - t_pause) * 1000, 2))
+        return reply
+
+    def _round(self, src, stub, pages: PageBitmap) -> tuple[int, float]:
+        """Sends pages on one Precopy stream; returns (pages, seconds)."""
+        ram = src.ram
+        per = max(1, src.batch_bytes // ram.page_size)
+        enc = BatchEncoder(ram.addr, ram.page_size, per, src.compress)
+        count = pages.count()
+
+        def batches():
+            yield pb.PageBatch(session_id=src.session, token=src.token)
+            for first, n in pages.runs():
+                for at in range(first, first + n, per):
+                    if src.stop.is_set():
+                        return
+                    yield enc.encode(list(range(at, min(first + n, at + per))))
+
+        t0 = time.monotonic()
+        try:
+            src.wait_rpc(stub.Precopy.future(batches()))
+        except grpc.RpcError as e:
+            raise rpc_error(e, f"pre-copy round {len(self.rounds) + 1}") from None
+        return count, time.monotonic() - t0
+
+    def abandon(self) -> None:
+        """The session failed before the switch: the guest runs on as it was
+        (unprotected, and resumed if it was paused)."""
+        try:
+            self.tracker.close()
+        finally:
+            if self.paused and not self.switched:
+                self.resume()
+                self.paused = False
+
+    def summary(self) -> dict:
+        return {"precopy_rounds": len(self.rounds), "precopy_protect_ms": self.protect_ms,
+                "precopy_pages_sent": sum(r["pages_sent"] for r in self.rounds),
+                "precopy_final_written": self.final_pages,
+                "precopy_scan_ms_max": max((r["scan_ms"] for r in self.rounds), default=0.0),
+                "rounds": self.rounds}
+
+
+class GuestPause:
+    """Pausing a guest that attached over the attach socket (guestsim --role
+    source): {"event": "pause"}, answered {"event": "paused"}."""
+
+    def __init__(self, guest):
+        self.guest = guest   # migrate.dest.attach.AttachedGuest, borrowed
+
+    def pause(self) -> None:
+        from migrate.wire.attach import recv_msg, send_msg
+        sock = self.guest.sock
+        try:
+            send_msg(sock, {"event": "pause"})
+            sock.settimeout(PAUSE_TIMEOUT)
+            msg, _ = recv_msg(sock)
+        except (OSError, AttachError) as e:
+            raise SourceError(f"pausing the source guest (pid {self.guest.pid}): {e}") from None
+        finally:
+            sock.settimeout(None)
+        if msg.get("event") != "paused":
+            raise SourceError(f"pausing the source guest (pid {self.guest.pid}): it answered {msg!r}")
+
+    def resume(self) -> None:
+        self.guest.notify("resume")

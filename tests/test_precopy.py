@@ -1,0 +1,230 @@
+"""Pre-copy, then post-copy (issue 20): the source guest's writes tracked with
+async write-protect and PAGEMAP_SCAN, rounds of pages while it runs, the
+switch with the final written list, and the failures of each side."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from migrate.memory import GuestMemory
+from migrate.pagestate import PageBitmap
+from migrate.sim.localrun import PrecopyMigration
+from migrate.source.wp import WriteTracker
+from migrate.uffd import Userfaultfd
+from migrate.wire.attach import Region
+
+pytestmark = pytest.mark.timeout(120)
+
+BACKINGS = ["tmpfs", pytest.param("hugetlbfs", marks=pytest.mark.huge)]
+
+
+def need_wp(host, backing, huge_free, pages=16):
+    why = host.why_not("wp_async")
+    if why:
+        pytest.skip(why)
+    if backing.startswith("hugetlbfs") and huge_free < pages:
+        pytest.skip(f"{pages} free 2 MiB huge pages needed, {huge_free} could be reserved")
+
+
+@pytest.mark.parametrize("backing", BACKINGS)
+def test_scan_returns_the_pages_written_since_the_last_scan(host, huge_pages, backing):
+    need_wp(host, backing, huge_pages)
+    size = 32 << 20
+    mem = GuestMemory.create(backing, size, map_alias=False)
+    uffd = Userfaultfd.create()
+    tracker = WriteTracker(uffd, os.getpid(), [Region(mem.guest_addr, size, 0)], mem.page_size)
+    try:
+        tracker.protect_all()
+        view = mem.guest_view(0, size)
+        npages = size // mem.page_size
+        # a page written before protect_all and not since is not reported
+        first = random.Random(1).sample(range(npages), npages // 3)
+        for p in first:
+            view[p * mem.page_size + 17] = b"\x01"
+        r = tracker.scan()
+        assert r.pages == len(first)
+        assert sorted(p for p, n in r.written.runs() for p in range(p, p + n)) == sorted(first)
+        # nothing written since: nothing reported, and the pages are protected again
+        assert tracker.scan().pages == 0
+        view[5 * mem.page_size + mem.page_size - 1] = b"\x02"
+        r = tracker.scan()
+        assert list(r.written.runs()) == [(5, 1)]
+        # into: the scan adds to a bitmap it is given
+        acc = PageBitmap(npages)
+        acc.set(0)
+        view[7 * mem.page_size] = b"\x03"
+        assert tracker.scan(acc).pages == 1
+        assert list(acc.runs()) == [(0, 1), (7, 1)]
+    finally:
+        tracker.close()
+        # unprotected: the guest writes on, and nothing is tracked or blocked
+        mem.guest_view(0, size)[0] = b"\x04"
+        uffd.close()
+        mem.close()
+
+
+# -- the whole flow, with a writing source guest ----------------------------------
+
+M = 1 << 20
+
+
+def events(p, name: str) -> list[dict]:
+    return [e for e in p.lines if e.get("event") == name]
+
+
+def check_verified(out: dict) -> None:
+    """The destination guest's RAM, after the migration, is the source guest's
+    at its pause, byte for byte (digests), and every page holds the stamp
+    its generation table names (no stale copy was mapped)."""
+    assert "failed" not in out, out.get("failed")
+    g, sg = out["guest"], out["source_guest"]
+    assert g["verified"] and g["mismatches"] == 0, g
+    assert sg["complete"] and sg["pauses"] == 1
+    assert g["ram_sha256"] == sg["ram_sha256"]
+    assert g["pages_written"] > 0   # the writer's pages came over, not the image alone
+
+
+@pytest.mark.parametrize("backing", BACKINGS)
+@pytest.mark.timeout(180)
+def test_precopy_with_a_writer_switches_and_verifies(tmp_path, host, huge_pages, backing):
+    need_wp(host, backing, huge_pages, pages=2 * 32)
+    size = 64 * M
+    with PrecopyMigration(str(tmp_path), size, backing=backing, seed=5) as lm:
+        out = lm.run(150)
+        check_verified(out)
+        rounds = events(lm.source, "round")
+        npages = size // lm.page_size
+        assert rounds[0]["pages_sent"] == npages and rounds[0]["round"] == 1
+        for r in rounds[1:]:
+            assert r["pages_sent"] == rounds[r["round"] - 2]["pages_written"]   # what the scan before found
+        s = out["source"]
+        assert s["precopy_rounds"] == len(rounds)
+        switch = lm.source.wait_event("switch", 1)
+        dswitch = lm.dest.wait_event("switch", 1)
+        assert dswitch["pages_written"] == switch["pages_written"] == s["precopy_final_written"]
+        assert dswitch["pages_received"] == npages - switch["pages_written"]
+        d = out["dest"]
+        assert d["state"] == "complete" and d["pages_total"] == npages
+
+
+@pytest.mark.timeout(180)
+def test_pages_written_after_the_last_round_are_fetched_again(tmp_path, host, huge_pages):
+    """One round only (--switch-below past the guest's size): every page the
+    writer touched during it or after it is in the final list, is not mapped
+    from its pre-copy draft, and arrives again after the switch (demand or
+    push). The generation table shows any stale draft that was mapped."""
+    need_wp(host, "tmpfs", huge_pages)
+    size = 32 * M
+    with PrecopyMigration(str(tmp_path), size, seed=6, write_pages=512, write_every_ms=10,
+                          source_args=("--switch-below", str(size))) as lm:
+        out = lm.run(150)
+        check_verified(out)
+        s = out["source"]
+        assert s["precopy_rounds"] == 1
+        final = s["precopy_final_written"]
+        assert final > 0
+        # after the switch only the listed pages went out: each again
+        assert s["pages_sent_push"] + s["pages_sent_demand"] >= final
+        d = out["dest"]
+        assert d["pages_demand"] + d["pages_pushed"] == size // 4096
+        switch = lm.dest.wait_event("switch", 1)
+        assert switch["pages_received"] == size // 4096 - final
+
+
+def busy(lm_kw: dict) -> dict:
+    """A writer that never lets a round come back empty, and only the
+    switch under test enabled."""
+    return dict(write_pages=256, write_every_ms=1, **lm_kw)
+
+
+@pytest.mark.timeout(180)
+def test_switch_after_seconds(tmp_path, host, huge_pages):
+    need_wp(host, "tmpfs", huge_pages)
+    with PrecopyMigration(str(tmp_path), 32 * M, **busy(dict(seed=8, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0", "--switch-after", "2")))) as lm:
+        out = lm.run(150)
+        check_verified(out)
+        sw = lm.source.wait_event("switch", 1)
+        assert sw["reason"] == "--switch-after 2 s"
+        assert sw["rounds"] >= 2
+
+
+@pytest.mark.parametrize("how", ["signal", "command"])
+@pytest.mark.timeout(180)
+def test_switch_when_asked(tmp_path, host, huge_pages, how):
+    need_wp(host, "tmpfs", huge_pages)
+    with PrecopyMigration(str(tmp_path), 32 * M, **busy(dict(seed=9, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0")))) as lm:
+        lm.start()
+        lm.source.wait_event("round", 60)
+        lm.source.wait_event("round", 60)   # a second round: pre-copy goes on by itself
+        if how == "signal":
+            os.kill(lm.source.p.pid, signal.SIGUSR1)
+        else:
+            r = subprocess.run([sys.executable, "-m", "migrate", "status", "--source", lm.control, "--switch"],
+                               capture_output=True, text=True, timeout=30)
+            assert r.returncode == 0, r.stderr
+            assert json.loads(r.stdout) == {"switch": "after the current round"}
+        sw = lm.source.wait_event("switch", 60)
+        assert sw["reason"] == "asked to"
+        for p in (lm.source, lm.guest, lm.dest, lm.source_guest):
+            assert p.wait(120) == 0, p.stderr_lines[-5:]
+        check_verified({"guest": lm.guest.summary(), "source_guest": lm.source_guest.summary()})
+
+
+@pytest.mark.timeout(180)
+def test_destination_killed_mid_precopy_leaves_the_source_guest_running(tmp_path, host, huge_pages):
+    """The destination dies during pre-copy: the source agent unprotects the
+    guest, says so and exits 5; the source guest writes on."""
+    need_wp(host, "tmpfs", huge_pages)
+    with PrecopyMigration(str(tmp_path), 32 * M, **busy(dict(seed=10, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0")))) as lm:
+        lm.start()
+        lm.source.wait_event("round", 60)
+        lm.dest.kill()
+        assert lm.source.wait(60) == 5
+        err = lm.source.errors()[-1]
+        assert err.startswith("pre-copy failed before the switch: ")
+        assert err.endswith("The source guest runs on, untouched; run the migration again")
+        lost = lm.source_guest.wait_event("agent_lost", 30)
+        later = lm.source_guest.wait_event("writes", 30)
+        later = lm.source_guest.wait_event("writes", 30)
+        assert later["writes"] > lost["writes"]
+        assert lm.source_guest.p.poll() is None
+        assert not events(lm.source_guest, "paused")
+
+
+@pytest.mark.timeout(180)
+def test_source_killed_mid_precopy_the_destination_drops_and_waits(tmp_path, host, huge_pages):
+    """The source agent dies during pre-copy: the destination maps nothing of
+    what it had, waits, and a new pre-copy (a new source guest, as after a
+    restart) completes; its pages, not the first one's, are what the guest
+    ends with."""
+    need_wp(host, "tmpfs", huge_pages)
+    size = 32 * M
+    with PrecopyMigration(str(tmp_path), size, seed=11, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0")) as lm:
+        lm.start()
+        lm.source.wait_event("round", 60)
+        lm.source.kill()
+        ev = lm.dest.wait_event("disconnected", 60)
+        assert ev["received"] == 0
+        first_guest = lm.source_guest
+        first_guest.wait_event("agent_lost", 30)
+        first_guest.kill()
+        lm.source_args = []
+        lm.write_pages = 128
+        lm.start_source()
+        lm.start_source_guest()
+        dropped = lm.dest.wait_event("precopy_dropped", 60)
+        assert dropped["pages"] > 0
+        for p in (lm.source, lm.guest, lm.dest, lm.source_guest):
+            assert p.wait(120) == 0, p.stderr_lines[-5:]
+        check_verified({"guest": lm.guest.summary(), "source_guest": lm.source_guest.summary()})
