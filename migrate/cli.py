@@ -192,7 +192,10 @@ def cmd_source(args) -> int:
             pre.close()
         return exits.USAGE
     if pre is not None:
-        ram.path = f"the source guest's RAM (pid {pre.guest.pid})"
+        # (a QEMU's: the file its RAM backend names, or its pid's descriptor, as without --precopy)
+        named = pre.guest.name
+        ram.path = (named if named.startswith("/") and not named.startswith("/memfd:") and os.path.exists(named)
+                    else ram_path) if args.qmp else f"the source guest's RAM (pid {pre.guest.pid})"
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
@@ -279,8 +282,8 @@ def _precopy_guest(args, rep: Reporter):
         rep.event("error", "--precopy needs --attach SOCKET: the source guest attaches there (guestsim --role "
                   "source, or QEMU with the shim)")
         return None
-    if args.ram or args.qmp or args.resume:
-        rep.event("error", "--precopy takes the guest's RAM from its attach: give neither --ram, --qmp nor --resume")
+    if args.ram or args.resume:
+        rep.event("error", "--precopy takes the guest's RAM from its attach: give neither --ram nor --resume")
         return None
     try:
         listener = AttachListener(args.attach)
@@ -318,8 +321,10 @@ def _precopy_guest(args, rep: Reporter):
     guest.ack()
     rep.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of {guest.page_size}",
               pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
-    gp = GuestPause(guest)
     policy = SwitchPolicy(below=args.switch_below, after=args.switch_after, stall=args.switch_stall)
+    if args.qmp:   # a QEMU under the shim: paused and resumed over QMP (migrate.qemu.source.migrate_vm)
+        return _PrecopyGuest(listener, guest, Precopy(tracker, rep, policy, pause=None, resume=None))
+    gp = GuestPause(guest)
     return _PrecopyGuest(listener, guest, Precopy(tracker, rep, policy, pause=gp.pause, resume=gp.resume))
 
 
