@@ -153,7 +153,6 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
         pages = int(m.group(1))
         if writer:
             ss.wait_for(r"WRITER \d+ pages", timeout=30)
-            t_writer = time.time()
             ss.follow()
         if backend == "file":
             kw["mem_path"] = lab.shm_path("qemu-postcopy-dst")
@@ -176,8 +175,8 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
             host, port = "127.0.0.1", s.getsockname()[1]
             s.close()
         qd.cmd("migrate-incoming", uri=f"tcp:{host}:{port}")
-        if writer:   # the writer's loop time with no migration, just before it starts
-            time.sleep(max(0.0, t_writer + WRITER_SETTLE_S + WRITER_BASELINE_S - time.time()))
+        if writer:   # the writer's loop time with no migration (the destination QEMU up), just before it starts
+            time.sleep(WRITER_SETTLE_S + WRITER_BASELINE_S)
         t_migrate = time.time()
         qs.cmd("migrate", uri=f"tcp:{host}:{port}")
         deadline = time.monotonic() + 120
