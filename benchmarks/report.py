@@ -22,6 +22,8 @@ TARGETS = {
                                           "reps: COPY / CONTINUE, C floor"),
     "huge_demand_vs_wire": ("<=", 1.2, "2 MiB demand fault p50 (dest, push running) / raw TCP 2 MiB request-reply p50"),
     "seq_fault_fraction": ("<=", 0.05, "faults / pages, sequential scan after switchover"),
+    "precopy_fault_fraction": ("<=", 0.01, "pre-copy then post-copy (bench --precopy), the source guest writing 256 "
+                                           "pages every 100 ms: demand faults after the switch / guest pages"),
     "qemu_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: total migration time, this engine / QEMU's own post-copy"),
     "qemu_guest_ratio": ("<=", 0.5, "QEMU guest, 512 MiB: guest's time to read all its memory after the switch, "
                                     "this engine / QEMU's own post-copy"),

@@ -193,7 +193,17 @@ def run(args) -> int:
     hints: dict = {"skipped": "not chosen by --scenario"}
     if not args.matrix and (not filters or any("hints" in f for f in filters)):
         hints = _hints()
+    pre: dict = {"skipped": "not asked for (bench --precopy)"}
+    if getattr(args, "precopy", False):
+        from benchmarks import precopy
+        _log("precopy: the simulated guest writing 256 pages every 100 ms, pre-copy then post-copy, 512 MiB")
+        pre = precopy.bench(_log)
     r, prov = report.ratios(fl, results, qemu, hints)
+    if pre.get("precopy_fault_fraction") is not None and pre.get("ok"):
+        r["precopy_fault_fraction"] = pre["precopy_fault_fraction"]
+        r["precopy_guest_slowdown"] = pre["precopy_guest_slowdown"]
+        prov["precopy_fault_fraction"] = "precopy (guestsim, 512 MiB tmpfs) dest demand_requests / pages_total"
+        prov["precopy_guest_slowdown"] = "precopy source guest write loop ms during pre-copy / before it attached"
     doc = {
         "name": name,
         "git_head": _git_head(),
@@ -211,6 +221,7 @@ def run(args) -> int:
         "scenarios": results,
         "qemu": qemu,
         "hints": hints,
+        "precopy": pre,
     }
     if profile:
         doc["profiles"] = {}
@@ -234,6 +245,8 @@ def run(args) -> int:
         failed.append(qemu["scenario"])
     if hints.get("error"):
         failed.append("hints")
+    if pre.get("error") or pre.get("ok") is False:
+        failed.append("precopy")
     line = {**r, "targets_met": sum(1 for v in doc["targets"].values() if v["met"]),
             "targets_missed": [k for k, v in doc["targets"].items() if v["met"] is False],
             "scenarios_failed": failed, "seconds": doc["seconds"], "json": jpath, "markdown": mpath}

@@ -733,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the agents in two network namespaces joined by a veth pair shaped with tbf at RATE "
                    "(tc's spelling: 10gbit, 1gbit); only the link scenarios run, with the link's own floors "
                    "(needs root); repeatable. --quick includes 10gbit and 1gbit")
+    b.add_argument("--precopy", action="store_true",
+                   help="also run pre-copy then post-copy with the simulated guest writing (precopy_fault_fraction)")
     b.add_argument("--matrix", action="store_true", help="every combination of the scenario factors (long)")
     b.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the ratios")
     b.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")

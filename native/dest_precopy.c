@@ -49,13 +49,16 @@ int64_t mg_precopy_write(struct mg_space *s, uint64_t *staged, const uint64_t *p
 
 uint64_t mg_precopy_commit(struct mg_space *s, const uint64_t *staged, const uint64_t *written)
 {
-    uint64_t n = 0;
-    for (uint64_t p = bitmap_next_set(staged, 0, s->npages); p < s->npages;
-         p = bitmap_next_set(staged, p + 1, s->npages)) {
-        if (test_bit(written, p) || test_and_set_bit(s->claimed, p))
+    uint64_t n = 0, words = (s->npages + 63) / 64;
+    /* a word at a time: 64 pages per claim (bits past npages are never staged) */
+    for (uint64_t i = 0; i < words; i++) {
+        uint64_t bits = staged[i] & ~written[i];
+        if (!bits)
             continue;
-        set_bit(s->received, p);
-        n++;
+        uint64_t old = __atomic_fetch_or(&s->claimed[i], bits, __ATOMIC_ACQ_REL);
+        bits &= ~old;   /* claimed already: not ours to make received */
+        __atomic_fetch_or(&s->received[i], bits, __ATOMIC_RELEASE);
+        n += (uint64_t)__builtin_popcountll(bits);
     }
     STAT_ADD(s, placed_push, n);
     /* received last: a receiver seeing the count reach npages finds every bit set */

@@ -8,17 +8,23 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
+import time
 
+import grpc
 import pytest
 
 from migrate.memory import GuestMemory
 from migrate.pagestate import PageBitmap
-from migrate.sim.localrun import PrecopyMigration
+from migrate.proto import migration_pb2 as pb
+from migrate.proto import migration_pb2_grpc as pbg
+from migrate.sim.localrun import LocalMigration, PrecopyMigration
 from migrate.source.wp import WriteTracker
 from migrate.uffd import Userfaultfd
 from migrate.wire.attach import Region
+from migrate.wire.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -188,6 +194,7 @@ def test_destination_killed_mid_precopy_leaves_the_source_guest_running(tmp_path
             "--switch-below", "-1", "--switch-stall", "0")))) as lm:
         lm.start()
         lm.source.wait_event("round", 60)
+        assert wp_flags(lm.source_guest.p.pid) == [True]
         lm.dest.kill()
         assert lm.source.wait(60) == 5
         err = lm.source.errors()[-1]
@@ -199,6 +206,21 @@ def test_destination_killed_mid_precopy_leaves_the_source_guest_running(tmp_path
         assert later["writes"] > lost["writes"]
         assert lm.source_guest.p.poll() is None
         assert not events(lm.source_guest, "paused")
+        # the agent removed its write-protect registration on the way out
+        assert wp_flags(lm.source_guest.p.pid) == [False]
+
+
+def wp_flags(pid: int) -> list[bool]:
+    """For each mapping of the source guest's RAM (its memfd): whether it is
+    registered for userfaultfd write-protect (smaps VmFlags "uw")."""
+    out, ram = [], False
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            if "-" in line.split(" ", 1)[0]:
+                ram = "memfd:source-guest" in line
+            elif line.startswith("VmFlags:") and ram:
+                out.append("uw" in line.split())
+    return out
 
 
 @pytest.mark.timeout(180)
@@ -228,3 +250,135 @@ def test_source_killed_mid_precopy_the_destination_drops_and_waits(tmp_path, hos
         for p in (lm.source, lm.guest, lm.dest, lm.source_guest):
             assert p.wait(120) == 0, p.stderr_lines[-5:]
         check_verified({"guest": lm.guest.summary(), "source_guest": lm.source_guest.summary()})
+
+
+# -- hostile sources ----------------------------------------------------------------
+
+HSIZE = 16 * M
+HPAGES = HSIZE // 4096
+PAGE = bytes(range(256)) * 16
+
+
+@pytest.fixture
+def waiting(tmp_path, host):
+    """dest + an attached destination guest, no source yet."""
+    lm = LocalMigration(str(tmp_path), HSIZE, seed=31)
+    lm.start_dest()
+    lm.start_guest()
+    lm.dest.wait_event("attached", 60)
+    yield lm
+    lm.close()
+
+
+def open_precopy(lm, **fields):
+    f = dict(version=PROTOCOL_VERSION, ram_size=HSIZE, page_size=4096, source_name="liar",
+             compression=[pb.COMPRESSION_NONE], precopy=True)
+    f.update(fields)
+    ch = channel(lm.address, "liar")
+    stub = pbg.MigrationStub(ch)
+    return ch, stub, stub.Open(pb.Hello(**f), timeout=30)
+
+
+def precopy_pages(stub, w, pages):
+    n = len(pages)
+    return stub.Precopy(iter([pb.PageBatch(session_id=w.session_id, token=w.demand_token),
+                              pb.PageBatch(pages=pages, zero=bytes((n + 7) // 8), data=PAGE * n,
+                                           raw_length=4096 * n)]), timeout=30)
+
+
+def switch(stub, w, written):
+    return stub.Switch(pb.SwitchRequest(session_id=w.session_id, token=w.demand_token, written=written), timeout=30)
+
+
+def refusal(call) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as ei:
+        call()
+    return ei.value
+
+
+@pytest.mark.timeout(120)
+def test_a_bad_written_list_is_refused_and_drops_its_source(waiting):
+    """Out of range, too many, not ascending, twice: each refused with what
+    was wrong, before anything changes; the source is dropped and nothing
+    was mapped."""
+    lm = waiting
+    cases = [
+        ([5, HPAGES], f"Switch lists written page {HPAGES} (entry 1), outside the layout of {HPAGES} pages"),
+        (list(range(HPAGES + 1)), f"Switch lists {HPAGES + 1} written pages, more than the guest's {HPAGES}"),
+        ([7, 3], "Switch lists written page 3 after page 7 (entry 1): the list must be strictly ascending"),
+        ([4, 4], "Switch lists written page 4 after page 4 (entry 1): the list must be strictly ascending"),
+    ]
+    for written, why in cases:
+        ch, stub, w = open_precopy(lm)
+        assert precopy_pages(stub, w, [1, 2, 3]).pages_placed == 3
+        e = refusal(lambda: switch(stub, w, written))
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and e.details() == why
+        ev = lm.dest.wait_event("disconnected", 30)
+        assert ev["received"] == 0
+        ch.close()
+    assert lm.guest.p.poll() is None and not [e for e in lm.guest.lines if e.get("event") == "running"]
+
+
+@pytest.mark.timeout(120)
+def test_a_second_switch_and_a_precopy_open_after_it_are_refused(waiting):
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    precopy_pages(stub, w, [0, 1, 2])
+    r = switch(stub, w, [1])
+    assert r.pages_received == 2
+    e = refusal(lambda: switch(stub, w, []))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "a second Switch: a session switches from pre-copy once"
+    lm.dest.wait_event("disconnected", 30)
+    e = refusal(lambda: open_precopy(lm))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == ("pre-copy starts a session, it cannot resume one: this guest holds pages already; "
+                           "resume it without --precopy")
+    ch.close()
+
+
+@pytest.mark.timeout(120)
+def test_precopy_pages_after_the_switch_are_refused(waiting):
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    precopy_pages(stub, w, [0, 1])
+    switch(stub, w, [])
+    e = refusal(lambda: precopy_pages(stub, w, [0]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "pre-copy pages after the switch: a source sends Precopy batches only before its Switch"
+    lm.dest.wait_event("disconnected", 30)
+    ch.close()
+
+
+@pytest.mark.timeout(120)
+def test_no_demand_or_push_channel_before_the_switch(waiting):
+    """The destination guest must not run before the switch: its demand
+    channel (which releases the guest) and push channels are refused."""
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    host = lm.address.rpartition(":")[0]
+    for magic, what in ((DEMAND_MAGIC, "demand"), (PUSH_MAGIC, "push")):
+        time.sleep(1.1)   # (the agent reports one refusal of a kind a second)
+        s = socket.create_connection((host, w.demand_port), timeout=10)
+        s.sendall(magic + w.demand_token)
+        assert s.recv(8) == b""
+        s.close()
+        ev = lm.dest.wait_event("error", 30)
+        assert ev["message"].startswith(f"{what} channel from ")
+        assert ev["message"].endswith(" refused: its source is still in pre-copy: "
+                                      + ("the demand channel opens after the switch" if what == "demand"
+                                         else "push channels open after the switch"))
+    assert not [e for e in lm.guest.lines if e.get("event") == "running"]
+    ch.close()
+
+
+@pytest.mark.timeout(180)
+def test_bench_precopy_reports_the_fault_fraction(host, huge_pages):
+    need_wp(host, "tmpfs", huge_pages)
+    from benchmarks import precopy
+    r = precopy.measure(size=32 * M, log=lambda _: None)
+    assert r["ok"], r
+    assert r["pages_total"] == 32 * M // 4096
+    assert 0 <= r["precopy_fault_fraction"] == r["demand_faults_after_switch"] / r["pages_total"]
+    assert r["pages_per_round"][0] == r["pages_total"] and r["rounds"] == len(r["pages_per_round"])
+    assert r["protect_all_ms"] > 0 and r["scan_ms_max"] > 0 and r["precopy_guest_slowdown"] > 0

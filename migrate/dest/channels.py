@@ -70,9 +70,10 @@ class Channels:
         self.receivers: list[threading.Thread] = []
         self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
 
-    def watch_demand_deadline(self, gen: int) -> None:
-        """A source that never opens its demand channel is not serving this guest."""
-        timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen,))
+    def watch_demand_deadline(self, gen: int, since: str = "Open") -> None:
+        """A source that never opens its demand channel is not serving this
+        guest. since: what it was due after (Open, or pre-copy's end)."""
+        timer = threading.Timer(DEMAND_CONNECT_TIMEOUT, self._demand_deadline, (gen, since))
         timer.daemon = True
         with self.lock:
             old, self.demand_timer = self.demand_timer, timer
@@ -86,9 +87,9 @@ class Channels:
         if timer is not None:
             timer.cancel()
 
-    def _demand_deadline(self, gen: int) -> None:
+    def _demand_deadline(self, gen: int, since: str = "Open") -> None:
         if self.demand is None and gen == self.m.machine.source_gen:
-            self.m.source_lost(gen, f"no demand channel within {DEMAND_CONNECT_TIMEOUT:.0f} s of Open")
+            self.m.source_lost(gen, f"no demand channel within {DEMAND_CONNECT_TIMEOUT:.0f} s of {since}")
 
     def attach_demand(self, sock: socket.socket, gen: int) -> bool:
         """The demand channel of source gen (the one whose token its hello
@@ -144,6 +145,10 @@ class Channels:
         """Not in pre-copy, or past its switch: the guest may be served."""
         p = self.m.precopy
         return p is None or p.switched
+
+    def start_receiver(self, t: threading.Thread) -> None:
+        """Starts a thread that places or maps pages (joined at teardown)."""
+        self._start(t)
 
     def _start(self, t: threading.Thread) -> None:
         with self.lock:

@@ -566,6 +566,10 @@ class MigrationService(pbg.MigrationServicer):
             pass
         if not context.is_active():
             m.source_lost(gen, "a pre-copy stream broke: the source closed it, or its host answered nothing")
+        else:
+            # a source ends its stream right before its Switch, and one that
+            # never sends it is not serving this guest
+            m.channels.watch_demand_deadline(gen, "the end of pre-copy")
         return pb.PushSummary(pages_placed=n)
 
     def Switch(self, request, context):

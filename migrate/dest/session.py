@@ -20,7 +20,7 @@ from migrate.dest import faultspace
 from migrate.dest.adopt import adopt_prior_pages, api_once
 from migrate.dest.alloc import AllocResult, BackgroundAllocation
 from migrate.dest.attach import AttachedGuest, guest_instance
-from migrate.dest.channels import Channels
+from migrate.dest.channels import Channels, taking_pages
 from migrate.dest.faultspace import FaultSpace, SpaceRegion
 from migrate.dest.precopy import Precopy
 from migrate.dest.state import SERVED, NotAuthorised, Peer, State, StateMachine
@@ -297,12 +297,21 @@ class Migration:
         if self.precopy is None:
             raise ProtocolError("Switch on a session opened without Hello.precopy")
         n, again = self.precopy.switch(written)
-        self.reporter.event("switch", f"pre-copy ended: {n} pages received and mapped in "
-                            f"{self.precopy.switch_s * 1000:.1f} ms, {again} written since to fetch again",
-                            session=self.id, pages_received=n, pages_written=again,
-                            map_ms=round(self.precopy.switch_s * 1000, 2))
-        self.channels.watch_demand_deadline(gen)
+        self.reporter.event("switch", f"pre-copy ended: {n} pages received ({self.precopy.commit_s * 1000:.2f} ms), "
+                            f"{again} written since to fetch again", session=self.id, pages_received=n,
+                            pages_written=again, commit_ms=round(self.precopy.commit_s * 1000, 3))
+        self.channels.watch_demand_deadline(gen, "Switch")
+        self.channels.start_receiver(threading.Thread(target=self._map_precopied, args=(gen,),
+                                                      name=f"precopy-map-{self.id}", daemon=True))
         return pb.SwitchReply(pages_received=n, received_bitmap=self.space.received.to_bytes())
+
+    def _map_precopied(self, gen: int) -> None:
+        """After the switch: maps the pre-copied pages while the guest may
+        already run (migrate.dest.precopy.Precopy.map)."""
+        with taking_pages(self, gen, bad="bad switch", placing="mapping pre-copied pages"):
+            n = self.precopy.map()
+            self.reporter.event("precopy_mapped", f"{n} pre-copied pages mapped in {self.precopy.map_s * 1000:.1f} "
+                                "ms", session=self.id, pages=n, map_ms=round(self.precopy.map_s * 1000, 2))
 
     def admit(self, token: bytes, peer: Peer, call: str) -> int:
         """The generation of the source a Push or DeviceState call comes from;

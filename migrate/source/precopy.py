@@ -26,6 +26,7 @@ removed and the guest is resumed if it was paused. See docs/precopy.md.
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -82,6 +83,7 @@ class Precopy:
         self.final_pages = 0
         self.paused = False
         self.switched = False
+        self.switch_ms = 0.0      # from asking the guest to pause to the destination's answer to Switch
 
     def request_switch(self) -> dict:
         """A person asked for the switch (control socket): after the current round."""
@@ -99,8 +101,12 @@ class Precopy:
         pending = PageBitmap(npages)
         pending.set(0, npages)
         history: list[int] = []
+        # One Precopy stream for every round: while it is open the destination
+        # knows its source is there (a source lost between two streams would
+        # leave it waiting); it ends, all written, before the Switch.
+        stream = _Stream(src, stub)
         while True:
-            sent, secs = self._round(src, stub, pending)
+            sent, secs = self._round(stream, src, pending)
             scan = self.tracker.scan()
             pending = scan.written
             history.append(scan.pages)
@@ -113,45 +119,52 @@ class Precopy:
             why = self.policy.why(scan.pages, history, time.monotonic() - t0, self.switch_now.is_set())
             if why:
                 break
+        stream.close()
         t_pause = time.monotonic()
         self.pause()
         self.paused = True
+        t_paused = time.monotonic()
         final = self.tracker.scan(pending)
         self.final_pages = pending.count()
         written = [p for first, n in pending.runs() for p in range(first, first + n)]
-        # the guest no longer writes: its RAM is as it will be served
-        self.tracker.close()
+        t_rpc = time.monotonic()
         reply = src.wait_rpc(stub.Switch.future(pb.SwitchRequest(session_id=src.session, token=src.token,
                                                                  written=written)))
         self.switched = True
+        t_end = time.monotonic()
+        # the guest no longer writes: its RAM is as it will be served (off the switch's path)
+        self.tracker.close()
+        self.switch_ms = round((t_end - t_pause) * 1000, 2)
         self.reporter.event("switch", f"switched after {len(self.rounds)} rounds ({why}): {self.final_pages} "
-                            f"pages written since their copy are fetched again, {reply.pages_received} mapped at "
-                            f"the destination", rounds=len(self.rounds), reason=why, pages_written=self.final_pages,
-                            pages_received=reply.pages_received, final_scan_ms=round(final.seconds * 1000, 3),
-                            switch_ms=round((time.monotonic() - t_pause) * 1000, 2))
+                            f"pages written since their copy are fetched again, {reply.pages_received} received at "
+                            f"the destination ({self.switch_ms} ms from the pause)", rounds=len(self.rounds),
+                            reason=why, pages_written=self.final_pages, pages_received=reply.pages_received,
+                            pause_ms=round((t_paused - t_pause) * 1000, 2), final_scan_ms=round(final.seconds * 1000, 3),
+                            switch_rpc_ms=round((t_end - t_rpc) * 1000, 2), switch_ms=self.switch_ms)
         return reply
 
-    def _round(self, src, stub, pages: PageBitmap) -> tuple[int, float]:
-        """Sends pages on one Precopy stream; returns (pages, seconds)."""
+    def _round(self, stream: "_Stream", src, pages: PageBitmap) -> tuple[int, float]:
+        """Sends pages on the pre-copy stream; returns (pages, seconds) once
+        gRPC has taken the last batch."""
         ram = src.ram
         per = max(1, src.batch_bytes // ram.page_size)
         enc = BatchEncoder(ram.addr, ram.page_size, per, src.compress)
-        count = pages.count()
-
-        def batches():
-            yield pb.PageBatch(session_id=src.session, token=src.token)
-            for first, n in pages.runs():
-                for at in range(first, first + n, per):
-                    if src.stop.is_set():
-                        return
-                    yield enc.encode(list(range(at, min(first + n, at + per))))
-
         t0 = time.monotonic()
-        try:
-            src.wait_rpc(stub.Precopy.future(batches()))
-        except grpc.RpcError as e:
-            raise rpc_error(e, f"pre-copy round {len(self.rounds) + 1}") from None
-        return count, time.monotonic() - t0
+        # a batch takes pages from several runs: written pages are mostly scattered
+        batch: list[int] = []
+        for first, n in pages.runs():
+            at = first
+            while at < first + n:
+                take = min(first + n - at, per - len(batch))
+                batch.extend(range(at, at + take))
+                at += take
+                if len(batch) == per:
+                    stream.put(enc.encode(batch))
+                    batch = []
+        if batch:
+            stream.put(enc.encode(batch))
+        stream.drain()
+        return pages.count(), time.monotonic() - t0
 
     def abandon(self) -> None:
         """The session failed before the switch: the guest runs on as it was
@@ -166,9 +179,63 @@ class Precopy:
     def summary(self) -> dict:
         return {"precopy_rounds": len(self.rounds), "precopy_protect_ms": self.protect_ms,
                 "precopy_pages_sent": sum(r["pages_sent"] for r in self.rounds),
-                "precopy_final_written": self.final_pages,
+                "precopy_final_written": self.final_pages, "precopy_switch_ms": self.switch_ms,
                 "precopy_scan_ms_max": max((r["scan_ms"] for r in self.rounds), default=0.0),
                 "rounds": self.rounds}
+
+
+class _Stream:
+    """The pre-copy stream: batches go through a short queue to gRPC's
+    request iterator, so that put() waits as the stream's flow control
+    does; a stream that failed raises at the next put()."""
+
+    QUEUED = 4   # batches waiting for gRPC
+
+    def __init__(self, src, stub):
+        self.src = src
+        self.q: queue.Queue = queue.Queue(maxsize=self.QUEUED)
+        self.fut = stub.Precopy.future(self._requests())
+
+    def _requests(self):
+        yield pb.PageBatch(session_id=self.src.session, token=self.src.token)
+        while True:
+            b = self.q.get()
+            if b is None:
+                return
+            yield b
+            self.q.task_done()   # (asked for the next: this one is gRPC's)
+
+    def _check(self) -> None:
+        if self.fut.done():
+            self.result()
+            raise SourceError("the pre-copy stream ended before the switch")
+        if self.src.dest_lost is not None:
+            raise self.src.dest_lost
+
+    def put(self, batch) -> None:
+        while True:
+            self._check()
+            try:
+                self.q.put(batch, timeout=0.1)
+                return
+            except queue.Full:
+                pass
+
+    def drain(self) -> None:
+        while self.q.unfinished_tasks:
+            self._check()
+            time.sleep(0.0005)
+
+    def result(self) -> pb.PushSummary:
+        try:
+            return self.src.wait_rpc(self.fut)
+        except grpc.RpcError as e:
+            raise rpc_error(e, "pre-copy stream") from None
+
+    def close(self) -> pb.PushSummary:
+        """Ends the stream once the destination wrote everything in it."""
+        self.put(None)
+        return self.result()
 
 
 class GuestPause:
