@@ -480,13 +480,13 @@ def bench_precopy(reps: int = 2, mem_mb: int = 512, writer: int = WRITER_PAGES, 
     if not (runs["engine_precopy"] and runs["qemu_precopy_postcopy"]):
         out.setdefault("error", "no successful run of each side: " + "; ".join(out.get("errors", [])))
         return out
-    keys = {"precopy_fault_fraction": _median([x["fault_fraction"] for x in runs["engine_precopy"]]),
+    keys = {"qemu_precopy_fault_fraction": _median([x["fault_fraction"] for x in runs["engine_precopy"]]),
             "qemu_precopy_total_ratio": round(e["total_ms"] / q["total_ms"], 3) if e["total_ms"] and q["total_ms"]
             else None,
             "qemu_precopy_pause_ratio": round(e["downtime_ms"] / q["downtime_ms"], 3)
             if e["downtime_ms"] and q["downtime_ms"] else None,
-            "precopy_guest_slowdown": e["slowdown"], "qemu_precopy_guest_slowdown": q["slowdown"]}
-    keys["precopy_guest_slowdown_ratio"] = round(e["slowdown"] / q["slowdown"], 3) \
+            "qemu_precopy_guest_slowdown": e["slowdown"], "qemu_dirty_log_guest_slowdown": q["slowdown"]}
+    keys["qemu_precopy_slowdown_ratio"] = round(e["slowdown"] / q["slowdown"], 3) \
         if e["slowdown"] and q["slowdown"] else None
     out.update(keys)
     out["keys"] = keys

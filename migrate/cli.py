@@ -726,15 +726,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the ratio set only, under 3 minutes")
     b.add_argument("--qemu", action="store_true",
                    help="also run the QEMU guest scenario (engine vs QEMU post-copy, 512 MiB)")
-    b.add_argument("--precopy", action="store_true",
-                   help="with --qemu: the QEMU guest writing 256 pages every 100 ms, this engine's pre-copy "
-                   "(source --precopy --qmp) vs QEMU's one pass then post-copy")
     b.add_argument("--link", action="append", metavar="RATE",
                    help="run the agents in two network namespaces joined by a veth pair shaped with tbf at RATE "
                    "(tc's spelling: 10gbit, 1gbit); only the link scenarios run, with the link's own floors "
                    "(needs root); repeatable. --quick includes 10gbit and 1gbit")
     b.add_argument("--precopy", action="store_true",
-                   help="also run pre-copy then post-copy with the simulated guest writing (precopy_fault_fraction)")
+                   help="also run pre-copy then post-copy with the simulated guest writing (precopy_fault_fraction); "
+                   "with --qemu, the QEMU guest writing too: this engine's pre-copy vs QEMU's one pass then "
+                   "post-copy (docs/qemu-precopy.md)")
     b.add_argument("--matrix", action="store_true", help="every combination of the scenario factors (long)")
     b.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the ratios")
     b.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")
