@@ -483,6 +483,10 @@ def run_precopy(guest, mem_mb=512, writer=256, log=print, timeout=240, source_ar
                 res["precopy_ms"] = round((res["src_stop_time"] - t_start) * 1e3, 1)
                 res["ticks"] = ss.writer_ticks()
                 res["t_start"] = t_start
+            t0 = res["src_stop_time"] or t_start
+            # agents' events, ms after the source QEMU's STOP (when each line was read here)
+            res["timeline"] = sorted([(round((e["_t"] - t0) * 1e3, 1), p.name, e["event"]) for p in (source, dest)
+                                      for e in p.lines if e.get("event") not in ("summary", "text", "round")])
             res["rounds"] = [{k: v for k, v in e.items() if k not in ("_t", "event", "message")}
                              for e in source.lines if e.get("event") == "round"]
             sw = [e for e in source.lines if e.get("event") == "switch"]
