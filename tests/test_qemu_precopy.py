@@ -174,3 +174,19 @@ def test_qemu_own_precopy_then_postcopy_verifies_a_writing_guest(guest):  # noqa
     assert r["ram_extra_kb"] == 8
     wr = r["writer"]
     assert wr["baseline_ticks"] >= 10 and wr["precopy_ticks"] > 0 and wr["slowdown"] > 0, wr
+
+
+@pytest.mark.timeout(60)
+def test_precopy_takes_a_qemus_ram_from_its_attach_not_from_flags(tmp_path):
+    """`source --precopy --qmp` is allowed (the QEMU is paused over QMP), but
+    its RAM comes from the shim's attach: --ram (or --resume) is refused,
+    saying so, before anything listens."""
+    import json
+    import sys
+    r = subprocess.run([sys.executable, "-m", "migrate", "source", "--precopy", "--attach", str(tmp_path / "a.sock"),
+                        "--qmp", str(tmp_path / "q.sock"), "--ram", str(tmp_path / "ram"), "--to", "127.0.0.1:9",
+                        "--json"], capture_output=True, text=True, timeout=30)
+    errors = [e["message"] for e in map(json.loads, r.stdout.splitlines()) if e.get("event") == "error"]
+    assert r.returncode == 2 and errors == [
+        "--precopy takes the guest's RAM from its attach: give neither --ram nor --resume"], (r.returncode, r.stdout)
+    assert not (tmp_path / "a.sock").exists()
