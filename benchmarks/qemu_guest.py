@@ -29,6 +29,7 @@ every file, mount and huge page given back, also on errors.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,10 +44,23 @@ EXAMPLES = os.path.join(ROOT, "examples", "qemu")
 
 
 def build_guest(out: str | None = None) -> str:
+    """The guest in `out` (default /tmp/migrate-qemu-guest), built when it is
+    missing or older than its sources (as examples/qemu/run.sh does). A
+    rebuild is made aside and each file renamed into place, so that a QEMU
+    another run starts from `out` meanwhile reads a whole kernel and initramfs."""
     out = out or os.path.join(tempfile.gettempdir(), "migrate-qemu-guest")
-    if not os.path.exists(os.path.join(out, "initramfs.cpio.gz")):
-        subprocess.run([os.path.join(EXAMPLES, "build-guest.sh"), out], check=True, timeout=300,
-                       stdout=subprocess.DEVNULL)
+    initrd = os.path.join(out, "initramfs.cpio.gz")
+    sources = [os.path.join(EXAMPLES, "build-guest.sh"), os.path.join(EXAMPLES, "guest", "memfill.c")]
+    if os.path.exists(initrd) and all(os.path.getmtime(f) <= os.path.getmtime(initrd) for f in sources):
+        return out
+    os.makedirs(out, exist_ok=True)
+    aside = tempfile.mkdtemp(prefix=".build-", dir=out)
+    try:
+        subprocess.run([sources[0], aside], check=True, timeout=300, stdout=subprocess.DEVNULL)
+        for f in ("memfill", "vmlinuz", "initramfs.cpio.gz"):   # the initramfs last: it marks the build done
+            os.replace(os.path.join(aside, f), os.path.join(out, f))
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
     return out
 
 
@@ -97,7 +111,8 @@ def _engine_pause_split(r: dict) -> dict | None:
 
 
 def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy: str = "none",
-                      backend: str = "ram", link=None, preempt: bool = False) -> dict:
+                      backend: str = "ram", link=None, preempt: bool = False, writer: int = 0,
+                      ram_extra_kb: int | None = None) -> dict:
     """QEMU's own post-copy (postcopy-ram), private RAM, over loopback TCP; the
     guest's verify is triggered as soon as the destination runs.
 
@@ -113,24 +128,45 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
     link: a benchmarks.link.ShapedLink: the source QEMU in its source
     namespace, the destination QEMU in its destination namespace, migrating
     across it. preempt: QEMU's postcopy-preempt channel (page requests'
-    replies on a connection of their own, as this engine's demand channel)."""
+    replies on a connection of their own, as this engine's demand channel).
+
+    writer: the guest writes that many pages every 100 ms from boot to the
+    verify (memfill -w), which checks each page's last generation; the
+    result's "writer" has its loop time before and during the pre-copy
+    (writer_slowdown). ram_extra_kb: RAM above mem_mb (lab.qemu_argv); by
+    default 8 KiB with precopy="first-pass", without which QEMU 7.2's
+    pre-copy under TCG loses guest writes. A run whose guest does not print
+    VERIFY OK raises."""
+    if ram_extra_kb is None:
+        ram_extra_kb = 8 if precopy != "none" else 0
     load = os.getloadavg()[0]
     with Lab(guest, verbose=False) as lab:
         lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
         kw = {}
         if backend == "file":   # the engine's backing: a share=on file on /dev/shm, each side its own
             kw = {"mem_path": lab.shm_path("qemu-postcopy-src")}
+        kw["ram_extra_kb"] = ram_extra_kb
+        if writer:
+            kw["append_extra"] = f"memfill_write={writer}"
         src, qs, ss = lab.start("src", mem_mb=mem_mb, backend=backend, prefix=link.src_prefix if link else (), **kw)
         m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=300)
         pages = int(m.group(1))
+        if writer:
+            ss.wait_for(r"WRITER \d+ pages", timeout=30)
+            ss.follow()
         if backend == "file":
-            kw = {"mem_path": lab.shm_path("qemu-postcopy-dst")}
+            kw["mem_path"] = lab.shm_path("qemu-postcopy-dst")
         dst, qd, sd = lab.start("dst", mem_mb=mem_mb, backend=backend, incoming="defer",
                                 prefix=link.dst_prefix if link else (), **kw)
         more = {"postcopy_preempt": True} if preempt else {}
         qs.set_caps(postcopy_ram=True, events=True, **more)
         qd.set_caps(postcopy_ram=True, postcopy_blocktime=True, events=True, **more)
         qs.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        if precopy == "first-pass":
+            # no convergence of QEMU's own: with the default 300 ms a writing
+            # guest's pre-copy ends by itself in a stop-and-copy after the
+            # first pass, before migrate-start-postcopy, and never post-copies
+            qs.cmd("migrate-set-parameters", **{"downtime-limit": 1})
         if link is not None:
             host, port = link.dst_addr, 7000   # (a namespace of this run's own: every port is free)
         else:
@@ -139,12 +175,20 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
             host, port = "127.0.0.1", s.getsockname()[1]
             s.close()
         qd.cmd("migrate-incoming", uri=f"tcp:{host}:{port}")
+        if writer:   # the writer's loop time with no migration (the destination QEMU up), just before it starts
+            time.sleep(WRITER_SETTLE_S + WRITER_BASELINE_S)
+        t_migrate = time.time()
         qs.cmd("migrate", uri=f"tcp:{host}:{port}")
         deadline = time.monotonic() + 120
         if precopy == "first-pass":
-            while (qs.cmd("query-migrate").get("ram", {}).get("dirty-sync-count", 0) < 2
-                   and time.monotonic() < deadline):
-                time.sleep(0.002)
+            # the first pass ends with QEMU's second dirty-bitmap sync, which
+            # it announces (MIGRATION_PASS 2) the moment it happens; a pass
+            # over what the guest wrote meanwhile may still converge before
+            # migrate-start-postcopy arrives (QEMU then completes by itself:
+            # went_postcopy False), as it may under libvirt
+            qs.wait_event(lambda e: (e["event"] == "MIGRATION_PASS" and e.get("data", {}).get("pass", 0) >= 2)
+                          or (e["event"] == "MIGRATION" and e.get("data", {}).get("status") in
+                              ("completed", "failed", "cancelled")), 120, "QEMU's first pre-copy pass")
         elif precopy != "none":
             raise ValueError(precopy)
         try:
@@ -163,10 +207,14 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
         if info["status"] != "completed":
             raise RuntimeError(f"QEMU post-copy: {info}")
         v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=300)
+        if not v.group(1).startswith("OK"):
+            raise RuntimeError(f"QEMU post-copy (precopy={precopy}, RAM +{ram_extra_kb} KiB): the destination "
+                               f"guest printed {v.group(0).strip()}")
         dinfo = qd.migration_end(60, poll=0.01)
         sd.send("\n")
         v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=300)
         stop, resume = _first_event(qs, "STOP"), _first_event(qd, "RESUME")
+        wr = writer_load(ss.writer_ticks(), t_migrate, stop) if writer and stop else None
         setup = qs.seen("MIGRATION", status="setup")
         done = qd.seen("MIGRATION", status="completed")
         ram = info.get("ram", {})
@@ -175,7 +223,7 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
         # guest's precopy can finish in one pass plus a stop-and-copy of the rest)
         went_postcopy = bool(qs.seen("MIGRATION", status="postcopy-active"))
         return {"precopy": precopy, "backend": backend, "preempt": preempt, "pages": pages,
-                "went_postcopy": went_postcopy,
+                "went_postcopy": went_postcopy, "ram_extra_kb": ram_extra_kb, "writer": wr,
                 "downtime_bytes": ram.get("downtime-bytes"), "postcopy_bytes": ram.get("postcopy-bytes"),
                 "total_ms": round((done[0]["time"] - t_start) * 1e3, 1) if done and t_start else info.get("total-time"),
                 "qemu_total_time_ms": info.get("total-time"),
@@ -193,6 +241,25 @@ def run_qemu_postcopy(guest: str, mem_mb: int = 512, log=lambda m: None, precopy
 
 
 METRICS = ("total_ms", "downtime_ms", "guest_verify_ms")
+
+WRITER_PAGES = 256        # the writing guest: pages per 100 ms tick (issue 20's workload)
+WRITER_SETTLE_S = 0.5     # after the writer starts, before its baseline is taken
+WRITER_BASELINE_S = 2.0   # its loop time with no migration: this long just before the migration
+
+
+def writer_load(ticks: list[tuple[float, int]], t_start: float, t_stop: float) -> dict:
+    """The writing guest's loop time (microseconds its tick's writes took,
+    memfill's TICK lines, by when each arrived) in the WRITER_BASELINE_S before
+    the migration started (t_start) and while its source ran the pre-copy
+    (t_start to the source's STOP, t_stop); slowdown = mean during / mean
+    before (None when no tick fell in a window)."""
+    def mean(lo, hi):
+        us = [u for t, u in ticks if lo < t <= hi]
+        return (round(sum(us) / len(us), 1) if us else None), len(us)
+    base, nb = mean(t_start - WRITER_BASELINE_S, t_start)
+    during, nd = mean(t_start, t_stop)
+    return {"baseline_tick_us": base, "baseline_ticks": nb, "precopy_tick_us": during, "precopy_ticks": nd,
+            "slowdown": round(during / base, 3) if base and during else None}
 
 
 def _ratios(eng: dict, base: dict) -> dict:
@@ -219,7 +286,6 @@ def measure(guest: str | None = None, mem_mb: int = 512, hugetlbfs: bool = False
 def unavailable() -> str | None:
     """Why the QEMU scenario cannot run here (None: it can)."""
     import glob
-    import shutil
     if os.geteuid() != 0:
         return "needs root (userfaultfd on the QEMU's RAM, /dev/shm files)"
     if not shutil.which("qemu-system-x86_64"):
@@ -357,6 +423,80 @@ def bench_link(rate: str, reps: int = 2, mem_mb: int = 512, log=lambda m: None) 
         out["qemu_link_guest_ratio"] = out["ratio"].get("guest_verify_ms")
     elif "error" not in out:
         out["error"] = "no successful run of each side: " + "; ".join(out.get("errors", []))
+    return out
+
+
+def run_engine_precopy(guest: str, mem_mb: int = 512, writer: int = WRITER_PAGES, log=lambda m: None,
+                       tls: bool = False) -> dict:
+    """This engine's pre-copy of the writing guest (localrun.run_precopy:
+    `migrate source --precopy --attach --qmp`, the source QEMU under the
+    shim), measured as run_qemu_postcopy measures QEMU's: total_ms from the
+    source agent's start to the destination's last page (QEMU's: from its
+    migrate), downtime_ms from the source's STOP to the destination's
+    RESUME (QEMU's events), the writer's loop time before and during the
+    pre-copy (writer_load), and demand faults after the switch over the
+    guest's pages. A run whose guest does not print VERIFY OK raises."""
+    load = os.getloadavg()[0]
+    r = localrun.run_precopy(guest, mem_mb, writer=writer, log=log, tls=tls, baseline_s=WRITER_BASELINE_S)
+    if not (r.get("verify") or "").startswith("VERIFY OK") or r.get("errors"):
+        raise RuntimeError(f"engine pre-copy run failed: {r.get('verify')} {r.get('errors')}")
+    d, s = r.get("dest", {}), r.get("source", {})
+    pages = mem_mb * (1 << 20) // 4096
+    total, attached = r.get("total_ms"), r.get("attached_ms")
+    return {"pages": r["pages"], "total_ms": total, "downtime_ms": r.get("downtime_ms"),
+            # the same from when the agent held the guest (its own start-up left out)
+            "total_from_attach_ms": round(total - attached, 1) if total and attached else None,
+            "precopy_ms": r.get("precopy_ms"), "guest_verify_ms": r.get("guest_verify_ms"),
+            "guest_verify_local_ms": r.get("guest_verify_local_ms"),
+            "demand_faults": d.get("faults"), "fault_fraction": round(d["faults"] / pages, 5)
+            if d.get("faults") is not None else None,
+            "writer": writer_load(r["ticks"], r["t_start"], r["src_stop_time"]),
+            "rounds": r.get("rounds"), "switch": r.get("switch"), "attached_ms": r.get("attached_ms"),
+            "pause_split": _engine_pause_split(r), "verify": r["verify"], "tls": tls, "loadavg": round(load, 2)}
+
+
+def bench_precopy(reps: int = 2, mem_mb: int = 512, writer: int = WRITER_PAGES, log=lambda m: None) -> dict:
+    """`migrate bench --qemu --precopy`: reps x (this engine's pre-copy, QEMU's
+    own pre-copy-then-post-copy: one pass, then migrate-start-postcopy, RAM +
+    8 KiB), alternating, the same guest writing `writer` pages every 100 ms
+    throughout; medians of each. The engine's channels are plaintext, as
+    QEMU's stream. Never raises: a failure is recorded under "error"."""
+    out: dict = {"mem_mb": mem_mb, "writer_pages": writer, "reps": reps, "precopy": True,
+                 "runs": {"engine_precopy": [], "qemu_precopy_postcopy": []}}
+    t0 = time.monotonic()
+    try:
+        guest = build_guest()
+        _alternate(out, reps, (("engine_precopy", lambda: run_engine_precopy(guest, mem_mb, writer, log)),
+                               ("qemu_precopy_postcopy", lambda: run_qemu_postcopy(
+                                   guest, mem_mb, log, precopy="first-pass", writer=writer))),
+                   log, "qemu guest pre-copy", first_timeline=False)
+    except Exception as e:  # noqa: BLE001 - the report says what failed
+        out["error"] = f"{type(e).__name__}: {e}"
+    out["seconds"] = round(time.monotonic() - t0, 1)
+    runs = out["runs"]
+    med = {side: {k: _median([x.get(k) for x in rs]) for k in ("total_ms", "downtime_ms", "precopy_ms",
+                                                                "total_from_attach_ms")}
+           for side, rs in runs.items()}
+    for side, rs in runs.items():
+        med[side]["slowdown"] = _median([x["writer"]["slowdown"] for x in rs if x.get("writer")])
+    out["median"] = med
+    e, q = med["engine_precopy"], med["qemu_precopy_postcopy"]
+    if not (runs["engine_precopy"] and runs["qemu_precopy_postcopy"]):
+        out.setdefault("error", "no successful run of each side: " + "; ".join(out.get("errors", [])))
+        return out
+    keys = {"qemu_precopy_fault_fraction": _median([x["fault_fraction"] for x in runs["engine_precopy"]]),
+            "qemu_precopy_total_ratio": round(e["total_ms"] / q["total_ms"], 3) if e["total_ms"] and q["total_ms"]
+            else None,
+            "qemu_precopy_pause_ratio": round(e["downtime_ms"] / q["downtime_ms"], 3)
+            if e["downtime_ms"] and q["downtime_ms"] else None,
+            "qemu_precopy_guest_slowdown": e["slowdown"], "qemu_dirty_log_guest_slowdown": q["slowdown"]}
+    keys["qemu_precopy_slowdown_ratio"] = round(e["slowdown"] / q["slowdown"], 3) \
+        if e["slowdown"] and q["slowdown"] else None
+    out.update(keys)
+    # (informational) the engine's total without its agent's start-up: QEMU's migrate starts in a running QEMU
+    out["qemu_precopy_total_ratio_from_attach"] = round(e["total_from_attach_ms"] / q["total_ms"], 3) \
+        if e["total_from_attach_ms"] and q["total_ms"] else None
+    out["keys"] = keys
     return out
 
 

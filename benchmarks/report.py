@@ -47,6 +47,15 @@ TARGETS = {
     "qemu_link_total_ratio": ("<=", 0.5, "QEMU guest, 512 MiB, over a shaped link (`--qemu --link`): total migration "
                                          "time, this engine / QEMU post-copy-preempt"),
     "qemu_link_guest_ratio": ("<=", 0.5, "the same: the guest's time to read all its memory after the switch"),
+    "qemu_precopy_fault_fraction": ("<=", 0.01, "QEMU guest, 512 MiB, writing 256 pages every 100 ms (`--qemu "
+                                                "--precopy`): demand faults after the switch / the guest's pages, "
+                                                "median of the reps"),
+    "qemu_precopy_total_ratio": ("<=", 0.5, "the same: total migration time, this engine's pre-copy / QEMU's one pass "
+                                            "then post-copy, medians"),
+    "qemu_precopy_pause_ratio": ("<=", 1.0, "the same: source STOP -> destination RESUME, this engine / QEMU, medians"),
+    "qemu_precopy_slowdown_ratio": ("<=", 1.0, "the same: the guest's own loop time during pre-copy over with no "
+                                               "migration, this engine's write tracking (qemu_precopy_guest_slowdown) "
+                                               "/ QEMU's dirty logging (qemu_dirty_log_guest_slowdown), medians"),
     "attach_ack_ms": ("<=", 50.0, "longest attach ack over the run's scenarios (QEMU's too): from the guest's "
                                   "connection to its ack, while its RAM is allocated in the background"),
     "dest_rss_mib": ("<=", None, "dest agent peak own RSS (anon + file), MiB; bound 100 + 1 per GiB of guest"),
@@ -207,7 +216,12 @@ def ratios(floors: dict, results: list[dict], qemu: dict | None = None,
     if acks:
         r["attach_ack_ms"], where = max(acks)
         src["attach_ack_ms"] = f"{where} dest ack_ms, the longest of {len(acks)}"
-    if qemu and qemu.get("link") and qemu.get("ratio"):
+    if qemu and qemu.get("precopy") and qemu.get("keys"):
+        for k, v in qemu["keys"].items():
+            r[k] = v
+            src[k] = (f"{qemu['scenario']}: medians of {qemu['reps']} alternating reps of each, engine pre-copy "
+                      "and QEMU one pass + migrate-start-postcopy, the same writing guest")
+    elif qemu and qemu.get("link") and qemu.get("ratio"):
         for k in ("qemu_link_total_ratio", "qemu_link_guest_ratio"):
             r[k] = qemu.get(k)
             src[k] = (f"qemu over {qemu['link']}: best engine {'total_ms' if 'total' in k else 'guest_verify_ms'} / "

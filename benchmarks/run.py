@@ -178,8 +178,14 @@ def run(args) -> int:
     if run_qemu:
         from benchmarks import qemu_guest
         reps = int(getattr(args, "qemu_reps", None) or os.environ.get("MIGRATE_BENCH_QEMU_REPS") or 2)
-        _log(f"{QEMU_SCENARIO}: this engine vs QEMU's own post-copy, {reps} repetitions")
-        qemu = {"scenario": QEMU_SCENARIO, **qemu_guest.bench(reps=reps, mem_mb=512, log=_log)}
+        if getattr(args, "precopy", False):
+            name_p = f"{QEMU_SCENARIO}-precopy"
+            _log(f"{name_p}: this engine's pre-copy vs QEMU's one pass then post-copy, a writing guest, "
+                 f"{reps} repetitions")
+            qemu = {"scenario": name_p, **qemu_guest.bench_precopy(reps=reps, mem_mb=512, log=_log)}
+        else:
+            _log(f"{QEMU_SCENARIO}: this engine vs QEMU's own post-copy, {reps} repetitions")
+            qemu = {"scenario": QEMU_SCENARIO, **qemu_guest.bench(reps=reps, mem_mb=512, log=_log)}
         if qemu.get("error"):
             _log(f"{QEMU_SCENARIO} failed: {qemu['error']}")
     if qemu_link:

@@ -192,7 +192,10 @@ def cmd_source(args) -> int:
             pre.close()
         return exits.USAGE
     if pre is not None:
-        ram.path = f"the source guest's RAM (pid {pre.guest.pid})"
+        # (a QEMU's: the file its RAM backend names, or its pid's descriptor, as without --precopy)
+        named = pre.guest.name
+        ram.path = (named if named.startswith("/") and not named.startswith("/memfd:") and os.path.exists(named)
+                    else ram_path) if args.qmp else f"the source guest's RAM (pid {pre.guest.pid})"
     kw = dict(push_streams=args.push_streams, batch_bytes=args.batch_bytes, compress=not args.no_compress,
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
@@ -265,12 +268,12 @@ def _precopy_guest(args, rep: Reporter):
         rep.event("error", "--precopy needs --attach SOCKET: the source guest attaches there (guestsim --role "
                   "source, or QEMU with the shim)")
         return None
-    if args.ram or args.qmp or args.resume:
-        rep.event("error", "--precopy takes the guest's RAM from its attach: give neither --ram, --qmp nor --resume")
+    if args.ram or args.resume:
+        rep.event("error", "--precopy takes the guest's RAM from its attach: give neither --ram nor --resume")
         return None
     policy = SwitchPolicy(below=args.switch_below, after=args.switch_after, stall=args.switch_stall)
     try:
-        return SourceGuest.accept(args.attach, args.attach_timeout, rep, policy)
+        return SourceGuest.accept(args.attach, args.attach_timeout, rep, policy, qmp=bool(args.qmp))
     except MigrateError as e:
         rep.event("error", str(e))
         return None
@@ -679,7 +682,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(tc's spelling: 10gbit, 1gbit); only the link scenarios run, with the link's own floors "
                    "(needs root); repeatable. --quick includes 10gbit and 1gbit")
     b.add_argument("--precopy", action="store_true",
-                   help="also run pre-copy then post-copy with the simulated guest writing (precopy_fault_fraction)")
+                   help="also run pre-copy then post-copy with the simulated guest writing (precopy_fault_fraction); "
+                   "with --qemu, the QEMU guest writing too: this engine's pre-copy vs QEMU's one pass then "
+                   "post-copy (docs/qemu-precopy.md)")
     b.add_argument("--matrix", action="store_true", help="every combination of the scenario factors (long)")
     b.add_argument("--json", action="store_true", help="last stdout line: one JSON object with the ratios")
     b.add_argument("--out", metavar="DIR", help="results directory (default benchmarks/results)")

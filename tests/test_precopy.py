@@ -455,7 +455,7 @@ def test_source_guest_gone_mid_precopy(tmp_path, host, huge_pages):
     ([], "--precopy needs --attach SOCKET: the source guest attaches there (guestsim --role source, or QEMU "
          "with the shim)"),
     (["--attach", "/nonexistent-dir/x.sock", "--ram", "/dev/null"],
-     "--precopy takes the guest's RAM from its attach: give neither --ram, --qmp nor --resume"),
+     "--precopy takes the guest's RAM from its attach: give neither --ram nor --resume"),
 ])
 @pytest.mark.timeout(60)
 def test_precopy_usage_errors(args, error):

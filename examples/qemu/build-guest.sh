@@ -12,6 +12,8 @@
 # Guest kernel command line knobs read by /init:
 #   memfill_mb=N       size of the buffer memfill fills (default MemAvailable-48MiB)
 #   memfill_reserve=N  MiB left to the guest when memfill_mb is not given
+#   memfill_write=N    memfill's writer: N pages written every tick (default 0: none)
+#   memfill_tick=MS    the writer's tick (default 100 ms)
 set -eu
 
 OUT=${1:?usage: build-guest.sh OUTDIR}
@@ -49,6 +51,8 @@ for kv in $(cat /proc/cmdline); do
     case "$kv" in
         memfill_mb=*) args="$args -m ${kv#memfill_mb=}" ;;
         memfill_reserve=*) args="$args -r ${kv#memfill_reserve=}" ;;
+        memfill_write=*) args="$args -w ${kv#memfill_write=}" ;;
+        memfill_tick=*) args="$args -t ${kv#memfill_tick=}" ;;
     esac
 done
 echo "INIT READY"

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from migrate import hugepages
@@ -25,8 +26,16 @@ from migrate.qemu.qmp import QMP, QemuError, connect_unix
 
 
 def qemu_argv(name, workdir, kernel, initrd, mem_mb=512, backend="file", mem_path=None,
-              incoming=None, append_extra="", smp=1, qemu="qemu-system-x86_64", extra_args=()):
+              incoming=None, append_extra="", smp=1, qemu="qemu-system-x86_64", extra_args=(), ram_extra_kb=0):
     """Command line for one guest; returns (argv, QMP socket, serial socket).
+
+    ram_extra_kb: that much RAM above mem_mb. 8 keeps QEMU 7.2's own pre-copy
+    under TCG correct: its fast dirty-bitmap sync, taken for a RAM block that
+    is a multiple of 256 KiB, clears dirty bits 64 pages at a time without
+    resetting TCG's TLB dirty state, and the guest's later writes to those
+    pages are never sent again (fixed in QEMU 9.0, "system/physmem: Fix
+    migration dirty bitmap coherency with TCG memory access"); any other size
+    takes the per-page sync, which is right.
 
     backend: "file"      memory-backend-file,share=on on mem_path (e.g. /dev/shm/NAME)
              "hugetlbfs" the same, mem_path on a hugetlbfs mount
@@ -35,10 +44,11 @@ def qemu_argv(name, workdir, kernel, initrd, mem_mb=512, backend="file", mem_pat
     """
     serial = os.path.join(workdir, f"{name}.serial")
     qmp_sock = os.path.join(workdir, f"{name}.qmp")
-    argv = [qemu, "-accel", "tcg", "-smp", str(smp), "-m", f"{mem_mb}M", "-nodefaults",
+    size = f"{mem_mb * 1024 + ram_extra_kb}K" if ram_extra_kb else f"{mem_mb}M"
+    argv = [qemu, "-accel", "tcg", "-smp", str(smp), "-m", size, "-nodefaults",
             "-display", "none", "-no-reboot"]
     if backend in ("file", "hugetlbfs"):
-        argv += ["-object", f"memory-backend-file,id=ram0,size={mem_mb}M,mem-path={mem_path},share=on",
+        argv += ["-object", f"memory-backend-file,id=ram0,size={size},mem-path={mem_path},share=on",
                  "-machine", "pc,memory-backend=ram0"]
     elif backend == "memfd":
         argv += ["-object", f"memory-backend-memfd,id=ram0,size={mem_mb}M,share=on",
@@ -71,22 +81,44 @@ class Serial:
             raise QemuError(f"cannot connect to the serial console at {path} within {timeout:.0f} s: "
                             f"{e.strerror}") from None
         self.text = ""          # everything received so far
+        self.stamps = [(0.0, 0)]   # (time.time() it arrived, len(self.text) then), per read
         self.pos = 0            # wait_for() searches from here
         self.echo = echo        # a file to copy the console to, or None
+        self.lock = threading.Lock()   # one reader of the socket at a time (follow()'s thread or a wait)
+        self.following: threading.Thread | None = None
+        self.closed = False
 
     def close(self) -> None:
+        self.closed = True
+        if self.following:
+            self.following.join(5)
         self.sock.close()
 
+    def follow(self) -> None:
+        """Reads the console in a thread of its own from now until close(),
+        so that each line's arrival time (arrivals()) is when QEMU wrote it,
+        not when someone next waited for a line."""
+        def run():
+            while not self.closed:
+                try:
+                    self._pump(0.05)
+                except (QemuError, OSError):
+                    return
+        self.following = threading.Thread(target=run, name=f"serial {self.path}", daemon=True)
+        self.following.start()
+
     def _pump(self, timeout: float) -> None:
-        self.sock.settimeout(max(timeout, 0.001))
-        try:
-            data = self.sock.recv(65536)
-        except socket.timeout:
-            return
-        if not data:
-            raise QemuError(f"serial console {self.path} closed: did QEMU exit?")
-        s = data.decode("utf-8", "replace").replace("\r", "")
-        self.text += s
+        with self.lock:
+            self.sock.settimeout(max(timeout, 0.001))
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                return
+            if not data:
+                raise QemuError(f"serial console {self.path} closed: did QEMU exit?")
+            s = data.decode("utf-8", "replace").replace("\r", "")
+            self.text += s
+            self.stamps.append((time.time(), len(self.text)))
         if self.echo:
             self.echo.write(s)
             self.echo.flush()
@@ -104,7 +136,30 @@ class Serial:
             if left <= 0:
                 raise QemuError(f"serial console {self.path}: no /{pattern}/ within {timeout:.0f} s; "
                                 f"it printed last:\n{self.text[-2000:]}")
-            self._pump(min(left, 0.5))
+            if self.following and self.following.is_alive():
+                time.sleep(min(left, 0.01))
+            else:
+                self._pump(min(left, 0.5))
+
+    def arrivals(self, pattern: str) -> list[tuple[float, re.Match]]:
+        """Every match of `pattern` received so far (pumping what is pending
+        first, unless follow()ed), each with the wall-clock time (time.time(), comparable with
+        QMP events' timestamps) its last character arrived here."""
+        if not (self.following and self.following.is_alive()):
+            self._pump(0.001)
+        with self.lock:   # the text and its stamps as of one read
+            text, stamps = self.text, list(self.stamps)
+        out, k = [], 0
+        for m in re.finditer(pattern, text):
+            while stamps[k][1] < m.end():
+                k += 1
+            out.append((stamps[k][0], m))
+        return out
+
+    def writer_ticks(self) -> list[tuple[float, int]]:
+        """memfill's writer ticks so far: (when its line arrived, microseconds
+        the tick's writes took)."""
+        return [(t, int(m.group(1))) for t, m in self.arrivals(r"TICK \d+ (\d+)\n")]
 
     def send(self, s: str) -> None:
         self.sock.sendall(s.encode())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 
 from migrate.qemu.lab import Lab
@@ -345,6 +346,169 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                         + " | stderr: " + " | ".join(p.stderr_lines[-4:]))
             raise
         finally:
+            for p in agents:
+                p.kill()
+    return res
+
+
+def run_precopy(guest, mem_mb=512, writer=256, log=print, timeout=240, source_args=(), tls=True,
+                baseline_s=2.0, kill_dest=False):
+    """A writing QEMU guest migrated by this engine with pre-copy first
+    (`migrate source --precopy --attach --qmp`), then post-copy. Returns a dict
+    of results; cleans up everything it made, as run() does.
+
+      1. the destination agent and the destination QEMU under the shim, as run()
+      2. the source QEMU under the shim too (MIGRATE_ATTACH=W/src.attach.sock),
+         on a share=on RAM file; its guest runs memfill with the writer on
+         (memfill_write=writer pages every 100 ms). The shim attaches the RAM
+         the moment QEMU maps it, at start-up, long before a migration: a
+         standby here (the agent end of the attach protocol, which only acks)
+         holds the attach while the guest boots, fills its memory and writes
+         for baseline_s (its loop time with no migration)
+      3. the standby lets go and `migrate source --precopy --attach --qmp`
+         starts: the shim attaches the same userfaultfd and RAM file to it
+         (a re-attach), it write-protects the RAM (async), sends rounds while
+         the guest writes, stops the VM over QMP at the switch, sends the
+         final written list and the device state, and goes on post-copy
+      4. once the destination guest runs, a line on its console: memfill
+         checks every page against its last written generation
+
+    kill_dest: SIGKILL the destination agent once the first pre-copy round
+    is under way, and report what the source agent said and the source
+    QEMU's state, and the writer's ticks before and after (no VERIFY)."""
+    from migrate.dest.attach import AttachListener
+
+    res = {"mem_mb": mem_mb, "backing": "tmpfs-file", "verify": None, "writer_pages": writer}
+    agents = []
+    with Lab(guest, verbose=False) as lab:
+        lab.log = lambda msg: log(f"[{time.monotonic() - lab.t0:7.3f}] {msg}")
+        w = lab.workdir
+        certs = TlsFiles(os.path.join(w, "certs")) if tls else None
+        src_ram, dst_ram = lab.shm_path("migrate-src"), lab.shm_path("migrate-dst")
+        standby = None
+        try:
+            # 1. destination agent and QEMU
+            attach = os.path.join(w, "attach.sock")
+            dst_agent_qmp = os.path.join(w, "dst.agent.qmp")
+            dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", dst_agent_qmp,
+                                 "--json", *(certs.dest_args() if certs else [])])
+            agents.append(dest)
+            addr = dest.wait_event("listening", 30)["address"]
+            dst, qd, sd = lab.start("dst", env={"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach},
+                                    mem_mb=mem_mb, backend="file", mem_path=dst_ram, incoming="defer",
+                                    extra_args=["-qmp", f"unix:{dst_agent_qmp},server=on,wait=off"])
+            dest.wait_event("attached", 30)
+
+            # 2. source QEMU under the shim, its attach held by the standby
+            src_attach = os.path.join(w, "src.attach.sock")
+            src_agent_qmp = os.path.join(w, "src.agent.qmp")
+            standby = AttachListener(src_attach)
+            took: list = []
+
+            def hold():   # QEMU waits in its mmap of the RAM for this ack, before its QMP socket exists
+                try:
+                    took.append(standby.accept(timeout=30))
+                    took[0].ack()
+                except Exception as e:  # noqa: BLE001 - said below
+                    took.append(e)
+
+            holder = threading.Thread(target=hold, name="standby", daemon=True)
+            holder.start()
+            env = {"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": src_attach}
+            src, qs, ss = lab.start("src", env=env, mem_mb=mem_mb, backend="file", mem_path=src_ram,
+                                    append_extra=f"memfill_write={writer}", extra_args=[
+                                        "-qmp", f"unix:{src_agent_qmp},server=on,wait=off"])
+            holder.join(30)
+            if not took or isinstance(took[0], Exception):
+                raise RuntimeError(f"the standby did not take the source QEMU's attach: {took}")
+            held = took[0]
+            res["src_pid"] = src.pid
+            m = ss.wait_for(r"FILLED (\d+) (\d+) ms\n", timeout=timeout)
+            res["pages"] = int(m.group(1))
+            ss.wait_for(r"WRITER \d+ pages", timeout=30)
+            ss.follow()
+            time.sleep(0.5 + baseline_s)
+            held.close()       # the shim attaches again to whoever listens next on src_attach
+            standby.close()
+            standby = None
+
+            # 3. the source agent, pre-copy first
+            src_args = ["source", "--precopy", "--attach", src_attach, "--qmp", src_agent_qmp, "--to", addr,
+                        "--json", *(certs.source_args() if certs else []), "--recovery-window", "0",
+                        *source_args]
+            lab.log("migrate " + " ".join(src_args))
+            t_start = time.time()
+            source = Proc("source", src_args)
+            agents.append(source)
+            att = source.wait_event("attached", 30)
+            res["attached_ms"] = round((att["_t"] - t_start) * 1e3, 1)
+            if kill_dest:
+                source.wait_event("precopy", 30)
+                dest.p.kill()
+                dest.p.wait(10)
+                t_kill = time.time()
+                res["source_rc"] = source.wait(60)
+                res["source_errors"] = source.errors()
+                res["source_events"] = [e.get("event") for e in source.lines]
+                time.sleep(1.5)   # the guest goes on writing
+                res["src_status_after"] = qs.cmd("query-status")["status"]
+                res["src_stopped"] = bool(qs.seen("STOP"))
+                ticks = ss.writer_ticks()
+                res["ticks_before_kill"] = sum(1 for t, _ in ticks if t <= t_kill)
+                res["ticks_after_kill"] = sum(1 for t, _ in ticks if t > t_kill + 0.5)
+                return res
+            run_ev = dest.wait_event("guest-running", timeout)
+            res["src_status_at_dst_running"] = qs.cmd("query-status")["status"]
+            # 4. the guest checks every page's last generation while pages still arrive
+            sd.send("\n")
+            v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
+            res["verify"] = v.group(0).strip()
+            res["guest_verify_ms"] = int(v.group(2)) if v.group(2) else None
+            lab.log(f"dst guest: {res['verify']}; dest agent: {run_ev.get('message')}")
+            for p in (source, dest):
+                rc = p.wait(timeout)
+                res[f"{p.name}_rc"] = rc
+                res[p.name] = {k: v for k, v in (p.summary() or {}).items() if k != "_t"}
+                if rc != 0:
+                    res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
+                                                        + " | ".join(p.errors() or p.stderr_lines[-5:]))
+            sd.send("\n")
+            v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
+            res["verify_local"] = v2.group(0).strip()
+            res["guest_verify_local_ms"] = int(v2.group(2)) if v2.group(2) else None
+            stop, resume = qs.seen("STOP"), qd.seen("RESUME")
+            res["src_stop_time"] = stop[0]["time"] if stop else None
+            res["dst_resume_time"] = resume[0]["time"] if resume else None
+            res["src_resumed"] = bool(qs.seen("RESUME"))
+            res["src_status_after"] = qs.cmd("query-status")["status"]
+            res["dst_status_after"] = qd.cmd("query-status")["status"]
+            done = [e for e in dest.lines if e.get("event") == "completed"]
+            if res["src_stop_time"] and res["dst_resume_time"]:
+                res["downtime_ms"] = round((res["dst_resume_time"] - res["src_stop_time"]) * 1e3, 1)
+            if done:
+                # from the source agent's start (QEMU's own: from its migrate command)
+                res["total_ms"] = round((done[0]["_t"] - t_start) * 1e3, 1)
+            if res["src_stop_time"]:
+                res["precopy_ms"] = round((res["src_stop_time"] - t_start) * 1e3, 1)
+                res["ticks"] = ss.writer_ticks()
+                res["t_start"] = t_start
+            t0 = res["src_stop_time"] or t_start
+            # agents' events, ms after the source QEMU's STOP (when each line was read here)
+            res["timeline"] = sorted([(round((e["_t"] - t0) * 1e3, 1), p.name, e["event"]) for p in (source, dest)
+                                      for e in p.lines if e.get("event") not in ("summary", "text", "round")])
+            res["rounds"] = [{k: v for k, v in e.items() if k not in ("_t", "event", "message")}
+                             for e in source.lines if e.get("event") == "round"]
+            sw = [e for e in source.lines if e.get("event") == "switch"]
+            res["switch"] = {k: v for k, v in sw[0].items() if k not in ("_t", "event")} if sw else None
+        except BaseException:
+            for p in agents:
+                lab.log(f"{p.name} (pid {p.p.pid}, rc {p.p.poll()}) last said: "
+                        + " | ".join(str(e.get("message", e)) for e in p.lines[-4:])
+                        + " | stderr: " + " | ".join(p.stderr_lines[-4:]))
+            raise
+        finally:
+            if standby is not None:
+                standby.close()
             for p in agents:
                 p.kill()
     return res

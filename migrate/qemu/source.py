@@ -217,12 +217,13 @@ def settle_source_qemu(qmp_path: str, reporter: Reporter, ram_path: str, quit: b
         qmp.close()
 
 
-def prepare_capture(qmp: QMP) -> int:
+def prepare_capture(qmp: QMP, paused_ok: bool = False) -> int:
     """Everything that can be done before the source QEMU stops: the
     capabilities, no bandwidth limit, and the pipe QEMU will write its stream
-    into (handed over with getfd). Returns the read end (ours to close)."""
+    into (handed over with getfd). Returns the read end (ours to close).
+    paused_ok: the pre-copy's switch paused it already (QemuPause)."""
     was = qmp.status()
-    if was != "running":
+    if was != "running" and not (paused_ok and was == "paused"):
         raise QemuError(f"source QEMU is {was!r}, not running: nothing to migrate "
                         "(a paused source may belong to a migration already under way)")
     qmp.set_caps(x_ignore_shared=True, events=True)
@@ -347,12 +348,17 @@ class DeviceStateSender:
         self.sent = False            # the destination may have the stream
         self.ack: pb.DeviceStateAck | None = None
         self.running_time: float | None = None   # when the destination said "running" (time.time())
+        # a pre-copy's switch stopped the VM before this runs (QemuPause): its
+        # STOP's time and stamps; QEMU's migrate then finds it stopped already
+        self.paused: QemuPause | None = None
 
     def __call__(self, stub, session_id: str, token: bytes) -> None:
         qmp = self.qmp
-        r = prepare_capture(qmp)
+        r = prepare_capture(qmp, paused_ok=self.paused is not None)
         cap = Capture()
         since = len(qmp.events)
+        if self.paused is not None:
+            cap.times.update(self.paused.times)
         cap.times["send_start"] = time.time()
         # r is ours: the stream reads it until QEMU's end of file; closed once the
         # call is over, or by the drain after a failure
@@ -369,9 +375,15 @@ class DeviceStateSender:
             self.sent = True
             # the destination ends the stream early only when it refused it: then
             # nothing reads QEMU's pipe, and QEMU would wait on it for ever
-            ev = qmp.wait_event(lambda e: e["event"] == "STOP" or _migration_event(("failed", "cancelled"))(e),
-                                self.timeout, "waiting for QEMU to stop the VM", since, give_up=fut.done)
-            if ev is not None and ev["event"] == "STOP":
+            if self.paused is not None:
+                # (stopped at the switch: QEMU's migrate sends no STOP of its own)
+                cap.stop_time = self.paused.stop_time
+                ev = qmp.wait_event(_migration_event(("completed", "failed", "cancelled")), self.timeout,
+                                    "device-state capture", since, give_up=fut.done)
+            else:
+                ev = qmp.wait_event(lambda e: e["event"] == "STOP" or _migration_event(("failed", "cancelled"))(e),
+                                    self.timeout, "waiting for QEMU to stop the VM", since, give_up=fut.done)
+            if self.paused is None and ev is not None and ev["event"] == "STOP":
                 cap.stop_time = ev["time"]
                 cap.times["stop_seen"] = time.time()
                 self.stopped.set()   # its RAM no longer changes: demand may be served
@@ -431,6 +443,43 @@ class DeviceStateSender:
                             running_time=self.running_time)
 
 
+class QemuPause:
+    """The pause and resume of a pre-copy's source QEMU (`source --precopy
+    --qmp`; migrate.source.precopy.Precopy calls them): the switch stops the
+    VM over QMP (`stop`, then QEMU's STOP event) before its final scan of
+    written pages, and the device state follows once the destination has the
+    final written list (DeviceStateSender, self.paused set). A pre-copy that
+    fails before its switch resumes the VM (`cont`) if it had paused it."""
+
+    def __init__(self, qmp: QMP, reporter: Reporter, stopped: threading.Event, sender: DeviceStateSender):
+        self.qmp = qmp                # borrowed; used from the Source's thread only, as the sender does
+        self.reporter = reporter
+        self.stopped = stopped        # set at STOP: the source's demand gate
+        self.sender = sender
+        self.stop_time = 0.0          # QEMU's STOP event (its own clock)
+        self.times: dict = {}         # the switchover's stamps (migrate.qemu.switchover)
+
+    def pause(self) -> None:
+        since = len(self.qmp.events)
+        self.times["stop_sent"] = time.time()
+        self.qmp.cmd("stop")
+        self.times["stop_done"] = time.time()
+        ev = self.qmp.wait_event(lambda e: e["event"] == "STOP", 10.0, "waiting for QEMU to stop the VM", since)
+        if ev is None:
+            raise QemuError(f"the source QEMU ({self.qmp.path}) did not report its VM stopped within 10 s of `stop`")
+        self.stop_time = ev["time"]
+        self.times["stop_seen"] = time.time()
+        self.sender.paused = self
+        self.stopped.set()   # its RAM no longer changes: demand may be served
+        self.reporter.event("paused", f"source QEMU paused for the switch ({self.qmp.path})", qmp=self.qmp.path,
+                            stop_time=self.stop_time)
+
+    def resume(self) -> None:
+        self.sender.paused = None
+        self.stopped.clear()
+        resume_source(self.qmp, self.reporter, "pre-copy failed before the switch")
+
+
 def _explained(e: MigrateError, message: str) -> MigrateError:
     """e said again with what became of the source QEMU; the same exit code."""
     err = MigrateError(message)
@@ -456,6 +505,10 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
         check_shared_ram(qmp, ram.size)
         stopped = threading.Event()
         sender = DeviceStateSender(qmp, reporter, wait=lambda fut: src.wait_rpc(fut), stopped=stopped)
+        precopy = source_kw.get("precopy")
+        if precopy is not None:   # rounds while the VM runs; the switch stops it (QemuPause)
+            qp = QemuPause(qmp, reporter, stopped, sender)
+            precopy.pause, precopy.resume = qp.pause, qp.resume
 
         # The background push waits until the destination guest runs: while the
         # destination QEMU loads the device state, the only RAM it needs comes
@@ -485,7 +538,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
             # the session resumes it (loaded or still loading), and a restarted
             # one takes the guest only if its QEMU says it runs a guest it
             # loaded (migrate.qemu.dest, DeviceStateFeeder.loaded_guest).
-            return Source(ram, target, reporter, **{**source_kw, "resume_session": session},
+            return Source(ram, target, reporter, **{**source_kw, "resume_session": session, "precopy": None},
                           resume_guest=guest if sender.sent else "", connect_timeout=connect_timeout,
                           open_timeout=connect_timeout + 5)
 
@@ -517,7 +570,14 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                 res = dataclasses.replace(res, seconds=time.monotonic() - t0)
         except MigrateError as e:
             if sender.capture is None:
-                # QEMU's migration never started: the VM was never stopped
+                if precopy is not None and precopy.switched:
+                    # paused at the switch, and the device state never left: the
+                    # destination QEMU cannot run the guest, this one is the VM
+                    resume_source(qmp, reporter, f"migration failed after the pre-copy's switch, before the "
+                                  f"device state was sent ({e})")
+                    raise _explained(e, f"{e} (the source QEMU was resumed)") from None
+                # QEMU's migration never started: the VM was never stopped (or
+                # the pre-copy resumed it)
                 raise _explained(e, f"{e} (the source QEMU was not paused: it runs on)") from None
             if isinstance(e, RecoveryWindowOver):
                 raise   # it says the VM's state and what to do

@@ -307,10 +307,13 @@ class SourceGuest:
         self.completed = False   # the migration completed: the guest runs at the destination
 
     @classmethod
-    def accept(cls, path: str, timeout: float, reporter: Reporter, policy: SwitchPolicy) -> "SourceGuest":
+    def accept(cls, path: str, timeout: float, reporter: Reporter, policy: SwitchPolicy,
+               qmp: bool = False) -> "SourceGuest":
         """Listens on path (the attach protocol's agent end, as a destination
         agent listens: migrate.dest.attach) for the source guest, sets up its
-        write tracking and acks it. Raises a MigrateError saying why not."""
+        write tracking and acks it. Raises a MigrateError saying why not.
+        qmp: the guest is a QEMU under the shim, paused and resumed over QMP
+        (migrate.qemu.source.migrate_vm sets the Precopy's pause and resume)."""
         import os
         import socket
 
@@ -351,6 +354,8 @@ class SourceGuest:
         guest.ack()
         reporter.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of "
                        f"{guest.page_size}", pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
+        if qmp:
+            return cls(listener, guest, Precopy(tracker, reporter, policy, pause=None, resume=None))
         gp = GuestPause(guest)
         return cls(listener, guest, Precopy(tracker, reporter, policy, pause=gp.pause, resume=gp.resume))
 
