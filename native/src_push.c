@@ -3,22 +3,73 @@
 #include "mem.h"
 #include "tls.h"
 #include "wire.h"
+#include "zstd.h"
 
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
+/* The run's non-zero pages as one zstd frame in st->frame: its length, or 0
+ * when the run goes raw (no zstd, too large, or the frame saves too little).
+ * iov[2..niov) are the pages, nz bytes in all. */
+static uint64_t compress_run(struct mg_push_stream *st, const struct iovec *iov, int niov, uint64_t nz)
+{
+    if (!nz || nz > MG_ZSTD_MAX_RUN_BYTES || !mg_zstd_ready())
+        return 0;
+    if (!st->cctx) {
+        if (!(st->cctx = Z.ZSTD_createCCtx()))
+            return 0;
+        Z.ZSTD_CCtx_setParameter(st->cctx, ZSTD_c_compressionLevel, st->level);
+        Z.ZSTD_CCtx_setParameter(st->cctx, ZSTD_c_windowLog, MG_ZSTD_WINDOW_LOG);
+        /* the destination checks the size a frame states against the run's */
+        Z.ZSTD_CCtx_setParameter(st->cctx, ZSTD_c_contentSizeFlag, 1);
+    }
+    uint64_t cap = Z.ZSTD_compressBound(nz);
+    if (cap > st->frame_cap) {
+        free(st->frame);
+        st->frame_cap = 0;
+        if (!(st->frame = malloc(cap)))
+            return 0;
+        st->frame_cap = cap;
+    }
+    const void *src = iov[2].iov_base;
+    if (niov > 3) {
+        /* pages apart (zero pages between them): gathered, one copy */
+        if (!st->gather && !(st->gather = malloc(MG_ZSTD_MAX_RUN_BYTES)))
+            return 0;
+        uint64_t at = 0;
+        for (int i = 2; i < niov; i++) {
+            memcpy(st->gather + at, iov[i].iov_base, iov[i].iov_len);
+            at += iov[i].iov_len;
+        }
+        src = st->gather;
+    }
+    uint64_t t0 = now_ns();
+    size_t n = Z.ZSTD_compress2(st->cctx, st->frame, st->frame_cap, src, nz);
+    st->zstd_ns += now_ns() - t0;
+    st->zstd_in += nz;
+    if (Z.ZSTD_isError(n))
+        return 0;   /* (cannot happen with a bound-sized buffer; raw is always right) */
+    st->zstd_out += n;
+    if (n * 100 >= nz * MG_ZSTD_KEEP_PCT) {
+        st->runs_incompressible++;
+        return 0;
+    }
+    return n;
+}
+
 /* A dense run: header, zero bitmap, then the non-zero pages straight from the
- * mapping, consecutive ones in one iovec. */
+ * mapping, consecutive ones in one iovec; or, compressed (st->compress), the
+ * frame's length (u64) and the frame in their place (MG_RUN_ZSTD). */
 static int send_run(const struct wire_end *e, struct mg_src_ram *r, uint64_t first, uint32_t count,
-                    int64_t *payload)
+                    int64_t *payload, struct mg_push_stream *st)
 {
     uint64_t ps = r->page_size;
     struct run_header h = { first, count, 0 };
     uint8_t bits[MG_PUSH_MAX_RUN / 8];
     struct iovec iov[2 + MG_PUSH_MAX_RUN];
     int niov = 2;
-    uint64_t holes = 0;
+    uint64_t holes = 0, nz = 0;
     memset(bits, 0, sizeof(bits));
     iov[0].iov_base = &h;
     iov[0].iov_len = sizeof(h);
@@ -42,18 +93,30 @@ static int send_run(const struct wire_end *e, struct mg_src_ram *r, uint64_t fir
         }
         /* consecutive non-zero pages are one iovec (never the header's two) */
         iov_append(iov, &niov, 2, src, ps);
-        *payload += (int64_t)ps;
+        nz += ps;
     }
     if (holes)
         __atomic_fetch_add(&r->hole_pages, holes, __ATOMIC_RELAXED);
-    return wire_writev(e, iov, niov);
+    *payload += (int64_t)nz;
+    st->page_bytes += nz;
+    st->runs++;
+    uint64_t flen = st->compress ? compress_run(st, iov, niov, nz) : 0;
+    if (!flen) {
+        st->wire_bytes += nz;
+        return wire_writev(e, iov, niov);
+    }
+    h.flags = MG_RUN_ZSTD;
+    st->runs_zstd++;
+    st->wire_bytes += flen;
+    struct iovec z[4] = { iov[0], iov[1], { &flen, sizeof(flen) }, { st->frame, flen } };
+    return wire_writev(e, z, 4);
 }
 
 /* A sparse run (MG_RUN_SPARSE): header, page bitmap, then for each non-zero
  * page its block bitmap and its non-zero blocks, one writev per page. The
  * bitmaps come from the scan when it got there first. */
 static int send_sparse_run(const struct wire_end *e, struct mg_src_ram *r, uint64_t first, uint32_t count,
-                           int64_t *payload)
+                           int64_t *payload, struct mg_push_stream *st)
 {
     uint64_t ps = r->page_size, bs = r->block_size, nb = ps / bs;
     struct run_header h = { first, count, MG_RUN_SPARSE };
@@ -74,6 +137,8 @@ static int send_sparse_run(const struct wire_end *e, struct mg_src_ram *r, uint6
         else {
             zero_blocks += zeros;
             *payload += (int64_t)((nb - zeros) * bs);
+            st->page_bytes += (nb - zeros) * bs;
+            st->wire_bytes += (nb - zeros) * bs;
         }
     }
     if (rc == 0) {
@@ -89,6 +154,7 @@ static int send_sparse_run(const struct wire_end *e, struct mg_src_ram *r, uint6
         block_iov((uint8_t *)src_page(r, first + i), bits[i], nb, bs, iov, &niov, 1);
         rc = wire_writev(e, iov, niov);
     }
+    st->runs++;
     __atomic_fetch_add(&r->push_zero_blocks, zero_blocks, __ATOMIC_RELAXED);
     __atomic_fetch_add(&r->hole_pages, holes, __ATOMIC_RELAXED);
     free(found);
@@ -97,10 +163,32 @@ static int send_sparse_run(const struct wire_end *e, struct mg_src_ram *r, uint6
     return rc;
 }
 
-int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint64_t nruns, const uint32_t *hold)
+struct mg_push_stream *mg_push_stream_new(int level)
+{
+    struct mg_push_stream *st = calloc(1, sizeof(*st));
+    if (st)
+        st->level = level;
+    return st;
+}
+
+void mg_push_stream_free(struct mg_push_stream *st)
+{
+    if (!st)
+        return;
+    if (st->cctx)
+        Z.ZSTD_freeCCtx(st->cctx);
+    free(st->gather);
+    free(st->frame);
+    free(st);
+}
+
+int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint64_t nruns, const uint32_t *hold,
+                     struct mg_push_stream *st)
 {
     int64_t payload = 0;
-    int sparse = src_sparse(ram);
+    /* a compressed run is dense: zstd takes a large page's zero blocks for
+     * next to nothing */
+    int sparse = src_sparse(ram) && !(st->compress && mg_zstd_ready());
     /* chunked: at most 64 iovecs and MG_HOLD_CHUNK bytes per writev; large
      * pages wait on the demand server's busy flag before each */
     struct mg_tls *tls = mg_tls_get(fd);   /* the channel's TLS session for the call, or NULL */
@@ -111,8 +199,8 @@ int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint6
         uint64_t first = runs[2 * i], left = runs[2 * i + 1];
         while (left) {
             uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
-            int rc = sparse ? send_sparse_run(&e, ram, first, count, &payload)
-                            : send_run(&e, ram, first, count, &payload);
+            int rc = sparse ? send_sparse_run(&e, ram, first, count, &payload, st)
+                            : send_run(&e, ram, first, count, &payload, st);
             if (rc < 0) {
                 payload = rc;
                 goto out;
