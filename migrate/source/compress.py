@@ -12,16 +12,21 @@ as it goes (C counts the bytes and times zstd; native/src_push.h):
 | `ratio` | frame bytes over page bytes compressed |
 | `zstd_wall_rate` | page bytes a second its compressed batches moved (the whole call) |
 
-- Raw, it starts compressing once `zstd_rate > GAIN x raw_rate` and
-  `ratio < KEEP`: even a link that took raw bytes as fast as they came would
-  then move more page bytes a second compressed (at least
-  `min(zstd_rate, raw_rate / ratio)`).
+- Raw, it starts compressing once `zstd_rate > START x raw_rate` and
+  `ratio < KEEP`: a compressed batch still costs what a raw one costs the
+  CPU (zero check, copies, TLS, and on a host it shares the destination's
+  decompression) besides zstd's own time, so zstd alone must be well ahead
+  (on a 1 Gbit link it is 8x ahead, on 10 Gbit on two shared CPUs 1.2-2x,
+  where compressing measured slower than raw).
 - Compressing, it goes back to raw when `raw_rate > GAIN x zstd_wall_rate`
   or the pages stop compressing (`ratio >= KEEP`).
-- Either way it keeps probing the mode it is not in, every `PROBE_S`: one
-  compressed batch (zstd's rate and ratio, a few milliseconds), or
-  `RAW_PROBE` raw batches (a raw batch right after compressed ones goes
-  into a socket that the link keeps full only when the link is the limit).
+- Either way it keeps probing the mode it is not in: one compressed batch
+  (zstd's rate and ratio, a few milliseconds), or `RAW_PROBE` raw batches
+  (a raw batch right after compressed ones goes into a socket that the link
+  keeps full only when the link is the limit). The first probe comes after
+  `FIRST_PROBE_S`, the next `PROBE_S` later; each probe that confirms the
+  mode doubles the wait (up to `PROBE_MAX_S`: on a slow link raw batches
+  are dear), a switch starts again from `PROBE_S`.
 
 Each run also goes raw on its own when its frame would not be smaller than
 MG_ZSTD_KEEP_PCT% of its pages (C decides: random or encrypted pages).
@@ -44,9 +49,11 @@ class CompressPolicy:
     """One raw push stream's choice, batch by batch (see the module's
     docstring). Not thread-safe: its stream's thread only."""
 
-    GAIN = 1.2          # a mode must look this much faster to be taken
+    START = 2.0         # zstd's own rate over the raw rate that starts compressing
+    GAIN = 1.2          # raw must look this much faster than compressed batches to stop
     KEEP = 0.9          # a ratio at or above this is not worth the CPU
-    PROBE_S = 1.0       # how often the other mode is tried
+    PROBE_S = 0.5       # how soon the other mode is tried again after a switch
+    PROBE_MAX_S = 4.0   # ... and at most after probes that confirmed the mode
     FIRST_PROBE_S = 0.25  # the first zstd probe, once the raw rate has settled
     RAW_PROBE = 4       # raw batches in a probe of raw
     DECAY = 0.2         # weight of the newest batch in the steady mode's rates
@@ -59,6 +66,7 @@ class CompressPolicy:
         now = time.monotonic() if now is None else now
         self.t_probe = now + self.FIRST_PROBE_S
         self.probing = 0            # batches left in a probe of the other mode
+        self.interval = self.PROBE_S
         # (bytes, seconds) decayed sums: raw batches, compressed batches' wall
         # time, zstd's time; the ratio as (frame bytes, page bytes)
         self.raw = [0.0, 0.0]
@@ -98,7 +106,7 @@ class CompressPolicy:
         now = time.monotonic() if now is None else now
         if now < self.t_probe:
             return self.compressing
-        self.t_probe = now + self.PROBE_S
+        self.t_probe = now + self.interval
         self.probing = self.RAW_PROBE if self.compressing else 1
         # a probe measures afresh what it probes
         if self.compressing:
@@ -127,26 +135,29 @@ class CompressPolicy:
             self.probing -= 1
             if self.probing:
                 return
-        self._decide()
+        self._decide(probe)
 
     @staticmethod
     def _add(acc: list[float], n: float, d: float, keep: float) -> None:
         acc[0] = acc[0] * keep + n
         acc[1] = acc[1] * keep + d
 
-    def _decide(self) -> None:
+    def _decide(self, probe_done: bool) -> None:
         raw, ratio = self.raw_rate, self.ratio
         if ratio is not None and ratio >= self.KEEP:
             want = False
         elif not self.compressing:
             zstd = self.zstd_rate
-            want = raw is not None and zstd is not None and ratio is not None and zstd > self.GAIN * raw
+            want = raw is not None and zstd is not None and ratio is not None and zstd > self.START * raw
         else:
             wall = self.zstd_wall_rate
             want = not (raw is not None and wall is not None and raw > self.GAIN * wall)
         if want != self.compressing:
             self.compressing = want
             self.switches += 1
+            self.interval = self.PROBE_S
+        elif probe_done:
+            self.interval = min(self.PROBE_MAX_S, self.interval * 2)
 
 
 class StreamStats:
