@@ -186,9 +186,9 @@ int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint6
                      struct mg_push_stream *st)
 {
     int64_t payload = 0;
-    /* a compressed run is dense: zstd takes a large page's zero blocks for
-     * next to nothing */
-    int sparse = src_sparse(ram) && !(st->compress && mg_zstd_ready());
+    /* a compressed run is dense (zstd takes a large page's zero blocks for
+     * next to nothing), unless it is too large to compress */
+    int sparse = src_sparse(ram), zstd = st->compress && mg_zstd_ready();
     /* chunked: at most 64 iovecs and MG_HOLD_CHUNK bytes per writev; large
      * pages wait on the demand server's busy flag before each */
     struct mg_tls *tls = mg_tls_get(fd);   /* the channel's TLS session for the call, or NULL */
@@ -199,8 +199,9 @@ int64_t mg_push_runs(int fd, struct mg_src_ram *ram, const uint64_t *runs, uint6
         uint64_t first = runs[2 * i], left = runs[2 * i + 1];
         while (left) {
             uint32_t count = left < MG_PUSH_MAX_RUN ? (uint32_t)left : MG_PUSH_MAX_RUN;
-            int rc = sparse ? send_sparse_run(&e, ram, first, count, &payload, st)
-                            : send_run(&e, ram, first, count, &payload, st);
+            int rc = sparse && !(zstd && (uint64_t)count * ram->page_size <= MG_ZSTD_MAX_RUN_BYTES)
+                   ? send_sparse_run(&e, ram, first, count, &payload, st)
+                   : send_run(&e, ram, first, count, &payload, st);
             if (rc < 0) {
                 payload = rc;
                 goto out;

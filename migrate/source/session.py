@@ -375,6 +375,12 @@ class Source:
                 t.join(0.1)
                 if self.dest_lost is not None:
                     raise self.dest_lost
+        if self.transport == "raw" and self.push is not None:
+            c = self.push.compression()
+            ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
+            self.reporter.event("compress", f"push compression {c['mode']}: {c['wire_bytes']} wire bytes for "
+                                f"{c['page_bytes']} bytes of non-zero pages ({ratio}), "
+                                f"{c['batches_compressed_fraction']:.0%} of batches compressed", **c)
 
     def _finish(self, stub: pbg.MigrationStub) -> pb.FinishReply:
         """Asks the destination how the session ended (waiting for it to end,
