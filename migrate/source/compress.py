@@ -199,10 +199,11 @@ class PushStream:
         t0 = time.monotonic()
         rc = lib.mg_push_runs(fd, ram, runs_arr, nruns, hold, st)
         seconds = time.monotonic() - t0
-        if rc < 0:
-            return rc
+        # (counted even when it failed part way: its bytes are in the counters)
         self.stats.batches += 1
         self.stats.batches_compressed += st.compress
+        if rc < 0:
+            return rc
         pol.done(bool(st.compress), int(st.page_bytes) - page0, seconds, int(st.zstd_in) - in0,
                  int(st.zstd_out) - out0, (int(st.zstd_ns) - ns0) / 1e9)
         return rc
