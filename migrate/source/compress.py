@@ -15,9 +15,12 @@ as it goes (C counts the bytes and times zstd; native/src_push.h):
 - Raw, it starts compressing once `zstd_rate > START x raw_rate` and
   `ratio < KEEP`: a compressed batch still costs what a raw one costs the
   CPU (zero check, copies, TLS, and on a host it shares the destination's
-  decompression) besides zstd's own time, so zstd alone must be well ahead
-  (on a 1 Gbit link it is 8x ahead, on 10 Gbit on two shared CPUs 1.2-2x,
-  where compressing measured slower than raw).
+  decompression) besides zstd's own time, and a raw stream held back by the
+  CPU (a guest faulting hard takes it) is slow without a slow link, so zstd
+  alone must be well ahead: on a 1 Gbit link it is 8x ahead, on 10 Gbit on
+  two shared CPUs 1.2-2x (where compressing measured no faster than raw).
+- A destination on loopback is never compressed to under `auto`
+  (migrate.source.session): there is no link to save.
 - Compressing, it goes back to raw when `raw_rate > GAIN x zstd_wall_rate`
   or the pages stop compressing (`ratio >= KEEP`).
 - Either way it keeps probing the mode it is not in: one compressed batch
@@ -49,7 +52,7 @@ class CompressPolicy:
     """One raw push stream's choice, batch by batch (see the module's
     docstring). Not thread-safe: its stream's thread only."""
 
-    START = 2.0         # zstd's own rate over the raw rate that starts compressing
+    START = 3.0         # zstd's own rate over the raw rate that starts compressing
     GAIN = 1.2          # raw must look this much faster than compressed batches to stop
     KEEP = 0.9          # a ratio at or above this is not worth the CPU
     PROBE_S = 0.5       # how soon the other mode is tried again after a switch

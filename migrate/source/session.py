@@ -344,6 +344,12 @@ class Source:
         them and libzstd loads here. --compress on without that is an error
         that says what to do; auto goes raw."""
         why = None
+        if self.compress_runs == "auto" and is_loopback(host_of(self.target)):
+            # no link to save: the CPU is always the limit (and a demand-heavy
+            # guest's faults, holding the push back, would read as a slow link)
+            self.reporter.event("compress", "push not compressed: the destination is on loopback (--compress on "
+                                "forces it)", mode="auto", available=True)
+            return False
         if welcome.push_compression != pb.COMPRESSION_ZSTD:
             why = ("the destination does not take zstd push runs (an older migrate release, or no libzstd.so.1 "
                    "on its host)")
