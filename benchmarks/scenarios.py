@@ -201,6 +201,9 @@ class BenchMigration(LocalMigration):
         destination agent and the guest in its destination namespace, the
         source agent in its source namespace."""
         zero, rand = CONTENT[sc.content]
+        # MIGRATE_BENCH_SOURCE_ARGS: extra source flags for a side-by-side run
+        # (e.g. "--compress off")
+        source_args = (*source_args, *os.environ.get("MIGRATE_BENCH_SOURCE_ARGS", "").split())
         if sc.push_rate:
             source_args = (*source_args, "--max-rate", str(sc.push_rate), "--push-streams", "1")
         net = dict(dest_listen=f"{link.dst_addr}:0", dest_prefix=link.dst_prefix,

@@ -200,7 +200,8 @@ def cmd_source(args) -> int:
               resume_session=args.resume or "", transport=args.transport, guest=args.guest,
               max_rate=args.max_rate, push_buffer=args.push_buffer, sparse=not args.no_sparse,
               dest_timeout=args.dest_timeout, tls=tls, pace=args.pace,
-              locality_window=None if args.locality_window == "auto" else int(args.locality_window))
+              locality_window=None if args.locality_window == "auto" else int(args.locality_window),
+              compress_runs=args.compress)
     if pre is not None:
         kw["precopy"] = pre.precopy
         signal.signal(signal.SIGUSR1, lambda *_: pre.precopy.switch_now.set())
@@ -250,7 +251,7 @@ def cmd_source(args) -> int:
          "wire_bytes": res.wire_bytes, "demand_zero_blocks": res.zero_blocks,
          "demand_prescanned": res.prescanned,
          "push_zero_blocks": res.push_zero_blocks, "hole_pages": res.hole_pages,
-         "seconds": round(res.seconds, 3),
+         "seconds": round(res.seconds, 3), "compress": res.compression,
          "throughput_gbps": round(ram.size / res.seconds / 1e9, 3) if res.seconds else 0, **vm, **process_usage(),
          **(pre.precopy.summary() if pre is not None else {})}
     rep.summary(s, f"served {res.pages_total} pages in {s['seconds']} s ({s['throughput_gbps']} GB/s of RAM, "
@@ -559,9 +560,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "auto (default): on unless the destination is on loopback")
     s.add_argument("--batch-bytes", type=_size, default=1 << 20, help="background batch size (default 1M)")
     s.add_argument("--no-compress", action="store_true", help="with --transport grpc: send pages without zstd")
+    s.add_argument("--compress", choices=["auto", "on", "off"], default="auto",
+                   help="zstd on the raw push, in C: auto (default) compresses a stream's batches while the link, "
+                   "not the CPU, holds it back (measured as it goes); on: always (incompressible runs still go raw); "
+                   "off: never")
     s.add_argument("--transport", choices=["raw", "grpc"], default="raw",
-                   help="background pages: raw = plain TCP from the RAM mapping, uncompressed (default, for "
-                        "fast links); grpc = gRPC streams with zstd (for slow links)")
+                   help="background pages: raw = plain TCP from the RAM mapping, written in C, zstd per --compress "
+                        "(default); grpc = gRPC streams with zstd in Python")
     s.add_argument("--dest-timeout", type=_seconds, default=10.0, metavar="SECONDS",
                    help="give up on a destination that acknowledges or takes in nothing this long (its host down, "
                    "the network split, the agent hung): this source then tries again for --recovery-window "

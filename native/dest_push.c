@@ -4,6 +4,7 @@
 #include "bitmap.h"
 #include "tls.h"
 #include "wire.h"
+#include "zstd.h"
 
 #include <errno.h>
 #include <limits.h>
@@ -112,6 +113,101 @@ static int read_sparse_run(const struct wire_end *e, const struct run *r, struct
     return 1;
 }
 
+/* A receiver's zstd state, made at its first compressed run. */
+struct unzstd {
+    ZSTD_DCtx *d;
+    uint8_t *in;                  /* MG_ZSTD_IN bytes of the frame at a time */
+    uint8_t spill[64];            /* where output past the run's pages goes, to be refused */
+};
+#define MG_ZSTD_IN (128u << 10)
+
+static int unzstd_init(struct unzstd *z)
+{
+    if (z->d)
+        return 0;
+    if (!(z->in = malloc(MG_ZSTD_IN)) || !(z->d = Z.ZSTD_createDCtx()))
+        return -ENOMEM;
+    /* the bound that does not trust the frame: a larger window is an error,
+     * before zstd allocates it */
+    Z.ZSTD_DCtx_setParameter(z->d, ZSTD_d_windowLogMax, MG_ZSTD_WINDOW_LOG);
+    return 0;
+}
+
+static void unzstd_free(struct unzstd *z)
+{
+    if (z->d)
+        Z.ZSTD_freeDCtx(z->d);
+    free(z->in);
+}
+
+static int frame_refuse(struct mg_space *s, const struct run *r, int why, uint64_t detail)
+{
+    s->error_detail = detail;
+    return refuse(s, MG_BAD_FRAME, r->h.first, (uint64_t)why);
+}
+
+/* The index of the next non-zero page of a run from i, or count. */
+static uint32_t next_data(const struct run *r, uint32_t i)
+{
+    while (i < r->h.count && run_zero(r, i))
+        i++;
+    return i;
+}
+
+/* A compressed run's frame, length bytes, decompressed page by page where
+ * run_dst says (the alias, staging or scratch, as raw bytes would land).
+ * Its stated size must be want (the non-zero pages' bytes) before anything
+ * is decompressed, and it must end exactly there, at the end of its bytes.
+ * 1, or < 0 (-EPROTO: refused, error_* say why). e: the run's payload end. */
+static int read_zstd_run(const struct wire_end *e, const struct run *r, struct unzstd *z, uint64_t length,
+                         uint64_t want)
+{
+    struct mg_space *s = r->t.s;
+    uint64_t ps = s->page_size, left = length, done = 0;
+    Z.ZSTD_DCtx_reset(z->d, ZSTD_reset_session_only);
+    uint32_t i = next_data(r, 0);
+    ZSTD_outBuffer out = { run_dst(r, i), ps, 0 };
+    ZSTD_inBuffer in = { z->in, 0, 0 };
+    for (;;) {
+        if (in.pos == in.size && left) {
+            uint64_t n = left < MG_ZSTD_IN ? left : MG_ZSTD_IN;
+            int rc = wire_read_rest(e, z->in, n);
+            if (rc < 0)
+                return rc;
+            if (left == length) {
+                unsigned long long stated = Z.ZSTD_getFrameContentSize(z->in, n);
+                if (stated != want)
+                    return frame_refuse(s, r, MG_FRAME_SIZE, stated);
+            }
+            left -= n;
+            in = (ZSTD_inBuffer){ z->in, n, 0 };
+        }
+        if (out.pos == out.size && out.dst != z->spill) {
+            done += out.pos;
+            i = next_data(r, i + 1);
+            out = i < r->h.count ? (ZSTD_outBuffer){ run_dst(r, i), ps, 0 }
+                                 : (ZSTD_outBuffer){ z->spill, sizeof(z->spill), 0 };
+        }
+        size_t in0 = in.pos, out0 = out.pos;
+        size_t ret = Z.ZSTD_decompressStream(z->d, &out, &in);
+        if (Z.ZSTD_isError(ret))
+            return frame_refuse(s, r, MG_FRAME_CORRUPT, (uint64_t)Z.ZSTD_getErrorCode(ret));
+        if (out.dst == z->spill && out.pos)
+            return frame_refuse(s, r, MG_FRAME_LONG, want + out.pos);
+        if (ret == 0) {
+            /* the frame is complete */
+            if (in.pos < in.size || left)
+                return frame_refuse(s, r, MG_FRAME_LONG, done + out.pos);
+            if (done + (out.dst == z->spill ? 0 : out.pos) < want)
+                return frame_refuse(s, r, MG_FRAME_SHORT, done + out.pos);
+            return 1;
+        }
+        if (in.pos == in0 && out.pos == out0 && in.pos == in.size && !left)
+            /* all its bytes taken, no output left to give: cut short */
+            return frame_refuse(s, r, MG_FRAME_SHORT, done + (out.dst == z->spill ? 0 : out.pos));
+    }
+}
+
 /* Places the claimed pages of a run that arrived whole, then maps it. 0, or
  * -errno with s->error_page set. */
 static int place_run(const struct run *r)
@@ -152,13 +248,14 @@ static int place_run(const struct run *r)
 }
 
 static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop_fd, struct run *r,
-                        struct sparse_buf *blocks);
+                        struct sparse_buf *blocks, struct unzstd *z);
 
 int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 {
     uint64_t ps = s->page_size;
     struct run r = { .scratch = scratch };
     struct sparse_buf sb = { NULL, NULL };
+    struct unzstd z = { NULL, NULL, { 0 } };
     struct mg_tls *tls = mg_tls_get(fd);   /* the channel's TLS session for the call, or NULL */
     int rc = 0;
     /* a run whose pages are not all allocated yet may be staged */
@@ -167,7 +264,8 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
     if (rc == 0 && s->block_size && ps > s->block_size)
         rc = sparse_alloc(&sb, ps / s->block_size);
     if (rc == 0)
-        rc = push_receive(s, fd, tls, stop_fd, &r, sb.bits ? &sb : NULL);
+        rc = push_receive(s, fd, tls, stop_fd, &r, sb.bits ? &sb : NULL, &z);
+    unzstd_free(&z);
     sparse_free(&sb);
     free(r.staging);
     mg_tls_put(tls);
@@ -175,7 +273,7 @@ int mg_push_receive(struct mg_space *s, int fd, int stop_fd, uint8_t *scratch)
 }
 
 static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop_fd, struct run *r,
-                        struct sparse_buf *blocks)
+                        struct sparse_buf *blocks, struct unzstd *z)
 {
     uint64_t ps = s->page_size;
     struct iovec iov[MG_PUSH_MAX_RUN];
@@ -202,12 +300,28 @@ static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop
          * this side memory. */
         if (h.count == 0 || h.count > MG_PUSH_MAX_RUN || h.first >= s->npages || h.count > s->npages - h.first)
             return refuse(s, MG_BAD_PAGE, h.first, h.count);
-        int sparse = h.flags & MG_RUN_SPARSE;
-        if ((h.flags & ~(uint32_t)MG_RUN_SPARSE) || (sparse && !blocks))
+        int sparse = h.flags & MG_RUN_SPARSE, zstd = h.flags & MG_RUN_ZSTD;
+        if ((h.flags & ~(uint32_t)(MG_RUN_SPARSE | MG_RUN_ZSTD)) || (sparse && !blocks)
+            || (zstd && (sparse || !s->zstd_runs || !mg_zstd_ready())))
             return refuse(s, MG_BAD_FLAGS, h.first, h.flags);
         rc = wire_read_rest(&head, r->bits, (h.count + 7) / 8);
         if (rc < 0)
             return rc;
+        /* a frame's length is checked before its bytes are read: at most the
+         * run's non-zero pages, raw (a sender keeps a larger frame to itself) */
+        uint64_t flen = 0, want = 0;
+        if (zstd) {
+            if ((rc = wire_read_rest(&head, &flen, sizeof(flen))) < 0)
+                return rc;
+            for (uint32_t i = 0; i < h.count; i++)
+                want += run_zero(r, i) ? 0 : ps;
+            if (flen == 0 || flen > want) {
+                s->error_detail = flen;
+                return refuse(s, MG_BAD_FRAME, h.first, MG_FRAME_LENGTH);
+            }
+            if ((rc = unzstd_init(z)) < 0)
+                return rc;
+        }
         int niov = 0, any = 0;
         for (uint32_t i = 0; i < h.count; i++)
             any |= r->mine[i] = (uint8_t)claim(s, h.first + i);
@@ -223,11 +337,13 @@ static int push_receive(struct mg_space *s, int fd, struct mg_tls *tls, int stop
             return rc;
         }
         for (uint32_t i = 0; i < h.count; i++) {
-            if (run_zero(r, i) || sparse)
+            if (run_zero(r, i) || sparse || zstd)
                 continue;
             iov_append(iov, &niov, 0, run_dst(r, i), ps);
         }
-        rc = sparse ? read_sparse_run(&payload, r, blocks) : wire_readv_rest(&payload, iov, niov);
+        rc = sparse ? read_sparse_run(&payload, r, blocks)
+           : zstd   ? read_zstd_run(&payload, r, z, flen, want)
+                    : wire_readv_rest(&payload, iov, niov);
         if (rc < 0) {
             /* claimed pages that did not arrive whole: give them back */
             for (uint32_t i = 0; i < h.count; i++)

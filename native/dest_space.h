@@ -29,6 +29,16 @@
 /* A page's memory could not be allocated in the RAM file (the backing is
  * full): error_page is the first page of the range, error_value its count. */
 #define MG_ALLOC_FAILED 4
+/* A push run's zstd frame was refused before any of its pages was received:
+ * error_value says why (MG_FRAME_*), error_detail what it had. */
+#define MG_BAD_FRAME 5
+#define MG_FRAME_LENGTH 1    /* its length is 0 or more than the run's non-zero page bytes (detail: length) */
+#define MG_FRAME_SIZE 2      /* it states another size or none (detail: what it states, or all ones) */
+#define MG_FRAME_SHORT 3     /* it decompressed to fewer bytes (detail: how many) */
+#define MG_FRAME_LONG 4      /* it decompressed to more bytes, or bytes follow its end (detail: its bytes
+                              * out when it was cut off) */
+#define MG_FRAME_CORRUPT 5   /* zstd refused it (detail: zstd's error code, mg_zstd_error_name; a window
+                              * over 1 << MG_ZSTD_WINDOW_LOG is one) */
 
 struct mg_region {
     uint64_t guest_addr;   /* host virtual address in the guest process */
@@ -100,9 +110,11 @@ struct mg_space {
     uint32_t demand_waiting; /* demand requests in the inflight table (atomic) */
     int finished;           /* set once every page is mapped, before the range is unregistered */
     uint64_t block_size;    /* demand replies may be sparse in blocks of this size (0: never) */
+    int zstd_runs;          /* push runs may come as zstd frames (the Welcome offered them) */
     uint64_t error_page;    /* what a failed call was looking at */
     uint64_t error_value;
     int error_kind;         /* MG_BAD_* for a refused demand reply */
+    uint64_t error_detail;  /* MG_BAD_FRAME: what the frame had */
     int nregions;
     struct mg_region regions[16];
     struct mg_fault_stats stats;

@@ -13,7 +13,9 @@
  *   struct run_header (u64 first page, u32 count <= MG_PUSH_MAX_RUN, u32 flags:
  *   0 or MG_RUN_SPARSE), a zero bitmap of (count+7)/8 bytes (bit i LSB first:
  *   page first+i is zero, no data), then the non-zero pages' bytes in order (or,
- *   sparse, each non-zero page's block bitmap and then its non-zero blocks).
+ *   sparse, each non-zero page's block bitmap and then its non-zero blocks),
+ *   or (MG_RUN_ZSTD) a u64 frame length and one zstd frame that decompresses
+ *   to exactly the non-zero pages' bytes, in order.
  * A block bitmap: page_size / MG_BLOCK bits, bit i LSB first set when block i
  *   is all zero and has no bytes on the wire. */
 #ifndef MIGRATE_WIRE_H
@@ -41,13 +43,19 @@
 #define MG_REPLY_SPARSE 2
 #define MG_BLOCK 4096
 
-/* The raw push channel: background pages over plain TCP, no compression (on
- * a fast link the copy is cheaper than zstd). At most this many pages a run. */
+/* The raw push channel: background pages over plain TCP, compressed only when
+ * the link is slower than zstd (migrate.source.compress decides). At most
+ * this many pages a run. */
 #define MG_PUSH_MAX_RUN 1024
 /* Run flag (only when the destination offered sparse pages): each non-zero
  * page comes as its block bitmap (as in a sparse demand reply) and then its
  * non-zero blocks. */
 #define MG_RUN_SPARSE 1
+/* Run flag (only when the destination offered zstd push runs, never with
+ * MG_RUN_SPARSE): the non-zero pages come as a u64 length and a zstd frame of
+ * that many bytes, whose stated and actual size are the non-zero pages' bytes
+ * and whose window is at most 1 << MG_ZSTD_WINDOW_LOG (zstd.h). */
+#define MG_RUN_ZSTD 2
 /* cdef-end */
 
 /* ---- frames ---- */

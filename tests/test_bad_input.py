@@ -380,7 +380,7 @@ def test_lying_sparse_reply(waiting_huge, flags, length, message):
 @pytest.mark.parametrize("header,message", [
     (struct.pack("<QII", 0, 4, 1),
      "push run at page 0 is sparse, but pages of 4096 bytes are never sent sparse"),
-    (struct.pack("<QII", 8, 4, 2), "push run at page 8 has flags 0x2: unknown"),
+    (struct.pack("<QII", 8, 4, 4), "push run at page 8 has flags 0x4: unknown"),
     (struct.pack("<QII", NPAGES - 2, 4, 0),
      f"push run of 4 pages at page {NPAGES - 2} does not fit the layout of {NPAGES} pages (at most 1024 pages a run)"),
 ], ids=["sparse-small-pages", "unknown-flag", "past-the-end"])

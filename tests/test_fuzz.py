@@ -365,6 +365,10 @@ RAW_REFUSALS = [re.compile(p) for p in (
     r"pages a run\)",
     r"bad push run: push run at page \d+ is sparse, but pages of 4096 bytes are never sent sparse",
     r"bad push run: push run at page \d+ has flags 0x[0-9a-f]+: unknown",
+    r"bad push run: push run at page \d+: its zstd frame (is \d+ bytes long, not between 1 and its non-zero "
+    r"pages' bytes|states (no size|\d+ bytes), not its non-zero pages' bytes|decompressed to \d+ bytes, fewer than "
+    r"its non-zero pages' bytes|decompressed to more than its non-zero pages' bytes, or bytes follow its end|is "
+    r"refused by zstd: .+)",
     rf"bad demand reply: demand reply names page \d+, outside the layout of {NPAGES} pages of {PS} bytes",
     r"bad demand reply: demand reply for page \d+ carries \d+ bytes, expected 4096 \(or 0 for a zero page\)",
     r"bad demand reply: demand reply for page \d+ is sparse, but pages of 4096 bytes are never sent sparse",
@@ -376,7 +380,7 @@ RAW_REFUSALS = [re.compile(p) for p in (
 def bad_run(draw) -> bytes:
     """A push run header that cannot be taken, and whatever follows it."""
     first, count, flags = draw(st.integers(0, NPAGES - 1)), draw(st.integers(1, 1024)), 0
-    how = draw(st.sampled_from(["count-zero", "count-cap", "first", "past-end", "flags", "sparse"]))
+    how = draw(st.sampled_from(["count-zero", "count-cap", "first", "past-end", "flags", "sparse", "zstd"]))
     if how == "count-zero":
         count = 0
     elif how == "count-cap":
@@ -387,7 +391,18 @@ def bad_run(draw) -> bytes:
         first = draw(st.integers(max(0, NPAGES - 1023), NPAGES - 1))
         count = draw(st.integers(NPAGES - first + 1, 1024))
     elif how == "flags":
-        flags = draw(st.integers(2, 2**32 - 1))
+        flags = draw(st.integers(3, 2**32 - 1))   # (2 alone is a zstd run: below)
+    elif how == "zstd":
+        # a whole zero bitmap, then a frame of garbage whose length is its
+        # own (so the agent reads all of it) or out of bounds (refused unread)
+        count = min(count, NPAGES - first)
+        bits = draw(st.binary(min_size=(count + 7) // 8, max_size=(count + 7) // 8))
+        zero = sum((bits[i >> 3] >> (i & 7)) & 1 for i in range(count))
+        frame = draw(st.binary(max_size=300))
+        length = draw(st.sampled_from([len(frame), 0, (count - zero) * PS + 1, 2**64 - 1]))
+        if 0 < length <= (count - zero) * PS:
+            length = len(frame)
+        return struct.pack("<QII", first, count, 2) + bits + struct.pack("<Q", length) + frame
     else:
         flags = 1
     return struct.pack("<QII", first, count, flags) + draw(st.binary(max_size=300))

@@ -21,6 +21,7 @@ from migrate.uffd import Userfaultfd
 from migrate.wire.tcp import ChannelEnd, channel_end
 
 MODE_CONTINUE = "continue"
+ZSTD_ERROR_WINDOW_TOO_LARGE = 16   # zstd's ZSTD_error_frameParameter_windowTooLarge (a stable code)
 MODE_COPY = "copy"
 
 
@@ -93,6 +94,8 @@ class FaultSpace:
         s.zero_fresh = 1 if zero_fresh else 0
         # large pages may come sparse (zero blocks left out), on both channels
         s.block_size = self.block_size = lib.MG_BLOCK if page_size > lib.MG_BLOCK else 0
+        # push runs may come as zstd frames (set when a Welcome offers them)
+        s.zstd_runs = 0
         s.nregions = len(regions)
         for i, r in enumerate(regions):
             s.regions[i].guest_addr = r.guest_addr
@@ -241,9 +244,34 @@ class FaultSpace:
                 if value & lib.MG_RUN_SPARSE and not self.block_size:
                     raise ProtocolError(self._never_sparse(f"push run at page {first}"))
                 raise ProtocolError(f"push run at page {first} has flags {value:#x}: unknown")
+            if self._s.error_kind == lib.MG_BAD_FRAME:
+                raise ProtocolError(self._bad_frame(first, value, self._s.error_detail))
             raise ProtocolError(f"push run of {value} pages at page {first} does not fit the layout of "
                                 f"{self.npages} pages (at most {lib.MG_PUSH_MAX_RUN} pages a run)")
         return self._channel_end(rc)
+
+    def accept_zstd_runs(self) -> None:
+        """Push runs may come as zstd frames from now on (the Welcome offered
+        them; libzstd is loaded)."""
+        self._s.zstd_runs = 1
+
+    @staticmethod
+    def _bad_frame(first: int, why: int, detail: int) -> str:
+        """What was wrong with a push run's zstd frame (MG_FRAME_*, C's
+        error_detail); none of the run's pages was received or mapped."""
+        what = f"push run at page {first}: its zstd frame "
+        if why == lib.MG_FRAME_LENGTH:
+            return what + f"is {detail} bytes long, not between 1 and its non-zero pages' bytes"
+        if why == lib.MG_FRAME_SIZE:
+            stated = "no size" if detail >= (1 << 64) - 2 else f"{detail} bytes"
+            return what + f"states {stated}, not its non-zero pages' bytes"
+        if why == lib.MG_FRAME_SHORT:
+            return what + f"decompressed to {detail} bytes, fewer than its non-zero pages' bytes"
+        if why == lib.MG_FRAME_LONG:
+            return what + "decompressed to more than its non-zero pages' bytes, or bytes follow its end"
+        bound = f" (frames here may use a window of at most {1 << lib.MG_ZSTD_WINDOW_LOG >> 10} KiB)"
+        return what + f"is refused by zstd: {ffi.string(lib.mg_zstd_error_name(detail)).decode()}" + (
+            bound if detail == ZSTD_ERROR_WINDOW_TOO_LARGE else "")
 
     def _never_sparse(self, what: str) -> str:
         return f"{what} is sparse, but pages of {self.page_size} bytes are never sent sparse"

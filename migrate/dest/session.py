@@ -33,7 +33,7 @@ from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter, percentile, process_usage
 from migrate.status import rate_and_eta
 from migrate.uffd import Mode, Userfaultfd
-from migrate.wire.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchDecoder
+from migrate.wire.protocol import DEFAULT_BATCH_BYTES, PROTOCOL_VERSION, BatchDecoder, raw_zstd_unavailable
 
 
 # how `migrate status` names each state (migrate.status.STATES)
@@ -263,6 +263,11 @@ class Migration:
             self.alloc.lower_priority()
         received = self.space.received_count
         comp = pb.COMPRESSION_ZSTD if pb.COMPRESSION_ZSTD in hello.compression else pb.COMPRESSION_NONE
+        # zstd push runs are offered whenever this agent can decompress them
+        # in C; the source decides whether they pay (source --compress)
+        push_comp = pb.COMPRESSION_NONE if raw_zstd_unavailable() else pb.COMPRESSION_ZSTD
+        if push_comp == pb.COMPRESSION_ZSTD:
+            self.space.accept_zstd_runs()
         self.reporter.event("connected", f"source {hello.source_name or '?'} joined session {self.id}",
                             session=self.id, source=hello.source_name, resumed=received > 0)
         dropped = self.precopy.staged.count() if self.precopy and not self.precopy.switched else 0
@@ -277,7 +282,8 @@ class Migration:
                           received_bitmap=self.space.received.to_bytes() if received else b"",
                           batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=PUSH_STREAMS,
                           demand_port=demand_port, demand_token=token,
-                          sparse_block_size=self.space.block_size, guest_instance=self.instance)
+                          sparse_block_size=self.space.block_size, guest_instance=self.instance,
+                          push_compression=push_comp)
 
     def _check_precopy(self, hello: pb.Hello) -> None:
         if self.mode != faultspace.MODE_CONTINUE:

@@ -24,39 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmigration.proto\x12\nmigrate.v1\"\xe8\x01\n\x05Hello\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x08ram_size\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\x04\x12,\n\x0b\x63ompression\x18\x04 \x03(\x0e\x32\x17.migrate.v1.Compression\x12\x16\n\x0eresume_session\x18\x05 \x01(\t\x12\x13\n\x0bsource_name\x18\x06 \x01(\t\x12\x18\n\x10has_device_state\x18\x07 \x01(\x08\x12\r\n\x05guest\x18\x08 \x01(\t\x12\x14\n\x0cresume_guest\x18\t \x01(\t\x12\x0f\n\x07precopy\x18\n \x01(\x08\"\xfe\x01\n\x07Welcome\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12,\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x17.migrate.v1.Compression\x12\x17\n\x0freceived_bitmap\x18\x04 \x01(\x0c\x12\x13\n\x0b\x62\x61tch_bytes\x18\x05 \x01(\r\x12\x14\n\x0cpush_streams\x18\x06 \x01(\r\x12\x13\n\x0b\x64\x65mand_port\x18\x07 \x01(\r\x12\x14\n\x0c\x64\x65mand_token\x18\x08 \x01(\x0c\x12\x19\n\x11sparse_block_size\x18\t \x01(\r\x12\x16\n\x0eguest_instance\x18\n \x01(\t\"\x9b\x01\n\tPageBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05pages\x18\x02 \x03(\x04\x12\x0c\n\x04zero\x18\x03 \x01(\x0c\x12,\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x17.migrate.v1.Compression\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x12\n\nraw_length\x18\x06 \x01(\x04\x12\r\n\x05token\x18\x07 \x01(\x0c\"#\n\x0bPushSummary\x12\x14\n\x0cpages_placed\x18\x01 \x01(\x04\"C\n\rSwitchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0f\n\x07written\x18\x03 \x03(\x04\">\n\x0bSwitchReply\x12\x16\n\x0epages_received\x18\x01 \x01(\x04\x12\x17\n\x0freceived_bitmap\x18\x02 \x01(\x0c\"K\n\rFinishRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\"\xa7\x01\n\x0b\x46inishReply\x12\x10\n\x08\x63omplete\x18\x01 \x01(\x08\x12\x13\n\x0bpages_total\x18\x02 \x01(\x04\x12\x14\n\x0cpages_demand\x18\x03 \x01(\x04\x12\x14\n\x0cpages_pushed\x18\x04 \x01(\x04\x12\x12\n\npages_zero\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x08\x12\x12\n\nguest_lost\x18\x08 \x01(\x08\"C\n\x10\x44\x65viceStateChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x0c\"E\n\x0e\x44\x65viceStateAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x15\n\rguest_running\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xb7\x03\n\tMigration\x12.\n\x04Open\x12\x11.migrate.v1.Hello\x1a\x13.migrate.v1.Welcome\x12\x38\n\x04Push\x12\x15.migrate.v1.PageBatch\x1a\x17.migrate.v1.PushSummary(\x01\x12;\n\x07Precopy\x12\x15.migrate.v1.PageBatch\x1a\x17.migrate.v1.PushSummary(\x01\x12<\n\x06Switch\x12\x19.migrate.v1.SwitchRequest\x1a\x17.migrate.v1.SwitchReply\x12I\n\x0b\x44\x65viceState\x12\x1c.migrate.v1.DeviceStateChunk\x1a\x1a.migrate.v1.DeviceStateAck(\x01\x12<\n\x06\x46inish\x12\x19.migrate.v1.FinishRequest\x1a\x17.migrate.v1.FinishReply\x12<\n\x06Status\x12\x19.migrate.v1.StatusRequest\x1a\x17.migrate.v1.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0fmigration.proto\x12\nmigrate.v1\"\xe8\x01\n\x05Hello\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x10\n\x08ram_size\x18\x02 \x01(\x04\x12\x11\n\tpage_size\x18\x03 \x01(\x04\x12,\n\x0b\x63ompression\x18\x04 \x03(\x0e\x32\x17.migrate.v1.Compression\x12\x16\n\x0eresume_session\x18\x05 \x01(\t\x12\x13\n\x0bsource_name\x18\x06 \x01(\t\x12\x18\n\x10has_device_state\x18\x07 \x01(\x08\x12\r\n\x05guest\x18\x08 \x01(\t\x12\x14\n\x0cresume_guest\x18\t \x01(\t\x12\x0f\n\x07precopy\x18\n \x01(\x08\"\xb1\x02\n\x07Welcome\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x12\n\nsession_id\x18\x02 \x01(\t\x12,\n\x0b\x63ompression\x18\x03 \x01(\x0e\x32\x17.migrate.v1.Compression\x12\x17\n\x0freceived_bitmap\x18\x04 \x01(\x0c\x12\x13\n\x0b\x62\x61tch_bytes\x18\x05 \x01(\r\x12\x14\n\x0cpush_streams\x18\x06 \x01(\r\x12\x13\n\x0b\x64\x65mand_port\x18\x07 \x01(\r\x12\x14\n\x0c\x64\x65mand_token\x18\x08 \x01(\x0c\x12\x19\n\x11sparse_block_size\x18\t \x01(\r\x12\x16\n\x0eguest_instance\x18\n \x01(\t\x12\x31\n\x10push_compression\x18\x0b \x01(\x0e\x32\x17.migrate.v1.Compression\"\x9b\x01\n\tPageBatch\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05pages\x18\x02 \x03(\x04\x12\x0c\n\x04zero\x18\x03 \x01(\x0c\x12,\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x17.migrate.v1.Compression\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x12\n\nraw_length\x18\x06 \x01(\x04\x12\r\n\x05token\x18\x07 \x01(\x0c\"#\n\x0bPushSummary\x12\x14\n\x0cpages_placed\x18\x01 \x01(\x04\"C\n\rSwitchRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\x0c\x12\x0f\n\x07written\x18\x03 \x03(\x04\">\n\x0bSwitchReply\x12\x16\n\x0epages_received\x18\x01 \x01(\x04\x12\x17\n\x0freceived_bitmap\x18\x02 \x01(\x0c\"K\n\rFinishRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\x12\r\n\x05token\x18\x03 \x01(\x0c\"\xa7\x01\n\x0b\x46inishReply\x12\x10\n\x08\x63omplete\x18\x01 \x01(\x08\x12\x13\n\x0bpages_total\x18\x02 \x01(\x04\x12\x14\n\x0cpages_demand\x18\x03 \x01(\x04\x12\x14\n\x0cpages_pushed\x18\x04 \x01(\x04\x12\x12\n\npages_zero\x18\x05 \x01(\x04\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x0e\n\x06\x66\x61iled\x18\x07 \x01(\x08\x12\x12\n\nguest_lost\x18\x08 \x01(\x08\"C\n\x10\x44\x65viceStateChunk\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\r\n\x05token\x18\x03 \x01(\x0c\"E\n\x0e\x44\x65viceStateAck\x12\r\n\x05\x62ytes\x18\x01 \x01(\x04\x12\x15\n\rguest_running\x18\x02 \x01(\x08\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\x1b\n\x0bStatusReply\x12\x0c\n\x04json\x18\x01 \x01(\t*9\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x14\n\x10\x43OMPRESSION_ZSTD\x10\x01\x32\xb7\x03\n\tMigration\x12.\n\x04Open\x12\x11.migrate.v1.Hello\x1a\x13.migrate.v1.Welcome\x12\x38\n\x04Push\x12\x15.migrate.v1.PageBatch\x1a\x17.migrate.v1.PushSummary(\x01\x12;\n\x07Precopy\x12\x15.migrate.v1.PageBatch\x1a\x17.migrate.v1.PushSummary(\x01\x12<\n\x06Switch\x12\x19.migrate.v1.SwitchRequest\x1a\x17.migrate.v1.SwitchReply\x12I\n\x0b\x44\x65viceState\x12\x1c.migrate.v1.DeviceStateChunk\x1a\x1a.migrate.v1.DeviceStateAck(\x01\x12<\n\x06\x46inish\x12\x19.migrate.v1.FinishRequest\x1a\x17.migrate.v1.FinishReply\x12<\n\x06Status\x12\x19.migrate.v1.StatusRequest\x1a\x17.migrate.v1.StatusReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMPRESSION']._serialized_start=1284
-  _globals['_COMPRESSION']._serialized_end=1341
+  _globals['_COMPRESSION']._serialized_start=1335
+  _globals['_COMPRESSION']._serialized_end=1392
   _globals['_HELLO']._serialized_start=32
   _globals['_HELLO']._serialized_end=264
   _globals['_WELCOME']._serialized_start=267
-  _globals['_WELCOME']._serialized_end=521
-  _globals['_PAGEBATCH']._serialized_start=524
-  _globals['_PAGEBATCH']._serialized_end=679
-  _globals['_PUSHSUMMARY']._serialized_start=681
-  _globals['_PUSHSUMMARY']._serialized_end=716
-  _globals['_SWITCHREQUEST']._serialized_start=718
-  _globals['_SWITCHREQUEST']._serialized_end=785
-  _globals['_SWITCHREPLY']._serialized_start=787
-  _globals['_SWITCHREPLY']._serialized_end=849
-  _globals['_FINISHREQUEST']._serialized_start=851
-  _globals['_FINISHREQUEST']._serialized_end=926
-  _globals['_FINISHREPLY']._serialized_start=929
-  _globals['_FINISHREPLY']._serialized_end=1096
-  _globals['_DEVICESTATECHUNK']._serialized_start=1098
-  _globals['_DEVICESTATECHUNK']._serialized_end=1165
-  _globals['_DEVICESTATEACK']._serialized_start=1167
-  _globals['_DEVICESTATEACK']._serialized_end=1236
-  _globals['_STATUSREQUEST']._serialized_start=1238
-  _globals['_STATUSREQUEST']._serialized_end=1253
-  _globals['_STATUSREPLY']._serialized_start=1255
-  _globals['_STATUSREPLY']._serialized_end=1282
-  _globals['_MIGRATION']._serialized_start=1344
-  _globals['_MIGRATION']._serialized_end=1783
+  _globals['_WELCOME']._serialized_end=572
+  _globals['_PAGEBATCH']._serialized_start=575
+  _globals['_PAGEBATCH']._serialized_end=730
+  _globals['_PUSHSUMMARY']._serialized_start=732
+  _globals['_PUSHSUMMARY']._serialized_end=767
+  _globals['_SWITCHREQUEST']._serialized_start=769
+  _globals['_SWITCHREQUEST']._serialized_end=836
+  _globals['_SWITCHREPLY']._serialized_start=838
+  _globals['_SWITCHREPLY']._serialized_end=900
+  _globals['_FINISHREQUEST']._serialized_start=902
+  _globals['_FINISHREQUEST']._serialized_end=977
+  _globals['_FINISHREPLY']._serialized_start=980
+  _globals['_FINISHREPLY']._serialized_end=1147
+  _globals['_DEVICESTATECHUNK']._serialized_start=1149
+  _globals['_DEVICESTATECHUNK']._serialized_end=1216
+  _globals['_DEVICESTATEACK']._serialized_start=1218
+  _globals['_DEVICESTATEACK']._serialized_end=1287
+  _globals['_STATUSREQUEST']._serialized_start=1289
+  _globals['_STATUSREQUEST']._serialized_end=1304
+  _globals['_STATUSREPLY']._serialized_start=1306
+  _globals['_STATUSREPLY']._serialized_end=1333
+  _globals['_MIGRATION']._serialized_start=1395
+  _globals['_MIGRATION']._serialized_end=1834
 # @@protoc_insertion_point(module_scope)

@@ -15,9 +15,10 @@ from collections.abc import Iterator
 
 import grpc
 
-from migrate._binding import ffi, lib
+from migrate._binding import ffi
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
+from migrate.source.compress import PushStream
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import Scheduler
 from migrate.wire.protocol import BatchEncoder
@@ -61,7 +62,7 @@ class Push:
     own thread until the pages run out or `stop` is set."""
 
     def __init__(self, ram: RamImage, sched: Scheduler, demand, stop: threading.Event, *, streams: int,
-                 max_rate: int, link: LinkPacer | None = None):
+                 max_rate: int, link: LinkPacer | None = None, compress: str = "off", zstd: bool = False):
         self.ram = ram
         self.sched = sched
         # the session's DemandServer (migrate.source.demand), which outlives the
@@ -75,6 +76,9 @@ class Push:
         self.lock = threading.Lock()
         self.pages = 0          # pages pushed, every stream
         self.wire_bytes = 0     # bytes they took on the wire
+        # raw streams: source --compress, and whether both ends can (zstd)
+        self.compress, self.zstd = compress, zstd
+        self.raw_streams: list[PushStream] = []
 
     def raw(self, sock: socket.socket) -> int:
         """Pushes over a raw channel: C writes runs straight from the RAM
@@ -85,6 +89,9 @@ class Push:
         # the demand server's busy flag: with large pages the push holds back
         # while it writes a reply (C decides by page size)
         hold = ffi.addressof(self.demand.d, "busy")
+        stream = PushStream(self.compress, self.zstd)
+        with self.lock:
+            self.raw_streams.append(stream)
         while not self.stop.is_set():
             pace.wait()
             if self.link is not None:
@@ -95,12 +102,14 @@ class Push:
             pages = sum(count for _, count in runs)
             pace.pushed(pages * self.ram.page_size)
             # large pages go sparse (zero blocks left out) as on the demand
-            # channel when the destination agreed (src_ram.block_size)
-            rc = lib.mg_push_runs(sock.fileno(), self.demand.r,
-                                  ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold)
+            # channel when the destination agreed (src_ram.block_size), unless
+            # the batch is compressed
+            wire0 = int(stream.st.wire_bytes)
+            rc = stream.send(sock.fileno(), self.demand.r,
+                             ffi.new("uint64_t[]", [x for run in runs for x in run]), len(runs), hold)
             if rc < 0:
                 return rc
-            self._count(pages, rc)
+            self._count(pages, int(stream.st.wire_bytes) - wire0)
         sock.shutdown(socket.SHUT_WR)   # end of stream: the destination sees EOF
         return 0
 
@@ -127,6 +136,21 @@ class Push:
             b = enc.encode(pages)
             self._count(len(pages), len(b.data))
             yield b
+
+    def compression(self) -> dict:
+        """What the raw streams' compression did, all streams and each
+        (summary and events): page bytes and wire bytes of their non-zero
+        pages, the fraction of batches compressed."""
+        with self.lock:
+            streams = [s.stats.as_dict() for s in self.raw_streams]
+        page = sum(s["page_bytes"] for s in streams)
+        wire = sum(s["wire_bytes"] for s in streams)
+        batches = sum(s["batches"] for s in streams)
+        return {"mode": self.compress if self.zstd else "off", "page_bytes": page, "wire_bytes": wire,
+                "ratio": round(wire / page, 3) if page else None,
+                "batches_compressed_fraction":
+                    round(sum(s["batches_compressed"] for s in streams) / batches, 3) if batches else 0.0,
+                "streams": streams}
 
     def _count(self, pages: int, wire_bytes: int) -> None:
         with self.lock:

@@ -30,7 +30,8 @@ from migrate.source.demand import DemandServer
 from migrate.source.push import LinkPacer, Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import LocalityWindow, Scheduler
-from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.wire.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel,
+                                   raw_zstd_unavailable)
 from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig, check_destination, is_loopback
 from migrate.wire.tcp import ChannelEnd, channel_end, host_of, mark_urgent, parse_address, set_peer_timeout
@@ -81,6 +82,7 @@ class SourceResult:
     prescanned: int = 0         # sparse replies whose zero blocks were found ahead of the demand
     push_zero_blocks: int = 0   # zero blocks of large pages left out of push runs
     hole_pages: int = 0         # pages sent as zero unread: holes of the RAM file
+    compression: dict | None = None   # the raw push's zstd (Push.compression); None: gRPC push
 
     @property
     def demand_requests(self) -> int:
@@ -99,7 +101,8 @@ class Source:
                  sparse: bool = True, dest_timeout: float = DEST_TIMEOUT, tls: TlsConfig | None = None,
                  resume_guest: str = "", open_timeout: float = 60.0, on_created=None,
                  pace: str = "auto", demand_gate: threading.Event | None = None,
-                 hints: list[int] | None = None, locality_window: int | None = None, precopy=None):
+                 hints: list[int] | None = None, locality_window: int | None = None, precopy=None,
+                 compress_runs: str = "auto"):
         """on_created(source): told of this Source once built (the CLI's
         status and metrics read its snapshot())."""
         self.ram = ram
@@ -120,6 +123,10 @@ class Source:
         self.push_buffer_set: int | None = None
         self.sparse = sparse               # large pages' zero blocks stay off the wire when the destination agrees
         self.compress = compress
+        if compress_runs not in ("auto", "on", "off"):
+            raise ValueError(f"--compress {compress_runs!r}: use auto, on or off")
+        self.compress_runs = compress_runs   # the raw push's zstd (migrate.source.compress)
+        self.zstd = False                    # ... and whether both ends can (set at Open)
         self.name = name
         self.resume_session = resume_session
         # recovering a lost session (migrate.source.recovery): only the guest
@@ -188,6 +195,8 @@ class Source:
         _check_resolves(self.target)
         try:
             stub, welcome = self._open_session()
+            # (before the guest may run: --compress on that cannot be is refused first)
+            self.zstd = self.transport == "raw" and self.compress_runs != "off" and self._raw_zstd(welcome)
             self.state, self.t_open = "connected", time.monotonic()
             if self.precopy is not None:
                 self._precopy(stub)   # ("connected" throughout: the snapshot adds its rounds)
@@ -365,7 +374,8 @@ class Source:
         starts the streams together once they are all open."""
         n = min(self.push_streams, max(1, welcome.push_streams or 1))
         link = LinkPacer(self._paced) if self.pace and self.transport == "raw" else None
-        self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate, link=link)
+        self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate, link=link,
+                         compress=self.compress_runs, zstd=self.zstd)
         if self.transport == "raw":
             socks = [self._open_channel(welcome, PUSH_MAGIC) for _ in range(n)]
             for sock in socks if link is not None else ():
@@ -382,6 +392,30 @@ class Source:
             self._channels += chans
             for i, ch in enumerate(chans):
                 self._threads.append(self._start_thread(f"push-{i}", self._push_grpc, ch, compress))
+
+    def _raw_zstd(self, welcome: pb.Welcome) -> bool:
+        """Whether the raw push may send zstd runs: the destination offered
+        them and libzstd loads here. --compress on without that is an error
+        that says what to do; auto goes raw."""
+        why = None
+        if self.compress_runs == "auto" and is_loopback(host_of(self.target)):
+            # no link to save: the CPU is always the limit (and a demand-heavy
+            # guest's faults, holding the push back, would read as a slow link)
+            self.reporter.event("compress", "push not compressed: the destination is on loopback (--compress on "
+                                "forces it)", mode="auto", available=True)
+            return False
+        if welcome.push_compression != pb.COMPRESSION_ZSTD:
+            why = ("the destination does not take zstd push runs (an older migrate release, or no libzstd.so.1 "
+                   "on its host)")
+        elif (local := raw_zstd_unavailable()) is not None:
+            why = f"this host cannot compress them: {local}"
+        if why is None:
+            return True
+        if self.compress_runs == "on":
+            raise SourceError(f"--compress on: {why}; run the same release with libzstd1 installed on both hosts, "
+                              "or use --compress auto (raw when zstd is not there) or off")
+        self.reporter.event("compress", f"push not compressed: {why}", mode=self.compress_runs, available=False)
+        return False
 
     def _paced(self, rate: float | None, cap: int | None) -> None:
         """LinkPacer measured the link: say so."""
@@ -401,6 +435,12 @@ class Source:
                 t.join(0.1)
                 if self.dest_lost is not None:
                     raise self.dest_lost
+        if self.transport == "raw" and self.push is not None:
+            c = self.push.compression()
+            ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
+            self.reporter.event("compress", f"push compression {c['mode']}: {c['wire_bytes']} wire bytes for "
+                                f"{c['page_bytes']} bytes of non-zero pages ({ratio}), "
+                                f"{c['batches_compressed_fraction']:.0%} of batches compressed", **c)
 
     def _finish(self, stub: pbg.MigrationStub) -> pb.FinishReply:
         """Asks the destination how the session ended (waiting for it to end,
@@ -447,7 +487,8 @@ class Source:
                             pages_sent_push=self.push.pages + d.readahead, pages_sent_demand=d.seq,
                             wire_bytes=self.push.wire_bytes + d.bytes, seconds=seconds, finish=fin,
                             zero_blocks=d.zero_blocks, prescanned=d.prescanned,
-                            push_zero_blocks=r.push_zero_blocks, hole_pages=r.hole_pages)
+                            push_zero_blocks=r.push_zero_blocks, hole_pages=r.hole_pages,
+                            compression=self.push.compression() if self.transport == "raw" else None)
 
     # -- channels -------------------------------------------------------------
     def _open_channel(self, welcome: pb.Welcome, magic: bytes) -> socket.socket:

@@ -185,3 +185,18 @@ def _check_ascending(pages: list[int]) -> None:
 DEMAND_MAGIC = b"MGDEMAND"   # opens the demand channel
 PUSH_MAGIC = b"MGPUSH\0\0"   # opens a raw push channel
 DEMAND_TOKEN_BYTES = 16
+
+_zstd_lock = threading.Lock()
+_zstd_why: list[str | None] = []   # once probed: [None] when libzstd.so.1 loaded, else [why not]
+
+
+def raw_zstd_unavailable() -> str | None:
+    """Why this agent cannot compress or decompress raw push runs in C (zstd
+    frames, MG_RUN_ZSTD), or None when it can: libzstd.so.1, resolved at run
+    time (native/zstd.h), once a process."""
+    with _zstd_lock:
+        if not _zstd_why:
+            why = ffi.new("char[]", 256)
+            rc = lib.mg_zstd_load(why, 256)
+            _zstd_why.append(None if rc == 0 else f"libzstd.so.1 could not be loaded: {ffi.string(why).decode()}")
+        return _zstd_why[0]
