@@ -6,7 +6,7 @@ loudly, instead of misbehaving in an ioctl later.
 
 from __future__ import annotations
 
-EXPECTED_NATIVE_VERSION = 5
+EXPECTED_NATIVE_VERSION = 6
 
 try:
     from migrate._native import ffi, lib  # noqa: F401

@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Below: what is shared, the wire, the destination's side, the source's side,
 # the simulated guest.
 CONCEPTS = ["version", "uffd", "mem", "scm", "bitmap",
-            "wire", "tls",
+            "wire", "tls", "devstate",
             "dest_space", "dest_demand", "dest_push", "dest_alloc",
             "src_ram", "src_demand", "src_push",
             "pattern", "guestsim"]

@@ -3,7 +3,7 @@
 #define MIGRATE_VERSION_H
 
 /* cdef-begin */
-#define MG_NATIVE_VERSION 5
+#define MG_NATIVE_VERSION 6
 int mg_native_version(void);
 /* cdef-end */
 
