@@ -1,10 +1,12 @@
 /* See devstate.h. */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/socket.h>
 #include <unistd.h>
 
 #include "devstate.h"
@@ -181,4 +183,37 @@ int mg_devstate_recv(struct mg_devstate_relay *r)
     free(buf);
     mg_tls_put(t);
     return rc;
+}
+
+int mg_devstate_splice(struct mg_devstate_relay *r)
+{
+    for (;;) {
+        int rc = wait_or_stop(r->in, POLLIN, r->stop_fd);
+        if (rc < 0)
+            return rc;
+        uint64_t left = r->max_bytes - r->bytes;
+        /* at the bound: one byte more (not its end) is one too many */
+        size_t want = left ? (left < (1u << 20) ? (size_t)left : (1u << 20)) : 1;
+        ssize_t n = left ? splice(r->in, NULL, r->out, NULL, want, SPLICE_F_NONBLOCK | SPLICE_F_MOVE)
+                         : recv(r->in, &(char){0}, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n == 0)
+            return 0;   /* the source's end: the stream arrived whole */
+        if (n > 0 && !left)
+            return -EFBIG;
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno != EAGAIN)
+                return -errno;
+            /* readable, so QEMU's pipe is full: wait until it reads */
+            if ((rc = wait_or_stop(r->out, POLLOUT, r->stop_fd)) < 0)
+                return rc;
+            continue;
+        }
+        uint64_t now = wall_ns();
+        if (!r->first_ns)
+            r->first_ns = now;
+        r->last_ns = now;
+        __atomic_store_n(&r->bytes, r->bytes + (uint64_t)n, __ATOMIC_RELAXED);
+    }
 }

@@ -29,6 +29,11 @@ struct mg_devstate_relay {
  * 0, or -errno of the channel (-EBADF: r->out has no TLS session), or
  * -ECANCELED. r->in and r->out stay the caller's. */
 int mg_devstate_send(struct mg_devstate_relay *r);
+/* A plaintext channel into QEMU's pipe with splice(2) (no copy through user
+ * space) until the channel's end (the source's FIN after its QEMU completed):
+ * 0; -EFBIG once r->max_bytes were passed on and more comes (nothing of it
+ * passed on); -EPIPE; -ECANCELED; else -errno of the channel. */
+int mg_devstate_splice(struct mg_devstate_relay *r);
 /* Relays until the end frame. 0; -EFBIG (over r->max_bytes); -EPROTO (a
  * frame over MG_DEVSTATE_FRAME); -ENODATA (the channel ended before the end
  * frame); -EPIPE (QEMU closed its pipe: it stopped reading); -ECANCELED;

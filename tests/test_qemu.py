@@ -757,37 +757,36 @@ def test_device_state_of_several_mib_streams_through(guest, tmp_path):
     s, d = res["source"], res["dest"]
     print({k: s.get(k) for k in ("device_state_bytes", "device_state_bytes_stopped", "switchover")}, d["switchover"])
     assert s["device_state_bytes"] > 4 << 20 and d["device_state_bytes"] == s["device_state_bytes"]
-    # (TLS, relayed: the destination QEMU had its first bytes before the
-    # source QEMU wrote its last; plaintext, each QEMU reads and writes the
-    # socket itself, as QEMU-to-QEMU does)
     assert d["switchover"]["first_chunk"] < s["switchover"]["save_end"], (s["switchover"], d["switchover"])
     # what had not reached the destination when the source QEMU stopped
     assert s["device_state_bytes_stopped"] < 1 << 20, s
 
 
 @pytest.mark.timeout(300)
-def test_a_plaintext_device_state_channel_is_qemus_own_stream(guest):
-    """Plaintext agents hand the device-state channel's socket to both QEMUs:
-    no agent relays a byte, the guest verifies, and the pause splits into the
-    save (QEMU writing into the socket) and the load, with nothing left over
-    that the stamps cannot place."""
+def test_a_plaintext_device_state_channel_is_written_by_qemu_itself(guest):
+    """Plaintext agents hand the device-state channel's socket to the source
+    QEMU, which writes its stream into it; the destination splices it into its
+    QEMU's pipe as it comes. The guest verifies, both agents count the same
+    bytes, and the pause's parts add up to it."""
     res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), tls=False)
     _check_migrated(res)
     s, d = res["source"], res["dest"]
     assert 100_000 < s["device_state_bytes"] == d["device_state_bytes"], (s, d)
-    assert "last_chunk" not in d["switchover"] and s["switchover"]["save_end"] <= d["switchover"]["loaded"]
+    sw = d["switchover"]
+    assert sw["first_chunk"] <= sw["last_chunk"] <= sw["received"] and sw["last_chunk"] <= sw["loaded"], sw
     from migrate.qemu.switchover import engine_split
     sp = engine_split(res["src_stop_time"], res["dst_resume_time"], s["switchover"], d["switchover"])
     print(sp)
-    assert sp["transfer_ms"] is None and sp["save_ms"] > 0 and sp["load_ms"] > 0, sp
+    assert sp["save_ms"] > 0 and sp["load_ms"] > 0, sp
     _parts_add_up(sp)
 
 
 @pytest.mark.timeout(180)
 def test_device_state_over_the_bound_is_refused_and_the_source_qemu_resumed(guest, tmp_path):
     """A destination whose --max-device-state is below the source QEMU's
-    stream refuses the frame that would pass it (TLS: the relay counts every
-    byte); its QEMU does not run the guest, and the source QEMU runs again."""
+    stream refuses the TLS frame that would pass it before reading it (the
+    plaintext case: test_attacks_input); its QEMU does not run the guest, and
+    the source QEMU runs again."""
     from migrate.qemu.shim import shim_path
     from migrate.sim.localrun import Proc, TlsFiles
 

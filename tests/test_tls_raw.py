@@ -440,3 +440,53 @@ def test_the_device_state_relay_refuses_what_a_hostile_source_frames(pki, frames
         s.close()
         d.close()
     assert got_rc == rc and got == qemu_got
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("limit", [None, 700_000, 1 << 20], ids=["whole", "over", "exact"])
+def test_a_plaintext_device_state_channel_is_spliced_whole_up_to_its_bound(limit):
+    """A plaintext channel (the source QEMU writes into it itself) spliced
+    into the destination QEMU's pipe: every byte in order up to the source's
+    end; past --max-device-state not a byte more reaches QEMU."""
+    from migrate._binding import ffi, lib
+    stream = os.urandom(1 << 20)
+    ls = socket.create_server(("127.0.0.1", 0))
+    src = socket.create_connection(ls.getsockname(), timeout=10)
+    d, _ = ls.accept()
+    ls.close()
+
+    def source_qemu():
+        try:
+            for i in range(0, len(stream), 100_000):
+                src.sendall(stream[i:i + 100_000])
+            src.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass   # (refused: the destination closed it)
+
+    t = threading.Thread(target=source_qemu)
+    t.start()
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    got = bytearray()
+
+    def qemu():
+        os.set_blocking(r, True)
+        while chunk := os.read(r, 1 << 20):
+            got.extend(chunk)
+
+    q = threading.Thread(target=qemu)
+    q.start()
+    relay = ffi.new("struct mg_devstate_relay *", {"in": d.fileno(), "out": w, "stop_fd": -1,
+                                                     "max_bytes": limit or (1 << 30)})
+    try:
+        rc = lib.mg_devstate_splice(relay)
+    finally:
+        os.close(w)
+        q.join(10)
+        os.close(r)
+        d.close()
+        t.join(10)
+        src.close()
+    if limit is None or limit == len(stream):
+        assert rc == 0 and bytes(got) == stream and relay.bytes == len(stream)
+    else:
+        assert rc == -errno.EFBIG and bytes(got) == stream[:limit] and relay.bytes == limit

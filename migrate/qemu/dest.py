@@ -1,19 +1,11 @@
 """QEMU on the destination (`migrate dest --qmp`): takes the session's
 device-state channel (migrate.wire.devstate) for a QEMU started with
-`-incoming defer`, puts that QEMU in migrate-incoming on it before the
-source QEMU stops, and tells the source once its guest runs.
-
-- plaintext channel: the connected socket itself goes to QEMU (getfd,
-  migrate-incoming fd:), which reads the source QEMU's stream as
-  QEMU-to-QEMU does. --max-device-state is held by watching the bytes the
-  kernel received on it (tcp_info, every BOUND_POLL s while QEMU loads): a
-  source over it has its channel shut, so QEMU reads at most what arrives
-  in one poll beyond it. QEMU's loader holds no copy of the stream (it
-  parses it section by section into the devices it has), so the bound is
-  on QEMU's time, not on memory.
-- TLS channel: the frames inside TLS are relayed in C into QEMU's incoming
-  pipe (native/devstate.c), which refuses the frame that would go over
-  --max-device-state before reading it.
+`-incoming defer`, puts that QEMU in migrate-incoming on a pipe before the
+source QEMU stops, relays the channel into it in C (GIL released: splice(2)
+for a plaintext channel, TLS frames for a TLS one), and tells the source once
+its guest runs. The relay counts every byte: the stream is refused at
+--max-device-state before a byte past it reaches QEMU, and the channel's end
+(the source's FIN, TLS's end frame) says the stream arrived whole.
 
 Loading the device state reads guest RAM (kvmvapic reads the option ROM at
 0xc0000), and QEMU's main thread blocks on that fault until the page
@@ -36,16 +28,11 @@ from migrate.errors import MigrateError, fmt_size
 from migrate.report import Reporter
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
 from migrate.wire import devstate
-from migrate.wire.protocol import DEMAND_TOKEN_BYTES, DEVSTATE_MAGIC
 from migrate.wire.rawtls import TlsSocket
-from migrate.wire.tcp import tcp_bytes_received
 
 
 DEFAULT_MAX_DEVICE_STATE = 1 << 30   # `dest --max-device-state`
 PIPE_BYTES = 1 << 20                 # QEMU's incoming pipe (the default pipe-max-size)
-BOUND_POLL = 0.01                    # s: how often a plaintext channel's bytes are counted while QEMU loads
-HELLO_BYTES = len(DEVSTATE_MAGIC) + DEMAND_TOKEN_BYTES
-_TCP_CLOSE_WAIT = 8                  # tcpi_state once the peer's FIN arrived
 
 
 class DeviceStateTooLarge(QemuError):
@@ -210,73 +197,36 @@ class DeviceStateFeeder:
 
     def _load_and_run(self, qmp: QMP, f: Feed, m, sock: socket.socket) -> None:
         tls = isinstance(sock, TlsSocket)
-        w = -1
-        if tls:
-            w = incoming_pipe(qmp)
-            relay = ffi.new("struct mg_devstate_relay *", {"in": sock.fileno(), "out": w, "stop_fd": -1,
-                                                             "max_bytes": self.max_bytes})
-            count = lambda: int(relay.bytes)   # noqa: E731
-        else:
-            count = lambda: _received(sock)   # noqa: E731
-            # a typical device state (300 KiB-1 MiB) fits whole in the kernel
-            # (QEMU's incoming pipe's size): QEMU is never waited for while it
-            # comes, even while its load waits for guest RAM
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PIPE_BYTES)
-            # QEMU takes its own copy of the socket: it reads the stream
-            # straight from the kernel; ours stays for the last word
-            qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(sock.fileno(),))
-            qmp.cmd("migrate-incoming", uri=f"fd:{DEVSTATE_FD_NAME}")
+        w = incoming_pipe(qmp)
+        relay = ffi.new("struct mg_devstate_relay *", {"in": sock.fileno(), "out": w, "stop_fd": -1,
+                                                         "max_bytes": self.max_bytes})
         # QEMU's events are read on their own thread from here on: the guest
         # runs the moment QEMU has loaded the state
-        watch = RunWatch(qmp, f, m, self.timeout, count=count)
-        how = "TLS, relayed" if tls else "plaintext, read by QEMU itself"
+        watch = RunWatch(qmp, f, m, self.timeout, count=lambda: int(relay.bytes))
+        how = "TLS" if tls else "plaintext"
         m.reporter.event("device-state", f"device-state channel open ({how}): the destination QEMU waits in "
-                         "migrate-incoming on it", session=m.id, bytes=0)
+                         "migrate-incoming", session=m.id, bytes=0)
         try:
             watch.start()
             devstate.say(sock, ready=True)
         except BaseException:
-            if w >= 0:
-                os.close(w)   # QEMU reads an empty stream, which it refuses
+            os.close(w)   # QEMU reads an empty stream, which it refuses
             raise
-        if tls:
-            self._relay(relay, w, f, m, watch)
-        else:
-            self._bound(sock, f, m, watch)
+        self._relay(relay, w, f, m, watch, lib.mg_devstate_recv if tls else lib.mg_devstate_splice)
         watch.join(self.timeout)
         if watch.thread.is_alive():
             raise QemuError(f"QMP {self.qmp_path}: the destination QEMU neither loaded the device state nor "
                             f"failed within {self.timeout:.0f} s")
         if f.error:
-            raise QemuError(f.error)   # (the relay's, or the bound's)
+            raise QemuError(f.error)   # (the relay's)
         if watch.error is not None:
             raise watch.error
         f.received = True   # (loaded: it arrived whole)
 
-    def _bound(self, sock: socket.socket, f: Feed, m, watch: RunWatch) -> None:
-        """While QEMU reads the plaintext channel itself: counts what arrived,
-        shuts the channel once it is over max_bytes, and notes the source's
-        end of the stream (its FIN: it arrived whole)."""
-        while watch.thread.is_alive():
-            watch.join(BOUND_POLL)
-            f.bytes = _received(sock)
-            if f.bytes > self.max_bytes and not f.running:
-                try:
-                    sock.shutdown(socket.SHUT_RD)   # QEMU reads its end: a cut stream, which it refuses
-                except OSError:
-                    pass
-                watch.join(self.timeout)
-                # (a stream QEMU had loaded whole before this look runs its guest:
-                # never refused once it may run)
-                if not f.running:
-                    f.error = str(too_large(self.max_bytes, f.bytes))
-                return
-            if not f.received and _peer_closed(sock):
-                _arrived_whole(f, m)
-
-    def _relay(self, relay, w: int, f: Feed, m, watch: RunWatch) -> None:
-        """Relays the TLS channel's frames into QEMU's pipe (C, GIL released)
-        until the end frame; closes w (QEMU reads end of file)."""
+    def _relay(self, relay, w: int, f: Feed, m, watch: RunWatch, run) -> None:
+        """Relays the channel into QEMU's pipe (C, GIL released: run is
+        mg_devstate_recv for TLS frames, mg_devstate_splice for plaintext)
+        until the stream's end; closes w (QEMU reads end of file)."""
         stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
         relay.stop_fd = stop_r
         # QEMU failing the load (it stops reading) ends the relay through
@@ -286,7 +236,7 @@ class DeviceStateFeeder:
                                    name="devstate-stop", daemon=True)
         stopper.start()
         try:
-            rc = lib.mg_devstate_recv(relay)
+            rc = run(relay)
         finally:
             os.close(w)
             f.bytes = int(relay.bytes)
@@ -307,6 +257,8 @@ class DeviceStateFeeder:
                        "engine's channel, or a source of another release")
         elif rc == -errno.ENODATA:
             f.error = f"the device-state channel ended after {f.bytes} bytes, before the end of the stream"
+        elif rc == -errno.ECONNRESET:
+            f.error = f"the source reset the device-state channel after {f.bytes} bytes"
         elif rc == -errno.EPIPE:
             return   # QEMU stopped reading: its own error says why (the watch)
         elif rc != -errno.ECANCELED:
@@ -337,18 +289,6 @@ def _arrived_whole(f: Feed, m) -> None:
     f.times["received"] = time.time()
     m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the destination QEMU loads them",
                      session=m.id, bytes=f.bytes)
-
-
-def _received(sock: socket.socket) -> int:
-    """Bytes of QEMU's stream the kernel received on a plaintext channel."""
-    return max(0, tcp_bytes_received(sock) - HELLO_BYTES)
-
-
-def _peer_closed(sock: socket.socket) -> bool:
-    try:
-        return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE_WAIT
-    except OSError:
-        return False
 
 
 def incoming_pipe(qmp: QMP) -> int:

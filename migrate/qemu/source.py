@@ -4,12 +4,13 @@ With shared-file RAM and QEMU's `x-ignore-shared` capability, QEMU's own
 migration stream carries only device state (~300 KiB whatever the RAM size);
 the RAM travels through this engine. The stream goes on the session's
 device-state channel (migrate.wire.devstate): a plaintext channel is handed to
-QEMU itself (getfd), which writes into it as QEMU-to-QEMU does; a TLS channel
-gets QEMU's stream from an `fd:` pipe, relayed in C into the TLS session.
+QEMU itself (getfd), which writes into it as QEMU-to-QEMU does (no thread of
+this agent on the path); a TLS channel gets QEMU's stream from an `fd:` pipe,
+relayed in C into the TLS session.
 
 The flow: open the session (the destination QEMU can take a device state);
 open the device-state channel and wait for the destination's `ready` (its
-QEMU waits in migrate-incoming on it); x-ignore-shared, getfd; migrate fd:
+QEMU waits in migrate-incoming); x-ignore-shared, getfd; migrate fd:
 with the VM running, as QEMU migrates: QEMU stops the VM itself and writes the
 device state, which reaches the destination QEMU as it is written; keep the
 source QEMU paused until the destination says its guest runs; resume it
@@ -303,7 +304,8 @@ class TlsRelay:
 def _arrived(sock: socket.socket) -> int:
     """Bytes of QEMU's stream the destination's kernel acknowledged on a
     plaintext channel (QEMU writes into it itself)."""
-    return max(0, (tcp_bytes_acked(sock) or 0) - HELLO_BYTES)
+    # (the kernel counts the SYN this end sent as one byte acknowledged)
+    return max(0, (tcp_bytes_acked(sock) or 0) - 1 - HELLO_BYTES)
 
 
 def _written(sock: socket.socket) -> int:

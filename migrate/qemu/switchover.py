@@ -45,22 +45,17 @@ def engine_split(stop_time: float, resume_time: float, src: dict, dst: dict) -> 
     def span(a, b):
         return (a, b) if a is not None and b is not None else None
 
-    last = dst.get("last_chunk")
     spans = {
         # STOP is QEMU's event at the end of its own stop: with a stop command
         # (before this engine let QEMU stop the VM itself) this part is its
         # reply reaching the source agent; without, nothing
         "stop": span(stop_time, src.get("stop_done", stop_time)),
-        # QEMU writing its device state (into the pipe, until its end of
-        # file; into the plaintext channel, until its migration completed)
+        # QEMU writing its device state into the pipe, until its end of file
         "save": span(src.get("migrate_sent"), src.get("save_end")),
-        # the state crossing to the destination agent and into its QEMU's
-        # pipe (a TLS channel's relay); on a plaintext channel QEMU reads the
-        # socket as the other writes it, and crossing is not separable from
-        # the save and the load (as in qemu_split)
-        "transfer": span(src.get("send_start"), last),
+        # the state crossing to the destination agent and into its QEMU's pipe
+        "transfer": span(src.get("send_start"), dst.get("last_chunk")),
         # the destination QEMU loading it, until its migration completed
-        "load": span(last if last is not None else src.get("save_end"), dst.get("loaded")),
+        "load": span(dst.get("last_chunk"), dst.get("loaded")),
         # cont, until QEMU's RESUME event
         "cont": span(dst.get("cont_sent"), resume_time),
     }

@@ -8,10 +8,10 @@ destination answers in words (below): `ready` once its QEMU waits in
 migrate-incoming on the channel, or `refused` with why; then, once its QEMU
 has loaded the state, `ack` (whether the guest runs there). What flows in
 between, source to destination:
-- plaintext (loopback, --insecure): QEMU's stream itself. Both agents hand the
-  connected socket to their QEMU (getfd; `migrate fd:` / `migrate-incoming
-  fd:`), which write and read it as QEMU-to-QEMU does: no agent thread on
-  the path.
+- plaintext (loopback, --insecure): QEMU's stream itself. The source agent
+  hands the connected socket to its QEMU (getfd, `migrate fd:`), which
+  writes into it as QEMU-to-QEMU does; the destination splices it into its
+  QEMU's incoming pipe (native/devstate.c), counting every byte.
 - TLS: QEMU's stream in frames inside the channel's TLS session, relayed in C
   (native/devstate.c) between each QEMU's pipe and the session.
 
