@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from migrate._binding import ffi, lib
 from migrate.errors import MigrateError, fmt_size
+from migrate.host import fault_path_priority
 from migrate.report import Reporter
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
 from migrate.wire import devstate
@@ -167,6 +168,9 @@ class DeviceStateFeeder:
     def _serve(self, qmp: QMP, f: Feed, m, sock: socket.socket) -> None:
         """Never raises: the last word says whether the guest runs (the source
         resumes its QEMU on guest_running=False)."""
+        # the relay sleeps until the stream comes and is then on the pause's
+        # path: ahead of bulk work in the CPU queue, as the fault path is
+        fault_path_priority()
         try:
             self._load_and_run(qmp, f, m, sock)
         except MigrateError as e:

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 
 from migrate._binding import ffi, lib
 from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver, fmt_size
+from migrate.host import fault_path_priority
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu import resume_hint
@@ -274,6 +275,7 @@ class TlsRelay:
         self.thread.start()
 
     def _run(self) -> None:
+        fault_path_priority()   # (on the pause's path: see migrate.qemu.dest)
         try:
             self.rc = lib.mg_devstate_send(self.relay)
         finally:
