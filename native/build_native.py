@@ -16,7 +16,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # Below: what is shared, the wire, the destination's side, the source's side,
 # the simulated guest.
 CONCEPTS = ["version", "uffd", "mem", "scm", "bitmap",
-            "wire", "tls", "zstd",
+            "wire", "tls", "zstd", "devstate",
             "dest_space", "dest_demand", "dest_push", "dest_alloc", "dest_precopy",
             "src_ram", "src_demand", "src_push", "src_wp",
             "pattern", "guestsim"]

@@ -27,7 +27,9 @@ from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
 from migrate.report import Reporter
 from migrate.sim.localrun import LocalMigration
-from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.wire import devstate
+from migrate.wire.protocol import (DEMAND_MAGIC, DEMAND_TOKEN_BYTES, DEVSTATE_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC,
+                                   channel)
 
 M = 1 << 20
 SIZE = 16 * M
@@ -154,7 +156,7 @@ def test_injection_knowing_only_the_port(serving):
     finally:
         ch.close()
     raw_port = listening_port_besides(lm.dest.p.pid, int(lm.address.rpartition(":")[2]))
-    for magic in (DEMAND_MAGIC, PUSH_MAGIC):
+    for magic in (DEMAND_MAGIC, PUSH_MAGIC, DEVSTATE_MAGIC):
         refused_channel(lm, raw_port, magic, os.urandom(DEMAND_TOKEN_BYTES))
     refused_channel(lm, raw_port, DEMAND_MAGIC, bytes(DEMAND_TOKEN_BYTES))
     d = verified(lm, src)
@@ -255,10 +257,23 @@ def test_a_dropped_sources_token_opens_no_raw_channel(waiting):
     demand = raw_channel(lm, welcome.demand_port, DEMAND_MAGIC, token)
     lm.dest.wait_event("demand", 30)
     assert len(demand.recv(8, socket.MSG_WAITALL)) == 8, "the guest's first fault arrives as a demand request"
+    # the session's own token, but no QEMU here: the device-state channel is
+    # refused with why (its peer holds the token), and closed
+    time.sleep(1.1)   # (refusals are reported at most once a second)
+    ds = raw_channel(lm, welcome.demand_port, DEVSTATE_MAGIC, token)
+    try:
+        why = "this destination was started without --qmp: it takes no device state"
+        assert devstate.hear(ds, time.monotonic() + 10) == {"refused": why}
+        assert ds.recv(8) == b""
+        peer = Address(*ds.getsockname()[:2])
+    finally:
+        ds.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"] == f"device-state channel from {peer} refused: {why}"
     demand.close()
     ev = lm.dest.wait_event("disconnected", 30)
     assert ev["message"] == "source left before the end (demand channel closed); waiting for another"
-    for magic in (DEMAND_MAGIC, PUSH_MAGIC):
+    for magic in (DEMAND_MAGIC, PUSH_MAGIC, DEVSTATE_MAGIC):
         refused_channel(lm, welcome.demand_port, magic, token)
     e = refusal(lambda: stub.Push(iter([pb.PageBatch(session_id=sid, token=token),
                                         pb.PageBatch(pages=[0], zero=b"\x00", data=PAGE, raw_length=4096)]),

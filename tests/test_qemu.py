@@ -76,7 +76,9 @@ def _check_migrated(res: dict):
     # reported running, and never resumed afterwards
     assert res["src_stop_time"] is not None and res["dst_resume_time"] is not None
     assert res["src_stop_time"] < res["dst_resume_time"]
-    assert res["src_status_at_dst_running"] in ("paused", "postmigrate")
+    # (finish-migrate: stopped, QEMU still closing its side of the stream,
+    # which the destination may have loaded already)
+    assert res["src_status_at_dst_running"] in ("paused", "postmigrate", "finish-migrate")
     assert not res["src_resumed"]
     assert res["src_status_after"] in ("paused", "postmigrate")
     assert res["dst_status_after"] == "running"
@@ -596,7 +598,8 @@ def test_shim_refuses_a_bad_attach_wait(tmp_path, value):
 
 # -- finding the source QEMU's RAM (source --qmp without --ram) ---------------
 @contextlib.contextmanager
-def bare_qemu(tmp_path, *objects: str, machine: str = "pc,memory-backend=ram0", run: bool = False):
+def bare_qemu(tmp_path, *objects: str, machine: str = "pc,memory-backend=ram0", run: bool = False,
+              extra: tuple = ()):
     """A QEMU that never boots (-S; run: its firmware runs, finding nothing
     to boot), with these -object arguments and a QMP socket; yields (its
     process, the QMP socket path). Stopped by pid."""
@@ -606,7 +609,7 @@ def bare_qemu(tmp_path, *objects: str, machine: str = "pc,memory-backend=ram0", 
         pytest.skip("needs root: the source agent reads QEMU's /proc/PID/fd")
     qmp = str(tmp_path / "bare.qmp")
     argv = ["qemu-system-x86_64", "-accel", "tcg", *([] if run else ["-S"]), "-nodefaults", "-display", "none", "-m", "64M",
-            "-machine", machine, "-qmp", f"unix:{qmp},server=on,wait=off"]
+            "-machine", machine, "-qmp", f"unix:{qmp},server=on,wait=off", *extra]
     for o in objects:
         argv += ["-object", o]
     p = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -822,4 +825,108 @@ def test_device_state_of_several_mib_streams_through(guest, tmp_path):
     print({k: s.get(k) for k in ("device_state_bytes", "device_state_bytes_stopped", "switchover")}, d["switchover"])
     assert s["device_state_bytes"] > 4 << 20 and d["device_state_bytes"] == s["device_state_bytes"]
     assert d["switchover"]["first_chunk"] < s["switchover"]["save_end"], (s["switchover"], d["switchover"])
+    # what had not reached the destination when the source QEMU stopped
     assert s["device_state_bytes_stopped"] < 1 << 20, s
+
+
+@pytest.mark.timeout(300)
+def test_a_plaintext_device_state_channel_is_written_by_qemu_itself(guest):
+    """Plaintext agents hand the device-state channel's socket to the source
+    QEMU, which writes its stream into it; the destination splices it into its
+    QEMU's pipe as it comes. The guest verifies, both agents count the same
+    bytes, and the pause's parts add up to it."""
+    res = localrun.run(guest, MEM_MB, hugetlbfs=False, log=lambda m: print(m, flush=True), tls=False)
+    _check_migrated(res)
+    s, d = res["source"], res["dest"]
+    assert 100_000 < s["device_state_bytes"] == d["device_state_bytes"], (s, d)
+    sw = d["switchover"]
+    assert sw["first_chunk"] <= sw["last_chunk"] <= sw["received"] and sw["last_chunk"] <= sw["loaded"], sw
+    from migrate.qemu.switchover import engine_split
+    sp = engine_split(res["src_stop_time"], res["dst_resume_time"], s["switchover"], d["switchover"])
+    print(sp)
+    assert sp["save_ms"] > 0 and sp["load_ms"] > 0, sp
+    _parts_add_up(sp)
+
+
+@pytest.mark.timeout(180)
+def test_device_state_over_the_bound_is_refused_and_the_source_qemu_resumed(guest, tmp_path):
+    """A destination whose --max-device-state is below the source QEMU's
+    stream refuses the TLS frame that would pass it before reading it (the
+    plaintext case: test_attacks_input); its QEMU does not run the guest, and
+    the source QEMU runs again."""
+    from migrate.qemu.shim import shim_path
+    from migrate.sim.localrun import Proc, TlsFiles
+
+    with Lab(guest, workdir=str(tmp_path), verbose=False) as lab:
+        src_ram, dst_ram = lab.shm_path("migrate-src-big"), lab.shm_path("migrate-dst-big")
+        src_qmp, dst_qmp = str(tmp_path / "src.agent.qmp"), str(tmp_path / "dst.agent.qmp")
+        src, qs, ss = lab.start("src", mem_mb=256, backend="file", mem_path=src_ram,
+                                extra_args=["-qmp", f"unix:{src_qmp},server=on,wait=off"])
+        ss.wait_for(r"FILLED \d+", timeout=90)
+        certs = TlsFiles(str(tmp_path / "certs"))
+        procs = []
+        try:
+            attach = str(tmp_path / "a.sock")
+            dest = Proc("dest", ["dest", "--listen", "127.0.0.1:0", "--attach", attach, "--qmp", dst_qmp, "--json",
+                                 "--max-device-state", "64K", *certs.dest_args()])
+            procs.append(dest)
+            addr = dest.wait_event("listening", 30)["address"]
+            lab.start("dst", env={"LD_PRELOAD": shim_path(), "MIGRATE_ATTACH": attach}, mem_mb=256,
+                      backend="file", mem_path=dst_ram, incoming="defer",
+                      extra_args=["-qmp", f"unix:{dst_qmp},server=on,wait=off"])
+            dest.wait_event("attached", 30)
+            source = Proc("source", ["source", "--qmp", src_qmp, "--ram", src_ram, "--to", addr, "--json",
+                                     *certs.source_args()])
+            procs.append(source)
+            assert source.wait(90) == 1
+            errors = " ".join(source.errors())
+            assert "the device state is larger than --max-device-state 64 KiB: refused after " in errors, errors
+            assert "source QEMU was resumed" in errors, errors
+            assert qs.cmd("query-status")["status"] == "running"
+            ss.send("\n")
+            assert ss.wait_for(r"VERIFY (OK|BAD)[^\n]*", timeout=60).group(0).startswith("VERIFY OK")
+        finally:
+            for p in procs:
+                p.kill()
+
+
+@pytest.mark.timeout(60)
+def test_a_session_takes_one_device_state_channel(tmp_path):
+    """The destination's QEMU goes into migrate-incoming on the first
+    device-state channel of a session; a second one, of that session or of
+    another, is refused with why. A stream that is not QEMU's fails the load,
+    and the channel's last word says the guest does not run."""
+    import types
+    from conftest import Events
+    from migrate.qemu.dest import DeviceStateFeeder
+    from migrate.wire import devstate
+
+    def pair():
+        ls = socket.create_server(("127.0.0.1", 0))
+        c = socket.create_connection(ls.getsockname(), timeout=10)
+        s, _ = ls.accept()
+        ls.close()
+        return s, c
+
+    with bare_qemu(tmp_path, "memory-backend-memfd,id=ram0,size=64M,share=on",
+                   extra=("-incoming", "defer")) as (p, qmp):
+        events = Events()
+        feeder = DeviceStateFeeder(qmp, events)
+        feeder.ready(30)
+        m = types.SimpleNamespace(id="s1", reporter=events, fail=lambda *a: None)
+        (a, a_src), (b, b_src), (c, c_src) = pair(), pair(), pair()
+        try:
+            assert feeder.take_channel(m, a) is None
+            assert devstate.hear(a_src, time.monotonic() + 10) == {"ready": True}
+            assert feeder.take_channel(m, b) == "this session had its device-state channel already"
+            assert feeder.take_channel(types.SimpleNamespace(id="s2"), c) == (
+                f"the destination QEMU at {qmp} is not ready for a device state (it took one already, or it is "
+                "not up yet)")
+            a_src.sendall(b"NOT QEMU'S STREAM")
+            a_src.shutdown(socket.SHUT_WR)
+            word = devstate.hear(a_src, time.monotonic() + 30)
+            assert word["ack"] is True and word["guest_running"] is False and word["error"], word
+            assert feeder.why_not_resumable("s1").startswith("the device state of that session did not load here")
+        finally:
+            for x in (a_src, b, b_src, c, c_src):
+                x.close()

@@ -333,3 +333,160 @@ def test_a_closed_tls_socket_leaves_its_fd_number_plain(pki):
     finally:
         for sock in (*plain, s):
             sock.close()
+
+
+# -- the device-state channel's relay (native/devstate.c) ----------------------
+
+def _tls_pair(pki) -> tuple[socket.socket, socket.socket]:
+    """(source end, destination end) of a TLS session over a socketpair."""
+    a, b = socket.socketpair()
+    out = {}
+    t = threading.Thread(target=lambda: out.setdefault("d", RawTls(dest_tls(pki, allow=()), server=True)
+                                                        .handshake(a, 5)))
+    t.start()
+    s = RawTls(source_tls(pki), server=False).handshake(b, 5)
+    t.join()
+    return s, out["d"]
+
+
+def _relay(lib, ffi, **fields):
+    return ffi.new("struct mg_devstate_relay *", {"stop_fd": -1, **fields})
+
+
+def _recv_into_pipe(lib, ffi, d: socket.socket, max_bytes: int) -> tuple[int, bytes, object]:
+    """Runs mg_devstate_recv from d into a pipe a reader drains: (rc, what
+    the pipe got, the relay)."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    got = bytearray()
+
+    def qemu():
+        os.set_blocking(r, True)
+        while chunk := os.read(r, 1 << 20):
+            got.extend(chunk)
+
+    t = threading.Thread(target=qemu)
+    t.start()
+    relay = _relay(lib, ffi, **{"in": d.fileno(), "out": w, "max_bytes": max_bytes})
+    try:
+        rc = lib.mg_devstate_recv(relay)
+    finally:
+        os.close(w)
+        t.join(10)
+        os.close(r)
+    return rc, bytes(got), relay
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("limit", [None, 700_000, 1 << 20], ids=["whole", "over", "exact"])
+def test_the_device_state_relay_carries_the_stream_whole_up_to_its_bound(pki, limit):
+    """QEMU's pipe -> TLS -> the destination QEMU's pipe, in C: every byte in
+    order up to the end frame; over --max-device-state the frame that would
+    pass it is refused before a byte of it reaches QEMU."""
+    from migrate._binding import ffi, lib
+    stream = os.urandom(1 << 20)
+    s, d = _tls_pair(pki)
+    qr, qw = os.pipe2(os.O_CLOEXEC)   # the source QEMU's pipe
+
+    def source_qemu():
+        try:
+            for i in range(0, len(stream), 100_000):   # written in pieces, as QEMU does
+                os.write(qw, stream[i:i + 100_000])
+        except BrokenPipeError:
+            pass   # (refused: the relay stopped reading, as a cancelled QEMU sees it)
+        finally:
+            os.close(qw)
+
+    sender = _relay(lib, ffi, **{"in": qr, "out": s.fileno()})
+    out = {}
+    ts = [threading.Thread(target=source_qemu),
+          threading.Thread(target=lambda: out.setdefault("rc", lib.mg_devstate_send(sender)))]
+    for t in ts:
+        t.start()
+    try:
+        rc, got, relay = _recv_into_pipe(lib, ffi, d, limit or (1 << 30))
+    finally:
+        d.close()   # (a refused stream: the sender sees the end)
+        for t in ts:
+            t.join(10)
+        s.close()
+        os.close(qr)
+    if limit is None or limit == len(stream):
+        assert rc == 0 and got == stream and relay.bytes == len(stream)
+        assert out["rc"] == 0 and sender.bytes == len(stream)
+        assert 0 < relay.first_ns <= relay.last_ns
+    else:
+        assert rc == -errno.EFBIG
+        assert len(got) <= limit and got == stream[:len(got)] and relay.bytes == len(got)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("frames, rc, qemu_got", [
+    ([b"\x00\x04\x00\x01"], -errno.EPROTO, b""),                      # a frame over MG_DEVSTATE_FRAME
+    ([b"\x00\x00\x00\x05QEVM"], -errno.ENODATA, b""),                 # cut inside a frame: none of it
+    ([b"\x00\x00\x00\x04QEVM"], -errno.ENODATA, b"QEVM"),             # whole frames, but no end frame
+    ([b"\x00\x00\x00\x04QEVM", b"\x00\x00\x00\x00"], 0, b"QEVM"),    # the end frame: whole
+], ids=["frame-too-long", "cut-in-a-frame", "no-end-frame", "whole"])
+def test_the_device_state_relay_refuses_what_a_hostile_source_frames(pki, frames, rc, qemu_got):
+    """A TLS peer holding the session's token still cannot make the relay
+    pass QEMU more than whole frames, nor take a cut stream for a whole one."""
+    from migrate._binding import ffi, lib
+    s, d = _tls_pair(pki)
+    try:
+        for f in frames:
+            s.sendall(f)
+        lib.mg_tls_close_notify(s.fileno(), 1000)
+        got_rc, got, relay = _recv_into_pipe(lib, ffi, d, 1 << 30)
+    finally:
+        s.close()
+        d.close()
+    assert got_rc == rc and got == qemu_got
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("limit", [None, 700_000, 1 << 20], ids=["whole", "over", "exact"])
+def test_a_plaintext_device_state_channel_is_spliced_whole_up_to_its_bound(limit):
+    """A plaintext channel (the source QEMU writes into it itself) spliced
+    into the destination QEMU's pipe: every byte in order up to the source's
+    end; past --max-device-state not a byte more reaches QEMU."""
+    from migrate._binding import ffi, lib
+    stream = os.urandom(1 << 20)
+    ls = socket.create_server(("127.0.0.1", 0))
+    src = socket.create_connection(ls.getsockname(), timeout=10)
+    d, _ = ls.accept()
+    ls.close()
+
+    def source_qemu():
+        try:
+            for i in range(0, len(stream), 100_000):
+                src.sendall(stream[i:i + 100_000])
+            src.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass   # (refused: the destination closed it)
+
+    t = threading.Thread(target=source_qemu)
+    t.start()
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    got = bytearray()
+
+    def qemu():
+        os.set_blocking(r, True)
+        while chunk := os.read(r, 1 << 20):
+            got.extend(chunk)
+
+    q = threading.Thread(target=qemu)
+    q.start()
+    relay = ffi.new("struct mg_devstate_relay *", {"in": d.fileno(), "out": w, "stop_fd": -1,
+                                                     "max_bytes": limit or (1 << 30)})
+    try:
+        rc = lib.mg_devstate_splice(relay)
+    finally:
+        os.close(w)
+        q.join(10)
+        os.close(r)
+        d.close()
+        t.join(10)
+        src.close()
+    if limit is None or limit == len(stream):
+        assert rc == 0 and bytes(got) == stream and relay.bytes == len(stream)
+    else:
+        assert rc == -errno.EFBIG and bytes(got) == stream[:limit] and relay.bytes == limit

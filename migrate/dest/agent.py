@@ -33,7 +33,8 @@ from migrate.errors import AttachError, MigrateError, ProtocolError, fmt_size
 from migrate.host import fault_path_priority
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
-from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
+from migrate.wire import devstate
+from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, DEVSTATE_MAGIC, PUSH_MAGIC
 from migrate.wire.tcp import Address, host_of, mark_urgent, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
 from migrate.dest.session import Migration
@@ -48,7 +49,7 @@ RECOVER_WAIT = 5.0       # s an Open naming its guest (Hello.resume_guest) waits
 # a magic and a session's token): what a peer may make the agent hold there
 # (STYLE.md, "Trust at the boundary").
 HELLO_TIMEOUT = 10.0     # s from accept to the whole hello: a source sends it at once
-HOST_CHANNELS = 16       # connections one host may hold, waiting or open: a source opens 5 (demand + 4 push)
+HOST_CHANNELS = 16       # connections one host may hold, waiting or open: a source opens 6 (demand, 4 push, QEMU)
 ALL_CHANNELS = 64        # connections every host together may hold
 OUT_OF_FDS_PAUSE = 0.1   # s, out of descriptors: the most the accept loop waits for a connection, or pauses
 # accept() failures that say the agent is short of something (file
@@ -234,6 +235,7 @@ class Destination:
         self.answered: set[str] = set()   # sessions whose source got a Finish reply
         self.listen = ""                  # where gRPC listens, once it does (for status)
         self.vcpu_threads = lambda: {}    # guest thread id -> vCPU index (QEMU's, with --qmp)
+        self.device_state = None          # migrate.qemu.dest.DeviceStateFeeder with --qmp: takes device-state channels
         self.ended_states: dict[str, int] = {}   # migrations retired, by their status state (metrics)
         self.retired: dict[str, dict] = {}       # the last ENDED_KEPT retired migrations' final metrics
         self.lock = threading.Lock()
@@ -384,7 +386,7 @@ class Destination:
             return
         magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
         m, gen = self._channel_session(token, c.sock)
-        if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
+        if magic not in (DEMAND_MAGIC, PUSH_MAGIC, DEVSTATE_MAGIC) or m is None:
             c.sock.close()
             self.door.drop(c)
             self.quiet.event("bad-hello", "error", f"channel from {c} with an unknown magic or token: closed",
@@ -402,12 +404,33 @@ class Destination:
             why = None if m.channels.attach_demand(conn, gen) else (
                 "its source is still in pre-copy: the demand channel opens after the switch"
                 if m.precopy is not None and not m.precopy.switched else "its source is no longer this session's")
+        elif magic == DEVSTATE_MAGIC:
+            why = self._device_state_channel(m, gen, conn)
         else:
             why = m.channels.attach_push(conn, gen)
         if why is not None:
-            self.quiet.event("channel-refused", "error", f"{'demand' if magic == DEMAND_MAGIC else 'push'} "
-                             f"channel from {c} refused: {why}", session=m.id, peer=str(c))
+            what = {DEMAND_MAGIC: "demand", PUSH_MAGIC: "push", DEVSTATE_MAGIC: "device-state"}[magic]
+            self.quiet.event("channel-refused", "error", f"{what} channel from {c} refused: {why}", session=m.id,
+                             peer=str(c))
             conn.close()
+
+    def _device_state_channel(self, m: Migration, gen: int, conn: socket.socket) -> str | None:
+        """The session's device-state channel goes to its QEMU's feeder; why
+        not, when refused (said on the channel too: its peer holds the
+        session's token), the caller closes it."""
+        if self.device_state is None:
+            why = "this destination was started without --qmp: it takes no device state"
+        elif not m.machine.serves(gen):
+            why = "its source is no longer this session's"
+        else:
+            why = self.device_state.take_channel(m, conn)
+        if why is not None:
+            try:
+                conn.settimeout(1)
+                devstate.say(conn, refused=why)
+            except OSError:
+                pass
+        return why
 
     def _channel_session(self, token: bytes, conn: socket.socket) -> tuple[Migration | None, int]:
         """The migration whose current source a raw channel's hello token
@@ -688,6 +711,7 @@ def run(reporter: Reporter, *, listen: str, attach: str, serve_forever: bool, pl
     agent.listen = addr
     if feeder is not None:
         agent.vcpu_threads = lambda: feeder.vcpu_threads
+        agent.device_state = feeder
     extras = _observers(agent, rep, metrics_listen, tls, insecure)
     if extras is None:
         server.stop(grace=0)

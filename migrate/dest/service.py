@@ -599,18 +599,8 @@ class MigrationService(pbg.MigrationServicer):
             raise ProtocolError("first DeviceState chunk must name the session")
         m = self.agent.migration(first.session_id)
         m.admit(first.token, _peer(context), "DeviceState")   # before anything else is said
-        if self.device_state is None:
-            raise MigrateError("this destination was started without --qmp: it takes no device state")
-        ack = self.device_state.feed(m, _chain(first, request_iterator))
-        if not ack.guest_running and ack.error and not context.is_active():
-            # Nobody takes this ack: the source that sent the state is gone (a
-            # source resuming the session may serve RAM meanwhile). The guest
-            # will not run here, so the migration has failed, and whoever
-            # serves it now hears why.
-            m.fail(f"the destination QEMU did not load the device state of session {m.id} ({ack.error}): "
-                   "the guest does not run here; the paused source QEMU still is the VM: resume it with "
-                   f"{resume_hint()}")
-        return ack
+        raise ProtocolError("device state travels on the session's device-state channel (the raw channel port), "
+                            "not in a DeviceState call: run the same migrate release on both hosts")
 
 
 def keepalive_options(seconds: float) -> list[tuple[str, int]]:
@@ -626,11 +616,6 @@ def keepalive_options(seconds: float) -> list[tuple[str, int]]:
     # not wait for data in between (min_sent_ping_interval: 5 minutes by default)
     return [("grpc.keepalive_time_ms", half), ("grpc.keepalive_timeout_ms", half),
             ("grpc.http2.max_pings_without_data", 0), ("grpc.http2.min_sent_ping_interval_without_data_ms", half)]
-
-
-def _chain(first, rest):
-    yield first
-    yield from rest
 
 
 def serve(agent: dst.Destination, listen: str, device_state=None, tls: TlsConfig | None = None,

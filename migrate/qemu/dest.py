@@ -1,7 +1,11 @@
-"""QEMU on the destination (`migrate dest --qmp`): feeds the device state the
-source sends, as it arrives, to a QEMU started with `-incoming defer`, which
-waits in migrate-incoming on a pipe from the moment it is up, and starts the
-guest once loaded.
+"""QEMU on the destination (`migrate dest --qmp`): takes the session's
+device-state channel (migrate.wire.devstate) for a QEMU started with
+`-incoming defer`, puts that QEMU in migrate-incoming on a pipe before the
+source QEMU stops, relays the channel into it in C (GIL released: splice(2)
+for a plaintext channel, TLS frames for a TLS one), and tells the source once
+its guest runs. The relay counts every byte: the stream is refused at
+--max-device-state before a byte past it reaches QEMU, and the channel's end
+(the source's FIN, TLS's end frame) says the stream arrived whole.
 
 Loading the device state reads guest RAM (kvmvapic reads the option ROM at
 0xc0000), and QEMU's main thread blocks on that fault until the page
@@ -11,19 +15,21 @@ and serves demand faults.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
-import select
+import socket
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
 
-
+from migrate._binding import ffi, lib
 from migrate.errors import MigrateError, fmt_size
+from migrate.host import fault_path_priority
 from migrate.report import Reporter
-from migrate.proto import migration_pb2 as pb
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
+from migrate.wire import devstate
+from migrate.wire.rawtls import TlsSocket
 
 
 DEFAULT_MAX_DEVICE_STATE = 1 << 30   # `dest --max-device-state`
@@ -34,13 +40,19 @@ class DeviceStateTooLarge(QemuError):
     """The source sent more device state than --max-device-state."""
 
 
+def too_large(max_bytes: int, got: int) -> DeviceStateTooLarge:
+    return DeviceStateTooLarge(f"the device state is larger than --max-device-state {fmt_size(max_bytes)}: refused "
+                               f"after {got} bytes (the destination QEMU does not load it). Start `migrate dest` "
+                               "with a larger --max-device-state")
+
+
 # -- destination --------------------------------------------------------------
 @dataclass
 class Feed:
     bytes: int = 0
     running: bool = False
     error: str = ""
-    received: bool = False     # every chunk arrived (the source closed its stream)
+    received: bool = False     # the stream arrived whole (its end, or its QEMU loaded it)
     load_ms: float = 0.0
     resume_time: float = 0.0   # QEMU's RESUME event (epoch seconds)
     times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
@@ -49,9 +61,10 @@ class Feed:
 
 
 class DeviceStateFeeder:
-    """The destination side: gives the device state to the local QEMU
-    (`-incoming defer`, started with the shim) as it arrives; that QEMU starts
-    the guest itself once it has loaded it (`cont` only if it stays paused)."""
+    """The destination side: takes a session's device-state channel for the
+    local QEMU (`-incoming defer`, started with the shim); that QEMU starts
+    the guest itself once it has loaded the state (`cont` only if it stays
+    paused), and the channel's last word tells the source."""
 
     def __init__(self, qmp_path: str, reporter: Reporter, timeout: float = 120.0, wait_qemu: float = 3600.0,
                  max_bytes: int = DEFAULT_MAX_DEVICE_STATE):
@@ -62,11 +75,10 @@ class DeviceStateFeeder:
         self.feeds: dict[str, Feed] = {}
         self.lock = threading.Lock()
         # The QMP connection is made ahead, as soon as QEMU is up (after the
-        # shim's attach), and QEMU is put in migrate-incoming on a pipe right
-        # away: it waits there for the first byte, so the guest's pause
-        # includes neither connecting nor asking it.
+        # shim's attach), so that a source's device-state channel finds it
+        # ready: QEMU goes into migrate-incoming on that channel the moment
+        # it comes, before the source QEMU stops.
         self._qmp: QMP | None = None
-        self._pipe_w = -1          # the write end of QEMU's incoming pipe (non-blocking)
         self._qmp_error = ""
         # the QEMU runs a guest it loaded from a device state before this
         # agent started (an agent restarted after the load): a source
@@ -88,14 +100,13 @@ class DeviceStateFeeder:
                     raise QemuError(f"destination QEMU is {st!r}: start it with -incoming defer")
                 q.set_caps(x_ignore_shared=True, events=True)
                 self._vcpu_threads(q)
-                self._pipe_w = incoming_pipe(q)
             except BaseException:
                 q.close()
                 raise
             self._qmp = q
             self.reporter.event("qemu", f"QMP {self.qmp_path}: QEMU {q.version.get('major')}."
-                                f"{q.version.get('minor')}.{q.version.get('micro')} waits for its device state "
-                                "in migrate-incoming", qmp=self.qmp_path)
+                                f"{q.version.get('minor')}.{q.version.get('micro')} waits for its device state",
+                                qmp=self.qmp_path)
         except MigrateError as e:
             self._qmp_error = str(e)
         finally:
@@ -131,27 +142,14 @@ class DeviceStateFeeder:
                                 "is reported per thread", qmp=self.qmp_path)
 
     def ready(self, wait: float = 30.0) -> None:
-        """Returns once the destination QEMU waits in migrate-incoming (a source
-        opening a session stops its QEMU only after that); else QemuError."""
+        """Returns once the destination QEMU can take a device state (a source
+        opening a session opens its device-state channel next); else QemuError."""
         if not self._qmp_ready.wait(wait):
             raise QemuError(f"no QMP connection to the destination QEMU at {self.qmp_path} after {wait:.0f} s")
         with self.lock:
             if self._qmp is None:
                 raise QemuError(self._qmp_error or f"the destination QEMU at {self.qmp_path} took a device state "
                                 "already: start a new one with -incoming defer")
-
-    def _take(self) -> tuple[QMP, int]:
-        self.ready()
-        with self.lock:
-            if self._qmp is None:
-                raise QemuError(self._qmp_error or f"no QMP connection to {self.qmp_path}")
-            q, w, self._qmp, self._pipe_w = self._qmp, self._pipe_w, None, -1
-        return q, w
-
-    def _give_back(self, q: QMP, w: int) -> None:
-        """QEMU read nothing of a stream that failed: it still waits, for the next."""
-        with self.lock:
-            self._qmp, self._pipe_w = q, w
 
     def why_not_resumable(self, session_id: str) -> str | None:
         """None when a source may resume session_id without device state: its
@@ -215,68 +213,150 @@ class DeviceStateFeeder:
         f = self.feeds.get(session_id)
         return f is not None and f.done.is_set()
 
-    def feed(self, migration, chunks) -> pb.DeviceStateAck:
-        """Never raises: the ack says whether the guest runs (the source resumes its
-        QEMU on guest_running=False). The chunks go to QEMU as they arrive (only
-        what it has not read yet is kept), up to max_bytes in all."""
-        f = Feed()
+    def take_channel(self, m, sock: socket.socket) -> str | None:
+        """The device-state channel of migration m, its hello checked (the
+        session's token, from the session's opener). Why not, when it is
+        refused (the caller says so on it and closes it); None: taken, this
+        feeder owns sock from here and closes it once it said its last word."""
         with self.lock:
-            old = self.feeds.get(migration.id)
-            if old is not None and (old.running or not old.done.is_set()):
-                return pb.DeviceStateAck(bytes=old.bytes, guest_running=old.running,
-                                         error="device state for this session was already fed")
-            self.feeds[migration.id] = f
+            if m.id in self.feeds:
+                return "this session had its device-state channel already"
+            if not self._qmp_ready.is_set() or self._qmp is None:
+                return (self._qmp_error or f"the destination QEMU at {self.qmp_path} is not ready for a device "
+                        "state (it took one already, or it is not up yet)")
+            f = self.feeds[m.id] = Feed()
+            qmp, self._qmp = self._qmp, None
+        threading.Thread(target=self._serve, args=(qmp, f, m, sock), name=f"devstate-{m.id}", daemon=True).start()
+        return None
+
+    def _serve(self, qmp: QMP, f: Feed, m, sock: socket.socket) -> None:
+        """Never raises: the last word says whether the guest runs (the source
+        resumes its QEMU on guest_running=False)."""
+        # the relay sleeps until the stream comes and is then on the pause's
+        # path: ahead of bulk work in the CPU queue, as the fault path is
+        fault_path_priority()
         try:
-            self._load_and_run(chunks, f, migration)
+            self._load_and_run(qmp, f, m, sock)
         except MigrateError as e:
             f.error = str(e)
-            migration.reporter.event("error", f"device state: {e}", session=migration.id)
-        except Exception as e:  # noqa: BLE001 - the ack must carry every failure
+        except Exception as e:  # noqa: BLE001 - the word must carry every failure
             f.error = f"{type(e).__name__}: {e}"
-            migration.reporter.event("error", f"device state: {f.error}", session=migration.id)
+        finally:
+            qmp.close()
+        if f.error:
+            m.reporter.event("error", f"device state: {f.error}", session=m.id)
+        try:
+            sock.settimeout(5)
+            devstate.say(sock, ack=True, guest_running=f.running, bytes=f.bytes, error=f.error)
+        except OSError as e:
+            if not f.running and f.error:
+                # Nobody takes this word: the source that sent the state is
+                # gone. The guest will not run here, so the migration has
+                # failed, and whoever serves it now hears why.
+                from migrate.qemu import resume_hint
+                m.fail(f"the destination QEMU did not load the device state of session {m.id} ({f.error}): the "
+                       "guest does not run here; the paused source QEMU still is the VM: resume it with "
+                       f"{resume_hint()}", None)
+            else:
+                m.reporter.event("device-state", f"the source did not hear that the guest runs ({e})", session=m.id)
         finally:
             f.done.set()
-        return pb.DeviceStateAck(bytes=f.bytes, guest_running=f.running, error=f.error)
+            _close_after_word(sock)
 
-    def _load_and_run(self, chunks, f: Feed, m) -> None:
-        qmp, w = self._take()
-        pipe = QemuPipe(w)
-        # QEMU's events are read on their own thread from the first byte on:
-        # the guest runs the moment QEMU has loaded the state, whether or not
-        # the source has closed its stream yet.
-        watch = RunWatch(qmp, f, m, self.timeout)
+    def _load_and_run(self, qmp: QMP, f: Feed, m, sock: socket.socket) -> None:
+        tls = isinstance(sock, TlsSocket)
+        w = incoming_pipe(qmp)
+        relay = ffi.new("struct mg_devstate_relay *", {"in": sock.fileno(), "out": w, "stop_fd": -1,
+                                                         "max_bytes": self.max_bytes})
+        # QEMU's events are read on their own thread from here on: the guest
+        # runs the moment QEMU has loaded the state
+        watch = RunWatch(qmp, f, m, self.timeout, count=lambda: int(relay.bytes))
+        how = "TLS" if tls else "plaintext"
+        m.reporter.event("device-state", f"device-state channel open ({how}): the destination QEMU waits in "
+                         "migrate-incoming", session=m.id, bytes=0)
         try:
-            receive_state(chunks, pipe, f, m, self.max_bytes, on_first=watch.start)
-            pipe.end()
+            watch.start()
+            devstate.say(sock, ready=True)
         except BaseException:
-            if f.bytes == 0 and not watch.started:
-                pipe.release()
-                self._give_back(qmp, w)   # QEMU read nothing: it waits on, for another source
-                raise
-            pipe.abort()   # QEMU reads a cut stream, which it refuses
-            if watch.started:
-                watch.join(5)
-            qmp.close()
-            if pipe.error and watch.error is not None:
-                raise watch.error from None   # QEMU refused first: that is why it reads nothing
+            os.close(w)   # QEMU reads an empty stream, which it refuses
             raise
+        self._relay(relay, w, f, m, watch, lib.mg_devstate_recv if tls else lib.mg_devstate_splice)
+        watch.join(self.timeout)
+        if watch.thread.is_alive():
+            raise QemuError(f"QMP {self.qmp_path}: the destination QEMU neither loaded the device state nor "
+                            f"failed within {self.timeout:.0f} s")
+        if f.error:
+            raise QemuError(f.error)   # (the relay's)
+        if watch.error is not None:
+            raise watch.error
+        f.received = True   # (loaded: it arrived whole)
+
+    def _relay(self, relay, w: int, f: Feed, m, watch: RunWatch, run) -> None:
+        """Relays the channel into QEMU's pipe (C, GIL released: run is
+        mg_devstate_recv for TLS frames, mg_devstate_splice for plaintext)
+        until the stream's end; closes w (QEMU reads end of file)."""
+        stop_r, stop_w = os.pipe2(os.O_CLOEXEC)
+        relay.stop_fd = stop_r
+        # QEMU failing the load (it stops reading) ends the relay through
+        # EPIPE; a load that ends first (never: it needs the end of the
+        # stream) or the agent's deadline ends it through the stop pipe
+        stopper = threading.Thread(target=lambda: (watch.join(self.timeout), os.write(stop_w, b"x")),
+                                   name="devstate-stop", daemon=True)
+        stopper.start()
         try:
-            if not watch.started:   # (an empty stream)
-                watch.start()
-            watch.join(self.timeout)
-            if watch.thread.is_alive():
-                raise QemuError(f"QMP {self.qmp_path}: the destination QEMU neither loaded the device state nor "
-                                f"failed within {self.timeout:.0f} s")
-            if watch.error is not None:
-                raise watch.error
-            if pipe.error:
-                raise pipe.error
+            rc = run(relay)
         finally:
-            pipe.abort()   # (nothing left once the load completed)
-            pipe.join(5)
-            qmp.close()
-        if pipe.last_write:
-            f.times["last_chunk"] = pipe.last_write
+            os.close(w)
+            f.bytes = int(relay.bytes)
+            if relay.first_ns:
+                f.times["first_chunk"] = relay.first_ns / 1e9
+                f.times["last_chunk"] = relay.last_ns / 1e9
+            os.write(stop_w, b"x")
+            stopper.join(1)
+            os.close(stop_r)
+            os.close(stop_w)
+        if rc == 0:
+            _arrived_whole(f, m)
+            return
+        if rc == -errno.EFBIG:
+            f.error = str(too_large(self.max_bytes, f.bytes))
+        elif rc == -errno.EPROTO:
+            f.error = (f"the source sent a device-state frame over {lib.MG_DEVSTATE_FRAME} bytes: not this "
+                       "engine's channel, or a source of another release")
+        elif rc == -errno.ENODATA:
+            f.error = f"the device-state channel ended after {f.bytes} bytes, before the end of the stream"
+        elif rc == -errno.ECONNRESET:
+            f.error = f"the source reset the device-state channel after {f.bytes} bytes"
+        elif rc == -errno.EPIPE:
+            return   # QEMU stopped reading: its own error says why (the watch)
+        elif rc != -errno.ECANCELED:
+            f.error = f"the device-state channel failed after {f.bytes} bytes: {os.strerror(-rc)}"
+        watch.join(self.timeout)
+
+
+def _close_after_word(sock: socket.socket, wait: float = 2.0) -> None:
+    """Closes the channel so that the last word reaches the source: the end
+    of our side first, then what the source still sends (QEMU's stream that
+    a failed load left unread) is read and dropped until its end, for up to
+    `wait` s. (A close with unread bytes would reset the connection, and a
+    reset may reach the source before the word.)"""
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + wait
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(1 << 16):
+                break
+    except OSError:
+        pass
+    sock.close()
+
+
+def _arrived_whole(f: Feed, m) -> None:
+    f.received = True
+    f.times["received"] = time.time()
+    m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the destination QEMU loads them",
+                     session=m.id, bytes=f.bytes)
 
 
 def incoming_pipe(qmp: QMP) -> int:
@@ -314,8 +394,9 @@ class RunWatch:
     -S, or a source stopped before its migration) is sent `cont`. Owns the QMP
     connection while it runs."""
 
-    def __init__(self, qmp: QMP, f: Feed, m, timeout: float):
+    def __init__(self, qmp: QMP, f: Feed, m, timeout: float, count=None):
         self.qmp, self.f, self.m, self.timeout = qmp, f, m, timeout
+        self.count = count   # () -> bytes of the stream so far, when f.bytes is not kept up to date
         self.since = len(qmp.events)
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="devstate-load", daemon=True)
@@ -345,6 +426,8 @@ class RunWatch:
             else:
                 f.times["loaded"] = ev["time"]   # QEMU starts the guest in the step that ends its load
             f.load_ms = (time.monotonic() - t0) * 1e3
+            if self.count is not None:
+                f.bytes = self.count()
             f.running = True   # (RESUME: QEMU's vm_start has run)
             f.resume_time = ev["time"]
             self.m.reporter.event("guest-running", f"destination QEMU runs: {f.bytes} bytes of device state "
@@ -352,129 +435,3 @@ class RunWatch:
                                   resume_time=f.resume_time)
         except BaseException as e:  # noqa: BLE001 - raised by the feed
             self.error = e
-
-
-def receive_state(chunks, pipe: QemuPipe, f: Feed, m, max_bytes: int, on_first=lambda: None) -> None:
-    """Hands each device state chunk to QEMU's pipe as it arrives, up to
-    max_bytes in all (counted in f.bytes), and stops at once when QEMU stopped
-    reading. on_first: called before the first byte goes to QEMU."""
-    for c in chunks:
-        data = c.data
-        if not data:
-            continue
-        if f.bytes == 0:
-            f.times["first_chunk"] = time.time()
-            on_first()
-        if f.bytes + len(data) > max_bytes:
-            raise DeviceStateTooLarge(f"the device state is larger than --max-device-state "
-                                      f"{fmt_size(max_bytes)}: refused after {f.bytes} bytes "
-                                      f"(the destination QEMU does not load it). Start `migrate dest` with "
-                                      f"a larger --max-device-state")
-        pipe.put(data)
-        f.bytes += len(data)
-    f.times["received"] = time.time()
-    f.received = True
-    m.reporter.event("device-state", f"{f.bytes} bytes of device state received: the "
-                     "destination QEMU loads them", session=m.id, bytes=f.bytes)
-
-
-class QemuPipe:
-    """Writes the device state into QEMU's pipe, chunk by chunk in the order
-    they arrived: straight from the caller's thread while the pipe has room
-    (a typical state fits whole), else on its own thread. What QEMU has not
-    read yet waits here (QEMU reads as the state arrives, unless its load
-    waits for guest RAM or it is stopped): at most what --max-device-state
-    lets in, so a source is never held back by QEMU's pace and its state
-    arrives whole. Owns w (non-blocking) and closes it at the end (QEMU reads
-    end of file), unless released."""
-
-    def __init__(self, w: int):
-        self.w = w
-        self.chunks: deque[memoryview] = deque()
-        self.cond = threading.Condition()
-        self.busy = False          # the thread is writing a chunk it took
-        self.ended = False
-        self.aborted = False
-        self.released = False
-        self.written = 0
-        self.last_write = 0.0      # time.time() of the last byte written
-        self.error: QemuError | None = None
-        self.thread = threading.Thread(target=self._run, name="devstate-tx", daemon=True)
-        self.thread.start()
-
-    def put(self, data: bytes) -> None:
-        with self.cond:
-            if self.error:
-                raise self.error
-            view = memoryview(data)
-            if not self.chunks and not self.busy:
-                view = self._write(view)
-            if view:
-                self.chunks.append(view)
-                self.cond.notify()
-
-    def end(self) -> None:
-        """No more chunks: end of file once the last is written."""
-        with self.cond:
-            self.ended = True
-            self.cond.notify()
-
-    def abort(self) -> None:
-        """End of file now, whatever is left unwritten."""
-        with self.cond:
-            self.ended = self.aborted = True
-            self.chunks.clear()
-            self.cond.notify()
-
-    def release(self) -> None:
-        """Stops, leaving w open and not ours (nothing was written)."""
-        with self.cond:
-            self.released = self.ended = self.aborted = True
-            self.chunks.clear()
-            self.cond.notify()
-        self.thread.join(5)
-
-    def join(self, timeout: float) -> None:
-        self.thread.join(timeout)
-
-    def _write(self, view: memoryview) -> memoryview:
-        """Writes what the pipe takes now; returns the rest. OSError: QEMU
-        stopped reading (recorded in self.error, raised)."""
-        try:
-            while view:
-                n = os.write(self.w, view[:1 << 20])
-                view = view[n:]
-                self.written += n
-                self.last_write = time.time()
-        except BlockingIOError:
-            pass
-        except OSError as e:
-            why = "it failed to load it" if isinstance(e, BrokenPipeError) else e.strerror
-            self.error = QemuError(f"the destination QEMU stopped reading the device state after {self.written} "
-                                   f"bytes ({why})")
-            raise self.error from None
-        return view
-
-    def _run(self) -> None:
-        try:
-            while True:
-                with self.cond:
-                    self.busy = False
-                    self.cond.wait_for(lambda: self.chunks or self.ended)
-                    if not self.chunks:
-                        return
-                    view = self.chunks.popleft()
-                    self.busy = True
-                while True:
-                    view = self._write(view)
-                    if not view:
-                        break
-                    # QEMU reads nothing for now: look again, unless given up
-                    select.select([], [self.w], [], 0.2)
-                    if self.aborted:
-                        return
-        except QemuError:
-            pass   # kept in self.error
-        finally:
-            if not self.released:
-                os.close(self.w)

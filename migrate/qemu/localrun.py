@@ -128,12 +128,6 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
             lab.log(f"dest agent: {att.get('message')}")
             # how long the destination QEMU waited inside mmap for the agent's ack
             res["attach_ack_ms"] = att.get("ack_ms")
-            if split_during_load:
-                # once the agent's QMP connection to it is made, the destination
-                # QEMU freezes: its device-state load waits until it is let go
-                if not any(e.get("event") == "qemu" for e in dest.lines):
-                    dest.wait_event("qemu", 30)
-                os.kill(dst.pid, signal.SIGSTOP)
 
             # 4. source agent
             by_hand = (kill_agent or split) and not recover
@@ -149,7 +143,16 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 # whether the guest runs there. It gives up after --dest-timeout
                 # and keeps its QEMU paused; once the link is back, a new source
                 # resumes the session and the load, which reads guest RAM, ends.
+                # Once its QEMU waits in migrate-incoming on the device-state
+                # channel (the agent says so before it tells the source), the
+                # destination QEMU freezes: the stream waits in its socket (or
+                # pipe) and the load until it is let go (the load cannot end
+                # sooner: it needs the state the source QEMU writes after it
+                # stopped, and demand faults served from that STOP on).
                 dest.wait_event("device-state", 60)
+                os.kill(dst.pid, signal.SIGSTOP)
+                while dest.wait_event("device-state", 60).get("bytes", 0) == 0:
+                    pass
                 split.cut()
                 t_cut = time.monotonic()
                 lab.log("link to the destination cut while its QEMU loads the device state")

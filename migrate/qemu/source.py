@@ -2,15 +2,19 @@
 
 With shared-file RAM and QEMU's `x-ignore-shared` capability, QEMU's own
 migration stream carries only device state (~300 KiB whatever the RAM size);
-the RAM travels through this engine. The stream goes through an `fd:` pipe
-handed to QEMU with `getfd`, and rides inside the gRPC session (DeviceState).
+the RAM travels through this engine. The stream goes on the session's
+device-state channel (migrate.wire.devstate): a plaintext channel is handed to
+QEMU itself (getfd), which writes into it as QEMU-to-QEMU does (no thread of
+this agent on the path); a TLS channel gets QEMU's stream from an `fd:` pipe,
+relayed in C into the TLS session.
 
-The flow: open the session (the destination QEMU already waits in
-migrate-incoming); x-ignore-shared, getfd PIPE, open the DeviceState stream;
-migrate fd:PIPE with the VM running, as QEMU migrates: QEMU stops the VM
-itself and writes the device state, which goes on to the destination as it
-is read; keep the source QEMU paused until the destination says its guest
-runs; resume it (`cont`) when the destination says it did not.
+The flow: open the session (the destination QEMU can take a device state);
+open the device-state channel and wait for the destination's `ready` (its
+QEMU waits in migrate-incoming); x-ignore-shared, getfd; migrate fd:
+with the VM running, as QEMU migrates: QEMU stops the VM itself and writes the
+device state, which reaches the destination QEMU as it is written; keep the
+source QEMU paused until the destination says its guest runs; resume it
+(`cont`) when the destination says it did not.
 Once the migration completed, the source QEMU is quit (--quit-source) or left
 paused, and the last event says which and where its RAM still is.
 
@@ -22,23 +26,32 @@ own (/proc/PID/fd/N, QEMU's pid from SO_PEERCRED of the QMP socket).
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import select
+import socket
+import struct
+import termios
 import threading
 import time
 from dataclasses import dataclass, field
 
-import grpc
-
+from migrate._binding import ffi, lib
 from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver, fmt_size
+from migrate.host import fault_path_priority
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
 from migrate.qemu import resume_hint
 from migrate.qemu.qmp import DEVSTATE_FD_NAME, QMP, QemuError
+from migrate.wire import devstate
 from migrate.wire.attach import peer_cred
+from migrate.wire.protocol import DEMAND_TOKEN_BYTES, DEVSTATE_MAGIC
+from migrate.wire.rawtls import TlsSocket
+from migrate.wire.tcp import tcp_bytes_acked
 
 
-CHUNK_BYTES = 256 << 10
+HELLO_BYTES = len(DEVSTATE_MAGIC) + DEMAND_TOKEN_BYTES
+READY_TIMEOUT = 30.0   # s for the destination's `ready` on the device-state channel (its QEMU into migrate-incoming)
 
 
 # the whole device-state handoff: sending it, and the destination QEMU loading
@@ -56,19 +69,15 @@ DOWNTIME_LIMIT_MS = 1
 # -- source -------------------------------------------------------------------
 @dataclass
 class Capture:
-    """The source QEMU's device-state stream, read from its pipe as QEMU writes
-    it and sent on at once (never held whole here)."""
+    """The source QEMU's device-state stream, as QEMU writes it into the
+    device-state channel (never held whole here)."""
     bytes: int = 0
     stop_time: float = 0.0     # QEMU's own clock (the STOP event), seconds since the epoch
     seconds: float = 0.0       # migrate to QEMU's completed, measured here
     qemu_total_ms: int = 0     # QEMU's query-migrate total-time
     qemu_downtime_ms: int = 0  # QEMU's query-migrate downtime
     times: dict = field(default_factory=dict)   # the switchover's moments (migrate.qemu.switchover)
-    reads: list = field(default_factory=list)   # (time.time(), bytes) of each read from QEMU's pipe
-
-    def bytes_after(self, t: float) -> int:
-        """What QEMU wrote after t (its STOP: the part of the stream inside the pause)."""
-        return sum(n for at, n in self.reads if at >= t)
+    bytes_stopped: int = 0     # what had not reached the destination at QEMU's STOP (inside the pause)
 
 
 def shared_backends(qmp: QMP) -> list[dict]:
@@ -217,17 +226,21 @@ def settle_source_qemu(qmp_path: str, reporter: Reporter, ram_path: str, quit: b
         qmp.close()
 
 
-def prepare_capture(qmp: QMP, paused_ok: bool = False) -> int:
+def prepare_capture(qmp: QMP, paused_ok: bool = False) -> None:
     """Everything that can be done before the source QEMU stops: the
-    capabilities, no bandwidth limit, and the pipe QEMU will write its stream
-    into (handed over with getfd). Returns the read end (ours to close).
-    paused_ok: the pre-copy's switch paused it already (QemuPause)."""
+    capabilities and the migration's parameters. paused_ok: the pre-copy's switch paused it
+    already (QemuPause)."""
     was = qmp.status()
     if was != "running" and not (paused_ok and was == "paused"):
         raise QemuError(f"source QEMU is {was!r}, not running: nothing to migrate "
                         "(a paused source may belong to a migration already under way)")
     qmp.set_caps(x_ignore_shared=True, events=True)
     qmp.cmd("migrate-set-parameters", **{"max-bandwidth": _NO_BANDWIDTH_LIMIT, "downtime-limit": DOWNTIME_LIMIT_MS})
+
+
+def capture_pipe(qmp: QMP) -> int:
+    """The pipe QEMU writes its stream into (a TLS channel's relay reads it),
+    handed over with getfd. Returns the read end (ours to close)."""
     # The pipe keeps its default 64 KiB: QEMU's pass over its non-shared RAM,
     # before it stops the VM, can then end only once all but the last 64 KiB
     # of it were read and sent on; what is left for the pause is the device
@@ -246,56 +259,85 @@ def prepare_capture(qmp: QMP, paused_ok: bool = False) -> int:
     return r
 
 
-def read_stream(r: int, cap: Capture, session_id: str, token: bytes):
-    """The DeviceState request stream: the first chunk (no data) names the
-    session, then each read from QEMU's pipe as it comes, until QEMU closes it.
-    gRPC's own thread pulls it, so no byte waits for another thread here.
-    Reads r, which the DeviceStateSender owns."""
-    yield pb.DeviceStateChunk(session_id=session_id, token=token)
-    while True:
-        b = os.read(r, CHUNK_BYTES)
-        if not b:
-            break
-        # what QEMU wrote meanwhile goes in the same message (fewer hand-offs)
-        while len(b) < CHUNK_BYTES and select.select([r], [], [], 0)[0]:
-            more = os.read(r, CHUNK_BYTES - len(b))
-            if not more:
-                break
-            b += more
-        cap.times["save_end"] = time.time()   # the last read before the end of file
-        cap.reads.append((cap.times["save_end"], len(b)))
-        cap.bytes += len(b)
-        yield pb.DeviceStateChunk(data=b)
+class TlsRelay:
+    """A TLS device-state channel's sender: QEMU's pipe into the channel's
+    session, in C with the GIL released (native/devstate.c), on a thread of
+    its own until QEMU's end of file. Owns r (closed at the end)."""
 
+    def __init__(self, r: int, sock: socket.socket):
+        self.r = r
+        self._stop_r, self._stop_w = os.pipe2(os.O_CLOEXEC)
+        self.relay = ffi.new("struct mg_devstate_relay *", {"in": r, "out": sock.fileno(),
+                                                              "stop_fd": self._stop_r})
+        self.rc: int | None = None
+        self.thread = threading.Thread(target=self._run, name="devstate-tx", daemon=True)
 
-def _drain_and_close(r: int) -> None:
-    """After a failure nothing sends QEMU's stream on: reads it to its end (QEMU
-    closes the pipe once its migration is cancelled or over, and would
-    otherwise wait on a full pipe for ever), then closes r."""
-    def run():
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        fault_path_priority()   # (on the pause's path: see migrate.qemu.dest)
         try:
-            while os.read(r, 1 << 20):
-                pass
+            self.rc = lib.mg_devstate_send(self.relay)
         finally:
-            os.close(r)
-    threading.Thread(target=run, name="devstate-drain", daemon=True).start()
+            os.close(self.r)
+
+    @property
+    def bytes(self) -> int:
+        return int(self.relay.bytes)
+
+    def failed(self) -> bool:
+        return self.rc is not None and self.rc != 0
+
+    def why(self) -> str:
+        return f"the device-state channel failed after {self.bytes} bytes: {os.strerror(-self.rc)}"
+
+    def stop(self) -> None:
+        """After a failure: stops relaying (QEMU, whose migration is
+        cancelled, sees its pipe's reader go)."""
+        os.write(self._stop_w, b"x")
+        self.thread.join(5)
+
+    def close(self) -> None:
+        if not self.thread.is_alive():
+            os.close(self._stop_r)
+            os.close(self._stop_w)
 
 
-def _ack(fut) -> pb.DeviceStateAck | None:
+def _arrived(sock: socket.socket) -> int:
+    """Bytes of QEMU's stream the destination's kernel acknowledged on a
+    plaintext channel (QEMU writes into it itself)."""
+    # (the kernel counts the SYN this end sent as one byte acknowledged)
+    return max(0, (tcp_bytes_acked(sock) or 0) - 1 - HELLO_BYTES)
+
+
+def _written(sock: socket.socket) -> int:
+    """Bytes of QEMU's stream written into a plaintext channel: those
+    acknowledged, and those still in the socket's send queue (before its FIN,
+    which counts as acknowledged too)."""
     try:
-        return fut.result(timeout=0)
-    except Exception:  # noqa: BLE001 - no ack
+        queued = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4))[0]
+    except OSError:
+        queued = 0
+    return _arrived(sock) + queued
+
+
+def _said(sock: socket.socket) -> dict | None:
+    """A word the destination said already (the socket is readable), else
+    None: a refusal or an ack that ends the stream early."""
+    if not select.select([sock], [], [], 0)[0]:
+        return None
+    try:
+        return devstate.hear(sock, time.monotonic() + 1)
+    except (OSError, MigrateError):
         return None
 
 
-def _rpc_outcome(fut) -> str:
-    try:
-        ack = fut.result(timeout=0)
-    except grpc.RpcError as e:
-        return f"it said {e.code().name}: {e.details()}"
-    except Exception as e:  # noqa: BLE001 - the reason is the message
-        return f"{type(e).__name__}: {e}"
-    return ack.error or f"it took {ack.bytes} bytes and gave no reason"
+def _ack_of(word: dict | None) -> pb.DeviceStateAck | None:
+    if word is None or not word.get("ack"):
+        return None
+    return pb.DeviceStateAck(bytes=int(word.get("bytes") or 0), guest_running=word.get("guest_running") is True,
+                             error=str(word.get("error") or ""))
 
 
 def _cancel_migration(qmp: QMP) -> None:
@@ -326,22 +368,23 @@ def resume_source(qmp: QMP, reporter: Reporter, why: str) -> bool:
 
 
 class DeviceStateSender:
-    """The Source's on_session hook. Opens the DeviceState stream before the
-    source QEMU stops (the destination QEMU waits in migrate-incoming already),
-    starts QEMU's own migration to the pipe while the VM runs, the way QEMU
-    migrates: QEMU sends its setup and small non-shared RAM while running,
-    then stops the VM and writes the device state, which streams through to
-    the destination QEMU as it is written; that QEMU starts itself once it has
-    loaded it. Records what the destination said, which decides whether the
-    source QEMU may be resumed after a failure."""
+    """The Source's on_session hook. Opens the device-state channel before the
+    source QEMU stops and waits for the destination's `ready` (its QEMU waits
+    in migrate-incoming on it), then starts QEMU's own migration into it
+    while the VM runs, the way QEMU migrates: QEMU sends its setup and small
+    non-shared RAM while running, then stops the VM and writes the device
+    state, which reaches the destination QEMU as it is written; that QEMU
+    starts itself once it has loaded it. Records what the destination said,
+    which decides whether the source QEMU may be resumed after a failure."""
 
-    def __init__(self, qmp: QMP, reporter: Reporter, wait=lambda fut: fut.result(),
+    def __init__(self, qmp: QMP, reporter: Reporter, open_channel, lost=lambda: None,
                  stopped: threading.Event | None = None, timeout: float = 60.0):
         self.qmp = qmp
         self.reporter = reporter
-        # waits for the call's future: Source.wait_rpc ends the wait when the
-        # destination is found gone (gRPC alone would wait for its deadline)
-        self.wait = wait
+        self.open_channel = open_channel   # () -> the session's device-state channel (Source)
+        # () -> the error once the destination was found gone (Source.dest_lost,
+        # --dest-timeout on the raw channels), which ends every wait here
+        self.lost = lost
         self.stopped = stopped or threading.Event()   # set at the source QEMU's STOP
         self.timeout = timeout
         self.capture: Capture | None = None   # set once QEMU may stop the VM
@@ -352,21 +395,47 @@ class DeviceStateSender:
         # STOP's time and stamps; QEMU's migrate then finds it stopped already
         self.paused: QemuPause | None = None
 
-    def __call__(self, stub, session_id: str, token: bytes) -> None:
+    def _check_lost(self) -> None:
+        e = self.lost()
+        if e is not None:
+            raise e
+
+    def __call__(self, stub=None, session_id: str = "", token: bytes = b"") -> None:
         qmp = self.qmp
-        r = prepare_capture(qmp, paused_ok=self.paused is not None)
         cap = Capture()
+        sock = self.open_channel()
+        try:
+            word = devstate.hear(sock, time.monotonic() + READY_TIMEOUT, self._check_lost)
+        except TimeoutError:
+            raise QemuError(f"the destination did not take the device-state channel within {READY_TIMEOUT:g} s "
+                            "(its QEMU did not go into migrate-incoming)") from None
+        except OSError as e:
+            raise QemuError(f"the destination closed the device-state channel before taking it ({e}): is the "
+                            "session still open there?") from None
+        if not word.get("ready"):
+            raise QemuError(f"the destination refused the device state: {word.get('refused') or word}")
+        prepare_capture(qmp, paused_ok=self.paused is not None)
+        tls = isinstance(sock, TlsSocket)
+        relay = None
+        if tls:
+            relay = TlsRelay(capture_pipe(qmp), sock)
+            relay.start()
+        else:
+            # QEMU takes its own copy of the connected, authenticated socket and
+            # writes its stream straight into it; ours stays for the words
+            qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(sock.fileno(),))
         since = len(qmp.events)
         if self.paused is not None:
             cap.times.update(self.paused.times)
         cap.times["send_start"] = time.time()
-        # r is ours: the stream reads it until QEMU's end of file; closed once the
-        # call is over, or by the drain after a failure
-        try:
-            fut = stub.DeviceState.future(read_stream(r, cap, session_id, token), timeout=DEVICE_STATE_TIMEOUT)
-        except BaseException:
-            os.close(r)
-            raise
+
+        def give_up() -> bool:
+            # the destination speaks early only to refuse or to say the load
+            # failed: then nothing reads QEMU's stream any more
+            return (select.select([sock], [], [], 0)[0] != []) or (relay is not None and relay.failed()) \
+                or self.lost() is not None
+
+        at_stop = 0   # bytes in before the STOP (a pre-copy's switch stopped it before any)
         try:
             t0 = time.monotonic()
             cap.times["migrate_sent"] = time.time()
@@ -379,20 +448,22 @@ class DeviceStateSender:
                 # (stopped at the switch: QEMU's migrate sends no STOP of its own)
                 cap.stop_time = self.paused.stop_time
                 ev = qmp.wait_event(_migration_event(("completed", "failed", "cancelled")), self.timeout,
-                                    "device-state capture", since, give_up=fut.done)
+                                    "device-state capture", since, give_up=give_up)
             else:
                 ev = qmp.wait_event(lambda e: e["event"] == "STOP" or _migration_event(("failed", "cancelled"))(e),
-                                    self.timeout, "waiting for QEMU to stop the VM", since, give_up=fut.done)
+                                    self.timeout, "waiting for QEMU to stop the VM", since, give_up=give_up)
             if self.paused is None and ev is not None and ev["event"] == "STOP":
                 cap.stop_time = ev["time"]
                 cap.times["stop_seen"] = time.time()
+                at_stop = relay.bytes if relay is not None else _arrived(sock)
                 self.stopped.set()   # its RAM no longer changes: demand may be served
                 self.reporter.event("paused", f"source QEMU paused ({qmp.path})", qmp=qmp.path,
                                     stop_time=cap.stop_time)
                 ev = qmp.wait_event(_migration_event(("completed", "failed", "cancelled")), self.timeout,
-                                    "device-state capture", since, give_up=fut.done)
+                                    "device-state capture", since, give_up=give_up)
             if ev is None:
-                ack = _ack(fut)
+                self._check_lost()
+                ack = _ack_of(_said(sock))
                 if ack is not None and ack.guest_running:
                     # (never seen: the ack comes after the stream's end) the guest
                     # runs there, so this QEMU must stay stopped whatever it says
@@ -403,8 +474,9 @@ class DeviceStateSender:
                 if ack is not None:   # it refused the state: its QEMU did not and will not run the guest
                     self.ack = ack
                     raise QemuError(f"the destination did not resume the guest: {ack.error or 'no reason given'}")
-                raise QemuError(f"the destination ended the device-state stream before QEMU had written it all: "
-                                f"{_rpc_outcome(fut)}")
+                why = relay.why() if relay is not None and relay.failed() else "it said nothing more"
+                raise QemuError(f"the destination ended the device-state channel before QEMU had written it all: "
+                                f"{why}")
             info = qmp.cmd("query-migrate")
             cap.seconds = time.monotonic() - t0
             if ev["data"]["status"] != "completed":
@@ -413,28 +485,57 @@ class DeviceStateSender:
                 self.sent = False
                 raise QemuError(f"device-state capture {ev['data']['status']}: "
                                 f"{info.get('error-desc', 'QEMU gave no reason')}")
+            if relay is not None:
+                relay.thread.join(self.timeout)   # (QEMU's end of file: the end frame goes)
+                if relay.failed():
+                    raise QemuError(relay.why())
+                cap.times["save_end"] = relay.relay.last_ns / 1e9
+            else:
+                # QEMU wrote it all into the socket: its end (a FIN after the
+                # stream) tells the destination it arrived whole
+                cap.times["save_end"] = ev["time"]
+                cap.bytes = _written(sock)
+                try:
+                    sock.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass   # the destination reset it: its last word (still queued here) says why
         except BaseException:
-            fut.cancel()
             if self.ack is None or not self.ack.guest_running:
                 _cancel_migration(qmp)
-                _drain_and_close(r)
+                if relay is not None:
+                    relay.stop()
+                else:
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)   # QEMU's writes fail, if it still writes
+                    except OSError:
+                        pass
             raise
+        finally:
+            if relay is not None:
+                relay.close()
         cap.qemu_total_ms = int(info.get("total-time", 0))
         cap.qemu_downtime_ms = int(info.get("downtime", 0))
-        self.reporter.event("device-state", f"QEMU wrote {cap.bytes} bytes of device state, streamed to the "
-                            f"destination as written; {cap.qemu_downtime_ms} ms stopped by QEMU's count",
-                            bytes=cap.bytes, ms=round(cap.seconds * 1e3, 2), stop_time=cap.stop_time)
         try:
             # the ack comes once the destination QEMU has loaded the state and
             # runs, which may take long (loading reads guest RAM)
-            self.ack = self.wait(fut)
-        except grpc.RpcError as e:
-            # (an agent killed before its answer: a lost destination, which
-            # the source recovers, as any other lost call)
-            from migrate.source.session import rpc_error
-            raise rpc_error(e, "device state") from None
-        finally:
-            os.close(r)   # (the stream read QEMU's end of file: QEMU's migration completed)
+            word = devstate.hear(sock, time.monotonic() + DEVICE_STATE_TIMEOUT, self._check_lost)
+            sock.close()   # (its last word: the destination's side waits for our end)
+        except TimeoutError:
+            raise QemuError(f"device state: the destination said nothing within {DEVICE_STATE_TIMEOUT:g} s of the "
+                            "end of the stream") from None
+        except OSError as e:
+            raise DestinationLost(f"device state: the destination closed the device-state channel without saying "
+                                  f"whether its guest runs ({e})") from None
+        self.ack = _ack_of(word)
+        if self.ack is None:
+            raise QemuError(f"device state: the destination said {word} instead of its ack")
+        if relay is not None:
+            cap.bytes = relay.bytes
+        cap.bytes_stopped = max(0, cap.bytes - at_stop)
+        self.reporter.event("device-state", f"QEMU wrote {cap.bytes} bytes of device state into the device-state "
+                            f"channel ({'TLS, relayed' if tls else 'plaintext, by QEMU itself'}); "
+                            f"{cap.qemu_downtime_ms} ms stopped by QEMU's count",
+                            bytes=cap.bytes, ms=round(cap.seconds * 1e3, 2), stop_time=cap.stop_time)
         if not self.ack.guest_running:
             raise QemuError(f"the destination did not resume the guest: {self.ack.error or 'no reason given'}")
         self.running_time = time.time()
@@ -504,7 +605,8 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
     try:
         check_shared_ram(qmp, ram.size)
         stopped = threading.Event()
-        sender = DeviceStateSender(qmp, reporter, wait=lambda fut: src.wait_rpc(fut), stopped=stopped)
+        sender = DeviceStateSender(qmp, reporter, open_channel=lambda: src.open_device_state_channel(),
+                                   lost=lambda: src.dest_lost, stopped=stopped)
         precopy = source_kw.get("precopy")
         if precopy is not None:   # rounds while the VM runs; the switch stops it (QemuPause)
             qp = QemuPause(qmp, reporter, stopped, sender)
@@ -617,7 +719,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                            qmp=qmp_path)
         cap = sender.capture
         info = {"device_state_bytes": cap.bytes, "capture_ms": round(cap.seconds * 1e3, 2),
-                "qemu_downtime_ms": cap.qemu_downtime_ms, "device_state_bytes_stopped": cap.bytes_after(cap.stop_time),
+                "qemu_downtime_ms": cap.qemu_downtime_ms, "device_state_bytes_stopped": cap.bytes_stopped,
                 "stop_time": cap.stop_time, "running_time": sender.running_time,
                 # (None when the answer that the guest runs was lost with its agent)
                 "downtime_ms": (round((sender.running_time - cap.stop_time) * 1e3, 2)

@@ -30,8 +30,8 @@ from migrate.source.demand import DemandServer
 from migrate.source.push import LinkPacer, Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import LocalityWindow, Scheduler
-from migrate.wire.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel,
-                                   raw_zstd_unavailable)
+from migrate.wire.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEVSTATE_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC,
+                                   channel, raw_zstd_unavailable)
 from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig, check_destination, is_loopback
 from migrate.wire.tcp import ChannelEnd, channel_end, host_of, mark_urgent, parse_address, set_peer_timeout
@@ -180,11 +180,12 @@ class Source:
             on_created(self)
         # what run() opens and starts, for _close to stop and close
         self.sched: Scheduler | None = None
+        self.welcome: pb.Welcome | None = None
         self.demand: DemandServer | None = None
         self.push: Push | None = None
         self._demand_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []    # the others: holes walk, block scan, push streams
-        self._socks: list[socket.socket] = []         # demand channel first, then raw push channels
+        self._socks: list[socket.socket] = []         # demand channel first, then raw push (and device-state)
         self._channels: list[grpc.Channel] = []       # control, then gRPC push channels
 
     def run(self) -> SourceResult:
@@ -321,6 +322,7 @@ class Source:
             raise ProtocolError(f"the destination at {self.target} offered another guest than the one this source "
                                 "recovers: run the same migrate release on both hosts")
         sid = self.session = welcome.session_id
+        self.welcome = welcome
         self.token = welcome.demand_token
         self.guest_instance = welcome.guest_instance
         already = PageBitmap(ram.npages)
@@ -495,12 +497,12 @@ class Source:
         """A plain TCP channel beside gRPC (demand or raw push), opened with the
         session's token; _close closes it."""
         host = host_of(self.target)
-        what = "demand" if magic == DEMAND_MAGIC else "push"
+        what = {DEMAND_MAGIC: "demand", PUSH_MAGIC: "push", DEVSTATE_MAGIC: "device-state"}[magic]
         try:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
             raise DestinationLost(f"cannot open the {what} channel to {host}:{welcome.demand_port}: {e}") from None
-        if magic != DEMAND_MAGIC:
+        if magic == PUSH_MAGIC:
             # Sized from the TCP handshake's round trip, before TLS's: the
             # kernel's RTT after a TLS handshake counts the peer's signing and
             # verifying (milliseconds under load), which sized a loopback TLS
@@ -511,12 +513,18 @@ class Source:
             sock = self._raw_handshake(sock, what, host, welcome.demand_port)
         self._socks.append(sock)
         set_peer_timeout(sock, self.dest_timeout)
-        if magic == DEMAND_MAGIC:
+        if magic != PUSH_MAGIC:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if magic == DEMAND_MAGIC:
             mark_urgent(sock)   # replies go ahead of push data in any queue that sorts by it
         sock.sendall(magic + self.token)
         sock.settimeout(None)
         return sock
+
+    def open_device_state_channel(self) -> socket.socket:
+        """The session's device-state channel (migrate.wire.devstate), opened
+        with its token like the others; _close closes it."""
+        return self._open_channel(self.welcome, DEVSTATE_MAGIC)
 
     def _raw_handshake(self, sock: socket.socket, what: str, host: str, port: int) -> socket.socket:
         """TLS first on a raw channel: the destination's certificate must name
