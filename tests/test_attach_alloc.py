@@ -105,9 +105,15 @@ def test_pages_placed_while_allocating_keep_the_sources_bytes(host, huge_pages, 
         placed: dict[int, bytes | None] = {}   # page -> its bytes (None: a zero page)
         during = 0
         per = 8 if backing == "tmpfs" else 1
-        alloc.start()
+        started = False
         try:
             for i in range(0, n, per):
+                if i == per:
+                    # (the first batch is placed before the allocation starts, so
+                    # that it meets placed pages however fast it runs: 64 huge
+                    # pages from a reserved pool can be done before the next batch)
+                    alloc.start()
+                    started = True
                 pages = sorted(order[i:i + per])
                 zero = [rng.random() < 0.3 for _ in pages]
                 data = [None if z else (p + 1).to_bytes(8, "little") * (ps // 8) for p, z in zip(pages, zero)]
@@ -115,16 +121,20 @@ def test_pages_placed_while_allocating_keep_the_sources_bytes(host, huge_pages, 
                 for k, z in enumerate(zero):
                     if z:
                         bits[k >> 3] |= 1 << (k & 7)
-                running = not ended.is_set()
+                running = not ended.is_set()   # (before the start: the allocation goes over it)
                 assert space.place_batch(pages, bytes(bits), b"".join(x for x in data if x)) == len(pages)
                 if running:
                     during += len(pages)
                 placed.update(zip(pages, data))
                 if ended.is_set() and len(placed) > n // 4:
                     break
+            if not started:
+                alloc.start()
+                started = True
             assert ended.wait(60)
         finally:
-            alloc.stop()
+            if started:
+                alloc.stop()
         (r,) = results
         assert r.done and r.error is None, r
         assert during > 0, "no page was placed while the allocation ran"
