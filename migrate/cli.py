@@ -225,6 +225,8 @@ def cmd_source(args) -> int:
                                  quit_source=args.quit_source, **kw)
         else:  # (with --resume the device state was delivered already)
             res = _recovery(rep, ram, args.to, args.recovery_window, kw).serve(Source(ram, args.to, rep, **kw))
+            if pre is not None:
+                pre.completed = True
             if args.qmp:
                 from migrate.qemu.source import settle_source_qemu
                 vm = {"source_status": settle_source_qemu(args.qmp, rep, ram.path, args.quit_source)}
@@ -259,10 +261,14 @@ class _PrecopyGuest:
 
     def __init__(self, listener, guest, precopy):
         self.listener, self.guest, self.precopy = listener, guest, precopy
+        self.completed = False   # the migration completed: the guest runs at the destination
 
     def close(self) -> None:
-        if self.precopy.switched:
-            self.guest.notify("complete")   # its RAM was served; the guest stays paused until it exits
+        """Closing the attach socket before the switch lets the guest write
+        on (the agent has resumed it); after the switch the guest stays
+        paused whatever happened, and hears "complete" only if it is."""
+        if self.completed:
+            self.guest.notify("complete")
         self.guest.close()
         self.listener.close()
 

@@ -13,9 +13,12 @@ The snapshot of one migration is a flat dict, the same keys on both sides:
 | `gbps`, `eta_s` | guest RAM moved per second since the source connected, and the time left at that rate |
 | `faults`, `faults_fast`, `faults_demand`, `fault_p50_us`, `fault_p99_us` | the guest's faults, those answered at once, those that waited for the source, and that wait |
 | `vcpus` | per guest thread that waited for the source: `tid`, `vcpu` (an index where known), `faults`, `blocked_s` |
+| `precopy_rounds` | `source --precopy` only: its last three `round` events (docs/precopy.md) |
 
 The control socket speaks the attach framing (`[u32 BE length][JSON]`): the
-request `{"request": "status"}`, the answer `{"ok": true, "status": {...}}`.
+request `{"request": "status"}`, the answer `{"ok": true, "status": {...}}`
+(a `source --precopy` also takes `{"request": "switch"}`: switch after the
+current round).
 It lives in a private directory (0700) as a 0600 socket, and both ends ask the
 kernel who is on the other (SO_PEERCRED): root or the same uid only.
 """

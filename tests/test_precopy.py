@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -74,6 +75,24 @@ def test_scan_returns_the_pages_written_since_the_last_scan(host, huge_pages, ba
         mem.guest_view(0, size)[0] = b"\x04"
         uffd.close()
         mem.close()
+
+
+@pytest.mark.timeout(120)
+def test_the_c_test_of_write_tracking(host, tmp_path):
+    """native/tests/test_wp.c: 1 GiB memfd, protect all, 1000 scattered
+    writes found exactly, the next scan only what was written since, and a
+    scan of an unregistered range refused."""
+    need_wp(host, "tmpfs", 0)
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler (gcc) to build native/tests/test_wp.c")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    exe = str(tmp_path / "test_wp")
+    subprocess.run([cc, "-O2", "-std=gnu11", "-Wall", "-Werror", "-Inative", "native/tests/test_wp.c",
+                    "native/src_wp.c", "native/uffd.c", "-o", exe], cwd=root, check=True, timeout=60)
+    r = subprocess.run([exe, "1024"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert " distinct of 1000 writes found in " in r.stdout
 
 
 # -- the whole flow, with a writing source guest ----------------------------------
@@ -174,6 +193,10 @@ def test_switch_when_asked(tmp_path, host, huge_pages, how):
         if how == "signal":
             os.kill(lm.source.p.pid, signal.SIGUSR1)
         else:
+            r = subprocess.run([sys.executable, "-m", "migrate", "status", "--source", lm.control, "--json"],
+                               capture_output=True, text=True, timeout=30)
+            m = json.loads(r.stdout)["migrations"][0]
+            assert m["state"] == "connected" and m["precopy_rounds"][-1]["round"] >= 2
             r = subprocess.run([sys.executable, "-m", "migrate", "status", "--source", lm.control, "--switch"],
                                capture_output=True, text=True, timeout=30)
             assert r.returncode == 0, r.stderr
@@ -382,3 +405,28 @@ def test_bench_precopy_reports_the_fault_fraction(host, huge_pages):
     assert 0 <= r["precopy_fault_fraction"] == r["demand_faults_after_switch"] / r["pages_total"]
     assert r["pages_per_round"][0] == r["pages_total"] and r["rounds"] == len(r["pages_per_round"])
     assert r["protect_all_ms"] > 0 and r["scan_ms_max"] > 0 and r["precopy_guest_slowdown"] > 0
+
+
+@pytest.mark.timeout(180)
+def test_destination_killed_after_the_switch_leaves_the_source_guest_paused(tmp_path, host, huge_pages):
+    """After the switch the guest may run at the destination: a source guest
+    whose agent gives up then stays paused (never two running copies)."""
+    need_wp(host, "tmpfs", huge_pages)
+    with PrecopyMigration(str(tmp_path), 16 * M, **busy(dict(seed=12, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0", "--max-rate", "4M", "--recovery-window", "0")))) as lm:
+        lm.start()
+        os.kill(lm.guest.p.pid, signal.SIGSTOP)   # no demand: the push alone, slowly, brings the rest
+        r1 = lm.source.wait_event("round", 60)
+        assert r1["seconds"] >= 0.9 * 16 / 4   # --max-rate paces pre-copy too
+        os.kill(lm.source.p.pid, signal.SIGUSR1)
+        sw = lm.source.wait_event("switch", 60)
+        assert sw["pages_written"] > 0
+        lm.dest.kill()
+        os.kill(lm.guest.p.pid, signal.SIGCONT)
+        assert lm.source.wait(60) == 1
+        ev = lm.source_guest.wait_event("agent_lost", 30)
+        assert ev["paused"] is True
+        a = lm.source_guest.wait_event("writes", 30)
+        b = lm.source_guest.wait_event("writes", 30)
+        assert a["writes"] == b["writes"] == ev["writes"]
+        assert lm.source_guest.p.poll() is None

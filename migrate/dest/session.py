@@ -361,6 +361,9 @@ class Migration:
 
     def complete(self):
         """Every page is received: the last are mapped, the range unregistered."""
+        # (pre-copy: the pages left after the switch may all arrive on a push
+        # channel before the demand channel, which releases the guest, is taken)
+        never_released = self.machine.state is State.CONNECTED
         if not self.machine.start_completing():
             return
         self.space.map(0, self.npages)  # anything a race left unmapped
@@ -372,7 +375,7 @@ class Migration:
             self.uffd.unregister(r.guest_addr, r.length)
         if self.record_hints:
             self._write_hints()
-        self.machine.complete(self._announce_complete)
+        self.machine.complete(lambda: self._announce_complete(never_released))
 
     def _write_hints(self) -> None:
         """dest --record-hints: the guest's first touches, for source --hints.
@@ -388,8 +391,11 @@ class Migration:
                             f"{self.record_hints} ({size} bytes)", session=self.id, hint_pages=len(pages),
                             hint_bytes=size)
 
-    def _announce_complete(self) -> None:
+    def _announce_complete(self, release: bool = False) -> None:
+        """release: the guest was never told to run: it is, before "complete"."""
         self.t_complete = time.monotonic()
+        if release:
+            self.guest.notify("switchover")
         os.eventfd_write(self.stop_fd, 1)
         if self.alloc is not None:
             self.alloc.stop(wait=False)   # every page is here: nothing is left to allocate (joined at close)

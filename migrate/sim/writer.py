@@ -94,6 +94,10 @@ class Writer:
             self.write_once()
             self._stop.wait(self.every)
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     def start(self) -> None:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
@@ -184,8 +188,14 @@ def run(attach: str, size: int, backing: str, spec: ImageSpec, reporter: Reporte
                 # the agent went away: the VM runs on (its migration failed)
                 if not summary["complete"]:
                     summary["agent_lost"] = True
-                    reporter.event("agent_lost", "the source agent went away: writing on",
-                                   writes=writer.writes)
+                    if writer.running:
+                        reporter.event("agent_lost", "the source agent went away: writing on",
+                                       writes=writer.writes, paused=False)
+                    else:
+                        # paused for a switch: the guest may run at the destination now, and
+                        # must never run here again (whoever knows better restarts it)
+                        reporter.event("agent_lost", "the source agent went away after pausing this guest: "
+                                       "staying paused", writes=writer.writes, paused=True)
                 sock.close()
                 sock = None
                 break
@@ -208,7 +218,7 @@ def run(attach: str, size: int, backing: str, spec: ImageSpec, reporter: Reporte
                 summary["complete"] = True
                 break
         if sock is None:
-            # writing on until told to stop (SIGTERM) or hold runs out
+            # as it was (writing, or paused) until told to stop (SIGTERM) or hold runs out
             while time.monotonic() < deadline:
                 time.sleep(1.0)
                 reporter.event("writes", f"{writer.writes} writes", writes=writer.writes)

@@ -150,6 +150,17 @@ class Precopy:
         per = max(1, src.batch_bytes // ram.page_size)
         enc = BatchEncoder(ram.addr, ram.page_size, per, src.compress)
         t0 = time.monotonic()
+        sent = 0
+
+        def put(batch: list[int]) -> None:
+            nonlocal sent
+            stream.put(enc.encode(batch))
+            sent += len(batch)
+            if src.max_rate:   # --max-rate paces pre-copy as it paces the push
+                ahead = sent * ram.page_size / src.max_rate - (time.monotonic() - t0)
+                if ahead > 0:
+                    time.sleep(ahead)
+
         # a batch takes pages from several runs: written pages are mostly scattered
         batch: list[int] = []
         for first, n in pages.runs():
@@ -159,10 +170,10 @@ class Precopy:
                 batch.extend(range(at, at + take))
                 at += take
                 if len(batch) == per:
-                    stream.put(enc.encode(batch))
+                    put(batch)
                     batch = []
         if batch:
-            stream.put(enc.encode(batch))
+            put(batch)
         stream.drain()
         return pages.count(), time.monotonic() - t0
 

@@ -184,8 +184,7 @@ class Source:
             stub, welcome = self._open_session()
             self.state, self.t_open = "connected", time.monotonic()
             if self.precopy is not None:
-                self.state = "precopy"
-                self._precopy(stub)
+                self._precopy(stub)   # ("connected" throughout: the snapshot adds its rounds)
             self._freeze_heap()
             self._start_demand(welcome)
             self.state = "running"
@@ -244,7 +243,8 @@ class Source:
                 "pages_received": sent, "pages_demand": demand, "pages_pushed": pushed + ahead,
                 "page_size": ram.page_size, "gbps": gbps, "eta_s": 0.0 if self.state == "completed" else eta,
                 "seconds": round(seconds, 3), "wire_bytes": wire, "faults_demand": demand,
-                "error": str(self.errors[0]) if self.errors else None}
+                "error": str(self.errors[0]) if self.errors else None,
+                **({"precopy_rounds": self.precopy.rounds[-3:]} if self.precopy is not None else {})}
 
     def wait_rpc(self, fut):
         """The result of a gRPC call's future (its RpcError raised as it is); a
