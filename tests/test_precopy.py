@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -374,24 +375,63 @@ def test_precopy_pages_after_the_switch_are_refused(waiting):
 
 
 @pytest.mark.timeout(120)
-def test_no_demand_or_push_channel_before_the_switch(waiting):
-    """The destination guest must not run before the switch: its demand
-    channel (which releases the guest) and push channels are refused."""
+def test_channels_opened_before_the_switch_are_held_until_it(waiting):
+    """A pre-copy source opens its demand and push channels before its
+    switch (so that the guest's pause does not include connecting them).
+    The destination holds them: nothing is read from them or sent on them,
+    a push run sent on one before the switch is not placed, the guest does
+    not run; a second demand channel and a ninth push channel are refused;
+    a channel with a wrong token is refused. The switch releases them."""
     lm = waiting
     ch, stub, w = open_precopy(lm)
     host = lm.address.rpartition(":")[0]
-    for magic, what in ((DEMAND_MAGIC, "demand"), (PUSH_MAGIC, "push")):
-        time.sleep(1.1)   # (the agent reports one refusal of a kind a second)
+
+    def open_raw(magic, token=w.demand_token):
         s = socket.create_connection((host, w.demand_port), timeout=10)
-        s.sendall(magic + w.demand_token)
-        assert s.recv(8) == b""
-        s.close()
-        ev = lm.dest.wait_event("error", 30)
-        assert ev["message"].startswith(f"{what} channel from ")
-        assert ev["message"].endswith(" refused: its source is still in pre-copy: "
-                                      + ("the demand channel opens after the switch" if what == "demand"
-                                         else "push channels open after the switch"))
+        s.sendall(magic + token)
+        return s
+
+    demand = open_raw(DEMAND_MAGIC)
+    pushes = [open_raw(PUSH_MAGIC) for _ in range(8)]
+    # a run for page 5 (not zero, its bytes follow), before the switch
+    pushes[0].sendall(struct.pack("<QII", 5, 1, 0) + b"\0" + PAGE)
+    assert precopy_pages(stub, w, [1, 2, 3]).pages_placed == 3
+    time.sleep(1.1)   # (the agent reports one refusal of a kind a second)
+    extra = open_raw(DEMAND_MAGIC)
+    assert extra.recv(8) == b""
+    extra.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].startswith("demand channel from ")
+    assert ev["message"].endswith(" refused: its source holds a demand channel already, waiting for its switch")
+    time.sleep(1.1)
+    extra = open_raw(PUSH_MAGIC)
+    assert extra.recv(8) == b""
+    extra.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].endswith(" refused: its source has 8 push channels open already, the most a source may")
+    time.sleep(1.1)
+    extra = open_raw(PUSH_MAGIC, bytes(len(w.demand_token)))
+    assert extra.recv(8) == b""
+    extra.close()
+    assert lm.dest.wait_event("error", 30)["message"].endswith("with an unknown magic or token: closed")
+    # held: open, nothing sent on them, the guest does not run, nothing is demanded
+    for s in (demand, *pushes):
+        s.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            s.recv(8)
     assert not [e for e in lm.guest.lines if e.get("event") == "running"]
+    assert not [e for e in lm.dest.lines if e.get("event") == "demand"]
+    r = switch(stub, w, [2])
+    got = PageBitmap(HPAGES)
+    got.load_bytes(r.received_bitmap)
+    # pages 1 and 3 staged and not written since; page 5's run was never read before the switch
+    assert r.pages_received == 2 and got.count() == 2 and got.test(1) and got.test(3) and not got.test(5)
+    # the switch released the held demand channel: the guest runs, and faults go out on it
+    lm.dest.wait_event("demand", 30)
+    demand.settimeout(30)
+    assert len(demand.recv(8)) > 0
+    for s in (demand, *pushes):
+        s.close()
     ch.close()
 
 
@@ -402,7 +442,7 @@ def test_bench_precopy_reports_the_fault_fraction(host, huge_pages):
     r = precopy.measure(size=32 * M, log=lambda _: None)
     assert r["ok"], r
     assert r["pages_total"] == 32 * M // 4096
-    assert 0 <= r["precopy_fault_fraction"] == r["demand_faults_after_switch"] / r["pages_total"]
+    assert 0 <= r["precopy_fault_fraction"] == round(r["demand_faults_after_switch"] / r["pages_total"], 6)
     assert r["pages_per_round"][0] == r["pages_total"] and r["rounds"] == len(r["pages_per_round"])
     assert r["protect_all_ms"] > 0 and r["scan_ms_max"] > 0 and r["precopy_guest_slowdown"] > 0
 

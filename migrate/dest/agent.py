@@ -400,8 +400,8 @@ class Destination:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mark_urgent(conn)   # requests (and the acks of replies) ahead of push acks on the way back
             why = None if m.channels.attach_demand(conn, gen) else (
-                "its source is still in pre-copy: the demand channel opens after the switch"
-                if m.precopy is not None and not m.precopy.switched else "its source is no longer this session's")
+                "its source holds a demand channel already, waiting for its switch"
+                if m.machine.serves(gen) and m.channels.held_demand(gen) else "its source is no longer this session's")
         else:
             why = m.channels.attach_push(conn, gen)
         if why is not None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
 DEMAND_CONNECT_TIMEOUT = 15.0
 PUSH_CHANNELS = 8   # raw push channels a source may hold open: twice the streams its Welcome offers
+HELD_DEMAND = 1     # demand channels a pre-copy source may hold open before its switch
 
 
 @contextlib.contextmanager
@@ -69,6 +70,13 @@ class Channels:
         # torn down, so that it is gone (with its C buffers) once it ended
         self.receivers: list[threading.Thread] = []
         self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
+        # A pre-copy source opens its channels before its switch, so that the
+        # guest's pause does not include connecting them: they are held here,
+        # nothing read from them and nothing sent on them, until the switch
+        # releases them (release_held); then they are attached as if just
+        # opened. (socket, gen, is_demand), owned here until then.
+        self.held: list[tuple[socket.socket, int, bool]] = []
+        self.released_gen = 0                # the pre-copy source whose switch released its channels
 
     def watch_demand_deadline(self, gen: int, since: str = "Open") -> None:
         """A source that never opens its demand channel is not serving this
@@ -99,8 +107,13 @@ class Channels:
         caller closes the channel."""
         m = self.m
         with self.lock:
-            if not m.machine.serves(gen) or not self._switched():
+            if not m.machine.serves(gen):
                 return False
+            if self._held_back(gen):
+                if sum(g == gen and d for _, g, d in self.held) >= HELD_DEMAND:
+                    return False
+                self.held.append((sock, gen, True))
+                return True
             old, self.demand, self.demand_gen = self.demand, sock, gen
         if old is not None:
             old.close()
@@ -130,10 +143,12 @@ class Channels:
         with self.lock:
             if not self.m.machine.serves(gen):
                 return "its source is no longer this session's"
-            if not self._switched():
-                return "its source is still in pre-copy: push channels open after the switch"
-            if sum(g == gen for g in self.push.values()) >= PUSH_CHANNELS:
+            if sum(g == gen for g in self.push.values()) + sum(g == gen and not d for _, g, d in self.held) \
+                    >= PUSH_CHANNELS:
                 return f"its source has {PUSH_CHANNELS} push channels open already, the most a source may"
+            if self._held_back(gen):
+                self.held.append((sock, gen, False))
+                return None
             self.push[sock] = gen
             if self.t_push is None:
                 self.t_push = time.monotonic()
@@ -141,10 +156,29 @@ class Channels:
                                      daemon=True))
         return None
 
-    def _switched(self) -> bool:
-        """Not in pre-copy, or past its switch: the guest may be served."""
-        p = self.m.precopy
-        return p is None or p.switched
+    def _held_back(self, gen: int) -> bool:
+        """Source gen is in pre-copy and its switch has not released its
+        channels yet: they wait (called with the lock held)."""
+        return self.m.precopy is not None and self.released_gen != gen
+
+    def held_demand(self, gen: int) -> bool:
+        """Source gen holds a demand channel, waiting for its switch."""
+        with self.lock:
+            return any(g == gen and d for _, g, d in self.held)
+
+    def release_held(self, gen: int) -> None:
+        """Source gen switched: the channels it opened before are attached
+        (the demand channel releases the guest), and later ones go straight."""
+        with self.lock:
+            self.released_gen = gen
+            mine = [h for h in self.held if h[1] == gen]
+            self.held = [h for h in self.held if h[1] != gen]
+        # push first: the guest runs once the demand channel is attached, and
+        # the pages it lacks are pushed from then on
+        for sock, g, demand in sorted(mine, key=lambda h: h[2]):
+            ok = self.attach_demand(sock, g) if demand else self.attach_push(sock, g) is None
+            if not ok:
+                sock.close()
 
     def start_receiver(self, t: threading.Thread) -> None:
         """Starts a thread that places or maps pages (joined at teardown)."""
@@ -209,6 +243,11 @@ class Channels:
         let go of what they claimed (they close the sockets)."""
         with self.lock:
             socks = [s for s, g in ((self.demand, self.demand_gen), *self.push.items()) if s is not None and g == gen]
+            held = [s for s, g, _ in self.held if g == gen]
+            self.held = [h for h in self.held if h[1] != gen]
+            self.bytes_closed += sum(tcp_bytes_received(s) for s in held)
+        for s in held:   # (no receiver reads them: closed here)
+            s.close()
         for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -248,8 +287,8 @@ class Channels:
     def close(self) -> None:
         self._cancel_demand_deadline()
         with self.lock:
-            socks = [s for s in (self.demand, *self.push) if s is not None]
+            socks = [s for s in (self.demand, *self.push, *(h[0] for h in self.held)) if s is not None]
             self.bytes_closed += sum(tcp_bytes_received(s) for s in socks)
-            self.demand, self.push = None, {}
+            self.demand, self.push, self.held = None, {}, []
         for s in socks:
             s.close()

@@ -266,7 +266,7 @@ class Migration:
         if dropped:
             self.reporter.event("precopy_dropped", f"{dropped} pages an earlier source pre-copied are dropped "
                                 "(none was mapped)", session=self.id, pages=dropped)
-        # pre-copy: the demand channel opens only after the switch, whenever that is
+        # pre-copy: the demand channel is attached only at the switch, whenever that is
         self.precopy = Precopy(self.space) if hello.precopy else None
         if not hello.precopy:
             self.channels.watch_demand_deadline(gen)
@@ -303,7 +303,11 @@ class Migration:
         self.channels.watch_demand_deadline(gen, "Switch")
         self.channels.start_receiver(threading.Thread(target=self._map_precopied, args=(gen,),
                                                       name=f"precopy-map-{self.id}", daemon=True))
-        return pb.SwitchReply(pages_received=n, received_bitmap=self.space.received.to_bytes())
+        reply = pb.SwitchReply(pages_received=n, received_bitmap=self.space.received.to_bytes())
+        # the channels the source opened during pre-copy: the demand one
+        # releases the guest, before this answer leaves
+        self.channels.release_held(gen)
+        return reply
 
     def _map_precopied(self, gen: int) -> None:
         """After the switch: maps the pre-copied pages while the guest may

@@ -172,6 +172,8 @@ class Source:
         self._demand_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []    # the others: holes walk, block scan, push streams
         self._socks: list[socket.socket] = []         # demand channel first, then raw push channels
+        # pre-copy: channels opened before the switch, taken by _start_demand and _start_push
+        self._early: dict[bytes, list[socket.socket]] = {}
         self._channels: list[grpc.Channel] = []       # control, then gRPC push channels
 
     def run(self) -> SourceResult:
@@ -183,14 +185,19 @@ class Source:
         try:
             stub, welcome = self._open_session()
             self.state, self.t_open = "connected", time.monotonic()
-            if self.precopy is not None:
-                self._precopy(stub)   # ("connected" throughout: the snapshot adds its rounds)
             self._freeze_heap()
+            if self.precopy is not None:
+                # the channels open while the guest runs, not in its pause:
+                # the destination holds them until the switch
+                self._open_early(welcome)
+                self._precopy(stub)   # ("connected" throughout: the snapshot adds its rounds)
             self._start_demand(welcome)
             self.state = "running"
             self._start_push(welcome)
             if self.on_session is not None:
                 self.on_session(stub, self.session, self.token)
+            if self.precopy is not None:
+                self.precopy.release()   # (after the pause: only a source guest that runs again needs it)
             self._wait_push()
             self.sent_all = not self.errors   # every page the destination lacked went out (Finish may still be lost)
             fin = self._finish(stub)
@@ -312,13 +319,31 @@ class Source:
                         has_device_state=self.device_state, resume_guest=self.resume_guest,
                         precopy=self.precopy is not None)
 
+    def _push_stream_count(self, welcome: pb.Welcome) -> int:
+        return min(self.push_streams, max(1, welcome.push_streams or 1))
+
+    def _open_early(self, welcome: pb.Welcome) -> None:
+        """Pre-copy: opens the demand and raw push channels before the
+        rounds. The destination holds them, reading and sending nothing,
+        until this source's Switch; DemandServer and Push take them after."""
+        self._early[DEMAND_MAGIC] = [self._open_channel(welcome, DEMAND_MAGIC)]
+        if self.transport == "raw":
+            self._early[PUSH_MAGIC] = [self._open_channel(welcome, PUSH_MAGIC)
+                                       for _ in range(self._push_stream_count(welcome))]
+
+    def _take_channel(self, welcome: pb.Welcome, magic: bytes) -> socket.socket:
+        """A channel opened early (pre-copy), else a new one."""
+        early = self._early.get(magic)
+        return early.pop(0) if early else self._open_channel(welcome, magic)
+
     @staticmethod
     def _freeze_heap() -> None:
         # everything allocated so far lives until the end: keep the collector
         # from walking it again and again while the push allocates its batches.
         # Done before any channel opens: once the demand channel is open the
         # guest runs and its faults wait on this source, and the destination
-        # times the push from its first push channel.
+        # times the push from its first push channel. (Pre-copy: before its
+        # rounds, so that no collection falls in the guest's pause.)
         gc.collect()
         gc.freeze()
 
@@ -326,7 +351,7 @@ class Source:
         """Opens the demand channel and starts its server at once (the guest
         faults from the moment the channel opens), with the holes walk and the
         zero-block scan that run once the push gate opens."""
-        sock = self._open_channel(welcome, DEMAND_MAGIC)
+        sock = self._take_channel(welcome, DEMAND_MAGIC)
         demand = self.demand = DemandServer(sock, self.ram, self.sched, self.reporter)
         self.sched.demand = demand.d
         ahead = []
@@ -341,11 +366,11 @@ class Source:
     def _start_push(self, welcome: pb.Welcome) -> None:
         """Opens the push channels (as many streams as both sides allow) and
         starts the streams together once they are all open."""
-        n = min(self.push_streams, max(1, welcome.push_streams or 1))
+        n = self._push_stream_count(welcome)
         link = LinkPacer(self._paced) if self.pace and self.transport == "raw" else None
         self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate, link=link)
         if self.transport == "raw":
-            socks = [self._open_channel(welcome, PUSH_MAGIC) for _ in range(n)]
+            socks = [self._take_channel(welcome, PUSH_MAGIC) for _ in range(n)]
             for sock in socks if link is not None else ():
                 link.add(sock)
             for i, sock in enumerate(socks):
@@ -405,6 +430,8 @@ class Source:
         """Stops the demand server and the streams and closes every channel,
         however far run() got."""
         self.stop.set()
+        if self.precopy is not None and self.precopy.switched:
+            self.precopy.release()   # (a second time is nothing)
         if self.demand is not None:
             self.demand.interrupt()
         if self._demand_thread is not None:
