@@ -26,7 +26,7 @@ from migrate.sim.localrun import LocalMigration, PrecopyMigration
 from migrate.source.wp import WriteTracker
 from migrate.uffd import Userfaultfd
 from migrate.wire.attach import Region
-from migrate.wire.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.wire.protocol import DEMAND_MAGIC, PRECOPY_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -433,6 +433,91 @@ def test_channels_opened_before_the_switch_are_held_until_it(waiting):
     for s in (demand, *pushes):
         s.close()
     ch.close()
+
+
+def raw_run(first, count, flags=0, zero=()):
+    bits = bytearray((count + 7) // 8)
+    for i in zero:
+        bits[i // 8] |= 1 << (i % 8)
+    return struct.pack("<QII", first, count, flags) + bytes(bits) + PAGE * (count - len(zero))
+
+
+def read_ack(s) -> int:
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(30)
+    got = b""
+    while len(got) < 8:
+        b = s.recv(8 - len(got))
+        assert b, "the destination closed the pre-copy channel without its count"
+        got += b
+    return int.from_bytes(got, "little")
+
+
+@pytest.mark.timeout(120)
+def test_the_raw_precopy_channel_writes_runs_and_answers_their_count(waiting):
+    """Round pages on the raw pre-copy channel: written into the page cache
+    only, a page sent again overwrites; the end of the channel is answered
+    with the pages written; a second pre-copy channel is refused, and one
+    after the switch; the Switch makes them received."""
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    host = lm.address.rpartition(":")[0]
+
+    def open_raw(magic):
+        s = socket.create_connection((host, w.demand_port), timeout=10)
+        s.sendall(magic + w.demand_token)
+        return s
+
+    pre = open_raw(PRECOPY_MAGIC)
+    pre.sendall(raw_run(0, 4) + raw_run(2, 3, zero=(1,)) + raw_run(10, 1))
+    time.sleep(0.5)
+    extra = open_raw(PRECOPY_MAGIC)
+    assert extra.recv(8) == b""
+    extra.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].endswith(" refused: its source has a pre-copy channel open already (one: its pages must "
+                                  "arrive in order)")
+    assert read_ack(pre) == 8
+    pre.close()
+    assert not [e for e in lm.guest.lines if e.get("event") == "running"]
+    r = switch(stub, w, [10])
+    assert r.pages_received == 5   # pages 0-4; page 10 was written since
+    time.sleep(1.1)
+    late = open_raw(PRECOPY_MAGIC)
+    assert late.recv(8) == b""
+    late.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].endswith(" refused: its source is not in pre-copy: a pre-copy channel opens between a "
+                                  "pre-copy Open and its Switch")
+    ch.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("run, why", [
+    (raw_run(HPAGES - 2, 3), f"pre-copy run of 3 pages at page {HPAGES - 2} does not fit the layout of "
+                             f"{HPAGES} pages (at most 1024 pages a run)"),
+    (struct.pack("<QII", 0, 2000, 0), f"pre-copy run of 2000 pages at page 0 does not fit the layout of {HPAGES} "
+                                      "pages (at most 1024 pages a run)"),
+    (raw_run(0, 2, flags=1), "pre-copy run at page 0 has flags 0x1: pre-copy runs are dense (flags 0)"),
+])
+def test_a_bad_precopy_run_drops_its_source_and_stages_nothing(waiting, run, why):
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    host = lm.address.rpartition(":")[0]
+    s = socket.create_connection((host, w.demand_port), timeout=10)
+    s.sendall(PRECOPY_MAGIC + w.demand_token + raw_run(5, 1) + run)
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"] == f"bad pre-copy run: {why}"
+    ev = lm.dest.wait_event("disconnected", 30)
+    assert ev["received"] == 0
+    s.settimeout(30)
+    assert s.recv(8) == b""   # closed, no count
+    s.close()
+    # the next source's Open drops what this one staged, none of it mapped
+    ch2, stub2, w2 = open_precopy(lm)
+    assert lm.dest.wait_event("precopy_dropped", 30)["pages"] == 1
+    ch.close()
+    ch2.close()
 
 
 @pytest.mark.timeout(180)

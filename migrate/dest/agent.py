@@ -33,7 +33,7 @@ from migrate.errors import AttachError, MigrateError, ProtocolError, fmt_size
 from migrate.host import fault_path_priority
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
-from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PUSH_MAGIC
+from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, PRECOPY_MAGIC, PUSH_MAGIC
 from migrate.wire.tcp import Address, host_of, mark_urgent, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
 from migrate.dest.session import Migration
@@ -384,7 +384,7 @@ class Destination:
             return
         magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
         m, gen = self._channel_session(token, c.sock)
-        if magic not in (DEMAND_MAGIC, PUSH_MAGIC) or m is None:
+        if magic not in (DEMAND_MAGIC, PUSH_MAGIC, PRECOPY_MAGIC) or m is None:
             c.sock.close()
             self.door.drop(c)
             self.quiet.event("bad-hello", "error", f"channel from {c} with an unknown magic or token: closed",
@@ -402,10 +402,13 @@ class Destination:
             why = None if m.channels.attach_demand(conn, gen) else (
                 "its source holds a demand channel already, waiting for its switch"
                 if m.machine.serves(gen) and m.channels.held_demand(gen) else "its source is no longer this session's")
+        elif magic == PRECOPY_MAGIC:
+            why = m.channels.attach_precopy(conn, gen)
         else:
             why = m.channels.attach_push(conn, gen)
         if why is not None:
-            self.quiet.event("channel-refused", "error", f"{'demand' if magic == DEMAND_MAGIC else 'push'} "
+            kind = {DEMAND_MAGIC: "demand", PUSH_MAGIC: "push", PRECOPY_MAGIC: "pre-copy"}[magic]
+            self.quiet.event("channel-refused", "error", f"{kind} "
                              f"channel from {c} refused: {why}", session=m.id, peer=str(c))
             conn.close()
 

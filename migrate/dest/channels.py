@@ -9,13 +9,14 @@ input drops that source, a kernel failure fails the migration.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from migrate._binding import lib
+from migrate._binding import ffi, lib
 from migrate.dest.state import State
 from migrate.errors import MigrateError, ProtocolError
 from migrate.host import fault_path_priority
@@ -77,6 +78,9 @@ class Channels:
         # opened. (socket, gen, is_demand), owned here until then.
         self.held: list[tuple[socket.socket, int, bool]] = []
         self.released_gen = 0                # the pre-copy source whose switch released its channels
+        # the raw pre-copy channel of the current pre-copy source (one: a page's
+        # copies then arrive in the order they were sent) and its receiver
+        self.precopy: tuple[socket.socket, int, threading.Thread] | None = None
 
     def watch_demand_deadline(self, gen: int, since: str = "Open") -> None:
         """A source that never opens its demand channel is not serving this
@@ -155,6 +159,66 @@ class Channels:
         self._start(threading.Thread(target=self._push_rx, args=(sock, gen), name=f"push-rx-{self.m.id}",
                                      daemon=True))
         return None
+
+    def attach_precopy(self, sock: socket.socket, gen: int) -> str | None:
+        """The raw pre-copy channel of source gen: its runs are written into
+        the page cache only, from C, until the source ends it (then the
+        destination answers with the pages it wrote, 8 bytes little-endian)
+        or its Switch. Why not, when refused (the caller closes it)."""
+        m = self.m
+        with self.lock:
+            if not m.machine.serves(gen):
+                return "its source is no longer this session's"
+            if m.precopy is None or m.precopy.switched or self.released_gen == gen:
+                return "its source is not in pre-copy: a pre-copy channel opens between a pre-copy Open and its Switch"
+            if self.precopy is not None:
+                return "its source has a pre-copy channel open already (one: its pages must arrive in order)"
+            t = threading.Thread(target=self._precopy_rx, args=(sock, gen), name=f"precopy-rx-{m.id}", daemon=True)
+            self.precopy = (sock, gen, t)
+        self._start(t)
+        return None
+
+    def _precopy_rx(self, sock: socket.socket, gen: int) -> None:
+        m = self.m
+        p = m.precopy
+        pages = ffi.new("uint64_t *")
+        with taking_pages(m, gen, bad="bad pre-copy run", placing="writing pre-copy pages"):
+            rc = m.space.precopy_receive(p.staged, sock.fileno(), m.stop_fd, pages)
+            p.pages_in += int(pages[0])
+            if rc == 0 and m.machine.serves(gen):
+                try:   # all of it is in the page cache: the source may switch
+                    sock.sendall(int(pages[0]).to_bytes(8, "little"))
+                except OSError:
+                    pass
+                # a source switches right after its channel's end; one that
+                # never does is not serving this guest
+                self.watch_demand_deadline(gen, "the end of pre-copy")
+            elif rc != -errno.ESHUTDOWN:
+                why = self._silent_why("pre-copy", -rc) if channel_end(rc) is ChannelEnd.PEER_LOST else \
+                    f"the pre-copy channel ended before its source ended it ({os.strerror(-rc) if rc else 'closed'})"
+                m.source_lost(gen, why)
+        with self.lock:
+            if self.precopy is not None and self.precopy[0] is sock:
+                self.precopy = None
+            self.bytes_closed += tcp_bytes_received(sock)
+        sock.close()
+
+    def end_precopy(self, gen: int, timeout: float = 10.0) -> None:
+        """Before the switch commits: the pre-copy channel of source gen is
+        shut and its receiver waited for, so that no page changes under the
+        commit (a source that switches has ended it already)."""
+        with self.lock:
+            ch = self.precopy
+        if ch is None or ch[1] != gen:
+            return
+        sock, _, t = ch
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        t.join(timeout)
+        if t.is_alive():
+            raise MigrateError(f"the pre-copy channel's receiver did not stop within {timeout:g} s of the Switch")
 
     def _held_back(self, gen: int) -> bool:
         """Source gen is in pre-copy and its switch has not released its
@@ -245,6 +309,8 @@ class Channels:
             socks = [s for s, g in ((self.demand, self.demand_gen), *self.push.items()) if s is not None and g == gen]
             held = [s for s, g, _ in self.held if g == gen]
             self.held = [h for h in self.held if h[1] != gen]
+            if self.precopy is not None and self.precopy[1] == gen:
+                socks.append(self.precopy[0])   # (its receiver closes it)
             self.bytes_closed += sum(tcp_bytes_received(s) for s in held)
         for s in held:   # (no receiver reads them: closed here)
             s.close()

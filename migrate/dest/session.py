@@ -296,6 +296,7 @@ class Migration:
         channel is due from now on."""
         if self.precopy is None:
             raise ProtocolError("Switch on a session opened without Hello.precopy")
+        self.channels.end_precopy(gen)
         n, again = self.precopy.switch(written)
         self.reporter.event("switch", f"pre-copy ended: {n} pages received ({self.precopy.commit_s * 1000:.2f} ms), "
                             f"{again} written since to fetch again", session=self.id, pages_received=n,

@@ -29,7 +29,8 @@ from migrate.source.demand import DemandServer
 from migrate.source.push import LinkPacer, Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import LocalityWindow, Scheduler
-from migrate.wire.protocol import DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.wire.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, PRECOPY_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC,
+                                   channel)
 from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig, check_destination, is_loopback
 from migrate.wire.tcp import ChannelEnd, channel_end, host_of, mark_urgent, parse_address, set_peer_timeout
@@ -330,6 +331,13 @@ class Source:
         if self.transport == "raw":
             self._early[PUSH_MAGIC] = [self._open_channel(welcome, PUSH_MAGIC)
                                        for _ in range(self._push_stream_count(welcome))]
+            # the rounds' own channel (migrate.source.precopy)
+            self._early[PRECOPY_MAGIC] = [self._open_channel(welcome, PRECOPY_MAGIC)]
+
+    def precopy_channel(self) -> socket.socket | None:
+        """The raw pre-copy channel opened early (None: gRPC transport)."""
+        early = self._early.get(PRECOPY_MAGIC)
+        return early.pop(0) if early else None
 
     def _take_channel(self, welcome: pb.Welcome, magic: bytes) -> socket.socket:
         """A channel opened early (pre-copy), else a new one."""
@@ -456,7 +464,7 @@ class Source:
         """A plain TCP channel beside gRPC (demand or raw push), opened with the
         session's token; _close closes it."""
         host = host_of(self.target)
-        what = "demand" if magic == DEMAND_MAGIC else "push"
+        what = {DEMAND_MAGIC: "demand", PRECOPY_MAGIC: "pre-copy"}.get(magic, "push")
         try:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:
