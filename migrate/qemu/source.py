@@ -351,10 +351,26 @@ class DeviceStateSender:
         # a pre-copy's switch stopped the VM before this runs (QemuPause): its
         # STOP's time and stamps; QEMU's migrate then finds it stopped already
         self.paused: QemuPause | None = None
+        # the pipe's read end prepared before a pre-copy's STOP (prepare()), ours until taken
+        self.prepared: int | None = None
+
+    def prepare(self) -> None:
+        """Pre-copy: the capabilities and the pipe are set up while the VM
+        still runs, so that the pause does not include those QMP calls."""
+        self.discard()
+        self.prepared = prepare_capture(self.qmp)
+
+    def discard(self) -> None:
+        """The prepared pipe is not going to be used (the pre-copy failed)."""
+        if self.prepared is not None:
+            os.close(self.prepared)
+            self.prepared = None
 
     def __call__(self, stub, session_id: str, token: bytes) -> None:
         qmp = self.qmp
-        r = prepare_capture(qmp, paused_ok=self.paused is not None)
+        r, self.prepared = self.prepared, None
+        if r is None:
+            r = prepare_capture(qmp, paused_ok=self.paused is not None)
         cap = Capture()
         since = len(qmp.events)
         if self.paused is not None:
@@ -457,6 +473,7 @@ class QemuPause:
         self.times: dict = {}         # the switchover's stamps (migrate.qemu.switchover)
 
     def pause(self) -> None:
+        self.sender.prepare()   # (before the STOP: outside the pause)
         since = len(self.qmp.events)
         self.times["stop_sent"] = time.time()
         self.qmp.cmd("stop")
@@ -473,6 +490,7 @@ class QemuPause:
 
     def resume(self) -> None:
         self.sender.paused = None
+        self.sender.discard()
         self.stopped.clear()
         resume_source(self.qmp, self.reporter, "pre-copy failed before the switch")
 
@@ -498,6 +516,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
     from migrate.source.session import DestinationFailed, Source
 
     qmp = QMP(qmp_path)
+    sender = None
     try:
         check_shared_ram(qmp, ram.size)
         stopped = threading.Event()
@@ -618,5 +637,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                 "source_status": src_status, "switchover": {k: round(v, 6) for k, v in cap.times.items()}}
         return res, info
     finally:
+        if sender is not None:
+            sender.discard()   # (prepared for a switch whose device state never went)
         qmp.close()
 
