@@ -168,7 +168,7 @@ def cmd_source(args) -> int:
         pre = _precopy_guest(args, rep)
         if pre is None:
             return exits.USAGE
-        ram_path = f"/proc/self/fd/{pre.guest.ram_fd}"
+        ram_path = pre.ram_path
     if ram_path is None:
         if not args.qmp:
             rep.event("error", "--ram FILE is needed without --qmp (with --qmp the source QEMU's RAM backend is "
@@ -211,10 +211,14 @@ def cmd_source(args) -> int:
         except HintsError as e:
             rep.event("error", str(e))
             ram.close()
+            if pre is not None:
+                pre.close()
             return exits.USAGE
     observers = _source_observers(args, rep, ram, tls, kw)
     if observers is None:
         ram.close()
+        if pre is not None:
+            pre.close()
         return exits.USAGE
     vm = {}
     _stop_on_signals()
@@ -255,34 +259,10 @@ def cmd_source(args) -> int:
     return exits.COMPLETED
 
 
-class _PrecopyGuest:
-    """source --precopy: the attached source guest, its write tracking and
-    its Precopy (migrate.source.precopy). Owns the listener and the guest."""
-
-    def __init__(self, listener, guest, precopy):
-        self.listener, self.guest, self.precopy = listener, guest, precopy
-        self.completed = False   # the migration completed: the guest runs at the destination
-
-    def close(self) -> None:
-        """Closing the attach socket before the switch lets the guest write
-        on (the agent has resumed it); after the switch the guest stays
-        paused whatever happened, and hears "complete" only if it is."""
-        if self.completed:
-            self.guest.notify("complete")
-        self.guest.close()
-        self.listener.close()
-
-
 def _precopy_guest(args, rep: Reporter):
-    """Waits for the source guest's attach on --attach and sets up its write
-    tracking; None when it cannot (reported)."""
-    from migrate.dest.attach import AttachListener, StatusRequest
-    from migrate.source.precopy import GuestPause, Precopy, SwitchPolicy
-    from migrate.source.wp import WriteTracker
-    from migrate.uffd import Userfaultfd
-
-    import socket
-    import time
+    """source --precopy: the source guest attached on --attach, with its write
+    tracking (migrate.source.precopy.SourceGuest); None when it cannot (reported)."""
+    from migrate.source.precopy import SourceGuest, SwitchPolicy
 
     if not args.attach:
         rep.event("error", "--precopy needs --attach SOCKET: the source guest attaches there (guestsim --role "
@@ -291,47 +271,15 @@ def _precopy_guest(args, rep: Reporter):
     if args.ram or args.resume:
         rep.event("error", "--precopy takes the guest's RAM from its attach: give neither --ram nor --resume")
         return None
+    policy = SwitchPolicy(below=args.switch_below, after=args.switch_after, stall=args.switch_stall)
     try:
-        listener = AttachListener(args.attach)
+        pre = SourceGuest.accept(args.attach, args.attach_timeout, rep, policy)
     except MigrateError as e:
         rep.event("error", str(e))
         return None
-    rep.event("listening", f"waiting for the source guest on {args.attach}", attach=args.attach)
-    deadline = time.monotonic() + args.attach_timeout
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            if left <= 0:
-                raise socket.timeout()
-            got = listener.accept(timeout=left)
-        except socket.timeout:
-            rep.event("error", f"no source guest attached to {args.attach} within {args.attach_timeout:g} s")
-            listener.close()
-            return None
-        except MigrateError as e:
-            rep.event("error", f"attach refused: {e}")
-            continue
-        if isinstance(got, StatusRequest):
-            got.answer({"role": "source", "pid": os.getpid(), "migrations": []})
-            continue
-        break
-    guest = got
-    try:
-        tracker = WriteTracker(Userfaultfd(guest.uffd_fd, owned=False), guest.pid, guest.regions, guest.page_size)
-    except MigrateError as e:
-        guest.nack(str(e))
-        guest.close()
-        listener.close()
-        rep.event("error", f"write tracking for the source guest: {e}")
-        return None
-    guest.ack()
-    rep.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of {guest.page_size}",
-              pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
-    policy = SwitchPolicy(below=args.switch_below, after=args.switch_after, stall=args.switch_stall)
     if args.qmp:   # a QEMU under the shim: paused and resumed over QMP (migrate.qemu.source.migrate_vm)
-        return _PrecopyGuest(listener, guest, Precopy(tracker, rep, policy, pause=None, resume=None))
-    gp = GuestPause(guest)
-    return _PrecopyGuest(listener, guest, Precopy(tracker, rep, policy, pause=gp.pause, resume=gp.resume))
+        pre.precopy.pause = pre.precopy.resume = None
+    return pre
 
 
 def _recovery(rep: Reporter, ram, target: str, window: float, kw: dict):
@@ -635,9 +583,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--attach", metavar="SOCKET", help="(--precopy) where the source guest attaches")
     s.add_argument("--attach-timeout", type=_seconds, default=60.0, metavar="SECONDS",
                    help="(--precopy) how long to wait for the source guest (default 60)")
-    s.add_argument("--switch-below", type=int, default=1024, metavar="PAGES",
-                   help="(--precopy) switch once a round leaves at most this many pages written (default 1024; -1: "
-                        "never for this reason)")
+    s.add_argument("--switch-below", type=int, default=None, metavar="PAGES",
+                   help="(--precopy) switch once a round leaves at most this many pages written (default: 4 MiB "
+                        "of them, 1024 pages of 4 KiB; -1: never for this reason)")
     s.add_argument("--switch-stall", type=int, default=3, metavar="ROUNDS",
                    help="(--precopy) switch once the pages written per round stopped shrinking for this many "
                         "rounds (default 3; 0: never for this reason)")

@@ -116,6 +116,11 @@ class PrecopyAbandoned(SourceError):
     exit_code = exits.PRECOPY_ABANDONED
 
 
+class SourceGuestGone(SourceError):
+    """The source guest of a pre-copy went away (its process exited): there
+    is nothing left to migrate."""
+
+
 class Stopped(SourceError):
     """The source was stopped by a signal (SIGTERM, SIGINT) mid-migration."""
 

@@ -555,3 +555,74 @@ def test_destination_killed_after_the_switch_leaves_the_source_guest_paused(tmp_
         b = lm.source_guest.wait_event("writes", 30)
         assert a["writes"] == b["writes"] == ev["writes"]
         assert lm.source_guest.p.poll() is None
+
+
+@pytest.mark.timeout(120)
+def test_source_guest_gone_mid_precopy(tmp_path, host, huge_pages):
+    """The source guest's process exits during pre-copy: the source agent
+    says so and exits 1; the destination drops it and waits."""
+    need_wp(host, "tmpfs", huge_pages)
+    with PrecopyMigration(str(tmp_path), 32 * M, **busy(dict(seed=13, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0")))) as lm:
+        lm.start()
+        lm.source.wait_event("round", 60)
+        pid = lm.source_guest.p.pid
+        lm.source_guest.kill()
+        assert lm.source.wait(60) == 1
+        # (no switch comes here: the next scan finds it gone)
+        assert lm.source.errors()[-1] == (f"the source guest (pid {pid}) went away during pre-copy: nothing is "
+                                          "left to migrate")
+        ev = lm.dest.wait_event("disconnected", 30)
+        assert ev["received"] == 0
+
+
+@pytest.mark.parametrize("args, error", [
+    ([], "--precopy needs --attach SOCKET: the source guest attaches there (guestsim --role source, or QEMU "
+         "with the shim)"),
+    (["--attach", "/nonexistent-dir/x.sock", "--ram", "/dev/null"],
+     "--precopy takes the guest's RAM from its attach: give neither --ram nor --resume"),
+])
+@pytest.mark.timeout(60)
+def test_precopy_usage_errors(args, error):
+    r = subprocess.run([sys.executable, "-m", "migrate", "source", "--precopy", "--to", "127.0.0.1:9", "--json",
+                        *args], capture_output=True, text=True, timeout=50)
+    assert r.returncode == 2
+    assert json.loads(r.stdout.splitlines()[-1]) == {"event": "error", "message": error}
+
+
+@pytest.mark.timeout(60)
+def test_no_source_guest_attaches(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "migrate", "source", "--precopy", "--to", "127.0.0.1:9", "--json",
+                        "--attach", str(tmp_path / "src.sock"), "--attach-timeout", "0.5"],
+                       capture_output=True, text=True, timeout=50)
+    assert r.returncode == 2
+    assert json.loads(r.stdout.splitlines()[-1])["message"] == (
+        f"no source guest attached to {tmp_path / 'src.sock'} within 0.5 s")
+    assert not os.path.exists(tmp_path / "src.sock")
+
+
+@pytest.mark.timeout(120)
+def test_an_idle_guest_waits_between_scans(tmp_path, host, huge_pages):
+    """Rounds that find nothing written wait IDLE_ROUND before the next scan
+    (and keep the stream alive) rather than spin."""
+    need_wp(host, "tmpfs", huge_pages)
+    from migrate.source.precopy import IDLE_ROUND
+    with PrecopyMigration(str(tmp_path), 16 * M, write_pages=1, write_every_ms=600_000, seed=14, source_args=(
+            "--switch-below", "-1", "--switch-stall", "0", "--switch-after", "1")) as lm:
+        out = lm.run(100)
+        check_verified(out)
+        rounds = events(lm.source, "round")
+        idle = [r for r in rounds if r["pages_sent"] == 0]
+        assert idle and all(r["seconds"] >= IDLE_ROUND for r in idle)
+        assert len(rounds) <= 2 + 1.0 / IDLE_ROUND
+
+
+@pytest.mark.timeout(120)
+def test_a_precopy_stream_on_a_plain_session_is_refused(waiting):
+    lm = waiting
+    ch, stub, w = open_precopy(lm, precopy=False)
+    e = refusal(lambda: precopy_pages(stub, w, [1]))
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert e.details() == "Precopy stream on a session opened without Hello.precopy"
+    lm.dest.wait_event("disconnected", 30)
+    ch.close()

@@ -93,6 +93,10 @@ class Channels:
             old.cancel()
         timer.start()
 
+    def cancel_demand_deadline(self) -> None:
+        """(A pre-copy source's stream is open: migrate.dest.precopy.)"""
+        self._cancel_demand_deadline()
+
     def _cancel_demand_deadline(self) -> None:
         with self.lock:
             timer, self.demand_timer = self.demand_timer, None
@@ -175,6 +179,7 @@ class Channels:
                 return "its source has a pre-copy channel open already (one: its pages must arrive in order)"
             t = threading.Thread(target=self._precopy_rx, args=(sock, gen), name=f"precopy-rx-{m.id}", daemon=True)
             self.precopy = (sock, gen, t)
+        self._cancel_demand_deadline()   # while it is open the source is there (its end drops it)
         self._start(t)
         return None
 

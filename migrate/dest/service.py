@@ -556,6 +556,7 @@ class MigrationService(pbg.MigrationServicer):
         n = 0
         try:
             with taking_pages(m, gen, bad="bad pre-copy batch", placing="writing pre-copy pages", reraise=True):
+                m.precopy_streaming()
                 for batch in request_iterator:
                     if not m.machine.serves(gen):
                         context.abort(grpc.StatusCode.ABORTED, f"the destination dropped this source: {m.machine.why}")

@@ -266,10 +266,11 @@ class Migration:
         if dropped:
             self.reporter.event("precopy_dropped", f"{dropped} pages an earlier source pre-copied are dropped "
                                 "(none was mapped)", session=self.id, pages=dropped)
-        # pre-copy: the demand channel is attached only at the switch, whenever that is
+        # pre-copy: the demand channel is attached only at the switch, whenever
+        # that is; its pre-copy channel (or Precopy stream) is due at once and
+        # holds the deadline off
         self.precopy = Precopy(self.space) if hello.precopy else None
-        if not hello.precopy:
-            self.channels.watch_demand_deadline(gen)
+        self.channels.watch_demand_deadline(gen)
         return pb.Welcome(version=PROTOCOL_VERSION, session_id=self.id, compression=comp,
                           received_bitmap=self.space.received.to_bytes() if received else b"",
                           batch_bytes=max(DEFAULT_BATCH_BYTES, self.page_size), push_streams=4,
@@ -283,6 +284,16 @@ class Migration:
         if hello.resume_session or hello.resume_guest or self.space.received_count:
             raise ProtocolError("pre-copy starts a session, it cannot resume one: this guest holds pages "
                                 "already; resume it without --precopy")
+
+    def precopy_streaming(self) -> None:
+        """A Precopy stream of the current source is open: while it is, the
+        source is there (the stream breaking drops it), and no deadline runs."""
+        if self.precopy is None:
+            raise ProtocolError("Precopy stream on a session opened without Hello.precopy")
+        if self.precopy.switched:
+            raise ProtocolError("pre-copy pages after the switch: a source sends Precopy batches only "
+                                "before its Switch")
+        self.channels.cancel_demand_deadline()
 
     def precopy_receive(self, batch: pb.PageBatch) -> int:
         """A Precopy batch: checked in full, then written into the page cache only."""

@@ -26,6 +26,7 @@ removed and the guest is resumed if it was paused. See docs/precopy.md.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import queue
 import socket
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import grpc
 
 from migrate._binding import ffi, lib
-from migrate.errors import AttachError, DestinationLost, MigrateError, SourceError
+from migrate.errors import AttachError, DestinationLost, MigrateError, SourceError, SourceGuestGone
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
@@ -44,15 +45,26 @@ from migrate.source.session import rpc_error
 from migrate.source.wp import WriteTracker
 from migrate.wire.protocol import BatchEncoder
 
+SWITCH_BELOW_BYTES = 4 << 20   # --switch-below's default, as RAM: 1024 pages of 4 KiB
 STALL_ROUNDS = 3          # rounds whose written set did not shrink before the switch comes anyway
+IDLE_ROUND = 0.05         # s a round with nothing to send waits before the next scan
 PAUSE_TIMEOUT = 10.0      # s the guest may take to say it paused
 
 
 @dataclass(frozen=True)
 class SwitchPolicy:
-    below: int = 1024     # --switch-below PAGES: switch once a round leaves at most this many written
+    # --switch-below PAGES: switch once a round leaves at most this many
+    # written; None: SWITCH_BELOW_BYTES of the guest's pages (for_pages)
+    below: int | None = None
     after: float = 0.0    # --switch-after SECONDS: switch after this long in pre-copy (0: no limit)
     stall: int = STALL_ROUNDS
+
+    def for_pages(self, page_size: int) -> "SwitchPolicy":
+        """The policy with its default below for pages of page_size (1024 of
+        4 KiB, 2 of 2 MiB: the same RAM left to fetch after the switch)."""
+        if self.below is not None:
+            return self
+        return dataclasses.replace(self, below=max(1, SWITCH_BELOW_BYTES // page_size))
 
     def why(self, written: int, history: list[int], elapsed: float, asked: bool) -> str | None:
         """Why to switch now, or None to go on with another round."""
@@ -77,7 +89,7 @@ class Precopy:
     def __init__(self, tracker: WriteTracker, reporter: Reporter, policy: SwitchPolicy, *, pause, resume):
         self.tracker = tracker
         self.reporter = reporter
-        self.policy = policy
+        self.policy = policy.for_pages(tracker.page_size)
         self.pause = pause
         self.resume = resume
         self.switch_now = threading.Event()
@@ -97,6 +109,11 @@ class Precopy:
         """The rounds and the switch, on src's open session (migrate.source.session.Source)."""
         ram = src.ram
         npages = ram.npages
+        # the stream first: the destination wants it within 15 s of Open,
+        # and protecting a large guest takes about 10 ms a GiB. The raw
+        # pre-copy channel is open already (Source._open_early)
+        raw = src.precopy_channel()
+        stream = _RawStream(src, raw) if raw is not None else _Stream(src, stub)
         self.protect_ms = round(self.tracker.protect_all() * 1000, 3)
         self.reporter.event("precopy", f"write tracking on {npages} pages ({self.protect_ms} ms to protect all)",
                             pages=npages, protect_ms=self.protect_ms)
@@ -107,8 +124,6 @@ class Precopy:
         # One Precopy stream for every round: while it is open the destination
         # knows its source is there (a source lost between two streams would
         # leave it waiting); it ends, all written, before the Switch.
-        raw = src.precopy_channel()
-        stream = _RawStream(src, raw) if raw is not None else _Stream(src, stub)
         while True:
             sent, secs = self._round(stream, src, pending)
             scan = self.tracker.scan()
@@ -155,12 +170,24 @@ class Precopy:
     def _round(self, stream: "_Stream", src, pages: PageBitmap) -> tuple[int, float]:
         """Sends pages on the pre-copy stream; returns (pages, seconds) once
         gRPC has taken the last batch."""
+        ram = src.ram
+        t0 = time.monotonic()
+        if not pages.count():
+            # nothing written since: wait a little before the next scan rather
+            # than spin, and keep the stream alive (the destination drops a
+            # stream silent for 2 minutes; a raw channel is kept by TCP's
+            # keepalive)
+            if isinstance(stream, _RawStream):
+                time.sleep(IDLE_ROUND)
+                return 0, time.monotonic() - t0
+            stream.put(pb.PageBatch())
+            time.sleep(IDLE_ROUND)
+            stream.drain()
+            return 0, time.monotonic() - t0
         if isinstance(stream, _RawStream):
             return stream.send(pages)
-        ram = src.ram
         per = max(1, src.batch_bytes // ram.page_size)
         enc = BatchEncoder(ram.addr, ram.page_size, per, src.compress)
-        t0 = time.monotonic()
         sent = 0
 
         def put(batch: list[int]) -> None:
@@ -358,7 +385,8 @@ class GuestPause:
             sock.settimeout(PAUSE_TIMEOUT)
             msg, _ = recv_msg(sock)
         except (OSError, AttachError) as e:
-            raise SourceError(f"pausing the source guest (pid {self.guest.pid}): {e}") from None
+            raise SourceGuestGone(f"pausing the source guest (pid {self.guest.pid}): it went away ({e}): nothing "
+                                  "is left to migrate") from None
         finally:
             sock.settimeout(None)
         if msg.get("event") != "paused":
@@ -366,3 +394,75 @@ class GuestPause:
 
     def resume(self) -> None:
         self.guest.notify("resume")
+
+
+class SourceGuest:
+    """`source --precopy`: the source guest attached to this agent, its write
+    tracking and its Precopy. Owns the attach listener and the guest's
+    descriptors until close()."""
+
+    def __init__(self, listener, guest, precopy: Precopy):
+        self.listener, self.guest, self.precopy = listener, guest, precopy
+        self.completed = False   # the migration completed: the guest runs at the destination
+
+    @classmethod
+    def accept(cls, path: str, timeout: float, reporter: Reporter, policy: SwitchPolicy) -> "SourceGuest":
+        """Listens on path (the attach protocol's agent end, as a destination
+        agent listens: migrate.dest.attach) for the source guest, sets up its
+        write tracking and acks it. Raises a MigrateError saying why not."""
+        import os
+        import socket
+
+        from migrate.dest.attach import AttachListener, StatusRequest
+        from migrate.uffd import Userfaultfd
+
+        listener = AttachListener(path)
+        reporter.event("listening", f"waiting for the source guest on {path}", attach=path)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                try:
+                    if left <= 0:
+                        raise socket.timeout()
+                    got = listener.accept(timeout=left)
+                except socket.timeout:
+                    raise SourceError(f"no source guest attached to {path} within {timeout:g} s") from None
+                except AttachError as e:
+                    reporter.event("error", f"attach refused: {e}")
+                    continue
+                if isinstance(got, StatusRequest):
+                    got.answer({"role": "source", "pid": os.getpid(), "migrations": []})
+                    continue
+                break
+        except BaseException:
+            listener.close()
+            raise
+        guest = got
+        try:
+            tracker = WriteTracker(Userfaultfd(guest.uffd_fd, owned=False), guest.pid, guest.regions,
+                                   guest.page_size)
+        except MigrateError as e:
+            guest.nack(str(e))
+            guest.close()
+            listener.close()
+            raise SourceError(f"write tracking for the source guest: {e}") from None
+        guest.ack()
+        reporter.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of "
+                       f"{guest.page_size}", pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
+        gp = GuestPause(guest)
+        return cls(listener, guest, Precopy(tracker, reporter, policy, pause=gp.pause, resume=gp.resume))
+
+    @property
+    def ram_path(self) -> str:
+        """Where this agent opens the guest's RAM (the fd it received)."""
+        return f"/proc/self/fd/{self.guest.ram_fd}"
+
+    def close(self) -> None:
+        """Closing the attach socket before the switch lets the guest write
+        on (the agent has resumed it); after the switch the guest stays
+        paused whatever happened, and hears "complete" only if it is."""
+        if self.completed:
+            self.guest.notify("complete")
+        self.guest.close()
+        self.listener.close()

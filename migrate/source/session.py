@@ -19,7 +19,8 @@ import grpc
 
 from migrate._binding import lib
 from migrate.errors import (DestinationFailed, DestinationGone, DestinationLost, GuestLost, MigrateError,
-                            PrecopyAbandoned, ProtocolError, SourceError, Stopped, fmt_size)
+                            PrecopyAbandoned, ProtocolError, SourceError, SourceGuestGone, Stopped,
+                            fmt_size)
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.proto import migration_pb2_grpc as pbg
@@ -219,7 +220,7 @@ class Source:
         try:
             reply = self.precopy.run(self, stub)
         except MigrateError as e:
-            if self.precopy.switched or isinstance(e, Stopped):
+            if self.precopy.switched or isinstance(e, (Stopped, SourceGuestGone)):
                 raise
             # nothing is mapped at the destination: the guest is the source's,
             # which runs on (run() unprotects and resumes it); no retry

@@ -12,12 +12,13 @@ created the userfaultfd, whoever issues them.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
-from migrate.errors import SourceError, UffdError, UnsupportedError
+from migrate.errors import SourceError, SourceGuestGone, UffdError, UnsupportedError
 from migrate.pagestate import PageBitmap
 from migrate.uffd import Mode, Userfaultfd
 from migrate.wire.attach import Region
@@ -88,6 +89,9 @@ class WriteTracker:
                                 written.words, r.offset // self.page_size, res)
             pages += res.pages
             calls += res.calls
+            if rc == -errno.ESRCH:
+                raise SourceGuestGone(f"the source guest (pid {self.pid}) went away during pre-copy: nothing is left "
+                                      "to migrate")
             if rc < 0:
                 raise UffdError(f"scan /proc/{self.pid}/pagemap for written pages", -rc, r.guest_addr, r.length)
         return ScanResult(written, pages, time.monotonic() - t0, calls)
@@ -101,7 +105,7 @@ class WriteTracker:
             for op, rc in (("write-unprotect", lambda: lib.mg_wp_protect(self.uffd.fd, r.guest_addr, r.length, 0)),
                            ("unregister", lambda: lib.mg_uffd_unregister(self.uffd.fd, r.guest_addr, r.length))):
                 err = rc()
-                if err < 0 and -err not in (3, 12) and first is None:   # ESRCH, ENOMEM
+                if err < 0 and -err not in (errno.ESRCH, errno.ENOMEM) and first is None:
                     first = UffdError(op, -err, r.guest_addr, r.length)
         self._registered = []
         if self.pagemap >= 0:
