@@ -140,6 +140,27 @@ def test_precopy_with_a_writer_switches_and_verifies(tmp_path, host, huge_pages,
         assert d["state"] == "complete" and d["pages_total"] == npages
 
 
+@pytest.mark.parametrize("how", ["tls", "grpc"])
+@pytest.mark.timeout(180)
+def test_precopy_over_tls_and_over_the_grpc_stream(tmp_path, host, huge_pages, how):
+    """The rounds on the raw pre-copy channel with TLS (its runs, the count
+    at its end and the held channels all through the TLS session), and with
+    --transport grpc on the Precopy stream: both verify."""
+    need_wp(host, "tmpfs", huge_pages)
+    size = 32 * M
+    kw = {"tls": True} if how == "tls" else {"source_args": ("--transport", "grpc")}
+    with PrecopyMigration(str(tmp_path), size, seed=9, **kw) as lm:
+        out = lm.run(150)
+        check_verified(out)
+        assert events(lm.source, "round")[0]["pages_sent"] == size // 4096
+        assert out["dest"]["state"] == "complete"
+        switched = lm.dest.wait_event("switched", 1)
+        assert switched["handler_ms"] > 0
+        if how == "tls":
+            # the demand and push channels, and the pre-copy one, each made a TLS handshake
+            assert len(events(lm.dest, "tls")) >= 3
+
+
 @pytest.mark.timeout(180)
 def test_pages_written_after_the_last_round_are_fetched_again(tmp_path, host, huge_pages):
     """One round only (--switch-below past the guest's size): every page the
