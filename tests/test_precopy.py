@@ -514,6 +514,27 @@ def test_the_raw_precopy_channel_writes_runs_and_answers_their_count(waiting):
 
 
 @pytest.mark.timeout(120)
+def test_an_open_precopy_channel_holds_the_deadline_off_and_its_end_starts_it(waiting):
+    """A pre-copy source must open its pre-copy channel within 15 s of Open;
+    while the channel is open it is not dropped, however long the rounds
+    take; once it ended the channel, its Switch is due within 15 s."""
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    host = lm.address.rpartition(":")[0]
+    s = socket.create_connection((host, w.demand_port), timeout=10)
+    s.sendall(PRECOPY_MAGIC + w.demand_token + raw_run(0, 2))
+    time.sleep(17)
+    assert not [e for e in lm.dest.lines if e.get("event") == "disconnected"]
+    t0 = time.monotonic()
+    assert read_ack(s) == 2
+    ev = lm.dest.wait_event("disconnected", 40)
+    assert time.monotonic() - t0 > 13
+    assert "no demand channel within 15 s of the end of pre-copy" in ev["message"]
+    s.close()
+    ch.close()
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("run, why", [
     (raw_run(HPAGES - 2, 3), f"pre-copy run of 3 pages at page {HPAGES - 2} does not fit the layout of "
                              f"{HPAGES} pages (at most 1024 pages a run)"),
