@@ -115,6 +115,19 @@ def refresh_huge_pages(hf: HostFeatures) -> HostFeatures:
 FAULT_PATH_NICE = -10
 
 
+BACKGROUND_NICE = 10
+
+
+def background_priority() -> None:
+    """Bulk work that nobody waits for right now (mapping a pre-copy's pages
+    after its switch: a fault on one is answered by the fault loop anyway)
+    yields the CPU to what the guest's pause waits for."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+    except OSError:
+        pass
+
+
 def fault_path_priority() -> None:
     """Threads on a vCPU's fault path (fault loop, demand receiver, demand
     server) run ahead of bulk copying: they sleep until a fault comes, so a

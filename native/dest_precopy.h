@@ -22,6 +22,13 @@ int64_t mg_precopy_write(struct mg_space *s, uint64_t *staged, const uint64_t *p
  * and received (counted as pushed). Returns
  * how many. Nothing is mapped here. */
 uint64_t mg_precopy_commit(struct mg_space *s, const uint64_t *staged, const uint64_t *written);
+/* A raw pre-copy channel (after its hello): dense push runs (wire.h, flags 0),
+ * each written through the alias and set in staged once whole (a page sent
+ * again overwrites; its bit is clear while it is rewritten). Adds the pages to
+ * *pages_in. fd is borrowed for the call. Returns 0 when the source ended the
+ * stream between runs (all of it written), -EPROTO for a bad run (error_kind,
+ * error_page, error_value: UINT64_MAX for a page placed already), -ESHUTDOWN when stop_fd is readable, -errno. */
+int64_t mg_precopy_receive(struct mg_space *s, uint64_t *staged, int fd, int stop_fd, uint64_t *pages_in);
 /* cdef-end */
 
 #endif

@@ -10,6 +10,7 @@ import random
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from migrate.sim.localrun import LocalMigration, PrecopyMigration
 from migrate.source.wp import WriteTracker
 from migrate.uffd import Userfaultfd
 from migrate.wire.attach import Region
-from migrate.wire.protocol import DEMAND_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
+from migrate.wire.protocol import DEMAND_MAGIC, PRECOPY_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC, channel
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -137,6 +138,27 @@ def test_precopy_with_a_writer_switches_and_verifies(tmp_path, host, huge_pages,
         assert dswitch["pages_received"] == npages - switch["pages_written"]
         d = out["dest"]
         assert d["state"] == "complete" and d["pages_total"] == npages
+
+
+@pytest.mark.parametrize("how", ["tls", "grpc"])
+@pytest.mark.timeout(180)
+def test_precopy_over_tls_and_over_the_grpc_stream(tmp_path, host, huge_pages, how):
+    """The rounds on the raw pre-copy channel with TLS (its runs, the count
+    at its end and the held channels all through the TLS session), and with
+    --transport grpc on the Precopy stream: both verify."""
+    need_wp(host, "tmpfs", huge_pages)
+    size = 32 * M
+    kw = {"tls": True} if how == "tls" else {"source_args": ("--transport", "grpc")}
+    with PrecopyMigration(str(tmp_path), size, seed=9, **kw) as lm:
+        out = lm.run(150)
+        check_verified(out)
+        assert events(lm.source, "round")[0]["pages_sent"] == size // 4096
+        assert out["dest"]["state"] == "complete"
+        switched = lm.dest.wait_event("switched", 1)
+        assert switched["handler_ms"] > 0
+        if how == "tls":
+            # the demand and push channels, and the pre-copy one, each made a TLS handshake
+            assert len(events(lm.dest, "tls")) >= 3
 
 
 @pytest.mark.timeout(180)
@@ -374,25 +396,170 @@ def test_precopy_pages_after_the_switch_are_refused(waiting):
 
 
 @pytest.mark.timeout(120)
-def test_no_demand_or_push_channel_before_the_switch(waiting):
-    """The destination guest must not run before the switch: its demand
-    channel (which releases the guest) and push channels are refused."""
+def test_channels_opened_before_the_switch_are_held_until_it(waiting):
+    """A pre-copy source opens its demand and push channels before its
+    switch (so that the guest's pause does not include connecting them).
+    The destination holds them: nothing is read from them or sent on them,
+    a push run sent on one before the switch is not placed, the guest does
+    not run; a second demand channel and a ninth push channel are refused;
+    a channel with a wrong token is refused. The switch releases them."""
     lm = waiting
     ch, stub, w = open_precopy(lm)
     host = lm.address.rpartition(":")[0]
-    for magic, what in ((DEMAND_MAGIC, "demand"), (PUSH_MAGIC, "push")):
-        time.sleep(1.1)   # (the agent reports one refusal of a kind a second)
+
+    def open_raw(magic, token=w.demand_token):
+        s = socket.create_connection((host, w.demand_port), timeout=10)
+        s.sendall(magic + token)
+        return s
+
+    demand = open_raw(DEMAND_MAGIC)
+    pushes = [open_raw(PUSH_MAGIC) for _ in range(8)]
+    # a run for page 5 (not zero, its bytes follow), before the switch
+    pushes[0].sendall(struct.pack("<QII", 5, 1, 0) + b"\0" + PAGE)
+    assert precopy_pages(stub, w, [1, 2, 3]).pages_placed == 3
+    time.sleep(1.1)   # (the agent reports one refusal of a kind a second)
+    extra = open_raw(DEMAND_MAGIC)
+    assert extra.recv(8) == b""
+    extra.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].startswith("demand channel from ")
+    assert ev["message"].endswith(" refused: its source holds a demand channel already, waiting for its switch")
+    time.sleep(1.1)
+    extra = open_raw(PUSH_MAGIC)
+    assert extra.recv(8) == b""
+    extra.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].endswith(" refused: its source has 8 push channels open already, the most a source may")
+    time.sleep(1.1)
+    extra = open_raw(PUSH_MAGIC, bytes(len(w.demand_token)))
+    assert extra.recv(8) == b""
+    extra.close()
+    assert lm.dest.wait_event("error", 30)["message"].endswith("with an unknown magic or token: closed")
+    # held: open, nothing sent on them, the guest does not run, nothing is demanded
+    for s in (demand, *pushes):
+        s.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            s.recv(8)
+    assert not [e for e in lm.guest.lines if e.get("event") == "running"]
+    assert not [e for e in lm.dest.lines if e.get("event") == "demand"]
+    r = switch(stub, w, [2])
+    got = PageBitmap(HPAGES)
+    got.load_bytes(r.received_bitmap)
+    # pages 1 and 3 staged and not written since; page 5's run was never read before the switch
+    assert r.pages_received == 2 and got.count() == 2 and got.test(1) and got.test(3) and not got.test(5)
+    # the switch released the held demand channel: the guest runs, and faults go out on it
+    lm.dest.wait_event("demand", 30)
+    demand.settimeout(30)
+    assert len(demand.recv(8)) > 0
+    for s in (demand, *pushes):
+        s.close()
+    ch.close()
+
+
+def raw_run(first, count, flags=0, zero=()):
+    bits = bytearray((count + 7) // 8)
+    for i in zero:
+        bits[i // 8] |= 1 << (i % 8)
+    return struct.pack("<QII", first, count, flags) + bytes(bits) + PAGE * (count - len(zero))
+
+
+def read_ack(s) -> int:
+    s.shutdown(socket.SHUT_WR)
+    s.settimeout(30)
+    got = b""
+    while len(got) < 8:
+        b = s.recv(8 - len(got))
+        assert b, "the destination closed the pre-copy channel without its count"
+        got += b
+    return int.from_bytes(got, "little")
+
+
+@pytest.mark.timeout(120)
+def test_the_raw_precopy_channel_writes_runs_and_answers_their_count(waiting):
+    """Round pages on the raw pre-copy channel: written into the page cache
+    only, a page sent again overwrites; the end of the channel is answered
+    with the pages written; a second pre-copy channel is refused, and one
+    after the switch; the Switch makes them received."""
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    host = lm.address.rpartition(":")[0]
+
+    def open_raw(magic):
         s = socket.create_connection((host, w.demand_port), timeout=10)
         s.sendall(magic + w.demand_token)
-        assert s.recv(8) == b""
-        s.close()
-        ev = lm.dest.wait_event("error", 30)
-        assert ev["message"].startswith(f"{what} channel from ")
-        assert ev["message"].endswith(" refused: its source is still in pre-copy: "
-                                      + ("the demand channel opens after the switch" if what == "demand"
-                                         else "push channels open after the switch"))
+        return s
+
+    pre = open_raw(PRECOPY_MAGIC)
+    pre.sendall(raw_run(0, 4) + raw_run(2, 3, zero=(1,)) + raw_run(10, 1))
+    time.sleep(0.5)
+    extra = open_raw(PRECOPY_MAGIC)
+    assert extra.recv(8) == b""
+    extra.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].endswith(" refused: its source has a pre-copy channel open already (one: its pages must "
+                                  "arrive in order)")
+    assert read_ack(pre) == 8
+    pre.close()
     assert not [e for e in lm.guest.lines if e.get("event") == "running"]
+    r = switch(stub, w, [10])
+    assert r.pages_received == 5   # pages 0-4; page 10 was written since
+    time.sleep(1.1)
+    late = open_raw(PRECOPY_MAGIC)
+    assert late.recv(8) == b""
+    late.close()
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"].endswith(" refused: its source is not in pre-copy: a pre-copy channel opens between a "
+                                  "pre-copy Open and its Switch")
     ch.close()
+
+
+@pytest.mark.timeout(120)
+def test_an_open_precopy_channel_holds_the_deadline_off_and_its_end_starts_it(waiting):
+    """A pre-copy source must open its pre-copy channel within 15 s of Open;
+    while the channel is open it is not dropped, however long the rounds
+    take; once it ended the channel, its Switch is due within 15 s."""
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    host = lm.address.rpartition(":")[0]
+    s = socket.create_connection((host, w.demand_port), timeout=10)
+    s.sendall(PRECOPY_MAGIC + w.demand_token + raw_run(0, 2))
+    time.sleep(17)
+    assert not [e for e in lm.dest.lines if e.get("event") == "disconnected"]
+    t0 = time.monotonic()
+    assert read_ack(s) == 2
+    ev = lm.dest.wait_event("disconnected", 40)
+    assert time.monotonic() - t0 > 13
+    assert "no demand channel within 15 s of the end of pre-copy" in ev["message"]
+    s.close()
+    ch.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("run, why", [
+    (raw_run(HPAGES - 2, 3), f"pre-copy run of 3 pages at page {HPAGES - 2} does not fit the layout of "
+                             f"{HPAGES} pages (at most 1024 pages a run)"),
+    (struct.pack("<QII", 0, 2000, 0), f"pre-copy run of 2000 pages at page 0 does not fit the layout of {HPAGES} "
+                                      "pages (at most 1024 pages a run)"),
+    (raw_run(0, 2, flags=1), "pre-copy run at page 0 has flags 0x1: pre-copy runs are dense (flags 0)"),
+])
+def test_a_bad_precopy_run_drops_its_source_and_stages_nothing(waiting, run, why):
+    lm = waiting
+    ch, stub, w = open_precopy(lm)
+    host = lm.address.rpartition(":")[0]
+    s = socket.create_connection((host, w.demand_port), timeout=10)
+    s.sendall(PRECOPY_MAGIC + w.demand_token + raw_run(5, 1) + run)
+    ev = lm.dest.wait_event("error", 30)
+    assert ev["message"] == f"bad pre-copy run: {why}"
+    ev = lm.dest.wait_event("disconnected", 30)
+    assert ev["received"] == 0
+    s.settimeout(30)
+    assert s.recv(8) == b""   # closed, no count
+    s.close()
+    # the next source's Open drops what this one staged, none of it mapped
+    ch2, stub2, w2 = open_precopy(lm)
+    assert lm.dest.wait_event("precopy_dropped", 30)["pages"] == 1
+    ch.close()
+    ch2.close()
 
 
 @pytest.mark.timeout(180)

@@ -34,7 +34,7 @@ from migrate.host import fault_path_priority
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
 from migrate.wire import devstate
-from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, DEVSTATE_MAGIC, PUSH_MAGIC
+from migrate.wire.protocol import DEMAND_MAGIC, DEMAND_TOKEN_BYTES, DEVSTATE_MAGIC, PRECOPY_MAGIC, PUSH_MAGIC
 from migrate.wire.tcp import Address, host_of, mark_urgent, set_peer_timeout
 from migrate.dest.session import BusyError, NoGuestError
 from migrate.dest.session import Migration
@@ -386,7 +386,7 @@ class Destination:
             return
         magic, token = hello[:len(DEMAND_MAGIC)], hello[len(DEMAND_MAGIC):]
         m, gen = self._channel_session(token, c.sock)
-        if magic not in (DEMAND_MAGIC, PUSH_MAGIC, DEVSTATE_MAGIC) or m is None:
+        if magic not in (DEMAND_MAGIC, PUSH_MAGIC, DEVSTATE_MAGIC, PRECOPY_MAGIC) or m is None:
             c.sock.close()
             self.door.drop(c)
             self.quiet.event("bad-hello", "error", f"channel from {c} with an unknown magic or token: closed",
@@ -402,16 +402,19 @@ class Destination:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             mark_urgent(conn)   # requests (and the acks of replies) ahead of push acks on the way back
             why = None if m.channels.attach_demand(conn, gen) else (
-                "its source is still in pre-copy: the demand channel opens after the switch"
-                if m.precopy is not None and not m.precopy.switched else "its source is no longer this session's")
+                "its source holds a demand channel already, waiting for its switch"
+                if m.machine.serves(gen) and m.channels.held_demand(gen) else "its source is no longer this session's")
         elif magic == DEVSTATE_MAGIC:
             why = self._device_state_channel(m, gen, conn)
+        elif magic == PRECOPY_MAGIC:
+            why = m.channels.attach_precopy(conn, gen)
         else:
             why = m.channels.attach_push(conn, gen)
         if why is not None:
-            what = {DEMAND_MAGIC: "demand", PUSH_MAGIC: "push", DEVSTATE_MAGIC: "device-state"}[magic]
-            self.quiet.event("channel-refused", "error", f"{what} channel from {c} refused: {why}", session=m.id,
-                             peer=str(c))
+            kind = {DEMAND_MAGIC: "demand", PUSH_MAGIC: "push", PRECOPY_MAGIC: "pre-copy",
+                    DEVSTATE_MAGIC: "device-state"}[magic]
+            self.quiet.event("channel-refused", "error", f"{kind} "
+                             f"channel from {c} refused: {why}", session=m.id, peer=str(c))
             conn.close()
 
     def _device_state_channel(self, m: Migration, gen: int, conn: socket.socket) -> str | None:

@@ -9,13 +9,14 @@ input drops that source, a kernel failure fails the migration.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import socket
 import threading
 import time
 from typing import TYPE_CHECKING
 
-from migrate._binding import lib
+from migrate._binding import ffi, lib
 from migrate.dest.state import State
 from migrate.errors import MigrateError, ProtocolError
 from migrate.host import fault_path_priority
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 DEMAND_CONNECT_TIMEOUT = 15.0
 PUSH_STREAMS = 4                    # push streams a Welcome offers a source
 PUSH_CHANNELS = 2 * PUSH_STREAMS    # raw push channels a source may hold open
+HELD_DEMAND = 1     # demand channels a pre-copy source may hold open before its switch
 
 
 @contextlib.contextmanager
@@ -71,6 +73,16 @@ class Channels:
         self.receivers: list[threading.Thread] = []
         self.taking = True    # False once the migration is torn down: no receiver starts after
         self.bytes_closed = 0                # bytes received on channels closed since (tcp_info)
+        # A pre-copy source opens its channels before its switch, so that the
+        # guest's pause does not include connecting them: they are held here,
+        # nothing read from them and nothing sent on them, until the switch
+        # releases them (release_held); then they are attached as if just
+        # opened. (socket, gen, is_demand), owned here until then.
+        self.held: list[tuple[socket.socket, int, bool]] = []
+        self.released_gen = 0                # the pre-copy source whose switch released its channels
+        # the raw pre-copy channel of the current pre-copy source (one: a page's
+        # copies then arrive in the order they were sent) and its receiver
+        self.precopy: tuple[socket.socket, int, threading.Thread] | None = None
 
     def watch_demand_deadline(self, gen: int, since: str = "Open") -> None:
         """A source that never opens its demand channel is not serving this
@@ -105,8 +117,13 @@ class Channels:
         caller closes the channel."""
         m = self.m
         with self.lock:
-            if not self.taking or not m.machine.serves(gen) or not self._switched():
+            if not self.taking or not m.machine.serves(gen):
                 return False
+            if self._held_back(gen):
+                if sum(g == gen and d for _, g, d in self.held) >= HELD_DEMAND:
+                    return False
+                self.held.append((sock, gen, True))
+                return True
             old, self.demand, self.demand_gen = self.demand, sock, gen
         if old is not None:
             old.close()
@@ -138,10 +155,12 @@ class Channels:
                 return "its migration has ended"
             if not self.m.machine.serves(gen):
                 return "its source is no longer this session's"
-            if not self._switched():
-                return "its source is still in pre-copy: push channels open after the switch"
-            if sum(g == gen for g in self.push.values()) >= PUSH_CHANNELS:
+            if sum(g == gen for g in self.push.values()) + sum(g == gen and not d for _, g, d in self.held) \
+                    >= PUSH_CHANNELS:
                 return f"its source has {PUSH_CHANNELS} push channels open already, the most a source may"
+            if self._held_back(gen):
+                self.held.append((sock, gen, False))
+                return None
             self.push[sock] = gen
             if self.t_push is None:
                 self.t_push = time.monotonic()
@@ -152,10 +171,90 @@ class Channels:
             return "its migration has ended"
         return None
 
-    def _switched(self) -> bool:
-        """Not in pre-copy, or past its switch: the guest may be served."""
-        p = self.m.precopy
-        return p is None or p.switched
+    def attach_precopy(self, sock: socket.socket, gen: int) -> str | None:
+        """The raw pre-copy channel of source gen: its runs are written into
+        the page cache only, from C, until the source ends it (then the
+        destination answers with the pages it wrote, 8 bytes little-endian)
+        or its Switch. Why not, when refused (the caller closes it)."""
+        m = self.m
+        with self.lock:
+            if not m.machine.serves(gen):
+                return "its source is no longer this session's"
+            if m.precopy is None or m.precopy.switched or self.released_gen == gen:
+                return "its source is not in pre-copy: a pre-copy channel opens between a pre-copy Open and its Switch"
+            if self.precopy is not None:
+                return "its source has a pre-copy channel open already (one: its pages must arrive in order)"
+            t = threading.Thread(target=self._precopy_rx, args=(sock, gen), name=f"precopy-rx-{m.id}", daemon=True)
+            self.precopy = (sock, gen, t)
+        self._cancel_demand_deadline()   # while it is open the source is there (its end drops it)
+        self._start(t)
+        return None
+
+    def _precopy_rx(self, sock: socket.socket, gen: int) -> None:
+        m = self.m
+        p = m.precopy
+        pages = ffi.new("uint64_t *")
+        with taking_pages(m, gen, bad="bad pre-copy run", placing="writing pre-copy pages"):
+            rc = m.space.precopy_receive(p.staged, sock.fileno(), m.stop_fd, pages)
+            p.pages_in += int(pages[0])
+            if rc == 0 and m.machine.serves(gen):
+                try:   # all of it is in the page cache: the source may switch
+                    sock.sendall(int(pages[0]).to_bytes(8, "little"))
+                except OSError:
+                    pass
+                # a source switches right after its channel's end; one that
+                # never does is not serving this guest
+                self.watch_demand_deadline(gen, "the end of pre-copy")
+            elif rc != -errno.ESHUTDOWN:
+                why = self._silent_why("pre-copy", -rc) if channel_end(rc) is ChannelEnd.PEER_LOST else \
+                    f"the pre-copy channel ended before its source ended it ({os.strerror(-rc) if rc else 'closed'})"
+                m.source_lost(gen, why)
+        with self.lock:
+            if self.precopy is not None and self.precopy[0] is sock:
+                self.precopy = None
+            self.bytes_closed += tcp_bytes_received(sock)
+        sock.close()
+
+    def end_precopy(self, gen: int, timeout: float = 10.0) -> None:
+        """Before the switch commits: the pre-copy channel of source gen is
+        shut and its receiver waited for, so that no page changes under the
+        commit (a source that switches has ended it already)."""
+        with self.lock:
+            ch = self.precopy
+        if ch is None or ch[1] != gen:
+            return
+        sock, _, t = ch
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        t.join(timeout)
+        if t.is_alive():
+            raise MigrateError(f"the pre-copy channel's receiver did not stop within {timeout:g} s of the Switch")
+
+    def _held_back(self, gen: int) -> bool:
+        """Source gen is in pre-copy and its switch has not released its
+        channels yet: they wait (called with the lock held)."""
+        return self.m.precopy is not None and self.released_gen != gen
+
+    def held_demand(self, gen: int) -> bool:
+        """Source gen holds a demand channel, waiting for its switch."""
+        with self.lock:
+            return any(g == gen and d for _, g, d in self.held)
+
+    def release_held(self, gen: int) -> None:
+        """Source gen switched: the channels it opened before are attached
+        (the demand channel releases the guest), and later ones go straight."""
+        with self.lock:
+            self.released_gen = gen
+            mine = [h for h in self.held if h[1] == gen]
+            self.held = [h for h in self.held if h[1] != gen]
+        # push first: the guest runs once the demand channel is attached, and
+        # the pages it lacks are pushed from then on
+        for sock, g, demand in sorted(mine, key=lambda h: h[2]):
+            ok = self.attach_demand(sock, g) if demand else self.attach_push(sock, g) is None
+            if not ok:
+                sock.close()
 
     def start_receiver(self, t: threading.Thread) -> bool:
         """Starts a thread that places or maps pages (joined at teardown)."""
@@ -234,6 +333,13 @@ class Channels:
         let go of what they claimed (they close the sockets)."""
         with self.lock:
             socks = [s for s, g in ((self.demand, self.demand_gen), *self.push.items()) if s is not None and g == gen]
+            held = [s for s, g, _ in self.held if g == gen]
+            self.held = [h for h in self.held if h[1] != gen]
+            if self.precopy is not None and self.precopy[1] == gen:
+                socks.append(self.precopy[0])   # (its receiver closes it)
+            self.bytes_closed += sum(tcp_bytes_received(s) for s in held)
+        for s in held:   # (no receiver reads them: closed here)
+            s.close()
         for s in socks:
             try:
                 s.shutdown(socket.SHUT_RDWR)
@@ -273,8 +379,8 @@ class Channels:
     def close(self) -> None:
         self._cancel_demand_deadline()
         with self.lock:
-            socks = [s for s in (self.demand, *self.push) if s is not None]
+            socks = [s for s in (self.demand, *self.push, *(h[0] for h in self.held)) if s is not None]
             self.bytes_closed += sum(tcp_bytes_received(s) for s in socks)
-            self.demand, self.push = None, {}
+            self.demand, self.push, self.held = None, {}, []
         for s in socks:
             s.close()

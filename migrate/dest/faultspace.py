@@ -145,6 +145,24 @@ class FaultSpace:
             self._raise("pre-copy write", rc, self._bad[0], placing=True)
         return rc
 
+    def precopy_receive(self, staged: PageBitmap, fd: int, stop_fd: int, pages_in) -> int:
+        """Reads a raw pre-copy channel (GIL released) into the page cache
+        only (mg_precopy_receive) until the source ends it (0), stop
+        (-ESHUTDOWN) or the source lost (-errno, see _channel_end). pages_in:
+        a uint64_t* the pages are added to. Bad runs raise."""
+        rc = lib.mg_precopy_receive(self._s, staged.words, fd, stop_fd, pages_in)
+        if rc == -errno.EPROTO:
+            first, value = self._s.error_page, self._s.error_value
+            if self._s.error_kind == lib.MG_BAD_FLAGS:
+                raise ProtocolError(f"pre-copy run at page {first} has flags {value:#x}: pre-copy runs are dense "
+                                    "(flags 0)")
+            if value == 2 ** 64 - 1:
+                raise ProtocolError(f"pre-copy run names page {first}, which is placed already: pre-copy pages "
+                                    "come before the switch only")
+            raise ProtocolError(f"pre-copy run of {value} pages at page {first} does not fit the layout of "
+                                f"{self.npages} pages (at most {lib.MG_PUSH_MAX_RUN} pages a run)")
+        return self._channel_end(rc)
+
     def precopy_commit(self, staged: PageBitmap, written: PageBitmap) -> int:
         """The switch: pages in staged and not in written become received
         (not mapped yet: map() does that). Returns how many."""

@@ -394,15 +394,23 @@ class DeviceStateSender:
         # a pre-copy's switch stopped the VM before this runs (QemuPause): its
         # STOP's time and stamps; QEMU's migrate then finds it stopped already
         self.paused: QemuPause | None = None
+        # the device-state channel taken and QEMU set up to write into it
+        # (prepare()): (socket, TLS relay or None), until __call__ takes it
+        self.prepared: tuple[socket.socket, TlsRelay | None] | None = None
 
     def _check_lost(self) -> None:
         e = self.lost()
         if e is not None:
             raise e
 
-    def __call__(self, stub=None, session_id: str = "", token: bytes = b"") -> None:
+    def prepare(self) -> None:
+        """Everything before QEMU's `migrate`: the device-state channel opened
+        and taken by the destination (its QEMU waits in migrate-incoming on
+        it), the capabilities, and QEMU given the socket (plaintext) or the
+        relay's pipe (TLS). A pre-copy's switch calls it before its STOP, so
+        that the pause includes none of it; otherwise __call__ does."""
+        self.discard()
         qmp = self.qmp
-        cap = Capture()
         sock = self.open_channel()
         try:
             word = devstate.hear(sock, time.monotonic() + READY_TIMEOUT, self._check_lost)
@@ -415,15 +423,34 @@ class DeviceStateSender:
         if not word.get("ready"):
             raise QemuError(f"the destination refused the device state: {word.get('refused') or word}")
         prepare_capture(qmp, paused_ok=self.paused is not None)
-        tls = isinstance(sock, TlsSocket)
         relay = None
-        if tls:
+        if isinstance(sock, TlsSocket):
             relay = TlsRelay(capture_pipe(qmp), sock)
             relay.start()
         else:
             # QEMU takes its own copy of the connected, authenticated socket and
             # writes its stream straight into it; ours stays for the words
             qmp.cmd("getfd", fdname=DEVSTATE_FD_NAME, fds=(sock.fileno(),))
+        self.prepared = (sock, relay)
+
+    def discard(self) -> None:
+        """What prepare() set up is not going to be used (the pre-copy failed
+        before its switch): the relay stops; the channel closes with its
+        Source."""
+        if self.prepared is not None:
+            _, relay = self.prepared
+            self.prepared = None
+            if relay is not None:
+                relay.stop()
+                relay.close()
+
+    def __call__(self, stub=None, session_id: str = "", token: bytes = b"") -> None:
+        qmp = self.qmp
+        cap = Capture()
+        if self.prepared is None:
+            self.prepare()
+        (sock, relay), self.prepared = self.prepared, None
+        tls = relay is not None
         since = len(qmp.events)
         if self.paused is not None:
             cap.times.update(self.paused.times)
@@ -561,6 +588,7 @@ class QemuPause:
         self.times: dict = {}         # the switchover's stamps (migrate.qemu.switchover)
 
     def pause(self) -> None:
+        self.sender.prepare()   # (before the STOP: outside the pause)
         since = len(self.qmp.events)
         self.times["stop_sent"] = time.time()
         self.qmp.cmd("stop")
@@ -577,6 +605,7 @@ class QemuPause:
 
     def resume(self) -> None:
         self.sender.paused = None
+        self.sender.discard()
         self.stopped.clear()
         resume_source(self.qmp, self.reporter, "pre-copy failed before the switch")
 
@@ -602,6 +631,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
     from migrate.source.session import DestinationFailed, Source
 
     qmp = QMP(qmp_path)
+    sender = None
     try:
         check_shared_ram(qmp, ram.size)
         stopped = threading.Event()
@@ -727,5 +757,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
                 "source_status": src_status, "switchover": {k: round(v, 6) for k, v in cap.times.items()}}
         return res, info
     finally:
+        if sender is not None:
+            sender.discard()   # (prepared for a switch whose device state never went)
         qmp.close()
 

@@ -30,8 +30,8 @@ from migrate.source.demand import DemandServer
 from migrate.source.push import LinkPacer, Push, push_send_buffer
 from migrate.source.ramfile import RamImage
 from migrate.source.scheduler import LocalityWindow, Scheduler
-from migrate.wire.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEVSTATE_MAGIC, PROTOCOL_VERSION, PUSH_MAGIC,
-                                   channel, raw_zstd_unavailable)
+from migrate.wire.protocol import (DEFAULT_BATCH_BYTES, DEMAND_MAGIC, DEVSTATE_MAGIC, PRECOPY_MAGIC, PROTOCOL_VERSION,
+                                   PUSH_MAGIC, channel, raw_zstd_unavailable)
 from migrate.wire.rawtls import RawTls, TlsError
 from migrate.wire.tls import TlsConfig, check_destination, is_loopback
 from migrate.wire.tcp import ChannelEnd, channel_end, host_of, mark_urgent, parse_address, set_peer_timeout
@@ -186,6 +186,8 @@ class Source:
         self._demand_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []    # the others: holes walk, block scan, push streams
         self._socks: list[socket.socket] = []         # demand channel first, then raw push (and device-state)
+        # pre-copy: channels opened before the switch, taken by _start_demand and _start_push
+        self._early: dict[bytes, list[socket.socket]] = {}
         self._channels: list[grpc.Channel] = []       # control, then gRPC push channels
 
     def run(self) -> SourceResult:
@@ -199,14 +201,19 @@ class Source:
             # (before the guest may run: --compress on that cannot be is refused first)
             self.zstd = self.transport == "raw" and self.compress_runs != "off" and self._raw_zstd(welcome)
             self.state, self.t_open = "connected", time.monotonic()
-            if self.precopy is not None:
-                self._precopy(stub)   # ("connected" throughout: the snapshot adds its rounds)
             self._freeze_heap()
+            if self.precopy is not None:
+                # the channels open while the guest runs, not in its pause:
+                # the destination holds them until the switch
+                self._open_early(welcome)
+                self._precopy(stub)   # ("connected" throughout: the snapshot adds its rounds)
             self._start_demand(welcome)
             self.state = "running"
             self._start_push(welcome)
             if self.on_session is not None:
                 self.on_session(stub, self.session, self.token)
+            if self.precopy is not None:
+                self.precopy.release()   # (after the pause: only a source guest that runs again needs it)
             self._wait_push()
             self.sent_all = not self.errors and self.push_closed is None   # every page the destination lacked went out (Finish may still be lost)
             fin = self._finish(stub)
@@ -345,13 +352,38 @@ class Source:
                         has_device_state=self.device_state, resume_guest=self.resume_guest,
                         precopy=self.precopy is not None)
 
+    def _push_stream_count(self, welcome: pb.Welcome) -> int:
+        return min(self.push_streams, max(1, welcome.push_streams or 1))
+
+    def _open_early(self, welcome: pb.Welcome) -> None:
+        """Pre-copy: opens the demand and raw push channels before the
+        rounds. The destination holds them, reading and sending nothing,
+        until this source's Switch; DemandServer and Push take them after."""
+        self._early[DEMAND_MAGIC] = [self._open_channel(welcome, DEMAND_MAGIC)]
+        if self.transport == "raw":
+            self._early[PUSH_MAGIC] = [self._open_channel(welcome, PUSH_MAGIC)
+                                       for _ in range(self._push_stream_count(welcome))]
+            # the rounds' own channel (migrate.source.precopy)
+            self._early[PRECOPY_MAGIC] = [self._open_channel(welcome, PRECOPY_MAGIC)]
+
+    def precopy_channel(self) -> socket.socket | None:
+        """The raw pre-copy channel opened early (None: gRPC transport)."""
+        early = self._early.get(PRECOPY_MAGIC)
+        return early.pop(0) if early else None
+
+    def _take_channel(self, welcome: pb.Welcome, magic: bytes) -> socket.socket:
+        """A channel opened early (pre-copy), else a new one."""
+        early = self._early.get(magic)
+        return early.pop(0) if early else self._open_channel(welcome, magic)
+
     @staticmethod
     def _freeze_heap() -> None:
         # everything allocated so far lives until the end: keep the collector
         # from walking it again and again while the push allocates its batches.
         # Done before any channel opens: once the demand channel is open the
         # guest runs and its faults wait on this source, and the destination
-        # times the push from its first push channel.
+        # times the push from its first push channel. (Pre-copy: before its
+        # rounds, so that no collection falls in the guest's pause.)
         gc.collect()
         gc.freeze()
 
@@ -359,7 +391,7 @@ class Source:
         """Opens the demand channel and starts its server at once (the guest
         faults from the moment the channel opens), with the holes walk and the
         zero-block scan that run once the push gate opens."""
-        sock = self._open_channel(welcome, DEMAND_MAGIC)
+        sock = self._take_channel(welcome, DEMAND_MAGIC)
         demand = self.demand = DemandServer(sock, self.ram, self.sched, self.reporter)
         self.sched.demand = demand.d
         ahead = []
@@ -374,12 +406,12 @@ class Source:
     def _start_push(self, welcome: pb.Welcome) -> None:
         """Opens the push channels (as many streams as both sides allow) and
         starts the streams together once they are all open."""
-        n = min(self.push_streams, max(1, welcome.push_streams or 1))
+        n = self._push_stream_count(welcome)
         link = LinkPacer(self._paced) if self.pace and self.transport == "raw" else None
         self.push = Push(self.ram, self.sched, self.demand, self.stop, streams=n, max_rate=self.max_rate, link=link,
                          compress=self.compress_runs, zstd=self.zstd)
         if self.transport == "raw":
-            socks = [self._open_channel(welcome, PUSH_MAGIC) for _ in range(n)]
+            socks = [self._take_channel(welcome, PUSH_MAGIC) for _ in range(n)]
             for sock in socks if link is not None else ():
                 link.add(sock)
             for i, sock in enumerate(socks):
@@ -472,6 +504,8 @@ class Source:
         """Stops the demand server and the streams and closes every channel,
         however far run() got."""
         self.stop.set()
+        if self.precopy is not None and self.precopy.switched:
+            self.precopy.release()   # (a second time is nothing)
         if self.demand is not None:
             self.demand.interrupt()
         if self._demand_thread is not None:
@@ -497,7 +531,7 @@ class Source:
         """A plain TCP channel beside gRPC (demand or raw push), opened with the
         session's token; _close closes it."""
         host = host_of(self.target)
-        what = {DEMAND_MAGIC: "demand", PUSH_MAGIC: "push", DEVSTATE_MAGIC: "device-state"}[magic]
+        what = {DEMAND_MAGIC: "demand", PUSH_MAGIC: "push", DEVSTATE_MAGIC: "device-state", PRECOPY_MAGIC: "pre-copy"}[magic]
         try:
             sock = socket.create_connection((host, welcome.demand_port), timeout=self.connect_timeout)
         except OSError as e:

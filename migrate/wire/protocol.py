@@ -185,6 +185,7 @@ def _check_ascending(pages: list[int]) -> None:
 DEMAND_MAGIC = b"MGDEMAND"   # opens the demand channel
 PUSH_MAGIC = b"MGPUSH\0\0"   # opens a raw push channel
 DEVSTATE_MAGIC = b"MGDEVST\0"   # opens the device-state channel (migrate.wire.devstate)
+PRECOPY_MAGIC = b"MGPRECOP"  # opens the raw pre-copy channel (Hello.precopy, before the switch)
 DEMAND_TOKEN_BYTES = 16
 
 _zstd_lock = threading.Lock()
