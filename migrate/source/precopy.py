@@ -314,6 +314,8 @@ class _RawStream:
         # still go as bits). Lives as long as this object.
         r = self.r = ffi.new("struct mg_src_ram *")
         r.base, r.page_size, r.npages = ram.addr, ram.page_size, ram.npages
+        # runs go raw (st.compress 0): the destination's pre-copy receiver takes dense runs only
+        self.st = ffi.gc(lib.mg_push_stream_new(0), lib.mg_push_stream_free)
         self.pages = 0
         self.t0 = time.monotonic()
 
@@ -339,7 +341,8 @@ class _RawStream:
         src = self.src
         if src.dest_lost is not None:
             raise src.dest_lost
-        rc = lib.mg_push_runs(self.sock.fileno(), self.r, ffi.new("uint64_t[]", runs), len(runs) // 2, ffi.NULL)
+        rc = lib.mg_push_runs(self.sock.fileno(), self.r, ffi.new("uint64_t[]", runs), len(runs) // 2, ffi.NULL,
+                               self.st)
         if rc < 0:
             raise src._channel_error("pre-copy", rc)
         self.pages += n
