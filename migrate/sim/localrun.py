@@ -234,8 +234,14 @@ class LocalMigration:
         self.start_guest()
         self.dest.wait_event("attached", 120)
         self.start_source()
+        return self._reap((("source", self.source), ("guest", self.guest), ("dest", self.dest)), timeout)
+
+    @staticmethod
+    def _reap(named, timeout: float) -> dict:
+        """Waits for each (name, process) in turn: its summary and exit code;
+        "failed" names the last that did not exit 0."""
         out = {}
-        for name, p in (("source", self.source), ("guest", self.guest), ("dest", self.dest)):
+        for name, p in named:
             try:
                 rc = p.wait(timeout)
             except TimeoutError:
@@ -314,19 +320,8 @@ class PrecopyMigration(LocalMigration):
     def run(self, timeout: float = 300) -> dict:
         """The whole flow; returns the four summaries (source_guest too)."""
         self.start()
-        out = {}
-        for name, p in (("source", self.source), ("guest", self.guest), ("dest", self.dest),
-                        ("source_guest", self.source_guest)):
-            try:
-                rc = p.wait(timeout)
-            except TimeoutError:
-                rc = None
-            out[name] = p.summary()
-            out[name + "_rc"] = rc
-            if rc != 0:
-                out["failed"] = f"{name} exited {rc}: " + " | ".join(p.errors() or p.stderr_lines[-5:])
-                timeout = 5
-        return out
+        return self._reap((("source", self.source), ("guest", self.guest), ("dest", self.dest),
+                           ("source_guest", self.source_guest)), timeout)
 
     def close(self):
         super().close()
