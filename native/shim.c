@@ -27,7 +27,7 @@
  *      reason and exits the process (status 1): running on without the agent
  *      would let the guest read RAM that has not arrived.
  *      While nobody listens on the path (no socket yet, or a dead agent's), it
- *      tries again every 100 ms for MIGRATE_ATTACH_WAIT seconds first, so QEMU
+ *      tries again every 10 ms for MIGRATE_ATTACH_WAIT seconds first, so QEMU
  *      and the agent may be started in either order.
  * The uffd and the socket stay open for the life of the process (never closed).
  * Every other mapping is passed through untouched.
@@ -473,7 +473,7 @@ static void *watch(void *arg)
             "to the next agent at %s", a->target, attach_path);
         char why[1024], refused[1024] = "";
         int s = -1;
-        for (int tries = 0; tries < 3000 && s < 0; tries++) {   /* 300 s */
+        for (int tries = 0; tries < 30000 && s < 0; tries++) {   /* 300 s */
             s = hello_and_ack(a, 1, why, sizeof why);
             /* an untrusted listener is said once, and the shim goes on
              * trying: once it is gone, a real agent may listen there */
@@ -481,8 +481,8 @@ static void *watch(void *arg)
                 say("%s", why);
                 strcpy(refused, why);
             }
-            if (s < 0)
-                usleep(100 * 1000);
+            if (s < 0)   /* (a new agent's listener is found within 10 ms) */
+                usleep(10 * 1000);
         }
         if (s < 0) {
             say("giving up re-attaching %s: %s", a->target, why);
@@ -494,7 +494,7 @@ static void *watch(void *arg)
 }
 
 /* The first attach. While nobody listens on the path (the agent not started
- * yet) it tries again every 100 ms for MIGRATE_ATTACH_WAIT seconds; a listener
+ * yet) it tries again every 10 ms for MIGRATE_ATTACH_WAIT seconds; a listener
  * of another user is said once and waited out the same way. Anything else (the
  * agent refused the guest, or broke off) exits the process at once. QEMU waits
  * meanwhile inside its mmap of the RAM, before the guest has run. */
@@ -524,7 +524,7 @@ static int first_attach(struct attachment *a)
             strcpy(said, why);
         }
         waited = 1;
-        usleep(100 * 1000);
+        usleep(10 * 1000);
     }
 }
 

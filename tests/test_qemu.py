@@ -779,8 +779,8 @@ def test_pause_split_counts_each_moment_once():
     from migrate.qemu.switchover import split
     sp = split(10.0, 10.020, {"stop": (10.0, 10.001), "save": (9.9, 10.008), "transfer": (9.95, 10.010),
                               "load": (10.011, 10.016), "cont": None})
-    assert sp == {"pause_ms": 20.0, "stop_ms": 1.0, "save_ms": 7.0, "transfer_ms": 2.0, "load_ms": 5.0,
-                  "cont_ms": None, "remainder_ms": 5.0}
+    assert sp == {"pause_ms": 20.0, "stop_ms": 1.0, "save_ms": 7.0, "switch_ms": None, "transfer_ms": 2.0,
+                  "load_ms": 5.0, "cont_ms": None, "remainder_ms": 5.0}
     _parts_add_up(sp)
     # a part that ends after the pause (QEMU's completed event after its RESUME) stops at the RESUME
     assert split(0.0, 0.010, {"load": (0.002, 0.015)})["load_ms"] == 8.0
@@ -930,3 +930,51 @@ def test_a_session_takes_one_device_state_channel(tmp_path):
         finally:
             for x in (a_src, b, b_src, c, c_src):
                 x.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("then", ["switch", "drop"])
+def test_a_precopy_sources_device_state_waits_for_its_switch(tmp_path, then):
+    """A pre-copy source's QEMU writes its device state while the source's
+    Switch is on its way: the destination feeds none of it to its QEMU until
+    that Switch has committed (the guest must not start on pages the final
+    list names). A source dropped first gets its stream refused, unloaded."""
+    import threading
+    import types
+    from conftest import Events
+    from migrate.qemu.dest import DeviceStateFeeder
+    from migrate.wire import devstate
+
+    ls = socket.create_server(("127.0.0.1", 0))
+    src = socket.create_connection(ls.getsockname(), timeout=10)
+    dst, _ = ls.accept()
+    ls.close()
+    with bare_qemu(tmp_path, "memory-backend-memfd,id=ram0,size=64M,share=on",
+                   extra=("-incoming", "defer")) as (p, qmp):
+        events = Events()
+        feeder = DeviceStateFeeder(qmp, events)
+        feeder.ready(30)
+        serving = [True]
+        pre = types.SimpleNamespace(switched=False, switched_event=threading.Event())
+        m = types.SimpleNamespace(id="s1", reporter=events, fail=lambda *a: None, precopy=pre,
+                                  machine=types.SimpleNamespace(serves=lambda gen: serving[0] and gen == 7))
+        try:
+            assert feeder.take_channel(m, dst, 7) is None
+            assert devstate.hear(src, time.monotonic() + 10) == {"ready": True}
+            src.sendall(b"NOT QEMU'S STREAM")
+            src.shutdown(socket.SHUT_WR)
+            # held: QEMU has nothing to load, so nothing to say
+            with pytest.raises(TimeoutError):
+                devstate.hear(src, time.monotonic() + 1.0)
+            if then == "switch":
+                pre.switched = True
+                pre.switched_event.set()
+            else:
+                serving[0] = False
+            word = devstate.hear(src, time.monotonic() + 30)
+            assert word["ack"] is True and word["guest_running"] is False, word
+            dropped = "dropped before its pre-copy's switch" in word["error"]
+            # switched: QEMU got the bytes and refused them itself; dropped: it never saw them
+            assert dropped == (then == "drop"), word
+        finally:
+            src.close()

@@ -162,6 +162,34 @@ def test_destination_killed_mid_precopy_leaves_the_source_qemu_running(guest):  
 
 
 @pytest.mark.timeout(300)
+def test_a_destination_killed_at_the_switch_leaves_one_vm(guest):  # noqa: F811 - the fixture
+    """The destination agent is killed once the source QEMU stopped for the
+    switch: its Switch fails without an answer, and QEMU's device state may
+    or may not have been written whole. Either the source QEMU runs again
+    (its migration was cut short) and the agent says so, or it stays paused
+    (it had written everything: the destination might have switched) and
+    the agent says that; the destination QEMU never runs the guest."""
+    from migrate import exits
+    from migrate.qemu import localrun
+    res = localrun.run_precopy(guest, MEM_MB, writer=256, log=lambda m: print(m, flush=True), kill_dest="paused")
+    print({k: res.get(k) for k in ("source_rc", "source_errors", "src_status_after", "src_migration",
+                                   "dst_resumed", "ticks_after_kill")})
+    assert res["src_stopped"] and not res["dst_resumed"], res
+    (err,) = res["source_errors"]
+    if err.startswith("the Switch got no answer") and res["src_migration"] == "completed":
+        # QEMU wrote it all and the Switch may have committed: never resumed
+        assert res["src_status_after"] == "postmigrate" and "stays paused" in err, res
+    if res["src_status_after"] == "running":
+        assert res["source_rc"] in (exits.PRECOPY_ABANDONED, exits.FAILED), res
+        assert "(the source QEMU was resumed)" in err or "runs on" in err, err
+        assert res["ticks_after_kill"] >= 5, res   # the guest writes again
+    else:
+        assert res["src_status_after"] == "postmigrate" and res["src_migration"] == "completed", res
+        assert "stays paused" in err, err
+        assert res["source_rc"] not in (exits.COMPLETED, exits.PRECOPY_ABANDONED), res
+
+
+@pytest.mark.timeout(300)
 def test_qemu_own_precopy_then_postcopy_verifies_a_writing_guest(guest):  # noqa: F811 - the fixture
     """The baseline of `migrate bench --qemu --precopy`: QEMU's one pass, then
     migrate-start-postcopy, with the writing guest, RAM + 8 KiB (QEMU 7.2's

@@ -426,7 +426,7 @@ class Destination:
         elif not m.machine.serves(gen):
             why = "its source is no longer this session's"
         else:
-            why = self.device_state.take_channel(m, conn)
+            why = self.device_state.take_channel(m, conn, gen)
         if why is not None:
             try:
                 conn.settimeout(1)

@@ -34,6 +34,7 @@ class Precopy:
         self.staged = PageBitmap(self.npages)
         self.lock = threading.Lock()
         self.switched = False
+        self.switched_event = threading.Event()   # set with switched (migrate.qemu.dest waits on it)
         self.pages_in = 0           # pages written, repeats included
         self.t_start = time.monotonic()
         self.commit_s: float | None = None   # how long the switch's commit took
@@ -82,6 +83,7 @@ class Precopy:
             t0 = time.monotonic()
             n = self.space.precopy_commit(self.staged, bits)
             self.commit_s = time.monotonic() - t0
+        self.switched_event.set()
         return n, len(written)
 
     def map(self) -> int:

@@ -213,9 +213,9 @@ class DeviceStateFeeder:
         f = self.feeds.get(session_id)
         return f is not None and f.done.is_set()
 
-    def take_channel(self, m, sock: socket.socket) -> str | None:
-        """The device-state channel of migration m, its hello checked (the
-        session's token, from the session's opener). Why not, when it is
+    def take_channel(self, m, sock: socket.socket, gen: int = 0) -> str | None:
+        """The device-state channel of migration m's source gen, its hello
+        checked (the session's token, from the session's opener). Why not, when it is
         refused (the caller says so on it and closes it); None: taken, this
         feeder owns sock from here and closes it once it said its last word."""
         with self.lock:
@@ -226,17 +226,18 @@ class DeviceStateFeeder:
                         "state (it took one already, or it is not up yet)")
             f = self.feeds[m.id] = Feed()
             qmp, self._qmp = self._qmp, None
-        threading.Thread(target=self._serve, args=(qmp, f, m, sock), name=f"devstate-{m.id}", daemon=True).start()
+        threading.Thread(target=self._serve, args=(qmp, f, m, sock, gen), name=f"devstate-{m.id}",
+                         daemon=True).start()
         return None
 
-    def _serve(self, qmp: QMP, f: Feed, m, sock: socket.socket) -> None:
+    def _serve(self, qmp: QMP, f: Feed, m, sock: socket.socket, gen: int) -> None:
         """Never raises: the last word says whether the guest runs (the source
         resumes its QEMU on guest_running=False)."""
         # the relay sleeps until the stream comes and is then on the pause's
         # path: ahead of bulk work in the CPU queue, as the fault path is
         fault_path_priority()
         try:
-            self._load_and_run(qmp, f, m, sock)
+            self._load_and_run(qmp, f, m, sock, gen)
         except MigrateError as e:
             f.error = str(e)
         except Exception as e:  # noqa: BLE001 - the word must carry every failure
@@ -263,7 +264,7 @@ class DeviceStateFeeder:
             f.done.set()
             _close_after_word(sock)
 
-    def _load_and_run(self, qmp: QMP, f: Feed, m, sock: socket.socket) -> None:
+    def _load_and_run(self, qmp: QMP, f: Feed, m, sock: socket.socket, gen: int) -> None:
         tls = isinstance(sock, TlsSocket)
         w = incoming_pipe(qmp)
         relay = ffi.new("struct mg_devstate_relay *", {"in": sock.fileno(), "out": w, "stop_fd": -1,
@@ -277,6 +278,7 @@ class DeviceStateFeeder:
         try:
             watch.start()
             devstate.say(sock, ready=True)
+            _await_switch(m, gen, f)
         except BaseException:
             os.close(w)   # QEMU reads an empty stream, which it refuses
             raise
@@ -332,6 +334,23 @@ class DeviceStateFeeder:
         elif rc != -errno.ECANCELED:
             f.error = f"the device-state channel failed after {f.bytes} bytes: {os.strerror(-rc)}"
         watch.join(self.timeout)
+
+
+def _await_switch(m, gen: int, f: Feed) -> None:
+    """A pre-copy source's device state waits in the channel until that
+    source's Switch has committed: its QEMU starts writing it before the
+    final written list is here, and the guest must not start on pages that
+    list names. QemuError when the source is dropped or replaced first
+    (nothing of the stream was fed to QEMU, which then refuses the empty
+    stream; the paused source QEMU still is the VM)."""
+    p = getattr(m, "precopy", None)
+    if p is None or p.switched:
+        return
+    while not p.switched_event.wait(0.05):
+        if getattr(m, "precopy", None) is not p or not m.machine.serves(gen):
+            raise QemuError("the source was dropped before its pre-copy's switch: its device state was not "
+                            "loaded, the guest does not run here")
+    f.times["switched"] = time.time()
 
 
 def _close_after_word(sock: socket.socket, wait: float = 2.0) -> None:

@@ -377,8 +377,10 @@ def run_precopy(guest, mem_mb=512, writer=256, log=print, timeout=240, source_ar
          checks every page against its last written generation
 
     kill_dest: SIGKILL the destination agent once the first pre-copy round
-    is under way, and report what the source agent said and the source
-    QEMU's state, and the writer's ticks before and after (no VERIFY)."""
+    is under way (True) or once the source saw its QEMU stop for the switch
+    ("paused"), and report what the source agent said, the source QEMU's
+    state, whether the destination QEMU ever ran, and the writer's ticks
+    before and after (no VERIFY)."""
     from migrate.dest.attach import AttachListener
 
     res = {"mem_mb": mem_mb, "backing": "tmpfs-file", "verify": None, "writer_pages": writer}
@@ -446,7 +448,10 @@ def run_precopy(guest, mem_mb=512, writer=256, log=print, timeout=240, source_ar
             att = source.wait_event("attached", 30)
             res["attached_ms"] = round((att["_t"] - t_start) * 1e3, 1)
             if kill_dest:
-                source.wait_event("precopy", 30)
+                # True: once the rounds are under way; "paused": at the
+                # switch, once the source saw its QEMU's STOP (its Switch is
+                # then on its way, or about to be)
+                source.wait_event("paused" if kill_dest == "paused" else "precopy", 30)
                 dest.p.kill()
                 dest.p.wait(10)
                 t_kill = time.time()
@@ -456,6 +461,11 @@ def run_precopy(guest, mem_mb=512, writer=256, log=print, timeout=240, source_ar
                 time.sleep(1.5)   # the guest goes on writing
                 res["src_status_after"] = qs.cmd("query-status")["status"]
                 res["src_stopped"] = bool(qs.seen("STOP"))
+                res["src_migration"] = qs.cmd("query-migrate").get("status")
+                try:
+                    res["dst_resumed"] = bool(qd.seen("RESUME"))
+                except Exception:  # noqa: BLE001 - a destination QEMU gone never ran the guest
+                    res["dst_resumed"] = False
                 ticks = ss.writer_ticks()
                 res["ticks_before_kill"] = sum(1 for t, _ in ticks if t <= t_kill)
                 res["ticks_after_kill"] = sum(1 for t, _ in ticks if t > t_kill + 0.5)

@@ -395,8 +395,11 @@ class DeviceStateSender:
         # STOP's time and stamps; QEMU's migrate then finds it stopped already
         self.paused: QemuPause | None = None
         # the device-state channel taken and QEMU set up to write into it
-        # (prepare()): (socket, TLS relay or None), until __call__ takes it
+        # (prepare()): (socket, TLS relay or None), until begin() takes it
         self.prepared: tuple[socket.socket, TlsRelay | None] | None = None
+        # QEMU's migration under way (begin()): (socket, relay, its first QMP
+        # event's index, its start), until __call__ or withdraw() takes it
+        self.flow: tuple | None = None
 
     def _check_lost(self) -> None:
         e = self.lost()
@@ -444,17 +447,71 @@ class DeviceStateSender:
                 relay.stop()
                 relay.close()
 
-    def __call__(self, stub=None, session_id: str = "", token: bytes = b"") -> None:
-        qmp = self.qmp
-        cap = Capture()
+    def begin(self) -> None:
+        """QEMU's `migrate` into the prepared channel (prepare() first when it
+        was not): QEMU sends its setup and non-shared RAM while the VM runs,
+        then stops the VM itself and writes the device state. A pre-copy's
+        switch begins it (QemuPause), then sends its final written list
+        while QEMU writes; the destination feeds the stream to its QEMU only
+        once it has switched (migrate.qemu.dest)."""
         if self.prepared is None:
             self.prepare()
         (sock, relay), self.prepared = self.prepared, None
+        cap = Capture()
+        since = len(self.qmp.events)
+        cap.times["send_start"] = time.time()
+        t0 = time.monotonic()
+        cap.times["migrate_sent"] = time.time()
+        try:
+            self.qmp.cmd("migrate", uri=f"fd:{DEVSTATE_FD_NAME}")
+        except BaseException:
+            if relay is not None:
+                relay.stop()
+                relay.close()
+            raise
+        self.flow = (sock, relay, since, t0)
+        self.capture = cap
+
+    def withdraw(self) -> bool:
+        """A pre-copy's switch failed after begin(): the channel is cut, so
+        that no more of QEMU's stream can reach the destination, then QEMU's
+        migration is waited for (the cut fails it, unless QEMU had written it
+        all). True when QEMU completed, so the destination may hold the whole
+        stream (capture stays: the stream may be loaded there); False when
+        it was cut short (QEMU then ran the VM again itself; capture is
+        dropped). Either way the channel is not used again."""
+        flow, self.flow = self.flow, None
+        if flow is None:
+            return False
+        sock, relay, since, _ = flow
+        if relay is not None:
+            relay.stop()
+        try:
+            sock.shutdown(socket.SHUT_RDWR)   # (QEMU's own copy too: its writes fail from here)
+        except OSError:
+            pass
+        try:
+            ev = self.qmp.wait_event(_migration_event(("completed", "failed", "cancelled")), 10.0,
+                                     "QEMU's migration after the channel was cut", since)
+        except QemuError:
+            ev = None
+            _cancel_migration(self.qmp)
+        if relay is not None:
+            relay.close()
+        whole = ev is not None and ev["data"]["status"] == "completed"
+        if not whole:
+            self.capture = None   # (the migration never was: the VM runs here)
+        return whole
+
+    def __call__(self, stub=None, session_id: str = "", token: bytes = b"") -> None:
+        qmp = self.qmp
+        if self.flow is None:
+            self.begin()
+        (sock, relay, since, t0), self.flow = self.flow, None
+        cap = self.capture
         tls = relay is not None
-        since = len(qmp.events)
         if self.paused is not None:
             cap.times.update(self.paused.times)
-        cap.times["send_start"] = time.time()
 
         def give_up() -> bool:
             # the destination speaks early only to refuse or to say the load
@@ -462,17 +519,14 @@ class DeviceStateSender:
             return (select.select([sock], [], [], 0)[0] != []) or (relay is not None and relay.failed()) \
                 or self.lost() is not None
 
-        at_stop = 0   # bytes in before the STOP (a pre-copy's switch stopped it before any)
+        # bytes in before the STOP (a pre-copy's switch saw its STOP already)
+        at_stop = self.paused.at_stop if self.paused is not None else 0
         try:
-            t0 = time.monotonic()
-            cap.times["migrate_sent"] = time.time()
-            qmp.cmd("migrate", uri=f"fd:{DEVSTATE_FD_NAME}")
-            self.capture = cap
             self.sent = True
             # the destination ends the stream early only when it refused it: then
             # nothing reads QEMU's pipe, and QEMU would wait on it for ever
             if self.paused is not None:
-                # (stopped at the switch: QEMU's migrate sends no STOP of its own)
+                # (its STOP came before the switch: QemuPause)
                 cap.stop_time = self.paused.stop_time
                 ev = qmp.wait_event(_migration_event(("completed", "failed", "cancelled")), self.timeout,
                                     "device-state capture", since, give_up=give_up)
@@ -573,11 +627,17 @@ class DeviceStateSender:
 
 class QemuPause:
     """The pause and resume of a pre-copy's source QEMU (`source --precopy
-    --qmp`; migrate.source.precopy.Precopy calls them): the switch stops the
-    VM over QMP (`stop`, then QEMU's STOP event) before its final scan of
-    written pages, and the device state follows once the destination has the
-    final written list (DeviceStateSender, self.paused set). A pre-copy that
-    fails before its switch resumes the VM (`cont`) if it had paused it."""
+    --qmp`; migrate.source.precopy.Precopy calls them). The switch starts
+    QEMU's own migration into the device-state channel while the VM runs
+    (DeviceStateSender.begin): QEMU sends its non-shared RAM, stops the VM
+    itself and writes the device state, while the final scan and Switch run.
+    The destination feeds that stream to its QEMU only once it has switched,
+    so the guest can never start there on pages the final list names.
+
+    A switch that fails: the channel is cut and QEMU's migration ends
+    (DeviceStateSender.withdraw). The VM runs here again unless the
+    destination may have switched and QEMU had written its whole stream;
+    then it stays paused, as after any post-copy switch."""
 
     def __init__(self, qmp: QMP, reporter: Reporter, stopped: threading.Event, sender: DeviceStateSender):
         self.qmp = qmp                # borrowed; used from the Source's thread only, as the sender does
@@ -585,27 +645,52 @@ class QemuPause:
         self.stopped = stopped        # set at STOP: the source's demand gate
         self.sender = sender
         self.stop_time = 0.0          # QEMU's STOP event (its own clock)
+        self.at_stop = 0              # bytes of QEMU's stream the destination had at STOP
         self.times: dict = {}         # the switchover's stamps (migrate.qemu.switchover)
 
     def pause(self) -> None:
-        self.sender.prepare()   # (before the STOP: outside the pause)
+        sender = self.sender
+        sender.prepare()   # (before the STOP: outside the pause)
         since = len(self.qmp.events)
-        self.times["stop_sent"] = time.time()
-        self.qmp.cmd("stop")
-        self.times["stop_done"] = time.time()
-        ev = self.qmp.wait_event(lambda e: e["event"] == "STOP", 10.0, "waiting for QEMU to stop the VM", since)
-        if ev is None:
-            raise QemuError(f"the source QEMU ({self.qmp.path}) did not report its VM stopped within 10 s of `stop`")
+        sender.begin()
+        ev = self.qmp.wait_event(lambda e: e["event"] == "STOP" or _migration_event(("failed", "cancelled"))(e),
+                                 10.0, "waiting for QEMU to stop the VM", since)
+        if ev is None or ev["event"] != "STOP":
+            why = "did not stop the VM within 10 s of `migrate`" if ev is None else \
+                f"ended its migration ({ev['data']['status']}) before it stopped the VM"
+            raise QemuError(f"the source QEMU ({self.qmp.path}) {why}")
         self.stop_time = ev["time"]
         self.times["stop_seen"] = time.time()
-        self.sender.paused = self
+        sock, relay = sender.flow[0], sender.flow[1]
+        self.at_stop = relay.bytes if relay is not None else _arrived(sock)
+        sender.paused = self
         self.stopped.set()   # its RAM no longer changes: demand may be served
         self.reporter.event("paused", f"source QEMU paused for the switch ({self.qmp.path})", qmp=self.qmp.path,
                             stop_time=self.stop_time)
 
+    def switching(self) -> None:
+        """The Switch is about to go: from here the destination may switch and
+        load the stream (DeviceStateSender.sent decides what a failure does)."""
+        self.sender.sent = True
+
+    def whole(self) -> bool:
+        """The Switch failed without a refusal (the destination may have
+        switched): whether QEMU had written its whole stream; the channel is
+        cut either way (withdraw)."""
+        whole = self.sender.withdraw()
+        if not whole:
+            self.sender.sent = False   # cut short: the destination can never load it
+        return whole
+
     def resume(self) -> None:
-        self.sender.paused = None
-        self.sender.discard()
+        """The switch failed and the destination did not switch: the VM runs
+        here again (QEMU ran it itself if its migration failed at the cut;
+        `cont` when it had completed, or never began)."""
+        sender = self.sender
+        sender.paused = None
+        sender.withdraw()
+        sender.sent = False
+        sender.discard()
         self.stopped.clear()
         resume_source(self.qmp, self.reporter, "pre-copy failed before the switch")
 
@@ -641,6 +726,7 @@ def migrate_vm(qmp_path: str, ram, target: str, reporter: Reporter, recovery_win
         if precopy is not None:   # rounds while the VM runs; the switch stops it (QemuPause)
             qp = QemuPause(qmp, reporter, stopped, sender)
             precopy.pause, precopy.resume = qp.pause, qp.resume
+            precopy.switching, precopy.whole = qp.switching, qp.whole
 
         # The background push waits until the destination guest runs: while the
         # destination QEMU loads the device state, the only RAM it needs comes

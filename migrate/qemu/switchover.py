@@ -16,7 +16,7 @@ the remainder add up to the pause exactly.
 
 from __future__ import annotations
 
-PHASES = ("stop", "save", "transfer", "load", "cont")
+PHASES = ("stop", "save", "switch", "transfer", "load", "cont")
 
 
 def split(pause_start: float, pause_end: float, spans: dict[str, tuple[float, float] | None]) -> dict:
@@ -52,6 +52,9 @@ def engine_split(stop_time: float, resume_time: float, src: dict, dst: dict) -> 
         "stop": span(stop_time, src.get("stop_done", stop_time)),
         # QEMU writing its device state into the pipe, until its end of file
         "save": span(src.get("migrate_sent"), src.get("save_end")),
+        # a pre-copy's final scan and Switch, until the destination feeds
+        # the stream to its QEMU (it waits for the switch to commit)
+        "switch": span(stop_time, dst.get("switched")),
         # the state crossing to the destination agent and into its QEMU's pipe
         "transfer": span(src.get("send_start"), dst.get("last_chunk")),
         # the destination QEMU loading it, until its migration completed

@@ -47,6 +47,10 @@ from migrate.wire.protocol import BatchEncoder
 
 SWITCH_BELOW_BYTES = 4 << 20   # --switch-below's default, as RAM: 1024 pages of 4 KiB
 STALL_ROUNDS = 3          # rounds whose written set did not shrink before the switch comes anyway
+# a Switch answered with one of these was refused: the destination did not switch
+_REFUSED = frozenset((grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+                      grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED,
+                      grpc.StatusCode.NOT_FOUND, grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.ALREADY_EXISTS))
 IDLE_ROUND = 0.05         # s a round with nothing to send waits before the next scan
 PAUSE_TIMEOUT = 10.0      # s the guest may take to say it paused
 
@@ -92,6 +96,13 @@ class Precopy:
         self.policy = policy.for_pages(tracker.page_size)
         self.pause = pause
         self.resume = resume
+        # the Switch is about to go (a QEMU's device state may then be loaded
+        # at the destination: migrate.qemu.source.QemuPause)
+        self.switching = lambda: None
+        # after a Switch that got no answer: whether the destination may have
+        # all the guest needs to run there. A simulated guest needs nothing
+        # more than the switch itself.
+        self.whole = lambda: True
         self.switch_now = threading.Event()
         self.rounds: list[dict] = []
         self.protect_ms = 0.0
@@ -151,8 +162,26 @@ class Precopy:
         self.final_pages = pending.count()
         written = [p for first, n in pending.runs() for p in range(first, first + n)]
         t_rpc = time.monotonic()
-        reply = src.wait_rpc(stub.Switch.future(pb.SwitchRequest(session_id=src.session, token=src.token,
-                                                                 written=written)))
+        self.switching()
+        try:
+            reply = src.wait_rpc(stub.Switch.future(pb.SwitchRequest(session_id=src.session, token=src.token,
+                                                                     written=written)))
+        except (grpc.RpcError, DestinationLost) as e:
+            code = e.code() if isinstance(e, grpc.RpcError) else None
+            if code in _REFUSED or not self.whole():
+                # refused, so not switched; or the guest's stream was cut
+                # short: the destination cannot start the guest either way
+                if isinstance(e, grpc.RpcError):
+                    raise rpc_error(e, "Switch") from None
+                raise
+            # No answer: the destination may have switched, and it has all the
+            # guest needs to run there. The guest stays paused here, and the
+            # session goes on as a post-copy one would after losing its
+            # destination (migrate.source.recovery).
+            self.switched = True
+            why = f"{code.name}: {e.details()}" if code is not None else str(e)
+            raise DestinationLost(f"the Switch got no answer ({why}); the destination may have switched") \
+                from None
         self.switched = True
         t_end = time.monotonic()
         # The tracker stays until release(): unprotecting and unregistering
