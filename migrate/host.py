@@ -128,6 +128,14 @@ def background_priority() -> None:
         pass
 
 
+def normal_priority(tid: int | None = None) -> None:
+    """A thread (this one, or tid) back at the default priority."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid or threading.get_native_id(), 0)
+    except OSError:
+        pass
+
+
 def fault_path_priority() -> None:
     """Threads on a vCPU's fault path (fault loop, demand receiver, demand
     server) run ahead of bulk copying: they sleep until a fault comes, so a

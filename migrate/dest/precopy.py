@@ -18,6 +18,7 @@ from __future__ import annotations
 import threading
 import time
 
+from migrate import host
 from migrate.dest.faultspace import FaultSpace
 from migrate.errors import ProtocolError
 from migrate.pagestate import PageBitmap
@@ -39,6 +40,8 @@ class Precopy:
         self.t_start = time.monotonic()
         self.commit_s: float | None = None   # how long the switch's commit took
         self.map_s: float | None = None      # and the mapping after it
+        self.map_tid: int | None = None      # the mapping's thread while it maps
+        self.hurried = False                 # hurry() came
 
     def write(self, dec: DecodedBatch) -> int:
         """A checked pre-copy batch (BatchDecoder): into the page cache only."""
@@ -90,11 +93,31 @@ class Precopy:
         """Maps what the switch made received, in one pass (UFFDIO_CONTINUE
         over each run). Not on the switch's path: the guest may run
         meanwhile, and a fault on a received page is mapped at once by the
-        fault loop (EEXIST between the two is the usual race)."""
+        fault loop (EEXIST between the two is the usual race). The caller
+        runs it at background priority until hurry()."""
         t0 = time.monotonic()
-        n = self.space.map(0, self.npages)
+        with self.lock:
+            self.map_tid = threading.get_native_id()
+            hurried = self.hurried
+        if hurried:
+            host.normal_priority()
+        try:
+            n = self.space.map(0, self.npages)
+        finally:
+            with self.lock:
+                self.map_tid = None
         self.map_s = time.monotonic() - t0
         return n
+
+    def hurry(self) -> None:
+        """The destination guest runs (its QEMU loaded the device state): what
+        the mapping yielded the CPU to is over, and the migration completes
+        only once it is done, so it runs at normal priority from here."""
+        with self.lock:
+            self.hurried = True
+            tid = self.map_tid
+        if tid is not None:
+            host.normal_priority(tid)
 
 
 def _runs(pages):

@@ -449,6 +449,9 @@ class RunWatch:
                 f.bytes = self.count()
             f.running = True   # (RESUME: QEMU's vm_start has run)
             f.resume_time = ev["time"]
+            pre = getattr(self.m, "precopy", None)
+            if pre is not None:
+                pre.hurry()   # (its mapping yielded to the load until now)
             self.m.reporter.event("guest-running", f"destination QEMU runs: {f.bytes} bytes of device state "
                                   "loaded", session=self.m.id, bytes=f.bytes, load_ms=round(f.load_ms, 2),
                                   resume_time=f.resume_time)

@@ -483,6 +483,7 @@ class SourceGuest:
             listener.close()
             raise SourceError(f"write tracking for the source guest: {e}") from None
         guest.ack()
+        tracker.start_protect()   # (while the agent connects: Precopy.run waits for it)
         reporter.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of "
                        f"{guest.page_size}", pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
         if qmp:

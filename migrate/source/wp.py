@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -64,9 +65,36 @@ class WriteTracker:
             raise SourceError(f"open /proc/{pid}/pagemap of the source guest: {e.strerror}: the agent reads "
                               "which pages the guest wrote there (run it as root or as the guest's uid)") from None
 
+    def start_protect(self) -> None:
+        """protect_all() on a thread of its own (its ioctls release the GIL),
+        while the agent connects; protect_all() then waits for it."""
+        def run():
+            try:
+                self._protect_all()
+            except BaseException as e:  # noqa: BLE001 - raised by protect_all()
+                self._protect_error = e
+        self._protect_error = None
+        self._protecting = threading.Thread(target=run, name="wp-protect", daemon=True)
+        self._protecting.start()
+
+    def _join_protect(self) -> bool:
+        """Waits for start_protect()'s thread; whether there was one."""
+        t, self._protecting = getattr(self, "_protecting", None), None
+        if t is None:
+            return False
+        t.join()
+        return True
+
     def protect_all(self) -> float:
         """Registers every region and write-protects all of it: from here on
         every write is seen by the next scan. Returns the seconds it took."""
+        if self._join_protect():
+            if self._protect_error is not None:
+                raise self._protect_error
+            return self.protect_seconds
+        return self._protect_all()
+
+    def _protect_all(self) -> float:
         t0 = time.monotonic()
         for r in self.regions:
             self.uffd.register(r.guest_addr, r.length, Mode.WP, self.page_size)
@@ -100,6 +128,7 @@ class WriteTracker:
         """Unprotects and unregisters what was registered. A guest gone
         already (ESRCH, ENOMEM: its mm is gone) needs nothing; other errors
         are raised after trying every region."""
+        self._join_protect()
         first: UffdError | None = None
         for r in self._registered:
             for op, rc in (("write-unprotect", lambda: lib.mg_wp_protect(self.uffd.fd, r.guest_addr, r.length, 0)),
