@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from migrate._binding import ffi, lib
 from migrate.dest.state import State
 from migrate.errors import MigrateError, ProtocolError
-from migrate.host import fault_path_priority
+from migrate.host import background_priority, fault_path_priority
 from migrate.wire.tcp import Address, ChannelEnd, channel_end, tcp_bytes_received, tcp_silent_s
 
 if TYPE_CHECKING:
@@ -193,6 +193,9 @@ class Channels:
     def _precopy_rx(self, sock: socket.socket, gen: int) -> None:
         m = self.m
         p = m.precopy
+        # (pre-copy takes the CPU from nothing that waits: the source guest,
+        # on the same host in the lab, runs ahead of it)
+        background_priority()
         pages = ffi.new("uint64_t *")
         with taking_pages(m, gen, bad="bad pre-copy run", placing="writing pre-copy pages"):
             rc = m.space.precopy_receive(p.staged, sock.fileno(), m.stop_fd, pages)

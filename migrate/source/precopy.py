@@ -36,6 +36,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from migrate import host
 from migrate._binding import ffi, lib
 from migrate.errors import AttachError, DestinationLost, MigrateError, SourceError, SourceGuestGone
 from migrate.pagestate import PageBitmap
@@ -132,24 +133,32 @@ class Precopy:
         pending = PageBitmap(npages)
         pending.set(0, npages)
         history: list[int] = []
-        # One Precopy stream for every round: while it is open the destination
-        # knows its source is there (a source lost between two streams would
-        # leave it waiting); it ends, all written, before the Switch.
-        while True:
-            sent, secs = self._round(stream, src, pending)
-            scan = self.tracker.scan()
-            pending = scan.written
-            history.append(scan.pages)
-            r = {"round": len(self.rounds) + 1, "pages_sent": sent, "pages_written": scan.pages,
-                 "seconds": round(secs, 4), "gbps": round(sent * ram.page_size / secs / 1e9, 3) if secs else 0.0,
-                 "scan_ms": round(scan.seconds * 1000, 3)}
-            self.rounds.append(r)
-            self.reporter.event("round", f"round {r['round']}: {sent} pages sent in {r['seconds']} s "
-                                f"({r['gbps']} GB/s), {scan.pages} written meanwhile (scan {r['scan_ms']} ms)", **r)
-            why = self.policy.why(scan.pages, history, time.monotonic() - t0, self.switch_now.is_set())
-            if why:
-                break
-        stream.close()
+        # The rounds yield the CPU to the guest, which runs meanwhile (its vCPU
+        # threads sleep mostly and take little from them); the switch is at
+        # normal priority again
+        host.background_priority()
+        try:
+            # One Precopy stream for every round: while it is open the destination
+            # knows its source is there (a source lost between two streams would
+            # leave it waiting); it ends, all written, before the Switch.
+            while True:
+                sent, secs = self._round(stream, src, pending)
+                scan = self.tracker.scan()
+                pending = scan.written
+                history.append(scan.pages)
+                r = {"round": len(self.rounds) + 1, "pages_sent": sent, "pages_written": scan.pages,
+                     "seconds": round(secs, 4), "scan_ms": round(scan.seconds * 1000, 3),
+                     "gbps": round(sent * ram.page_size / secs / 1e9, 3) if secs else 0.0}
+                self.rounds.append(r)
+                self.reporter.event("round", f"round {r['round']}: {sent} pages sent in {r['seconds']} s "
+                                    f"({r['gbps']} GB/s), {scan.pages} written meanwhile "
+                                    f"(scan {r['scan_ms']} ms)", **r)
+                why = self.policy.why(scan.pages, history, time.monotonic() - t0, self.switch_now.is_set())
+                if why:
+                    break
+            stream.close()
+        finally:
+            host.normal_priority()
         # the rounds' garbage is collected now, while the guest runs, so
         # that no collection falls in its pause
         gc.collect()
