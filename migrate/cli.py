@@ -185,7 +185,7 @@ def cmd_source(args) -> int:
                   kind=backend.kind, size=backend.size, pid=backend.pid)
     try:
         ram = RamImage(ram_path, page_size=pre.guest.page_size if pre else args.page_size,
-                       size=pre.guest.ram_size if pre else args.size)
+                       size=pre.guest.ram_size if pre else args.size, populate_behind=pre is not None)
     except MigrateError as e:
         rep.event("error", str(e))
         if pre is not None:

@@ -20,7 +20,8 @@ from migrate.pagestate import PageBitmap
 class RamImage:
     """A RAM file mapped read-only. Owns the fd and the mapping."""
 
-    def __init__(self, path: str, page_size: int | None = None, size: int | None = None):
+    def __init__(self, path: str, page_size: int | None = None, size: int | None = None,
+                 populate_behind: bool = False):
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
@@ -40,10 +41,14 @@ class RamImage:
         except SourceError:
             self.open_holes = None           # populate it all, as if it had no holes
         # The mapping's page tables are filled ahead of the reads (a hint:
-        # errors ignored), on a thread of its own (the GIL released in C):
-        # 40-60 ms for 512 MiB, which the agent spends connecting meanwhile
+        # errors ignored): 40-60 ms for 512 MiB. populate_behind: on a thread
+        # of its own (the GIL released in C), while the agent connects (a
+        # pre-copy source, whose guest runs meanwhile); else now, before the
+        # push, which would share the CPUs with it
         self._populating = threading.Thread(target=self._populate, name="ram-populate", daemon=True)
         self._populating.start()
+        if not populate_behind:
+            self._populating.join()
 
     def _populate(self) -> None:
         ps = self.page_size
