@@ -78,6 +78,35 @@ def test_scan_returns_the_pages_written_since_the_last_scan(host, huge_pages, ba
         mem.close()
 
 
+def test_a_page_written_before_its_chunk_is_protected_is_not_tracked(host, huge_pages):
+    """Round 1 protects each chunk right before it reads it (protect_pages):
+    a write before then costs the guest no fault and needs no tracking (the
+    round reads the new bytes); a write after it is reported by the scan."""
+    need_wp(host, "tmpfs", huge_pages)
+    size = 8 << 20
+    mem = GuestMemory.create("tmpfs", size, map_alias=False)
+    uffd = Userfaultfd.create()
+    tracker = WriteTracker(uffd, os.getpid(), [Region(mem.guest_addr, size, 0)], mem.page_size)
+    try:
+        tracker.start_register()
+        tracker.register()
+        npages, ps = size // mem.page_size, mem.page_size
+        view = mem.guest_view(0, size)
+        half = npages // 2
+        tracker.protect_pages(0, half)
+        view[3 * ps] = b"\x01"            # protected chunk: tracked
+        view[(half + 9) * ps] = b"\x02"   # not protected yet: not tracked
+        tracker.protect_pages(half, npages - half)
+        view[(half + 20) * ps] = b"\x03"  # protected since: tracked
+        r = tracker.scan()
+        assert list(r.written.runs()) == [(3, 1), (half + 20, 1)], list(r.written.runs())
+        assert tracker.protect_seconds > 0
+    finally:
+        tracker.close()
+        uffd.close()
+        mem.close()
+
+
 @pytest.mark.timeout(120)
 def test_the_c_test_of_write_tracking(host, tmp_path):
     """native/tests/test_wp.c: 1 GiB memfd, protect all, 1000 scattered

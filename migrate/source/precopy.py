@@ -126,9 +126,17 @@ class Precopy:
         # pre-copy channel is open already (Source._open_early)
         raw = src.precopy_channel()
         stream = _RawStream(src, raw) if raw is not None else _Stream(src, stub)
-        self.protect_ms = round(self.tracker.protect_all() * 1000, 3)
-        self.reporter.event("precopy", f"write tracking on {npages} pages ({self.protect_ms} ms to protect all)",
-                            pages=npages, protect_ms=self.protect_ms)
+        if raw is not None:
+            # round 1 protects each chunk right before it reads it (a page the
+            # guest writes before its first copy then costs it nothing)
+            self.tracker.register()
+            protect = self.tracker.protect_pages
+            how = "each chunk protected as round 1 reaches it"
+        else:
+            self.tracker.protect_all()
+            protect = None
+            how = f"{self.tracker.protect_seconds * 1000:.1f} ms to protect all"
+        self.reporter.event("precopy", f"write tracking on {npages} pages ({how})", pages=npages)
         t0 = time.monotonic()
         pending = PageBitmap(npages)
         pending.set(0, npages)
@@ -142,7 +150,7 @@ class Precopy:
             # knows its source is there (a source lost between two streams would
             # leave it waiting); it ends, all written, before the Switch.
             while True:
-                sent, secs = self._round(stream, src, pending)
+                sent, secs = self._round(stream, src, pending, protect if not self.rounds else None)
                 scan = self.tracker.scan()
                 pending = scan.written
                 history.append(scan.pages)
@@ -159,6 +167,7 @@ class Precopy:
             stream.close()
         finally:
             host.normal_priority()
+        self.protect_ms = round(self.tracker.protect_seconds * 1000, 3)
         # the rounds' garbage is collected now, while the guest runs, so
         # that no collection falls in its pause
         gc.collect()
@@ -205,9 +214,10 @@ class Precopy:
                             switch_rpc_ms=round((t_end - t_rpc) * 1000, 2), switch_ms=self.switch_ms)
         return reply
 
-    def _round(self, stream: "_Stream", src, pages: PageBitmap) -> tuple[int, float]:
+    def _round(self, stream: "_Stream", src, pages: PageBitmap, protect=None) -> tuple[int, float]:
         """Sends pages on the pre-copy stream; returns (pages, seconds) once
-        gRPC has taken the last batch."""
+        gRPC has taken the last batch. protect(first, count): called on each
+        run of pages right before they are read (the raw stream)."""
         ram = src.ram
         t0 = time.monotonic()
         if not pages.count():
@@ -223,7 +233,7 @@ class Precopy:
             stream.drain()
             return 0, time.monotonic() - t0
         if isinstance(stream, _RawStream):
-            return stream.send(pages)
+            return stream.send(pages, protect)
         per = max(1, src.batch_bytes // ram.page_size)
         enc = BatchEncoder(ram.addr, ram.page_size, per, src.compress)
         sent = 0
@@ -357,7 +367,7 @@ class _RawStream:
         self.pages = 0
         self.t0 = time.monotonic()
 
-    def send(self, pages: PageBitmap) -> tuple[int, float]:
+    def send(self, pages: PageBitmap, protect=None) -> tuple[int, float]:
         t0 = time.monotonic()
         runs: list[int] = []
         n = 0
@@ -369,16 +379,19 @@ class _RawStream:
                 first += take
                 count -= take
                 if n == self.CHUNK_PAGES:
-                    self._send(runs, n)
+                    self._send(runs, n, protect)
                     runs, n = [], 0
         if runs:
-            self._send(runs, n)
+            self._send(runs, n, protect)
         return pages.count(), time.monotonic() - t0
 
-    def _send(self, runs: list[int], n: int) -> None:
+    def _send(self, runs: list[int], n: int, protect=None) -> None:
         src = self.src
         if src.dest_lost is not None:
             raise src.dest_lost
+        if protect is not None:   # (before the pages are read: a write after it is seen)
+            for i in range(0, len(runs), 2):
+                protect(runs[i], runs[i + 1])
         rc = lib.mg_push_runs(self.sock.fileno(), self.r, ffi.new("uint64_t[]", runs), len(runs) // 2, ffi.NULL,
                                self.st)
         if rc < 0:
@@ -492,7 +505,7 @@ class SourceGuest:
             listener.close()
             raise SourceError(f"write tracking for the source guest: {e}") from None
         guest.ack()
-        tracker.start_protect()   # (while the agent connects: Precopy.run waits for it)
+        tracker.start_register()   # (while the agent connects: Precopy.run waits for it)
         reporter.event("attached", f"source guest pid {guest.pid}: {guest.ram_size} bytes in pages of "
                        f"{guest.page_size}", pid=guest.pid, size=guest.ram_size, page_size=guest.page_size)
         if qmp:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 
 from migrate._binding import ffi, lib
-from migrate.errors import SourceError, SourceGuestGone, UffdError, UnsupportedError
+from migrate.errors import MigrateError, SourceError, SourceGuestGone, UffdError, UnsupportedError
 from migrate.pagestate import PageBitmap
 from migrate.uffd import Mode, Userfaultfd
 from migrate.wire.attach import Region
@@ -65,44 +65,65 @@ class WriteTracker:
             raise SourceError(f"open /proc/{pid}/pagemap of the source guest: {e.strerror}: the agent reads "
                               "which pages the guest wrote there (run it as root or as the guest's uid)") from None
 
-    def start_protect(self) -> None:
-        """protect_all() on a thread of its own (its ioctls release the GIL),
-        while the agent connects; protect_all() then waits for it."""
+    def start_register(self) -> None:
+        """register() on a thread of its own (its ioctls release the GIL),
+        while the agent connects; register() then waits for it."""
         def run():
             try:
-                self._protect_all()
-            except BaseException as e:  # noqa: BLE001 - raised by protect_all()
-                self._protect_error = e
-        self._protect_error = None
-        self._protecting = threading.Thread(target=run, name="wp-protect", daemon=True)
-        self._protecting.start()
+                self._register()
+            except BaseException as e:  # noqa: BLE001 - raised by register()
+                self._register_error = e
+        self._register_error = None
+        self._registering = threading.Thread(target=run, name="wp-register", daemon=True)
+        self._registering.start()
 
-    def _join_protect(self) -> bool:
-        """Waits for start_protect()'s thread; whether there was one."""
-        t, self._protecting = getattr(self, "_protecting", None), None
-        if t is None:
-            return False
-        t.join()
-        return True
+    def _join_register(self) -> None:
+        t, self._registering = getattr(self, "_registering", None), None
+        if t is not None:
+            t.join()
+            if self._register_error is not None:
+                raise self._register_error
 
-    def protect_all(self) -> float:
-        """Registers every region and write-protects all of it: from here on
-        every write is seen by the next scan. Returns the seconds it took."""
-        if self._join_protect():
-            if self._protect_error is not None:
-                raise self._protect_error
-            return self.protect_seconds
-        return self._protect_all()
+    def register(self) -> None:
+        """Registers every region for write-protect (nothing is protected
+        yet: writes cost the guest nothing until protect_pages)."""
+        self._join_register()
+        if not self._registered:
+            self._register()
 
-    def _protect_all(self) -> float:
+    def _register(self) -> None:
         t0 = time.monotonic()
         for r in self.regions:
             self.uffd.register(r.guest_addr, r.length, Mode.WP, self.page_size)
             self._registered.append(r)
-            rc = lib.mg_wp_protect(self.uffd.fd, r.guest_addr, r.length, 1)
+        self.protect_seconds += time.monotonic() - t0
+
+    def protect_pages(self, first: int, count: int) -> None:
+        """Write-protects pages [first, first + count) of the layout
+        (registered first): from here on every write to one of them is seen
+        by the next scan. A pre-copy's first round protects each chunk right
+        before it reads it, so that a page written before its first copy
+        costs the guest nothing."""
+        self.register()
+        t0 = time.monotonic()
+        ps = self.page_size
+        end = first + count
+        for r in self.regions:
+            rfirst = r.offset // ps
+            lo, hi = max(first, rfirst), min(end, rfirst + r.length // ps)
+            if lo >= hi:
+                continue
+            addr = r.guest_addr + (lo - rfirst) * ps
+            rc = lib.mg_wp_protect(self.uffd.fd, addr, (hi - lo) * ps, 1)
             if rc < 0:
-                raise UffdError("write-protect", -rc, r.guest_addr, r.length)
-        self.protect_seconds = time.monotonic() - t0
+                raise UffdError("write-protect", -rc, addr, (hi - lo) * ps)
+        self.protect_seconds += time.monotonic() - t0
+
+    def protect_all(self) -> float:
+        """Registers every region and write-protects all of it: from here on
+        every write is seen by the next scan. Returns the seconds it took."""
+        self.register()
+        self.protect_pages(0, self.npages)
         return self.protect_seconds
 
     def scan(self, into: PageBitmap | None = None) -> ScanResult:
@@ -128,7 +149,10 @@ class WriteTracker:
         """Unprotects and unregisters what was registered. A guest gone
         already (ESRCH, ENOMEM: its mm is gone) needs nothing; other errors
         are raised after trying every region."""
-        self._join_protect()
+        try:
+            self._join_register()
+        except MigrateError:
+            pass   # (what it registered is undone below)
         first: UffdError | None = None
         for r in self._registered:
             for op, rc in (("write-unprotect", lambda: lib.mg_wp_protect(self.uffd.fd, r.guest_addr, r.length, 0)),
