@@ -443,12 +443,14 @@ def _pause_markdown(q: dict) -> list[str]:
                "Each part counts only the time after the one before it ended, so they add up to the pause. -: for "
                "QEMU, a part QMP does not expose (its save includes the stop and the send); for both, no `cont` "
                "(the destination QEMU starts itself).", "",
-           "| | pause | stop | save | transfer | load | cont | remainder |", "|---|---|---|---|---|---|---|---|"]
+           "| | pause | stop | save | switch | transfer | load | cont | remainder |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for side, label in QEMU_SIDES:
         p = ps.get(side)
         if p:
             out.append(f"| {label} | " + " | ".join(_f(p.get(k), 2) if p.get(k) is not None else "-" for k in (
-                "pause_ms", "stop_ms", "save_ms", "transfer_ms", "load_ms", "cont_ms", "remainder_ms")) + " |")
+                "pause_ms", "stop_ms", "save_ms", "switch_ms", "transfer_ms", "load_ms", "cont_ms", "remainder_ms"))
+                       + " |")
     return out
 
 
