@@ -505,3 +505,45 @@ def test_holes_are_found_as_the_ram_file_is_when_asked(tmp_path):
     finally:
         os.close(fd)
         os.unlink(path)
+
+
+def _mapped_kib(path: str) -> int:
+    """Rss of this process's mappings of path (/proc/self/smaps)."""
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()[0]
+            if "-" in head and ":" not in head:
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("Rss:"):
+                rss += int(line.split()[1])
+    return rss
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("behind", [False, True])
+def test_a_ram_image_populates_its_mapping(tmp_path, behind):
+    """The source's RAM mapping has its page tables filled ahead of the reads
+    (MADV_POPULATE_READ), at once or on a thread (a pre-copy source, while it
+    connects); the file's holes are left alone."""
+    import threading
+    from migrate.source.ramfile import RamImage
+
+    path = f"/dev/shm/migrate-test-populate-{os.getpid()}"
+    errors: list = []
+    hook, threading.excepthook = threading.excepthook, lambda a: errors.append(a.exc_value)
+    try:
+        with open(path, "wb") as f:
+            f.write(os.urandom(8 << 20))
+            f.seek(16 << 20)            # a hole of 8 MiB, then 8 MiB of data
+            f.write(os.urandom(8 << 20))
+        ram = RamImage(path, populate_behind=behind)
+        try:
+            ram._populating.join(10)
+            assert not errors, errors
+            assert _mapped_kib(path) == 16 << 10   # the data, not the hole
+        finally:
+            ram.close()
+    finally:
+        threading.excepthook = hook
+        os.unlink(path)

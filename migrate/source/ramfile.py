@@ -22,6 +22,7 @@ class RamImage:
 
     def __init__(self, path: str, page_size: int | None = None, size: int | None = None,
                  populate_behind: bool = False):
+        self._closing = False
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as e:
