@@ -185,6 +185,7 @@ class Source:
         self.push: Push | None = None
         self._demand_thread: threading.Thread | None = None
         self._threads: list[threading.Thread] = []    # the others: holes walk, block scan, push streams
+        self._started: list[tuple[threading.Event, threading.Event]] = []   # every thread's (began, done): _close waits
         self._socks: list[socket.socket] = []         # demand channel first, then raw push (and device-state)
         # pre-copy: channels opened before the switch, taken by _start_demand and _start_push
         self._early: dict[bytes, list[socket.socket]] = {}
@@ -510,12 +511,29 @@ class Source:
             self.demand.interrupt()
         if self._demand_thread is not None:
             self._demand_thread.join(5)
+        # The push streams and the holes walk read the RAM mapping in C, which
+        # the caller unmaps next (RamImage.close): they are stopped (a
+        # shutdown ends a send or recv under way in another thread; a close
+        # would not) and waited for first. A source stopped by SIGTERM
+        # mid-push was seen to die of SIGSEGV without this.
+        for sock in self._socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        for ch in self._channels:
+            ch.close()
+        # (their own events, not Thread.join: in Python 3.11 a join that a
+        # signal's exception interrupts marks the thread stopped while it
+        # still runs, and later joins return at once)
+        deadline = time.monotonic() + 10
+        for began, done in self._started:
+            if began.is_set():
+                done.wait(max(0.0, deadline - time.monotonic()))
         for sock in self._socks:
             sock.close()
         if self.demand is not None:
             self.demand.close()
-        for ch in self._channels:
-            ch.close()
 
     def _result(self, fin: pb.FinishReply, seconds: float) -> SourceResult:
         d, r = self.demand.d, self.demand.r
@@ -585,9 +603,23 @@ class Source:
         return e
 
     # -- threads --------------------------------------------------------------
-    @staticmethod
-    def _start_thread(name: str, target, *args) -> threading.Thread:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)
+    def _start_thread(self, name: str, target, *args) -> threading.Thread:
+        """A daemon thread running target(*args), known to _close before it
+        runs: a stop (SIGTERM raises in this thread) between its start and
+        the caller keeping it must not leave a thread reading the RAM
+        mapping that nobody waits for. One that begins after the stop does
+        nothing."""
+        began, done = threading.Event(), threading.Event()
+
+        def run():
+            began.set()
+            try:
+                if not self.stop.is_set():
+                    target(*args)
+            finally:
+                done.set()
+        self._started.append((began, done))
+        t = threading.Thread(target=run, name=name, daemon=True)
         t.start()
         return t
 
