@@ -840,7 +840,10 @@ def test_a_plaintext_device_state_channel_is_written_by_qemu_itself(guest):
     s, d = res["source"], res["dest"]
     assert 100_000 < s["device_state_bytes"] == d["device_state_bytes"], (s, d)
     sw = d["switchover"]
-    assert sw["first_chunk"] <= sw["last_chunk"] <= sw["received"] and sw["last_chunk"] <= sw["loaded"], sw
+    # ("received" is stamped only when the relay saw the stream's end before
+    # QEMU's load completed and stopped it: on a loaded host either comes first)
+    assert sw["first_chunk"] <= sw["last_chunk"] <= sw.get("received", sw["last_chunk"]), sw
+    assert sw["last_chunk"] <= sw["loaded"], sw
     from migrate.qemu.switchover import engine_split
     sp = engine_split(res["src_stop_time"], res["dst_resume_time"], s["switchover"], d["switchover"])
     print(sp)
