@@ -518,27 +518,24 @@ def test_the_raw_precopy_channel_writes_runs_and_answers_their_count(waiting):
         s.sendall(magic + w.demand_token)
         return s
 
+    def refused(why: str) -> None:
+        # closed without a word, and the destination says why
+        s = open_raw(PRECOPY_MAGIC)
+        assert s.recv(8) == b""
+        s.close()
+        assert lm.dest.wait_event("error", 30)["message"].endswith(f" refused: {why}")
+
     pre = open_raw(PRECOPY_MAGIC)
     pre.sendall(raw_run(0, 4) + raw_run(2, 3, zero=(1,)) + raw_run(10, 1))
     time.sleep(0.5)
-    extra = open_raw(PRECOPY_MAGIC)
-    assert extra.recv(8) == b""
-    extra.close()
-    ev = lm.dest.wait_event("error", 30)
-    assert ev["message"].endswith(" refused: its source has a pre-copy channel open already (one: its pages must "
-                                  "arrive in order)")
+    refused("its source has a pre-copy channel open already (one: its pages must arrive in order)")
     assert read_ack(pre) == 8
     pre.close()
     assert not [e for e in lm.guest.lines if e.get("event") == "running"]
     r = switch(stub, w, [10])
     assert r.pages_received == 5   # pages 0-4; page 10 was written since
     time.sleep(1.1)
-    late = open_raw(PRECOPY_MAGIC)
-    assert late.recv(8) == b""
-    late.close()
-    ev = lm.dest.wait_event("error", 30)
-    assert ev["message"].endswith(" refused: its source is not in pre-copy: a pre-copy channel opens between a "
-                                  "pre-copy Open and its Switch")
+    refused("its source is not in pre-copy: a pre-copy channel opens between a pre-copy Open and its Switch")
     ch.close()
 
 

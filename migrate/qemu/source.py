@@ -655,10 +655,9 @@ class QemuPause:
         sender.begin()
         ev = self.qmp.wait_event(lambda e: e["event"] == "STOP" or _migration_event(("failed", "cancelled"))(e),
                                  10.0, "waiting for QEMU to stop the VM", since)
-        if ev is None or ev["event"] != "STOP":
-            why = "did not stop the VM within 10 s of `migrate`" if ev is None else \
-                f"ended its migration ({ev['data']['status']}) before it stopped the VM"
-            raise QemuError(f"the source QEMU ({self.qmp.path}) {why}")
+        if ev["event"] != "STOP":   # (no event within 10 s: wait_event raised)
+            raise QemuError(f"the source QEMU ({self.qmp.path}) ended its migration ({ev['data']['status']}) "
+                            "before it stopped the VM")
         self.stop_time = ev["time"]
         self.times["stop_seen"] = time.time()
         sock, relay = sender.flow[0], sender.flow[1]

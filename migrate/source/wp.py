@@ -50,6 +50,8 @@ class WriteTracker:
         self.page_size = page_size
         self.npages = sum(r.length for r in regions) // page_size
         self.protect_seconds = 0.0
+        self._registering: threading.Thread | None = None   # start_register()'s, until register() joins it
+        self._register_error: BaseException | None = None
         self._registered: list[Region] = []
         try:
             granted = uffd.api(WP_FEATURES)
@@ -73,12 +75,11 @@ class WriteTracker:
                 self._register()
             except BaseException as e:  # noqa: BLE001 - raised by register()
                 self._register_error = e
-        self._register_error = None
         self._registering = threading.Thread(target=run, name="wp-register", daemon=True)
         self._registering.start()
 
     def _join_register(self) -> None:
-        t, self._registering = getattr(self, "_registering", None), None
+        t, self._registering = self._registering, None
         if t is not None:
             t.join()
             if self._register_error is not None:
