@@ -309,6 +309,15 @@ def _stop_on_signals() -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, signal.SIG_IGN)
         raise Stopped(signum, f"stopped by {signal.Signals(signum).name} mid-migration")
+
+    def unraisable(u, default=sys.unraisablehook):
+        # raised inside a finalizer, which Python would print and forget:
+        # kept for the next wait to raise (Stopped.check)
+        if isinstance(u.exc_value, Stopped):
+            Stopped.swallowed = u.exc_value
+        else:
+            default(u)
+    sys.unraisablehook = unraisable
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, stop)
 

@@ -122,9 +122,24 @@ class SourceGuestGone(SourceError):
 
 
 class Stopped(SourceError):
-    """The source was stopped by a signal (SIGTERM, SIGINT) mid-migration."""
+    """The source was stopped by a signal (SIGTERM, SIGINT) mid-migration.
+
+    The signal's handler raises it wherever the main thread is. When that is
+    inside a finalizer (a __del__ the collector happened to run then, such
+    as gRPC's), Python only prints it and goes on; the handler's hook for
+    such exceptions keeps it in `swallowed`, and the source's waits raise it
+    again (check)."""
+
+    swallowed: Stopped | None = None
 
     def __init__(self, signum: int, message: str):
         super().__init__(message)
         self.signum = signum
         self.exit_code = exits.STOPPED_BASE + signum
+
+    @classmethod
+    def check(cls) -> None:
+        """Raises a signal's Stopped that a finalizer swallowed (once)."""
+        e, cls.swallowed = cls.swallowed, None
+        if e is not None:
+            raise e

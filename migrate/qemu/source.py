@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 
 from migrate._binding import ffi, lib
-from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver, fmt_size
+from migrate.errors import DestinationGone, DestinationLost, MigrateError, RecoveryWindowOver, Stopped, fmt_size
 from migrate.host import fault_path_priority
 from migrate.report import Reporter
 from migrate.proto import migration_pb2 as pb
@@ -402,6 +402,7 @@ class DeviceStateSender:
         self.flow: tuple | None = None
 
     def _check_lost(self) -> None:
+        Stopped.check()
         e = self.lost()
         if e is not None:
             raise e
@@ -516,6 +517,7 @@ class DeviceStateSender:
         def give_up() -> bool:
             # the destination speaks early only to refuse or to say the load
             # failed: then nothing reads QEMU's stream any more
+            Stopped.check()
             return (select.select([sock], [], [], 0)[0] != []) or (relay is not None and relay.failed()) \
                 or self.lost() is not None
 

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 
-from migrate.errors import DestinationLost, RecoveryWindowOver
+from migrate.errors import DestinationLost, RecoveryWindowOver, Stopped
 from migrate.report import Reporter
 from migrate.source.session import Source, SourceResult
 
@@ -95,6 +95,7 @@ class Recovery:
                     f"the destination of session {session} stayed lost for --recovery-window {self.window:g} s "
                     f"({tries} tries; the last said: {why}). {done}{self.vm_state(session)}")
             time.sleep(min(next(waits), left))
+            Stopped.check()
             left = self.window - (time.monotonic() - lost_at)
             src = self.again(session, guest, max(0.1, min(CONNECT_MAX, left)))
             src.state = "paused"   # until it connects (`migrate status`)

@@ -280,6 +280,7 @@ class Source:
                 try:
                     return fut.result(timeout=0.1)
                 except grpc.FutureTimeoutError:
+                    Stopped.check()
                     if self.dest_lost is not None:
                         raise self.dest_lost from None
         finally:
@@ -468,6 +469,7 @@ class Source:
         for t in self._threads:
             while t.is_alive():
                 t.join(0.1)
+                Stopped.check()
                 if self.dest_lost is not None:
                     raise self.dest_lost
         if self.transport == "raw" and self.push is not None:
