@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import threading
 
 from migrate import exits
 
@@ -139,7 +140,9 @@ class Stopped(SourceError):
 
     @classmethod
     def check(cls) -> None:
-        """Raises a signal's Stopped that a finalizer swallowed (once)."""
+        """Raises a signal's Stopped that a finalizer swallowed (once, and on
+        the main thread only, where the handler would have raised it)."""
+        if cls.swallowed is None or threading.current_thread() is not threading.main_thread():
+            return
         e, cls.swallowed = cls.swallowed, None
-        if e is not None:
-            raise e
+        raise e

@@ -42,6 +42,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _verify(sd, res: dict, timeout: float, key: str = "verify") -> None:
+    """The guest's check of every page (a newline starts it): res[key] is its
+    line, res["guest_" + key + "_ms"] the milliseconds it says it took."""
+    v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
+    res[key] = v.group(0).strip()
+    res[f"guest_{key}_ms"] = int(v.group(2)) if v.group(2) else None
+
+
+def _agents_exit(res: dict, agents, timeout: float) -> None:
+    """Each agent's exit code and summary into res; what a failed one said
+    into res["errors"]."""
+    for p in agents:
+        rc = p.wait(timeout)
+        res[f"{p.name}_rc"] = rc
+        res[p.name] = {k: v for k, v in (p.summary() or {}).items() if k != "_t"}
+        if rc != 0:
+            res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
+                                                + " | ".join(p.errors() or p.stderr_lines[-5:]))
+
+
 def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=(), kill_agent=False,
         split=None, split_during_load=False, kill_source_qemu=False, kill_dest_qemu=False, tls=True, recover=False,
         stop_source=False, link=None, qemu_args=(), kill_unheard=False):
@@ -295,19 +315,11 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                 source = Proc("source", ["source", "--ram", src_ram, "--to", addr, "--resume", sid, "--json",
                                          *source_tls])
                 agents.append(source)
-            v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
-            res["verify"] = v.group(0).strip()
-            res["guest_verify_ms"] = int(v.group(2)) if v.group(2) else None
+            _verify(sd, res, timeout)
             res["guest_verify_wall_ms"] = round((time.time() - t_trigger) * 1e3, 1)
             lab.log(f"dst guest: {res['verify']}")
 
-            for p in (source, dest):
-                rc = p.wait(timeout)
-                res[f"{p.name}_rc"] = rc
-                res[p.name] = {k: v for k, v in (p.summary() or {}).items() if k != "_t"}
-                if rc != 0:
-                    res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
-                                                        + " | ".join(p.errors() or p.stderr_lines[-5:]))
+            _agents_exit(res, (source, dest), timeout)
             done = [e for e in dest.lines if e.get("event") == "completed"]
             # what the source said of its QEMU and RAM file at the end
             res["src_ram"] = src_ram
@@ -315,9 +327,7 @@ def run(guest, mem_mb=512, hugetlbfs=False, log=print, timeout=240, source_args=
                                   if e.get("event") == "source-qemu"]
             # the same read with every page local: the guest's own floor for guest_verify_ms
             sd.send("\n")
-            v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
-            res["verify_local"] = v2.group(0).strip()
-            res["guest_verify_local_ms"] = int(v2.group(2)) if v2.group(2) else None
+            _verify(sd, res, timeout, "verify_local")
 
             # QEMU's own clocks, from the watching monitors
             if not src_gone:
@@ -474,21 +484,11 @@ def run_precopy(guest, mem_mb=512, writer=256, log=print, timeout=240, source_ar
             res["src_status_at_dst_running"] = qs.cmd("query-status")["status"]
             # 4. the guest checks every page's last generation while pages still arrive
             sd.send("\n")
-            v = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
-            res["verify"] = v.group(0).strip()
-            res["guest_verify_ms"] = int(v.group(2)) if v.group(2) else None
+            _verify(sd, res, timeout)
             lab.log(f"dst guest: {res['verify']}; dest agent: {run_ev.get('message')}")
-            for p in (source, dest):
-                rc = p.wait(timeout)
-                res[f"{p.name}_rc"] = rc
-                res[p.name] = {k: v for k, v in (p.summary() or {}).items() if k != "_t"}
-                if rc != 0:
-                    res.setdefault("errors", []).append(f"{p.name} exited {rc}: "
-                                                        + " | ".join(p.errors() or p.stderr_lines[-5:]))
+            _agents_exit(res, (source, dest), timeout)
             sd.send("\n")
-            v2 = sd.wait_for(r"VERIFY (OK \d+ (\d+) ms|BAD [^\n]*)\n", timeout=timeout)
-            res["verify_local"] = v2.group(0).strip()
-            res["guest_verify_local_ms"] = int(v2.group(2)) if v2.group(2) else None
+            _verify(sd, res, timeout, "verify_local")
             stop, resume = qs.seen("STOP"), qd.seen("RESUME")
             res["src_stop_time"] = stop[0]["time"] if stop else None
             res["dst_resume_time"] = resume[0]["time"] if resume else None

@@ -80,6 +80,20 @@ class Capture:
     bytes_stopped: int = 0     # what had not reached the destination at QEMU's STOP (inside the pause)
 
 
+@dataclass
+class Flow:
+    """QEMU's migration under way into the device-state channel
+    (DeviceStateSender.begin)."""
+    sock: socket.socket        # the channel (QEMU writes into its own copy when plaintext)
+    relay: TlsRelay | None     # what carries QEMU's pipe onto a TLS channel
+    since: int                 # the index of its first QMP event
+    t0: float                  # `migrate` sent (time.monotonic())
+
+    def arrived(self) -> int:
+        """Bytes of QEMU's stream that left for the destination so far."""
+        return self.relay.bytes if self.relay is not None else _arrived(self.sock)
+
+
 def shared_backends(qmp: QMP) -> list[dict]:
     """QEMU's memory backends (query-memdev), every one share=on
     (x-ignore-shared skips only those), else QemuError."""
@@ -397,9 +411,8 @@ class DeviceStateSender:
         # the device-state channel taken and QEMU set up to write into it
         # (prepare()): (socket, TLS relay or None), until begin() takes it
         self.prepared: tuple[socket.socket, TlsRelay | None] | None = None
-        # QEMU's migration under way (begin()): (socket, relay, its first QMP
-        # event's index, its start), until __call__ or withdraw() takes it
-        self.flow: tuple | None = None
+        # QEMU's migration under way (begin()), until __call__ or withdraw() takes it
+        self.flow: Flow | None = None
 
     def _check_lost(self) -> None:
         Stopped.check()
@@ -470,7 +483,7 @@ class DeviceStateSender:
                 relay.stop()
                 relay.close()
             raise
-        self.flow = (sock, relay, since, t0)
+        self.flow = Flow(sock, relay, since, t0)
         self.capture = cap
 
     def withdraw(self) -> bool:
@@ -484,7 +497,7 @@ class DeviceStateSender:
         flow, self.flow = self.flow, None
         if flow is None:
             return False
-        sock, relay, since, _ = flow
+        sock, relay, since = flow.sock, flow.relay, flow.since
         if relay is not None:
             relay.stop()
         try:
@@ -508,7 +521,8 @@ class DeviceStateSender:
         qmp = self.qmp
         if self.flow is None:
             self.begin()
-        (sock, relay, since, t0), self.flow = self.flow, None
+        flow, self.flow = self.flow, None
+        sock, relay, since, t0 = flow.sock, flow.relay, flow.since, flow.t0
         cap = self.capture
         tls = relay is not None
         if self.paused is not None:
@@ -538,7 +552,7 @@ class DeviceStateSender:
             if self.paused is None and ev is not None and ev["event"] == "STOP":
                 cap.stop_time = ev["time"]
                 cap.times["stop_seen"] = time.time()
-                at_stop = relay.bytes if relay is not None else _arrived(sock)
+                at_stop = flow.arrived()
                 self.stopped.set()   # its RAM no longer changes: demand may be served
                 self.reporter.event("paused", f"source QEMU paused ({qmp.path})", qmp=qmp.path,
                                     stop_time=cap.stop_time)
@@ -662,8 +676,7 @@ class QemuPause:
                             "before it stopped the VM")
         self.stop_time = ev["time"]
         self.times["stop_seen"] = time.time()
-        sock, relay = sender.flow[0], sender.flow[1]
-        self.at_stop = relay.bytes if relay is not None else _arrived(sock)
+        self.at_stop = sender.flow.arrived()
         sender.paused = self
         self.stopped.set()   # its RAM no longer changes: demand may be served
         self.reporter.event("paused", f"source QEMU paused for the switch ({self.qmp.path})", qmp=self.qmp.path,
