@@ -195,11 +195,15 @@ def test_a_source_stopped_by_a_signal_exits_143_and_a_new_one_resumes(tmp_path, 
 
 
 FINALIZED_STOP = """
-import os, signal, sys, types
+import os, signal, sys
 import grpc
 from migrate.cli import _stop_on_signals
 from migrate.errors import Stopped
+from migrate.report import Reporter
+from migrate.source.ramfile import RamImage
 from migrate.source.session import Source
+
+src = Source(RamImage(sys.argv[1]), "127.0.0.1:1", Reporter(quiet=True))   # (connects to nothing before run())
 
 _stop_on_signals()
 
@@ -213,7 +217,7 @@ class Finalized:
 Finalized()   # (collected at once)
 ready = grpc.channel_ready_future(grpc.insecure_channel("127.0.0.1:1"))   # never ready
 try:
-    Source.wait_rpc(types.SimpleNamespace(dest_lost=None), ready)
+    src.wait_rpc(ready)
 except Stopped as e:
     print(e)
     sys.exit(e.exit_code)
@@ -221,14 +225,17 @@ except Stopped as e:
 
 
 @pytest.mark.timeout(60)
-def test_a_signal_that_lands_in_a_finalizer_still_stops_the_source():
+def test_a_signal_that_lands_in_a_finalizer_still_stops_the_source(tmp_path):
     """A CI run saw a source go on to complete after SIGTERM: the handler's
     Stopped was raised inside a finalizer (gRPC objects have __del__), where
     Python prints an exception and forgets it. The source's next wait must
     raise it: exit 143, nothing printed as ignored."""
     import subprocess
     import sys
-    p = subprocess.run([sys.executable, "-c", FINALIZED_STOP], capture_output=True, text=True, timeout=30)
+    ram = tmp_path / "ram"
+    ram.write_bytes(b"\1" * (1 << 20))
+    p = subprocess.run([sys.executable, "-c", FINALIZED_STOP, str(ram)], capture_output=True, text=True, timeout=30,
+                       check=False)
     assert p.returncode == exits.STOPPED_BASE + signal.SIGTERM, (p.returncode, p.stderr)
     assert p.stdout.strip() == "stopped by SIGTERM mid-migration"
     assert "Exception ignored" not in p.stderr, p.stderr

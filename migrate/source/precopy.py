@@ -38,7 +38,7 @@ import grpc
 
 from migrate import host
 from migrate._binding import ffi, lib
-from migrate.errors import AttachError, DestinationLost, MigrateError, SourceError, SourceGuestGone, Stopped
+from migrate.errors import AttachError, DestinationLost, MigrateError, SourceError, SourceGuestGone
 from migrate.pagestate import PageBitmap
 from migrate.proto import migration_pb2 as pb
 from migrate.report import Reporter
@@ -316,9 +316,7 @@ class _Stream:
         if self.fut.done():
             self.result()
             raise SourceError("the pre-copy stream ended before the switch")
-        Stopped.check()
-        if self.src.dest_lost is not None:
-            raise self.src.dest_lost
+        self.src.check_interrupted()
 
     def put(self, batch) -> None:
         while True:
@@ -388,9 +386,7 @@ class _RawStream:
 
     def _send(self, runs: list[int], n: int, protect=None) -> None:
         src = self.src
-        Stopped.check()
-        if src.dest_lost is not None:
-            raise src.dest_lost
+        src.check_interrupted()
         if protect is not None:   # (before the pages are read: a write after it is seen)
             for i in range(0, len(runs), 2):
                 protect(runs[i], runs[i + 1])

@@ -270,6 +270,14 @@ class Source:
                 "error": str(self.errors[0]) if self.errors else None,
                 **({"precopy_rounds": self.precopy.rounds[-3:]} if self.precopy is not None else {})}
 
+    def check_interrupted(self) -> None:
+        """Raises what ends any wait of this source: a signal's Stopped that a
+        finalizer swallowed (Stopped.check), or the destination found gone
+        (dest_lost)."""
+        Stopped.check()
+        if self.dest_lost is not None:
+            raise self.dest_lost
+
     def wait_rpc(self, fut):
         """The result of a gRPC call's future (its RpcError raised as it is); a
         destination found gone meanwhile (dest_lost, --dest-timeout on the raw
@@ -280,9 +288,8 @@ class Source:
                 try:
                     return fut.result(timeout=0.1)
                 except grpc.FutureTimeoutError:
-                    Stopped.check()
-                    if self.dest_lost is not None:
-                        raise self.dest_lost from None
+                    pass
+                self.check_interrupted()
         finally:
             fut.cancel()   # nothing once it is done
 
@@ -469,9 +476,7 @@ class Source:
         for t in self._threads:
             while t.is_alive():
                 t.join(0.1)
-                Stopped.check()
-                if self.dest_lost is not None:
-                    raise self.dest_lost
+                self.check_interrupted()
         if self.transport == "raw" and self.push is not None:
             c = self.push.compression()
             ratio = f"{c['ratio']:.2f}" if c["ratio"] is not None else "-"
